@@ -58,23 +58,29 @@ def pil_to_rgb_array(image: Image.Image, path: str | Path = "<in memory>") -> np
     return np.asarray(rgb).astype(np.float32) / 255.0
 
 
-def read_image(path: str | Path) -> torch.Tensor:
+def read_image(path: str | Path, record: str = "") -> torch.Tensor:
     """Read an image file as a float32 tensor (3, H, W) in [0, 1].
 
+    Args:
+        path: the image file.
+        record: where the file was referenced (e.g. "image id=12 in instances_val.json"), added to errors.
+
     Raises:
-        DataError: naming the file, when it is missing, truncated, not an image, or of an unsupported mode.
+        DataError: naming the file (and record), when it is missing, truncated, not an image, or of an
+            unsupported mode.
     """
     path = Path(path)
+    where = f" ({record})" if record else ""
     try:
         with Image.open(path) as image:
             image.load()
-            array = pil_to_rgb_array(image, path)
+            array = pil_to_rgb_array(image, f"{path}{where}")
     except FileNotFoundError as exc:
-        raise DataError(f"image file not found: {path}") from exc
+        raise DataError(f"image file not found: {path}{where}") from exc
     # Pillow reports unreadable files as OSError (UnidentifiedImageError, truncation), SyntaxError
     # (broken PNG chunks) or ValueError (bad headers), depending on the decoder.
     except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"cannot decode image file {path}: {exc}") from exc
+        raise DataError(f"cannot decode image file {path}{where}: {exc}") from exc
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 

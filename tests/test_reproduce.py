@@ -1,0 +1,196 @@
+"""The papermill runner: parameters in, results out, skips what is done, stops at a failure with its cell named.
+
+The run tests execute the tiny fixture notebooks in tests/fixtures/notebooks (a kernel start each, ~1-3 s):
+00 declares profile/iterations/quick/results_path and saves a table, 01 saves numpy values, 02 fails in cell 3.
+"""
+
+import ast
+import contextlib
+import csv
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+import torch
+
+from uniperceiver_v2 import reproduce
+
+FIXTURES = Path(__file__).parent / "fixtures" / "notebooks"
+
+
+def _run(notebooks: Path, out: Path, *extra: str) -> int:
+    return reproduce.main(["--profile", "quick", "--notebooks", str(notebooks), "--out", str(out), *extra])
+
+
+def _injected_names(executed: Path) -> set[str]:
+    notebook = nbformat.read(executed, as_version=4)
+    cells = [c for c in notebook.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1
+    return {node.targets[0].id for node in ast.parse(cells[0].source).body if isinstance(node, ast.Assign)}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """One run over all three fixtures; it stops at 02 with exit code 1."""
+    root = tmp_path_factory.mktemp("reproduce")
+    notebooks = root / "notebooks"
+    shutil.copytree(FIXTURES, notebooks)
+    out = root / "runs"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = _run(notebooks, out)
+    return {"notebooks": notebooks, "out": out, "profile_dir": out / "quick", "code": code,
+            "printed": printed.getvalue()}
+
+
+def test_failure_names_notebook_cell_and_error_and_exits_nonzero(first_run):
+    assert first_run["code"] == 1
+    printed = first_run["printed"]
+    assert ("02_fails_on_purpose.ipynb: cell 3 (`# this cell fails on purpose`) raised ValueError: "
+            "failing on purpose, x=1") in printed
+    state = json.loads((first_run["profile_dir"] / "state.json").read_text())["notebooks"]
+    assert state["02_fails_on_purpose"]["status"] == "failed"
+    assert state["02_fails_on_purpose"]["cell_index"] == 3
+    # The executed copy keeps the traceback for whoever investigates.
+    executed = nbformat.read(first_run["profile_dir"] / "notebooks" / "02_fails_on_purpose.ipynb", as_version=4)
+    errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert [e.ename for e in errors] == ["ValueError"]
+
+
+def test_completed_notebooks_are_kept_with_their_results(first_run):
+    results = first_run["profile_dir"] / "results"
+    assert sorted(p.name for p in results.glob("*.json")) == ["00_parameters.json", "01_numpy_results.json"]
+    state = json.loads((first_run["profile_dir"] / "state.json").read_text())["notebooks"]
+    assert state["00_parameters"]["status"] == state["01_numpy_results"]["status"] == "completed"
+
+
+def test_profile_parameters_are_injected_and_filtered_to_the_declared_ones(first_run):
+    quick = reproduce.PROFILES["quick"]
+    saved = json.loads((first_run["profile_dir"] / "results" / "00_parameters.json").read_text())
+    assert saved["profile"] == "quick" and saved["quick"] is quick["quick"]
+    assert saved["iterations"] == quick["iterations"] and saved["total"] == 2 * quick["iterations"]
+    executed = first_run["profile_dir"] / "notebooks"
+    assert _injected_names(executed / "00_parameters.ipynb") == {"profile", "iterations", "quick", "results_path"}
+    assert _injected_names(executed / "01_numpy_results.ipynb") == {"seed", "results_path"}
+    numpy_results = json.loads((first_run["profile_dir"] / "results" / "01_numpy_results.json").read_text())
+    assert numpy_results == {"value": 0.5 + quick["seed"], "counts": {"images": 3}}
+
+
+def test_summary_renders_scalars_and_tables(first_run):
+    md = (first_run["profile_dir"] / "summary.md").read_text()
+    assert "| 02_fails_on_purpose | failed |" in md
+    assert "| task | score |" in md and "| b\\|c | 2 |" in md
+    assert "| counts.images | 3 |" in md
+    with open(first_run["profile_dir"] / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {"notebook": "00_parameters", "table": "scores", "row": "1", "column": "task", "value": "b|c"} in rows
+    assert {"notebook": "01_numpy_results", "table": "", "row": "", "column": "counts.images", "value": "3"} in rows
+
+
+def test_rerun_skips_unchanged_and_reruns_on_force_or_new_parameters(first_run, capsys, monkeypatch):
+    executed = first_run["profile_dir"] / "notebooks"
+    state_file = first_run["profile_dir"] / "state.json"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in executed.glob("0[01]_*.ipynb")}
+    state_before = json.loads(state_file.read_text())["notebooks"]
+
+    assert _run(first_run["notebooks"], first_run["out"], "--only", "0", "01") == 0
+    assert capsys.readouterr().out.count("skipped") == 2
+    assert {p.name: p.stat().st_mtime_ns for p in executed.glob("0[01]_*.ipynb")} == mtimes
+    state_after = json.loads(state_file.read_text())["notebooks"]
+    for name in ("00_parameters", "01_numpy_results"):
+        assert state_after[name]["finished"] == state_before[name]["finished"]
+
+    assert _run(first_run["notebooks"], first_run["out"], "--only", "00", "--force") == 0
+    assert "00_parameters: done" in capsys.readouterr().out
+    assert (executed / "00_parameters.ipynb").stat().st_mtime_ns > mtimes["00_parameters.ipynb"]
+
+    # A parameter only 00 declares changes: 00 reruns, 01 (which does not declare it) is still skipped.
+    monkeypatch.setitem(reproduce.PROFILES, "quick", {**reproduce.PROFILES["quick"], "iterations": 7})
+    assert _run(first_run["notebooks"], first_run["out"], "--only", "00", "01") == 0
+    printed = capsys.readouterr().out
+    assert "00_parameters: done" in printed and "01_numpy_results: unchanged" in printed
+    saved = json.loads((first_run["profile_dir"] / "results" / "00_parameters.json").read_text())
+    assert saved["total"] == 14
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pieces that need no kernel
+# ---------------------------------------------------------------------------------------------------------------
+def test_find_notebooks_sorts_and_selects_by_number(tmp_path):
+    for name in ("01_b.ipynb", "00_a.ipynb", "10_c.ipynb", "notes.ipynb", "3_bad.ipynb"):
+        (tmp_path / name).write_text("{}")
+    assert [p.name for p in reproduce.find_notebooks(tmp_path)] == ["00_a.ipynb", "01_b.ipynb", "10_c.ipynb"]
+    assert [p.name for p in reproduce.find_notebooks(tmp_path, ["1", "10"])] == ["01_b.ipynb", "10_c.ipynb"]
+    with pytest.raises(ValueError, match=r"no notebook numbered \['07'\]"):
+        reproduce.find_notebooks(tmp_path, ["7"])
+    (tmp_path / "01_again.ipynb").write_text("{}")
+    with pytest.raises(ValueError, match="share the number"):
+        reproduce.find_notebooks(tmp_path)
+
+
+def test_notebook_hash_follows_source_and_parameters_not_outputs():
+    notebook = nbformat.read(FIXTURES / "00_parameters.ipynb", as_version=4)
+    digest = reproduce.notebook_hash(notebook, {"iterations": 1})
+    executed = nbformat.from_dict(json.loads(json.dumps(notebook)))
+    executed.cells[2].outputs = [nbformat.v4.new_output("stream", text="2\n")]
+    executed.cells[2].execution_count = 1
+    assert reproduce.notebook_hash(executed, {"iterations": 1}) == digest
+    assert reproduce.notebook_hash(notebook, {"iterations": 2}) != digest
+    executed.cells[2].source = "total = 3 * iterations"
+    assert reproduce.notebook_hash(executed, {"iterations": 1}) != digest
+
+
+def test_save_results_converts_validates_and_skips_without_a_path(tmp_path):
+    assert reproduce.save_results(None, {"a": 1}) is None
+    path = reproduce.save_results(tmp_path / "r" / "00_x.json",
+                                  {"a": np.float32(0.5), "b": torch.tensor([1, 2]), "c": (1, "x"), "p": tmp_path})
+    assert reproduce.load_results(path) == {"a": 0.5, "b": [1, 2], "c": [1, "x"], "p": str(tmp_path)}
+    assert not list((tmp_path / "r").glob("*.partial"))
+    with pytest.raises(ValueError, match="row 0 must be a list of 2 cells"):
+        reproduce.save_results(tmp_path / "t.json", {"tables": {"t": {"columns": ["a", "b"], "rows": [[1]]}}})
+    with pytest.raises(ValueError, match=r"results\.loss: nan is not a finite number"):
+        reproduce.save_results(tmp_path / "n.json", {"loss": float("nan")})
+    with pytest.raises(TypeError, match="results.model"):
+        reproduce.save_results(tmp_path / "o.json", {"model": object()})
+
+
+def test_profile_parameters_resolve_paths_and_apply_gpus(tmp_path):
+    parameters = reproduce.profile_parameters("paper", tmp_path / "runs" / "paper", gpus=8)
+    assert parameters["nproc"] == 8 and parameters["device"] == "cuda"
+    assert Path(parameters["data_root"]).is_absolute() and parameters["preset"] == "r50"
+    with pytest.raises(ValueError, match="unknown profile 'huge'"):
+        reproduce.profile_parameters("huge", tmp_path)
+    assert set(reproduce.PROFILES["quick"]) == set(reproduce.PROFILES["small"]) == set(reproduce.PROFILES["paper"])
+
+
+def test_kernel_starts_this_interpreter_or_is_refused(monkeypatch):
+    from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+
+    name = reproduce.ensure_kernel()
+    spec = KernelSpecManager().get_kernel_spec(name)
+    assert spec.argv[0] in ("python", sys.executable)
+
+    foreign = KernelSpec(argv=["/elsewhere/venv/bin/python", "-m", "ipykernel_launcher"], resource_dir="/x")
+    monkeypatch.setattr(KernelSpecManager, "get_kernel_spec", lambda self, kernel_name: foreign)
+    with pytest.raises(RuntimeError, match="starts /elsewhere/venv/bin/python, not this interpreter"):
+        reproduce.ensure_kernel()
+
+
+def test_notebook_without_a_parameters_cell_is_refused(tmp_path):
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
+    with pytest.raises(ValueError, match="exactly one cell tagged 'parameters', found 0"):
+        reproduce.parameters_cell_index(notebook, "99_x.ipynb")
+
+
+def test_parameters_papermill_cannot_read_are_refused(tmp_path):
+    cell = nbformat.v4.new_code_cell('steps = 3  # the runner\'s value\nresults_path = None')
+    cell.metadata["tags"] = ["parameters"]
+    path = tmp_path / "00_x.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell]), path)
+    with pytest.raises(ValueError, match=r"papermill cannot read the parameter\(s\) \['steps'\]"):
+        reproduce.declared_parameters(path)

@@ -1,0 +1,322 @@
+"""The plotting module draws what it is given, headless, without touching pyplot's global state."""
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.collections import PathCollection  # noqa: E402
+from matplotlib.colors import to_rgb  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.image import AxesImage  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from uniperceiver_v2 import viz  # noqa: E402
+
+H, W = 24, 32
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture
+def image():
+    return torch.rand(3, H, W, generator=torch.Generator().manual_seed(0))
+
+
+def _rectangles(ax):
+    return [p for p in ax.patches if isinstance(p, Rectangle)]
+
+
+def _images(ax):
+    return [a for a in ax.get_children() if isinstance(a, AxesImage)]
+
+
+def _scene():
+    boxes = np.array([[2, 3, 12, 15], [14, 4, 30, 20], [5, 14, 11, 22], [20, 1, 25, 6]], dtype=np.float64)
+    masks = np.zeros((4, H, W), dtype=bool)
+    for i, (x0, y0, x1, y1) in enumerate(boxes.astype(int)):
+        masks[i, y0:y1, x0:x1] = True
+    return boxes, masks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------------------------------
+def test_to_display_image_reads_every_layout_the_same(image):
+    hwc = image.permute(1, 2, 0).numpy()
+    as_uint8 = (hwc * 255).round().astype(np.uint8)
+    np.testing.assert_allclose(viz.to_display_image(image), hwc)
+    np.testing.assert_allclose(viz.to_display_image(hwc), hwc)
+    np.testing.assert_allclose(viz.to_display_image(as_uint8), as_uint8 / 255.0, atol=1e-6)
+    gray = viz.to_display_image(image[0])
+    assert gray.shape == (H, W, 3) and np.allclose(gray[..., 0], gray[..., 2])
+
+
+def test_to_display_image_undoes_imagenet_normalisation(image):
+    mean = torch.tensor(viz.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(viz.IMAGENET_STD)[:, None, None]
+    normalised = (image - mean) / std
+    restored = viz.to_display_image(normalised, mean=viz.IMAGENET_MEAN, std=viz.IMAGENET_STD)
+    np.testing.assert_allclose(restored, image.permute(1, 2, 0).numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="mean= and std="):
+        viz.to_display_image(normalised)
+    with pytest.raises(ValueError, match="both mean and std"):
+        viz.to_display_image(normalised, mean=viz.IMAGENET_MEAN)
+
+
+def test_show_image_draws_one_image_and_can_use_a_given_axes(image):
+    fig = viz.show_image(image, title="x")
+    assert isinstance(fig, Figure) and len(_images(fig.axes[0])) == 1
+    assert fig.axes[0].get_images()[0].get_array().shape == (H, W, 3)
+    host = Figure()
+    ax = host.subplots()
+    assert viz.show_image(image, ax=ax) is host
+
+
+def test_image_grid_has_one_panel_per_image(image):
+    fig = viz.image_grid([image] * 5, titles=list("abcde"), title_colors=["black"] * 4 + ["red"], ncols=3)
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(fig.axes) == 6 and len(panels) == 5
+    assert [ax.get_title() for ax in panels] == list("abcde")
+    assert to_rgb(panels[-1].title.get_color()) == to_rgb("red")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# detections and proposals
+# ---------------------------------------------------------------------------------------------------------------
+def test_draw_detections_draws_only_instances_above_threshold(image):
+    boxes, masks = _scene()
+    scores = np.array([0.9, 0.3, 0.75, 0.5])
+    labels = np.array([1, 2, 1, 0])
+    fig = viz.draw_detections(image, torch.from_numpy(boxes), labels=labels, scores=scores, masks=masks,
+                              class_names=["zero", "one", "two"], score_threshold=0.5)
+    ax = fig.axes[0]
+    kept = scores >= 0.5
+    rectangles = _rectangles(ax)
+    assert len(rectangles) == kept.sum()
+    drawn = sorted((r.get_x(), r.get_y(), r.get_width(), r.get_height()) for r in rectangles)
+    expected = sorted((b[0], b[1], b[2] - b[0], b[3] - b[1]) for b in boxes[kept])
+    np.testing.assert_allclose(drawn, expected)
+    captions = sorted(t.get_text() for t in ax.texts)
+    assert captions == sorted(["one 0.90", "one 0.75", "zero 0.50"])
+
+    picture, overlay = _images(ax)
+    assert picture.get_array().shape == (H, W, 3)
+    overlay = np.asarray(overlay.get_array())
+    assert overlay.shape == (H, W, 4)
+    np.testing.assert_array_equal(overlay[..., 3] > 0, masks[kept].any(axis=0))
+
+
+def test_draw_detections_gives_a_class_the_same_colour_everywhere(image):
+    boxes, _ = _scene()
+    fig = viz.draw_detections(image, boxes, labels=[3, 3, 7, 3])
+    colours = [r.get_edgecolor()[:3] for r in _rectangles(fig.axes[0])]
+    assert colours[0] == colours[1] == colours[3] != colours[2]
+    assert np.allclose(colours[0], viz.class_color(3))
+    other = viz.draw_detections(image, boxes[:1], labels=[3])
+    assert np.allclose(_rectangles(other.axes[0])[0].get_edgecolor()[:3], colours[0])
+    assert len({viz.class_color(i) for i in range(40)}) == 40
+
+
+def test_draw_detections_without_labels_or_scores_draws_every_box(image):
+    boxes, _ = _scene()
+    fig = viz.draw_detections(image, boxes)
+    assert len(_rectangles(fig.axes[0])) == 4 and not fig.axes[0].texts
+    empty = viz.draw_detections(image, np.zeros((0, 4)), scores=np.zeros(0), masks=np.zeros((0, H, W)))
+    assert not _rectangles(empty.axes[0])
+
+
+def test_draw_detections_rejects_inconsistent_inputs(image):
+    boxes, masks = _scene()
+    with pytest.raises(ValueError, match="masks: expected shape"):
+        viz.draw_detections(image, boxes, masks=masks[:, :10])
+    with pytest.raises(ValueError, match="labels: expected 4"):
+        viz.draw_detections(image, boxes, labels=[1, 2])
+    with pytest.raises(ValueError, match="class id 5 has no entry"):
+        viz.draw_detections(image, boxes, labels=[0, 1, 2, 5], class_names=["a", "b", "c"])
+
+
+def test_draw_proposals_keeps_the_top_k_and_colours_the_best_brightest(image):
+    boxes, _ = _scene()
+    objectness = torch.tensor([0.2, 3.0, -1.0, 1.5])
+    fig = viz.draw_proposals(image, boxes, objectness, top=2)
+    rectangles = _rectangles(fig.axes[0])
+    assert len(rectangles) == 2
+    corners = {(r.get_x(), r.get_y()) for r in rectangles}
+    assert corners == {(14.0, 4.0), (20.0, 1.0)}
+    best = next(r for r in rectangles if (r.get_x(), r.get_y()) == (14.0, 4.0))
+    assert np.allclose(best.get_edgecolor(), matplotlib.colormaps["plasma"](1.0))
+    assert len(_rectangles(viz.draw_proposals(image, boxes, objectness, top=10).axes[0])) == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------------------------
+def test_draw_sampling_points_one_scatter_per_level_sized_by_weight(image):
+    rng = np.random.default_rng(0)
+    levels, points = 3, 4
+    locations = rng.random((levels, points, 2))
+    weights = rng.random((levels, points))
+    weights /= weights.sum()
+    fig = viz.draw_sampling_points(image, [0.5, 0.25], locations, weights)
+    ax = fig.axes[0]
+    scatters = [c for c in ax.collections if isinstance(c, PathCollection)]
+    assert len(scatters) == levels
+    for level, scatter in enumerate(scatters):
+        np.testing.assert_allclose(scatter.get_offsets(), locations[level] * [W, H] - 0.5)
+        sizes = scatter.get_sizes()
+        assert np.array_equal(np.argsort(sizes), np.argsort(weights[level]))
+    reference = ax.lines[0].get_xydata()[0]
+    np.testing.assert_allclose(reference, [0.5 * W - 0.5, 0.25 * H - 0.5])
+
+
+def test_draw_sampling_points_accepts_a_heads_dimension(image):
+    heads, levels, points = 2, 4, 3
+    locations = torch.rand(heads, levels, points, 2)
+    weights = torch.rand(heads, levels, points)
+    fig = viz.draw_sampling_points(image, torch.tensor([0.5, 0.5]), locations, weights,
+                                   level_names=[f"stride {s}" for s in (8, 16, 32, 64)])
+    scatters = [c for c in fig.axes[0].collections if isinstance(c, PathCollection)]
+    assert len(scatters) == levels and all(len(s.get_offsets()) == heads * points for s in scatters)
+    with pytest.raises(ValueError, match="attention_weights"):
+        viz.draw_sampling_points(image, [0.5, 0.5], locations, weights[0])
+
+
+def test_plot_attention_mask_shows_the_mask_and_its_segments():
+    size = 10
+    mask = torch.tril(torch.ones(size, size, dtype=torch.bool))
+    segments = [("<SPE>", 0, 1), ("image", 1, 5), ("words", 5, 10)]
+    fig = viz.plot_attention_mask(mask, segments)
+    ax = fig.axes[0]
+    np.testing.assert_array_equal(ax.get_images()[0].get_array(), mask.numpy())
+    assert len(ax.lines) == 2 * 2   # one horizontal and one vertical line per inner boundary
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["<SPE>", "image", "words"]
+    with pytest.raises(ValueError, match="'words'"):
+        viz.plot_attention_mask(mask, [("words", 5, 11)])
+    with pytest.raises(ValueError, match="square"):
+        viz.plot_attention_mask(mask[:3])
+
+
+def test_attention_heatmaps_one_overlay_per_map(image):
+    maps = torch.rand(7, 3, 4)
+    fig = viz.attention_heatmaps(image, maps, ncols=4)
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(fig.axes) == 8 and len(panels) == 7
+    for ax, expected in zip(panels, maps):
+        picture, heat = ax.get_images()
+        assert picture.get_array().shape == (H, W, 3)
+        np.testing.assert_allclose(heat.get_array(), expected.numpy() / expected.numpy().max(), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# similarities, experts, curves, tables
+# ---------------------------------------------------------------------------------------------------------------
+def test_plot_similarity_matrix_marks_the_arg_max_of_every_row():
+    sim = np.random.default_rng(1).standard_normal((5, 6))
+    targets = np.array([0, 1, 2, 3, 4])
+    fig = viz.plot_similarity_matrix(sim, targets=targets, col_labels=list("abcdef"))
+    ax = fig.axes[0]
+    target_marks, argmax_marks = [c for c in ax.collections if isinstance(c, PathCollection)]
+    np.testing.assert_array_equal(target_marks.get_offsets()[:, 0], targets)
+    np.testing.assert_array_equal(argmax_marks.get_offsets()[:, 0], sim.argmax(axis=1))
+
+
+def test_plot_gate_heatmap_shows_usage_with_values():
+    usage = np.random.default_rng(2).dirichlet(np.ones(8), size=6)
+    rows = [f"attr {i:03b}" for i in range(6)]
+    fig = viz.plot_gate_heatmap(torch.from_numpy(usage), rows, "layer 1")
+    ax = fig.axes[0]
+    np.testing.assert_allclose(ax.get_images()[0].get_array(), usage)
+    assert len(ax.texts) == usage.size
+    assert [t.get_text() for t in ax.get_yticklabels()] == rows
+    with pytest.raises(ValueError, match="row_labels"):
+        viz.plot_gate_heatmap(usage, rows[:2])
+
+
+def _log_records():
+    rng = np.random.default_rng(3)
+    records = []
+    for it in range(30):
+        task = ("classification", "captioning", "retrieval")[it % 3]
+        records.append({"iteration": it, "task": task, "loss": float(rng.random() + 1.0 / (it + 1)), "lr": 1e-3})
+    records.append({"iteration": 30, "task": "eval", "acc": 0.5})   # no loss: left out of the loss panel
+    return records
+
+
+def test_plot_curves_from_jsonl_one_line_per_task(tmp_path):
+    records = _log_records()
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    fig = viz.plot_curves(log, keys=("loss", "lr"))
+    loss_ax, lr_ax = fig.axes
+    assert sorted(line.get_label() for line in loss_ax.lines) == ["captioning", "classification", "retrieval"]
+    for line in loss_ax.lines:
+        expected = [(r["iteration"], r["loss"]) for r in records if r.get("task") == line.get_label()]
+        np.testing.assert_allclose(line.get_xydata(), expected)
+    assert len(lr_ax.lines) == 3
+    assert len(viz.plot_curves(records, keys=("loss",), by=None).axes[0].lines) == 1
+
+
+def test_plot_curves_smoothing_is_a_trailing_moving_average():
+    records = _log_records()
+    window = 4
+    fig = viz.plot_curves(records, keys=("loss",), smooth=window)
+    for line in fig.axes[0].lines:
+        raw = np.array([r["loss"] for r in records if r.get("task") == line.get_label()])
+        slow = [raw[max(0, i - window + 1): i + 1].mean() for i in range(len(raw))]
+        np.testing.assert_allclose(line.get_ydata(), slow)
+
+
+def test_plot_curves_names_the_bad_line(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"iteration": 0, "loss": 1.0}\n{"iteration": 1, "loss": \n')
+    with pytest.raises(ValueError, match="log.jsonl:2"):
+        viz.plot_curves(log)
+    with pytest.raises(ValueError, match="record 0 has no 'iteration'"):
+        viz.plot_curves([{"loss": 1.0}])
+
+
+def test_captions_retrieval_tables_and_statistics(image):
+    fig = viz.show_captions([image, image], ["a red square", "two circles"], [["ref a", "ref b"], "ref c"])
+    assert [ax.get_title() for ax in fig.axes] == ["a red square", "two circles"]
+    assert fig.axes[0].get_xlabel() == "ref a\nref b"
+
+    fig = viz.show_retrieval(image, ["right one", "wrong", "wrong too"], [True, False, False],
+                             scores=[0.9, 0.5, 0.1], top=2)
+    lines = fig.axes[1].texts
+    assert len(lines) == 2
+    assert to_rgb(lines[0].get_color()) == to_rgb("forestgreen") and to_rgb(lines[1].get_color()) == to_rgb("firebrick")
+
+    fig = viz.results_table_figure([["ours", 12.345, None], ["paper", 49.9, 76.9]], ["model", "det", "cls"])
+    cells = fig.axes[0].tables[0].get_celld()
+    assert len(cells) == 3 * 3 and cells[1, 1].get_text().get_text() == "12.3" and cells[1, 2].get_text().get_text() == "-"
+
+    fig = viz.plot_instance_statistics([1, 2, 2, 5], [8.0, 30.0, 50.0, 120.0], {"disk": 4, "square": 3, "ring": 2})
+    assert len(fig.axes[2].patches) == 3
+
+
+def test_figures_save_to_png_and_leave_pyplot_alone(tmp_path, image):
+    boxes, masks = _scene()
+    figures = {
+        "detections": viz.draw_detections(image, boxes, labels=[0, 1, 2, 3], masks=masks),
+        "mask": viz.plot_attention_mask(np.tril(np.ones((6, 6), dtype=bool))),
+        "curves": viz.plot_curves(_log_records()),
+        "heatmaps": viz.attention_heatmaps(image, np.random.rand(3, 2, 2)),
+    }
+    assert plt.get_fignums() == []   # built without pyplot: nothing to leak in loops
+    for name, fig in figures.items():
+        path = tmp_path / f"{name}.png"
+        fig.savefig(path, dpi=50)
+        assert path.stat().st_size > 0
+        with Image.open(path) as png:
+            assert png.width > 10 and png.height > 10

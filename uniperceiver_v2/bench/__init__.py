@@ -1,0 +1,23 @@
+"""Benchmarks, run as `python -m uniperceiver_v2.bench <name> [options]`.
+
+Each benchmark is a module `uniperceiver_v2/bench/<name>.py` exposing `main(argv: list[str]) -> int`;
+adding one needs no registration, the dispatcher in `__main__.py` finds it by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+
+def available_benchmarks() -> list[str]:
+    """Names of the benchmark modules in this package."""
+    return sorted(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_"))
+
+
+def run(name: str, argv: list[str]) -> int:
+    """Run benchmark `name` with command-line arguments `argv`; returns its exit code."""
+    if name not in available_benchmarks():
+        raise SystemExit(f"unknown benchmark {name!r}; available: {', '.join(available_benchmarks())}")
+    module = importlib.import_module(f"{__name__}.{name}")
+    return module.main(argv)

@@ -1,0 +1,235 @@
+"""Training metrics: per-task averages over a logging window, written to ``metrics.jsonl`` and TensorBoard.
+
+With unmixed sampling (Sec. 4.4) every iteration trains one task, so a loss curve is a per-task curve: the
+trainer adds each iteration's loss terms to a :class:`WindowAverages` under the task that produced them, and at
+every logging point writes one record per task seen in the window.
+
+``metrics.jsonl`` holds one JSON object per line, so a notebook plots it with two lines
+(``records = read_metrics(path)``, or ``pandas.read_json(path, lines=True)``). Training records:
+
+    {"kind": "train", "iteration": 120, "task": "detection", "count": 3, "loss": 4.21,
+     "loss_cls": 1.02, ..., "lr": 0.00098, "grad_norm": 3.4, "time": 61.3, "iter_time": 0.52}
+
+* ``iteration``: optimizer steps completed when the window closed (1-based, the x axis);
+* ``count``: iterations of this task (times ranks) averaged into the record;
+* ``loss`` and every other loss term the task returned, averaged over those iterations and over ranks;
+* ``lr``: the base learning rate (decoder group) at the last step of the window; ``lr/<group>`` per group;
+* ``grad_norm``: mean global gradient norm of this task's steps (before clipping or MT-AdamW normalisation);
+* ``time``: wall-clock seconds of training so far (continued across resumes); ``iter_time``: mean seconds
+  per iteration in the window (all tasks).
+
+Evaluation records are ``{"kind": "eval", "iteration": ..., "split": ..., "task": ..., <metric>: ...}``.
+The same values go to TensorBoard under ``loss/<task>``, ``<task>/<term>``, ``lr/<group>``,
+``grad_norm/<task>``, ``time/iter_s`` and ``eval_<split>/<task>/<metric>``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from .distributed import get_world_size, is_distributed
+
+__all__ = ["MetricWriter", "WindowAverages", "read_metrics", "RESERVED_KEYS"]
+
+# Keys of a training record that a task's loss term may not reuse.
+RESERVED_KEYS = frozenset({"kind", "iteration", "task", "count", "lr", "grad_norm", "time", "iter_time", "split"})
+
+
+class WindowAverages:
+    """Running sums of per-task scalars between two logging points, on one rank.
+
+    ``add(task, values)`` once per (iteration, task) with plain floats; ``merged()`` sums the windows of all
+    ranks (a collective: every rank must call it at the same iteration) and returns per-task means.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, dict[str, float]] = {}
+        self._counts: dict[str, int] = {}
+        self.iterations = 0
+        self.seconds = 0.0
+
+    def add(self, task: str, values: Mapping[str, float]) -> None:
+        """Add one iteration's scalars of ``task``; a reserved key is an error naming the task."""
+        clash = RESERVED_KEYS.intersection(values).difference({"grad_norm"})
+        if clash:
+            raise ValueError(f"task {task!r}: loss term name(s) {sorted(clash)} are reserved metric keys")
+        sums = self._sums.setdefault(task, {})
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+        self._counts[task] = self._counts.get(task, 0) + 1
+
+    def add_time(self, seconds: float, iterations: int = 1) -> None:
+        """Wall-clock time of ``iterations`` completed iterations."""
+        self.seconds += seconds
+        self.iterations += iterations
+
+    def __bool__(self) -> bool:
+        return bool(self._counts)
+
+    def merged(self) -> dict[str, dict[str, float]]:
+        """Per task: the mean of every scalar over its iterations on all ranks, plus ``count``.
+
+        With mixed sampling ranks see different tasks and loss terms, so the windows are exchanged as
+        Python objects rather than reduced as a fixed-size tensor. Called once per logging window, this is
+        a few hundred bytes per rank.
+        """
+        local = {"sums": self._sums, "counts": self._counts}
+        if is_distributed() and get_world_size() > 1:
+            gathered: list[Any] = [None] * get_world_size()
+            dist.all_gather_object(gathered, local)
+        else:
+            gathered = [local]
+        sums: dict[str, dict[str, float]] = {}
+        counts: dict[str, int] = {}
+        for window in gathered:
+            for task, values in window["sums"].items():
+                task_sums = sums.setdefault(task, {})
+                for key, value in values.items():
+                    task_sums[key] = task_sums.get(key, 0.0) + value
+                counts[task] = counts.get(task, 0) + window["counts"][task]
+        # Terms that only some of a task's iterations report (none today) are averaged over those that do.
+        return {
+            task: {"count": counts[task], **{key: value / counts[task] for key, value in sums[task].items()}}
+            for task in sorted(sums)
+        }
+
+    def reset(self) -> None:
+        self._sums.clear()
+        self._counts.clear()
+        self.iterations = 0
+        self.seconds = 0.0
+
+
+def _finite_or_none(value: float) -> float | None:
+    # JSON has no NaN/inf; a diverged loss is written as null so every line stays valid JSON.
+    return value if math.isfinite(value) else None
+
+
+class MetricWriter:
+    """Appends records to ``<output_dir>/metrics.jsonl`` and mirrors them to TensorBoard (``<output_dir>/tb``).
+
+    Only the main process creates one. ``tensorboard=False`` skips TensorBoard (e.g. in unit tests).
+
+    ``resume_iteration=k`` (a run resumed from the checkpoint of iteration k) first drops the records of
+    iterations after k that the interrupted run wrote, in both files, so each iteration appears once and the
+    resumed run's records take their place.
+    """
+
+    def __init__(self, output_dir: str | Path, tensorboard: bool = True, resume_iteration: int | None = None) -> None:
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.output_dir / "metrics.jsonl"
+        if resume_iteration is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+                    if line.strip() and json.loads(line).get("iteration", 0) <= resume_iteration]
+            self.path.write_text("".join(kept), encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the life of the writer
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step hides the interrupted run's events after the checkpoint in TensorBoard.
+            purge_step = resume_iteration + 1 if resume_iteration is not None else None
+            self._tb = SummaryWriter(log_dir=str(self.output_dir / "tb"), purge_step=purge_step)
+
+    def write_train(
+        self,
+        iteration: int,
+        per_task: Mapping[str, Mapping[str, float]],
+        lrs: Mapping[str, float],
+        elapsed: float,
+        iter_time: float,
+    ) -> list[dict[str, Any]]:
+        """Write one training record per task.
+
+        Args:
+            iteration: optimizer steps completed.
+            per_task: task -> {"count", "loss", other terms, "grad_norm"} from ``WindowAverages.merged``.
+            lrs: param-group name -> current lr; the first group is the base (decoder) lr.
+            elapsed: seconds of training so far.
+            iter_time: mean seconds per iteration over the window.
+
+        Returns:
+            The records written.
+        """
+        base_lr = next(iter(lrs.values()))
+        records = []
+        for task, values in per_task.items():
+            record: dict[str, Any] = {"kind": "train", "iteration": int(iteration), "task": task}
+            record["count"] = int(values["count"])
+            record["loss"] = _finite_or_none(values["loss"])
+            for key, value in values.items():
+                if key not in ("count", "loss", "grad_norm"):
+                    record[key] = _finite_or_none(value)
+            record["lr"] = base_lr
+            for group, lr in lrs.items():
+                record[f"lr/{group}"] = lr
+            if "grad_norm" in values:
+                record["grad_norm"] = _finite_or_none(values["grad_norm"])
+            record["time"] = round(elapsed, 3)
+            record["iter_time"] = round(iter_time, 5)
+            records.append(record)
+            if self._tb is not None:
+                self._tb.add_scalar(f"loss/{task}", values["loss"], iteration)
+                for key, value in values.items():
+                    if key not in ("count", "loss", "grad_norm"):
+                        self._tb.add_scalar(f"{task}/{key}", value, iteration)
+                if "grad_norm" in values:
+                    self._tb.add_scalar(f"grad_norm/{task}", values["grad_norm"], iteration)
+        if self._tb is not None:
+            for group, lr in lrs.items():
+                self._tb.add_scalar(f"lr/{group}", lr, iteration)
+            self._tb.add_scalar("time/iter_s", iter_time, iteration)
+        self._append(records)
+        return records
+
+    def write_eval(self, iteration: int, split: str, results: Mapping[str, Mapping[str, float]]) -> None:
+        """One record per evaluated task; ``results`` is task -> {metric: value} (numbers only are logged)."""
+        records = []
+        for task, metrics in results.items():
+            record: dict[str, Any] = {"kind": "eval", "iteration": int(iteration), "split": split, "task": task}
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    record[name] = _finite_or_none(float(value))
+                    if self._tb is not None:
+                        self._tb.add_scalar(f"eval_{split}/{task}/{name}", float(value), iteration)
+            records.append(record)
+        self._append(records)
+
+    def _append(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            self._file.write(json.dumps(record) + "\n")
+        # Flushed per window so a notebook (or a crashed run's post-mortem) always sees complete lines.
+        self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | Path, kind: str | None = "train") -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file (of one ``kind``, or all with ``kind=None``), in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics file not found: {path}")
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not valid JSON: {error}") from error
+            if kind is None or record.get("kind") == kind:
+                records.append(record)
+    return records

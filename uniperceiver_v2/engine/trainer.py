@@ -1,0 +1,611 @@
+"""The multi-task trainer: unmixed (or mixed) task sampling, MT-AdamW, DDP, checkpoints and exact resume.
+
+One iteration (paper Sec. 4.4, "Unmixed sampling"; DESIGN.md "MT-AdamW")::
+
+    k = sampler.task_for_iteration(i)                 the same task on every rank (same seed, no communication)
+    for each of run.grad_accum micro-batches:
+        L = tasks[k].loss(model, next batch of k)["loss"]   (retrieval gathers negatives from all ranks)
+        backward(L / grad_accum)                      DDP averages gradients over ranks on the last micro-batch
+    clip the global gradient norm (optim.grad_clip)
+    MT-AdamW: step(sampling_ratio=s_k, task_weight=w_k)     AdamW: step(), with w_k already inside L
+    lr schedule step (warm-up, x decay_factor at decay_at fractions of run.iterations)
+
+**Where the loss weight w_k goes, so it is applied exactly once.**
+
+* ``optim.name="mt_adamw"`` with unmixed sampling: the backward pass uses the task's loss *without* w_k and
+  the optimizer receives ``task_weight=w_k`` and ``sampling_ratio=s_k``. MT-AdamW normalises the gradient to
+  unit norm before scaling it by w_k, so a w_k inside the loss would be divided out again anyway; passing it
+  to the optimizer is what makes it count (eq. of Sec. 4.4).
+* ``optim.name="adamw"``: the loss is multiplied by w_k before backward (eq. (7)), the optimizer is
+  ``torch.optim.AdamW``.
+* Mixed sampling (the Tab. 4 baseline): one iteration holds several tasks, so there is no single (s_k, w_k)
+  to give the optimizer. Each task's loss is multiplied by its w_k, the iteration minimises the mean of
+  w_k * L_k over its slots, and MT-AdamW steps with s_k = 1, w_k = 1 (plain gradient normalisation).
+
+Tasks return their loss **without** w_k (``Task.loss`` documents this); the trainer is the one place that
+applies it.
+
+**Mixed sampling layout.** The engine's ``MixedTaskSampler`` draws ``world_size * grad_accum`` slots per
+iteration; micro-batch m of rank r trains slot ``m * world_size + r`` with that task's per-GPU batch size.
+One process with ``grad_accum=N`` thus sees the same task mixture as N processes with ``grad_accum=1``.
+Ranks train different tasks in the same micro-batch, so a task that communicates inside its loss
+(retrieval with ``gather=true``) cannot be used with mixed sampling on several processes; that is the
+point of Tab. 4, where gathering negatives needs unmixed sampling.
+
+**Parameter groups.** The image backbone trains at lr x ``optim.encoder_lr_mult`` and the text encoder at lr x
+``text_encoder.lr_mult`` (both 0.1 in the paper: "the learning rate of modality-specific encoders is
+multiplied by 0.1"; the text encoder has its own key because it is loaded from a language model and may be
+tuned separately). No weight decay for norms, biases and other 1-d parameters, embeddings (``nn.Embedding``
+weights and parameters whose own name contains "embed"), logit scales and MoE gate parameters (names
+containing "gate").
+
+**Exact resume.** Randomness has two sources and both are functions of the run's state, not of history:
+
+* data: each sample is loaded (and each batch collated) with the global generators seeded from
+  (seed, task, epoch, index) (``data_setup``), and each task's stream position is checkpointed;
+* model: at the start of every iteration torch's (CPU and CUDA), numpy's and python's generators are seeded
+  from (seed, rank, iteration), so dropout, drop-path, denoising noise and MoE gate noise of iteration i do
+  not depend on what ran before (fairseq seeds its steps the same way). The RNG states are checkpointed as
+  well (engine.checkpoint), which matters only to code outside the loop.
+
+A run resumed from the checkpoint of iteration k therefore computes, on the CPU, the same losses from
+iteration k on as an uninterrupted run (tests/test_trainer.py checks it bit for bit).
+
+**Failure handling.** In a distributed run an exception on one rank would leave the others waiting in a
+collective. ``fail_fast`` prints the error with its rank and ends the process at once with exit code 1;
+torchrun's agent then stops the remaining workers and exits non-zero, and with gloo a peer blocked in a
+collective also errors out as soon as the connection drops.
+
+**Interruption.** SIGTERM / SIGINT set a flag; the ranks agree on it after the current iteration, save a
+checkpoint and return (``train.py`` exits with 128 + the signal number, the shell convention). A second
+signal interrupts at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import Config, ConfigError
+from .checkpoint import find_latest, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .data_setup import TaskStream
+from .distributed import get_rank, get_world_size, init_distributed, is_distributed
+from .logging import MetricWriter, WindowAverages
+from .optim import MTAdamW, build_param_groups
+from .sampling import MixedTaskSampler, UnmixedTaskSampler
+from .schedule import WarmupStepSchedule, build_lr_scheduler
+
+__all__ = [
+    "Trainer",
+    "TrainResult",
+    "build_optimizer",
+    "fail_fast",
+    "move_to_device",
+    "no_weight_decay",
+    "resolve_device",
+    "seed_iteration",
+    "write_run_files",
+]
+
+# Prefixes (on module-name boundaries) of the image backbone and the text encoder inside the model.
+BACKBONE_PREFIX = "image_encoder.backbone"
+TEXT_ENCODER_PREFIX = "text_encoder"
+
+EvaluateFn = Callable[[nn.Module, Config, Mapping[str, Any], str], dict]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------------------------
+def resolve_device(cfg: Config, default: torch.device) -> torch.device:
+    """``run.device``: "auto" takes ``default`` (cuda:LOCAL_RANK under torchrun with CUDA, else cpu)."""
+    if cfg.run.device == "auto":
+        return default
+    device = torch.device(cfg.run.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device: {cfg.run.device!r} but CUDA is not available")
+    return device
+
+
+def seed_iteration(seed: int, rank: int, iteration: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and python generators from (seed, rank, iteration)."""
+    state = np.random.SeedSequence([seed, rank, iteration]).generate_state(2)
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+    np.random.seed(int(state[0]))
+    random.seed(int(state[1]))
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors, objects with ``.to(device)`` (the data module's batch dataclasses), and containers of them."""
+    if isinstance(batch, torch.Tensor) or (hasattr(batch, "to") and callable(batch.to) and not isinstance(batch, type)):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {key: move_to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(item, device) for item in batch)
+    return batch
+
+
+def no_weight_decay(model: nn.Module) -> Callable[[str, nn.Parameter], bool]:
+    """Predicate (name, parameter) -> True for parameters trained without weight decay.
+
+    1-d parameters (norm scales and shifts, biases, scalar logit scales), ``nn.Embedding`` weights,
+    parameters whose own attribute name contains "embed" (learned position / <SPE> / query embeddings held
+    as bare ``nn.Parameter``), logit scales, and MoE gate parameters (any name containing "gate").
+    """
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+
+    def predicate(name: str, param: nn.Parameter) -> bool:
+        own_name = name.rsplit(".", 1)[-1]
+        return (param.ndim <= 1 or id(param) in embedding_params or "embed" in own_name
+                or "logit_scale" in name or "gate" in name)
+
+    return predicate
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """MT-AdamW or AdamW over the model's parameter groups (see the module docstring for the groups)."""
+    o = cfg.optim
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+
+    def has_params(prefix: str) -> bool:
+        return any(name == prefix or name.startswith(prefix + ".") for name in trainable)
+
+    multipliers = {}
+    if has_params(BACKBONE_PREFIX):
+        multipliers[BACKBONE_PREFIX] = o.encoder_lr_mult
+    if has_params(TEXT_ENCODER_PREFIX):
+        multipliers[TEXT_ENCODER_PREFIX] = cfg.text_encoder.lr_mult
+    groups = build_param_groups(model, o.lr, o.weight_decay, multipliers, no_weight_decay(model))
+    # The first group is the base-lr group (the unified decoder's), so logs can call its lr "the" lr.
+    groups.sort(key=lambda g: (g["lr"] != o.lr, g["weight_decay"] == 0))
+    if o.name == "mt_adamw":
+        return MTAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                       normalize=o.normalize, compensate=o.compensate)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        result = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def write_run_files(cfg: Config, output_dir: Path, argv: list[str] | None, resumed_from: int | None) -> None:
+    """``config.yaml`` (the full config used) and ``run_info.json`` (command, git commit, seed, start time).
+
+    A resumed run keeps the earlier sessions' records under ``previous_sessions``.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save_yaml(output_dir / "config.yaml")
+    argv = list(sys.argv) if argv is None else ["python", "-m", "uniperceiver_v2.train", *argv]
+    session = {
+        "command": shlex.join(argv),
+        "git_commit": _git_commit(),
+        "seed": cfg.run.seed,
+        "start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "world_size": get_world_size(),
+        "resumed_from_iteration": resumed_from,
+        "config_hash": cfg.hash(),
+        "torch_version": torch.__version__,
+        "hostname": os.uname().nodename,
+    }
+    path = output_dir / "run_info.json"
+    previous = []
+    if resumed_from is not None and path.is_file():
+        old = json.loads(path.read_text())
+        previous = old.pop("previous_sessions", []) + [old]
+    path.write_text(json.dumps({**session, "previous_sessions": previous}, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def fail_fast() -> Iterator[None]:
+    """In a distributed run, turn an exception on any rank into an immediate exit of the whole job.
+
+    The traceback is printed with the rank, then the process ends with ``os._exit(1)`` (no clean-up that
+    could block on a collective). torchrun sees the failed worker, stops the others and exits non-zero.
+    Without a process group the exception propagates normally.
+    """
+    try:
+        yield
+    except BaseException as error:
+        if not is_distributed() or get_world_size() == 1 or isinstance(error, SystemExit):
+            raise
+        print(f"[rank {get_rank()}] training failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+
+class _TaskLosses(nn.Module):
+    """``forward(task, batch) = tasks[task].loss(model, batch)``, so DistributedDataParallel sees the task's
+    whole forward pass (its hooks only synchronise gradients of computations inside ``forward``)."""
+
+    def __init__(self, model: nn.Module, tasks: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.tasks = dict(tasks)
+
+    def forward(self, task: str, batch: Any) -> dict[str, torch.Tensor]:
+        return self.tasks[task].loss(self.model, batch)
+
+
+@dataclass
+class TrainResult:
+    """What ``Trainer.train`` returns.
+
+    Attributes:
+        iteration: optimizer steps completed.
+        interrupted_by: the signal number that stopped training early, or None.
+        checkpoint: the last checkpoint written, or None.
+        final_losses: task -> mean loss over that task's iterations in the last logging window.
+        eval_results: split -> task -> metrics of the last evaluation (empty without an evaluate_fn).
+    """
+
+    iteration: int
+    interrupted_by: int | None = None
+    checkpoint: Path | None = None
+    final_losses: dict[str, float] = field(default_factory=dict)
+    eval_results: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------------------------
+class Trainer:
+    """Trains ``model`` on ``tasks`` as ``cfg`` says (see the module docstring).
+
+    Args:
+        cfg: the run's config (tasks, optimizer, schedule, run and data sections are read here).
+        model: the model; the trainer moves it to the run's device and wraps it in DDP when distributed.
+        tasks: task name -> task object with ``collate(samples)``, ``loss(model, batch) -> dict`` (key
+            "loss" = the task's total loss without w_k; other keys are logged terms) and ``predict``.
+            Every enabled task of ``cfg.tasks`` needs an entry.
+        datasets: task name -> training dataset (map-style) for every enabled task.
+        evaluate_fn: ``evaluate(model, cfg, tasks, split) -> {task: {metric: value}}``, called on every rank
+            at ``run.eval_every`` and at the end; None disables evaluation.
+        progress: show a tqdm bar on rank 0.
+        tensorboard: mirror metrics to TensorBoard (``<output_dir>/tb``).
+        argv: the command line recorded in run_info.json (default ``sys.argv``).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        model: nn.Module,
+        tasks: Mapping[str, Any],
+        datasets: Mapping[str, Any],
+        *,
+        evaluate_fn: EvaluateFn | None = None,
+        progress: bool = True,
+        tensorboard: bool = True,
+        argv: list[str] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.task_names = cfg.tasks.names()
+        for name in self.task_names:
+            if name not in tasks:
+                raise ConfigError(f"tasks.{name}: enabled in the config but no task object was given")
+            if name not in datasets:
+                raise ConfigError(f"tasks.{name}: enabled in the config but no training dataset was given")
+        info = init_distributed()
+        self.rank, self.world_size = info.rank, info.world_size
+        self.device = resolve_device(cfg, info.device)
+        self.output_dir = Path(cfg.run.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.evaluate_fn = evaluate_fn
+        self.progress = progress
+        self.tensorboard = tensorboard
+        self.argv = argv
+
+        run = cfg.run
+        if run.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("run.precision: fp16 needs a CUDA device; use bf16 (or fp32) on the CPU")
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[run.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=run.precision == "fp16")
+
+        self.model = model.to(self.device)
+        self.tasks = {name: tasks[name] for name in self.task_names}
+        self.task_configs = {name: cfg.tasks.get(name) for name in self.task_names}
+        weights = {name: self.task_configs[name].sampling_weight for name in self.task_names}
+        if run.sampling == "unmixed":
+            self.sampler: UnmixedTaskSampler | MixedTaskSampler = UnmixedTaskSampler(
+                self.task_names, weights, seed=run.seed)
+        else:
+            self.sampler = MixedTaskSampler(self.task_names, weights, seed=run.seed,
+                                            num_slots=self.world_size * run.grad_accum)
+            if (self.world_size > 1 and "retrieval" in self.task_names and cfg.tasks.retrieval.gather):
+                raise ConfigError(
+                    "tasks.retrieval.gather: gathering negatives across ranks needs run.sampling=unmixed (with "
+                    "mixed sampling the ranks train different tasks in the same step); set "
+                    "tasks.retrieval.gather=false for the mixed baseline (paper Tab. 4)")
+
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_lr_scheduler(self.optimizer, WarmupStepSchedule(
+            total_iterations=run.iterations, warmup_iterations=cfg.optim.warmup_iters,
+            decay_fractions=tuple(cfg.optim.decay_at), decay_factor=cfg.optim.decay_factor))
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+
+        self.streams = {
+            name: TaskStream(name, datasets[name], self.tasks[name].collate, self.task_configs[name].batch_size,
+                             rank=self.rank, world_size=self.world_size, seed=cfg.data.seed,
+                             num_workers=cfg.data.num_workers)
+            for name in self.task_names
+        }
+
+        self.loss_module: nn.Module = _TaskLosses(self.model, self.tasks)
+        if self.world_size > 1:
+            # Each task uses a subset of the parameters (MLM never touches the image encoder), hence
+            # find_unused_parameters. Globally unused parameters keep grad None, so MT-AdamW skips them.
+            self.loss_module = DistributedDataParallel(
+                self.loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+
+        self.iteration = 0
+        self.elapsed = 0.0
+        self.resumed_from: int | None = None
+        self._stop_signal: int | None = None
+        self._writer: MetricWriter | None = None
+
+    # ------------------------------------------------------------------------------------------------ plan
+    def plan(self, iteration: int) -> list[tuple[str, float, float]]:
+        """This rank's micro-batches of ``iteration``: [(task, s_k for the optimizer, w_k for the loss)].
+
+        Unmixed: the same task for all micro-batches; with MT-AdamW the loss weight is 1 here (w_k goes to
+        the optimizer). Mixed: slot ``m * world_size + rank`` per micro-batch, each loss weighted by its w_k.
+        """
+        run, mt_adamw = self.cfg.run, isinstance(self.optimizer, MTAdamW)
+        if isinstance(self.sampler, UnmixedTaskSampler):
+            task = self.sampler.task_for_iteration(iteration)
+            s_k, w_k = self.sampler.sampling_ratio(task), self.task_configs[task].loss_weight
+            return [(task, s_k, 1.0 if mt_adamw else w_k)] * run.grad_accum
+        slots = self.sampler.slots_for_iteration(iteration)
+        return [(slots[m * self.world_size + self.rank], 1.0, self.task_configs[slots[m * self.world_size + self.rank]].loss_weight)
+                for m in range(run.grad_accum)]
+
+    def _optimizer_kwargs(self, iteration: int) -> dict[str, float]:
+        if not isinstance(self.optimizer, MTAdamW) or not isinstance(self.sampler, UnmixedTaskSampler):
+            return {}
+        task = self.sampler.task_for_iteration(iteration)
+        return {"sampling_ratio": self.sampler.sampling_ratio(task), "task_weight": self.task_configs[task].loss_weight}
+
+    # ------------------------------------------------------------------------------------------------ one step
+    def train_step(self, iteration: int) -> list[tuple[str, dict[str, float]]]:
+        """Run iteration ``iteration`` (0-based): forward/backward of each micro-batch, clip, step, schedule.
+
+        Returns:
+            [(task, {"loss": ..., other terms..., "grad_norm": ...})] per distinct task of this rank, the
+            terms averaged over that task's micro-batches (unweighted by w_k).
+        """
+        self.model.train()
+        seed_iteration(self.cfg.run.seed, self.rank, iteration)
+        plan = self.plan(iteration)
+        per_task: dict[str, dict[str, float]] = {}
+        counts: dict[str, int] = {}
+        for micro, (task, _, loss_weight) in enumerate(plan):
+            batch = move_to_device(next(self.streams[task]), self.device)
+            last = micro == len(plan) - 1
+            sync = contextlib.nullcontext() if last or self.world_size == 1 else self.loss_module.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                    enabled=self.autocast_dtype is not None):
+                    losses = self.loss_module(task, batch)
+                if "loss" not in losses:
+                    raise KeyError(f"task {task!r}: loss() returned {sorted(losses)} without the key 'loss'")
+                loss = losses["loss"]
+                self.scaler.scale(loss.float() * (loss_weight / len(plan))).backward()
+            values = dict(zip(losses, torch.stack([v.detach().float().reshape(()) for v in losses.values()]).tolist()))
+            if not math.isfinite(values["loss"]):
+                raise FloatingPointError(f"iteration {iteration}: task {task!r} loss is {values['loss']} "
+                                         f"(terms: {values})")
+            sums = per_task.setdefault(task, {})
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value
+            counts[task] = counts.get(task, 0) + 1
+
+        self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.cfg.optim.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        self.scaler.step(self.optimizer, **self._optimizer_kwargs(iteration))
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = float(grad_norm)
+        return [(task, {**{k: v / counts[task] for k, v in sums.items()}, "grad_norm": grad_norm})
+                for task, sums in per_task.items()]
+
+    # ------------------------------------------------------------------------------------------------ state
+    def _extra_state(self) -> dict[str, Any]:
+        streams = {name: stream.state_dict() for name, stream in self.streams.items()}
+        if self.world_size > 1:
+            # Ranks consume different amounts of each task under mixed sampling: keep every rank's positions.
+            per_rank: list[Any] = [None] * self.world_size
+            dist.all_gather_object(per_rank, streams)
+        else:
+            per_rank = [streams]
+        return {
+            "streams_per_rank": per_rank,
+            "sampler": {"kind": self.cfg.run.sampling, "seed": self.cfg.run.seed},
+            "grad_scaler": self.scaler.state_dict(),
+            "elapsed_seconds": self.elapsed,
+            "world_size": self.world_size,
+        }
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current iteration (every rank must call this)."""
+        keep = self.cfg.run.keep_checkpoints or None
+        return save_checkpoint(self.checkpoint_dir, self.iteration, self.model, self.optimizer, self.scheduler,
+                               self._extra_state(), config=self.cfg, keep_last=keep)
+
+    def resume(self, checkpoint: str | Path | None = None) -> bool:
+        """Restore a checkpoint (default: the latest one under ``<output_dir>/checkpoints``).
+
+        Returns:
+            False if ``checkpoint`` is None and there is no checkpoint yet (training starts from scratch).
+        """
+        path = Path(checkpoint) if checkpoint is not None else find_latest(self.checkpoint_dir)
+        if path is None:
+            return False
+        meta = read_checkpoint_meta(path)
+        saved = meta.get("config") or {}
+        differing = _differing_keys(saved, self.cfg.to_dict())
+        if differing and get_rank() == 0:
+            print(f"warning: resuming from {path} with a config that differs in {', '.join(differing)}",
+                  file=sys.stderr)
+        extra = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        per_rank = extra["streams_per_rank"]
+        streams = per_rank[self.rank % len(per_rank)]
+        for name, stream in self.streams.items():
+            if name in streams:
+                stream.load_state_dict(streams[name])
+        if extra.get("grad_scaler"):
+            self.scaler.load_state_dict(extra["grad_scaler"])
+        self.iteration = int(meta["iteration"])
+        self.elapsed = float(extra.get("elapsed_seconds", 0.0))
+        self.resumed_from = self.iteration
+        return True
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        def handler(signum, frame):
+            self._stop_signal = signum
+            # A second signal interrupts at once.
+            signal.signal(signum, previous[signum])
+
+        previous: dict[int, Any] = {}
+        if threading_is_main():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, handler)
+        return previous
+
+    def _agreed_stop(self) -> int | None:
+        """The stop signal if any rank received one (one small all-reduce per iteration when distributed)."""
+        if self.world_size == 1:
+            return self._stop_signal
+        flag = torch.tensor([self._stop_signal or 0], dtype=torch.int64,
+                            device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+    def _lrs(self) -> dict[str, float]:
+        return {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
+
+    def evaluate(self, split: str) -> dict[str, Any]:
+        """Run ``evaluate_fn`` on every rank; rank 0 writes ``eval_<split>_<iteration>.json`` and logs."""
+        if self.evaluate_fn is None:
+            return {}
+        results = self.evaluate_fn(self.model, self.cfg, self.tasks, split)
+        if self.rank == 0:
+            path = self.output_dir / f"eval_{split}_{self.iteration:07d}.json"
+            path.write_text(json.dumps({"iteration": self.iteration, "split": split, "results": results},
+                                       indent=2) + "\n")
+            if self._writer is not None:
+                self._writer.write_eval(self.iteration, split, results)
+        return results
+
+    def train(self) -> TrainResult:
+        """Train from ``self.iteration`` to ``run.iterations`` (see the module docstring)."""
+        run = self.cfg.run
+        if self.rank == 0:
+            write_run_files(self.cfg, self.output_dir, self.argv, self.resumed_from)
+            self._writer = MetricWriter(self.output_dir, tensorboard=self.tensorboard,
+                                        resume_iteration=self.resumed_from)
+        previous_handlers = self._install_signal_handlers()
+        window = WindowAverages()
+        result = TrainResult(iteration=self.iteration)
+        bar = None
+        if self.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=run.iterations, initial=self.iteration, desc="train", dynamic_ncols=True)
+        try:
+            while self.iteration < run.iterations:
+                start = time.perf_counter()
+                records = self.train_step(self.iteration)
+                self.iteration += 1
+                for task, values in records:
+                    window.add(task, values)
+                seconds = time.perf_counter() - start
+                self.elapsed += seconds
+                window.add_time(seconds)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(task=records[0][0], loss=f"{records[0][1]['loss']:.4f}", refresh=False)
+
+                stop = self._agreed_stop()
+                done = self.iteration == run.iterations
+                checkpoint_now = done or stop is not None or (
+                    run.ckpt_every > 0 and self.iteration % run.ckpt_every == 0)
+                if done or checkpoint_now or (run.log_every > 0 and self.iteration % run.log_every == 0):
+                    merged = window.merged()
+                    if self._writer is not None:
+                        self._writer.write_train(self.iteration, merged, self._lrs(), self.elapsed,
+                                                 window.seconds / max(window.iterations, 1))
+                    result.final_losses.update({task: values["loss"] for task, values in merged.items()})
+                    window.reset()
+                if checkpoint_now:
+                    result.checkpoint = self.save()
+                if stop is not None:
+                    result.interrupted_by = stop
+                    if self.rank == 0:
+                        print(f"\nstopped by signal {signal.Signals(stop).name} after iteration {self.iteration}; "
+                              f"checkpoint {result.checkpoint}; continue with --resume", file=sys.stderr)
+                    break
+                if run.eval_every > 0 and self.iteration % run.eval_every == 0 and not done:
+                    result.eval_results[self.cfg.data.val_split] = self.evaluate(self.cfg.data.val_split)
+            if result.interrupted_by is None and self.evaluate_fn is not None:
+                result.eval_results[self.cfg.data.val_split] = self.evaluate(self.cfg.data.val_split)
+        finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
+            if bar is not None:
+                bar.close()
+            if self._writer is not None:
+                self._writer.close()
+        result.iteration = self.iteration
+        return result
+
+
+def threading_is_main() -> bool:
+    """Signal handlers can only be installed from the main thread (not e.g. from a notebook's worker)."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        left, right = a.get(key), b.get(key)
+        if isinstance(left, Mapping) and isinstance(right, Mapping):
+            keys += _differing_keys(left, right, f"{prefix}{key}.")
+        elif left != right:
+            keys.append(f"{prefix}{key}")
+    return keys

@@ -1,0 +1,102 @@
+"""Image classification as target selection (v2 Sec. 4.3, v1 Sec. 3.2).
+
+    input x   = [<SPE>, f_image(x)]                    the image's global and regional tokens (eq. (1))
+    targets Y = { [<SPE>, f_text(class name)] }        one sequence per class name of the dataset
+
+    logits[b, c] = cos(g(x_b)_<SPE>, g(y_c)_<SPE>) / tau_cls       (eq. (6)),   loss = eq. (7)
+
+The class names are text, so any list of names works at inference without retraining (zero-shot): the
+candidates are whatever names the batch carries. In training the embeddings of all classes of the batch's dataset
+are computed once per step and shared by the batch (``UniPerceiverV2.class_name_embeddings``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from uniperceiver_v2.data.collate import collate_classification
+from uniperceiver_v2.data.samples import ClassificationSample
+from uniperceiver_v2.tasks.base import Task
+from uniperceiver_v2.tasks.losses import unified_loss
+
+__all__ = ["ClassificationTask", "ClassificationTaskBatch"]
+
+
+@dataclass
+class ClassificationTaskBatch:
+    """A classification batch with its candidate set.
+
+    Attributes:
+        images: (B, 3, H, W) normalised, padded; padding_mask: (B, H, W) bool, True = padding.
+        labels: (B,) long index into ``class_names`` (or None at inference).
+        class_names: the C candidate names.
+    """
+
+    images: torch.Tensor
+    padding_mask: torch.Tensor
+    labels: torch.Tensor | None
+    class_names: tuple[str, ...]
+
+    def to(self, device: torch.device | str) -> "ClassificationTaskBatch":
+        return replace(self, images=self.images.to(device), padding_mask=self.padding_mask.to(device),
+                       labels=None if self.labels is None else self.labels.to(device))
+
+
+class ClassificationTask(Task):
+    """Image classification against the names of ``class_names``.
+
+    Args:
+        config: ``tasks.classification``.
+        class_names: the training / evaluation dataset's class names (``ImageFolderClassification.class_names``).
+    """
+
+    name = "classification"
+
+    def __init__(self, config, class_names: Sequence[str] = ()):
+        super().__init__(config)
+        self.class_names = tuple(class_names)
+
+    @classmethod
+    def from_dataset(cls, config, dataset) -> "ClassificationTask":
+        return cls(config, class_names=dataset.class_names)
+
+    def collate(self, samples: Sequence[ClassificationSample]) -> ClassificationTaskBatch:
+        if not self.class_names:
+            raise ValueError("ClassificationTask: no class names; build the task with class_names= or from_dataset")
+        batch = collate_classification(samples)
+        if int(batch.labels.max()) >= len(self.class_names):
+            raise ValueError(f"ClassificationTask: label {int(batch.labels.max())} but only "
+                             f"{len(self.class_names)} class names")
+        return ClassificationTaskBatch(batch.images, batch.padding_mask, batch.labels, self.class_names)
+
+    def logits(self, model, batch: ClassificationTaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. (6) logits (B, C) of every image against every class name, and the MoE auxiliary loss."""
+        image = model.encode_images(batch.images, batch.padding_mask)
+        inputs, aux = model.image_representations(image, self.name, is_input=True)         # (B, d)
+        targets = model.class_name_embeddings(batch.class_names, self.name)                # (C, d)
+        return model.similarity(inputs, targets, self.name), aux
+
+    def loss(self, model, batch: ClassificationTaskBatch) -> dict[str, torch.Tensor]:
+        if batch.labels is None:
+            raise ValueError("ClassificationTask.loss: the batch has no labels")
+        logits, aux = self.logits(model, batch)
+        terms = {"loss_cls": unified_loss(logits, batch.labels, self.config.label_smoothing),
+                 "loss_moe_aux": aux}
+        accuracy = (logits.argmax(1) == batch.labels).float().mean().detach()
+        return {**terms, "accuracy": accuracy, "loss": self.weighted_total(terms)}
+
+    @torch.no_grad()
+    def predict(self, model, batch: ClassificationTaskBatch, top_k: int = 5) -> dict[str, torch.Tensor]:
+        """Top-k classes of each image (eq. (5)).
+
+        Returns:
+            {"scores": (B, k) softmax probabilities, "labels": (B, k) long indices into ``batch.class_names``,
+             "logits": (B, C)} with k = min(top_k, C).
+        """
+        logits, _ = self.logits(model, batch)
+        probs = logits.softmax(dim=1)
+        scores, labels = probs.topk(min(top_k, probs.shape[1]), dim=1)
+        return {"scores": scores, "labels": labels, "logits": logits}

@@ -1,0 +1,83 @@
+"""The unified loss of every task (eq. (7)) and the two shapes it takes: one positive target per input
+(classification, detection, captioning, MLM) and several possible positives per input (retrieval).
+
+Eq. (7) of the v2 paper, for the task k sampled in a step (the sampling ratio s_k is realised by the sampler,
+not by the loss):
+
+    L_k = E_{(x, y)} [ -w_k log( P(x, y) / sum_{z in Y_k} P(x, z) ) ],   P(x, z) ~ exp(cos(g(f(x)), g(f(z))) / tau)
+
+i.e. w_k times the cross-entropy of softmax(logits) over the candidate set Y_k, where ``logits[n, z]`` =
+cos / tau. With label smoothing eps (0.1 for every task but language modelling, v1 appendix E) the one-hot
+target is replaced by (1 - eps) * one_hot + eps / |Y_k|, torch's convention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["IGNORE_INDEX", "contrastive_loss", "unified_loss"]
+
+# Targets equal to this index contribute neither to the loss nor to its mean (torch's default ignore_index).
+IGNORE_INDEX = -100
+
+
+def unified_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    label_smoothing: float = 0.0,
+    loss_weight: float = 1.0,
+) -> torch.Tensor:
+    """w_k * mean cross-entropy of softmax(logits) against the ground-truth target index (eq. (7)).
+
+    Args:
+        logits: (N, |Y|) scaled cosine similarities cos(g(f(x_n)), g(f(y))) / tau between N inputs and the
+            candidate targets.
+        targets: (N,) long, the index of each input's ground-truth target in Y, or ``IGNORE_INDEX`` for an
+            input without one (e.g. a proposal that overlaps no object, a word outside the vocabulary).
+        label_smoothing: eps in [0, 1).
+        loss_weight: w_k.
+
+    Returns:
+        0-d tensor. When every target is ignored, 0 (still connected to ``logits``, so backward works).
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"unified_loss: expected logits (N, |Y|) and targets (N,), got {tuple(logits.shape)} "
+                         f"and {tuple(targets.shape)}")
+    valid = targets != IGNORE_INDEX
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    loss = F.cross_entropy(logits[valid], targets[valid], label_smoothing=label_smoothing)
+    return loss_weight * loss
+
+
+def contrastive_loss(
+    logits: torch.Tensor,
+    positives: torch.Tensor,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Mean cross-entropy of softmax(logits) over the candidates, with the target mass spread evenly over every
+    positive candidate of the row (one direction of image-text retrieval).
+
+    A batch may hold two captions of the same image: both texts are correct answers for that image, and
+    treating one of them as a negative would push apart a true pair. The target distribution of row n is
+    (1 - eps) * positives[n] / |positives[n]| + eps / |Y|, which is the usual one-hot target with label smoothing
+    when each row has one positive.
+
+    Args:
+        logits: (N, M) scaled cosine similarities between N queries and M candidates.
+        positives: (N, M) bool, True where candidate m is a correct answer for query n; every row needs one.
+        label_smoothing: eps in [0, 1).
+
+    Returns:
+        0-d tensor, the mean over the N rows.
+    """
+    if logits.shape != positives.shape or positives.dtype != torch.bool:
+        raise ValueError(f"contrastive_loss: expected logits (N, M) and a bool positives mask of the same shape, "
+                         f"got {tuple(logits.shape)} and {positives.dtype} {tuple(positives.shape)}")
+    counts = positives.sum(dim=1, keepdim=True)
+    if bool((counts == 0).any()):
+        rows = torch.nonzero(counts[:, 0] == 0).flatten().tolist()
+        raise ValueError(f"contrastive_loss: query rows {rows} have no positive candidate")
+    target = positives.to(logits.dtype) / counts.to(logits.dtype)
+    return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
