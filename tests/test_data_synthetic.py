@@ -26,15 +26,19 @@ from uniperceiver_v2.data import (
     KarpathyCaptions,
     SyntheticSuite,
     TextCorpus,
+    grammar,
     masks_to_boxes,
+    synthetic,
 )
-from uniperceiver_v2.data import grammar, synthetic
 from uniperceiver_v2.data.suite import read_manifest
+from uniperceiver_v2.data.transforms import Compose, RandomCrop, RandomHorizontalFlip, RandomResizeShorterSide
 
 SPLITS = ("train", "val", "test")
 
 # pycocotools 2.0.x calls np.array(..., copy=False) on its own objects under numpy 2 (harmless).
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
 
 
 @pytest.fixture(scope="session")
@@ -167,7 +171,13 @@ def test_image_and_annotation_ids_are_unique_across_splits(suite):
 def test_cocoeval_of_ground_truth_against_itself_is_perfect(suite, split, iou_type):
     coco = _quiet_coco(suite.instances_file(split))
     results = [
-        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "segmentation": a["segmentation"], "score": 1.0}
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "segmentation": a["segmentation"],
+            "score": 1.0,
+        }
         for a in coco.loadAnns(coco.getAnnIds())
     ]
     with contextlib.redirect_stdout(io.StringIO()):
@@ -280,7 +290,9 @@ def test_captions_are_true_of_their_image(suite):
 def test_corpus_is_disjoint_from_val_and_test_captions(suite):
     held_out = set()
     for split in ("val", "test"):
-        held_out |= {grammar.normalize(a["caption"]) for a in json.loads(suite.captions_file(split).read_text())["annotations"]}
+        held_out |= {
+            grammar.normalize(a["caption"]) for a in json.loads(suite.captions_file(split).read_text())["annotations"]
+        }
     train = [grammar.normalize(line) for line in suite.corpus_file("train").read_text().splitlines()]
     val = [grammar.normalize(line) for line in suite.corpus_file("val").read_text().splitlines()]
     assert len(train) == 2000 and len(val) == 200
@@ -345,3 +357,16 @@ def test_readers_on_the_suite(suite):
     mask = CocoInstances(suite.scene_dir("val"), suite.instances_file("val"))[0].masks[0].numpy()
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     assert mask_utils.area(rle) == mask.sum()
+
+
+def test_detection_transforms_keep_suite_masks_and_boxes_consistent(suite):
+    """Thin digit strokes and slivers of occluded objects survive down-scaling: every transformed box
+    is within one pixel of its transformed mask's box, and no instance keeps an empty mask."""
+    transform = Compose([RandomResizeShorterSide(32, 256, 300), RandomCrop(112), RandomHorizontalFlip()])
+    dataset = CocoInstances(suite.scene_dir("train"), suite.instances_file("train"), transform=transform)
+    torch.manual_seed(0)
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        assert sample.masks.flatten(1).any(dim=1).all()
+        if len(sample.boxes):
+            assert (masks_to_boxes(sample.masks) - sample.boxes).abs().max() <= 1.0

@@ -264,7 +264,7 @@ def test_merged_equals_unmerged(routing):
     single = TokenConditions(modality_ids=torch.full((1, T), 2), task_id=torch.tensor([3]),
                              attributes=task_token_attributes("mlm", torch.full((1, T), 2)))
     d1 = gate(x[:T].reshape(1, T, D), single)
-    assert len(d1.groups.sizes) == 1
+    assert len(d1.groups.rows) == 1
     merged_single = fc1(x[:T], d1)
     unmerge_experts(modules)
     torch.testing.assert_close(merged_single, fc1(x[:T], d1), rtol=1e-5, atol=1e-5)

@@ -188,9 +188,11 @@ def test_notebook_without_a_parameters_cell_is_refused(tmp_path):
 
 
 def test_parameters_papermill_cannot_read_are_refused(tmp_path):
-    cell = nbformat.v4.new_code_cell('steps = 3  # the runner\'s value\nresults_path = None')
+    cell = nbformat.v4.new_code_cell('steps = 3  # iterations, 0 = none\nresults_path = None')
     cell.metadata["tags"] = ["parameters"]
     path = tmp_path / "00_x.ipynb"
-    nbformat.write(nbformat.v4.new_notebook(cells=[cell]), path)
+    notebook = nbformat.v4.new_notebook(cells=[cell])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, path)
     with pytest.raises(ValueError, match=r"papermill cannot read the parameter\(s\) \['steps'\]"):
         reproduce.declared_parameters(path)

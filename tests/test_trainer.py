@@ -90,14 +90,16 @@ class ToyDataset(Dataset):
 
 
 class ToyTask:
-    """Duck-typed like the package's tasks: name, config, collate, loss (without w_k), predict.
+    """Duck-typed like the package's tasks (``tasks.base.Task``): name, config, collate, predict, and loss()
+    whose "loss" is w_k times the task's loss terms.
 
     ``fail_at``: (rank, call number) at which loss() raises. Retrieval returns the number of candidates it
     scored as a logged term.
     """
 
     def __init__(self, name: str, config=None, gather: bool = True, fail_at: tuple[int, int] | None = None) -> None:
-        self.name, self.config, self.gather, self.fail_at = name, config, gather, fail_at
+        self.name, self.config, self.gather = name, config, gather
+        self.fail_at = tuple(fail_at) if fail_at is not None else None
         self.calls = 0
 
     def collate(self, samples: list[dict]) -> dict:
@@ -110,14 +112,14 @@ class ToyTask:
         if self.name == "classification":
             logits = model.similarity(model.encode_image(batch["x"]), model.decode(model.class_embeddings.weight))
             loss = F.cross_entropy(logits, batch["label"])
-            return {"loss": loss, "loss_cls": loss.detach()}
+            return {"loss": self.config.loss_weight * loss, "loss_cls": loss.detach()}
         if self.name == "mlm":
             hidden = model.encode_text(batch["ids"] * ~batch["masked"])          # 0 = the mask token
             vocab = model.decode(model.text_encoder.weight)
             logits = model.similarity(hidden.flatten(0, 1), vocab)
             targets = batch["ids"].masked_fill(~batch["masked"], -100).flatten()
             loss = F.cross_entropy(logits, targets, ignore_index=-100) if bool((targets >= 0).any()) else logits.sum() * 0
-            return {"loss": loss}
+            return {"loss": self.config.loss_weight * loss, "loss_mlm": loss.detach()}
         image = model.encode_image(batch["x"])
         text = model.encode_text(batch["ids"]).mean(dim=1)
         rank_offset = 0
@@ -130,7 +132,7 @@ class ToyTask:
         i2t = F.cross_entropy(model.similarity(image, all_text), targets)
         t2i = F.cross_entropy(model.similarity(text, all_image), targets)
         loss = (i2t + t2i) / 2
-        return {"loss": loss, "loss_i2t": i2t.detach(), "loss_t2i": t2i.detach(),
+        return {"loss": self.config.loss_weight * loss, "loss_i2t": i2t.detach(), "loss_t2i": t2i.detach(),
                 "num_candidates": torch.tensor(float(len(all_text)))}
 
     def predict(self, model: ToyModel, batch: dict) -> torch.Tensor:
@@ -202,7 +204,7 @@ def test_parameter_groups_lr_multipliers_and_no_weight_decay(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ loss weights
 def _reference_gradients(cfg, task, batch_samples):
-    """The task's unweighted loss gradient and the step's (s_k, w_k), computed by hand."""
+    """The gradient of the task's "loss" (w_k inside), computed by hand, and the task's (s_k, w_k)."""
     model, tasks, _ = toy_setup(cfg)
     from uniperceiver_v2.engine.trainer import seed_iteration
     seed_iteration(cfg.run.seed, 0, 0)
@@ -223,16 +225,17 @@ def float64():
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
-@pytest.mark.parametrize("optimizer_name", ["mt_adamw", "adamw"])
-def test_loss_weight_is_applied_exactly_once(tmp_path, optimizer_name, float64):
-    """MT-AdamW gets the unweighted gradient plus (s_k, w_k); AdamW gets the gradient of w_k * L (clipped)."""
-    overrides = {"optim.name": optimizer_name, "run.iterations": 1, "optim.warmup_iters": 0,
-                 "optim.decay_at": [1.0], "tasks.classification.loss_weight": 3.0}
+@pytest.mark.parametrize("optimizer_name, normalize", [("mt_adamw", True), ("mt_adamw", False), ("adamw", False)])
+def test_loss_weight_counts_exactly_once(tmp_path, optimizer_name, normalize, float64):
+    """The gradient is that of the task's "loss" (w_k inside, not multiplied again); normalising MT-AdamW also
+    gets task_weight=w_k (its normalisation removed the loss scale), the others get no second w_k."""
+    overrides = {"optim.name": optimizer_name, "optim.normalize": normalize, "run.iterations": 1,
+                 "optim.warmup_iters": 0, "optim.decay_at": [1.0], "tasks.classification.loss_weight": 3.0}
     if optimizer_name == "adamw":
-        overrides.update({"optim.normalize": False, "optim.compensate": False, "optim.grad_clip": 0.05})
+        overrides.update({"optim.compensate": False, "optim.grad_clip": 0.05})
     cfg = toy_config(tmp_path, **overrides)
     trainer = make_trainer(cfg)
-    task = trainer.plan(0)[0][0]
+    task = trainer.plan(0)[0]
     stream = TaskStream(task, toy_setup(cfg)[2][task], lambda s: s, cfg.tasks.get(task).batch_size,
                         seed=cfg.data.seed)
     samples = next(stream)
@@ -245,25 +248,22 @@ def test_loss_weight_is_applied_exactly_once(tmp_path, optimizer_name, float64):
         seen["kwargs"] = kwargs
         return step(*args, **kwargs)
 
-    # patched on the instance, after the scheduler wrapped the method (hence its warning, filtered below)
+    # patched on the instance, after the scheduler wrapped the method (hence its warning, filtered above)
     trainer.optimizer.step = recording_step
     trainer.train_step(0)
 
     reference, s_k, w_k = _reference_gradients(cfg, task, samples)
     assert w_k != 1.0
-    expected = [p.grad for p in reference.parameters()]
     if optimizer_name == "mt_adamw":
-        assert seen["kwargs"] == {"sampling_ratio": pytest.approx(s_k), "task_weight": w_k}
-        reference_optimizer = build_optimizer(cfg, reference)
-        reference_optimizer.step(sampling_ratio=s_k, task_weight=w_k)
+        expected_kwargs = {"sampling_ratio": pytest.approx(s_k), "task_weight": w_k if normalize else 1.0}
+        assert seen["kwargs"] == expected_kwargs
+        expected = [None if p.grad is None else p.grad.clone() for p in reference.parameters()]
+        build_optimizer(cfg, reference).step(sampling_ratio=s_k, task_weight=expected_kwargs["task_weight"])
     else:
         assert seen["kwargs"] == {}
-        for p in reference.parameters():
-            p.grad = None if p.grad is None else w_k * p.grad
         torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
         expected = [None if p.grad is None else p.grad.clone() for p in reference.parameters()]
-        reference_optimizer = build_optimizer(cfg, reference)
-        reference_optimizer.step()
+        build_optimizer(cfg, reference).step()
     for name, got, want in zip([n for n, _ in reference.named_parameters()], seen["grads"], expected):
         assert (got is None) == (want is None), name
         if got is not None:
@@ -272,19 +272,17 @@ def test_loss_weight_is_applied_exactly_once(tmp_path, optimizer_name, float64):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_mixed_sampling_weights_inside_the_loss_and_steps_with_unit_ratio(tmp_path):
+def test_mixed_sampling_layout_and_unit_optimizer_weights(tmp_path):
     cfg = toy_config(tmp_path, **{"run.sampling": "mixed", "run.grad_accum": 3})
     trainer = make_trainer(cfg)
-    plan = trainer.plan(5)
-    assert len(plan) == 3
-    assert [t for t, _, _ in plan] == trainer.sampler.slots_for_iteration(5)
-    assert all(s == 1.0 and w == cfg.tasks.get(t).loss_weight for t, s, w in plan)
-    assert trainer._optimizer_kwargs(5) == {}     # MT-AdamW steps with s_k = 1, w_k = 1
+    assert trainer.plan(5) == trainer.sampler.slots_for_iteration(5)    # one process: slot m = micro-batch m
+    assert trainer.optimizer_kwargs(5) == {}                              # MT-AdamW steps with s_k = 1, w_k = 1
 
     unmixed = make_trainer(toy_config(tmp_path))
-    task, s_k, w = unmixed.plan(5)[0]
-    assert w == 1.0                                  # MT-AdamW: w_k goes to the optimizer instead
-    assert unmixed._optimizer_kwargs(5) == {"sampling_ratio": s_k, "task_weight": cfg.tasks.get(task).loss_weight}
+    task = unmixed.plan(5)[0]
+    assert unmixed.plan(5) == [task]
+    assert unmixed.optimizer_kwargs(5) == {"sampling_ratio": unmixed.sampler.sampling_ratio(task),
+                                           "task_weight": cfg.tasks.get(task).loss_weight}
 
 
 # ------------------------------------------------------------------------------------------------ accumulation
@@ -294,7 +292,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
                                   **{"tasks.retrieval.enabled": False}))
     small = make_trainer(toy_config(tmp_path / "b", **{"run.grad_accum": 2}, **{"tasks.retrieval.enabled": False}))
     for iteration in range(3):
-        assert big.plan(iteration)[0][0] == small.plan(iteration)[0][0]
+        assert big.plan(iteration)[0] == small.plan(iteration)[0]
         big.train_step(iteration)
         small.train_step(iteration)
     for (name, p), q in zip(big.model.named_parameters(), small.model.parameters()):
@@ -382,7 +380,7 @@ def test_metrics_records_schedule_and_tensorboard(tmp_path):
     result = trainer.train()
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert sorted({r["iteration"] for r in records}) == [2, 4, 6]
-    # each window's counts add up to its iterations (one task per iteration, one process)
+    # each window's batch counts add up to its iterations (one batch per iteration, one process)
     for it in (2, 4, 6):
         assert sum(r["count"] for r in records if r["iteration"] == it) == 2
     schedule = WarmupStepSchedule(6, 2, (0.75,), 0.1)
@@ -399,7 +397,7 @@ def test_metrics_records_schedule_and_tensorboard(tmp_path):
 def test_non_finite_loss_names_task_and_iteration(tmp_path):
     cfg = toy_config(tmp_path, **{"run.iterations": 2})
     trainer = make_trainer(cfg)
-    task = trainer.plan(0)[0][0]
+    task = trainer.plan(0)[0]
     trainer.tasks[task].loss = lambda model, batch: {"loss": torch.tensor(float("nan"), requires_grad=True)}
     with pytest.raises(FloatingPointError, match=f"iteration 0: task '{task}' loss is nan"):
         trainer.train_step(0)

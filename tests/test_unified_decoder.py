@@ -190,8 +190,13 @@ def test_merged_decoder_equals_unmerged(routing):
     torch.testing.assert_close(merged.hidden, reference.hidden, rtol=1e-5, atol=1e-5)
     for layer_ref, layer_merged in zip(reference.gates, merged.gates):
         assert torch.equal(layer_ref["ffn"].indices, layer_merged["ffn"].indices)
+    # a batch with one condition only (detection: image tokens, no <SPE>) runs plain dense layers
+    image_only = torch.full((B, T), 1)
+    single = conditions_for(image_only, "detection")
+    merged_single = dec(x, **single).hidden
     dec.unmerge_experts()
     torch.testing.assert_close(dec(x, key_padding_mask=kpm, **kwargs).hidden, reference.hidden)
+    torch.testing.assert_close(merged_single, dec(x, **single).hidden, rtol=1e-5, atol=1e-5)
 
 
 def test_merging_token_routing_is_an_error():

@@ -289,7 +289,7 @@ def test_plot_curves_names_the_bad_line(tmp_path):
 def test_captions_retrieval_tables_and_statistics(image):
     fig = viz.show_captions([image, image], ["a red square", "two circles"], [["ref a", "ref b"], "ref c"])
     assert [ax.get_title() for ax in fig.axes] == ["a red square", "two circles"]
-    assert fig.axes[0].get_xlabel() == "ref a\nref b"
+    assert fig.axes[0].get_xlabel() == "- ref a\n- ref b" and fig.axes[1].get_xlabel() == "ref c"
 
     fig = viz.show_retrieval(image, ["right one", "wrong", "wrong too"], [True, False, False],
                              scores=[0.9, 0.5, 0.1], top=2)
@@ -299,7 +299,8 @@ def test_captions_retrieval_tables_and_statistics(image):
 
     fig = viz.results_table_figure([["ours", 12.345, None], ["paper", 49.9, 76.9]], ["model", "det", "cls"])
     cells = fig.axes[0].tables[0].get_celld()
-    assert len(cells) == 3 * 3 and cells[1, 1].get_text().get_text() == "12.3" and cells[1, 2].get_text().get_text() == "-"
+    assert len(cells) == 3 * 3
+    assert cells[1, 1].get_text().get_text() == "12.3" and cells[1, 2].get_text().get_text() == "-"
 
     fig = viz.plot_instance_statistics([1, 2, 2, 5], [8.0, 30.0, 50.0, 120.0], {"disk": 4, "square": 3, "ring": 2})
     assert len(fig.axes[2].patches) == 3
@@ -320,3 +321,44 @@ def test_figures_save_to_png_and_leave_pyplot_alone(tmp_path, image):
         assert path.stat().st_size > 0
         with Image.open(path) as png:
             assert png.width > 10 and png.height > 10
+
+
+def test_subplots_gives_n_axes_for_functions_taking_ax(image):
+    fig, axes = viz.subplots(5, ncols=3)
+    assert len(axes) == 5 and len(fig.axes) == 6 and not fig.axes[5].axison
+    boxes, _ = _scene()
+    for ax in axes:
+        assert viz.draw_detections(image, boxes[:2], ax=ax) is fig
+    assert [len(_rectangles(ax)) for ax in axes] == [2] * 5
+
+
+def test_coco_instance_statistics_agree_with_pycocotools(tmp_path):
+    from pycocotools.coco import COCO
+
+    data = {
+        "images": [{"id": i, "file_name": f"{i}.png", "height": 50, "width": 60} for i in (1, 2, 3)],
+        "categories": [{"id": 7, "name": "star"}, {"id": 3, "name": "disk"}, {"id": 9, "name": "never"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 4, 9], "area": 36, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 7, "bbox": [5, 5, 10, 10], "area": 100, "iscrowd": 0},
+            {"id": 3, "image_id": 2, "category_id": 7, "bbox": [1, 1, 2, 8], "area": 16, "iscrowd": 0},
+            {"id": 4, "image_id": 2, "category_id": 3, "bbox": [0, 0, 30, 30], "area": 900, "iscrowd": 1},
+        ],
+    }
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    stats = viz.coco_instance_statistics(path)
+    coco = COCO(str(path))
+    assert stats["objects_per_image"] == [len(coco.getAnnIds(imgIds=[i], iscrowd=False)) for i in (1, 2, 3)]
+    names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+    assert list(stats["category_counts"]) == [names[i] for i in sorted(names)]
+    assert stats["category_counts"] == {names[i]: len(coco.getAnnIds(catIds=[i], iscrowd=False)) for i in names}
+    expected_sizes = [np.sqrt(a["bbox"][2] * a["bbox"][3]) for a in coco.loadAnns(coco.getAnnIds(iscrowd=False))]
+    np.testing.assert_allclose(sorted(stats["box_sizes"]), sorted(expected_sizes))
+
+
+def test_plot_curves_keeps_one_kind_of_record():
+    records = [{"kind": "train", "iteration": i, "task": "t", "loss": 1.0 / (i + 1)} for i in range(5)]
+    records += [{"kind": "eval", "iteration": 4, "task": "t", "loss": 0.9}]
+    lines = viz.plot_curves(records, kind="train").axes[0].lines
+    assert len(lines) == 1 and len(lines[0].get_xdata()) == 5

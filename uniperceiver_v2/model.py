@@ -14,7 +14,7 @@ decoder's default scale is not used by the tasks (it receives no gradient).
 
 Candidate-target cache. Class-name and vocabulary embeddings are computed once per call in training (they change
 with every step). In evaluation mode they are cached, detached, keyed by (task, candidate list); the cache is
-cleared whenever the model changes mode (``train()`` / ``eval()``), loads a state dict or gets a new vocabulary.
+cleared whenever the model switches mode (``train()`` <-> ``eval()``), loads a state dict or gets a new vocabulary.
 Updating the weights while staying in evaluation mode (unusual) requires ``clear_target_cache()``.
 """
 
@@ -109,7 +109,8 @@ class UniPerceiverV2(nn.Module):
         self._target_cache.clear()
 
     def train(self, mode: bool = True) -> "UniPerceiverV2":
-        self.clear_target_cache()
+        if mode != self.training:
+            self.clear_target_cache()
         return super().train(mode)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):

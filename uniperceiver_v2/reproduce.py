@@ -27,6 +27,7 @@ The notebooks run in the kernel ``uniperceiver-v2``, which must start *this* int
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import datetime as _dt
 import hashlib
@@ -42,6 +43,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import nbformat
 
 KERNEL_NAME = "uniperceiver-v2"
 NOTEBOOK_PATTERN = re.compile(r"^(\d{2})_[a-z0-9]+(?:_[a-z0-9]+)*\.ipynb$")
@@ -251,12 +254,10 @@ def parameters_cell_index(notebook: Mapping[str, Any], source: str) -> int:
 def declared_parameters(notebook_path: Path) -> list[str]:
     """The names assigned in the notebook's ``parameters`` cell, as papermill reads them.
 
-    papermill's line parser silently drops an assignment it cannot read (a quote inside a trailing comment
-    is enough), and would then call the runner's value for it an unknown parameter; such a cell is refused.
+    papermill's line parser drops, with only a log warning, every line holding more than one ``=`` (one in the
+    comment is enough), and would then call the runner's value for it an unknown parameter; such a cell is
+    refused.
     """
-    import ast
-
-    import nbformat
     import papermill
 
     notebook = nbformat.read(notebook_path, as_version=4)
@@ -272,8 +273,8 @@ def declared_parameters(notebook_path: Path) -> list[str]:
     unread = [name for name in assigned if name not in parsed]
     if unread:
         raise ValueError(f"{notebook_path}: papermill cannot read the parameter(s) {unread} in the cell tagged "
-                         f"'{PARAMETERS_TAG}'; keep one plain `name = value  # comment` per line, without quotes "
-                         "in the comment")
+                         f"'{PARAMETERS_TAG}'; write one `name = value  # comment` per line with no other '=' on it "
+                         "(not even in the comment)")
     return parsed
 
 
@@ -414,13 +415,14 @@ def reproduce(profile: str, notebook_dir: str | os.PathLike = "notebooks", out: 
     started = time.perf_counter()
     failure: NotebookFailed | None = None
 
-    import nbformat
-
-    for position, source in enumerate(notebooks, start=1):
-        name = source.stem
+    # Check every parameters cell before running anything: a typo in notebook 09 should not wait for 06's training.
+    plans = []
+    for source in notebooks:
         notebook = nbformat.read(source, as_version=4)
-        parameters_index = parameters_cell_index(notebook, str(source))
-        declared = declared_parameters(source)
+        plans.append((source, notebook, parameters_cell_index(notebook, str(source)), declared_parameters(source)))
+
+    for position, (source, notebook, parameters_index, declared) in enumerate(plans, start=1):
+        name = source.stem
         results_path = layout.results / f"{name}.json" if "results_path" in declared else None
         parameters = {k: v for k, v in offered.items() if k in declared}
         if results_path is not None:

@@ -31,8 +31,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # tab20 with its dark shades first, so the first ten classes get ten clearly different colours.
 _TAB20 = matplotlib.colormaps["tab20"]

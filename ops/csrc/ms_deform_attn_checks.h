@@ -5,7 +5,8 @@
 // fed a wrongly sized tensor would read out of bounds instead of failing.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 namespace msda {
 

@@ -10,9 +10,13 @@
 // Backward: one warp per row (n, q, m); its lanes stride over the C channels. The channel sums behind
 // the gradients of the attention weight and of the location are reduced with warp shuffles, and the
 // scatter into grad_value uses atomicAdd because rows of different queries hit the same pixels.
-#include <ATen/ATen.h>
+// Per-operator headers instead of <ATen/ATen.h> keep nvcc from parsing all of ATen.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -24,7 +24,6 @@ from .summary import DataError, DatasetSummary
 from .text import TextCorpus
 
 
-
 def __getattr__(name: str):
     # The generator is imported on first use, not with the package: ``python -m
     # uniperceiver_v2.data.synthetic`` must be able to import the package before running that module.
@@ -56,8 +55,6 @@ __all__ = [
     "collate_classification",
     "collate_detection",
     "collate_text",
-    "ensure_synthetic",
-    "generate",
     "ensure_synthetic",
     "generate",
     "masks_to_boxes",

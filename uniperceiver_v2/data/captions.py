@@ -39,7 +39,12 @@ class _CaptionDataset(Dataset):
     """Shared indexing for both caption readers once their images and captions are parsed."""
 
     def __init__(
-        self, images: list[_CaptionedImage], iterate: str, transform: ImageTransform | None, summary: DatasetSummary, source: Path
+        self,
+        images: list[_CaptionedImage],
+        iterate: str,
+        transform: ImageTransform | None,
+        summary: DatasetSummary,
+        source: Path,
     ):
         if iterate not in ITERATE_MODES:
             raise ValueError(f"iterate must be one of {ITERATE_MODES}, got {iterate!r}")
@@ -124,7 +129,9 @@ class CocoCaptions(_CaptionDataset):
             image_id = int(record["id"])
             if image_id in by_id:
                 raise DataError(f"{self.ann_file}: images[{index}]: duplicate image id {image_id}")
-            by_id[image_id] = _CaptionedImage(self.image_dir / record["file_name"], str(record["file_name"]), image_id, [])
+            by_id[image_id] = _CaptionedImage(
+                self.image_dir / record["file_name"], str(record["file_name"]), image_id, []
+            )
         for index, annotation in enumerate(data["annotations"]):
             require_keys(annotation, ("image_id", "caption"), self.ann_file, f"annotations[{index}]")
             where = f"annotations[{index}] (id={annotation.get('id')}, image_id={annotation['image_id']})"
@@ -200,7 +207,9 @@ class KarpathyCaptions(_CaptionDataset):
                     text = " ".join(sentence["tokens"])
                 text = _clean_caption(text) if text is not None else ""
                 if not text:
-                    log.invalid("sentence without 'raw' or 'tokens' text", f"images[{index}].sentences[{j}] ({relative})")
+                    log.invalid(
+                        "sentence without 'raw' or 'tokens' text", f"images[{index}].sentences[{j}] ({relative})"
+                    )
                     continue
                 captions.append(text)
             if captions:

@@ -80,7 +80,9 @@ class ImageFolderClassification(Dataset):
         self.transform = transform
         if not self.root.is_dir():
             raise DataError(f"classification root is not a folder: {self.root}")
-        self.class_folders = sorted(entry.name for entry in os.scandir(self.root) if entry.is_dir() and not entry.name.startswith("."))
+        self.class_folders = sorted(
+            entry.name for entry in os.scandir(self.root) if entry.is_dir() and not entry.name.startswith(".")
+        )
         if not self.class_folders:
             raise DataError(f"{self.root}: no class folders found")
 

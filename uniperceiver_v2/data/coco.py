@@ -119,7 +119,10 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
         rle = mask_utils.frPyObjects(segmentation, height, width)
     else:
         counts = segmentation["counts"]
-        rle = {"size": list(segmentation["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        rle = {
+            "size": list(segmentation["size"]),
+            "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+        }
     return mask_utils.decode(rle).astype(bool)
 
 
@@ -216,7 +219,9 @@ class CocoInstances(Dataset):
             image_id = int(image["id"])
             if image_id in records:
                 raise DataError(f"{self.ann_file}: images[{index}]: duplicate image id {image_id}")
-            records[image_id] = _ImageRecord(image_id, str(image["file_name"]), int(image["height"]), int(image["width"]), [])
+            records[image_id] = _ImageRecord(
+                image_id, str(image["file_name"]), int(image["height"]), int(image["width"]), []
+            )
         return records
 
     def _parse_annotations(self, annotations: list, records: dict[int, _ImageRecord], log: RecordLog) -> int:

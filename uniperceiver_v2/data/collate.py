@@ -61,7 +61,9 @@ def pad_images(
     return batch, padding_mask, sizes
 
 
-def collate_detection(samples: Sequence[DetectionSample], size_divisibility: int = DEFAULT_SIZE_DIVISIBILITY) -> DetectionBatch:
+def collate_detection(
+    samples: Sequence[DetectionSample], size_divisibility: int = DEFAULT_SIZE_DIVISIBILITY
+) -> DetectionBatch:
     """Batch detection samples; boxes, labels and masks stay lists of per-image tensors."""
     images, padding_mask, sizes = pad_images([s.image for s in samples], size_divisibility)
     with_masks = all(s.masks is not None for s in samples)

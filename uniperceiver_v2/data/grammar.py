@@ -37,7 +37,11 @@ SHAPE_NOUNS: dict[str, list[tuple[str, str]]] = {
 
 def _digit_nouns(word: str) -> list[tuple[str, str]]:
     plural = word + ("es" if word.endswith("x") else "s")
-    return [(f"digit {word}", f"digit {plural}"), (f"handwritten {word}", f"handwritten {plural}"), (f"number {word}", f"number {plural}")]
+    return [
+        (f"digit {word}", f"digit {plural}"),
+        (f"handwritten {word}", f"handwritten {plural}"),
+        (f"number {word}", f"number {plural}"),
+    ]
 
 
 NOUNS: dict[str, list[tuple[str, str]]] = {
@@ -84,7 +88,7 @@ SMALL_BELOW, LARGE_FROM = 0.2, 0.33
 
 
 def size_word(scale_fraction: float) -> str:
-    """"small", "medium" or "large" from the object's nominal size / image side."""
+    """ "small", "medium" or "large" from the object's nominal size / image side."""
     if scale_fraction < SMALL_BELOW:
         return "small"
     return "large" if scale_fraction >= LARGE_FROM else "medium"
@@ -277,7 +281,8 @@ def _count_total(w: _Writer) -> str | None:
     count = len(w.scene.objects)
     a = w.salient()
     if count == 1:
-        return f"a single {' '.join([*w.adjectives(w.scene.objects[a], colour_p=1.0), w.noun(w.scene.objects[a].category)])} on {w.background()}"
+        obj = w.scene.objects[a]
+        return f"a single {' '.join([*w.adjectives(obj, colour_p=1.0), w.noun(obj.category)])} on {w.background()}"
     generic = w.pick(GENERIC_NOUNS)[1]
     return f"{NUMBER_WORDS[count]} {generic} on {w.background()}, including {w.noun_phrase(a)}"
 
@@ -290,23 +295,32 @@ def _background_with(w: _Writer) -> str | None:
 
 
 def _colour_count(w: _Writer) -> str | None:
+    if len(w.scene.objects) < 2:  # "one red item" would fit too many images
+        return None
     by_colour: dict[str, int] = {}
     for obj in w.scene.objects:
         by_colour[obj.colour] = by_colour.get(obj.colour, 0) + 1
     if len(by_colour) > 3:
         return None
     noun = w.pick(GENERIC_NOUNS)
-    parts = [f"{NUMBER_WORDS[n]} {w.pick(COLOUR_WORDS[c])} {noun[1] if n > 1 else noun[0]}" for c, n in by_colour.items()]
+    parts = [
+        f"{NUMBER_WORDS[n]} {w.pick(COLOUR_WORDS[c])} {noun[1] if n > 1 else noun[0]}" for c, n in by_colour.items()
+    ]
     return _join(parts)
 
 
 def _largest(w: _Writer) -> str | None:
     areas = [obj.area for obj in w.scene.objects]
     order = np.argsort(areas)[::-1]
-    # Only claim "the largest" when it clearly is.
-    if len(order) > 1 and areas[order[0]] < 1.5 * areas[order[1]]:
+    # Only claim "the largest" when there is a comparison and it clearly wins.
+    if len(order) < 2 or areas[order[0]] < 1.5 * areas[order[1]]:
         return None
-    return w.pick([f"the largest object is {w.noun_phrase(int(order[0]))}", f"a picture dominated by {w.noun_phrase(int(order[0]))}"])
+    return w.pick(
+        [
+            f"the largest object is {w.noun_phrase(int(order[0]))}",
+            f"a picture dominated by {w.noun_phrase(int(order[0]))}",
+        ]
+    )
 
 
 TEMPLATES: list[Callable[[_Writer], str | None]] = [

@@ -33,7 +33,18 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 
 BACKGROUNDS = ("gradient", "noise", "stripes", "checker")
 
-DIGIT_WORDS = {0: "zero", 1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine"}
+DIGIT_WORDS = {
+    0: "zero",
+    1: "one",
+    2: "two",
+    3: "three",
+    4: "four",
+    5: "five",
+    6: "six",
+    7: "seven",
+    8: "eight",
+    9: "nine",
+}
 
 # The 8x8 glyph is padded by 2 pixels on each side before scaling, so a rotated digit stays inside
 # its patch; the patch side is therefore 12/8 of the object's nominal size.
@@ -57,7 +68,9 @@ def _star(points: int = 5, outer: float = 1.0, inner: float = 0.45) -> np.ndarra
 
 def _cross(arm: float = 0.95, half_width: float = 0.3) -> np.ndarray:
     a, w = arm, half_width
-    return np.array([(-w, -a), (w, -a), (w, -w), (a, -w), (a, w), (w, w), (w, a), (-w, a), (-w, w), (-a, w), (-a, -w), (-w, -w)])
+    return np.array(
+        [(-w, -a), (w, -a), (w, -w), (a, -w), (a, w), (w, w), (w, a), (-w, a), (-w, w), (-a, w), (-a, -w), (-w, -w)]
+    )
 
 
 # Each shape: (filled polygon, hole polygon or None, max rotation in degrees) in unit coordinates
@@ -146,9 +159,9 @@ def _downsample(canvas: np.ndarray) -> np.ndarray:
 def rasterize(spec: ObjectSpec) -> Patch:
     """Draw one object's coverage on its own patch (see ``Patch``)."""
     extent = _DIGIT_EXTENT if spec.glyph >= 0 else 1.0
-    size = int(math.ceil(spec.scale * extent)) + 2
-    left = int(math.floor(spec.cx - size / 2))
-    top = int(math.floor(spec.cy - size / 2))
+    size = math.ceil(spec.scale * extent) + 2
+    left = math.floor(spec.cx - size / 2)
+    top = math.floor(spec.cy - size / 2)
     # The object's centre inside the patch, in supersampled pixels (keeps sub-pixel placement).
     centre_x = (spec.cx - left) * SUPERSAMPLE
     centre_y = (spec.cy - top) * SUPERSAMPLE
@@ -156,10 +169,10 @@ def rasterize(spec: ObjectSpec) -> Patch:
 
     if spec.glyph >= 0:
         glyph = np.pad(digit_glyphs()[0][spec.glyph], _DIGIT_PAD)
-        side = max(4, int(round(spec.scale * extent * SUPERSAMPLE)))
+        side = max(4, round(spec.scale * extent * SUPERSAMPLE))
         smooth = Image.fromarray(glyph).resize((side, side), Image.BICUBIC).rotate(spec.angle, resample=Image.BILINEAR)
         strokes = Image.fromarray(((np.asarray(smooth) > _DIGIT_STROKE_THRESHOLD) * 255).astype(np.uint8))
-        canvas.paste(strokes, (int(round(centre_x - side / 2)), int(round(centre_y - side / 2))))
+        canvas.paste(strokes, (round(centre_x - side / 2), round(centre_y - side / 2)))
     else:
         outline, hole, _ = SHAPES[spec.category]
         theta = math.radians(spec.angle)

@@ -40,7 +40,6 @@ import pycocotools.mask as mask_utils
 
 from . import grammar
 from .images import write_png
-from .suite import MANIFEST_NAME, SPLITS, read_manifest
 from .render import (
     BACKGROUNDS,
     COLOURS,
@@ -55,6 +54,7 @@ from .render import (
     rasterize,
     render_background,
 )
+from .suite import MANIFEST_NAME, SPLITS, read_manifest
 
 GENERATOR_VERSION = "1"
 
@@ -81,7 +81,9 @@ class CategoryInfo:
 
 
 def _build_categories() -> tuple[CategoryInfo, ...]:
-    names = [(name, "shape", -1) for name in SHAPE_CATEGORIES] + [(f"digit {DIGIT_WORDS[d]}", "digit", d) for d in DIGIT_CATEGORIES]
+    names = [(name, "shape", -1) for name in SHAPE_CATEGORIES] + [
+        (f"digit {DIGIT_WORDS[d]}", "digit", d) for d in DIGIT_CATEGORIES
+    ]
     return tuple(
         CategoryInfo(id=i + 1, name=name, supercategory=kind, novel=name in NOVEL_CATEGORIES, digit=digit)
         for i, (name, kind, digit) in enumerate(names)
@@ -125,9 +127,17 @@ class Profile:
 
 
 PROFILES = {
-    "quick": Profile("quick", 128, 64, scenes=(60, 20, 20), novel_scenes=30, class_images=(10, 5, 5), corpus_sentences=(2000, 200)),
+    "quick": Profile(
+        "quick", 128, 64, scenes=(60, 20, 20), novel_scenes=30, class_images=(10, 5, 5), corpus_sentences=(2000, 200)
+    ),
     "small": Profile(
-        "small", 128, 64, scenes=(4000, 500, 500), novel_scenes=500, class_images=(300, 50, 50), corpus_sentences=(20000, 2000)
+        "small",
+        128,
+        64,
+        scenes=(4000, 500, 500),
+        novel_scenes=500,
+        class_images=(300, 50, 50),
+        corpus_sentences=(20000, 2000),
     ),
 }
 
@@ -156,7 +166,9 @@ def resolve_profile(profile: str, scene_size: int | None = None, classification_
     if classification_size is not None:
         resolved = replace(resolved, classification_size=classification_size)
     if resolved.scene_size < 32 or resolved.classification_size < 32:
-        raise ValueError(f"image sizes must be at least 32 pixels, got {resolved.scene_size}, {resolved.classification_size}")
+        raise ValueError(
+            f"image sizes must be at least 32 pixels, got {resolved.scene_size}, {resolved.classification_size}"
+        )
     return resolved
 
 
@@ -170,7 +182,11 @@ def digit_pools(seed: int) -> dict[str, dict[int, np.ndarray]]:
     for digit in DIGIT_CATEGORIES:
         indices = rng.permutation(np.flatnonzero(labels == digit))
         cut_a, cut_b = int(0.6 * len(indices)), int(0.8 * len(indices))
-        pools["train"][digit], pools["val"][digit], pools["test"][digit] = indices[:cut_a], indices[cut_a:cut_b], indices[cut_b:]
+        pools["train"][digit], pools["val"][digit], pools["test"][digit] = (
+            indices[:cut_a],
+            indices[cut_a:cut_b],
+            indices[cut_b:],
+        )
     pools["novel"] = pools["test"]
     return pools
 
@@ -190,7 +206,13 @@ class _Placed:
     visible: np.ndarray  # (H, W) bool, the part no later object covers
 
 
-def _sample_spec(rng: np.random.Generator, category: CategoryInfo, scale_range: tuple[float, float], size: int, pool: dict[int, np.ndarray]) -> ObjectSpec:
+def _sample_spec(
+    rng: np.random.Generator,
+    category: CategoryInfo,
+    scale_range: tuple[float, float],
+    size: int,
+    pool: dict[int, np.ndarray],
+) -> ObjectSpec:
     colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
     scale = size * math.exp(rng.uniform(math.log(scale_range[0]), math.log(scale_range[1])))
     max_rotation = DIGIT_MAX_ROTATION if category.digit >= 0 else SHAPES[category.name][2]
@@ -203,7 +225,9 @@ def _visible_enough(pixels: int, full_area: int, profile: Profile) -> bool:
     return pixels >= profile.min_visible_pixels and pixels >= profile.min_visible_fraction * max(full_area, 1)
 
 
-def _place_objects(rng: np.random.Generator, categories: list[CategoryInfo], size: int, pool, profile: Profile) -> list[_Placed]:
+def _place_objects(
+    rng: np.random.Generator, categories: list[CategoryInfo], size: int, pool, profile: Profile
+) -> list[_Placed]:
     """Place objects one after another (later ones on top). Each new object gets a few tries at a
     position that leaves itself and every earlier object visible enough; if none works, the last try
     is kept and the objects it hides too much are dropped later (and counted)."""
@@ -212,7 +236,9 @@ def _place_objects(rng: np.random.Generator, categories: list[CategoryInfo], siz
         spec = _sample_spec(rng, category, SCENE_SCALE, size, pool)
         margin = spec.scale * 0.25  # up to about a quarter of an object may fall outside the image
         for _ in range(PLACEMENT_ATTEMPTS):
-            spec = replace(spec, cx=float(rng.uniform(margin, size - margin)), cy=float(rng.uniform(margin, size - margin)))
+            spec = replace(
+                spec, cx=float(rng.uniform(margin, size - margin)), cy=float(rng.uniform(margin, size - margin))
+            )
             patch = rasterize(spec)
             mask = patch.paste(size, size)
             full_area = int(patch.mask.sum())
@@ -300,7 +326,9 @@ def _scene_job(job: _SceneJob) -> dict:
                 "attributes": {"colour": p.spec.colour, "size": grammar.size_word(p.spec.scale / size)},
             }
         )
-    captions = [] if novel_split else grammar.describe(_describe(kept, size, background), rng, profile.captions_per_image)
+    captions = (
+        [] if novel_split else grammar.describe(_describe(kept, size, background), rng, profile.captions_per_image)
+    )
     return {
         "image": {"file_name": file_name, "height": size, "width": size, "background": background},
         "annotations": annotations,
@@ -339,7 +367,9 @@ def _classification_job(job: _ClassificationJob) -> str:
         spec = replace(spec, cx=float(rng.uniform(0, size)), cy=float(rng.uniform(0, size)))
         paint(image, rasterize(spec), spec.colour, rng)
     spec = _sample_spec(rng, category, DOMINANT_SCALE, size, job.pool)
-    spec = replace(spec, cx=float(size / 2 + rng.uniform(-0.1, 0.1) * size), cy=float(size / 2 + rng.uniform(-0.1, 0.1) * size))
+    spec = replace(
+        spec, cx=float(size / 2 + rng.uniform(-0.1, 0.1) * size), cy=float(size / 2 + rng.uniform(-0.1, 0.1) * size)
+    )
     paint(image, rasterize(spec), spec.colour, rng)
     relative = f"classification/{job.split}/{category.folder}/{category.folder}_{job.index:05d}.png"
     write_png(Path(job.out_dir) / relative, finish(image, rng))
@@ -438,10 +468,19 @@ def generate(
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     pools = digit_pools(seed)
     categories = [c.as_coco() for c in CATEGORIES]
-    info = {"description": "uniperceiver-v2 synthetic suite", "version": GENERATOR_VERSION, "profile": settings.name, "seed": seed}
+    info = {
+        "description": "uniperceiver-v2 synthetic suite",
+        "version": GENERATOR_VERSION,
+        "profile": settings.name,
+        "seed": seed,
+    }
     written: list[str] = []
     counts: dict[str, dict] = {}
-    stats: dict[str, dict] = {"objects_dropped_too_little_visible": {}, "scenes_redrawn": {}, "distinct_caption_fraction": {}}
+    stats: dict[str, dict] = {
+        "objects_dropped_too_little_visible": {},
+        "scenes_redrawn": {},
+        "distinct_caption_fraction": {},
+    }
 
     # Scenes: image ids are unique over all splits, as in COCO.
     scene_splits = (*SPLITS, "novel")
@@ -450,7 +489,9 @@ def generate(
     karpathy_images: list[dict] = []
     held_out_captions: set[str] = set()
     for split in scene_splits:
-        jobs = [_SceneJob(str(out), seed, settings, split, i, next_image_id + i, pools[split]) for i in range(sizes[split])]
+        jobs = [
+            _SceneJob(str(out), seed, settings, split, i, next_image_id + i, pools[split]) for i in range(sizes[split])
+        ]
         results = _run(_scene_job, jobs, workers)
         images, annotations, captions = [], [], []
         for job, result in zip(jobs, results):
@@ -462,7 +503,14 @@ def generate(
             sentences = []
             for caption in result["captions"]:
                 captions.append({"id": next_caption_id, "image_id": job.image_id, "caption": caption})
-                sentences.append({"raw": caption, "tokens": grammar.tokenize(caption), "imgid": len(karpathy_images), "sentid": next_caption_id})
+                sentences.append(
+                    {
+                        "raw": caption,
+                        "tokens": grammar.tokenize(caption),
+                        "imgid": len(karpathy_images),
+                        "sentid": next_caption_id,
+                    }
+                )
                 next_caption_id += 1
             if split != "novel":
                 karpathy_images.append(
@@ -477,16 +525,26 @@ def generate(
                     }
                 )
         next_image_id += sizes[split]
-        _write_json(out / "annotations" / f"instances_{split}.json", {"info": info, "licenses": [], "images": images, "annotations": annotations, "categories": categories})
+        _write_json(
+            out / "annotations" / f"instances_{split}.json",
+            {"info": info, "licenses": [], "images": images, "annotations": annotations, "categories": categories},
+        )
         written.append(f"annotations/instances_{split}.json")
         per_category = {c.name: 0 for c in CATEGORIES}
         for annotation in annotations:
             per_category[CATEGORIES[annotation["category_id"] - 1].name] += 1
-        counts[f"scenes_{split}"] = {"images": len(images), "annotations": len(annotations), "per_category": per_category}
+        counts[f"scenes_{split}"] = {
+            "images": len(images),
+            "annotations": len(annotations),
+            "per_category": per_category,
+        }
         stats["objects_dropped_too_little_visible"][split] = sum(r["dropped"] for r in results)
         stats["scenes_redrawn"][split] = sum(r["redrawn"] for r in results)
         if split != "novel":
-            _write_json(out / "annotations" / f"captions_{split}.json", {"info": info, "licenses": [], "images": images, "annotations": captions})
+            _write_json(
+                out / "annotations" / f"captions_{split}.json",
+                {"info": info, "licenses": [], "images": images, "annotations": captions},
+            )
             written.append(f"annotations/captions_{split}.json")
             normalized = [grammar.normalize(c["caption"]) for c in captions]
             counts[f"scenes_{split}"]["captions"] = len(captions)
@@ -500,21 +558,28 @@ def generate(
     counts["classification"] = {}
     for split, per_class in zip(SPLITS, settings.class_images):
         jobs = [
-            _ClassificationJob(str(out), seed, settings, split, c, i, pools[split]) for c in range(len(CATEGORIES)) for i in range(per_class)
+            _ClassificationJob(str(out), seed, settings, split, c, i, pools[split])
+            for c in range(len(CATEGORIES))
+            for i in range(per_class)
         ]
         written.extend(_run(_classification_job, jobs, workers))
         counts["classification"][split] = len(jobs)
 
     # Text corpus: nothing equal to a val/test caption; the val corpus also shares nothing with train.
     train_corpus, rejected_train = _corpus(seed, "train", settings.corpus_sentences[0], held_out_captions)
-    val_corpus, rejected_val = _corpus(seed, "val", settings.corpus_sentences[1], held_out_captions | {grammar.normalize(s) for s in train_corpus})
+    val_corpus, rejected_val = _corpus(
+        seed, "val", settings.corpus_sentences[1], held_out_captions | {grammar.normalize(s) for s in train_corpus}
+    )
     for split, sentences in (("train", train_corpus), ("val", val_corpus)):
         path = out / "text" / f"corpus_{split}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(sentences) + "\n", encoding="utf-8")
         written.append(f"text/corpus_{split}.txt")
     counts["corpus"] = {"train": len(train_corpus), "val": len(val_corpus)}
-    stats["corpus_sentences_rejected"] = {"train_equal_to_val_or_test_caption": rejected_train, "val_equal_to_caption_or_train_corpus": rejected_val}
+    stats["corpus_sentences_rejected"] = {
+        "train_equal_to_val_or_test_caption": rejected_train,
+        "val_equal_to_caption_or_train_corpus": rejected_val,
+    }
 
     if previous is not None:
         for stale in set(previous.get("files", {})) - set(written):
@@ -526,7 +591,9 @@ def generate(
         "profile": settings.name,
         "seed": seed,
         "params": asdict(settings),
-        "library_versions": {name: importlib.metadata.version(name) for name in ("numpy", "Pillow", "pycocotools", "scikit-learn")},
+        "library_versions": {
+            name: importlib.metadata.version(name) for name in ("numpy", "Pillow", "pycocotools", "scikit-learn")
+        },
         "categories": categories,
         "seen_categories": [c.name for c in SEEN],
         "novel_categories": [c.name for c in NOVEL],
@@ -561,9 +628,12 @@ def ensure_synthetic(
     (File contents are not re-hashed here; ``verify`` does that.)"""
     settings = resolve_profile(profile, scene_size, classification_size)
     manifest = read_manifest(out_dir)
-    if manifest is not None and _params_match(manifest, settings, seed):
-        if all((Path(out_dir) / relative).is_file() for relative in manifest["files"]):
-            return manifest
+    if (
+        manifest is not None
+        and _params_match(manifest, settings, seed)
+        and all((Path(out_dir) / relative).is_file() for relative in manifest["files"])
+    ):
+        return manifest
     return generate(out_dir, profile, seed, scene_size, classification_size, workers)
 
 
@@ -583,7 +653,9 @@ def verify(out_dir: str | Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="output folder, e.g. data/synthetic")
     parser.add_argument("--profile", default="quick", choices=sorted(PROFILES))
     parser.add_argument("--seed", type=int, default=0)
@@ -594,7 +666,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     manifest = generate(args.out, args.profile, args.seed, args.scene_size, args.classification_size, args.workers)
     elapsed = time.perf_counter() - start
-    print(f"wrote {len(manifest['files'])} files to {args.out} (profile {args.profile}, seed {args.seed}) in {elapsed:.1f} s")
+    print(f"wrote {len(manifest['files'])} files to {args.out} ({args.profile}, seed {args.seed}) in {elapsed:.1f} s")
     print(json.dumps({"counts": manifest["counts"], "stats": manifest["stats"]}, indent=1))
 
 

@@ -45,12 +45,39 @@ def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
 
 
+def _resize_mask_axis(masks: torch.Tensor, axis: int, new: int) -> torch.Tensor:
+    """Resize bool masks along one axis (see ``resize_masks``), in exact integer arithmetic."""
+    old = masks.shape[axis]
+    index = torch.arange(new)
+    if new >= old:
+        # Upscaling: each output pixel takes the source pixel under its centre ("nearest-exact").
+        return masks.index_select(axis, (2 * index + 1) * old // (2 * new))
+    # Downscaling: an output pixel is set if any source pixel overlapping its footprint
+    # [i * old / new, (i + 1) * old / new) is set; counted with a cumulative sum along the axis.
+    start = index * old // new
+    end = -((-(index + 1) * old) // new)  # ceil
+    shape = list(masks.shape)
+    shape[axis] = 1
+    cumulative = torch.cat(
+        [masks.new_zeros(shape, dtype=torch.int32), masks.int().cumsum(axis, dtype=torch.int32)], dim=axis
+    )
+    return (cumulative.index_select(axis, end) - cumulative.index_select(axis, start)) > 0
+
+
 def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest resize of bool (K, H, W) masks sampling at pixel centres ("nearest-exact"), so that a
-    mask pixel lands where the box scaling puts it (plain "nearest" shifts by half a source pixel)."""
-    if masks.shape[0] == 0:
-        return masks.new_zeros((0, *size))
-    return F.interpolate(masks[None].float(), size=size, mode="nearest-exact")[0] > 0.5
+    """Resize bool masks (K, H, W) to (K, *size), one axis at a time.
+
+    Along an axis that grows, nearest sampling at pixel centres reproduces the shape exactly. Along an
+    axis that shrinks, nearest sampling would drop any part thinner than the sampling step (a thin
+    stroke, the sliver of a partly hidden object, a whole small object), leaving boxes without masks;
+    so an output pixel is set when the object touches any part of it (conservative rasterisation),
+    which fattens a boundary by less than one output pixel. Either way, the tight box of the resized
+    mask is within one output pixel of the exactly scaled box.
+    """
+    for axis, new in ((1, size[0]), (2, size[1])):
+        if masks.shape[axis] != new:
+            masks = _resize_mask_axis(masks, axis, new)
+    return masks
 
 
 class Compose:
@@ -85,7 +112,9 @@ class Normalize:
         return f"Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
 
 
-def denormalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+def denormalize(
+    images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
     """Inverse of ``Normalize`` for (..., 3, H, W) tensors, e.g. to show a batch."""
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
     std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
@@ -125,7 +154,9 @@ class RandomResizedCrop:
     After 10 failed draws the whole image is center-cropped to the nearest allowed aspect ratio.
     """
 
-    def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+    def __init__(
+        self, size: int, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    ):
         self.size = size
         self.scale = scale
         self.ratio = ratio
@@ -206,7 +237,10 @@ def shorter_side_size(height: int, width: int, shorter: int, max_longer: int) ->
 
 
 def resize_detection(sample: DetectionSample, size: tuple[int, int]) -> DetectionSample:
-    """Resize image (bilinear), masks (nearest at pixel centres) and boxes (exact per-axis scale)."""
+    """Resize image (bilinear), masks (nearest at pixel centres) and boxes (exact per-axis scale).
+
+    The tight box of each resized mask stays within one output pixel of its scaled box (see ``resize_masks``).
+    """
     height, width = sample.size
     scale = torch.tensor([size[1] / width, size[0] / height, size[1] / width, size[0] / height])
     masks = None if sample.masks is None else resize_masks(sample.masks, size)
@@ -287,7 +321,12 @@ def crop_detection(sample: DetectionSample, top: int, left: int, height: int, wi
 def detection_train_transform(min_size: int, max_size: int, max_longer: int, crop_size: int) -> Compose:
     """Random shorter-side resize, random crop, horizontal flip, ImageNet normalisation (paper Sec. 5.1)."""
     return Compose(
-        [RandomResizeShorterSide(min_size, max_size, max_longer), RandomCrop(crop_size), RandomHorizontalFlip(), Normalize()]
+        [
+            RandomResizeShorterSide(min_size, max_size, max_longer),
+            RandomCrop(crop_size),
+            RandomHorizontalFlip(),
+            Normalize(),
+        ]
     )
 
 

@@ -11,7 +11,7 @@ every logging point writes one record per task seen in the window.
      "loss_cls": 1.02, ..., "lr": 0.00098, "grad_norm": 3.4, "time": 61.3, "iter_time": 0.52}
 
 * ``iteration``: optimizer steps completed when the window closed (1-based, the x axis);
-* ``count``: iterations of this task (times ranks) averaged into the record;
+* ``count``: batches of this task (micro-batches on all ranks) averaged into the record;
 * ``loss`` and every other loss term the task returned, averaged over those iterations and over ranks;
 * ``lr``: the base learning rate (decoder group) at the last step of the window; ``lr/<group>`` per group;
 * ``grad_norm``: mean global gradient norm of this task's steps (before clipping or MT-AdamW normalisation);
@@ -44,8 +44,9 @@ RESERVED_KEYS = frozenset({"kind", "iteration", "task", "count", "lr", "grad_nor
 class WindowAverages:
     """Running sums of per-task scalars between two logging points, on one rank.
 
-    ``add(task, values)`` once per (iteration, task) with plain floats; ``merged()`` sums the windows of all
-    ranks (a collective: every rank must call it at the same iteration) and returns per-task means.
+    ``add(task, values, count)`` once per (iteration, task) with plain floats averaged over ``count`` batches;
+    ``merged()`` sums the windows of all ranks (a collective: every rank must call it at the same iteration)
+    and returns per-task means over batches.
     """
 
     def __init__(self) -> None:
@@ -54,15 +55,16 @@ class WindowAverages:
         self.iterations = 0
         self.seconds = 0.0
 
-    def add(self, task: str, values: Mapping[str, float]) -> None:
-        """Add one iteration's scalars of ``task``; a reserved key is an error naming the task."""
+    def add(self, task: str, values: Mapping[str, float], count: int = 1) -> None:
+        """Add one iteration's scalars of ``task``, each the mean over ``count`` batches; a reserved key is
+        an error naming the task."""
         clash = RESERVED_KEYS.intersection(values).difference({"grad_norm"})
         if clash:
             raise ValueError(f"task {task!r}: loss term name(s) {sorted(clash)} are reserved metric keys")
         sums = self._sums.setdefault(task, {})
         for key, value in values.items():
-            sums[key] = sums.get(key, 0.0) + float(value)
-        self._counts[task] = self._counts.get(task, 0) + 1
+            sums[key] = sums.get(key, 0.0) + float(value) * count
+        self._counts[task] = self._counts.get(task, 0) + count
 
     def add_time(self, seconds: float, iterations: int = 1) -> None:
         """Wall-clock time of ``iterations`` completed iterations."""

@@ -4,42 +4,42 @@ One iteration (paper Sec. 4.4, "Unmixed sampling"; DESIGN.md "MT-AdamW")::
 
     k = sampler.task_for_iteration(i)                 the same task on every rank (same seed, no communication)
     for each of run.grad_accum micro-batches:
-        L = tasks[k].loss(model, next batch of k)["loss"]   (retrieval gathers negatives from all ranks)
+        L = tasks[k].loss(model, next batch of k)["loss"]   = w_k * (sum of the task's loss terms), eq. (7)
         backward(L / grad_accum)                      DDP averages gradients over ranks on the last micro-batch
     clip the global gradient norm (optim.grad_clip)
-    MT-AdamW: step(sampling_ratio=s_k, task_weight=w_k)     AdamW: step(), with w_k already inside L
+    MT-AdamW: step(sampling_ratio=s_k, task_weight=w_k)     AdamW: step()
     lr schedule step (warm-up, x decay_factor at decay_at fractions of run.iterations)
 
-**Where the loss weight w_k goes, so it is applied exactly once.**
+**Where the loss weight w_k goes, so it counts exactly once.** Every task's ``"loss"`` is already
+w_k * (its terms) (``tasks.base.Task``), and the trainer never multiplies it again.
 
-* ``optim.name="mt_adamw"`` with unmixed sampling: the backward pass uses the task's loss *without* w_k and
-  the optimizer receives ``task_weight=w_k`` and ``sampling_ratio=s_k``. MT-AdamW normalises the gradient to
-  unit norm before scaling it by w_k, so a w_k inside the loss would be divided out again anyway; passing it
-  to the optimizer is what makes it count (eq. of Sec. 4.4).
-* ``optim.name="adamw"``: the loss is multiplied by w_k before backward (eq. (7)), the optimizer is
-  ``torch.optim.AdamW``.
+* ``optim.name="mt_adamw"`` (``optim.normalize=true``, the paper's): MT-AdamW divides the step's gradient by
+  its global norm, which removes the w_k inside the loss, then multiplies by ``task_weight=w_k``; so w_k acts
+  once, through the optimizer, as Sec. 4.4 has it, and ``sampling_ratio=s_k`` compensates the moments.
+* ``optim.name="mt_adamw"`` with ``optim.normalize=false`` (an ablation): nothing divides the loss scale out,
+  so the optimizer gets ``task_weight=1`` and w_k acts through the loss.
+* ``optim.name="adamw"``: plain ``torch.optim.AdamW``; w_k acts through the loss (eq. (7)).
 * Mixed sampling (the Tab. 4 baseline): one iteration holds several tasks, so there is no single (s_k, w_k)
-  to give the optimizer. Each task's loss is multiplied by its w_k, the iteration minimises the mean of
-  w_k * L_k over its slots, and MT-AdamW steps with s_k = 1, w_k = 1 (plain gradient normalisation).
+  to give the optimizer. The iteration minimises the mean over its slots of w_k * L_k (the weights inside the
+  losses), and MT-AdamW steps with s_k = 1, w_k = 1 (plain gradient normalisation).
 
-Tasks return their loss **without** w_k (``Task.loss`` documents this); the trainer is the one place that
-applies it.
+The logged ``loss`` is the task's returned total (with w_k); its terms are logged unweighted.
 
 **Mixed sampling layout.** The engine's ``MixedTaskSampler`` draws ``world_size * grad_accum`` slots per
 iteration; micro-batch m of rank r trains slot ``m * world_size + r`` with that task's per-GPU batch size.
 One process with ``grad_accum=N`` thus sees the same task mixture as N processes with ``grad_accum=1``.
-Ranks train different tasks in the same micro-batch, so a task that communicates inside its loss
-(retrieval with ``gather=true``) cannot be used with mixed sampling on several processes; that is the
-point of Tab. 4, where gathering negatives needs unmixed sampling.
+Ranks train different tasks in the same micro-batch, so no task may communicate inside its loss: the model
+shards candidate targets and the retrieval task gathers negatives only under unmixed sampling (which is why
+"Gather Feature" needs unmixed sampling in Tab. 4).
 
 **Parameter groups.** The image backbone trains at lr x ``optim.encoder_lr_mult`` and the text encoder at lr x
 ``text_encoder.lr_mult`` (both 0.1 in the paper: "the learning rate of modality-specific encoders is
-multiplied by 0.1"; the text encoder has its own key because it is loaded from a language model and may be
-tuned separately). No weight decay for norms, biases and other 1-d parameters, embeddings (``nn.Embedding``
+multiplied by 0.1"; the text encoder has its own key because it comes from a language model and may be tuned
+separately). No weight decay for norms, biases and other 1-d parameters, embeddings (``nn.Embedding``
 weights and parameters whose own name contains "embed"), logit scales and MoE gate parameters (names
 containing "gate").
 
-**Exact resume.** Randomness has two sources and both are functions of the run's state, not of history:
+**Exact resume.** Randomness has two sources and both are functions of the run's state, not of its history:
 
 * data: each sample is loaded (and each batch collated) with the global generators seeded from
   (seed, task, epoch, index) (``data_setup``), and each task's stream position is checkpointed;
@@ -281,8 +281,9 @@ class Trainer:
     Args:
         cfg: the run's config (tasks, optimizer, schedule, run and data sections are read here).
         model: the model; the trainer moves it to the run's device and wraps it in DDP when distributed.
-        tasks: task name -> task object with ``collate(samples)``, ``loss(model, batch) -> dict`` (key
-            "loss" = the task's total loss without w_k; other keys are logged terms) and ``predict``.
+        tasks: task name -> task object (``tasks.base.Task``) with ``collate(samples)``,
+            ``loss(model, batch) -> dict`` (key "loss" = w_k times the sum of its terms; the other keys are
+            logged) and ``predict``.
             Every enabled task of ``cfg.tasks`` needs an entry.
         datasets: task name -> training dataset (map-style) for every enabled task.
         evaluate_fn: ``evaluate(model, cfg, tasks, split) -> {task: {metric: value}}``, called on every rank
@@ -337,12 +338,6 @@ class Trainer:
         else:
             self.sampler = MixedTaskSampler(self.task_names, weights, seed=run.seed,
                                             num_slots=self.world_size * run.grad_accum)
-            if (self.world_size > 1 and "retrieval" in self.task_names and cfg.tasks.retrieval.gather):
-                raise ConfigError(
-                    "tasks.retrieval.gather: gathering negatives across ranks needs run.sampling=unmixed (with "
-                    "mixed sampling the ranks train different tasks in the same step); set "
-                    "tasks.retrieval.gather=false for the mixed baseline (paper Tab. 4)")
-
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_lr_scheduler(self.optimizer, WarmupStepSchedule(
             total_iterations=run.iterations, warmup_iterations=cfg.optim.warmup_iters,
@@ -371,41 +366,38 @@ class Trainer:
         self._writer: MetricWriter | None = None
 
     # ------------------------------------------------------------------------------------------------ plan
-    def plan(self, iteration: int) -> list[tuple[str, float, float]]:
-        """This rank's micro-batches of ``iteration``: [(task, s_k for the optimizer, w_k for the loss)].
+    def plan(self, iteration: int) -> list[str]:
+        """This rank's task for each micro-batch of ``iteration``.
 
-        Unmixed: the same task for all micro-batches; with MT-AdamW the loss weight is 1 here (w_k goes to
-        the optimizer). Mixed: slot ``m * world_size + rank`` per micro-batch, each loss weighted by its w_k.
+        Unmixed: the sampled task for every micro-batch. Mixed: slot ``m * world_size + rank`` for micro-batch m.
         """
-        run, mt_adamw = self.cfg.run, isinstance(self.optimizer, MTAdamW)
         if isinstance(self.sampler, UnmixedTaskSampler):
-            task = self.sampler.task_for_iteration(iteration)
-            s_k, w_k = self.sampler.sampling_ratio(task), self.task_configs[task].loss_weight
-            return [(task, s_k, 1.0 if mt_adamw else w_k)] * run.grad_accum
+            return [self.sampler.task_for_iteration(iteration)] * self.cfg.run.grad_accum
         slots = self.sampler.slots_for_iteration(iteration)
-        return [(slots[m * self.world_size + self.rank], 1.0, self.task_configs[slots[m * self.world_size + self.rank]].loss_weight)
-                for m in range(run.grad_accum)]
+        return [slots[m * self.world_size + self.rank] for m in range(self.cfg.run.grad_accum)]
 
-    def _optimizer_kwargs(self, iteration: int) -> dict[str, float]:
+    def optimizer_kwargs(self, iteration: int) -> dict[str, float]:
+        """What ``optimizer.step`` receives at ``iteration`` (see "Where the loss weight w_k goes")."""
         if not isinstance(self.optimizer, MTAdamW) or not isinstance(self.sampler, UnmixedTaskSampler):
             return {}
         task = self.sampler.task_for_iteration(iteration)
-        return {"sampling_ratio": self.sampler.sampling_ratio(task), "task_weight": self.task_configs[task].loss_weight}
+        task_weight = self.task_configs[task].loss_weight if self.optimizer.normalize else 1.0
+        return {"sampling_ratio": self.sampler.sampling_ratio(task), "task_weight": task_weight}
 
     # ------------------------------------------------------------------------------------------------ one step
-    def train_step(self, iteration: int) -> list[tuple[str, dict[str, float]]]:
+    def train_step(self, iteration: int) -> list[tuple[str, dict[str, float], int]]:
         """Run iteration ``iteration`` (0-based): forward/backward of each micro-batch, clip, step, schedule.
 
         Returns:
-            [(task, {"loss": ..., other terms..., "grad_norm": ...})] per distinct task of this rank, the
-            terms averaged over that task's micro-batches (unweighted by w_k).
+            [(task, {"loss": ..., other terms..., "grad_norm": ...}, number of micro-batches)] per distinct
+            task of this rank, the terms averaged over that task's micro-batches.
         """
         self.model.train()
         seed_iteration(self.cfg.run.seed, self.rank, iteration)
         plan = self.plan(iteration)
         per_task: dict[str, dict[str, float]] = {}
         counts: dict[str, int] = {}
-        for micro, (task, _, loss_weight) in enumerate(plan):
+        for micro, task in enumerate(plan):
             batch = move_to_device(next(self.streams[task]), self.device)
             last = micro == len(plan) - 1
             sync = contextlib.nullcontext() if last or self.world_size == 1 else self.loss_module.no_sync()
@@ -416,8 +408,12 @@ class Trainer:
                 if "loss" not in losses:
                     raise KeyError(f"task {task!r}: loss() returned {sorted(losses)} without the key 'loss'")
                 loss = losses["loss"]
-                self.scaler.scale(loss.float() * (loss_weight / len(plan))).backward()
-            values = dict(zip(losses, torch.stack([v.detach().float().reshape(()) for v in losses.values()]).tolist()))
+                if loss.dtype in (torch.float16, torch.bfloat16):   # a loss computed under autocast
+                    loss = loss.float()
+                self.scaler.scale(loss / len(plan)).backward()
+            # One host sync per micro-batch for all logged terms.
+            values = dict(zip(losses, torch.stack([v.detach().to(torch.float64).reshape(())
+                                                   for v in losses.values()]).tolist()))
             if not math.isfinite(values["loss"]):
                 raise FloatingPointError(f"iteration {iteration}: task {task!r} loss is {values['loss']} "
                                          f"(terms: {values})")
@@ -432,12 +428,12 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
         else:
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        self.scaler.step(self.optimizer, **self._optimizer_kwargs(iteration))
+        self.scaler.step(self.optimizer, **self.optimizer_kwargs(iteration))
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = float(grad_norm)
-        return [(task, {**{k: v / counts[task] for k, v in sums.items()}, "grad_norm": grad_norm})
+        return [(task, {**{k: v / counts[task] for k, v in sums.items()}, "grad_norm": grad_norm}, counts[task])
                 for task, sums in per_task.items()]
 
     # ------------------------------------------------------------------------------------------------ state
@@ -550,8 +546,8 @@ class Trainer:
                 start = time.perf_counter()
                 records = self.train_step(self.iteration)
                 self.iteration += 1
-                for task, values in records:
-                    window.add(task, values)
+                for task, values, count in records:
+                    window.add(task, values, count)
                 seconds = time.perf_counter() - start
                 self.elapsed += seconds
                 window.add_time(seconds)

@@ -138,26 +138,28 @@ def build_denoising_queries(targets: list[dict], num_matching: int, content_embe
     group_size = 2 * max_gt
     num_groups = max(dn_num_queries // group_size, 1)
     num_dn = num_groups * group_size
-    boxes = torch.zeros(batch, num_dn, 4, device=device)
-    boxes[..., :2] = 0.5
-    boxes[..., 2:] = 1.0                                  # padded slots: a harmless whole-image box
+    # Filled through (B, groups, 2M, ...) views of the flat (B, D, ...) tensors.
+    boxes = torch.tensor([0.5, 0.5, 1.0, 1.0], device=device).repeat(batch, num_dn, 1)   # padded slots: whole image
     objectness = torch.zeros(batch, num_dn, device=device)
     gt_index = torch.full((batch, num_dn), -1, dtype=torch.long, device=device)
     valid = torch.zeros(batch, num_dn, dtype=torch.bool, device=device)
+
+    def grouped(x: torch.Tensor) -> torch.Tensor:
+        return x.view(batch, num_groups, group_size, *x.shape[2:])
+
     for b, t in enumerate(targets):
         gt = t["boxes"].to(device=device, dtype=torch.float32)
         k = gt.shape[0]
         if k == 0:
             continue
-        for g in range(num_groups):
-            pos = slice(g * group_size, g * group_size + k)
-            neg = slice(g * group_size + max_gt, g * group_size + max_gt + k)
-            boxes[b, pos] = noise_boxes(gt, box_noise_scale, negative=False, generator=generator)
-            boxes[b, neg] = noise_boxes(gt, box_noise_scale, negative=True, generator=generator)
-            objectness[b, pos] = 1.0
-            gt_index[b, pos] = torch.arange(k, device=device)
-            valid[b, pos] = True
-            valid[b, neg] = True
+        repeated = gt.repeat(num_groups, 1)                                              # (groups * k, 4)
+        grouped(boxes)[b, :, :k] = noise_boxes(repeated, box_noise_scale, False, generator).view(num_groups, k, 4)
+        grouped(boxes)[b, :, max_gt:max_gt + k] = noise_boxes(repeated, box_noise_scale, True,
+                                                              generator).view(num_groups, k, 4)
+        grouped(objectness)[b, :, :k] = 1.0
+        grouped(gt_index)[b, :, :k] = torch.arange(k, device=device)
+        grouped(valid)[b, :, :k] = True
+        grouped(valid)[b, :, max_gt:max_gt + k] = True
     flip = torch.rand(batch, num_dn, generator=generator, device=device) < label_noise_ratio * 0.5
     content = content_embedding[flip.long()]                                    # (B, D, d)
     attn_mask = denoising_attention_mask(num_groups, group_size, num_matching, valid)

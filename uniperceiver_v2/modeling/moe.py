@@ -46,6 +46,7 @@ own group without weight decay.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -93,25 +94,37 @@ class ConditionGroups:
     Attributes:
         codes: (U,) long, the distinct condition ids present (modality id, task id or attribute code).
         inverse: (N,) long, index into ``codes`` of each flattened token.
-        order: (N,) long, a permutation putting tokens of the same condition next to each other.
-        restore: (N,) long, the inverse permutation of ``order``.
-        sizes: U ints, the number of tokens of each condition, in ``codes`` order.
+        rows: U tensors (n_u,) long, the flattened tokens of each condition, in ``codes`` order.
     """
 
     codes: torch.Tensor
     inverse: torch.Tensor
-    order: torch.Tensor
-    restore: torch.Tensor
-    sizes: list[int]
+    rows: list[torch.Tensor]
 
     @classmethod
     def from_ids(cls, ids: torch.Tensor) -> "ConditionGroups":
         """Group flattened per-token condition ids (N,) long."""
         codes, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
-        order = torch.argsort(inverse, stable=True)
-        restore = torch.empty_like(order)
-        restore[order] = torch.arange(order.numel(), device=order.device)
-        return cls(codes=codes, inverse=inverse, order=order, restore=restore, sizes=counts.tolist())
+        rows = torch.argsort(inverse, stable=True).split(counts.tolist())
+        return cls(codes=codes, inverse=inverse, rows=list(rows))
+
+    def apply(self, x: torch.Tensor, fn: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+        """y[rows_u] = fn(x[rows_u], u) for every condition u: one dense computation per condition.
+
+        Args:
+            x: (N, ...) flattened tokens.
+            fn: (x_u (n_u, ...), u) -> (n_u, ...).
+
+        Returns:
+            (N, ...) the outputs in token order.
+        """
+        if len(self.rows) == 1:              # a single condition: no gather / scatter at all
+            return fn(x, 0)
+        outputs = [fn(x.index_select(0, rows), u) for u, rows in enumerate(self.rows)]
+        y = outputs[0].new_empty((x.shape[0],) + outputs[0].shape[1:])
+        for rows, out in zip(self.rows, outputs):
+            y.index_copy_(0, rows, out)
+        return y
 
 
 @dataclass
@@ -162,8 +175,10 @@ class TokenConditions:
         """(B * T,) bool, True for non-padding tokens."""
         if self.key_padding_mask is None:
             return torch.ones(batch * length, dtype=torch.bool, device=device)
-        kpm = self._require("key_padding_mask", self.key_padding_mask, "token", (batch, length))
-        return ~kpm.reshape(-1)
+        if tuple(self.key_padding_mask.shape) != (batch, length):
+            raise ValueError(f"key_padding_mask: expected shape {(batch, length)}, got "
+                             f"{tuple(self.key_padding_mask.shape)}")
+        return ~self.key_padding_mask.reshape(-1)
 
     @staticmethod
     def _require(name: str, value: torch.Tensor | None, routing: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -347,6 +362,11 @@ class ConditionalGate(nn.Module):
 
     With top_k = 1 the gate value is always 1 and the gate receives no gradient from the task loss (only from
     the balance loss): use top_k >= 2 (the paper uses 2).
+
+    Two consequences of the routings' definitions, worth knowing with the auto-regressive (captioning) mask: the
+    context routing pools over every token of the sample, later words included, so a token's experts can depend
+    on tokens its attention may not see; and the capacity of token / context routing is shared by the whole
+    batch, so a token can be dropped because of other tokens. Neither happens with the data-independent routings.
     """
 
     def __init__(self, dim: int, cfg: MoEConfig):
@@ -414,13 +434,13 @@ class ConditionalGate(nn.Module):
 
     def _route_by_token(self, x: torch.Tensor, conditions: TokenConditions) -> GateDecision:
         B, T, d = x.shape
+        valid = conditions.valid_tokens(B, T, x.device)
         condition = x
         if self.routing == "context":
             pooled = self.pool(x, conditions.key_padding_mask)                          # (B, d)
             condition = torch.cat([x, pooled[:, None, :].expand(B, T, d)], dim=-1)    # (B, T, 2d)
         logits = self._add_noise(self.proj(condition.reshape(B * T, -1)))             # (N, E)
         indices, weights = self._top_k(logits)
-        valid = conditions.valid_tokens(B, T, x.device)
         factor = self.capacity_factor_train if self.training else self.capacity_factor_eval
         keep = capacity_keep(indices, valid, self.num_experts, factor)
         return GateDecision(indices=indices, weights=weights, keep=keep,
@@ -488,34 +508,30 @@ class MoELinear(nn.Module):
         weighted = torch.cat(outputs) * plan.weights                                 # (M, out)
         return x.new_zeros(x.shape[0], self.out_features).index_add_(0, plan.rows, weighted)
 
-    def _merged_parameters(self, decision: GateDecision) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Dense (weight, bias) for each condition of ``decision.groups.codes``, from the cache or mixed now."""
-        codes = decision.groups.codes.tolist()
-        missing = [u for u, code in enumerate(codes) if code not in self._merged]
-        if missing:
-            with torch.no_grad():
-                for u in missing:
-                    experts, gate = decision.group_indices[u], decision.group_weights[u]       # (k,), (k,)
-                    weight = torch.einsum("k,koi->oi", gate, self.weight[experts])             # sum_e G_e W_e
-                    bias = gate @ self.bias[experts]                                           # sum_e G_e b_e
-                    self._merged[codes[u]] = (weight.contiguous(), bias)
-        return [self._merged[code] for code in codes]
-
-    def _forward_merged(self, x: torch.Tensor, decision: GateDecision) -> torch.Tensor:
+    def merged_parameters(self, decision: GateDecision) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Dense (weight (out, in), bias (out,)) of each condition in ``decision.groups.codes``: taken from the
+        cache, or mixed now as (sum_e G_e W_e, sum_e G_e b_e) over the condition's top-k experts."""
+        if self._merged is None:
+            raise RuntimeError("MoELinear: not merged; call merge_experts(model) first")
         if self.training:
             raise RuntimeError("MoELinear: merged experts are for inference only; call unmerge_experts(model) "
                                "before training")
         if decision.groups is None:
             raise RuntimeError("MoELinear is merged but the gate decision is data-dependent (token / context "
                                "routing); such experts cannot be merged")
-        parameters = self._merged_parameters(decision)
-        if len(parameters) == 1:                     # one condition in the batch: exactly a dense Linear
-            weight, bias = parameters[0]
-            return F.linear(x, weight, bias)
-        groups = decision.groups
-        grouped = x.index_select(0, groups.order).split(groups.sizes)
-        outputs = torch.cat([F.linear(chunk, w, b) for chunk, (w, b) in zip(grouped, parameters)])
-        return outputs.index_select(0, groups.restore)
+        codes = decision.groups.codes.tolist()
+        with torch.no_grad():
+            for u, code in enumerate(codes):
+                if code not in self._merged:
+                    experts, gate = decision.group_indices[u], decision.group_weights[u]       # (k,), (k,)
+                    weight = torch.einsum("k,koi->oi", gate, self.weight[experts])             # sum_e G_e W_e
+                    bias = gate @ self.bias[experts]                                           # sum_e G_e b_e
+                    self._merged[code] = (weight.contiguous(), bias)
+        return [self._merged[code] for code in codes]
+
+    def _forward_merged(self, x: torch.Tensor, decision: GateDecision) -> torch.Tensor:
+        parameters = self.merged_parameters(decision)
+        return decision.groups.apply(x, lambda x_u, u: F.linear(x_u, *parameters[u]))
 
 
 def merge_experts(model: nn.Module) -> int:

@@ -180,6 +180,14 @@ class MoEFFN(nn.Module):
                 conditions: TokenConditions) -> tuple[torch.Tensor, GateDecision | None]:
         """x: (B, T, d) -> (B, T, d) and the gate decision (None without MoE)."""
         decision = self.gate(x, conditions) if self.gate is not None else None
+        if decision is not None and self.fc1.merged:
+            # re-parameterised: each condition's tokens go through their own dense FFN in one piece, so the
+            # (N, ffn_dim) hidden activations are never gathered or scattered
+            B, T, d = x.shape
+            w1, w2 = self.fc1.merged_parameters(decision), self.fc2.merged_parameters(decision)
+            y = decision.groups.apply(x.reshape(B * T, d),
+                                      lambda x_u, u: F.linear(F.gelu(F.linear(x_u, *w1[u])), *w2[u]))
+            return self.dropout(y.reshape(B, T, d)), decision
         h = F.gelu(_linear(self.fc1, x, decision))
         return self.dropout(_linear(self.fc2, h, decision)), decision
 

@@ -62,41 +62,50 @@ def available_implementations(device: torch.device | str | None = None) -> list[
     return [impl for impl in IMPLEMENTATIONS if unavailable_reason(impl, device) is None]
 
 
-def _choose_implementation(impl: str | None, device: torch.device) -> str:
-    requested, origin = impl, "impl argument"
-    if requested is None and os.environ.get(ENV_VAR):
-        requested, origin = os.environ[ENV_VAR], f"environment variable {ENV_VAR}"
-    if requested is not None:
-        if requested not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"ms_deform_attn: unknown implementation {requested!r} (from the {origin}); "
-                f"choose one of {IMPLEMENTATIONS}"
-            )
-        reason = unavailable_reason(requested, device)
-        if reason is not None:
-            raise RuntimeError(
-                f"ms_deform_attn: implementation {requested!r} (from the {origin}) is unavailable: {reason}"
-            )
-        return requested
+def _requested_implementation(requested: str, origin: str, device: torch.device) -> str:
+    """`requested` if it can run on `device`; otherwise an error naming where the request came from."""
+    if requested not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"ms_deform_attn: unknown implementation {requested!r} (from the {origin}); "
+            f"choose one of {IMPLEMENTATIONS}"
+        )
+    reason = unavailable_reason(requested, device)
+    if reason is not None:
+        raise RuntimeError(f"ms_deform_attn: implementation {requested!r} (from the {origin}) is unavailable: {reason}")
+    return requested
 
-    chosen = "pytorch"
+
+def _fastest_implementation(device: torch.device) -> str:
+    """The compiled implementation for `device` if it builds, else "pytorch" (warning once why)."""
     for candidate, device_type in _COMPILED_DEVICE.items():
         if device_type != device.type:
             continue
         reason = unavailable_reason(candidate)
         if reason is None:
-            chosen = candidate
-        elif candidate not in _warned_fallbacks:
+            return candidate
+        if candidate not in _warned_fallbacks:
             _warned_fallbacks.add(candidate)
             warnings.warn(
                 f"ms_deform_attn: the compiled {candidate!r} implementation is unavailable, falling back "
                 f"to the slow pure-PyTorch one. Reason: {reason}",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
+    return "pytorch"
+
+
+def _choose_implementation(impl: str | None, device: torch.device) -> str:
+    if impl is not None:
+        return _requested_implementation(impl, "impl argument", device)
+    if os.environ.get(ENV_VAR):
+        chosen = _requested_implementation(os.environ[ENV_VAR], f"environment variable {ENV_VAR}", device)
+        how = f"set by {ENV_VAR}"
+    else:
+        chosen = _fastest_implementation(device)
+        how = "fastest available"
     if (chosen, device.type) not in _logged_choices:
         _logged_choices.add((chosen, device.type))
-        logger.info("ms_deform_attn: using the %r implementation for %s tensors", chosen, device.type)
+        logger.info("ms_deform_attn: using the %r implementation for %s tensors (%s)", chosen, device.type, how)
     return chosen
 
 

@@ -51,12 +51,15 @@ class Segment:
         modality: "spe", "image" or "text" (``attributes.MODALITY_IDS``).
         causal: whether these tokens' attention rows are causal (attribute bit 6): True only for the words and the
             predicting ``<SPE>`` tokens of captioning.
+        token_modality: optional (B, n) long modality ids overriding ``modality`` token by token (MLM: the
+            ``<SPE>`` tokens standing in for masked words inside a text segment).
     """
 
     embeddings: torch.Tensor
     padding: torch.Tensor
     modality: str
     causal: bool = False
+    token_modality: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITY_IDS:
@@ -64,6 +67,16 @@ class Segment:
         if self.embeddings.dim() != 3 or tuple(self.padding.shape) != tuple(self.embeddings.shape[:2]):
             raise ValueError(f"Segment ({self.modality}): expected embeddings (B, n, d) and padding (B, n), got "
                              f"{tuple(self.embeddings.shape)} and {tuple(self.padding.shape)}")
+        if self.token_modality is not None and self.token_modality.shape != self.padding.shape:
+            raise ValueError(f"Segment ({self.modality}): token_modality {tuple(self.token_modality.shape)} != "
+                             f"{tuple(self.padding.shape)}")
+
+    def modality_ids(self) -> torch.Tensor:
+        """(B, n) long modality id of every token."""
+        if self.token_modality is not None:
+            return self.token_modality
+        return torch.full(self.padding.shape, MODALITY_IDS[self.modality], dtype=torch.long,
+                          device=self.embeddings.device)
 
     @property
     def length(self) -> int:
@@ -171,8 +184,7 @@ def build_sequence(
     device = segments[0].embeddings.device
     x = torch.cat([s.embeddings for s in segments], dim=1)
     key_padding_mask = torch.cat([s.padding for s in segments], dim=1)
-    modality_ids = torch.cat([torch.full((batch, s.length), MODALITY_IDS[s.modality], dtype=torch.long,
-                                         device=device) for s in segments], dim=1)
+    modality_ids = torch.cat([s.modality_ids() for s in segments], dim=1)
     causal = torch.cat([torch.full((batch, s.length), s.causal, dtype=torch.bool, device=device)
                         for s in segments], dim=1)
     attributes = task_token_attributes(task, modality_ids, causal=causal, is_input=is_input)

@@ -10,8 +10,8 @@ a shard, see below), and is far too slow for the CPU ``tiny`` run. So the task v
 
 * ``build_vocabulary(tokenizer, texts)``: the tokens that occur in the training captions and corpus, plus the
   end-of-sequence token that stops a caption. A word outside it can be neither generated nor scored; in MLM a
-  masked token outside it is left out of the loss and the accuracy (it cannot be predicted). For the synthetic
-  suite this is a few hundred tokens.
+  masked token outside it is left out of the loss and counts as a miss in the accuracy. For the synthetic suite
+  this is a few hundred tokens.
 * ``full_vocabulary(tokenizer)``: every token except the special and the reserved (``[unused*]``) ones, the
   paper's choice, for runs that can afford it.
 
@@ -42,11 +42,20 @@ __all__ = [
     "encode_sharded",
     "end_token_id",
     "full_vocabulary",
+    "start_token_id",
     "vocabulary_lookup",
 ]
 
 # Batch of texts tokenised at once while counting tokens (bounded memory for a large corpus).
 _TOKENIZE_CHUNK = 1024
+
+
+def start_token_id(tokenizer) -> int:
+    """The token that opens every tokenised sequence: [CLS] (BERT) or <s> (RoBERTa)."""
+    token = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    if token is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither a [CLS] nor a start-of-sequence token")
+    return int(token)
 
 
 def end_token_id(tokenizer) -> int:

@@ -1,0 +1,245 @@
+"""Object detection and instance segmentation by decoding the regional representations (v2 Sec. 4.3, "Tasks with
+Localization").
+
+    input x   = [<SPE>, f_image(x)] = [<SPE>, global tokens, q^proposal_1 .. q^proposal_O]     (eq. (1), (2))
+    targets Y = { [<SPE>, f_text(class name)] }
+    logits[j, c] = cos(g(x)_{proposal j}, g(y_c)_<SPE>) / tau_det                                (eq. (5), (6))
+
+"for each region proposal q_j^proposal, its outputted feature from the unified decoder g will be compared with class
+embeddings to obtain the class prediction ... The corresponding bounding box q_j^box and segmentation mask q_j^mask
+will serve as the localization predictions." There is no box or class head here: boxes, masks and objectness come
+from the region proposal network, which the image encoder trains with its own (class-agnostic) losses; those
+losses are added to this task's loss.
+
+Class labels of the proposals (our choice; the paper does not say). The proposal network already decides which
+proposals are objects: its objectness is trained with one-to-one Hungarian matching, so duplicates and background
+get low objectness. The class loss only has to name the objects, so each of the O proposals takes the class of the
+ground-truth box it overlaps most when that IoU is >= 0.5 (``IOU_THRESHOLD``), and every ground-truth box also
+names its best-overlapping proposal (the "low-quality match" of Faster R-CNN, so that each object teaches its
+class from the first step, before the proposals are good). Other proposals get no class loss (background is the
+objectness' job). This gives the class embeddings more supervision than a one-to-one match would.
+
+Score of a detection (proposal j, class c): sigmoid(objectness_j) * softmax_c(logits_j), the probability that j is
+an object times the probability that it is a c. The ``max_detections`` best (j, c) pairs of an image are kept
+(a proposal may appear with more than one class, as in DETR-style evaluation; no NMS: duplicates have low
+objectness).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+
+from uniperceiver_v2.data.collate import collate_detection
+from uniperceiver_v2.data.samples import DetectionSample
+from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy, box_iou
+from uniperceiver_v2.modeling.image_encoder import ImageEncoderOutput, postprocess
+from uniperceiver_v2.tasks.base import Task
+from uniperceiver_v2.tasks.losses import IGNORE_INDEX, unified_loss
+from uniperceiver_v2.tasks.sequence import build_sequence, image_segment, spe_segment
+
+__all__ = ["IOU_THRESHOLD", "DetectionTask", "DetectionTaskBatch", "assign_proposal_labels", "to_coco_results"]
+
+IOU_THRESHOLD = 0.5
+
+
+@dataclass
+class DetectionTaskBatch:
+    """A detection batch with its candidate class names.
+
+    Attributes:
+        images: (B, 3, H, W) normalised, padded; padding_mask: (B, H, W) bool; image_sizes: (B, 2) (h, w) unpadded.
+        boxes: B tensors (K_b, 4) xyxy absolute pixels of the transformed image (None at inference).
+        labels: B tensors (K_b,) long indices into ``class_names`` (None at inference).
+        masks: B tensors (K_b, h, w) bool, or None.
+        image_ids: B dataset image ids; orig_sizes: (B, 2) long (H0, W0) of the images before the transform.
+        class_names: the C candidate names; category_ids: the dataset's category id of each name.
+    """
+
+    images: torch.Tensor
+    padding_mask: torch.Tensor
+    image_sizes: torch.Tensor
+    boxes: list[torch.Tensor] | None
+    labels: list[torch.Tensor] | None
+    masks: list[torch.Tensor] | None
+    image_ids: list[int]
+    orig_sizes: torch.Tensor
+    class_names: tuple[str, ...]
+    category_ids: tuple[int, ...]
+
+    def to(self, device: torch.device | str) -> "DetectionTaskBatch":
+        def move(items):
+            return None if items is None else [t.to(device) for t in items]
+
+        return replace(self, images=self.images.to(device), padding_mask=self.padding_mask.to(device),
+                       image_sizes=self.image_sizes.to(device), boxes=move(self.boxes), labels=move(self.labels),
+                       masks=move(self.masks), orig_sizes=self.orig_sizes.to(device))
+
+
+def assign_proposal_labels(proposal_boxes: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor,
+                           iou_threshold: float = IOU_THRESHOLD) -> torch.Tensor:
+    """Class label of every proposal of one image (see the module docstring).
+
+    Args:
+        proposal_boxes: (O, 4) xyxy; gt_boxes: (K, 4) xyxy, same coordinates; gt_labels: (K,) long.
+        iou_threshold: minimum IoU with a ground-truth box to take its class.
+
+    Returns:
+        (O,) long class index, ``IGNORE_INDEX`` for proposals without a class loss.
+    """
+    labels = torch.full((proposal_boxes.shape[0],), IGNORE_INDEX, dtype=torch.long, device=proposal_boxes.device)
+    if gt_boxes.shape[0] == 0 or proposal_boxes.shape[0] == 0:
+        return labels
+    iou = box_iou(proposal_boxes, gt_boxes)                                  # (O, K)
+    best_iou, best_gt = iou.max(dim=1)
+    matched = best_iou >= iou_threshold
+    labels[matched] = gt_labels[best_gt[matched]]
+    best_proposal_iou, best_proposal = iou.max(dim=0)                        # per ground truth
+    overlapping = best_proposal_iou > 0
+    labels[best_proposal[overlapping]] = gt_labels[overlapping]
+    return labels
+
+
+def to_coco_results(predictions: Sequence[dict], image_ids: Sequence[int], category_ids: Sequence[int]
+                    ) -> list[dict]:
+    """Per-image predictions (``DetectionTask.predict``) -> COCO result records.
+
+    Returns:
+        one dict per detection: ``image_id``, ``category_id`` (the dataset's id of the class), ``bbox``
+        [x, y, w, h] in original pixels, ``score``, and ``segmentation`` (compressed RLE with a str ``counts``)
+        when the prediction has masks. ``pycocotools.COCO.loadRes`` accepts the list.
+    """
+    results = []
+    for prediction, image_id in zip(predictions, image_ids):
+        boxes = prediction["boxes"].detach().cpu().double()
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        scores = prediction["scores"].detach().cpu().tolist()
+        labels = prediction["labels"].detach().cpu().tolist()
+        masks = prediction.get("masks")
+        rles = None
+        if masks is not None:
+            array = np.asfortranarray(masks.detach().cpu().numpy().astype(np.uint8).transpose(1, 2, 0))
+            rles = mask_utils.encode(array)
+        for k, (box, score, label) in enumerate(zip(xywh, scores, labels)):
+            record = {"image_id": int(image_id), "category_id": int(category_ids[label]), "bbox": box,
+                      "score": float(score)}
+            if rles is not None:
+                rle = rles[k]
+                record["segmentation"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+            results.append(record)
+    return results
+
+
+class DetectionTask(Task):
+    """Detection and instance segmentation against ``class_names``.
+
+    Args:
+        config: ``tasks.detection`` (``segmentation``: return masks; ``max_detections`` per image).
+        class_names: the dataset's class names (``CocoInstances.class_names``), label order.
+        category_ids: the dataset's category id of each class (``CocoInstances.label_to_category_id``); default
+            the label index itself.
+    """
+
+    name = "detection"
+
+    def __init__(self, config, class_names: Sequence[str] = (), category_ids: Sequence[int] | None = None):
+        super().__init__(config)
+        self.class_names = tuple(class_names)
+        self.category_ids = tuple(range(len(class_names)) if category_ids is None else category_ids)
+        if len(self.category_ids) != len(self.class_names):
+            raise ValueError(f"DetectionTask: {len(self.category_ids)} category ids for {len(self.class_names)} "
+                             f"class names")
+
+    @classmethod
+    def from_dataset(cls, config, dataset) -> "DetectionTask":
+        return cls(config, class_names=dataset.class_names, category_ids=dataset.label_to_category_id)
+
+    def collate(self, samples: Sequence[DetectionSample]) -> DetectionTaskBatch:
+        if not self.class_names:
+            raise ValueError("DetectionTask: no class names; build the task with class_names= or from_dataset")
+        batch = collate_detection(samples)
+        return DetectionTaskBatch(batch.images, batch.padding_mask, batch.image_sizes, batch.boxes, batch.labels,
+                                  batch.masks, batch.image_ids, torch.tensor(batch.orig_sizes, dtype=torch.long),
+                                  self.class_names, self.category_ids)
+
+    def region_logits(self, model, image: ImageEncoderOutput, class_names: Sequence[str]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. (6) logits (B, O, C) of every kept proposal against every class name, and the MoE aux loss."""
+        if image.boxes is None:
+            raise ValueError("detection needs regional representations: image_encoder.use_regional=true")
+        segments = [spe_segment(model.decoder, image.tokens.shape[0]),
+                    image_segment(model.decoder, image.tokens, image.token_types, image.token_padding_mask)]
+        out = build_sequence(segments, self.name, is_input=True).run(model.decoder)
+        num_proposals = image.boxes.shape[1]
+        regional = out.hidden[:, -num_proposals:]                        # the regional tokens are the last O
+        classes = model.class_name_embeddings(class_names, self.name)    # (C, d)
+        logits = model.similarity(regional.flatten(0, 1), classes, self.name)
+        return logits.view(*regional.shape[:2], -1), out.aux_loss
+
+    def loss(self, model, batch: DetectionTaskBatch) -> dict[str, torch.Tensor]:
+        if batch.boxes is None or batch.labels is None:
+            raise ValueError("DetectionTask.loss: the batch has no boxes / labels")
+        if batch.masks is None:
+            raise ValueError("DetectionTask.loss: the batch has no instance masks; the region proposal network is "
+                             "trained with mask losses (read the data with CocoInstances(with_masks=True))")
+        targets = [{"boxes": boxes, "masks": masks, "labels": labels, "size": size}
+                   for boxes, masks, labels, size in zip(batch.boxes, batch.masks, batch.labels, batch.image_sizes)]
+        image = model.encode_images(batch.images, batch.padding_mask, targets)
+        logits, aux = self.region_logits(model, image, batch.class_names)
+        with torch.no_grad():
+            height, width = image.image_sizes[:, 0], image.image_sizes[:, 1]
+            scale = torch.stack([width, height, width, height], dim=1).to(image.boxes.dtype)       # (B, 4)
+            proposals = box_cxcywh_to_xyxy(image.boxes) * scale[:, None]                         # (B, O, 4)
+            labels = torch.stack([assign_proposal_labels(p, b.to(p.dtype), l)
+                                  for p, b, l in zip(proposals, batch.boxes, batch.labels)])
+        loss_rpn = torch.stack(list(image.losses.values())).sum()
+        terms = {"loss_cls": unified_loss(logits.flatten(0, 1), labels.flatten(), self.config.label_smoothing),
+                 "loss_rpn": loss_rpn, "loss_moe_aux": aux}
+        rpn_terms = {name: value.detach() for name, value in image.losses.items()}
+        return {**rpn_terms, **terms, "loss": self.weighted_total(terms)}
+
+    @torch.no_grad()
+    def detect(self, model, images: torch.Tensor, padding_mask: torch.Tensor | None, orig_sizes: torch.Tensor,
+               class_names: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+        """Detections of B images.
+
+        Args:
+            images: (B, 3, H, W) normalised, padded; padding_mask: (B, H, W) bool or None.
+            orig_sizes: (B, 2) (H0, W0) of the original images (boxes and masks are returned in their pixels; the
+                transformed image must be a resize of the original, as in evaluation).
+            class_names: the C candidate names.
+
+        Returns:
+            per image, sorted by score: ``boxes`` (K, 4) float xyxy original pixels, ``scores`` (K,),
+            ``labels`` (K,) long indices into ``class_names``, and ``masks`` (K, H0, W0) bool when
+            ``tasks.detection.segmentation``; K = min(max_detections, O * C).
+        """
+        image = model.encode_images(images, padding_mask)
+        logits, _ = self.region_logits(model, image, class_names)
+        num_classes = logits.shape[-1]
+        scores = image.objectness.sigmoid()[..., None] * logits.softmax(dim=-1)               # (B, O, C)
+        top_scores, flat = scores.flatten(1).topk(min(self.config.max_detections, scores[0].numel()), dim=1)
+        proposal = torch.div(flat, num_classes, rounding_mode="floor")                        # (B, K)
+        labels = flat % num_classes
+        boxes = torch.gather(image.boxes, 1, proposal[..., None].expand(-1, -1, 4))
+        masks = None
+        if self.config.segmentation:
+            index = proposal[..., None, None].expand(-1, -1, *image.masks.shape[-2:])
+            masks = torch.gather(image.masks, 1, index)
+        located = postprocess(boxes, masks, image.image_sizes, orig_sizes)
+        results = []
+        for b, place in enumerate(located):
+            result = {"boxes": place["boxes"], "scores": top_scores[b], "labels": labels[b]}
+            if masks is not None:
+                result["masks"] = place["masks"]
+            results.append(result)
+        return results
+
+    def predict(self, model, batch: DetectionTaskBatch) -> list[dict[str, torch.Tensor]]:
+        """``detect`` on the batch's images against its class names; ``to_coco_results(predictions,
+        batch.image_ids, batch.category_ids)`` gives the COCO result records."""
+        return self.detect(model, batch.images, batch.padding_mask, batch.orig_sizes, batch.class_names)

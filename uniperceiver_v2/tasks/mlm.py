@@ -1,0 +1,144 @@
+"""Masked language modelling (v1 Sec. 3.2, "auto-encoding language modelling"): predict masked words from both sides.
+
+``tasks.mlm.mask_prob`` (15 %) of the word tokens of each sentence are chosen (special tokens and padding never; at
+least one per sentence). At a chosen position
+
+* the text encoder sees the tokenizer's mask token ([MASK] / <mask>), so the features of the other words carry no
+  trace of the hidden word (f_text is bidirectional);
+* the decoder sees ``<SPE>`` instead of that token's feature -- "each word that needs to be predicted in x is
+  replaced by a <SPE> token, whose feature at the encoder output is used to match the words in the vocabulary"
+  (v1 Sec. 3.2) -- with the position embedding of the word it replaces.
+
+Unlike BERT there is no 80 / 10 / 10 split (keep or randomise some chosen tokens): the decoder always sees
+``<SPE>`` at the positions it predicts, at training and at inference alike, so the mismatch that split addresses
+does not arise in the decoder.
+
+    input x   = [<SPE>, f_text(sentence with masks) where every masked position holds <SPE>]
+    targets Y = { [<SPE>, f_text(w)] : w in the vocabulary }              (``tasks/vocabulary.py``)
+    logits[m, v] = cos(g(x)_{masked position m}, g(y_v)_<SPE>) / tau_mlm
+
+The loss is eq. (7) over the masked positions (no label smoothing for language modelling, ``tasks.mlm``). A masked
+token outside the vocabulary cannot be a target: it is left out of the loss and counts as a miss in the accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from uniperceiver_v2.data.collate import collate_text
+from uniperceiver_v2.modeling.attributes import MODALITY_IDS
+from uniperceiver_v2.tasks.base import Task
+from uniperceiver_v2.tasks.losses import IGNORE_INDEX, unified_loss
+from uniperceiver_v2.tasks.sequence import Segment, build_sequence, spe_segment, text_segment
+from uniperceiver_v2.tasks.vocabulary import vocabulary_lookup
+
+__all__ = ["MLMTaskBatch", "MaskedLanguageModelingTask", "choose_masked_positions"]
+
+# Seed of the masking draw in ``predict``: evaluation masks the same positions every time it runs.
+EVAL_MASK_SEED = 0
+
+
+@dataclass
+class MLMTaskBatch:
+    """Raw sentences; tokenisation and masking happen in the task (they need the model's tokenizer)."""
+
+    texts: list[str]
+
+    def to(self, device: torch.device | str) -> "MLMTaskBatch":
+        return self
+
+
+def choose_masked_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: Sequence[int],
+                            mask_prob: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bernoulli(mask_prob) choice of word tokens to mask, at least one per sentence that has a word.
+
+    Args:
+        input_ids, attention_mask: (B, L).
+        special_ids: token ids never masked ([CLS], [SEP], [PAD], ...).
+        mask_prob: probability of each word token.
+        generator: a CPU generator for a reproducible draw (default: torch's global one).
+
+    Returns:
+        (B, L) bool, True = masked.
+    """
+    special = torch.tensor(list(special_ids), dtype=input_ids.dtype, device=input_ids.device)
+    candidates = attention_mask.bool() & ~torch.isin(input_ids, special)
+    draws = torch.rand(input_ids.shape, generator=generator).to(input_ids.device)
+    masked = candidates & (draws < mask_prob)
+    # A sentence with no draw still gets one masked word: its highest draw among its candidates.
+    empty = ~masked.any(dim=1) & candidates.any(dim=1)
+    forced = draws.masked_fill(~candidates, -1.0).argmax(dim=1)
+    masked[empty, forced[empty]] = True
+    return masked
+
+
+class MaskedLanguageModelingTask(Task):
+    """Masked language modelling over the model's vocabulary."""
+
+    name = "mlm"
+
+    def collate(self, samples: Sequence[str]) -> MLMTaskBatch:
+        return MLMTaskBatch(collate_text(samples))
+
+    def masked_representations(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                               masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder outputs at the masked positions.
+
+        Args:
+            input_ids, attention_mask: (B, L) the tokenised sentences (the masked positions may hold any token:
+                the text encoder is given the mask token there).
+            masked: (B, L) bool.
+
+        Returns:
+            (M, d) outputs of the ``<SPE>`` tokens at the M masked positions (row-major order), and the MoE
+            auxiliary loss.
+        """
+        decoder = model.decoder
+        batch, length = input_ids.shape
+        encoder_ids = input_ids.masked_fill(masked, model.text_encoder.mask_token_id)
+        features = model.encode_text_tokens(encoder_ids, attention_mask)                    # (B, L, text_dim)
+        text = text_segment(decoder, features, attention_mask)
+        positions = torch.arange(length, device=input_ids.device)
+        spe_in_place = decoder.spe(batch, length, positions)                                # (B, L, d)
+        words = Segment(
+            embeddings=torch.where(masked[..., None], spe_in_place, text.embeddings),
+            padding=text.padding,
+            modality="text",
+            token_modality=torch.where(masked, MODALITY_IDS["spe"], MODALITY_IDS["text"]),
+        )
+        out = build_sequence([spe_segment(decoder, batch), words], self.name, is_input=True).run(decoder)
+        return out.hidden[:, 1:][masked], out.aux_loss
+
+    def _forward(self, model, texts: Sequence[str], generator: torch.Generator | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits (M, V) at the masked positions, their token ids (M,), their vocabulary targets (M,), aux loss."""
+        tokens = model.tokenize(texts)
+        input_ids, attention_mask = tokens["input_ids"], tokens["attention_mask"]
+        masked = choose_masked_positions(input_ids, attention_mask, model.text_encoder.special_token_ids,
+                                         self.config.mask_prob, generator)
+        hidden, aux = self.masked_representations(model, input_ids, attention_mask, masked)
+        logits = model.similarity(hidden, model.vocabulary_embeddings(self.name), self.name)
+        token_ids = input_ids[masked]
+        targets = vocabulary_lookup(model.vocabulary, model.text_encoder.vocab_size)[token_ids]
+        return logits, token_ids, targets, aux
+
+    def loss(self, model, batch: MLMTaskBatch) -> dict[str, torch.Tensor]:
+        logits, _, targets, aux = self._forward(model, batch.texts, generator=None)
+        terms = {"loss_mlm": unified_loss(logits, targets, self.config.label_smoothing), "loss_moe_aux": aux}
+        accuracy = ((logits.argmax(1) == targets) & (targets != IGNORE_INDEX)).float().mean().detach()
+        return {**terms, "accuracy": accuracy, "loss": self.weighted_total(terms)}
+
+    @torch.no_grad()
+    def predict(self, model, batch: MLMTaskBatch) -> dict[str, torch.Tensor]:
+        """Mask with a fixed seed (the same positions at every evaluation) and predict the masked tokens.
+
+        Returns:
+            {"predicted": (M,) token ids, "target": (M,) the masked token ids, "accuracy": scalar}.
+        """
+        generator = torch.Generator().manual_seed(EVAL_MASK_SEED)
+        logits, token_ids, _, _ = self._forward(model, batch.texts, generator)
+        predicted = model.vocabulary[logits.argmax(1)]
+        return {"predicted": predicted, "target": token_ids, "accuracy": (predicted == token_ids).float().mean()}

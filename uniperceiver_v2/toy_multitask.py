@@ -1,0 +1,624 @@
+"""A small multi-task problem on which mixed / unmixed sampling and AdamW / MT-AdamW can be compared in seconds.
+
+Uni-Perceiver v2 trains one set of parameters on tasks whose losses differ in kind (box regression,
+classification, contrastive retrieval), in gradient scale (a DETR-style detection loss sums dozens of weighted
+terms; a retrieval loss is one cross-entropy) and in how often they are sampled (Tab. 8). Paper Sec. 4.4 argues
+that unmixed sampling (one task per iteration, see `engine/sampling.py`) makes consecutive gradients differ
+greatly, and that MT-AdamW (`engine/optim.py`) removes the problem by normalising each step's gradient and
+compensating the moments by 1 / s_k. This module builds a problem with those three ingredients, small enough
+for a CPU, and the runner that trains it with every combination the notebook
+`05_mt_adamw_and_sampling.ipynb` compares.
+
+The problem (all of it generated from one seed):
+
+* Inputs x in R^D. Every task k draws its inputs from its own distribution N(mu_k, sigma_k^2 I) (images of
+  ImageNet, COCO and web data, or text, look different), so the shared trunk has to serve several input regions.
+* A fixed random *teacher* feature map h*(x) = tanh(A x + a) (width `teacher_width`) is shared by all tasks,
+  and each task reads its target from h* with its own random head. The tasks are related (they share h*)
+  without being the same, as classification, detection and captioning share visual features.
+* Task kinds (the unscaled loss L_k, each averaged over the batch):
+    - "regression": y = B_k h*(x) + noise, L_k = mean |f_k(x) - y| (an L1 loss, like the box loss of
+      detection, whose gradient does not shrink as the error shrinks);
+    - "classification": label = argmax C_k h*(x), L_k = cross-entropy;
+    - "retrieval": each x is paired with a "text" t = G h*(x) + noise from another distribution; both go
+      through the same trunk, and L_k is the symmetric InfoNCE loss over the batch with cosine similarity
+      and temperature tau (eq. (6)-(7) with a fixed tau), so the other pairs of the batch are its negatives.
+* The model: a shared MLP trunk (D -> H -> H, GELU) and a linear head per task.
+* Each task has a sampling ratio s_k and a loss weight w_k (the defaults are Tab. 8's task-level values),
+  and a `loss_scale` c_k: the incidental size of its loss, which is nobody's choice. Training minimises
+  sum_k w_k c_k L_k in expectation; what the optimizer does with c_k is the point of MT-AdamW.
+
+The variants (`VARIANTS`), all with the same global batch of `batch_size` samples per iteration:
+
+* mixed + AdamW: the batch is cut into `num_slots` slots, each of a task drawn by s_k; the step minimises the
+  mean over slots of w_k c_k L_k(slot). A retrieval slot only has its own slot as negatives (no gathering).
+* unmixed + AdamW: one task per iteration, the whole batch; the step minimises w_k c_k L_k.
+* unmixed + MT-AdamW, with normalize and compensate both on, or one of them: the backward pass uses c_k L_k
+  and the optimizer gets `sampling_ratio=s_k, task_weight=w_k` (as `engine/trainer.py` does).
+
+Every variant uses the same lr, betas, weight decay and warm-up + step-decay schedule (`engine/schedule.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .engine.optim import MTAdamW, global_grad_norm
+from .engine.sampling import MixedTaskSampler, UnmixedTaskSampler
+from .engine.schedule import WarmupStepSchedule, build_lr_scheduler
+from .interference import TaskInterference, task_interference
+
+__all__ = [
+    "DEFAULT_TASKS",
+    "TASK_KINDS",
+    "VARIANTS",
+    "ToyMultiTaskModel",
+    "ToyMultiTaskProblem",
+    "ToyProblemConfig",
+    "ToyTask",
+    "TrainingRun",
+    "TrainingVariant",
+    "final_loss_table",
+    "max_parameter_difference_to_adamw",
+    "toy_interference",
+    "train_variant",
+]
+
+TASK_KINDS = ("regression", "classification", "retrieval")
+
+
+@dataclass(frozen=True)
+class ToyTask:
+    """One task of the toy problem.
+
+    Attributes:
+        name: the task's name (the paper task it stands for).
+        kind: "regression", "classification" or "retrieval" (see the module docstring).
+        num_outputs: regression targets, classes, or embedding width for retrieval.
+        sampling_weight: s_k before normalisation (Tab. 8 "sampling weight").
+        task_weight: w_k, the loss weight (Tab. 8 "scaling factor omega_k").
+        loss_scale: c_k, the incidental scale of the task's loss, e.g. a detection loss summing many
+            coefficient-weighted terms. Not a choice of the user, unlike w_k.
+        input_offset: norm of the mean mu_k of the task's input distribution (its direction is random).
+        input_std: sigma_k of the task's input distribution.
+    """
+
+    name: str
+    kind: str
+    num_outputs: int
+    sampling_weight: float
+    task_weight: float
+    loss_scale: float = 1.0
+    input_offset: float = 1.0
+    input_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"ToyTask {self.name!r}: kind must be one of {TASK_KINDS}, got {self.kind!r}")
+        if self.num_outputs < 1 or (self.kind == "classification" and self.num_outputs < 2):
+            raise ValueError(f"ToyTask {self.name!r}: num_outputs={self.num_outputs} is too small for {self.kind}")
+        for key in ("sampling_weight", "task_weight", "loss_scale", "input_std"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"ToyTask {self.name!r}: {key} must be finite and > 0, got {value}")
+        if not (math.isfinite(self.input_offset) and self.input_offset >= 0):
+            raise ValueError(f"ToyTask {self.name!r}: input_offset must be finite and >= 0, got {self.input_offset}")
+
+
+# Tab. 8's task-level sampling weights s_k and scaling factors w_k (the image-text tasks summed over their six
+# data sets: captioning 0.3 / 0.5, retrieval 0.3 / 1.0). The loss scale of detection stands for a DETR-style loss:
+# coefficients 2 + 5 + 2 + 5 + 5 (Tab. 7) per decoder layer, summed over the layers, the encoder's proposals and
+# the denoising groups, against a single cross-entropy for the other tasks.
+DEFAULT_TASKS: tuple[ToyTask, ...] = (
+    ToyTask("classification", "classification", num_outputs=10, sampling_weight=0.10, task_weight=1.0),
+    ToyTask("detection", "regression", num_outputs=4, sampling_weight=0.25, task_weight=1.0, loss_scale=20.0),
+    ToyTask("language_modelling", "classification", num_outputs=32, sampling_weight=0.05, task_weight=0.5),
+    ToyTask("captioning", "classification", num_outputs=32, sampling_weight=0.30, task_weight=0.5),
+    ToyTask("retrieval", "retrieval", num_outputs=16, sampling_weight=0.30, task_weight=1.0),
+)
+
+
+@dataclass(frozen=True)
+class ToyProblemConfig:
+    """Sizes of the toy problem and of its training runs.
+
+    Attributes:
+        tasks: the tasks, in a fixed order (the order of every table and figure).
+        input_dim: D, the input width.
+        teacher_width: width of the teacher features h*(x).
+        hidden_dim: H, the width of the student's shared trunk.
+        batch_size: the global batch per iteration (all of one task with unmixed sampling).
+        num_slots: slots per iteration with mixed sampling (per-GPU batches of a distributed run); each slot
+            holds batch_size / num_slots samples.
+        eval_size: held-out samples per task for the evaluation losses.
+        regression_noise: standard deviation of the noise added to regression targets.
+        retrieval_noise: standard deviation of the noise of the retrieval "text" side.
+        temperature: tau of the retrieval loss.
+        lr, betas, weight_decay: optimizer settings shared by every variant.
+        warmup_fraction: linear warm-up length as a fraction of the run.
+        decay_fractions: where the lr is multiplied by 0.1 (the paper: at 80 % of training).
+    """
+
+    tasks: tuple[ToyTask, ...] = DEFAULT_TASKS
+    input_dim: int = 16
+    teacher_width: int = 32
+    hidden_dim: int = 64
+    batch_size: int = 64
+    num_slots: int = 4
+    eval_size: int = 512
+    regression_noise: float = 0.1
+    retrieval_noise: float = 0.3
+    temperature: float = 0.1
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.05
+    decay_fractions: tuple[float, ...] = (0.8,)
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("ToyProblemConfig.tasks: no tasks given")
+        names = [task.name for task in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"ToyProblemConfig.tasks: task names must be unique, got {names}")
+        for key in ("input_dim", "teacher_width", "hidden_dim", "batch_size", "num_slots", "eval_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"ToyProblemConfig.{key} must be >= 1, got {getattr(self, key)}")
+        if self.batch_size % self.num_slots:
+            raise ValueError(f"ToyProblemConfig: batch_size={self.batch_size} must be divisible by "
+                             f"num_slots={self.num_slots} (each slot holds batch_size / num_slots samples)")
+        if self.batch_size // self.num_slots < 2 and any(task.kind == "retrieval" for task in self.tasks):
+            raise ValueError("ToyProblemConfig: a retrieval slot needs at least 2 samples (one negative); "
+                             f"batch_size / num_slots = {self.batch_size // self.num_slots}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"ToyProblemConfig.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+
+    @property
+    def task_names(self) -> list[str]:
+        return [task.name for task in self.tasks]
+
+
+class ToyMultiTaskModel(nn.Module):
+    """Shared MLP trunk with one linear head per task.
+
+    Args:
+        config: the problem's sizes and tasks.
+
+    forward(x (B, D), task) -> (B, num_outputs of the task): regression outputs, class logits, or retrieval
+    embeddings (not normalised; the loss normalises them).
+    """
+
+    def __init__(self, config: ToyProblemConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_dim
+        self.trunk = nn.Sequential(
+            nn.Linear(config.input_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU()
+        )
+        self.heads = nn.ModuleDict({task.name: nn.Linear(hidden, task.num_outputs) for task in config.tasks})
+
+    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        if task not in self.heads:
+            raise KeyError(f"ToyMultiTaskModel: unknown task {task!r}; tasks: {list(self.heads)}")
+        return self.heads[task](self.trunk(x))
+
+
+@dataclass
+class ToyBatch:
+    """A batch of one task: `inputs` (B, D); `targets` (B, outputs) float for regression, (B,) long class
+    labels for classification, (B, D) paired "text" inputs for retrieval."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+
+class ToyMultiTaskProblem:
+    """The tasks' data distributions, teacher and losses, all fixed by `seed`.
+
+    Args:
+        config: sizes and tasks.
+        seed: fixes the input distributions, the teacher, its task heads and the evaluation sets.
+    """
+
+    def __init__(self, config: ToyProblemConfig | None = None, seed: int = 0) -> None:
+        self.config = config or ToyProblemConfig()
+        self.seed = seed
+        c = self.config
+        generator = torch.Generator().manual_seed(seed)
+        d, w = c.input_dim, c.teacher_width
+        self.teacher_weight = torch.randn(w, d, generator=generator) * (1.5 / math.sqrt(d))  # A (W, D)
+        self.teacher_bias = torch.randn(w, generator=generator) * 0.5  # a (W,)
+        self.tasks: dict[str, ToyTask] = {task.name: task for task in c.tasks}
+        self.input_mean: dict[str, torch.Tensor] = {}  # mu_k (D,)
+        self.teacher_heads: dict[str, torch.Tensor] = {}  # (outputs, W), or G (D, W) for retrieval
+        for task in c.tasks:
+            direction = torch.randn(d, generator=generator)
+            self.input_mean[task.name] = task.input_offset * direction / direction.norm()
+            rows = d if task.kind == "retrieval" else task.num_outputs
+            # Unit-variance-ish targets: h* has entries in (-1, 1), so 1/sqrt(W) keeps B_k h* of order 1.
+            self.teacher_heads[task.name] = torch.randn(rows, w, generator=generator) * (2.0 / math.sqrt(w))
+        # eval_size rounded up to whole groups of batch_size, for the retrieval loss's fixed group size.
+        eval_size = c.batch_size * math.ceil(c.eval_size / c.batch_size)
+        self.eval_batches: dict[str, ToyBatch] = {
+            task.name: self.sample(task.name, eval_size, generator) for task in c.tasks
+        }
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.config.task_names
+
+    @property
+    def sampling_ratios(self) -> dict[str, float]:
+        """s_k, normalised to sum to 1."""
+        total = math.fsum(task.sampling_weight for task in self.config.tasks)
+        return {task.name: task.sampling_weight / total for task in self.config.tasks}
+
+    def teacher_features(self, x: torch.Tensor) -> torch.Tensor:
+        """h*(x) = tanh(A x + a): (B, D) -> (B, W)."""
+        return torch.tanh(x @ self.teacher_weight.T + self.teacher_bias)
+
+    def sample(self, task: str, batch_size: int, generator: torch.Generator) -> ToyBatch:
+        """A fresh batch of `task`, drawn with `generator`."""
+        spec = self._task(task)
+        c = self.config
+        x = self.input_mean[task] + spec.input_std * torch.randn(batch_size, c.input_dim, generator=generator)
+        features = self.teacher_features(x)  # (B, W)
+        head = self.teacher_heads[task]
+        if spec.kind == "regression":
+            noise = c.regression_noise * torch.randn(batch_size, spec.num_outputs, generator=generator)
+            return ToyBatch(x, features @ head.T + noise)
+        if spec.kind == "classification":
+            return ToyBatch(x, (features @ head.T).argmax(dim=1))
+        text = features @ head.T + c.retrieval_noise * torch.randn(batch_size, c.input_dim, generator=generator)
+        return ToyBatch(x, text)
+
+    def loss(self, model: ToyMultiTaskModel, task: str, batch: ToyBatch, group_size: int | None = None) -> torch.Tensor:
+        """L_k of the batch: unscaled (no c_k, no w_k), averaged over the batch; a scalar tensor.
+
+        Args:
+            group_size: retrieval only: score the batch as independent groups of this many pairs (each pair's
+                negatives are the other pairs of its group, as on one GPU without gathering); default the whole
+                batch. The batch size must be a multiple of it.
+        """
+        spec = self._task(task)
+        output = model(batch.inputs, task)
+        if spec.kind == "regression":
+            return (output - batch.targets).abs().mean()
+        if spec.kind == "classification":
+            return F.cross_entropy(output, batch.targets)
+        # Symmetric InfoNCE: pair i's "image" must pick its own "text" among its group's, and vice versa.
+        size = len(output)
+        group_size = group_size or size
+        if size % group_size:
+            raise ValueError(f"retrieval loss: batch of {size} pairs is not a multiple of group_size={group_size}")
+        image = F.normalize(output, dim=1).reshape(size // group_size, group_size, -1)  # (G, b, E)
+        text = F.normalize(model(batch.targets, task), dim=1).reshape(size // group_size, group_size, -1)
+        logits = image @ text.transpose(1, 2) / self.config.temperature  # (G, b, b)
+        labels = torch.arange(group_size, device=logits.device).repeat(size // group_size)  # (G * b,)
+        image_to_text = F.cross_entropy(logits.reshape(-1, group_size), labels)
+        text_to_image = F.cross_entropy(logits.transpose(1, 2).reshape(-1, group_size), labels)
+        return 0.5 * (image_to_text + text_to_image)
+
+    @torch.no_grad()
+    def evaluate(self, model: ToyMultiTaskModel) -> dict[str, float]:
+        """Held-out L_k of every task (unscaled). Retrieval is scored in groups of `batch_size` pairs, so its
+        loss always has batch_size - 1 negatives, whatever slot size the model was trained with."""
+        return {task: float(self.loss(model, task, batch, group_size=self.config.batch_size))
+                for task, batch in self.eval_batches.items()}
+
+    def build_model(self, seed: int) -> ToyMultiTaskModel:
+        """A freshly initialised student; the same seed gives the same weights."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return ToyMultiTaskModel(self.config)
+
+    def _task(self, task: str) -> ToyTask:
+        if task not in self.tasks:
+            raise KeyError(f"unknown toy task {task!r}; tasks: {self.task_names}")
+        return self.tasks[task]
+
+
+@dataclass(frozen=True)
+class TrainingVariant:
+    """One combination of sampling strategy and optimizer.
+
+    Attributes:
+        name: label used in tables and figures.
+        sampling: "mixed" or "unmixed".
+        optimizer: "adamw" (torch.optim.AdamW) or "mt_adamw" (engine.optim.MTAdamW).
+        normalize, compensate: MTAdamW's switches (only for optimizer="mt_adamw").
+    """
+
+    name: str
+    sampling: str
+    optimizer: str
+    normalize: bool = False
+    compensate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sampling not in ("mixed", "unmixed"):
+            raise ValueError(f"variant {self.name!r}: sampling must be 'mixed' or 'unmixed', got {self.sampling!r}")
+        if self.optimizer not in ("adamw", "mt_adamw"):
+            raise ValueError(f"variant {self.name!r}: optimizer must be 'adamw' or 'mt_adamw', "
+                             f"got {self.optimizer!r}")
+        if self.optimizer == "adamw" and (self.normalize or self.compensate):
+            raise ValueError(f"variant {self.name!r}: normalize / compensate need optimizer='mt_adamw'")
+        if self.sampling == "mixed" and self.optimizer == "mt_adamw":
+            # A mixed iteration holds several tasks: there is no single s_k to compensate with.
+            raise ValueError(f"variant {self.name!r}: MT-AdamW is defined for unmixed sampling (one task per step)")
+
+
+VARIANTS: tuple[TrainingVariant, ...] = (
+    TrainingVariant("mixed + AdamW", "mixed", "adamw"),
+    TrainingVariant("unmixed + AdamW", "unmixed", "adamw"),
+    TrainingVariant("unmixed + MT-AdamW (normalize only)", "unmixed", "mt_adamw", normalize=True),
+    TrainingVariant("unmixed + MT-AdamW (compensate only)", "unmixed", "mt_adamw", compensate=True),
+    TrainingVariant("unmixed + MT-AdamW", "unmixed", "mt_adamw", normalize=True, compensate=True),
+)
+
+
+@dataclass
+class TrainingRun:
+    """Everything logged by one `train_variant` call.
+
+    Attributes:
+        variant, seed, iterations: what was run.
+        step_tasks: (iterations,) the task of each iteration; "mixed" for mixed sampling.
+        grad_norms: (iterations,) global L2 norm of the gradient the optimizer received (before MT-AdamW's
+            normalisation; with AdamW it includes w_k, with MT-AdamW w_k goes to the optimizer instead).
+        train_losses: task -> list of (iteration, unscaled L_k of that iteration's batch or slot).
+        eval_iterations: iterations at which every task was evaluated (0 = before training).
+        eval_losses: task -> held-out L_k at each of eval_iterations.
+        model: the trained model.
+    """
+
+    variant: TrainingVariant
+    seed: int
+    iterations: int
+    step_tasks: list[str] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    train_losses: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    eval_iterations: list[int] = field(default_factory=list)
+    eval_losses: dict[str, list[float]] = field(default_factory=dict)
+    model: ToyMultiTaskModel | None = None
+
+    @property
+    def final_losses(self) -> dict[str, float]:
+        """Held-out L_k of every task after the last iteration."""
+        return {task: losses[-1] for task, losses in self.eval_losses.items()}
+
+    def records(self) -> list[dict]:
+        """The training log as flat records (`viz.plot_curves` reads them): one per task per iteration with
+        "loss" and, for unmixed runs, "grad_norm"; eval records have kind="eval" and "eval_loss"."""
+        records = []
+        by_iteration: dict[int, list[tuple[str, float]]] = {}
+        for task, points in self.train_losses.items():
+            for iteration, value in points:
+                by_iteration.setdefault(iteration, []).append((task, value))
+        for iteration in sorted(by_iteration):
+            for task, value in by_iteration[iteration]:
+                record = {"iteration": iteration, "kind": "train", "variant": self.variant.name, "task": task,
+                          "loss": value}
+                if self.step_tasks[iteration] == task:
+                    record["grad_norm"] = self.grad_norms[iteration]
+                records.append(record)
+        for index, iteration in enumerate(self.eval_iterations):
+            for task, values in self.eval_losses.items():
+                records.append({"iteration": iteration, "kind": "eval", "variant": self.variant.name, "task": task,
+                                "eval_loss": values[index]})
+        return records
+
+
+def _build_optimizer(model: nn.Module, variant: TrainingVariant, config: ToyProblemConfig) -> torch.optim.Optimizer:
+    params = list(model.parameters())
+    if variant.optimizer == "adamw":
+        # foreach=False: the same per-parameter arithmetic as MTAdamW, so the two can be compared exactly.
+        return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+                                 foreach=False)
+    return MTAdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+                   normalize=variant.normalize, compensate=variant.compensate)
+
+
+def train_variant(
+    problem: ToyMultiTaskProblem,
+    variant: TrainingVariant,
+    iterations: int,
+    seed: int = 0,
+    eval_every: int | None = None,
+) -> TrainingRun:
+    """Train a fresh student on the toy problem with one variant and log everything.
+
+    The model's initial weights, the task sequence and the data stream depend only on `seed` (and whether the
+    sampling is mixed or unmixed), so two variants with the same sampling and seed see the same tasks and the
+    same batches in the same order, and differ only in their optimizer.
+
+    Args:
+        problem: the toy problem.
+        variant: sampling strategy and optimizer.
+        iterations: optimizer steps.
+        seed: run seed (model init, task draws, batches).
+        eval_every: evaluate all tasks every this many iterations (default: about 40 points per run).
+
+    Returns:
+        The run's logs and trained model.
+    """
+    if iterations < 1:
+        raise ValueError(f"train_variant: iterations must be >= 1, got {iterations}")
+    config = problem.config
+    eval_every = eval_every or max(1, iterations // 40)
+    model = problem.build_model(seed)
+    optimizer = _build_optimizer(model, variant, config)
+    schedule = WarmupStepSchedule(
+        total_iterations=iterations,
+        warmup_iterations=int(config.warmup_fraction * iterations),
+        decay_fractions=config.decay_fractions,
+    )
+    scheduler = build_lr_scheduler(optimizer, schedule)
+    names = problem.task_names
+    weights = [problem.tasks[name].sampling_weight for name in names]
+    if variant.sampling == "unmixed":
+        sampler: UnmixedTaskSampler | MixedTaskSampler = UnmixedTaskSampler(names, weights, seed=seed)
+    else:
+        sampler = MixedTaskSampler(names, weights, seed=seed, num_slots=config.num_slots)
+    data_generator = torch.Generator().manual_seed(10_000 + seed)
+
+    run = TrainingRun(variant=variant, seed=seed, iterations=iterations, model=model,
+                      train_losses={name: [] for name in names}, eval_losses={name: [] for name in names})
+
+    def evaluate(iteration: int) -> None:
+        run.eval_iterations.append(iteration)
+        for task, value in problem.evaluate(model).items():
+            run.eval_losses[task].append(value)
+
+    evaluate(0)
+    for iteration in range(iterations):
+        optimizer.zero_grad(set_to_none=True)
+        if isinstance(sampler, UnmixedTaskSampler):
+            task = sampler.task_for_iteration(iteration)
+            spec = problem.tasks[task]
+            loss = problem.loss(model, task, problem.sample(task, config.batch_size, data_generator))
+            # AdamW sees w_k inside the loss (eq. (7)); MT-AdamW gets w_k as task_weight (engine/trainer.py).
+            weight = spec.loss_scale * (spec.task_weight if variant.optimizer == "adamw" else 1.0)
+            (weight * loss).backward()
+            run.train_losses[task].append((iteration, loss.item()))
+            run.step_tasks.append(task)
+        else:
+            slot_size = config.batch_size // config.num_slots
+            total = 0.0
+            for task in sampler.slots_for_iteration(iteration):
+                spec = problem.tasks[task]
+                loss = problem.loss(model, task, problem.sample(task, slot_size, data_generator))
+                # The mean over slots, as DDP averages the ranks' gradients.
+                total = total + spec.loss_scale * spec.task_weight * loss / config.num_slots
+                run.train_losses[task].append((iteration, loss.item()))
+            total.backward()
+            run.step_tasks.append("mixed")
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        run.grad_norms.append(float(global_grad_norm(grads)))
+        if isinstance(optimizer, MTAdamW):
+            optimizer.step(sampling_ratio=sampler.sampling_ratio(task), task_weight=spec.task_weight)
+        else:
+            optimizer.step()
+        scheduler.step()
+        if (iteration + 1) % eval_every == 0 or iteration + 1 == iterations:
+            evaluate(iteration + 1)
+    return run
+
+
+def final_loss_table(runs: Sequence[TrainingRun], task_names: Sequence[str]) -> dict:
+    """Final held-out losses per variant, mean and standard deviation over the runs' seeds.
+
+    Returns:
+        {"columns": ["variant", *task_names, "seeds"], "rows": [[name, "mean ± std", ..., n], ...],
+         "mean": {variant: {task: mean}}, "std": {variant: {task: std}}}; rows in order of first appearance.
+    """
+    by_variant: dict[str, list[TrainingRun]] = {}
+    for run in runs:
+        by_variant.setdefault(run.variant.name, []).append(run)
+    columns = ["variant", *task_names, "seeds"]
+    rows, means, stds = [], {}, {}
+    for name, variant_runs in by_variant.items():
+        values = np.array([[run.final_losses[task] for task in task_names] for run in variant_runs])  # (S, K)
+        mean = values.mean(axis=0)
+        std = values.std(axis=0, ddof=1) if len(variant_runs) > 1 else np.zeros(len(task_names))
+        means[name] = dict(zip(task_names, mean.tolist()))
+        stds[name] = dict(zip(task_names, std.tolist()))
+        rows.append([name, *[f"{m:.3f} ± {s:.3f}" for m, s in zip(mean, std)], len(variant_runs)])
+    return {"columns": columns, "rows": rows, "mean": means, "std": stds}
+
+
+def max_parameter_difference_to_adamw(problem: ToyMultiTaskProblem, iterations: int, seed: int = 0) -> float:
+    """Train two copies with unmixed sampling, one with torch.optim.AdamW and one with
+    MTAdamW(normalize=False, compensate=False), on the same tasks and batches, and return the largest absolute
+    difference between their parameters afterwards (0 up to float rounding if MTAdamW reduces to AdamW)."""
+    config = problem.config
+    names = problem.task_names
+    sampler = UnmixedTaskSampler(names, [problem.tasks[n].sampling_weight for n in names], seed=seed)
+    reference = problem.build_model(seed)
+    ours = copy.deepcopy(reference)
+    reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=config.lr, betas=config.betas,
+                                            weight_decay=config.weight_decay, foreach=False)
+    our_optimizer = MTAdamW(ours.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+                            normalize=False, compensate=False)
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    for iteration in range(iterations):
+        task = sampler.task_for_iteration(iteration)
+        spec = problem.tasks[task]
+        batch = problem.sample(task, config.batch_size, generator)
+        for model, optimizer in ((reference, reference_optimizer), (ours, our_optimizer)):
+            optimizer.zero_grad(set_to_none=True)
+            (spec.loss_scale * spec.task_weight * problem.loss(model, task, batch)).backward()
+        reference_optimizer.step()
+        our_optimizer.step(sampling_ratio=sampler.sampling_ratio(task))
+    return max(float((a - b).abs().max()) for a, b in zip(reference.parameters(), ours.parameters()))
+
+
+def toy_interference(
+    problem: ToyMultiTaskProblem,
+    model: ToyMultiTaskModel,
+    parameters: str | Sequence[str] = "trunk",
+    num_batches: int = 50,
+    seed: int = 0,
+) -> TaskInterference:
+    """Task interference I(i -> j) (DESIGN.md, `uniperceiver_v2.interference`) of the toy tasks on `model`'s
+    shared parameters (default: the whole trunk; "trunk.0" / "trunk.2" are its two Linear layers).
+
+    Gradients are those of the unscaled L_k: the metric is a ratio of dot products with unit directions, so
+    c_k and w_k cancel out of it anyway.
+    """
+    generator = torch.Generator().manual_seed(20_000 + seed)
+    batch_size = problem.config.batch_size
+
+    def closure(task: str):
+        return lambda: problem.loss(model, task, problem.sample(task, batch_size, generator))
+
+    return task_interference(model, {task: closure(task) for task in problem.task_names},
+                             parameters=parameters, num_batches=num_batches)
+
+
+def mean_curves(runs: Sequence[TrainingRun], task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Evaluation curve of `task` over runs of one variant: (iterations (P,), mean (P,), min (P,), max (P,)).
+    The runs must share their evaluation iterations (same `iterations` and `eval_every`)."""
+    if not runs:
+        raise ValueError("mean_curves: no runs given")
+    iterations = runs[0].eval_iterations
+    for run in runs[1:]:
+        if run.eval_iterations != iterations:
+            raise ValueError(f"mean_curves: runs of {run.variant.name!r} (seeds {runs[0].seed}, {run.seed}) were "
+                             "evaluated at different iterations")
+    values = np.array([run.eval_losses[task] for run in runs])  # (S, P)
+    return np.asarray(iterations), values.mean(axis=0), values.min(axis=0), values.max(axis=0)
+
+
+def grad_norm_ratio(run: TrainingRun) -> dict[str, float]:
+    """Median gradient norm of each task's iterations in an unmixed run, divided by the smallest median: how
+    much larger one task's raw gradient is than another's."""
+    tasks = np.array(run.step_tasks)
+    norms = np.array(run.grad_norms)
+    medians = {task: float(np.median(norms[tasks == task])) for task in dict.fromkeys(run.step_tasks)
+               if task != "mixed"}
+    if not medians:
+        raise ValueError(f"grad_norm_ratio: run {run.variant.name!r} has no per-task iterations (mixed sampling)")
+    smallest = min(medians.values())
+    return {task: value / smallest for task, value in medians.items()}
+
+
+def run_comparison(
+    problem: ToyMultiTaskProblem,
+    iterations: int,
+    seeds: Sequence[int],
+    variants: Sequence[TrainingVariant] = VARIANTS,
+    eval_every: int | None = None,
+) -> dict[str, list[TrainingRun]]:
+    """Train every variant with every seed: variant name -> runs (in seed order)."""
+    return {
+        variant.name: [train_variant(problem, variant, iterations, seed=seed, eval_every=eval_every) for seed in seeds]
+        for variant in variants
+    }

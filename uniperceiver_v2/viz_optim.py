@@ -1,0 +1,258 @@
+"""Figures of multi-task optimisation (paper Sec. 4.4): task sequences of the samplers, sampling weights,
+gradient norms per iteration, evaluation curves per task and variant, and the task-interference matrix.
+
+Same conventions as `uniperceiver_v2/viz.py` (which may absorb this module): plain inputs (lists, numpy arrays,
+torch tensors), every function returns the `matplotlib.figure.Figure` it drew on, built without pyplot, and
+never calls `plt.show()`. A task always has the colour `viz.class_color(index of the task in task_names)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from .viz import class_color, to_numpy
+
+__all__ = [
+    "plot_eval_curves",
+    "plot_grad_norms",
+    "plot_interference",
+    "plot_sampling_weights",
+    "plot_task_sequence",
+]
+
+_VARIANT_COLORS = matplotlib.colormaps["tab10"]
+_MIXED_COLOR = (0.35, 0.35, 0.35)
+
+
+def _task_indices(tasks: Sequence[str], task_names: Sequence[str], what: str) -> np.ndarray:
+    index = {name: i for i, name in enumerate(task_names)}
+    unknown = sorted({task for task in tasks if task not in index})
+    if unknown:
+        raise ValueError(f"{what}: task(s) {unknown} are not in task_names {list(task_names)}")
+    return np.array([index[task] for task in tasks], dtype=np.int64)
+
+
+def _task_legend(ax: Axes, task_names: Sequence[str], **kwargs: Any) -> None:
+    handles = [Line2D([], [], marker="s", linestyle="", markersize=8, color=class_color(i), label=name)
+               for i, name in enumerate(task_names)]
+    ax.legend(handles=handles, fontsize=7, **kwargs)
+
+
+def plot_task_sequence(unmixed_tasks: Sequence[str], mixed_slots: Sequence[Sequence[str]],
+                       task_names: Sequence[str], sampling_ratios: Mapping[str, float],
+                       title: str | None = None) -> Figure:
+    """The tasks drawn by unmixed and mixed sampling, iteration by iteration, and how often each was drawn.
+
+    Args:
+        unmixed_tasks: (T,) the task of each iteration (`UnmixedTaskSampler.task_for_iteration`).
+        mixed_slots: (T, S) the task of each slot of each iteration (`MixedTaskSampler.slots_for_iteration`).
+        task_names: the tasks, fixing their colours and order.
+        sampling_ratios: s_k of every task, drawn next to the observed frequencies.
+    """
+    unmixed = _task_indices(list(unmixed_tasks), task_names, "unmixed_tasks")  # (T,)
+    if not len(mixed_slots):
+        raise ValueError("mixed_slots: no iterations given")
+    slots = len(mixed_slots[0])
+    if any(len(row) != slots for row in mixed_slots):
+        raise ValueError(f"mixed_slots: every iteration must have the same number of slots ({slots})")
+    mixed = _task_indices([task for row in mixed_slots for task in row], task_names,
+                          "mixed_slots").reshape(len(mixed_slots), slots).T  # (S, T)
+    missing = [name for name in task_names if name not in sampling_ratios]
+    if missing:
+        raise ValueError(f"sampling_ratios: no s_k for task(s) {missing}")
+
+    fig = Figure(figsize=(13.0, 3.6), layout="constrained")
+    grid = fig.add_gridspec(2, 2, width_ratios=[3.2, 1.0], height_ratios=[1.0, max(1.0, slots / 2)])
+    cmap = ListedColormap([class_color(i) for i in range(len(task_names))])
+    top, bottom = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, 0])
+    top.imshow(unmixed[None, :], cmap=cmap, vmin=-0.5, vmax=len(task_names) - 0.5, aspect="auto",
+               interpolation="nearest")
+    top.set_yticks([0], ["all GPUs"], fontsize=8)
+    top.set_title("unmixed: one task per iteration, the whole global batch", fontsize=9, loc="left")
+    bottom.imshow(mixed, cmap=cmap, vmin=-0.5, vmax=len(task_names) - 0.5, aspect="auto", interpolation="nearest")
+    bottom.set_yticks(range(slots), [f"slot {s}" for s in range(slots)], fontsize=7)
+    bottom.set_title(f"mixed: {slots} slots (per-GPU batches) per iteration, each with its own task", fontsize=9,
+                     loc="left")
+    bottom.set_xlabel("iteration")
+    top.set_xticks([])
+
+    bars = fig.add_subplot(grid[:, 1])
+    positions = np.arange(len(task_names))
+    unmixed_freq = np.bincount(unmixed, minlength=len(task_names)) / len(unmixed)
+    mixed_freq = np.bincount(mixed.reshape(-1), minlength=len(task_names)) / mixed.size
+    colors = [class_color(i) for i in range(len(task_names))]
+    bars.barh(positions - 0.2, unmixed_freq, height=0.38, color=colors, label="unmixed (iterations)")
+    bars.barh(positions + 0.2, mixed_freq, height=0.38, color=colors, alpha=0.45, hatch="//",
+              label="mixed (slots)")
+    bars.scatter([sampling_ratios[name] for name in task_names], positions, marker="|", s=300, color="black",
+                 zorder=3, label="$s_k$")
+    bars.set_yticks(positions, list(task_names), fontsize=8)
+    bars.invert_yaxis()
+    bars.set_xlabel("fraction drawn")
+    bars.legend(fontsize=7, loc="lower right")
+    bars.grid(axis="x", alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_sampling_weights(names: Sequence[str], weights: Mapping[str, Sequence[float]],
+                          title: str | None = None, ax: Axes | None = None) -> Figure:
+    """Grouped bars of several sets of sampling weights for the same data sets (e.g. a paper's table next to
+    a rule such as sqrt(dataset size)).
+
+    Args:
+        names: the data sets (bar groups).
+        weights: legend label -> one weight per data set.
+    """
+    for label, values in weights.items():
+        if len(values) != len(names):
+            raise ValueError(f"weights[{label!r}]: expected {len(names)} values (one per data set), got {len(values)}")
+    if ax is None:
+        fig = Figure(figsize=(1.2 + 1.1 * len(names), 3.4), layout="constrained")
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
+    width = 0.8 / max(1, len(weights))
+    positions = np.arange(len(names))
+    for index, (label, values) in enumerate(weights.items()):
+        offset = (index - (len(weights) - 1) / 2) * width
+        drawn = ax.bar(positions + offset, to_numpy(values), width=width * 0.95, label=label,
+                       color=_VARIANT_COLORS(index))
+        ax.bar_label(drawn, fmt="%.3f", fontsize=6, rotation=90, padding=2)
+    ax.set_xticks(positions, list(names), fontsize=8, rotation=20, ha="right")
+    ax.set_ylabel("sampling weight $s_k$")
+    ax.margins(y=0.25)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
+def plot_grad_norms(runs: Mapping[str, tuple[Sequence[str], Sequence[float]]], task_names: Sequence[str],
+                    title: str | None = None) -> Figure:
+    """Raw global gradient norm of every iteration, one panel per run, each point coloured by its task.
+
+    Args:
+        runs: run label -> (step_tasks (T,), grad_norms (T,)); a step task "mixed" (an iteration holding
+            several tasks) is drawn in grey.
+        task_names: the tasks, fixing their colours.
+    """
+    if not runs:
+        raise ValueError("plot_grad_norms: no runs given")
+    fig = Figure(figsize=(4.4 * len(runs), 3.3), layout="constrained")
+    axes = fig.subplots(1, len(runs), squeeze=False, sharey=True)[0]
+    for ax, (label, (tasks, norms)) in zip(axes, runs.items()):
+        norms = to_numpy(norms).astype(np.float64).reshape(-1)
+        if len(tasks) != len(norms):
+            raise ValueError(f"runs[{label!r}]: {len(tasks)} step tasks but {len(norms)} gradient norms")
+        iterations = np.arange(len(norms))
+        is_mixed = np.array([task == "mixed" for task in tasks], dtype=bool)
+        if is_mixed.any():
+            ax.scatter(iterations[is_mixed], norms[is_mixed], s=4, color=_MIXED_COLOR, label="mixed iteration")
+        if (~is_mixed).any():
+            indices = _task_indices([t for t, m in zip(tasks, is_mixed) if not m], task_names, f"runs[{label!r}]")
+            ax.scatter(iterations[~is_mixed], norms[~is_mixed], s=4,
+                       c=[class_color(i) for i in indices])
+        ax.set_yscale("log")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("global gradient norm ||grad||")
+    _task_legend(axes[-1], task_names, loc="best", markerscale=0.8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_eval_curves(curves: Mapping[str, Mapping[str, tuple[Any, Any, Any, Any]]], task_names: Sequence[str],
+                     ncols: int = 3, logy: bool = False, title: str | None = None) -> Figure:
+    """Held-out loss of every task during training, one panel per task, one line per variant.
+
+    Args:
+        curves: variant label -> task -> (iterations (P,), mean (P,), low (P,), high (P,)); the band between
+            low and high (e.g. min and max over seeds) is shaded.
+        task_names: the panels, in order.
+        ncols: panels per row.
+        logy: logarithmic y axis.
+    """
+    if not curves:
+        raise ValueError("plot_eval_curves: no curves given")
+    rows = -(-len(task_names) // ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.0 * rows), layout="constrained")
+    axes = list(fig.subplots(rows, ncols, squeeze=False).flat)
+    for ax in axes[len(task_names):]:
+        ax.set_axis_off()
+    for index, (label, per_task) in enumerate(curves.items()):
+        color = _VARIANT_COLORS(index)
+        for ax, task in zip(axes, task_names):
+            if task not in per_task:
+                raise ValueError(f"curves[{label!r}]: no curve for task {task!r}")
+            iterations, mean, low, high = (to_numpy(a).astype(np.float64).reshape(-1) for a in per_task[task])
+            if not len(iterations) == len(mean) == len(low) == len(high):
+                raise ValueError(f"curves[{label!r}][{task!r}]: iterations, mean, low and high differ in length")
+            ax.plot(iterations, mean, color=color, linewidth=1.3, label=label)
+            ax.fill_between(iterations, low, high, color=color, alpha=0.15, linewidth=0)
+    for ax, task in zip(axes, task_names):
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("held-out loss")
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if len(task_names) < len(axes):
+        axes[-1].legend(handles, labels, loc="center", fontsize=8, frameon=False)
+    else:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)), fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_interference(matrix: Any, task_names: Sequence[str], title: str | None = None,
+                      ax: Axes | None = None) -> Figure:
+    """The task-interference matrix I(i -> j) (DESIGN.md; `uniperceiver_v2.interference`) as a heat map.
+
+    Args:
+        matrix: (K, K), matrix[i, j] = I(task i -> task j): > 0 training task i lowers task j's loss, < 0 it
+            raises it; the diagonal is 1. Rows are the task trained, columns the task affected.
+        task_names: the K tasks.
+
+    The colour scale is symmetric around 0 (red: helps, blue: hurts) and spans at least [-1, 1], so the
+    diagonal's 1 is the reference for every other cell.
+    """
+    values = to_numpy(matrix).astype(np.float64)
+    if values.ndim != 2 or values.shape[0] != values.shape[1]:
+        raise ValueError(f"matrix: expected a square (K, K) array, got shape {values.shape}")
+    if len(task_names) != len(values):
+        raise ValueError(f"task_names: expected {len(values)} names, got {len(task_names)}")
+    if ax is None:
+        size = 1.8 + 0.75 * len(values)
+        fig = Figure(figsize=(size + 1.2, size), layout="constrained")
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
+    limit = max(1.0, float(np.nanmax(np.abs(values))))
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+    fig.colorbar(image, ax=ax, shrink=0.85, label="I(i -> j)")
+    for i in range(len(values)):
+        for j in range(len(values)):
+            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if abs(values[i, j]) > 0.6 * limit else "black")
+    ax.set_xticks(range(len(values)), list(task_names), rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(values)), list(task_names), fontsize=8)
+    ax.set_xlabel("task j (affected)")
+    ax.set_ylabel("task i (trained)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
