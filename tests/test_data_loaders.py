@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pycocotools.mask as mask_utils
 import pytest
 import torch
 from PIL import Image
@@ -26,6 +27,7 @@ from uniperceiver_v2.data import (
     TextCorpus,
     read_image,
 )
+from uniperceiver_v2.data.coco import rle_string_to_counts
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 IMAGES = FIXTURES / "images"
@@ -241,25 +243,32 @@ def test_unreadable_json_is_a_data_error(tmp_path):
         CocoInstances(IMAGES, tmp_path / "absent.json")
 
 
-@pytest.mark.parametrize(
-    "edit, reason",
-    [
-        (lambda d: d["annotations"][1].update(bbox=[9.0, 1.0, 0.0, 4.0]), "degenerate box"),
-        (lambda d: d["annotations"][1].update(bbox=[9.0, 1.0, 5.0, -2.0]), "degenerate box"),
-        (lambda d: d["annotations"][1].update(bbox=[40.0, 1.0, 5.0, 4.0]), "lies outside"),
-        (lambda d: d["annotations"][1].update(image_id=999), "unknown image_id"),
-        (lambda d: d["annotations"][1].update(category_id=55), "unknown category_id 55"),
-        (lambda d: d["annotations"][1].update(segmentation=[[1.0, 2.0, 3.0, 4.0]]), "bad segmentation"),
-        (
-            lambda d: d["annotations"][1].update(segmentation={"size": [5, 5], "counts": "abc"}),
-            "bad segmentation: RLE size",
-        ),
-    ],
-    ids=["zero-width", "negative-height", "outside", "unknown-image", "unknown-category", "short-polygon", "rle-size"],
-)
-def test_invalid_annotation_policy(tmp_path, caplog, edit, reason):
-    path = _edited_instances(tmp_path, edit)
-    with pytest.raises(DataError, match=rf"annotation id=2 .*{reason}"):
+def _rle(counts) -> dict:
+    return {"segmentation": {"size": [12, 16], "counts": counts}}
+
+
+# (index of the edited annotation in the fixture, fields to change, reason expected in the error / summary)
+INVALID_ANNOTATIONS = {
+    "zero-width": (1, {"bbox": [9.0, 1.0, 0.0, 4.0]}, "degenerate box"),
+    "negative-height": (1, {"bbox": [9.0, 1.0, 5.0, -2.0]}, "degenerate box"),
+    "outside": (1, {"bbox": [40.0, 1.0, 5.0, 4.0]}, "lies outside"),
+    "unknown-image": (1, {"image_id": 999}, "unknown image_id"),
+    "unknown-category": (1, {"category_id": 55}, "unknown category_id 55"),
+    "short-polygon": (1, {"segmentation": [[1.0, 2.0, 3.0, 4.0]]}, "bad segmentation: segmentation has no polygon"),
+    "rle-size": (1, {"segmentation": {"size": [5, 5], "counts": "abc"}}, "bad segmentation: RLE size"),
+    # pycocotools would decode these into garbage masks without an error.
+    "rle-empty-string": (1, _rle(""), "RLE runs cover 0 pixels"),
+    "rle-truncated-string": (1, _rle("P"), "ends in the middle of a run"),  # "P": continuation bit set
+    "rle-short-list": (2, _rle([100, 3]), "RLE runs cover 103 pixels"),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID_ANNOTATIONS))
+def test_invalid_annotation_policy(tmp_path, caplog, case):
+    index, change, reason = INVALID_ANNOTATIONS[case]
+    path = _edited_instances(tmp_path, lambda d: d["annotations"][index].update(change))
+    bad_id = index + 1  # fixture annotation ids are 1, 2, 3, ...
+    with pytest.raises(DataError, match=rf"annotation id={bad_id} .*{reason}"):
         CocoInstances(IMAGES, path)
     with caplog.at_level(logging.WARNING, logger="uniperceiver_v2.data.coco"):
         dataset = CocoInstances(IMAGES, path, on_invalid="skip")
@@ -267,10 +276,23 @@ def test_invalid_annotation_policy(tmp_path, caplog, edit, reason):
     matching = {key: count for key, count in summary.skipped.items() if reason in key}
     assert sum(matching.values()) == 1, summary
     assert summary.kept["annotations"] == 5
-    assert any("annotation id=2" in example for key in matching for example in summary.examples[key])
-    assert reason.split(":")[0] in caplog.text  # logged at WARNING, not dropped silently
-    sample = dataset[0]
-    assert sample.labels.tolist() == [0, 2]  # the other annotations of the image are intact
+    assert any(f"annotation id={bad_id}" in example for key in matching for example in summary.examples[key])
+    assert reason in caplog.text  # logged at WARNING, not dropped silently
+    # The image's other annotations are intact (labels of annotations 1, 2, 3 are 0, 1, 2).
+    assert dataset[0].labels.tolist() == [label for label in (0, 1, 2) if label != index]
+
+
+def test_rle_string_decoder_matches_pycocotools():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        mask = rng.random((int(rng.integers(1, 30)), int(rng.integers(1, 30)))) > rng.uniform(0.1, 0.9)
+        encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        # Independent run lengths: column-major, starting with a (possibly empty) run of zeros.
+        flat = mask.flatten(order="F").astype(int)
+        boundaries = np.flatnonzero(np.diff(flat)) + 1
+        runs = np.diff(np.concatenate([[0], boundaries, [flat.size]])).tolist()
+        expected = ([0] + runs) if flat[0] == 1 else runs
+        assert rle_string_to_counts(encoded["counts"]) == expected
 
 
 def test_boxes_are_clipped_to_the_image_and_counted(tmp_path):

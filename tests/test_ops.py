@@ -164,7 +164,9 @@ def test_compiled_matches_reference_float64(impl, shape_name):
     reference = _value_and_grads("pytorch", [tensor.cpu() for tensor in inputs])
     compiled = _value_and_grads(impl, inputs)
     for name, expected, actual in zip(("output", "grad value", "grad locations", "grad weights"), reference, compiled):
-        torch.testing.assert_close(actual.cpu(), expected, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            actual.cpu(), expected, rtol=1e-10, atol=1e-10, msg=lambda message, name=name: f"{name}: {message}"
+        )
 
 
 @pytest.mark.parametrize("shape_name", list(SHAPES))
@@ -323,7 +325,8 @@ def test_environment_variable_overrides_default(monkeypatch, caplog):
         ms_deform_attn(*make_inputs(SHAPES["one-level"]))
     assert f"'pytorch' implementation for cpu tensors (set by {ENV_VAR})" in caplog.text
     monkeypatch.setenv(ENV_VAR, "fastest")
-    with pytest.raises(ValueError, match=f"unknown implementation 'fastest' \\(from the environment variable {ENV_VAR}"):
+    unknown = f"unknown implementation 'fastest' \\(from the environment variable {ENV_VAR}"
+    with pytest.raises(ValueError, match=unknown):
         ms_deform_attn(*make_inputs(SHAPES["one-level"]))
 
 

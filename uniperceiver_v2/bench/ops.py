@@ -116,15 +116,20 @@ def _memory_status_kb() -> dict[str, int]:
     return {key: int(re.search(rf"^{key}:\s+(\d+) kB", status, re.MULTILINE).group(1)) for key in ("VmRSS", "VmHWM")}
 
 
-def _forward_backward(inputs: tuple[torch.Tensor, ...], grad_output: torch.Tensor, impl: str) -> tuple[float, float]:
-    """One forward and one backward call; returns their wall-clock times in seconds."""
+def _forward_backward(
+    inputs: tuple[torch.Tensor, ...], grad_output: torch.Tensor, impl: str
+) -> tuple[float, float, float]:
+    """One forward and one backward call; returns their wall-clock times and the CPU time of both
+    (summed over threads), in seconds."""
     for tensor in (inputs[0], inputs[3], inputs[4]):  # value, sampling_locations, attention_weights
         tensor.grad = None
+    cpu_start = time.process_time()
     start = time.perf_counter()
     output = ms_deform_attn(*inputs, impl=impl)
     middle = time.perf_counter()
     output.backward(grad_output)
-    return middle - start, time.perf_counter() - middle
+    end = time.perf_counter()
+    return middle - start, end - middle, time.process_time() - cpu_start
 
 
 def _prepare(case: Case, impl: str) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -146,13 +151,14 @@ def _prepare(case: Case, impl: str) -> tuple[tuple[torch.Tensor, ...], torch.Ten
 
 
 def measure_time(case: Case, impl: str) -> dict[str, float]:
-    """Median forward and backward milliseconds over `case.repeats` calls after one warm-up call."""
+    """Median forward, backward and CPU milliseconds over `case.repeats` calls after a warm-up call."""
     inputs, grad_output = _prepare(case, impl)
     _forward_backward(inputs, grad_output, impl)
     times = [_forward_backward(inputs, grad_output, impl) for _ in range(case.repeats)]
     return {
-        "forward_ms": 1e3 * statistics.median(forward for forward, _ in times),
-        "backward_ms": 1e3 * statistics.median(backward for _, backward in times),
+        "forward_ms": 1e3 * statistics.median(forward for forward, _, _ in times),
+        "backward_ms": 1e3 * statistics.median(backward for _, backward, _ in times),
+        "cpu_ms": 1e3 * statistics.median(cpu for _, _, cpu in times),
     }
 
 
@@ -194,7 +200,9 @@ def _describe(case: Case) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m uniperceiver_v2.bench ops", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m uniperceiver_v2.bench ops", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per implementation (default 1)")
     parser.add_argument(
         "--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)} (default: all)"
@@ -220,7 +228,12 @@ def main(argv: list[str]) -> int:
 
     print("Multi-scale deformable attention on the CPU, forward + backward, float32")
     print(f"torch {torch.__version__}, {args.threads} thread(s), fresh subprocesses per measurement.")
-    print("time: median wall-clock ms over the repeats, after warm-up calls;")
+    print(
+        f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start "
+        "(wall-clock times grow when other processes compete for the cores)."
+    )
+    print("time: median wall-clock ms over the repeats, after warm-up calls; CPU ms: process CPU time of")
+    print("forward + backward summed over threads (less sensitive to competing processes);")
     print("peak MB: rise of the peak resident set size (VmHWM, reset via /proc/self/clear_refs) over the")
     print("resident size just before one forward + backward call, glibc mmap threshold fixed at 1 MiB.")
     goals_met = True
@@ -228,27 +241,32 @@ def main(argv: list[str]) -> int:
         case = CASES[name]
         print()
         print(_describe(case))
-        print(f"  {'impl':<8} {'forward ms':>11} {'backward ms':>12} {'total ms':>10} {'peak MB':>9}")
-        results = {
-            impl: {key: value for measurement in MEASUREMENTS for key, value in _run_worker(case, impl, measurement, args.threads).items()}
-            for impl in IMPLEMENTATIONS
-        }
+        header = f"{'impl':<8} {'forward ms':>11} {'backward ms':>12} {'total ms':>10} {'CPU ms':>10} {'peak MB':>9}"
+        print(f"  {header}")
+        results: dict[str, dict[str, float]] = {impl: {} for impl in IMPLEMENTATIONS}
+        for impl in IMPLEMENTATIONS:
+            for measurement in MEASUREMENTS:
+                results[impl].update(_run_worker(case, impl, measurement, args.threads))
         for impl, result in results.items():
             total = result["forward_ms"] + result["backward_ms"]
             print(
                 f"  {impl:<8} {result['forward_ms']:>11.2f} {result['backward_ms']:>12.2f} "
-                f"{total:>10.2f} {result['peak_mb']:>9.1f}"
+                f"{total:>10.2f} {result['cpu_ms']:>10.2f} {result['peak_mb']:>9.1f}"
             )
         reference, compiled = results["pytorch"], results["cpp"]
-        speedup = (reference["forward_ms"] + reference["backward_ms"]) / (compiled["forward_ms"] + compiled["backward_ms"])
-        memory_ratio = reference["peak_mb"] / compiled["peak_mb"] if compiled["peak_mb"] > 0 else math.inf
+
+        def ratio(key: str) -> float:
+            return reference[key] / compiled[key] if compiled[key] > 0 else math.inf
+
+        speedup = (reference["forward_ms"] + reference["backward_ms"]) / (
+            compiled["forward_ms"] + compiled["backward_ms"]
+        )
         met = speedup >= SPEED_GOAL and compiled["peak_mb"] < reference["peak_mb"]
         goals_met &= met
         print(
-            f"  cpp vs pytorch: {speedup:.1f}x faster (forward {reference['forward_ms'] / compiled['forward_ms']:.1f}x, "
-            f"backward {reference['backward_ms'] / compiled['backward_ms']:.1f}x), "
-            f"peak memory {memory_ratio:.1f}x lower; goal (>= {SPEED_GOAL:.0f}x, lower memory) "
-            f"{'met' if met else 'NOT met'}"
+            f"  cpp vs pytorch: {speedup:.1f}x faster (forward {ratio('forward_ms'):.1f}x, backward "
+            f"{ratio('backward_ms'):.1f}x, CPU time {ratio('cpu_ms'):.1f}x), peak memory {ratio('peak_mb'):.1f}x "
+            f"lower; goal (>= {SPEED_GOAL:.0f}x, lower memory) {'met' if met else 'NOT met'}"
         )
     print()
     print(f"all goals met: {'yes' if goals_met else 'no'}")

@@ -81,6 +81,38 @@ def parse_categories(data: dict, source: str | Path) -> list[Category]:
     return sorted(categories, key=lambda category: category.id)
 
 
+def rle_string_to_counts(counts: str | bytes) -> list[int]:
+    """Decode COCO's compressed RLE string into run lengths (the inverse of pycocotools' rleToString).
+
+    Each run is a variable-length number in 6-bit characters offset by 48: five value bits and a
+    continuation bit, sign-extended on the last character; from the third run on the value is stored
+    as a difference to the run two before. pycocotools decodes malformed strings without complaint
+    (into garbage masks), so strings are checked with this before use.
+
+    Raises:
+        ValueError: when the string ends in the middle of a number.
+    """
+    data = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+    runs: list[int] = []
+    position = 0
+    while position < len(data):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(data):
+                raise ValueError("compressed RLE string ends in the middle of a run")
+            char = data[position] - 48
+            value |= (char & 0x1F) << shift
+            more = bool(char & 0x20)
+            position += 1
+            shift += 5
+            if not more and char & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
 def check_segmentation(segmentation: Any, height: int, width: int) -> tuple[Any, int, str]:
     """Validate one annotation's ``segmentation`` without decoding it.
 
@@ -105,8 +137,20 @@ def check_segmentation(segmentation: Any, height: int, width: int) -> tuple[Any,
             return None, 0, f"RLE segmentation needs 'size' and 'counts', has {sorted(segmentation)}"
         if list(segmentation["size"]) != [height, width]:
             return None, 0, f"RLE size {segmentation['size']} differs from the image size {[height, width]}"
-        if not isinstance(segmentation["counts"], (str, bytes, list)):
-            return None, 0, f"RLE counts must be a string or a list, got {type(segmentation['counts']).__name__}"
+        counts = segmentation["counts"]
+        if isinstance(counts, list):
+            runs = counts
+            if not all(isinstance(run, int) for run in runs):
+                return None, 0, "uncompressed RLE counts must be integers"
+        elif isinstance(counts, (str, bytes)):
+            try:
+                runs = rle_string_to_counts(counts)
+            except (ValueError, UnicodeEncodeError) as exc:
+                return None, 0, f"compressed RLE counts are malformed: {exc}"
+        else:
+            return None, 0, f"RLE counts must be a string or a list, got {type(counts).__name__}"
+        if any(run < 0 for run in runs) or sum(runs) != height * width:
+            return None, 0, f"RLE runs cover {sum(runs)} pixels (or are negative), the image has {height * width}"
         return segmentation, 0, ""
     return None, 0, f"segmentation must be a polygon list or an RLE dict, got {type(segmentation).__name__}"
 
@@ -131,7 +175,6 @@ class _Instance:
     box: tuple[float, float, float, float]
     label: int
     segmentation: Any
-    annotation_id: int
 
 
 @dataclass
@@ -186,7 +229,7 @@ class CocoInstances(Dataset):
 
         log = RecordLog(str(self.ann_file), on_invalid)
         records = self._parse_images(data["images"])
-        num_annotations = self._parse_annotations(data["annotations"], records, log)
+        self._parse_annotations(data["annotations"], records, log)
 
         self._records: list[_ImageRecord] = []
         for record in records.values():
@@ -209,7 +252,6 @@ class CocoInstances(Dataset):
                 "categories": len(self.categories),
             }
         )
-        self._summary.notes.setdefault("annotations in file", num_annotations)
         log_summary(logger, self._summary)
 
     def _parse_images(self, images: list) -> dict[int, _ImageRecord]:
@@ -224,8 +266,9 @@ class CocoInstances(Dataset):
             )
         return records
 
-    def _parse_annotations(self, annotations: list, records: dict[int, _ImageRecord], log: RecordLog) -> int:
+    def _parse_annotations(self, annotations: list, records: dict[int, _ImageRecord], log: RecordLog) -> None:
         required = ("id", "image_id", "category_id", "bbox") + (("segmentation",) if self.with_masks else ())
+        log.note("annotations in file", len(annotations))
         seen_ids: set[int] = set()
         for index, annotation in enumerate(annotations):
             require_keys(annotation, required, self.ann_file, f"annotations[{index}]")
@@ -273,8 +316,7 @@ class CocoInstances(Dataset):
                 if segmentation is None:
                     log.invalid(f"bad segmentation: {problem}", where)
                     continue
-            record.instances.append(_Instance((x0, y0, x1, y1), label, segmentation, annotation_id))
-        return len(annotations)
+            record.instances.append(_Instance((x0, y0, x1, y1), label, segmentation))
 
     def summary(self) -> DatasetSummary:
         """Counts of what was kept, skipped (and why) and noted while reading the annotation file."""

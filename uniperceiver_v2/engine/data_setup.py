@@ -26,6 +26,7 @@ import random
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,13 +38,15 @@ from ..config import Config, ConfigError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "EvalBatches",
     "SeededCollate",
     "SeededSamples",
     "ShardedStreamSampler",
     "TaskStream",
-    "build_eval_loader",
     "build_task_dataset",
-    "build_task_streams",
+    "build_task_datasets",
+    "ensure_data",
+    "novel_detection_dataset",
     "shard_of_epoch",
     "task_seed",
 ]
@@ -217,3 +220,122 @@ class TaskStream:
                            self.task, state["shard_size"], self.shard_size, 100 * fraction, epoch)
         self.epoch, self.position = epoch, position
         self._iterator = None   # the next batch rebuilds the loader from the restored position
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets of each task, from Config.data
+# ----------------------------------------------------------------------------------------------------------------
+def ensure_data(cfg: Config) -> None:
+    """Generate the synthetic suite at ``data.root`` if ``data.synthetic_profile`` is set and it is missing.
+
+    ``data.seed`` is the suite's generation seed (the order in which training reads it follows ``run.seed``).
+    In a distributed run only rank 0 generates; the others wait for it.
+    """
+    from .distributed import barrier, get_rank
+
+    if cfg.data.synthetic_profile is None:
+        return
+    if get_rank() == 0:
+        from ..data.synthetic import ensure_synthetic
+
+        ensure_synthetic(cfg.data.root, cfg.data.synthetic_profile, seed=cfg.data.seed)
+    barrier()
+
+
+def build_task_dataset(cfg: Config, task: str, split: str, train: bool) -> Dataset:
+    """The dataset of ``task`` for ``split`` with the paper's training or evaluation transforms (appendix B).
+
+    * classification: ``ImageFolderClassification(data.classification_root)``, random resized crop + flip
+      (training) or resize + center crop (evaluation) to ``data.image_size``.
+    * detection: ``CocoInstances(data.detection_images, data.detection_annotations)``, random shorter-side
+      resize in [det_min_size, det_max_size] + crop ``det_crop_size`` + flip (training), or shorter side
+      ``det_eval_size`` (evaluation); masks only with ``tasks.detection.segmentation``.
+    * captioning, retrieval: ``CocoCaptions(data.caption_images, data.caption_annotations)``, one sample per
+      caption (training) or per image with all its captions (evaluation), resized to ``data.image_size``
+      without crop or flip in both cases: captions name positions ("left of") and objects a crop could cut.
+    * mlm: ``TextCorpus(data.corpus)``.
+
+    Raises:
+        DataError: naming the missing or malformed file.
+    """
+    from ..data import CocoCaptions, CocoInstances, ImageFolderClassification, TextCorpus
+    from ..data import transforms as T
+
+    d = cfg.data
+    if task == "classification":
+        transform = T.classification_train_transform(d.image_size) if train else T.classification_eval_transform(d.image_size)
+        return ImageFolderClassification(d.path(d.classification_root, split), transform=transform)
+    if task == "detection":
+        transform = (T.detection_train_transform(d.det_min_size, d.det_max_size, d.det_max_long, d.det_crop_size)
+                     if train else T.detection_eval_transform(d.det_eval_size, d.det_eval_max_long))
+        return CocoInstances(d.path(d.detection_images, split), d.path(d.detection_annotations, split),
+                             transform=transform, with_masks=cfg.tasks.detection.segmentation)
+    if task in ("captioning", "retrieval"):
+        return CocoCaptions(d.path(d.caption_images, split), d.path(d.caption_annotations, split),
+                            iterate="caption" if train else "image",
+                            transform=T.classification_eval_transform(d.image_size, crop_fraction=1.0))
+    if task == "mlm":
+        return TextCorpus(d.path(d.corpus, split))
+    raise ConfigError(f"tasks.{task}: no dataset is known for this task")
+
+
+def build_task_datasets(cfg: Config, split: str, train: bool, tasks: Sequence[str] | None = None) -> dict[str, Dataset]:
+    """``build_task_dataset`` for every task in ``tasks`` (default: the enabled ones)."""
+    names = cfg.tasks.names() if tasks is None else list(tasks)
+    return {name: build_task_dataset(cfg, name, split, train) for name in names}
+
+
+def novel_detection_dataset(cfg: Config) -> Dataset:
+    """The novel-category scenes (``data.novel_images`` / ``data.novel_annotations``), evaluation transform:
+    objects of categories never annotated for detection training (paper appendix C, Fig. 4)."""
+    from ..data import CocoInstances
+    from ..data import transforms as T
+
+    d = cfg.data
+    return CocoInstances(Path(d.root) / d.novel_images, Path(d.root) / d.novel_annotations,
+                         transform=T.detection_eval_transform(d.det_eval_size, d.det_eval_max_long),
+                         with_masks=cfg.tasks.detection.segmentation)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation batches
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class EvalBatches:
+    """This rank's part of an evaluation set, in batches of consecutive dataset indices.
+
+    Rank r takes the indices r, r + W, r + 2W, ... (W = world size), unpadded, so every sample is evaluated
+    exactly once over all ranks. Every rank runs the same number of batches: the model encodes candidate
+    targets (class names, vocabulary) with collectives on the first batch, so a rank that ran out of data
+    would leave the others waiting. A rank with fewer batches gets filler batches (one repeated sample) whose
+    results the caller drops (``is_filler``).
+
+    Iterate it for ``(indices, batch, is_filler)``.
+    """
+
+    dataset: Dataset
+    collate_fn: Callable[[list], Any]
+    batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        size = len(self.dataset)
+        if size < 1:
+            raise ValueError("evaluation dataset is empty")
+        shard = list(range(self.rank, size, self.world_size))
+        largest_shard = -(-size // self.world_size)
+        self.num_batches = -(-largest_shard // self.batch_size)
+        self.batches = [shard[i:i + self.batch_size] for i in range(0, len(shard), self.batch_size)]
+        self.num_real = len(self.batches)
+        self.batches += [[0]] * (self.num_batches - self.num_real)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[list[int], Any, bool]]:
+        loader = DataLoader(self.dataset, batch_sampler=self.batches, collate_fn=self.collate_fn,
+                            num_workers=self.num_workers)
+        for number, batch in enumerate(loader):
+            yield self.batches[number], batch, number >= self.num_real

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from typing import NoReturn
 
 import torch
 
@@ -28,8 +29,9 @@ logger = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("cuda", "cpp", "pytorch")  # fastest first
 ENV_VAR = "UNIPERCEIVER_MSDA_IMPL"
-# The device type each compiled implementation runs on; "pytorch" runs everywhere.
+# The device type each compiled implementation runs on, and the reverse; "pytorch" runs everywhere.
 _COMPILED_DEVICE = {"cuda": "cuda", "cpp": "cpu"}
+_COMPILED_FOR_DEVICE = {device_type: impl for impl, device_type in _COMPILED_DEVICE.items()}
 
 _logged_choices: set[tuple[str, str]] = set()
 _warned_fallbacks: set[str] = set()
@@ -50,7 +52,9 @@ def unavailable_reason(impl: str, device: torch.device | str | None = None) -> s
     if impl == "pytorch":
         return None
     if device is not None and torch.device(device).type != _COMPILED_DEVICE[impl]:
-        return f"the {impl!r} implementation runs on {_COMPILED_DEVICE[impl]} tensors, not on {torch.device(device)}"
+        return (
+            f"the {impl!r} implementation runs on {_COMPILED_DEVICE[impl]} tensors, not on {torch.device(device)}"
+        )
     return _compiled_extension(impl).unavailable_reason()
 
 
@@ -71,26 +75,28 @@ def _requested_implementation(requested: str, origin: str, device: torch.device)
         )
     reason = unavailable_reason(requested, device)
     if reason is not None:
-        raise RuntimeError(f"ms_deform_attn: implementation {requested!r} (from the {origin}) is unavailable: {reason}")
+        raise RuntimeError(
+            f"ms_deform_attn: implementation {requested!r} (from the {origin}) is unavailable: {reason}"
+        )
     return requested
 
 
 def _fastest_implementation(device: torch.device) -> str:
     """The compiled implementation for `device` if it builds, else "pytorch" (warning once why)."""
-    for candidate, device_type in _COMPILED_DEVICE.items():
-        if device_type != device.type:
-            continue
-        reason = unavailable_reason(candidate)
-        if reason is None:
-            return candidate
-        if candidate not in _warned_fallbacks:
-            _warned_fallbacks.add(candidate)
-            warnings.warn(
-                f"ms_deform_attn: the compiled {candidate!r} implementation is unavailable, falling back "
-                f"to the slow pure-PyTorch one. Reason: {reason}",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+    candidate = _COMPILED_FOR_DEVICE.get(device.type)
+    if candidate is None:
+        return "pytorch"
+    reason = unavailable_reason(candidate)
+    if reason is None:
+        return candidate
+    if candidate not in _warned_fallbacks:
+        _warned_fallbacks.add(candidate)
+        warnings.warn(
+            f"ms_deform_attn: the compiled {candidate!r} implementation is unavailable, falling back "
+            f"to the slow pure-PyTorch one. Reason: {reason}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     return "pytorch"
 
 
@@ -118,7 +124,7 @@ def _validate(
 ) -> None:
     """Raise ValueError naming the argument at fault if the inputs do not fit together."""
 
-    def fail(message: str) -> None:
+    def fail(message: str) -> NoReturn:
         raise ValueError(f"ms_deform_attn: {message}")
 
     arguments = {
@@ -159,11 +165,15 @@ def _validate(
         )
     if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
         fail(f"spatial_shapes must be (L, 2) rows of (H, W), got shape {tuple(spatial_shapes.shape)}")
-    if spatial_shapes.shape[0] != num_levels or num_levels == 0:
-        fail(f"spatial_shapes has {spatial_shapes.shape[0]} levels but sampling_locations has {num_levels} (need >= 1)")
+    if num_levels == 0:
+        fail("sampling_locations has no levels (L = 0); at least one feature level is needed")
+    if spatial_shapes.shape[0] != num_levels:
+        fail(f"spatial_shapes has {spatial_shapes.shape[0]} levels but sampling_locations has {num_levels}")
     if tuple(level_start_index.shape) != (num_levels,):
         fail(f"level_start_index must be ({num_levels},), got shape {tuple(level_start_index.shape)}")
 
+    # Reading the level layout on the host costs a small device sync for CUDA tensors: the price of
+    # catching a wrong S before a kernel reads out of bounds.
     shapes = [(int(height), int(width)) for height, width in spatial_shapes.tolist()]
     if any(height <= 0 or width <= 0 for height, width in shapes):
         fail(f"spatial_shapes must be positive, got {shapes}")
@@ -172,7 +182,10 @@ def _validate(
         fail(f"value has S = {num_value} positions but spatial_shapes {shapes} give sum(H * W) = {sum(sizes)}")
     expected_starts = [sum(sizes[:level]) for level in range(num_levels)]
     if level_start_index.tolist() != expected_starts:
-        fail(f"level_start_index {level_start_index.tolist()} does not match spatial_shapes (expected {expected_starts})")
+        fail(
+            f"level_start_index {level_start_index.tolist()} does not match spatial_shapes "
+            f"(expected {expected_starts})"
+        )
 
 
 def ms_deform_attn(

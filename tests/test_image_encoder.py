@@ -1,0 +1,258 @@
+"""ImageEncoder (Sec. 4.1): token layout of eq. (1), eq. (2) fusion and its detach, eq. (3) pooling, gradient flow,
+the ablation switches, every preset, backbone weight loading and post-processing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from uniperceiver_v2.config import get_preset
+from uniperceiver_v2.modeling import ImageEncoder, postprocess
+from uniperceiver_v2.modeling.backbone import TimmBackbone, TinyConvNet, build_backbone, load_backbone_weights
+from uniperceiver_v2.modeling.global_pooling import GLOBAL_FLATTENED, GLOBAL_POOLED
+from uniperceiver_v2.modeling.image_encoder import REGIONAL
+from uniperceiver_v2.modeling.region_proposal import ProposalFusion
+
+torch.set_num_threads(2)
+
+
+def tiny_cfg(**overrides):
+    return dataclasses.replace(get_preset("tiny").image_encoder, **overrides)
+
+
+def _scene(height: int, width: int, boxes: list[list[int]]) -> dict:
+    """Targets for rectangles given as integer xyxy pixel boxes."""
+    masks = torch.zeros(len(boxes), height, width, dtype=torch.bool)
+    for k, (x1, y1, x2, y2) in enumerate(boxes):
+        masks[k, y1:y2, x1:x2] = True
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).view(-1, 4), "masks": masks,
+            "labels": torch.zeros(len(boxes), dtype=torch.long), "size": torch.tensor([height, width])}
+
+
+def _batch():
+    """Two images padded to 64 x 80: the first 64 x 80, the second 48 x 56."""
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 80)
+    padding = torch.zeros(2, 64, 80, dtype=torch.bool)
+    padding[1, 48:] = True
+    padding[1, :, 56:] = True
+    images[1][:, padding[1]] = 0
+    targets = [_scene(64, 80, [[4, 6, 30, 40], [40, 10, 76, 30]]), _scene(48, 56, [[10, 10, 40, 30]])]
+    return images, padding, targets
+
+
+def test_tiny_token_layout_and_outputs():
+    cfg = tiny_cfg()
+    model = ImageEncoder(cfg).eval()
+    images, padding, _ = _batch()
+    with torch.no_grad():
+        out = model(images, padding)
+    batch, d = 2, cfg.hidden_dim
+    assert model.output_dim == d
+    assert out.padded_size == (64, 96)                                       # padded to a multiple of 32
+    assert out.image_sizes.tolist() == [[64, 80], [48, 56]]
+    h, w = out.global_map_size
+    assert (h, w) == (2, 3)
+    n_pool, n_flat = cfg.num_global_pools, h * w
+    num_queries = min(cfg.num_queries, 8 * 12 + 4 * 6 + 2 * 3 + 1 * 2)   # S positions of the 4 levels
+    num_kept = min(cfg.topk_queries, num_queries)
+    assert out.num_global == n_pool + n_flat
+    assert out.tokens.shape == (batch, n_pool + n_flat + num_kept, d)
+    expected_types = [GLOBAL_POOLED] * n_pool + [GLOBAL_FLATTENED] * n_flat + [REGIONAL] * num_kept
+    assert out.token_types.tolist() == [expected_types] * batch
+    # padding: only flattened-map positions of the smaller image that lie in the padding
+    flat_padding = out.token_padding_mask[:, n_pool:n_pool + n_flat].view(batch, h, w)
+    expected = F.interpolate(F.pad(padding, (0, 16), value=True)[:, None].float(), size=(h, w))[:, 0].bool()
+    assert flat_padding.equal(expected) and not out.token_padding_mask[0].any()
+    assert not out.token_padding_mask[:, :n_pool].any() and not out.token_padding_mask[:, out.num_global:].any()
+    # proposals: top-O of the last layer's objectness, boxes inside the unit square
+    assert out.boxes.shape == (batch, num_kept, 4) and out.masks.shape == (batch, num_kept, 16, 24)
+    assert ((out.boxes >= 0) & (out.boxes <= 1)).all()
+    assert out.all_objectness.shape == (batch, num_queries) and out.all_boxes.shape == (batch, num_queries, 4)
+    torch.testing.assert_close(out.objectness, out.all_objectness.gather(1, out.proposal_indices))
+    assert (out.objectness[:, :-1] >= out.objectness[:, 1:]).all()
+    top = out.all_objectness.topk(num_kept, dim=1).values
+    torch.testing.assert_close(out.objectness, top)
+    # visualisation outputs
+    assert [m.shape[-2:] for m in out.encoder_objectness] == [(8, 12), (4, 6), (2, 3), (1, 2)]
+    assert out.sampling_locations.shape == (batch, num_queries, cfg.nheads, 4, cfg.dec_n_points, 2)
+    weights = out.attention_pool_weights
+    assert weights.shape == (batch, n_pool, n_flat)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(batch, n_pool))
+    assert (weights[1][:, expected[1].flatten()] == 0).all()                # padding gets no attention
+
+
+@pytest.mark.parametrize("use_global,use_regional", [(True, False), (False, True)])
+def test_ablation_switches_change_tokens_and_parameters(use_global, use_regional):
+    model = ImageEncoder(tiny_cfg(use_global=use_global, use_regional=use_regional)).eval()
+    images, padding, targets = _batch()
+    names = [n for n, _ in model.named_parameters()]
+    assert any(n.startswith("global_representations") for n in names) == use_global
+    assert any(n.startswith("region_proposals") for n in names) == use_regional
+    with torch.no_grad():
+        out = model(images, padding)
+    if use_global:
+        assert out.boxes is None and out.num_global == out.tokens.shape[1]
+        assert (out.token_types < REGIONAL).all()
+        with pytest.raises(ValueError, match="use_regional=false"):
+            model(images, padding, targets)
+    else:
+        assert out.num_global == 0 and (out.token_types == REGIONAL).all()
+        assert out.tokens.shape[1] == out.boxes.shape[1] and out.attention_pool_weights is None
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    return sum(p.grad.abs().sum().item() for p in module.parameters() if p.grad is not None)
+
+
+def test_gradients_reach_every_part():
+    model = ImageEncoder(tiny_cfg()).train()
+    images, padding, targets = _batch()
+    out = model(images, padding, targets)
+    assert {"rpn_enc_focal", "rpn_dec1_giou", "rpn_dn0_dice"} <= set(out.losses)
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    (sum(out.losses.values()) + out.tokens.square().mean()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    rpn = model.region_proposals
+    parts = {"backbone": model.backbone, "encoder": rpn.encoder, "decoder": rpn.decoder, "mask head": rpn.mask_head,
+             "objectness head": rpn.objectness_head, "box head (last layer)": rpn.box_head.layers[-1],
+             "query selection": rpn.enc_output, "denoising content": rpn.denoising_content,
+             "eq. (2) fusion": rpn.fusion, "eq. (3) attention pools": model.global_representations.pools,
+             "eq. (3) projection": model.global_representations.proj, "input projections": rpn.input_proj}
+    for name, module in parts.items():
+        assert _grad_norm(module) > 0, name
+
+
+def test_eq2_fusion_detaches_box_and_mask():
+    """A loss on the regional tokens reaches q^sem (decoder, encoder, backbone) but never the box and mask heads:
+    the box and mask representations are detached before fusing (appendix A)."""
+    model = ImageEncoder(tiny_cfg()).train()
+    images, padding, targets = _batch()
+    out = model(images, padding, targets)
+    out.tokens[:, out.num_global:].square().sum().backward()
+    rpn = model.region_proposals
+    for name, module in {"box head": rpn.box_head, "mask head": rpn.mask_head,
+                         "objectness head": rpn.objectness_head}.items():
+        assert _grad_norm(module) == 0, name
+    for name, module in {"B projection": rpn.fusion.box_proj, "M projection": rpn.fusion.mask_proj,
+                         "decoder": rpn.decoder, "encoder": rpn.encoder, "backbone": model.backbone}.items():
+        assert _grad_norm(module) > 0, name
+
+
+def test_fusion_pools_mask_probabilities_over_the_unpadded_region():
+    fusion = ProposalFusion(hidden_dim=8, mask_pool_size=2)
+    logits = torch.randn(1, 3, 6, 8)
+    pooled = fusion.pool_masks(logits, [(4, 4)])
+    expected = F.adaptive_avg_pool2d(logits[0, :, :4, :4].sigmoid(), 2).flatten(1)[None]
+    torch.testing.assert_close(pooled, expected)
+    changed = logits.clone()
+    changed[..., 4:, :] = 100.0                                            # padding does not matter
+    torch.testing.assert_close(fusion.pool_masks(changed, [(4, 4)]), pooled)
+
+
+def test_empty_image_and_evaluation_mode():
+    model = ImageEncoder(tiny_cfg()).train()
+    images, padding, targets = _batch()
+    targets[1] = _scene(48, 56, [])
+    out = model(images, padding, targets)
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    sum(out.losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(images, padding, targets)   # validation losses: no denoising queries in evaluation
+    assert not any(k.startswith("rpn_dn") for k in evaluated.losses) and "rpn_dec1_l1" in evaluated.losses
+
+
+def test_target_size_must_match_the_padding_mask():
+    model = ImageEncoder(tiny_cfg()).eval()
+    images, padding, targets = _batch()
+    targets[1] = _scene(50, 56, [[1, 1, 5, 5]])
+    with pytest.raises(ValueError, match=r"targets\[1\]\['size'\]"):
+        model(images, padding, targets)
+
+
+@pytest.mark.parametrize("preset,channels,num_queries", [
+    ("r50", [256, 512, 1024, 2048], 300),
+    ("swin_base", [128, 256, 512, 1024], 900),
+    ("swin_large", [192, 384, 768, 1536], 900),
+])
+def test_paper_presets_build(preset, channels, num_queries):
+    """The paper architectures (Tab. 7) on the meta device: no memory, no weights, no download."""
+    cfg = get_preset(preset).image_encoder
+    with torch.device("meta"):
+        model = ImageEncoder(cfg)
+    assert model.backbone.channels == channels and model.backbone.strides == [4, 8, 16, 32]
+    rpn = model.region_proposals
+    assert len(rpn.encoder.layers) == 6 and len(rpn.decoder.layers) == 6 and model.output_dim == 256
+    assert rpn.query_embed.num_embeddings == num_queries and len(rpn.extra_levels) == 1
+    assert rpn.encoder.layers[0].self_attn.n_points == 4 and rpn.decoder.layers[0].cross_attn.n_levels == 4
+    assert rpn.fusion.mask_proj.in_features == 28 * 28 and model.global_representations.pools.num_pools == 10
+
+
+def test_r50_preset_forward_backward():
+    """The R50 preset for real on a 128 x 128 image (S = 340 >= 300 queries); fewer mask points for speed."""
+    torch.manual_seed(0)
+    model = ImageEncoder(dataclasses.replace(get_preset("r50").image_encoder, mask_points=256)).train()
+    images = torch.randn(1, 3, 128, 128)
+    out = model(images, None, [_scene(128, 128, [[10, 10, 60, 90], [70, 40, 120, 120]])])
+    assert out.tokens.shape == (1, 10 + 16 + 200, 256) and out.all_boxes.shape == (1, 300, 4)
+    (sum(out.losses.values()) + out.tokens.square().mean()).backward()
+    rpn = model.region_proposals
+    for module in (model.backbone, rpn.encoder, rpn.decoder, rpn.mask_head, model.global_representations):
+        assert _grad_norm(module) > 0
+
+
+def test_swin_backbone_path_forward_backward():
+    """The Swin code path (timm NHWC features, any input size) with the smallest Swin, in the tiny encoder."""
+    model = ImageEncoder(tiny_cfg(backbone="swin_tiny_patch4_window7_224")).train()
+    assert model.backbone.channels == [96, 192, 384, 768]
+    images, padding, targets = _batch()
+    out = model(images, padding, targets)
+    assert out.masks.shape[-2:] == (16, 24)
+    (sum(out.losses.values()) + out.tokens.square().mean()).backward()
+    assert _grad_norm(model.backbone) > 0
+
+
+def test_backbone_weights_load_and_errors(tmp_path):
+    source = TinyConvNet([8, 16, 32, 64])
+    torch.save(source.state_dict(), tmp_path / "tiny.pt")
+    loaded = build_backbone("tiny_convnet", [8, 16, 32, 64], str(tmp_path / "tiny.pt"))
+    for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
+        assert a.equal(b), name
+    with pytest.raises(FileNotFoundError, match="backbone_weights"):
+        build_backbone("tiny_convnet", [8, 16, 32, 64], str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match="shape mismatches"):
+        build_backbone("tiny_convnet", [8, 16, 32, 128], str(tmp_path / "tiny.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="weights_only"):
+        build_backbone("tiny_convnet", [8, 16, 32, 64], str(tmp_path / "junk.pt"))
+
+
+def test_timm_weights_from_a_plain_model_state_dict(tmp_path):
+    """A plain timm checkpoint (nested stages `layers.0`, classifier head) loads into the features-only backbone."""
+    import timm
+    from safetensors.torch import save_file
+
+    full = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, strict_img_size=False)
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(tmp_path / "swin.safetensors"))
+    backbone = TimmBackbone("swin_tiny_patch4_window7_224")
+    unused = load_backbone_weights(backbone, tmp_path / "swin.safetensors")
+    assert unused and all(k.startswith(("head", "norm")) for k in unused)
+    own = backbone.state_dict()
+    assert own["body.layers_2.blocks.1.mlp.fc1.weight"].equal(full.state_dict()["layers.2.blocks.1.mlp.fc1.weight"])
+
+
+def test_postprocess_boxes_and_masks():
+    boxes = torch.tensor([[[0.5, 0.5, 0.5, 0.5]]])                          # centre half of the image
+    masks = torch.full((1, 1, 16, 24), -20.0)                               # stride 4 of a 64 x 96 canvas
+    masks[0, 0, 4:12, 5:15] = 20.0                                          # image rows 16:48, cols 20:60
+    image_sizes = torch.tensor([[64, 80]])
+    out = postprocess(boxes, masks, image_sizes, original_sizes=torch.tensor([[128, 160]]))[0]
+    torch.testing.assert_close(out["boxes"], torch.tensor([[40.0, 32.0, 120.0, 96.0]]))
+    assert out["masks"].shape == (1, 128, 160) and out["masks"].dtype == torch.bool
+    expected = torch.zeros(128, 160, dtype=torch.bool)
+    expected[32:96, 40:120] = True                                          # x2 of rows 16:48, cols 20:60
+    assert (out["masks"][0] ^ expected).float().mean() < 0.01

@@ -1,0 +1,446 @@
+"""The region proposal network on its own: a short class-agnostic training, its AP50, and a look inside one forward
+pass (notebooks 01 and 02).
+
+Training (``train_region_proposals``). The image encoder alone, without the unified decoder or any class name,
+trained with the region proposal losses of appendix A (``modeling.criterion``: focal objectness, L1 + GIoU boxes,
+BCE + dice masks on the query-selection set and every decoder layer, plus the contrastive denoising sets). This is
+the "class-agnostic" half of the detection task: ``tasks.detection`` adds the naming of each proposal (eq. (5)).
+Plain AdamW is enough here: MT-AdamW's normalisation and sampling compensation (Sec. 4.4) only matter when several
+tasks share the parameters. One log record per iteration goes to a JSON-lines file that ``viz.plot_curves`` reads.
+
+Evaluation (``evaluate_region_proposals``). Class-agnostic COCO AP with pycocotools (``evaluation.coco``): every
+ground-truth object becomes category "object", every one of the O proposals a detection of it scored by
+sigmoid(objectness), with its box and its mask (``ImageEncoder.postprocess``). AP50 asks "is each object found by a
+proposal with IoU >= 0.5, ranked above the false ones?", which is what the proposal network is trained for.
+
+Tracing (``trace_forward``). ``ImageEncoderOutput`` carries what the model needs plus a few visualisation extras
+(encoder objectness maps, all N boxes, the last decoder layer's sampling locations, attention-pool weights). To
+teach the forward pass we also want the backbone maps, the projected levels F'_l, the query-selection reference
+boxes, and the deformable attention *weights* of an encoder and a decoder layer. They are read with forward hooks
+during one ordinary forward call, so the model code stays as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from uniperceiver_v2.data.collate import collate_detection
+from uniperceiver_v2.data.samples import DetectionBatch, DetectionSample
+from uniperceiver_v2.evaluation.coco import evaluate_coco
+from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy
+from uniperceiver_v2.modeling.denoising import DenoisingQueries
+from uniperceiver_v2.modeling.image_encoder import ImageEncoder, ImageEncoderOutput, postprocess
+from uniperceiver_v2.modeling.region_proposal import RegionProposals
+from uniperceiver_v2.tasks.detection import to_coco_results
+
+__all__ = [
+    "LOSS_TERMS",
+    "OBJECT_CATEGORY_ID",
+    "DeformableAttentionTrace",
+    "ForwardTrace",
+    "boxes_to_pixels",
+    "class_agnostic_ground_truth",
+    "denoising_groups",
+    "denoising_mask_segments",
+    "detection_targets",
+    "evaluate_region_proposals",
+    "fusion_gradient_norms",
+    "loss_table",
+    "predict_proposals",
+    "trace_forward",
+    "train_region_proposals",
+]
+
+LOSS_TERMS = ("focal", "l1", "giou", "mask", "dice")     # the criterion's five terms, in its order
+OBJECT_CATEGORY_ID = 1                                   # the single category of class-agnostic evaluation
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batches and boxes
+# --------------------------------------------------------------------------------------------------------------
+def detection_targets(batch: DetectionBatch) -> list[dict[str, torch.Tensor]]:
+    """A collated detection batch -> the image encoder's targets (xyxy pixels, masks, labels, size per image)."""
+    if batch.masks is None:
+        raise ValueError("detection batch has no masks: the region proposal losses need instance masks "
+                         "(build CocoInstances with with_masks=True)")
+    return [{"boxes": boxes, "masks": masks, "labels": labels, "size": size}
+            for boxes, masks, labels, size in zip(batch.boxes, batch.masks, batch.labels, batch.image_sizes)]
+
+
+def boxes_to_pixels(boxes: torch.Tensor, size: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """(..., 4) cxcywh normalised to an image of ``size`` = (h, w) -> (..., 4) xyxy in its pixels."""
+    height, width = (float(v) for v in torch.as_tensor(size).tolist())
+    return box_cxcywh_to_xyxy(boxes) * boxes.new_tensor([width, height, width, height])
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------
+def _index_batches(size: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """Endless batches of dataset indices: epochs of seeded permutations, an epoch's tail continued by the next."""
+    pending: list[int] = []
+    while True:
+        while len(pending) < batch_size:
+            pending += torch.randperm(size, generator=generator).tolist()
+        yield pending[:batch_size]
+        pending = pending[batch_size:]
+
+
+def _term(key: str) -> str:
+    """``rpn_{set}_{term}`` -> term."""
+    term = key.rsplit("_", 1)[-1]
+    if not key.startswith("rpn_") or term not in LOSS_TERMS:
+        raise ValueError(f"unexpected region proposal loss name {key!r}: expected rpn_<set>_<term> with term in "
+                         f"{LOSS_TERMS}")
+    return term
+
+
+def train_region_proposals(encoder: ImageEncoder, dataset: Dataset, iterations: int, batch_size: int = 4,
+                           lr: float = 1e-3, weight_decay: float = 1e-4, grad_clip: float = 0.1, seed: int = 0,
+                           log_path: str | Path | None = None, progress: bool = True) -> list[dict]:
+    """Train the image encoder's region proposal network alone, class-agnostically (appendix A losses).
+
+    Args:
+        encoder: an ``ImageEncoder`` with ``use_regional`` on; trained in place (left in training mode).
+        dataset: detection samples with masks (``CocoInstances`` with the detection training transform).
+        iterations: optimizer steps; 0 trains nothing.
+        batch_size: images per step.
+        lr, weight_decay: AdamW's.
+        grad_clip: maximum global gradient norm (0 = no clipping). The DETR family clips at 0.1: the one-to-one
+            matching makes early gradients jumpy (an object switches query from one step to the next).
+        seed: seeds the batch order and torch's global generator, which the augmentation, the denoising noise and
+            the mask-loss points draw from, so that a run is repeatable.
+        log_path: JSON-lines file written from scratch, one record per iteration; None = no file.
+        progress: show a tqdm progress bar (on stderr).
+
+    Returns:
+        one record per iteration: ``kind`` ("train"), ``iteration`` (1-based), ``loss`` (the summed weighted losses),
+        one entry per term of ``LOSS_TERMS`` (summed over the prediction sets), ``grad_norm`` (before clipping),
+        ``lr`` and ``seconds`` (wall time of the step).
+    """
+    if encoder.region_proposals is None:
+        raise ValueError("train_region_proposals: the encoder was built with image_encoder.use_regional=false; "
+                         "there is no proposal network to train")
+    if iterations < 0:
+        raise ValueError(f"train_region_proposals: iterations must be >= 0, got {iterations}")
+    if batch_size < 1:
+        raise ValueError(f"train_region_proposals: batch_size must be >= 1, got {batch_size}")
+    if len(dataset) == 0:
+        raise ValueError("train_region_proposals: the dataset is empty")
+    device = _device(encoder)
+    torch.manual_seed(seed)
+    order = _index_batches(len(dataset), batch_size, torch.Generator().manual_seed(seed))
+    parameters = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    encoder.train()
+
+    records: list[dict] = []
+    log = None
+    if log_path is not None:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "w")
+    bar = tqdm(range(1, iterations + 1), desc="region proposals", disable=not progress, mininterval=2.0)
+    try:
+        for iteration in bar:
+            start = time.perf_counter()
+            batch = collate_detection([dataset[i] for i in next(order)]).to(device)
+            out = encoder(batch.images, batch.padding_mask, detection_targets(batch))
+            loss = sum(out.losses.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"train_region_proposals: loss is {loss.item()} at iteration {iteration} "
+                                         f"(terms: { {k: round(v.item(), 4) for k, v in out.losses.items()} })")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip if grad_clip > 0 else math.inf)
+            optimizer.step()
+
+            record = {"kind": "train", "iteration": iteration, "loss": loss.item()}
+            record.update(dict.fromkeys(LOSS_TERMS, 0.0))
+            for key, value in out.losses.items():
+                record[_term(key)] += value.item()
+            record.update(grad_norm=norm.item(), lr=lr, seconds=time.perf_counter() - start)
+            records.append(record)
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            bar.set_postfix(loss=f"{record['loss']:.2f}")
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    return records
+
+
+def loss_table(losses: Mapping[str, torch.Tensor]) -> dict[str, list]:
+    """The weighted losses of one forward pass as a table: one row per prediction set, one column per term.
+
+    Args:
+        losses: ``ImageEncoderOutput.losses`` (keys ``rpn_{set}_{term}``).
+
+    Returns:
+        ``{"columns": ["set", *LOSS_TERMS, "total"], "rows": [[set, ...], ...]}`` with the sets in the order
+        query selection (``enc``), decoder layers (``dec0``, ...), denoising (``dn0``, ...).
+    """
+    sets: dict[str, dict[str, float]] = {}
+    for key, value in losses.items():
+        term = _term(key)
+        sets.setdefault(key[len("rpn_"):-len(term) - 1], {})[term] = float(value)
+
+    def order(name: str) -> tuple[int, int]:
+        rank = {"enc": 0, "dec": 1, "dn": 2}
+        prefix = name.rstrip("0123456789")
+        return rank.get(prefix, 3), int(name[len(prefix):] or 0)
+
+    rows = []
+    for name in sorted(sets, key=order):
+        values = [round(sets[name].get(term, 0.0), 4) for term in LOSS_TERMS]
+        rows.append([name, *values, round(sum(values), 4)])
+    return {"columns": ["set", *LOSS_TERMS, "total"], "rows": rows}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Class-agnostic evaluation
+# --------------------------------------------------------------------------------------------------------------
+def class_agnostic_ground_truth(ann_file: str | Path) -> dict:
+    """A COCO instances file with every category merged into one, ``OBJECT_CATEGORY_ID`` = "object"."""
+    with open(ann_file) as handle:
+        data = json.load(handle)
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise ValueError(f"{ann_file}: not a COCO instances file (no {key!r})")
+    annotations = [dict(annotation, category_id=OBJECT_CATEGORY_ID) for annotation in data["annotations"]]
+    return {"images": data["images"], "annotations": annotations,
+            "categories": [{"id": OBJECT_CATEGORY_ID, "name": "object"}]}
+
+
+@torch.no_grad()
+def predict_proposals(encoder: ImageEncoder, samples: Sequence[DetectionSample]) -> list[dict[str, torch.Tensor]]:
+    """The O proposals of each sample in its original pixels, best first.
+
+    Args:
+        encoder: the image encoder (run in evaluation mode; its mode is restored afterwards).
+        samples: detection samples whose images are resizes of the originals (the evaluation transform).
+
+    Returns:
+        per sample ``boxes`` (O, 4) float xyxy original pixels, ``scores`` (O,) sigmoid(objectness),
+        ``masks`` (O, H0, W0) bool and ``labels`` (O,) zeros (the one class "object").
+    """
+    if encoder.region_proposals is None:
+        raise ValueError("predict_proposals: the encoder was built with image_encoder.use_regional=false")
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        batch = collate_detection(samples).to(_device(encoder))
+        out = encoder(batch.images, batch.padding_mask)
+    finally:
+        encoder.train(was_training)
+    original = torch.as_tensor(batch.orig_sizes, dtype=torch.long, device=out.boxes.device)
+    located = postprocess(out.boxes, out.masks, out.image_sizes, original)
+    scores = out.objectness.sigmoid()
+    return [{"boxes": place["boxes"], "scores": scores[b], "masks": place["masks"],
+             "labels": torch.zeros_like(scores[b], dtype=torch.long)} for b, place in enumerate(located)]
+
+
+def evaluate_region_proposals(encoder: ImageEncoder, dataset: Dataset, ann_file: str | Path,
+                              batch_size: int = 8) -> dict:
+    """Class-agnostic COCO AP of the proposals on ``dataset`` (see the module docstring).
+
+    Args:
+        dataset: detection samples (evaluation transform) whose ``image_id``s are those of ``ann_file``.
+        ann_file: the dataset's COCO instances file.
+
+    Returns:
+        ``{"bbox": {AP, AP50, ...}, "segm": {...}, "images": n, "proposals": total}`` (fractions in [0, 1]).
+    """
+    if len(dataset) == 0:
+        raise ValueError("evaluate_region_proposals: the dataset is empty")
+    records = []
+    for start in range(0, len(dataset), batch_size):
+        samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        predictions = predict_proposals(encoder, samples)
+        records += to_coco_results(predictions, [s.image_id for s in samples], [OBJECT_CATEGORY_ID])
+    metrics = evaluate_coco(class_agnostic_ground_truth(ann_file), records, ("bbox", "segm"))
+    return {"bbox": metrics["bbox"], "segm": metrics["segm"], "images": len(dataset), "proposals": len(records)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Looking inside one forward pass
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class DeformableAttentionTrace:
+    """One multi-scale deformable attention call (Deformable-DETR eq. (3)), as the op sees it.
+
+    reference: (B, Q, L, 2) points (x, y) or (B, Q, L, 4) boxes (cx, cy, w, h);
+    locations: (B, Q, heads, L, P, 2) sampling points (x, y);
+    weights: (B, Q, heads, L, P), softmax-normalised over the L * P points of each head.
+    All coordinates are in [0, 1] of each level's map, i.e. of the *padded* image (valid ratios applied).
+    """
+
+    reference: torch.Tensor
+    locations: torch.Tensor
+    weights: torch.Tensor
+
+    def select(self, queries: slice) -> "DeformableAttentionTrace":
+        return DeformableAttentionTrace(self.reference[:, queries], self.locations[:, queries],
+                                        self.weights[:, queries])
+
+
+@dataclass
+class ForwardTrace:
+    """One forward pass of the image encoder with its intermediate results.
+
+    output: the ``ImageEncoderOutput``.
+    backbone_features: F_0..F_3, (B, C_l, H/s, W/s) for s = 4, 8, 16, 32.
+    levels: F'_1..F'_L, (B, d, H_l, W_l) at strides 8, 16, 32, 64: the deformable encoder's input.
+    proposals: the proposal network's ``RegionProposals`` (with ``predictions`` when targets were given).
+    query_boxes: (B, N, 4) cxcywh normalised to the unpadded image: the query-selection reference boxes.
+    query_objectness: (B, N) encoder objectness logits of the selected positions.
+    encoder_attention: the last encoder layer's self-attention over all S positions.
+    decoder_attention: the last decoder layer's cross-attention of the N matching queries.
+    """
+
+    output: ImageEncoderOutput
+    backbone_features: list[torch.Tensor]
+    levels: list[torch.Tensor]
+    proposals: RegionProposals
+    query_boxes: torch.Tensor
+    query_objectness: torch.Tensor
+    encoder_attention: DeformableAttentionTrace
+    decoder_attention: DeformableAttentionTrace
+
+
+def _argument(args: tuple, kwargs: dict, index: int, name: str):
+    return args[index] if len(args) > index else kwargs[name]
+
+
+@torch.no_grad()
+def trace_forward(encoder: ImageEncoder, images: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                  targets: list[dict] | None = None) -> ForwardTrace:
+    """Run the encoder once (in its current mode) and keep the intermediate results of ``ForwardTrace``.
+
+    Args:
+        images: (B, 3, H, W) normalised; padding_mask: (B, H, W) True = padding, or None.
+        targets: optional targets as for ``ImageEncoder.forward`` (then ``output.losses`` and
+            ``proposals.predictions`` are filled; in training mode the decoder also gets denoising queries).
+    """
+    if encoder.region_proposals is None:
+        raise ValueError("trace_forward: the encoder was built with image_encoder.use_regional=false; "
+                         "there are no proposals to trace")
+    rpn = encoder.region_proposals
+    seen: dict[str, object] = {}
+
+    def keep_output(name):
+        def hook(module, args, output):
+            seen[name] = output
+        return hook
+
+    def keep_attention(name):
+        def hook(module, args, kwargs, output):
+            _, locations, weights = output
+            seen[name] = (_argument(args, kwargs, 1, "reference_points"), locations, weights)
+        return hook
+
+    def keep_reference(module, args, kwargs):
+        seen["reference"] = _argument(args, kwargs, 1, "reference_boxes")
+
+    handles = [
+        encoder.backbone.register_forward_hook(keep_output("backbone")),
+        rpn.register_forward_hook(keep_output("proposals")),
+        rpn.decoder.register_forward_pre_hook(keep_reference, with_kwargs=True),
+        rpn.encoder.layers[-1].self_attn.register_forward_hook(keep_attention("encoder"), with_kwargs=True),
+        rpn.decoder.layers[-1].cross_attn.register_forward_hook(keep_attention("decoder"), with_kwargs=True),
+    ]
+    try:
+        output = encoder(images, padding_mask, targets)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    proposals: RegionProposals = seen["proposals"]
+    features = list(seen["backbone"])
+    num_dn = 0 if proposals.denoising is None else proposals.denoising.num_queries
+    matching = slice(num_dn, None)
+    flat_objectness = torch.cat([m.flatten(1) for m in proposals.encoder_objectness], dim=1)   # (B, S)
+    return ForwardTrace(
+        output=output,
+        backbone_features=features,
+        levels=rpn.input_levels(features),
+        proposals=proposals,
+        query_boxes=seen["reference"][:, matching],
+        query_objectness=flat_objectness.gather(1, proposals.selected_positions),
+        encoder_attention=DeformableAttentionTrace(*seen["encoder"]),
+        decoder_attention=DeformableAttentionTrace(*seen["decoder"]).select(matching),
+    )
+
+
+def denoising_groups(denoising: DenoisingQueries, image: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noised boxes of one image, group by group.
+
+    Returns:
+        positives (G, K, 4) and negatives (G, K, 4), cxcywh normalised; row k of a group noises GT k.
+    """
+    half = denoising.group_size // 2
+    num_gt = int((denoising.gt_index[image, :half] >= 0).sum())
+    boxes = denoising.boxes[image].view(denoising.num_groups, denoising.group_size, 4)
+    return boxes[:, :num_gt], boxes[:, half:half + num_gt]
+
+
+def denoising_mask_segments(denoising: DenoisingQueries, num_matching: int) -> list[tuple[str, int, int]]:
+    """``(name, start, end)`` of every denoising group and of the matching queries along the decoder's queries
+    (the ``segment_labels`` of ``viz.plot_attention_mask``)."""
+    size = denoising.group_size
+    segments = [(f"dn group {g + 1}", g * size, (g + 1) * size) for g in range(denoising.num_groups)]
+    return segments + [("matching", denoising.num_queries, denoising.num_queries + num_matching)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Eq. (2): what the detach does
+# --------------------------------------------------------------------------------------------------------------
+def fusion_gradient_norms(encoder: ImageEncoder, images: torch.Tensor,
+                          padding_mask: torch.Tensor | None = None) -> dict[str, float]:
+    """Gradient norm reaching each part of the image encoder from a loss on the regional tokens alone.
+
+    q^proposal = q^sem + B(box.detach()) + M(mask.detach())   (eq. (2) / (9)). A stand-in for the unified decoder's
+    loss, mean(q^proposal ** 2), is back-propagated and the L2 norm of the gradient of every part is returned.
+    Parts that produce only the box, the mask or the (non-differentiable) top-k choice get exactly zero: the
+    unified decoder trains the proposal network only through q^sem, while the boxes and masks are trained by the
+    proposal losses alone. Gradients are cleared before and after.
+
+    Returns:
+        ``{"backbone": norm, "global_representations": norm, "region_proposals.<child>": norm, ...}`` with the
+        proposal network's direct children (input_proj, encoder, decoder, box_head, mask_head, fusion, ...).
+    """
+    if encoder.region_proposals is None:
+        raise ValueError("fusion_gradient_norms: the encoder was built with image_encoder.use_regional=false")
+    parts: dict[str, nn.Module | nn.Parameter] = {"backbone": encoder.backbone}
+    if encoder.global_representations is not None:
+        parts["global_representations"] = encoder.global_representations
+    for name, child in encoder.region_proposals.named_children():
+        parts[f"region_proposals.{name}"] = child
+    for name, parameter in encoder.region_proposals.named_parameters(recurse=False):
+        parts[f"region_proposals.{name}"] = parameter
+
+    encoder.zero_grad(set_to_none=True)
+    out = encoder(images, padding_mask)
+    out.tokens[:, out.num_global:].square().mean().backward()
+    norms = {}
+    for name, part in parts.items():
+        parameters = [part] if isinstance(part, nn.Parameter) else list(part.parameters())
+        squares = [p.grad.double().square().sum() for p in parameters if p.grad is not None]
+        norms[name] = math.sqrt(float(sum(squares))) if squares else 0.0
+    encoder.zero_grad(set_to_none=True)
+    return norms

@@ -1,0 +1,138 @@
+"""Train Uni-Perceiver v2: ``python -m uniperceiver_v2.train --config PRESET_OR_YAML [key.sub=value ...] [--resume]``.
+
+One process::
+
+    python -m uniperceiver_v2.train --config tiny run.iterations=100 run.output_dir=runs/tiny_100
+
+Several processes on one machine (gloo on CPU, NCCL on GPUs), or several machines with torchrun's usual flags::
+
+    torchrun --nproc_per_node=2 -m uniperceiver_v2.train --config tiny
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \\
+        -m uniperceiver_v2.train --config swin_base
+
+``--resume`` continues from the newest checkpoint in ``<run.output_dir>/checkpoints`` (it starts from scratch,
+saying so, when there is none yet, so a preempted job can be restarted with the same command). The run
+directory receives ``config.yaml``, ``run_info.json``, ``metrics.jsonl``, ``tb/`` (TensorBoard),
+``checkpoints/`` and ``eval_<split>_<iteration>.json``. Exit codes: 0 finished, 128 + N stopped by signal N
+after saving a checkpoint, 1 failed (in a distributed run the failing rank's error ends the whole job), 2 bad
+command line or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import sys
+from collections.abc import Mapping
+
+from torch.utils.data import Dataset
+
+from .config import Config, ConfigError, load_config
+from .data.summary import DataError
+
+__all__ = ["build_model", "build_tasks", "build_training", "main", "parse_args"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m uniperceiver_v2.train", description="Train Uni-Perceiver v2 (single process or torchrun).",
+        epilog="Overrides are key.sub=value, e.g. run.iterations=500 decoder.moe.routing=token optim.lr=5e-4")
+    parser.add_argument("--config", default="tiny", help="preset (tiny, r50, swin_base, swin_large) or YAML file")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint of run.output_dir (from scratch if there is none)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def _vocabulary_texts(datasets: Mapping[str, Dataset]):
+    """Every training caption and corpus sentence, for the language tasks' vocabulary."""
+    for name in ("captioning", "retrieval"):
+        if name in datasets:
+            dataset = datasets[name]
+            yield from itertools.chain.from_iterable(dataset.captions_of(i) for i in range(dataset.num_images))
+            break
+    if "mlm" in datasets:
+        corpus = datasets["mlm"]
+        yield from (corpus[i] for i in range(len(corpus)))
+
+
+def build_model(cfg: Config, train_datasets: Mapping[str, Dataset]):
+    """``UniPerceiverV2(cfg)`` with the language tasks' vocabulary built from the training texts.
+
+    Every rank builds the same vocabulary (a deterministic function of the data), so no broadcast is needed.
+    """
+    from .model import UniPerceiverV2
+    from .tasks.vocabulary import build_vocabulary
+
+    model = UniPerceiverV2(cfg)
+    if "captioning" in train_datasets or "mlm" in train_datasets:
+        model.set_vocabulary(build_vocabulary(model.text_encoder.tokenizer, _vocabulary_texts(train_datasets)))
+    return model
+
+
+def build_tasks(cfg: Config, datasets: Mapping[str, Dataset]) -> dict:
+    """The task objects (``tasks.TASKS``), with their candidate lists (class names) from ``datasets``."""
+    from .tasks import TASKS
+
+    return {name: TASKS[name].from_dataset(cfg.tasks.get(name), dataset) for name, dataset in datasets.items()}
+
+
+def build_training(cfg: Config):
+    """(model, tasks, training datasets) for the enabled tasks; generates the synthetic suite if configured.
+
+    The model is initialised from ``torch.manual_seed(run.seed)``, the same on every rank (DDP also broadcasts
+    rank 0's weights when it wraps the model).
+    """
+    import torch
+
+    from .engine.data_setup import build_task_datasets, ensure_data
+
+    ensure_data(cfg)
+    datasets = build_task_datasets(cfg, cfg.data.train_split, train=True)
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg, datasets)
+    return model, build_tasks(cfg, datasets), datasets
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from .engine.distributed import destroy_distributed, get_rank, init_distributed
+    from .engine.trainer import Trainer, fail_fast
+    from .evaluate import evaluate
+
+    with fail_fast():
+        init_distributed()
+        try:
+            model, tasks, datasets = build_training(cfg)
+            trainer = Trainer(cfg, model, tasks, datasets, evaluate_fn=evaluate, progress=not args.no_progress,
+                              argv=argv)
+        except (ConfigError, DataError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            destroy_distributed()
+            return 2
+        if args.resume:
+            if trainer.resume():
+                if get_rank() == 0:
+                    print(f"resuming from iteration {trainer.iteration} ({trainer.checkpoint_dir})", file=sys.stderr)
+            elif get_rank() == 0:
+                print(f"--resume: no checkpoint in {trainer.checkpoint_dir} yet; starting from scratch",
+                      file=sys.stderr)
+        result = trainer.train()
+    if get_rank() == 0 and result.interrupted_by is None:
+        losses = ", ".join(f"{task} {loss:.4f}" for task, loss in sorted(result.final_losses.items()))
+        print(f"finished {result.iteration} iterations in {trainer.elapsed:.1f} s; last losses: {losses}")
+    destroy_distributed()
+    return 128 + result.interrupted_by if result.interrupted_by is not None else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
