@@ -70,7 +70,8 @@ def test_autoregressive_rows_match_between_training_and_generation():
     for i in range(1, num_words + 1):
         row = train[num_prefix + num_words + i - 1]
         visible = torch.nonzero(row).flatten().tolist()
-        expected = list(range(num_prefix)) + list(range(num_prefix, num_prefix + i - 1)) + [num_prefix + num_words + i - 1]
+        expected = (list(range(num_prefix)) + list(range(num_prefix, num_prefix + i - 1))
+                    + [num_prefix + num_words + i - 1])
         assert visible == expected
 
 

@@ -291,7 +291,7 @@ def test_rle_string_decoder_matches_pycocotools():
         flat = mask.flatten(order="F").astype(int)
         boundaries = np.flatnonzero(np.diff(flat)) + 1
         runs = np.diff(np.concatenate([[0], boundaries, [flat.size]])).tolist()
-        expected = ([0] + runs) if flat[0] == 1 else runs
+        expected = [0, *runs] if flat[0] == 1 else runs
         assert rle_string_to_counts(encoded["counts"]) == expected
 
 

@@ -91,6 +91,18 @@ def test_an_item_does_not_depend_on_generation_order(suite_root, tmp_path):
     relative = f"scenes/val/{result['image']['file_name']}"
     assert synthetic._sha256(tmp_path / relative) == manifest["files"][relative]
 
+    # The same jobs in a pool of two worker processes give the same files and records.
+    jobs = [
+        synthetic._SceneJob(str(tmp_path / "pool"), 0, settings, "val", i, first_val_id + i, pools["val"])
+        for i in range(4)
+    ]
+    with synthetic._process_pool(2) as executor:
+        pooled = synthetic._run(synthetic._scene_job, jobs, executor)
+    assert pooled == [synthetic._scene_job(job) for job in jobs]
+    for record in pooled:
+        relative = f"scenes/val/{record['image']['file_name']}"
+        assert synthetic._sha256(tmp_path / "pool" / relative) == manifest["files"][relative]
+
 
 def test_ensure_synthetic_reuses_and_repairs(suite_root, tmp_path):
     manifest = read_manifest(suite_root)

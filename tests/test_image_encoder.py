@@ -16,7 +16,7 @@ from uniperceiver_v2.modeling.global_pooling import GLOBAL_FLATTENED, GLOBAL_POO
 from uniperceiver_v2.modeling.image_encoder import REGIONAL
 from uniperceiver_v2.modeling.region_proposal import ProposalFusion
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 def tiny_cfg(**overrides):

@@ -45,7 +45,7 @@ class Shape:
 
 SHAPES = {
     "one-level": Shape(((3, 5),), batch=2, heads=2, channels=3, queries=4, points=2),
-    "five-levels": Shape(((5, 7), (3, 4), (2, 2), (1, 3), (4, 1)), batch=2, heads=3, channels=5, queries=3, points=2),
+    "five-levels": Shape(((4, 5), (3, 2), (2, 2), (1, 3), (2, 1)), batch=2, heads=3, channels=5, queries=3, points=2),
     "batch-one-single-head": Shape(((4, 6), (2, 3)), batch=1, heads=1, channels=7, queries=5, points=3),
 }
 # Locations are drawn from [-MARGIN, 1 + MARGIN], so that some points fall (partly) outside the maps.

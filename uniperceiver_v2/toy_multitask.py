@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,9 +57,11 @@ from .engine.schedule import WarmupStepSchedule, build_lr_scheduler
 from .interference import TaskInterference, task_interference
 
 __all__ = [
+    "Comparison",
     "DEFAULT_TASKS",
     "TASK_KINDS",
     "VARIANTS",
+    "ToyBatch",
     "ToyMultiTaskModel",
     "ToyMultiTaskProblem",
     "ToyProblemConfig",
@@ -67,6 +69,8 @@ __all__ = [
     "TrainingRun",
     "TrainingVariant",
     "final_loss_table",
+    "grad_norm_ratio",
+    "mean_curves",
     "max_parameter_difference_to_adamw",
     "toy_interference",
     "train_variant",
@@ -142,7 +146,7 @@ class ToyProblemConfig:
         regression_noise: standard deviation of the noise added to regression targets.
         retrieval_noise: standard deviation of the noise of the retrieval "text" side.
         temperature: tau of the retrieval loss.
-        lr, betas, weight_decay: optimizer settings shared by every variant.
+        lr, betas, weight_decay: optimizer settings shared by every variant (`train_variant` can override lr).
         warmup_fraction: linear warm-up length as a fraction of the run.
         decay_fractions: where the lr is multiplied by 0.1 (the paper: at 80 % of training).
     """
@@ -157,7 +161,7 @@ class ToyProblemConfig:
     regression_noise: float = 0.1
     retrieval_noise: float = 0.3
     temperature: float = 0.1
-    lr: float = 1e-3
+    lr: float = 3e-3
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
@@ -369,7 +373,7 @@ class TrainingRun:
     """Everything logged by one `train_variant` call.
 
     Attributes:
-        variant, seed, iterations: what was run.
+        variant, seed, iterations, lr: what was run.
         step_tasks: (iterations,) the task of each iteration; "mixed" for mixed sampling.
         grad_norms: (iterations,) global L2 norm of the gradient the optimizer received (before MT-AdamW's
             normalisation; with AdamW it includes w_k, with MT-AdamW w_k goes to the optimizer instead).
@@ -382,6 +386,7 @@ class TrainingRun:
     variant: TrainingVariant
     seed: int
     iterations: int
+    lr: float
     step_tasks: list[str] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     train_losses: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
@@ -416,13 +421,14 @@ class TrainingRun:
         return records
 
 
-def _build_optimizer(model: nn.Module, variant: TrainingVariant, config: ToyProblemConfig) -> torch.optim.Optimizer:
+def _build_optimizer(model: nn.Module, variant: TrainingVariant, config: ToyProblemConfig,
+                     lr: float) -> torch.optim.Optimizer:
     params = list(model.parameters())
     if variant.optimizer == "adamw":
         # foreach=False: the same per-parameter arithmetic as MTAdamW, so the two can be compared exactly.
-        return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+        return torch.optim.AdamW(params, lr=lr, betas=config.betas, weight_decay=config.weight_decay,
                                  foreach=False)
-    return MTAdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+    return MTAdamW(params, lr=lr, betas=config.betas, weight_decay=config.weight_decay,
                    normalize=variant.normalize, compensate=variant.compensate)
 
 
@@ -432,6 +438,7 @@ def train_variant(
     iterations: int,
     seed: int = 0,
     eval_every: int | None = None,
+    lr: float | None = None,
 ) -> TrainingRun:
     """Train a fresh student on the toy problem with one variant and log everything.
 
@@ -445,6 +452,7 @@ def train_variant(
         iterations: optimizer steps.
         seed: run seed (model init, task draws, batches).
         eval_every: evaluate all tasks every this many iterations (default: about 40 points per run).
+        lr: base learning rate (default: the config's).
 
     Returns:
         The run's logs and trained model.
@@ -454,7 +462,7 @@ def train_variant(
     config = problem.config
     eval_every = eval_every or max(1, iterations // 40)
     model = problem.build_model(seed)
-    optimizer = _build_optimizer(model, variant, config)
+    optimizer = _build_optimizer(model, variant, config, config.lr if lr is None else lr)
     schedule = WarmupStepSchedule(
         total_iterations=iterations,
         warmup_iterations=int(config.warmup_fraction * iterations),
@@ -469,7 +477,7 @@ def train_variant(
         sampler = MixedTaskSampler(names, weights, seed=seed, num_slots=config.num_slots)
     data_generator = torch.Generator().manual_seed(10_000 + seed)
 
-    run = TrainingRun(variant=variant, seed=seed, iterations=iterations, model=model,
+    run = TrainingRun(variant=variant, seed=seed, iterations=iterations, lr=optimizer.defaults["lr"], model=model,
                       train_losses={name: [] for name in names}, eval_losses={name: [] for name in names})
 
     def evaluate(iteration: int) -> None:
@@ -610,15 +618,86 @@ def grad_norm_ratio(run: TrainingRun) -> dict[str, float]:
     return {task: value / smallest for task, value in medians.items()}
 
 
-def run_comparison(
-    problem: ToyMultiTaskProblem,
-    iterations: int,
-    seeds: Sequence[int],
-    variants: Sequence[TrainingVariant] = VARIANTS,
-    eval_every: int | None = None,
-) -> dict[str, list[TrainingRun]]:
-    """Train every variant with every seed: variant name -> runs (in seed order)."""
-    return {
-        variant.name: [train_variant(problem, variant, iterations, seed=seed, eval_every=eval_every) for seed in seeds]
-        for variant in variants
-    }
+@dataclass
+class Comparison:
+    """Final and intermediate held-out losses of several variants, learning rates and seeds.
+
+    Attributes:
+        task_names: the tasks, in table order.
+        runs: variant name -> lr -> runs (one per seed, in seed order).
+    """
+
+    task_names: list[str]
+    runs: dict[str, dict[float, list[TrainingRun]]]
+
+    @classmethod
+    def run(
+        cls,
+        problem: ToyMultiTaskProblem,
+        iterations: int,
+        seeds: Sequence[int],
+        learning_rates: Sequence[float],
+        variants: Sequence[TrainingVariant] = VARIANTS,
+        eval_every: int | None = None,
+    ) -> Comparison:
+        """Train every variant with every learning rate and seed."""
+        if not seeds or not learning_rates:
+            raise ValueError(f"Comparison.run: need at least one seed and one lr, got {seeds} and {learning_rates}")
+        runs = {
+            variant.name: {
+                float(lr): [train_variant(problem, variant, iterations, seed=seed, eval_every=eval_every, lr=lr)
+                            for seed in seeds]
+                for lr in learning_rates
+            }
+            for variant in variants
+        }
+        return cls(task_names=problem.task_names, runs=runs)
+
+    @property
+    def learning_rates(self) -> list[float]:
+        return sorted({lr for by_lr in self.runs.values() for lr in by_lr})
+
+    def table(self, lr: float) -> dict:
+        """`final_loss_table` of every variant at learning rate `lr`."""
+        missing = [name for name, by_lr in self.runs.items() if lr not in by_lr]
+        if missing:
+            raise KeyError(f"Comparison.table: no runs with lr={lr} for {missing}; lrs: {self.learning_rates}")
+        return final_loss_table([run for by_lr in self.runs.values() for run in by_lr[lr]], self.task_names)
+
+    def relative_loss(self, variant: str, lr: float) -> float:
+        """Mean over tasks and seeds of final / initial held-out loss: one number per (variant, lr) in which
+        every task counts the same, whatever the scale of its loss."""
+        runs = self.runs[variant][lr]
+        return float(np.mean([[run.eval_losses[task][-1] / run.eval_losses[task][0] for task in self.task_names]
+                              for run in runs]))
+
+    def best_learning_rates(self) -> dict[str, float]:
+        """variant -> its lr with the smallest `relative_loss` (a single choice for all tasks, as one training
+        run must make)."""
+        return {variant: min(by_lr, key=lambda lr: self.relative_loss(variant, lr))
+                for variant, by_lr in self.runs.items()}
+
+    def best_table(self) -> dict:
+        """Final losses of every variant at its own best learning rate, with an "lr" column."""
+        best = self.best_learning_rates()
+        table = final_loss_table([run for variant, lr in best.items() for run in self.runs[variant][lr]],
+                                 self.task_names)
+        table["columns"] = table["columns"][:1] + ["lr"] + table["columns"][1:]
+        table["rows"] = [row[:1] + [best[row[0]]] + row[1:] for row in table["rows"]]
+        return table
+
+    def lr_curves(self) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]]:
+        """variant -> task -> (lrs (L,), mean (L,), min (L,), max (L,)) of the final held-out loss over seeds."""
+        curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]] = {}
+        for variant, by_lr in self.runs.items():
+            lrs = sorted(by_lr)
+            curves[variant] = {}
+            for task in self.task_names:
+                values = np.array([[run.final_losses[task] for run in by_lr[lr]] for lr in lrs])  # (L, S)
+                curves[variant][task] = (np.array(lrs), values.mean(1), values.min(1), values.max(1))
+        return curves
+
+    def training_curves(self, lr: float) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]]:
+        """variant -> task -> `mean_curves` of the held-out loss during training at learning rate `lr`."""
+        return {variant: {task: mean_curves(by_lr[lr], task) for task in self.task_names}
+                for variant, by_lr in self.runs.items()}

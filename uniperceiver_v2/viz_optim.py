@@ -21,10 +21,10 @@ from matplotlib.lines import Line2D
 from .viz import class_color, to_numpy
 
 __all__ = [
-    "plot_eval_curves",
     "plot_grad_norms",
     "plot_interference",
     "plot_sampling_weights",
+    "plot_task_curves",
     "plot_task_sequence",
 ]
 
@@ -174,19 +174,22 @@ def plot_grad_norms(runs: Mapping[str, tuple[Sequence[str], Sequence[float]]], t
     return fig
 
 
-def plot_eval_curves(curves: Mapping[str, Mapping[str, tuple[Any, Any, Any, Any]]], task_names: Sequence[str],
-                     ncols: int = 3, logy: bool = False, title: str | None = None) -> Figure:
-    """Held-out loss of every task during training, one panel per task, one line per variant.
+def plot_task_curves(curves: Mapping[str, Mapping[str, tuple[Any, Any, Any, Any]]], task_names: Sequence[str],
+                     xlabel: str = "iteration", ylabel: str = "held-out loss", logx: bool = False,
+                     logy: bool = False, ncols: int = 3, title: str | None = None) -> Figure:
+    """One panel per task, one line per variant with a shaded band: held-out loss during training, or final
+    loss against the learning rate.
 
     Args:
-        curves: variant label -> task -> (iterations (P,), mean (P,), low (P,), high (P,)); the band between
-            low and high (e.g. min and max over seeds) is shaded.
+        curves: variant label -> task -> (x (P,), mean (P,), low (P,), high (P,)); the band between low and
+            high (e.g. min and max over seeds) is shaded.
         task_names: the panels, in order.
+        xlabel, ylabel: axis labels of every panel.
+        logx, logy: logarithmic axes.
         ncols: panels per row.
-        logy: logarithmic y axis.
     """
     if not curves:
-        raise ValueError("plot_eval_curves: no curves given")
+        raise ValueError("plot_task_curves: no curves given")
     rows = -(-len(task_names) // ncols)
     fig = Figure(figsize=(4.2 * ncols, 3.0 * rows), layout="constrained")
     axes = list(fig.subplots(rows, ncols, squeeze=False).flat)
@@ -197,15 +200,18 @@ def plot_eval_curves(curves: Mapping[str, Mapping[str, tuple[Any, Any, Any, Any]
         for ax, task in zip(axes, task_names):
             if task not in per_task:
                 raise ValueError(f"curves[{label!r}]: no curve for task {task!r}")
-            iterations, mean, low, high = (to_numpy(a).astype(np.float64).reshape(-1) for a in per_task[task])
-            if not len(iterations) == len(mean) == len(low) == len(high):
-                raise ValueError(f"curves[{label!r}][{task!r}]: iterations, mean, low and high differ in length")
-            ax.plot(iterations, mean, color=color, linewidth=1.3, label=label)
-            ax.fill_between(iterations, low, high, color=color, alpha=0.15, linewidth=0)
+            x, mean, low, high = (to_numpy(a).astype(np.float64).reshape(-1) for a in per_task[task])
+            if not len(x) == len(mean) == len(low) == len(high):
+                raise ValueError(f"curves[{label!r}][{task!r}]: x, mean, low and high differ in length")
+            ax.plot(x, mean, color=color, linewidth=1.3, marker="o" if len(x) <= 8 else None, markersize=3,
+                    label=label)
+            ax.fill_between(x, low, high, color=color, alpha=0.15, linewidth=0)
     for ax, task in zip(axes, task_names):
         ax.set_title(task, fontsize=9)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("held-out loss")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if logx:
+            ax.set_xscale("log")
         if logy:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)

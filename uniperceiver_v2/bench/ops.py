@@ -258,16 +258,19 @@ def main(argv: list[str]) -> int:
         def ratio(key: str) -> float:
             return reference[key] / compiled[key] if compiled[key] > 0 else math.inf
 
-        speedup = (reference["forward_ms"] + reference["backward_ms"]) / (
+        wall_speedup = (reference["forward_ms"] + reference["backward_ms"]) / (
             compiled["forward_ms"] + compiled["backward_ms"]
         )
-        met = speedup >= SPEED_GOAL and compiled["peak_mb"] < reference["peak_mb"]
+        # Both ratios must reach the goal: on a busy machine the wall-clock time of long calls is
+        # inflated by waiting for a core, while CPU time is not, so the two can disagree.
+        met = min(wall_speedup, ratio("cpu_ms")) >= SPEED_GOAL and compiled["peak_mb"] < reference["peak_mb"]
         goals_met &= met
         print(
-            f"  cpp vs pytorch: {speedup:.1f}x faster (forward {ratio('forward_ms'):.1f}x, backward "
-            f"{ratio('backward_ms'):.1f}x, CPU time {ratio('cpu_ms'):.1f}x), peak memory {ratio('peak_mb'):.1f}x "
-            f"lower; goal (>= {SPEED_GOAL:.0f}x, lower memory) {'met' if met else 'NOT met'}"
+            f"  cpp vs pytorch: {wall_speedup:.1f}x faster in wall-clock time (forward {ratio('forward_ms'):.1f}x, "
+            f"backward {ratio('backward_ms'):.1f}x), {ratio('cpu_ms'):.1f}x in CPU time, "
+            f"{ratio('peak_mb'):.1f}x lower peak memory"
         )
+        print(f"  goal (>= {SPEED_GOAL:.0f}x faster in both times, lower peak memory): {'met' if met else 'NOT met'}")
     print()
     print(f"all goals met: {'yes' if goals_met else 'no'}")
     return 0

@@ -25,13 +25,14 @@ classification set, in the text corpus and in ``instances_novel.json``, never in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import math
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -439,12 +440,24 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _run(function, jobs: list, workers: int) -> list:
-    """Map ``function`` over ``jobs`` in order, in ``workers`` processes (results do not depend on it)."""
+def _process_pool(workers: int) -> contextlib.AbstractContextManager[Executor | None]:
+    """A pool of ``workers`` processes, or None (run in this process) for one worker.
+
+    Workers are forked where the platform can: a spawned worker would first re-import the package
+    (and torch with it), which costs more than drawing a quick suite.
+    """
     if workers <= 1:
+        return contextlib.nullcontext(None)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+
+
+def _run(function, jobs: list, executor: Executor | None) -> list:
+    """Map ``function`` over ``jobs`` in order (each job seeds its own generator: results do not depend
+    on where it runs)."""
+    if executor is None:
         return [function(job) for job in jobs]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as executor:
-        return list(executor.map(function, jobs, chunksize=8))
+    return list(executor.map(function, jobs, chunksize=8))
 
 
 def generate(
@@ -462,7 +475,11 @@ def generate(
     ``ensure_synthetic`` regenerates. Files listed in a previous manifest but not produced now are removed.
     """
     settings = resolve_profile(profile, scene_size, classification_size)
-    out = Path(out_dir)
+    with _process_pool(workers) as executor:
+        return _write_suite(Path(out_dir), settings, seed, executor)
+
+
+def _write_suite(out: Path, settings: Profile, seed: int, executor: Executor | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     previous = read_manifest(out)
     (out / MANIFEST_NAME).unlink(missing_ok=True)
@@ -492,7 +509,7 @@ def generate(
         jobs = [
             _SceneJob(str(out), seed, settings, split, i, next_image_id + i, pools[split]) for i in range(sizes[split])
         ]
-        results = _run(_scene_job, jobs, workers)
+        results = _run(_scene_job, jobs, executor)
         images, annotations, captions = [], [], []
         for job, result in zip(jobs, results):
             images.append({"id": job.image_id, **result["image"]})
@@ -562,7 +579,7 @@ def generate(
             for c in range(len(CATEGORIES))
             for i in range(per_class)
         ]
-        written.extend(_run(_classification_job, jobs, workers))
+        written.extend(_run(_classification_job, jobs, executor))
         counts["classification"][split] = len(jobs)
 
     # Text corpus: nothing equal to a val/test caption; the val corpus also shares nothing with train.

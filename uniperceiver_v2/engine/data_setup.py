@@ -249,7 +249,8 @@ def build_task_dataset(cfg: Config, task: str, split: str, train: bool) -> Datas
       (training) or resize + center crop (evaluation) to ``data.image_size``.
     * detection: ``CocoInstances(data.detection_images, data.detection_annotations)``, random shorter-side
       resize in [det_min_size, det_max_size] + crop ``det_crop_size`` + flip (training), or shorter side
-      ``det_eval_size`` (evaluation); masks only with ``tasks.detection.segmentation``.
+      ``det_eval_size`` (evaluation); masks always in training (the region proposal network's mask losses),
+      at evaluation only with ``tasks.detection.segmentation``.
     * captioning, retrieval: ``CocoCaptions(data.caption_images, data.caption_annotations)``, one sample per
       caption (training) or per image with all its captions (evaluation), resized to ``data.image_size``
       without crop or flip in both cases: captions name positions ("left of") and objects a crop could cut.
@@ -268,8 +269,10 @@ def build_task_dataset(cfg: Config, task: str, split: str, train: bool) -> Datas
     if task == "detection":
         transform = (T.detection_train_transform(d.det_min_size, d.det_max_size, d.det_max_long, d.det_crop_size)
                      if train else T.detection_eval_transform(d.det_eval_size, d.det_eval_max_long))
+        # The region proposal network always trains with its mask losses; evaluation decodes masks only when
+        # instance segmentation is evaluated.
         return CocoInstances(d.path(d.detection_images, split), d.path(d.detection_annotations, split),
-                             transform=transform, with_masks=cfg.tasks.detection.segmentation)
+                             transform=transform, with_masks=train or cfg.tasks.detection.segmentation)
     if task in ("captioning", "retrieval"):
         return CocoCaptions(d.path(d.caption_images, split), d.path(d.caption_annotations, split),
                             iterate="caption" if train else "image",

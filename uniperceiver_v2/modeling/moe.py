@@ -285,7 +285,8 @@ def load_balancing_loss(logits: torch.Tensor, indices: torch.Tensor, valid: torc
         valid: (N,) bool, False for padding tokens, which are left out of f and P.
 
     Returns:
-        scalar; 1 when routing is perfectly uniform, E when every token goes to one expert with probability 1.
+        scalar; 1 when routing is perfectly uniform; E with top-1 routing that sends every token to one expert
+        with probability 1.
     """
     E, k = logits.shape[1], indices.shape[1]
     num_valid = int(valid.sum())
