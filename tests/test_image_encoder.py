@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from uniperceiver_v2.config import get_preset
 from uniperceiver_v2.modeling import ImageEncoder, postprocess
 from uniperceiver_v2.modeling.backbone import TimmBackbone, TinyConvNet, build_backbone, load_backbone_weights
-from uniperceiver_v2.modeling.global_pooling import GLOBAL_FLATTENED, GLOBAL_POOLED
+from uniperceiver_v2.modeling.global_pooling import GLOBAL_FLATTENED, GLOBAL_POOLED, GlobalAttentionPooling
 from uniperceiver_v2.modeling.image_encoder import REGIONAL
 from uniperceiver_v2.modeling.region_proposal import ProposalFusion
 
@@ -174,16 +174,17 @@ def test_target_size_must_match_the_padding_mask():
         model(images, padding, targets)
 
 
-@pytest.mark.parametrize("preset,channels,num_queries", [
-    ("r50", [256, 512, 1024, 2048], 300),
-    ("swin_base", [128, 256, 512, 1024], 900),
-    ("swin_large", [192, 384, 768, 1536], 900),
+@pytest.mark.parametrize("preset,channels,num_queries,size", [
+    ("r50", [256, 512, 1024, 2048], 300, (128, 128)),        # S = 340 positions >= 300 queries
+    ("swin_base", [128, 256, 512, 1024], 900, (64, 96)),     # S < 900: N = S (see region_proposal.py)
+    ("swin_large", [192, 384, 768, 1536], 900, (64, 64)),
 ])
-def test_paper_presets_build(preset, channels, num_queries):
-    """The paper architectures (Tab. 7) on the meta device: no memory, no weights, no download."""
-    cfg = get_preset(preset).image_encoder
-    with torch.device("meta"):
-        model = ImageEncoder(cfg)
+def test_paper_presets_forward_backward(preset, channels, num_queries, size):
+    """The paper architectures (Tab. 7) for real on small images, random init (nothing is downloaded);
+    fewer mask points than the paper's 112 x 112 for speed."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(get_preset(preset).image_encoder, mask_points=256)
+    model = ImageEncoder(cfg).train()
     assert model.backbone.channels == channels and model.backbone.strides == [4, 8, 16, 32]
     rpn = model.region_proposals
     assert len(rpn.encoder.layers) == 6 and len(rpn.decoder.layers) == 6 and model.output_dim == 256
@@ -191,29 +192,20 @@ def test_paper_presets_build(preset, channels, num_queries):
     assert rpn.encoder.layers[0].self_attn.n_points == 4 and rpn.decoder.layers[0].cross_attn.n_levels == 4
     assert rpn.fusion.mask_proj.in_features == 28 * 28 and model.global_representations.pools.num_pools == 10
 
-
-def test_r50_preset_forward_backward():
-    """The R50 preset for real on a 128 x 128 image (S = 340 >= 300 queries); fewer mask points for speed."""
-    torch.manual_seed(0)
-    model = ImageEncoder(dataclasses.replace(get_preset("r50").image_encoder, mask_points=256)).train()
-    images = torch.randn(1, 3, 128, 128)
-    out = model(images, None, [_scene(128, 128, [[10, 10, 60, 90], [70, 40, 120, 120]])])
-    assert out.tokens.shape == (1, 10 + 16 + 200, 256) and out.all_boxes.shape == (1, 300, 4)
+    height, width = size
+    padding = torch.zeros(1, height, width, dtype=torch.bool)
+    padding[:, :, width - 16:] = True                                       # exercise padding on every backbone
+    out = model(torch.randn(1, 3, height, width), padding,
+                [_scene(height, width - 16, [[4, 6, 30, 40], [20, 30, width - 20, height - 2]])])
+    stride64 = (-(-height // 64), -(-width // 64))                          # 3x3 stride-2 conv: ceil
+    positions = sum((height // s) * (width // s) for s in (8, 16, 32)) + stride64[0] * stride64[1]
+    num_kept = min(200, num_queries, positions)
+    assert out.tokens.shape == (1, 10 + (height // 32) * (width // 32) + num_kept, 256)
+    assert out.all_boxes.shape == (1, min(num_queries, positions), 4)
+    assert out.masks.shape == (1, num_kept, height // 4, width // 4)
     (sum(out.losses.values()) + out.tokens.square().mean()).backward()
-    rpn = model.region_proposals
     for module in (model.backbone, rpn.encoder, rpn.decoder, rpn.mask_head, model.global_representations):
         assert _grad_norm(module) > 0
-
-
-def test_swin_backbone_path_forward_backward():
-    """The Swin code path (timm NHWC features, any input size) with the smallest Swin, in the tiny encoder."""
-    model = ImageEncoder(tiny_cfg(backbone="swin_tiny_patch4_window7_224")).train()
-    assert model.backbone.channels == [96, 192, 384, 768]
-    images, padding, targets = _batch()
-    out = model(images, padding, targets)
-    assert out.masks.shape[-2:] == (16, 24)
-    (sum(out.losses.values()) + out.tokens.square().mean()).backward()
-    assert _grad_norm(model.backbone) > 0
 
 
 def test_backbone_weights_load_and_errors(tmp_path):
@@ -238,11 +230,31 @@ def test_timm_weights_from_a_plain_model_state_dict(tmp_path):
 
     full = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, strict_img_size=False)
     save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(tmp_path / "swin.safetensors"))
-    backbone = TimmBackbone("swin_tiny_patch4_window7_224")
-    unused = load_backbone_weights(backbone, tmp_path / "swin.safetensors")
-    assert unused and all(k.startswith(("head", "norm")) for k in unused)
+    backbone = TimmBackbone("swin_tiny_patch4_window7_224", weights=tmp_path / "swin.safetensors")
     own = backbone.state_dict()
     assert own["body.layers_2.blocks.1.mlp.fc1.weight"].equal(full.state_dict()["layers.2.blocks.1.mlp.fc1.weight"])
+    unused = load_backbone_weights(backbone.body, tmp_path / "swin.safetensors")
+    assert unused and all(k.startswith(("head", "norm")) for k in unused)
+
+
+def test_pretrained_resnet_features_match_the_plain_model_with_frozen_batchnorm(tmp_path):
+    import timm
+
+    full = timm.create_model("resnet18", pretrained=False)
+    with torch.no_grad():   # non-trivial BatchNorm statistics
+        for module in full.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+    torch.save(full.state_dict(), tmp_path / "resnet18.pt")
+    backbone = TimmBackbone("resnet18", weights=tmp_path / "resnet18.pt").train()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = backbone(images)                                         # train mode: statistics stay frozen
+        expected = full.eval().forward_features(images)
+    assert [f.shape[1] for f in features] == [64, 128, 256, 512]
+    torch.testing.assert_close(features[3], expected, atol=1e-5, rtol=1e-4)
 
 
 def test_postprocess_boxes_and_masks():
@@ -256,3 +268,39 @@ def test_postprocess_boxes_and_masks():
     expected = torch.zeros(128, 160, dtype=torch.bool)
     expected[32:96, 40:120] = True                                          # x2 of rows 16:48, cols 20:60
     assert (out["masks"][0] ^ expected).float().mean() < 0.01
+
+
+def test_attention_pooling_matches_torch_multihead_attention():
+    """Each of the M' pools is multi-head attention of its learned query over the map (eq. (3)); compare with
+    torch's nn.MultiheadAttention given the same projections (query projection = identity)."""
+    torch.manual_seed(0)
+    dim, heads, pools = 16, 4, 3
+    pooling = GlobalAttentionPooling(dim, pools, heads).double()
+    tokens, pos = torch.randn(2, 7, dim, dtype=torch.float64), torch.randn(2, 7, dim, dtype=torch.float64)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 5:] = True
+    pooled, weights = pooling(tokens, pos, padding)
+    for m in range(pools):
+        mha = torch.nn.MultiheadAttention(dim, heads, batch_first=True).double()
+        with torch.no_grad():
+            mha.in_proj_weight.copy_(torch.cat([torch.eye(dim), pooling.key_weight[m], pooling.value_weight[m]]))
+            mha.in_proj_bias.copy_(torch.cat([torch.zeros(dim), pooling.key_bias[m], pooling.value_bias[m]]))
+            mha.out_proj.weight.copy_(pooling.out_weight[m])
+            mha.out_proj.bias.copy_(pooling.out_bias[m])
+        query = pooling.query[m].detach().view(1, 1, dim).expand(2, 1, dim)
+        expected, expected_weights = mha(query, tokens + pos, tokens, key_padding_mask=padding)
+        torch.testing.assert_close(pooled[:, m], expected[:, 0])
+        torch.testing.assert_close(weights[:, m], expected_weights[:, 0])
+
+
+def test_attention_pooling_and_fusion_gradcheck():
+    torch.manual_seed(0)
+    pooling = GlobalAttentionPooling(8, 2, 2).double()
+    tokens = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(1, 5, 8, dtype=torch.float64)
+    padding = torch.tensor([[False, False, False, True, False]])
+    assert torch.autograd.gradcheck(lambda x: pooling(x, pos, padding)[0], (tokens,))
+    fusion = ProposalFusion(hidden_dim=8, mask_pool_size=2).double()
+    semantic = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
+    boxes, masks = torch.rand(1, 3, 4, dtype=torch.float64), torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda q: fusion(q, boxes, masks, [(4, 6)]), (semantic,))

@@ -8,6 +8,7 @@ few texts of the test, so one training step takes a fraction of a second on a CP
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig
 
@@ -34,6 +35,16 @@ def tokenizer():
     if _TOKENIZER is None:
         _TOKENIZER = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
     return _TOKENIZER
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """One intra-op thread for the module: on a shared, busy CPU, two threads that wait on each other at every
+    operation make these small models many times slower. Import it into a test module to use it there."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def tiny_config(**task_overrides) -> Config:

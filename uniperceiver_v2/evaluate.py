@@ -39,6 +39,7 @@ from .config import Config, ConfigError
 from .data.summary import DataError
 from .engine.data_setup import EvalBatches, build_task_dataset, novel_detection_dataset
 from .engine.distributed import get_rank, get_world_size, is_distributed
+from .engine.logging import json_safe
 from .engine.trainer import move_to_device
 
 __all__ = ["evaluate", "evaluate_task", "main"]
@@ -297,9 +298,10 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
             out = Path(args.out) if args.out else run_dir / f"eval_{split}_{meta['iteration']:07d}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"iteration": meta["iteration"], "split": split, "checkpoint": str(checkpoint),
-                                       "results": results}, indent=2) + "\n")
-            print(json.dumps(results, indent=2))
+            record = {"iteration": meta["iteration"], "split": split, "checkpoint": str(checkpoint),
+                      "results": results}
+            out.write_text(json.dumps(json_safe(record), indent=2) + "\n")
+            print(json.dumps(json_safe(results), indent=2))
             print(f"wrote {out}")
     destroy_distributed()
     return 0

@@ -37,9 +37,10 @@ from tqdm import tqdm
 from uniperceiver_v2.data.collate import collate_detection
 from uniperceiver_v2.data.samples import DetectionBatch, DetectionSample
 from uniperceiver_v2.evaluation.coco import evaluate_coco
-from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy
+from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy, box_iou
 from uniperceiver_v2.modeling.denoising import DenoisingQueries
 from uniperceiver_v2.modeling.image_encoder import ImageEncoder, ImageEncoderOutput, postprocess
+from uniperceiver_v2.modeling.matcher import HungarianMatcher
 from uniperceiver_v2.modeling.region_proposal import RegionProposals
 from uniperceiver_v2.tasks.detection import to_coco_results
 
@@ -56,7 +57,9 @@ __all__ = [
     "evaluate_region_proposals",
     "fusion_gradient_norms",
     "loss_table",
+    "matching_costs",
     "predict_proposals",
+    "proposal_recall",
     "trace_forward",
     "train_region_proposals",
 ]
@@ -264,7 +267,8 @@ def evaluate_region_proposals(encoder: ImageEncoder, dataset: Dataset, ann_file:
         ann_file: the dataset's COCO instances file.
 
     Returns:
-        ``{"bbox": {AP, AP50, ...}, "segm": {...}, "images": n, "proposals": total}`` (fractions in [0, 1]).
+        ``{"bbox": {AP, AP50, ...}, "segm": {...}, "recall50": ``proposal_recall``, "images": n,
+        "proposals": total}`` (fractions in [0, 1]).
     """
     if len(dataset) == 0:
         raise ValueError("evaluate_region_proposals: the dataset is empty")
@@ -273,8 +277,37 @@ def evaluate_region_proposals(encoder: ImageEncoder, dataset: Dataset, ann_file:
         samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         predictions = predict_proposals(encoder, samples)
         records += to_coco_results(predictions, [s.image_id for s in samples], [OBJECT_CATEGORY_ID])
-    metrics = evaluate_coco(class_agnostic_ground_truth(ann_file), records, ("bbox", "segm"))
-    return {"bbox": metrics["bbox"], "segm": metrics["segm"], "images": len(dataset), "proposals": len(records)}
+    ground_truth = class_agnostic_ground_truth(ann_file)
+    metrics = evaluate_coco(ground_truth, records, ("bbox", "segm"))
+    return {"bbox": metrics["bbox"], "segm": metrics["segm"], "recall50": proposal_recall(ground_truth, records),
+            "images": len(dataset), "proposals": len(records)}
+
+
+def proposal_recall(ground_truth: Mapping, records: Sequence[Mapping], iou_threshold: float = 0.5) -> float:
+    """Fraction of the (non-crowd) ground-truth objects covered by at least one proposal with box IoU >=
+    ``iou_threshold``, whatever its score: how much the proposals *can* find, before ranking matters.
+
+    Args:
+        ground_truth: COCO instances dict; records: COCO result records with ``bbox`` [x, y, w, h].
+    """
+    def xyxy(boxes: list) -> torch.Tensor:
+        b = torch.tensor(boxes, dtype=torch.float64).view(-1, 4)
+        return torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], dim=1)
+
+    proposals: dict[int, list] = {}
+    for record in records:
+        proposals.setdefault(record["image_id"], []).append(record["bbox"])
+    objects: dict[int, list] = {}
+    for annotation in ground_truth["annotations"]:
+        if not annotation.get("iscrowd", 0):
+            objects.setdefault(annotation["image_id"], []).append(annotation["bbox"])
+    found = total = 0
+    for image_id, boxes in objects.items():
+        total += len(boxes)
+        if proposals.get(image_id):
+            iou = box_iou(xyxy(boxes), xyxy(proposals[image_id]))                  # (K, O)
+            found += int((iou.max(dim=1).values >= iou_threshold).sum())
+    return found / total if total else math.nan
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -385,6 +418,39 @@ def trace_forward(encoder: ImageEncoder, images: torch.Tensor, padding_mask: tor
         encoder_attention=DeformableAttentionTrace(*seen["encoder"]),
         decoder_attention=DeformableAttentionTrace(*seen["decoder"]).select(matching),
     )
+
+
+def matching_costs(matcher: HungarianMatcher, objectness: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor,
+                   target: Mapping[str, torch.Tensor], seed: int = 0
+                   ) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The matching cost of one image split into its weighted terms, and the Hungarian assignment it gives.
+
+    Args:
+        matcher: the criterion's ``HungarianMatcher`` (its coefficients and point count are used).
+        objectness: (N,) logits; boxes: (N, 4) cxcywh; masks: (N, Hm, Wm) logits of one image's predictions.
+        target: one normalised target (``normalize_targets`` with the padded size): ``boxes`` (K, 4), ``masks``.
+        seed: seeds the mask points, the same for every term, so that the terms add up to the total.
+
+    Returns:
+        ``{"total": C, "objectness": ..., "L1": ..., "GIoU": ..., "mask BCE": ..., "dice": ...}``, each (N, K)
+        and already multiplied by its coefficient, and (prediction indices, GT indices) of the assignment that
+        ``matcher`` makes with the same points.
+    """
+    weights = {"objectness": "cost_objectness", "L1": "cost_bbox", "GIoU": "cost_giou", "mask BCE": "cost_mask",
+               "dice": "cost_dice"}
+    extra = {"num_points": matcher.num_points, "focal_alpha": matcher.focal_alpha, "focal_gamma": matcher.focal_gamma}
+
+    def cost(kept: set[str]) -> torch.Tensor:
+        only = HungarianMatcher(**{attr: getattr(matcher, attr) if attr in kept else 0.0
+                                   for attr in weights.values()}, **extra)
+        generator = torch.Generator(device=boxes.device).manual_seed(seed)
+        return only.cost_matrix(objectness, boxes, masks, target["boxes"], target["masks"], generator)
+
+    costs = {"total": cost(set(weights.values()))}
+    costs.update({name: cost({attr}) for name, attr in weights.items()})
+    generator = torch.Generator(device=boxes.device).manual_seed(seed)
+    (assignment,) = matcher(objectness[None], boxes[None], masks[None], [dict(target)], generator)
+    return costs, assignment
 
 
 def denoising_groups(denoising: DenoisingQueries, image: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint of run.output_dir (from scratch if there is none)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    parser.add_argument("--no-eval", action="store_true",
+                        help="skip the evaluations (at run.eval_every and at the end); run them later with "
+                             "python -m uniperceiver_v2.evaluate")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return parser.parse_args(argv)
 
@@ -113,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         init_distributed()
         try:
             model, tasks, datasets = build_training(cfg)
-            trainer = Trainer(cfg, model, tasks, datasets, evaluate_fn=evaluate, progress=not args.no_progress,
-                              argv=argv)
+            trainer = Trainer(cfg, model, tasks, datasets, evaluate_fn=None if args.no_eval else evaluate,
+                              progress=not args.no_progress, argv=argv)
         except (ConfigError, DataError) as error:
             print(f"error: {error}", file=sys.stderr)
             destroy_distributed()

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from .distributed import get_world_size, is_distributed
 
-__all__ = ["MetricWriter", "WindowAverages", "read_metrics", "RESERVED_KEYS"]
+__all__ = ["MetricWriter", "RESERVED_KEYS", "WindowAverages", "json_safe", "read_metrics"]
 
 # Keys of a training record that a task's loss term may not reuse.
 RESERVED_KEYS = frozenset({"kind", "iteration", "task", "count", "lr", "grad_norm", "time", "iter_time", "split"})
@@ -111,6 +111,18 @@ class WindowAverages:
 def _finite_or_none(value: float) -> float | None:
     # JSON has no NaN/inf; a diverged loss is written as null so every line stays valid JSON.
     return value if math.isfinite(value) else None
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN / inf floats replaced by None, recursively through dicts and lists (strict JSON has
+    neither; COCO reports NaN for, e.g., the AP of large objects when a split has none)."""
+    if isinstance(value, float):
+        return _finite_or_none(value)
+    if isinstance(value, Mapping):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
 
 
 class MetricWriter:

@@ -90,7 +90,7 @@ from ..config import Config, ConfigError
 from .checkpoint import find_latest, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .data_setup import TaskStream
 from .distributed import get_rank, get_world_size, init_distributed, is_distributed
-from .logging import MetricWriter, WindowAverages
+from .logging import MetricWriter, WindowAverages, json_safe
 from .optim import MTAdamW, build_param_groups
 from .sampling import MixedTaskSampler, UnmixedTaskSampler
 from .schedule import WarmupStepSchedule, build_lr_scheduler
@@ -339,9 +339,14 @@ class Trainer:
             self.sampler = MixedTaskSampler(self.task_names, weights, seed=run.seed,
                                             num_slots=self.world_size * run.grad_accum)
         self.optimizer = build_optimizer(cfg, self.model)
-        self.scheduler = build_lr_scheduler(self.optimizer, WarmupStepSchedule(
-            total_iterations=run.iterations, warmup_iterations=cfg.optim.warmup_iters,
-            decay_fractions=tuple(cfg.optim.decay_at), decay_factor=cfg.optim.decay_factor))
+        try:
+            schedule = WarmupStepSchedule(
+                total_iterations=run.iterations, warmup_iterations=cfg.optim.warmup_iters,
+                decay_fractions=tuple(cfg.optim.decay_at), decay_factor=cfg.optim.decay_factor)
+        except ValueError as error:
+            raise ConfigError(f"optim.warmup_iters / optim.decay_at with run.iterations={run.iterations}: "
+                              f"{error}") from None
+        self.scheduler = build_lr_scheduler(self.optimizer, schedule)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
 
         self.streams = {
@@ -520,8 +525,8 @@ class Trainer:
         results = self.evaluate_fn(self.model, self.cfg, self.tasks, split)
         if self.rank == 0:
             path = self.output_dir / f"eval_{split}_{self.iteration:07d}.json"
-            path.write_text(json.dumps({"iteration": self.iteration, "split": split, "results": results},
-                                       indent=2) + "\n")
+            record = {"iteration": self.iteration, "split": split, "results": results}
+            path.write_text(json.dumps(json_safe(record), indent=2) + "\n")
             if self._writer is not None:
                 self._writer.write_eval(self.iteration, split, results)
         return results

@@ -9,6 +9,10 @@
 Weights are never downloaded: the backbone is randomly initialised unless ``image_encoder.backbone_weights`` names a
 local file (safetensors, or a torch checkpoint read with ``weights_only=True``) holding the state dict of the plain
 timm model (``timm.create_model(name).state_dict()``, optionally nested under "model" or "state_dict").
+
+BatchNorm of a *pretrained* timm backbone (ResNet-50) is frozen (``FREEZE_PRETRAINED_BATCHNORM``), as in DETR and
+Mask DINO: detection batches hold one image per GPU (Tab. 8), too few for batch statistics. A randomly initialised
+backbone keeps trainable BatchNorm, which it needs to train from scratch.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import pickle
 from pathlib import Path
 
 import timm
+from timm.layers import freeze_batch_norm_2d
 import torch
 import torch.nn as nn
 
 STRIDES = (4, 8, 16, 32)
+FREEZE_PRETRAINED_BATCHNORM = True
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -74,9 +80,13 @@ def _timm_kwargs(name: str) -> dict:
 
 
 class TimmBackbone(nn.Module):
-    """A timm model in ``features_only`` mode returning the stride-4, 8, 16 and 32 maps as NCHW tensors."""
+    """A timm model in ``features_only`` mode returning the stride-4, 8, 16 and 32 maps as NCHW tensors.
 
-    def __init__(self, name: str):
+    ``weights``: optional local state dict of the plain timm model (see ``load_backbone_weights``); when given,
+    BatchNorm layers are then frozen (``FREEZE_PRETRAINED_BATCHNORM``).
+    """
+
+    def __init__(self, name: str, weights: str | Path | None = None):
         super().__init__()
         if not timm.is_model(name):
             raise ValueError(f"image_encoder.backbone={name!r}: neither 'tiny_convnet' nor a timm model name")
@@ -91,11 +101,16 @@ class TimmBackbone(nn.Module):
                              f"missing {missing}; the image encoder needs strides {list(STRIDES)}")
         out_indices = tuple(probe.feature_info.out_indices[reductions.index(s)] for s in STRIDES)
         del probe
-        self.body = timm.create_model(name, pretrained=False, features_only=True, out_indices=out_indices, **kwargs)
+        body = timm.create_model(name, pretrained=False, features_only=True, out_indices=out_indices, **kwargs)
         self.name = name
-        self.channels = list(self.body.feature_info.channels())
-        self.strides = list(self.body.feature_info.reduction())
-        self.channels_last = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
+        self.channels = list(body.feature_info.channels())
+        self.strides = list(body.feature_info.reduction())
+        self.channels_last = str(getattr(body, "output_fmt", "NCHW")).endswith("NHWC")
+        if weights is not None:
+            load_backbone_weights(body, weights, name)
+            if FREEZE_PRETRAINED_BATCHNORM:
+                body = freeze_batch_norm_2d(body)
+        self.body = body
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) -> [(B, C_l, H / s_l, W / s_l) for s_l in 4, 8, 16, 32]."""
@@ -125,21 +140,20 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> list[str]:
-    """Load a local state dict into the backbone; return the checkpoint keys that were not used.
+def load_backbone_weights(module: nn.Module, path: str | Path, name: str = "tiny_convnet") -> list[str]:
+    """Load a local state dict into a backbone module; return the checkpoint keys that were not used.
 
-    For a timm backbone the checkpoint is the plain model's state dict: ``features_only`` renames nested
-    sequential stages (``layers.0.x`` -> ``layers_0.x``), and the classifier / final norm are not part of the
-    feature extractor (those keys are returned as unused). Every backbone parameter and buffer must be present
-    with the right shape, otherwise a ValueError lists the offending keys.
+    For a timm ``features_only`` model the checkpoint is the plain model's state dict: ``features_only`` renames
+    nested sequential stages (``layers.0.x`` -> ``layers_0.x``), and the classifier / final norm are not part of
+    the feature extractor (those keys are returned as unused). Every parameter and buffer of ``module`` must be
+    present with the right shape, otherwise a ValueError lists the offending keys.
     """
     path = Path(path)
     state = _read_state_dict(path)
-    own = backbone.state_dict()
-    prefix = "body." if isinstance(backbone, TimmBackbone) else ""
+    own = module.state_dict()
     mapped, unused = {}, []
     for key, value in state.items():
-        candidates = [prefix + key, prefix + key.replace(".", "_", 1)]
+        candidates = [key, key.replace(".", "_", 1)]
         target = next((c for c in candidates if c in own), None)
         if target is None:
             unused.append(key)
@@ -149,11 +163,10 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> list[str]:
     wrong_shape = [f"{k}: file {tuple(mapped[k].shape)} vs model {tuple(own[k].shape)}"
                    for k in mapped if mapped[k].shape != own[k].shape]
     if missing or wrong_shape:
-        raise ValueError(f"image_encoder.backbone_weights: {path} does not fit backbone "
-                         f"{getattr(backbone, 'name', type(backbone).__name__)}: "
+        raise ValueError(f"image_encoder.backbone_weights: {path} does not fit backbone {name}: "
                          f"{len(missing)} missing keys {missing[:5]}, {len(wrong_shape)} shape mismatches "
                          f"{wrong_shape[:5]}")
-    backbone.load_state_dict(mapped, strict=True)
+    module.load_state_dict(mapped, strict=True)
     return unused
 
 
@@ -162,7 +175,9 @@ def build_backbone(name: str, channels: list[int], weights: str | None = None) -
 
     The module exposes ``channels`` (4 ints) and ``strides`` ([4, 8, 16, 32]).
     """
-    backbone = TinyConvNet(channels) if name == "tiny_convnet" else TimmBackbone(name)
+    if name != "tiny_convnet":
+        return TimmBackbone(name, weights)
+    backbone = TinyConvNet(channels)
     if weights is not None:
         load_backbone_weights(backbone, weights)
     return backbone

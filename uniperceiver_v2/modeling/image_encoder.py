@@ -180,9 +180,7 @@ class ImageEncoder(nn.Module):
 
         features = self.backbone(images)
         tokens, padding, types = [], [], []
-        out = ImageEncoderOutput(tokens=images.new_zeros(0), token_padding_mask=padding_mask.new_zeros(0),
-                                 token_types=sizes.new_zeros(0), num_global=0, image_sizes=sizes,
-                                 padded_size=padded_size)
+        extras: dict = {}
         if self.global_representations is not None:
             last = features[3]
             mask = F.interpolate(padding_mask[:, None].float(), size=last.shape[-2:], mode="nearest")[:, 0].bool()
@@ -190,23 +188,20 @@ class ImageEncoder(nn.Module):
             tokens.append(g_tokens)
             padding.append(g_padding)
             types.append(g_types)
-            out.num_global = g_tokens.shape[1]
-            out.attention_pool_weights = pool_weights
-            out.global_map_size = (last.shape[-2], last.shape[-1])
+            extras.update(attention_pool_weights=pool_weights, global_map_size=(last.shape[-2], last.shape[-1]))
+        num_global = sum(t.shape[1] for t in tokens)
         if self.region_proposals is not None:
             proposals = self.region_proposals(features, padding_mask, normalized)
             tokens.append(proposals.tokens)
             padding.append(padding_mask.new_zeros(proposals.tokens.shape[:2]))
             types.append(torch.full(proposals.tokens.shape[:2], REGIONAL, dtype=torch.long, device=images.device))
-            out.boxes, out.masks = proposals.boxes, proposals.masks
-            out.objectness, out.proposal_indices = proposals.objectness, proposals.indices
-            out.all_boxes, out.all_objectness = proposals.all_boxes, proposals.all_objectness
-            out.encoder_objectness = proposals.encoder_objectness
-            out.sampling_locations = proposals.sampling_locations
+            extras.update(boxes=proposals.boxes, masks=proposals.masks, objectness=proposals.objectness,
+                          proposal_indices=proposals.indices, all_boxes=proposals.all_boxes,
+                          all_objectness=proposals.all_objectness, encoder_objectness=proposals.encoder_objectness,
+                          sampling_locations=proposals.sampling_locations)
             if normalized is not None:
-                out.losses = self.criterion(proposals.predictions, normalized, proposals.denoising,
-                                            proposals.denoising_predictions)
-        out.tokens = torch.cat(tokens, 1)
-        out.token_padding_mask = torch.cat(padding, 1)
-        out.token_types = torch.cat(types, 1)
-        return out
+                extras["losses"] = self.criterion(proposals.predictions, normalized, proposals.denoising,
+                                                  proposals.denoising_predictions)
+        return ImageEncoderOutput(tokens=torch.cat(tokens, 1), token_padding_mask=torch.cat(padding, 1),
+                                  token_types=torch.cat(types, 1), num_global=num_global, image_sizes=sizes,
+                                  padded_size=padded_size, **extras)

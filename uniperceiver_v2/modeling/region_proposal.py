@@ -248,11 +248,14 @@ class RegionProposalNetwork(nn.Module):
         hidden, boxes, locations = self.decoder(tgt, reference, memory, mask_flat, shapes, starts, ratios,
                                                 self.box_head, None if denoising is None else denoising.attn_mask)
 
+        # Predictions of the matching queries; every set the losses need when targets are given.
         matching = slice(num_dn, None)
+        semantic = hidden[-1][:, matching]                                                     # q^sem (B, N, d)
+        num_kept = min(cfg.topk_queries, num_queries)
         predictions = denoising_predictions = None
         if targets is not None:
-            enc_logits = _gather(enc_objectness, selected)
-            predictions = {"enc": PredictionSet(enc_logits, enc_boxes, self.mask_head(enc_hidden, pixel_embedding))}
+            enc_masks = self.mask_head(enc_hidden, pixel_embedding)
+            predictions = {"enc": PredictionSet(_gather(enc_objectness, selected), enc_boxes, enc_masks)}
             denoising_predictions = {} if denoising is not None else None
             for i, (h, b) in enumerate(zip(hidden, boxes)):
                 layer_objectness, layer_masks = self.predict(h, pixel_embedding)
@@ -261,17 +264,19 @@ class RegionProposalNetwork(nn.Module):
                 if denoising is not None:
                     denoising_predictions[f"dn{i}"] = layer.select(slice(0, num_dn))
             last = predictions[f"dec{len(hidden) - 1}"]
-            final_objectness, final_boxes, final_masks = last.objectness, last.boxes, last.masks
+            final_objectness, final_boxes = last.objectness, last.boxes
+            kept = final_objectness.topk(num_kept, dim=1).indices                             # (B, O)
+            kept_masks = _gather(last.masks, kept)
         else:
-            final_objectness, final_masks = self.predict(hidden[-1][:, matching], pixel_embedding)
+            # Without losses only the kept proposals need masks (O of N dot products with the pixel map).
+            final_objectness = self.objectness_head(semantic)[..., 0]
             final_boxes = boxes[-1][:, matching]
-        semantic = hidden[-1][:, matching]
+            kept = final_objectness.topk(num_kept, dim=1).indices
+            kept_masks = self.mask_head(_gather(semantic, kept), pixel_embedding)
 
-        # Eq. (2): fuse, then keep the top-O proposals by objectness.
-        num_kept = min(cfg.topk_queries, num_queries)
-        kept = final_objectness.topk(num_kept, dim=1).indices                                 # (B, O)
-        kept_boxes, kept_masks = _gather(final_boxes, kept), _gather(final_masks, kept)
-        mask_padding = F.interpolate(padding_mask[:, None].float(), size=final_masks.shape[-2:],
+        # Eq. (2) on the top-O proposals by objectness.
+        kept_boxes = _gather(final_boxes, kept)
+        mask_padding = F.interpolate(padding_mask[:, None].float(), size=kept_masks.shape[-2:],
                                      mode="nearest")[:, 0].bool()
         valid_sizes = [(max(int((~m[:, 0]).sum()), 1), max(int((~m[0, :]).sum()), 1)) for m in mask_padding]
         tokens = self.fusion(_gather(semantic, kept), kept_boxes, kept_masks, valid_sizes)

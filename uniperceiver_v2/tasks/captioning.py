@@ -203,8 +203,10 @@ class CaptioningTask(Task):
         """Keep the ``beam_size`` most likely partial captions (sum of word log-probabilities) at every step.
 
         A finished hypothesis (it emitted the end token) stays in the beam with its score unchanged, competing with
-        the unfinished ones; the search stops when all are finished or after ``max_length`` steps, and returns the
-        best-scoring hypothesis. No length normalisation: with beam_size = 1 this is exactly greedy decoding.
+        the unfinished ones. The search stops after ``max_length`` steps, or as soon as every image's best finished
+        hypothesis scores at least as high as its best unfinished one (scores only fall, so that one has won), and
+        returns the best-scoring hypothesis. No length normalisation: with beam_size = 1 this is exactly greedy
+        decoding.
 
         Returns:
             per image (token ids without the end token, total log-probability).
@@ -231,7 +233,12 @@ class CaptioningTask(Task):
             index = (flat % vocab_size).flatten()
             generated = torch.cat([generated[source], model.vocabulary[index][:, None]], dim=1)
             finished = finished[source] | (index == end_index)
-            if bool(finished.all()):
+            # Log-probabilities are <= 0, so a hypothesis' score can only fall: once an image's best finished
+            # hypothesis scores at least as high as its best unfinished one, no continuation can overtake it.
+            done = finished.view(num_images, beam_size)
+            best_finished = scores.masked_fill(~done, float("-inf")).max(dim=1).values
+            best_open = scores.masked_fill(done, float("-inf")).max(dim=1).values
+            if bool((best_finished >= best_open).all()):
                 break
         best = scores.argmax(dim=1)
         winners = torch.arange(num_images, device=device) * beam_size + best

@@ -1,0 +1,109 @@
+"""The public inference API on the real embedded MiniLM text encoder: structure of every result, checkpoints."""
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+from test_tasks_support import CAPTIONS, single_thread  # noqa: F401
+
+from uniperceiver_v2 import api
+from uniperceiver_v2.engine.checkpoint import save_checkpoint
+from uniperceiver_v2.tasks.vocabulary import build_vocabulary
+
+
+def pil_images():
+    """Three PIL images of different sizes and modes."""
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (50, 80, 3), dtype=np.uint8)),             # RGB 80 x 50
+            Image.fromarray(rng.integers(0, 255, (90, 40), dtype=np.uint8)),                # grayscale 40 x 90
+            Image.fromarray(rng.integers(0, 255, (64, 64, 4), dtype=np.uint8), "RGBA")]     # with alpha
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = api.build_model("tiny")
+    # the default vocabulary is every MiniLM token (~30k), too many to encode quickly on a CPU
+    model.set_vocabulary(build_vocabulary(model.text_encoder.tokenizer, CAPTIONS))
+    return model
+
+
+def test_build_model_gives_an_eval_model_with_the_embedded_text_encoder(model):
+    assert not model.training
+    assert model.text_encoder.hidden_size == 384 and model.config.preset == "tiny"
+
+
+def test_classify_returns_top_k_labels_for_unseen_class_names(model):
+    names = ["tiger shark", "hot-air balloon", "espresso"]
+    images = pil_images() + [torch.randint(0, 255, (3, 30, 70), dtype=torch.uint8)]
+    results = model.classify(images, names, top_k=2)
+    assert len(results) == 4
+    for ranking in results:
+        assert [set(entry) for entry in ranking] == [{"label", "index", "score"}] * 2
+        assert all(names[entry["index"]] == entry["label"] for entry in ranking)
+        assert ranking[0]["score"] >= ranking[1]["score"] and 0 < sum(e["score"] for e in ranking) <= 1 + 1e-6
+    assert model.classify(pil_images()[0], names, top_k=10)[0][0]["label"] in names       # one image, k > C
+
+
+def test_detect_returns_boxes_and_masks_on_each_input_image(model):
+    images = pil_images()
+    results = model.detect(images, ["zebra", "umbrella"], score_threshold=0.0)
+    for image, result in zip(images, results):
+        width, height = image.size
+        count = result["boxes"].shape[0]
+        assert count > 0 and set(result) == {"boxes", "scores", "labels", "names", "masks"}
+        assert result["scores"].shape == (count,) and result["labels"].shape == (count,)
+        assert result["masks"].shape == (count, height, width) and result["masks"].dtype == torch.bool
+        assert (result["boxes"][:, [0, 2]] <= width + 1e-3).all() and (result["boxes"][:, [1, 3]] <= height + 1e-3).all()
+        assert result["names"] == [["zebra", "umbrella"][c] for c in result["labels"].tolist()]
+    threshold = float(results[0]["scores"].median())
+    kept = model.detect(images[:1], ["zebra", "umbrella"], score_threshold=threshold)[0]
+    assert 0 < kept["scores"].shape[0] < results[0]["scores"].shape[0] and (kept["scores"] >= threshold).all()
+
+
+def test_caption_retrieve_and_fill_mask(model):
+    images = pil_images()[:2]
+    captions = model.caption(images, beam_size=2, max_length=4)
+    assert [set(c) for c in captions] == [{"caption", "token_ids", "score"}] * 2
+    assert all(isinstance(c["caption"], str) and len(c["token_ids"]) <= 4 for c in captions)
+
+    texts = ["a red circle", "two green triangles", "a star"]
+    scores = model.retrieve(images, texts)
+    assert scores["i2t"].shape == (2, 3) and scores["t2i"].shape == (3, 2)
+    assert torch.equal(scores["i2t_ranking"][:, 0], scores["i2t"].argmax(1))
+
+    filled = model.fill_mask(["a <mask> circle above a <mask> square", "two <mask>"], top_k=3)
+    assert [len(f["tokens"]) for f in filled] == [2, 1]
+    assert all(len(candidates) == 3 for f in filled for candidates in f["candidates"])
+    assert filled[1]["text"].startswith("two ") and "[MASK]" not in filled[0]["text"]
+    with pytest.raises(ValueError, match="has no <mask>"):
+        model.fill_mask(["no mask here"])
+
+
+def test_api_calls_restore_the_training_mode(model):
+    model.train()
+    model.classify(pil_images()[:1], ["a", "b"])
+    assert model.training
+    model.eval()
+
+
+def test_bad_images_are_reported_by_position(model):
+    with pytest.raises(ValueError, match=r"images\[1\]"):
+        model.classify([pil_images()[0], torch.zeros(4, 8, 8)], ["a"])
+
+
+def test_build_model_from_a_safetensors_file_and_from_a_checkpoint_folder(model, tmp_path):
+    path = tmp_path / "weights.safetensors"
+    safetensors.torch.save_model(model, str(path))
+    loaded = api.build_model("tiny", checkpoint=path)
+    for (name, a), (_, b) in zip(loaded.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+    folder = save_checkpoint(tmp_path / "run", 5, model, optimizer=None, config=model.config)
+    from_folder = api.build_model(None, checkpoint=tmp_path / "run")          # config read from meta.json
+    assert from_folder.config.to_dict() == model.config.to_dict()
+    for (name, a), (_, b) in zip(from_folder.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert folder.name == "iter_0000005"
+    with pytest.raises(ValueError, match="safetensors"):
+        api.build_model("tiny", checkpoint=tmp_path / "run" / "iter_0000005" / "training_state.pt")

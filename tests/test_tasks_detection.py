@@ -1,0 +1,105 @@
+"""Detection / instance segmentation: proposal labels, loss, COCO results, zero-shot class lists."""
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+from test_tasks_support import detection_samples, overfit, single_thread, tiny_config, tiny_model  # noqa: F401
+
+from uniperceiver_v2.tasks.detection import DetectionTask, assign_proposal_labels, to_coco_results
+from uniperceiver_v2.tasks.losses import IGNORE_INDEX
+
+NAMES = ["square", "rectangle"]
+CATEGORY_IDS = [3, 11]                       # sparse COCO-style ids
+
+
+def test_assign_proposal_labels_by_iou_and_best_proposal_per_object():
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0], [50.0, 50.0, 60.0, 60.0]])
+    gt_labels = torch.tensor([4, 7, 9])
+    proposals = torch.tensor([
+        [0.0, 0.0, 10.0, 9.0],       # IoU 0.9 with gt 0                 -> 4
+        [0.0, 0.0, 10.0, 4.0],       # IoU 0.4 with gt 0, not its best   -> ignored
+        [21.0, 21.0, 40.0, 40.0],    # IoU 81/(100+361-81) = 0.21, the best proposal of gt 1 -> 7 (low-quality match)
+        [80.0, 80.0, 90.0, 90.0],    # overlaps nothing                  -> ignored
+    ])
+    labels = assign_proposal_labels(proposals, gt, gt_labels)
+    assert labels.tolist() == [4, IGNORE_INDEX, 7, IGNORE_INDEX]          # gt 2 overlaps no proposal: unclaimed
+    assert assign_proposal_labels(proposals, gt[:0], gt_labels[:0]).tolist() == [IGNORE_INDEX] * 4
+
+
+def test_loss_adds_the_region_proposal_losses_and_decreases_when_overfitting():
+    model = tiny_model()
+    task = DetectionTask(model.config.tasks.detection, NAMES, CATEGORY_IDS)
+    batch = task.collate(detection_samples(2))
+    out = task.loss(model, batch)
+    rpn = {k: v for k, v in out.items() if k.startswith("rpn_")}
+    assert rpn and all(torch.isfinite(v) for v in rpn.values())
+    assert out["loss_rpn"].item() == pytest.approx(sum(v.item() for v in rpn.values()), rel=1e-5)
+    weight = model.config.tasks.detection.loss_weight
+    assert out["loss"].item() == pytest.approx(
+        weight * (out["loss_cls"] + out["loss_rpn"] + out["loss_moe_aux"]).item(), rel=1e-6)
+    losses = overfit(model, task, batch, steps=12, lr=3e-4)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
+
+
+def test_loss_requires_instance_masks():
+    task = DetectionTask(tiny_config().tasks.detection, NAMES)
+    batch = replace(task.collate(detection_samples(1)), masks=None)
+    with pytest.raises(ValueError, match="with_masks=True"):
+        task.loss(tiny_model(), batch)
+
+
+@pytest.fixture(scope="module")
+def predictions():
+    model = tiny_model().eval()
+    task = DetectionTask(model.config.tasks.detection, NAMES, CATEGORY_IDS)
+    batch = task.collate(detection_samples(2))
+    return model, task, batch, task.predict(model, batch)
+
+
+def test_predictions_are_valid_coco_results(predictions):
+    model, task, batch, predicted = predictions
+    results = to_coco_results(predicted, batch.image_ids, batch.category_ids)
+    assert len(results) == 2 * min(task.config.max_detections, 20 * len(NAMES))
+    assert {r["category_id"] for r in results} <= set(CATEGORY_IDS)
+    ground_truth = COCO()
+    ground_truth.dataset = {
+        "images": [{"id": i, "height": 64, "width": 64, "file_name": f"{i}.png"} for i in batch.image_ids],
+        "annotations": [{"id": 1, "image_id": batch.image_ids[0], "category_id": 3, "bbox": [8, 8, 24, 24],
+                         "area": 576, "iscrowd": 0, "segmentation": [[8, 8, 32, 8, 32, 32, 8, 32]]}],
+        "categories": [{"id": c, "name": n} for c, n in zip(CATEGORY_IDS, NAMES)],
+    }
+    ground_truth.createIndex()
+    loaded = ground_truth.loadRes(copy.deepcopy(results))
+    assert len(loaded.getAnnIds()) == len(results)
+    for record in results:
+        x, y, w, h = record["bbox"]
+        assert 0 <= x and 0 <= y and w >= 0 and h >= 0 and x + w <= 64 + 1e-4 and y + h <= 64 + 1e-4
+        assert 0.0 <= record["score"] <= 1.0
+        assert record["segmentation"]["size"] == [64, 64]
+    scores = [r["score"] for r in results if r["image_id"] == batch.image_ids[0]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_boxes_and_masks_are_returned_in_original_image_pixels(predictions):
+    model, task, batch, predicted = predictions
+    twice = replace(batch, orig_sizes=batch.orig_sizes * 2)          # the network saw a half-size copy
+    scaled = task.predict(model, twice)
+    torch.testing.assert_close(scaled[0]["boxes"], predicted[0]["boxes"] * 2, atol=1e-3, rtol=1e-5)
+    assert scaled[0]["masks"].shape[-2:] == (128, 128)
+
+
+def test_zero_shot_class_names_and_no_masks_without_segmentation():
+    cfg = tiny_config(detection={"segmentation": False, "max_detections": 7})
+    model = tiny_model(cfg).eval()
+    unseen = ["zebra", "traffic light", "umbrella"]
+    task = DetectionTask(cfg.tasks.detection, unseen)
+    batch = task.collate(detection_samples(1))
+    predicted = task.predict(model, batch)
+    assert set(predicted[0]) == {"boxes", "scores", "labels"}
+    assert predicted[0]["boxes"].shape == (7, 4) and int(predicted[0]["labels"].max()) < len(unseen)
+    results = to_coco_results(predicted, batch.image_ids, range(len(unseen)))
+    assert all("segmentation" not in r for r in results)

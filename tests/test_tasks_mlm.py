@@ -1,0 +1,85 @@
+"""Masked language modelling: the masking draw, no leak of the masked word, loss and accuracy."""
+
+import torch
+from test_tasks_support import CAPTIONS, overfit, single_thread, tiny_model  # noqa: F401
+
+from uniperceiver_v2.modeling.attributes import MODALITY_IDS
+from uniperceiver_v2.tasks.mlm import MaskedLanguageModelingTask, choose_masked_positions
+
+
+def test_masking_draw_rate_special_tokens_and_at_least_one_word():
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1000, 2000, (400, 30), generator=generator)
+    input_ids[:, 0], input_ids[:, -1] = 101, 102                     # [CLS] ... [SEP]
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[:200, 20:] = 0                                    # padding
+    masked = choose_masked_positions(input_ids, attention_mask, [101, 102], 0.15, generator)
+    assert not masked[:, 0].any() and not masked[:, -1].any() and not masked[:200, 20:].any()
+    assert masked.any(dim=1).all()
+    rate = masked.sum().item() / (attention_mask[:, 1:-1].sum().item() - 200)
+    assert 0.13 < rate < 0.17
+    # a single-word sentence is still masked, once
+    one = choose_masked_positions(torch.tensor([[101, 1500, 102]]), torch.ones(1, 3, dtype=torch.long),
+                                  [101, 102], 0.15, torch.Generator().manual_seed(1))
+    assert one.tolist() == [[False, True, False]]
+
+
+def test_masked_positions_see_spe_and_not_the_hidden_word():
+    model = tiny_model().eval()
+    task = MaskedLanguageModelingTask(model.config.tasks.mlm)
+    tokens = model.tokenize(CAPTIONS[:2])
+    input_ids, attention_mask = tokens["input_ids"], tokens["attention_mask"]
+    masked = torch.zeros_like(input_ids, dtype=torch.bool)
+    masked[0, 2], masked[1, 3] = True, True
+    swapped = input_ids.clone()
+    swapped[masked] = model.vocabulary[:2]                           # different hidden words ...
+    with torch.no_grad():
+        a, _ = task.masked_representations(model, input_ids, attention_mask, masked)
+        b, _ = task.masked_representations(model, swapped, attention_mask, masked)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)                 # ... give identical outputs
+
+
+def test_mlm_uses_spe_modality_at_masked_positions(monkeypatch):
+    model = tiny_model().eval()
+    task = MaskedLanguageModelingTask(model.config.tasks.mlm)
+    seen = {}
+    original = model.decoder.forward
+
+    def spy(x, **kwargs):
+        seen.update(kwargs)
+        return original(x, **kwargs)
+
+    monkeypatch.setattr(model.decoder, "forward", spy)
+    tokens = model.tokenize(CAPTIONS[:1])
+    masked = torch.zeros_like(tokens["input_ids"], dtype=torch.bool)
+    masked[0, 2] = True
+    with torch.no_grad():
+        task.masked_representations(model, tokens["input_ids"], tokens["attention_mask"], masked)
+    modality = seen["modality_ids"][0]
+    assert modality[0] == MODALITY_IDS["spe"] and modality[3] == MODALITY_IDS["spe"]     # leading and masked
+    assert (modality[1:3] == MODALITY_IDS["text"]).all() and (modality[4:] == MODALITY_IDS["text"]).all()
+
+
+def test_loss_is_finite_and_decreases_with_a_fixed_mask():
+    model = tiny_model()
+    task = MaskedLanguageModelingTask(model.config.tasks.mlm)
+    batch = task.collate(CAPTIONS)
+    out = task.loss(model, batch)
+    assert set(out) == {"loss", "loss_mlm", "loss_moe_aux", "accuracy"} and torch.isfinite(out["loss"])
+
+    class FixedMask:                       # the same masked positions at every step: a truly fixed batch
+        def loss(self, model, batch):
+            torch.manual_seed(0)
+            return task.loss(model, batch)
+
+    losses = overfit(model, FixedMask(), batch, steps=30, lr=3e-4)
+    assert sum(losses[-5:]) / 5 < 0.6 * losses[0], losses
+
+
+def test_predict_masks_reproducibly_and_reports_accuracy():
+    model = tiny_model().eval()
+    task = MaskedLanguageModelingTask(model.config.tasks.mlm)
+    batch = task.collate(CAPTIONS)
+    first, second = task.predict(model, batch), task.predict(model, batch)
+    assert torch.equal(first["target"], second["target"]) and torch.equal(first["predicted"], second["predicted"])
+    assert first["accuracy"].item() == (first["predicted"] == first["target"]).float().mean().item()
