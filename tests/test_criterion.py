@@ -27,7 +27,8 @@ def _box_mask(box: list[float], size: int) -> torch.Tensor:
 
 def _targets(boxes: list[list[float]], size: int = 32) -> dict:
     b = torch.tensor(boxes, dtype=torch.float32).view(-1, 4)
-    return {"boxes": b, "masks": torch.stack([_box_mask(x, size) for x in boxes]) if boxes else torch.zeros(0, size, size)}
+    masks = torch.stack([_box_mask(x, size) for x in boxes]) if boxes else torch.zeros(0, size, size)
+    return {"boxes": b, "masks": masks}
 
 
 def test_focal_term_matches_closed_form():

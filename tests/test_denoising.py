@@ -32,7 +32,7 @@ def test_noised_boxes_are_valid(negative, scale):
     eps = 1e-6
     assert torch.isfinite(noised).all()
     assert (xyxy >= -eps).all() and (xyxy <= 1 + eps).all()
-    assert (xyxy[:, 2] - xyxy[:, 0] >= MIN_BOX_SIZE - eps).all() and (xyxy[:, 3] - xyxy[:, 1] >= MIN_BOX_SIZE - eps).all()
+    assert (xyxy[:, 2:] - xyxy[:, :2] >= MIN_BOX_SIZE - eps).all()
 
 
 def test_positive_noise_stays_within_lambda_half_sizes_and_negatives_are_farther():

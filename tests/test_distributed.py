@@ -20,6 +20,7 @@ import torch
 
 from test_trainer import make_trainer, toy_config
 from uniperceiver_v2.engine.logging import read_metrics
+from uniperceiver_v2.engine.trainer import Trainer
 
 TESTS_DIR = Path(__file__).resolve().parent
 TIMEOUT = 90
@@ -28,18 +29,26 @@ WORKER = textwrap.dedent('''
     import json, sys
     import torch
     torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
+    args = json.loads(sys.argv[1])
+    if not args.get("float32"):
+        torch.set_default_dtype(torch.float64)
     from test_trainer import make_trainer, toy_config
     from uniperceiver_v2.engine.distributed import destroy_distributed, get_rank
     from uniperceiver_v2.engine.trainer import fail_fast
 
-    args = json.loads(sys.argv[1])
     out = args["out"]
     with fail_fast():
         cfg = toy_config(__import__("pathlib").Path(out), **args["config"])
-        trainer = make_trainer(cfg, fail_at=args.get("fail_at", {}))
+        if args.get("setup") == "real_retrieval":
+            from test_distributed import real_retrieval_trainer
+            trainer = real_retrieval_trainer(cfg)
+        else:
+            trainer = make_trainer(cfg, fail_at=args.get("fail_at", {}))
         trainer.train()
         torch.save(trainer.model.state_dict(), f"{out}/params_rank{get_rank()}.pt")
+        if hasattr(trainer.model, "candidate_counts"):
+            with open(f"{out}/candidates_rank{get_rank()}.json", "w") as file:
+                json.dump(trainer.model.candidate_counts, file)
         if args.get("resume_from"):
             # A second trainer resumes from an earlier checkpoint of the same run and must end identically.
             resumed = make_trainer(cfg, model_seed=7)
@@ -48,6 +57,28 @@ WORKER = textwrap.dedent('''
             torch.save(resumed.model.state_dict(), f"{out}/resumed_rank{get_rank()}.pt")
     destroy_distributed()
 ''')
+
+
+def real_retrieval_trainer(cfg) -> Trainer:
+    """The real Trainer, RetrievalTask and UniPerceiverV2 (tiny preset with the small random text encoder of
+    tests/test_tasks_support.py) on 16 image-caption pairs; ``model.candidate_counts`` records the number of
+    candidates of every similarity matrix the task computes."""
+    from test_tasks_support import caption_samples, tiny_model
+
+    from uniperceiver_v2.tasks.retrieval import RetrievalTask
+
+    model = tiny_model(cfg, seed=0)
+    model.candidate_counts = []
+    similarity = model.similarity
+
+    def recording_similarity(inputs, targets, task):
+        model.candidate_counts.append(int(targets.shape[0]))
+        return similarity(inputs, targets, task)
+
+    model.similarity = recording_similarity
+    task = RetrievalTask(cfg.tasks.retrieval)
+    return Trainer(cfg, model, {"retrieval": task}, {"retrieval": caption_samples(16)}, progress=False,
+                   tensorboard=False)
 
 
 def launch(tmp_path: Path, args: dict, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
@@ -106,6 +137,39 @@ def test_two_processes_match_one_process_with_twice_the_batch(tmp_path, float64)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-9)
     for name, value in single.model.state_dict().items():
         torch.testing.assert_close(rank0[name], value, rtol=1e-9, atol=1e-12)
+
+
+def test_real_model_retrieval_gathers_the_global_batch_of_negatives(tmp_path):
+    """UniPerceiverV2 + RetrievalTask under unmixed sampling on 2 ranks: each query is contrasted with 2 x batch
+    candidates, the ranks stay identical, and the losses match one process with batch 2b (MoE gate noise off,
+    so the model is deterministic)."""
+    config = {"tasks.classification.enabled": False, "tasks.mlm.enabled": False, "run.iterations": 3,
+              "run.ckpt_every": 0, "tasks.retrieval.gather": True, "decoder.moe.noise_std": 0.0,
+              "optim.lr": 1e-3}
+    batch = 2
+    result = launch(tmp_path / "two", {"setup": "real_retrieval", "float32": True,
+                                       "config": {**config, "tasks.retrieval.batch_size": batch}})
+    assert result.returncode == 0, result.stdout[-3000:]
+    for rank in (0, 1):
+        counts = json.loads((tmp_path / "two" / f"candidates_rank{rank}.json").read_text())
+        assert counts == [2 * batch] * (2 * 3)          # both directions, every iteration
+    rank0, rank1 = load(tmp_path / "two" / "params_rank0.pt"), load(tmp_path / "two" / "params_rank1.pt")
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = real_retrieval_trainer(toy_config(tmp_path / "one", **config,
+                                                   **{"tasks.retrieval.batch_size": 2 * batch}))
+        single.train()
+    finally:
+        torch.set_num_threads(previous)
+    assert single.model.candidate_counts == [2 * batch] * (2 * 3)
+    two = read_metrics(tmp_path / "two" / "run" / "metrics.jsonl")
+    one = read_metrics(tmp_path / "one" / "run" / "metrics.jsonl")
+    for key in ("loss", "loss_i2t", "loss_t2i"):
+        assert [r[key] for r in one] == pytest.approx([r[key] for r in two], rel=1e-4), key
 
 
 def test_mixed_sampling_keeps_ranks_identical_and_resumes_exactly(tmp_path):

@@ -147,6 +147,20 @@ def test_token_kinds_and_segments_of_a_captioning_sequence():
         gating.token_kinds(call, image_token_types=torch.tensor([0, 1, 2]))
 
 
+def test_sequence_layouts_name_every_call_and_split_matching_image_tokens():
+    recorder = record(make_decoder(), captioning_inputs(num_image=3, num_words=2),
+                      classification_target_inputs(batch=3, num_words=4))
+    layouts = gating.sequence_layouts(recorder.calls, image_token_types=torch.tensor([1, 2, 2]))
+    assert list(layouts) == ["captioning · input (2 × 8)", "classification · target (3 × 5)"]
+    kinds, padding = layouts["captioning · input (2 × 8)"]
+    assert [gating.TOKEN_KINDS[k] for k in kinds.tolist()] == (
+        ["<SPE>", "image global", "image regional", "image regional"] + ["text (causal)"] * 2
+        + ["<SPE> (causal)"] * 2)
+    assert not padding.any()
+    kinds, _ = layouts["classification · target (3 × 5)"]
+    assert [gating.TOKEN_KINDS[k] for k in kinds.tolist()] == ["<SPE>"] + ["text"] * 4
+
+
 # ---------------------------------------------------------------------------------------------------- usage
 def test_attribute_usage_equals_each_gates_decision_for_the_combination():
     decoder = make_decoder()
@@ -225,6 +239,29 @@ def test_distinct_decisions_per_routing(routing, expected):
         expected = int(call.valid.sum())           # random token values: no two tokens route alike
     # a collision (two conditions drawing the same experts and weights) would lower the count
     assert counts == [expected, expected]
+
+
+def test_routing_comparison_over_all_calls():
+    decoder = make_decoder(placement=("ffn", "attn"))
+    inputs = [captioning_inputs(), classification_target_inputs()]
+    recorder = record(decoder, *inputs, keep_inputs=True)
+    rows = gating.routing_comparison(decoder, recorder.calls, ["token", "modality", "task", "attribute"])
+    tokens = sum(int(c.valid.sum()) for c in recorder.calls)
+    codes = torch.cat([attribute_codes(k["attributes"])[~k["key_padding_mask"]] for k in inputs]).unique().numel()
+    by_routing = {row["routing"]: row for row in rows}
+    assert all(row["tokens"] == tokens for row in rows)
+    assert by_routing["token"]["decisions"] == [tokens, tokens]
+    assert by_routing["modality"]["decisions"] == [3, 3]            # <SPE>, image, text
+    assert by_routing["task"]["decisions"] == [2, 2]
+    assert by_routing["attribute"]["decisions"] == [codes, codes]
+    assert by_routing["attribute"]["balance_loss"] == 0.0
+    # unweighted L_bal, averaged over calls and the 4 MoE sub-layers, recomputed from the outputs
+    token = gating.with_routing(decoder, "token")
+    with torch.no_grad():
+        expected = sum(float(gating.replay(c, token).aux_loss) for c in recorder.calls) / (
+            len(recorder.calls) * 4 * token.cfg.moe.balance_loss_weight)
+    assert by_routing["token"]["balance_loss"] == pytest.approx(expected)
+    assert 0.9 < expected < 2.0         # 1 = perfectly uniform routing
 
 
 def test_replay_needs_the_recorded_inputs():

@@ -6,9 +6,11 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from test_tasks_support import CAPTIONS, single_thread, tiny_model, tokenizer  # noqa: F401
+from test_tasks_support import (CAPTIONS, CLASS_NAMES, classification_samples, single_thread,  # noqa: F401
+                                tiny_model, tokenizer)
 
 from uniperceiver_v2.model import LOGIT_SCALE_GROUPS
+from uniperceiver_v2.tasks.classification import ClassificationTask
 from uniperceiver_v2.tasks.vocabulary import build_vocabulary
 
 
@@ -89,3 +91,10 @@ def test_eval_caches_candidates_until_the_mode_changes(model):
     model.train()
     assert not model._target_cache
     model.eval()
+
+
+def test_forward_is_the_task_loss(model):
+    task = ClassificationTask(model.config.tasks.classification, CLASS_NAMES)
+    batch = task.collate(classification_samples(2))
+    with torch.no_grad():
+        assert model(task, batch)["loss"].item() == task.loss(model, batch)["loss"].item()

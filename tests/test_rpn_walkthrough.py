@@ -16,6 +16,7 @@ import torch
 
 from uniperceiver_v2.config import get_preset
 from uniperceiver_v2.data import CocoInstances
+from uniperceiver_v2.data.transforms import ResizeShorterSide
 from uniperceiver_v2.evaluation.coco import evaluate_coco
 from uniperceiver_v2.modeling import ImageEncoder, normalize_targets
 from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy
@@ -123,6 +124,13 @@ def test_predict_and_evaluate_untrained_proposals():
         assert (prediction["boxes"][:, 0::2] <= width).all() and (prediction["boxes"][:, 1::2] <= height).all()
         assert torch.all(prediction["scores"][:-1] >= prediction["scores"][1:])      # best first
         assert (prediction["labels"] == 0).all()
+    # Resized twofold: the same proposals, twice as large in the resized image's pixels.
+    resized = CocoInstances(FIXTURES / "images", FIXTURES / "instances.json", transform=ResizeShorterSide(24, 64))
+    original = predict_proposals(encoder, [resized[0]])[0]
+    drawn = predict_proposals(encoder, [resized[0]], in_original_pixels=False)[0]
+    assert original["masks"].shape[1:] == (12, 16) and drawn["masks"].shape[1:] == (24, 32)
+    assert torch.allclose(2 * original["boxes"], drawn["boxes"], atol=1e-4)
+    assert torch.equal(original["scores"], drawn["scores"])
     metrics = evaluate_region_proposals(encoder, dataset, FIXTURES / "instances.json", batch_size=2)
     assert metrics["images"] == len(dataset) and metrics["proposals"] == len(dataset) * encoder.cfg.topk_queries
     for iou_type in ("bbox", "segm"):

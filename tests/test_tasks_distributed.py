@@ -3,7 +3,8 @@
 * ``encode_sharded``: each rank encodes only its shard, every rank gets the whole candidate matrix in order, and the
   gradient summed over ranks equals the single-process gradient of the summed losses (v1 appendix E).
 * retrieval with ``tasks.retrieval.gather``: each rank's loss contrasts its own queries with the candidates of
-  both ranks, exactly as one process holding both batches would compute it.
+  both ranks, exactly as one process holding both batches would compute it;
+* ``DistributedDataParallel(model)(task, batch)`` trains with synchronised gradients.
 """
 
 import os
@@ -72,6 +73,17 @@ def _check_retrieval_gather(rank: int) -> None:
                                             model.config.tasks.retrieval.label_smoothing)
     assert i2t.shape == (2, 4)
     torch.testing.assert_close(out["loss_retrieval"], expected["loss_retrieval"], atol=1e-5, rtol=1e-5)
+
+    # Training through DistributedDataParallel: model(task, batch) is the forward DDP wraps; after backward every
+    # rank holds the same (averaged) gradients. Parameters other tasks use get none: find_unused_parameters.
+    model.train()
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    ddp(task, batches[rank])["loss"].backward()
+    gradient = model.decoder.spe_token.grad.clone()
+    gathered = [torch.empty_like(gradient) for _ in range(WORLD_SIZE)]
+    dist.all_gather(gathered, gradient)
+    assert gradient.abs().max() > 0
+    torch.testing.assert_close(gathered[0], gathered[1], atol=0, rtol=0)
 
 
 def _worker(rank: int, port: int) -> None:

@@ -120,5 +120,5 @@ def overfit(model: UniPerceiverV2, task, batch, steps: int, lr: float = 1e-3) ->
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses

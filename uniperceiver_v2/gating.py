@@ -58,8 +58,10 @@ __all__ = [
     "merged_difference",
     "record_decoder_calls",
     "replay",
+    "routing_comparison",
     "reparameterisation_timings",
     "run_tasks",
+    "sequence_layouts",
     "task_batches",
     "token_groups",
     "token_kinds",
@@ -398,6 +400,30 @@ def kind_segments(kinds: torch.Tensor, padding: torch.Tensor | None = None) -> l
     return segments
 
 
+def sequence_layouts(calls: Sequence[DecoderCall], image_token_types: torch.Tensor | None = None
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The first sequence of every call as (kinds, padding), for ``viz_regions.plot_token_layout`` with
+    ``type_names=TOKEN_KINDS``.
+
+    Args:
+        calls: recorded calls; each becomes one row named "<task> · input|target (B × T)".
+        image_token_types: optional (N,) the image encoder's token types, applied to the sequences that hold
+            exactly N image tokens (see ``token_kinds``).
+
+    Returns:
+        row name -> ((T,) long kinds, (T,) bool padding), in call order.
+    """
+    layouts = {}
+    for call in calls:
+        images = int(call._require_attributes()[0, :, _BIT["token_is_visual"]].sum())
+        types = (image_token_types if image_token_types is not None and torch.as_tensor(image_token_types).numel()
+                 == images else None)
+        side = "input" if call.is_input else "target"
+        name = f"{call.task or call.label} · {side} ({call.batch} × {call.length})"
+        layouts[name] = (token_kinds(call, 0, types), call.key_padding_mask[0])
+    return layouts
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Expert usage (MoE paper Fig. 3)
 # --------------------------------------------------------------------------------------------------------------
@@ -531,12 +557,47 @@ def distinct_decisions(gates: Sequence[dict[str, GateRecord]], valid: torch.Tens
     Args:
         gates: one dict per layer (``DecoderOutput.gates`` or ``DecoderCall.gates``); valid: (B, T) bool.
     """
-    counts = []
-    for layer in gates:
-        record = layer[sublayer]
-        decision = torch.cat([record.indices.to(record.weights.dtype), record.weights], dim=-1)[valid]  # (n, 2k)
-        counts.append(int(torch.unique(decision, dim=0).shape[0]))
-    return counts
+    return [int(torch.unique(_decisions(layer[sublayer], valid), dim=0).shape[0]) for layer in gates]
+
+
+def _decisions(record: GateRecord, valid: torch.Tensor) -> torch.Tensor:
+    """(n, 2k) the experts and weights of the n valid tokens of a record, one row per token."""
+    return torch.cat([record.indices.to(record.weights.dtype), record.weights], dim=-1)[valid]
+
+
+def routing_comparison(decoder: UnifiedDecoder, calls: Sequence[DecoderCall], routings: Sequence[str],
+                       sublayer: str = "ffn", seed: int = 0) -> list[dict[str, Any]]:
+    """The recorded inputs through copies of ``decoder`` that differ only in their routing (``with_routing``).
+
+    Args:
+        decoder: the decoder the calls were recorded on; calls: recorded with ``keep_inputs=True``.
+        routings: e.g. ("token", "context", "modality", "task", "attribute").
+        sublayer: "ffn" or "attn"; seed: initialisation of the new gates.
+
+    Returns:
+        one dict per routing: ``routing``; ``tokens``, the valid tokens of all calls; ``decisions``, per layer the
+        number of distinct gate decisions (experts and weights) over all of them; ``balance_loss``, the mean over
+        calls and MoE sub-layers of the unweighted load-balancing loss L_bal (0 for the data-independent routings,
+        and when ``decoder.moe.balance_loss_weight`` is 0, which leaves it unrecoverable from the output).
+    """
+    rows = []
+    for routing in routings:
+        variant = with_routing(decoder, routing, seed)
+        weight = variant.cfg.moe.balance_loss_weight
+        per_layer: list[list[torch.Tensor]] = [[] for _ in range(variant.cfg.depth)]
+        balance, tokens = 0.0, 0
+        with torch.no_grad():
+            for call in calls:
+                out = replay(call, variant)
+                tokens += int(call.valid.sum())
+                moe_layers = sum(len(gates) for gates in out.gates)
+                balance += float(out.aux_loss) / (weight * moe_layers) if weight > 0 else 0.0
+                for layer, gates in enumerate(out.gates):
+                    per_layer[layer].append(_decisions(gates[sublayer], call.valid))
+        rows.append({"routing": routing, "tokens": tokens,
+                     "decisions": [int(torch.unique(torch.cat(d), dim=0).shape[0]) for d in per_layer],
+                     "balance_loss": balance / len(calls)})
+    return rows
 
 
 def expert_assignments(gates: Sequence[dict[str, GateRecord]], valid: torch.Tensor, num_experts: int,

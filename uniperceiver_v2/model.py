@@ -137,6 +137,14 @@ class UniPerceiverV2(nn.Module):
         """
         return self.decoder.similarity(inputs, targets, self.logit_scales[_logit_scale_group(task)])
 
+    def forward(self, task, batch) -> dict[str, torch.Tensor]:
+        """One training step's losses: ``task.loss(self, batch)`` (eq. (7); see ``tasks.base.Task``).
+
+        Going through ``forward`` lets ``DistributedDataParallel(model)(task, batch)`` prepare its gradient
+        all-reduce; calling ``task.loss(model.module, batch)`` directly would bypass it.
+        """
+        return task.loss(self, batch)
+
     # -- encoders ------------------------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor, padding_mask: torch.Tensor | None = None,
                       targets: list[dict] | None = None) -> ImageEncoderOutput:
@@ -154,9 +162,10 @@ class UniPerceiverV2(nn.Module):
 
         With ``causal`` every token sees only itself and the tokens before it, so the feature of token i does not
         depend on tokens i+1.. (the caption words, see ``tasks/captioning.py``). The language model is
-        bidirectional; transformers passes a 4-D mask (B, 1, L, L) through unchanged, so the causal mask is
-        handed over as that additive mask (0 = may attend, dtype minimum = may not), which both the eager and the
-        SDPA attention implementations accept.
+        bidirectional. The installed transformers (5.x) no longer expands a 3-D (B, L, L) mask, but passes a
+        prepared 4-D mask (B, 1, L, L) through unchanged (``masking_utils._preprocess_mask_arguments``), so the
+        causal mask is handed over as that additive mask (0 = may attend, dtype minimum = may not), which both the
+        eager and the SDPA attention implementations accept.
 
         Returns:
             (B, L, text_dim).
@@ -192,6 +201,11 @@ class UniPerceiverV2(nn.Module):
         out = build_sequence(segments, task, is_input).run(self.decoder)
         return out.hidden[:, 0], out.aux_loss
 
+    def encode_texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenise and encode texts (bidirectionally): features (N, L, text_dim), attention_mask (N, L) long."""
+        tokens = self.tokenize(texts)
+        return self.encode_text_tokens(tokens["input_ids"], tokens["attention_mask"]), tokens["attention_mask"]
+
     def text_representations(self, texts: Sequence[str], task: str, is_input: bool
                              ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``<SPE>`` output of ``[<SPE>, f_text(text)]`` for every text (class names, captions).
@@ -199,10 +213,21 @@ class UniPerceiverV2(nn.Module):
         Returns:
             (N, d) representations and the MoE auxiliary loss (scalar).
         """
-        tokens = self.tokenize(texts)
-        features = self.encode_text_tokens(tokens["input_ids"], tokens["attention_mask"])
+        return self.text_feature_representations(*self.encode_texts(texts), task, is_input)
+
+    def text_feature_representations(self, features: torch.Tensor, attention_mask: torch.Tensor, task: str,
+                                     is_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``text_representations`` from already encoded texts (``encode_texts``), to reuse one text-encoder pass
+        for several sequences (the two retrieval directions).
+
+        Args:
+            features: (N, L, text_dim); attention_mask: (N, L), 1 = token.
+
+        Returns:
+            (N, d) and the MoE auxiliary loss.
+        """
         segments = [spe_segment(self.decoder, features.shape[0]),
-                    text_segment(self.decoder, features, tokens["attention_mask"])]
+                    text_segment(self.decoder, features, attention_mask)]
         out = build_sequence(segments, task, is_input).run(self.decoder)
         return out.hidden[:, 0], out.aux_loss
 

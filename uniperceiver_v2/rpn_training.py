@@ -231,16 +231,19 @@ def class_agnostic_ground_truth(ann_file: str | Path) -> dict:
 
 
 @torch.no_grad()
-def predict_proposals(encoder: ImageEncoder, samples: Sequence[DetectionSample]) -> list[dict[str, torch.Tensor]]:
-    """The O proposals of each sample in its original pixels, best first.
+def predict_proposals(encoder: ImageEncoder, samples: Sequence[DetectionSample], in_original_pixels: bool = True
+                      ) -> list[dict[str, torch.Tensor]]:
+    """The O proposals of each sample, best first.
 
     Args:
         encoder: the image encoder (run in evaluation mode; its mode is restored afterwards).
         samples: detection samples whose images are resizes of the originals (the evaluation transform).
+        in_original_pixels: boxes and masks in the pixels of the original image (for COCO evaluation), or, when
+            False, of the sample's (transformed) image (to draw them on it).
 
     Returns:
-        per sample ``boxes`` (O, 4) float xyxy original pixels, ``scores`` (O,) sigmoid(objectness),
-        ``masks`` (O, H0, W0) bool and ``labels`` (O,) zeros (the one class "object").
+        per sample ``boxes`` (O, 4) float xyxy, ``scores`` (O,) sigmoid(objectness), ``masks`` (O, H, W) bool and
+        ``labels`` (O,) zeros (the one class "object").
     """
     if encoder.region_proposals is None:
         raise ValueError("predict_proposals: the encoder was built with image_encoder.use_regional=false")
@@ -251,8 +254,9 @@ def predict_proposals(encoder: ImageEncoder, samples: Sequence[DetectionSample])
         out = encoder(batch.images, batch.padding_mask)
     finally:
         encoder.train(was_training)
-    original = torch.as_tensor(batch.orig_sizes, dtype=torch.long, device=out.boxes.device)
-    located = postprocess(out.boxes, out.masks, out.image_sizes, original)
+    sizes = (torch.as_tensor(batch.orig_sizes, dtype=torch.long, device=out.boxes.device) if in_original_pixels
+             else out.image_sizes)
+    located = postprocess(out.boxes, out.masks, out.image_sizes, sizes)
     scores = out.objectness.sigmoid()
     return [{"boxes": place["boxes"], "scores": scores[b], "masks": place["masks"],
              "labels": torch.zeros_like(scores[b], dtype=torch.long)} for b, place in enumerate(located)]

@@ -41,9 +41,10 @@ Every variant uses the same lr, betas, weight decay and warm-up + step-decay sch
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,6 +78,22 @@ __all__ = [
 ]
 
 TASK_KINDS = ("regression", "classification", "retrieval")
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread, then restore the caller's setting.
+
+    The toy's matrices are 64 wide: splitting an op across threads saves nothing, and on a machine whose cores
+    are busy every op waits until all its threads are scheduled (training ran ~50x slower with 2 threads on
+    2 loaded cores than with 1).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True)
@@ -459,6 +476,12 @@ def train_variant(
     """
     if iterations < 1:
         raise ValueError(f"train_variant: iterations must be >= 1, got {iterations}")
+    with _one_thread():
+        return _train(problem, variant, iterations, seed, eval_every, lr)
+
+
+def _train(problem: ToyMultiTaskProblem, variant: TrainingVariant, iterations: int, seed: int,
+           eval_every: int | None, lr: float | None) -> TrainingRun:
     config = problem.config
     eval_every = eval_every or max(1, iterations // 40)
     model = problem.build_model(seed)
@@ -526,6 +549,7 @@ def final_loss_table(runs: Sequence[TrainingRun], task_names: Sequence[str]) -> 
     Returns:
         {"columns": ["variant", *task_names, "seeds"], "rows": [[name, "mean ± std", ..., n], ...],
          "mean": {variant: {task: mean}}, "std": {variant: {task: std}}}; rows in order of first appearance.
+        With a single seed the cells hold the value alone and std is 0.
     """
     by_variant: dict[str, list[TrainingRun]] = {}
     for run in runs:
@@ -538,7 +562,9 @@ def final_loss_table(runs: Sequence[TrainingRun], task_names: Sequence[str]) -> 
         std = values.std(axis=0, ddof=1) if len(variant_runs) > 1 else np.zeros(len(task_names))
         means[name] = dict(zip(task_names, mean.tolist()))
         stds[name] = dict(zip(task_names, std.tolist()))
-        rows.append([name, *[f"{m:.3f} ± {s:.3f}" for m, s in zip(mean, std)], len(variant_runs)])
+        cells = [f"{m:.3f} ± {s:.3f}" for m, s in zip(mean, std)] if len(variant_runs) > 1 else \
+            [f"{m:.3f}" for m in mean]
+        rows.append([name, *cells, len(variant_runs)])
     return {"columns": columns, "rows": rows, "mean": means, "std": stds}
 
 
@@ -556,16 +582,18 @@ def max_parameter_difference_to_adamw(problem: ToyMultiTaskProblem, iterations: 
     our_optimizer = MTAdamW(ours.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
                             normalize=False, compensate=False)
     generator = torch.Generator().manual_seed(10_000 + seed)
-    for iteration in range(iterations):
-        task = sampler.task_for_iteration(iteration)
-        spec = problem.tasks[task]
-        batch = problem.sample(task, config.batch_size, generator)
-        for model, optimizer in ((reference, reference_optimizer), (ours, our_optimizer)):
-            optimizer.zero_grad(set_to_none=True)
-            (spec.loss_scale * spec.task_weight * problem.loss(model, task, batch)).backward()
-        reference_optimizer.step()
-        our_optimizer.step(sampling_ratio=sampler.sampling_ratio(task))
-    return max(float((a - b).abs().max()) for a, b in zip(reference.parameters(), ours.parameters()))
+    with _one_thread():
+        for iteration in range(iterations):
+            task = sampler.task_for_iteration(iteration)
+            spec = problem.tasks[task]
+            batch = problem.sample(task, config.batch_size, generator)
+            for model, optimizer in ((reference, reference_optimizer), (ours, our_optimizer)):
+                optimizer.zero_grad(set_to_none=True)
+                (spec.loss_scale * spec.task_weight * problem.loss(model, task, batch)).backward()
+            reference_optimizer.step()
+            our_optimizer.step(sampling_ratio=sampler.sampling_ratio(task))
+    with torch.no_grad():
+        return max(float((a - b).abs().max()) for a, b in zip(reference.parameters(), ours.parameters()))
 
 
 def toy_interference(
@@ -587,8 +615,9 @@ def toy_interference(
     def closure(task: str):
         return lambda: problem.loss(model, task, problem.sample(task, batch_size, generator))
 
-    return task_interference(model, {task: closure(task) for task in problem.task_names},
-                             parameters=parameters, num_batches=num_batches)
+    with _one_thread():
+        return task_interference(model, {task: closure(task) for task in problem.task_names},
+                                 parameters=parameters, num_batches=num_batches)
 
 
 def mean_curves(runs: Sequence[TrainingRun], task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

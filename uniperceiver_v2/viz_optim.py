@@ -40,12 +40,6 @@ def _task_indices(tasks: Sequence[str], task_names: Sequence[str], what: str) ->
     return np.array([index[task] for task in tasks], dtype=np.int64)
 
 
-def _task_legend(ax: Axes, task_names: Sequence[str], **kwargs: Any) -> None:
-    handles = [Line2D([], [], marker="s", linestyle="", markersize=8, color=class_color(i), label=name)
-               for i, name in enumerate(task_names)]
-    ax.legend(handles=handles, fontsize=7, **kwargs)
-
-
 def plot_task_sequence(unmixed_tasks: Sequence[str], mixed_slots: Sequence[Sequence[str]],
                        task_names: Sequence[str], sampling_ratios: Mapping[str, float],
                        title: str | None = None) -> Figure:
@@ -97,7 +91,7 @@ def plot_task_sequence(unmixed_tasks: Sequence[str], mixed_slots: Sequence[Seque
     bars.set_yticks(positions, list(task_names), fontsize=8)
     bars.invert_yaxis()
     bars.set_xlabel("fraction drawn")
-    bars.legend(fontsize=7, loc="lower right")
+    bars.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     bars.grid(axis="x", alpha=0.3)
     if title:
         fig.suptitle(title)
@@ -158,7 +152,7 @@ def plot_grad_norms(runs: Mapping[str, tuple[Sequence[str], Sequence[float]]], t
         iterations = np.arange(len(norms))
         is_mixed = np.array([task == "mixed" for task in tasks], dtype=bool)
         if is_mixed.any():
-            ax.scatter(iterations[is_mixed], norms[is_mixed], s=4, color=_MIXED_COLOR, label="mixed iteration")
+            ax.scatter(iterations[is_mixed], norms[is_mixed], s=4, color=_MIXED_COLOR)
         if (~is_mixed).any():
             indices = _task_indices([t for t, m in zip(tasks, is_mixed) if not m], task_names, f"runs[{label!r}]")
             ax.scatter(iterations[~is_mixed], norms[~is_mixed], s=4,
@@ -168,7 +162,12 @@ def plot_grad_norms(runs: Mapping[str, tuple[Sequence[str], Sequence[float]]], t
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("global gradient norm ||grad||")
-    _task_legend(axes[-1], task_names, loc="best", markerscale=0.8)
+    handles = [Line2D([], [], marker="o", linestyle="", markersize=5, color=class_color(i), label=name)
+               for i, name in enumerate(task_names)]
+    if any(task == "mixed" for tasks, _ in runs.values() for task in tasks):
+        handles.append(Line2D([], [], marker="o", linestyle="", markersize=5, color=_MIXED_COLOR,
+                              label="mixed iteration"))
+    fig.legend(handles=handles, loc="outside right center", fontsize=7)
     if title:
         fig.suptitle(title)
     return fig
@@ -234,8 +233,8 @@ def plot_interference(matrix: Any, task_names: Sequence[str], title: str | None 
             raises it; the diagonal is 1. Rows are the task trained, columns the task affected.
         task_names: the K tasks.
 
-    The colour scale is symmetric around 0 (red: helps, blue: hurts) and spans at least [-1, 1], so the
-    diagonal's 1 is the reference for every other cell.
+    The diagonal (1 by definition) is drawn in grey, so the colour scale, symmetric around 0 (red: helps,
+    blue: hurts), spans the off-diagonal entries: max |I(i -> j)| over i != j, at least 0.1.
     """
     values = to_numpy(matrix).astype(np.float64)
     if values.ndim != 2 or values.shape[0] != values.shape[1]:
@@ -248,13 +247,18 @@ def plot_interference(matrix: Any, task_names: Sequence[str], title: str | None 
         ax = fig.add_subplot()
     else:
         fig = ax.figure
-    limit = max(1.0, float(np.nanmax(np.abs(values))))
-    image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+    off_diagonal = ~np.eye(len(values), dtype=bool)
+    limit = max(0.1, float(np.nanmax(np.abs(values[off_diagonal]))) if off_diagonal.any() else 0.1)
+    image = ax.imshow(np.where(off_diagonal, values, np.nan), cmap="RdBu_r", vmin=-limit, vmax=limit,
+                      interpolation="nearest")
+    ax.imshow(np.where(off_diagonal, np.nan, 1.0), cmap=ListedColormap([(0.85, 0.85, 0.85)]),
+              interpolation="nearest")
     fig.colorbar(image, ax=ax, shrink=0.85, label="I(i -> j)")
     for i in range(len(values)):
         for j in range(len(values)):
+            strong = off_diagonal[i, j] and abs(values[i, j]) > 0.6 * limit
             ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if abs(values[i, j]) > 0.6 * limit else "black")
+                    color="white" if strong else "black")
     ax.set_xticks(range(len(values)), list(task_names), rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(values)), list(task_names), fontsize=8)
     ax.set_xlabel("task j (affected)")

@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--minutes", type=float, default=4.0, help="wall-clock training budget")
     train.add_argument("--batch-size", type=int, default=4)
     train.add_argument("--log-every", type=int, default=25)
-    train.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    train.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     train.add_argument("--seed", type=int, default=0)
     bench = sub.add_parser("speed", help="time and peak memory of forward + backward")
     bench.add_argument("--preset", default="tiny")

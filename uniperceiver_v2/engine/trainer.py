@@ -557,8 +557,8 @@ class Trainer:
                 self.elapsed += seconds
                 window.add_time(seconds)
                 if bar is not None:
-                    bar.update(1)
                     bar.set_postfix(task=records[0][0], loss=f"{records[0][1]['loss']:.4f}", refresh=False)
+                    bar.update(1)
 
                 stop = self._agreed_stop()
                 done = self.iteration == run.iterations

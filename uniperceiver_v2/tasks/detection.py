@@ -128,8 +128,9 @@ def to_coco_results(predictions: Sequence[dict], image_ids: Sequence[int], categ
             record = {"image_id": int(image_id), "category_id": int(category_ids[label]), "bbox": box,
                       "score": float(score)}
             if rles is not None:
-                rle = rles[k]
-                record["segmentation"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+                # pycocotools returns the counts as bytes; JSON (and loadRes after a round trip) needs str
+                record["segmentation"] = {"size": [int(s) for s in rles[k]["size"]],
+                                          "counts": rles[k]["counts"].decode("ascii")}
             results.append(record)
     return results
 

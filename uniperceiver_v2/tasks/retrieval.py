@@ -5,7 +5,7 @@
 
 Each direction is its own task for the MoE attributes (``attributes.TASK_IDS``: "retrieval_i2t" / "retrieval_t2i"):
 the image is an input in one and a candidate target in the other, and the attribute bits say so. The image
-and text encoders run once; the decoder runs once per sequence kind (4 kinds). Both directions share one
+and text encoders run once per batch; the decoder runs once per sequence kind (4 kinds). Both directions share one
 temperature. The loss is the mean of the two directions' cross-entropies (eq. (7) with Y = the batch):
 the usual symmetric contrastive loss.
 
@@ -86,13 +86,11 @@ class RetrievalTask(Task):
         return queries, candidates, aux_q + aux_c
 
     def embed_texts(self, model, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Texts as t2i queries and as i2t candidates: (T, d), (T, d) and the MoE auxiliary loss.
-
-        The text encoder runs twice (once per direction, inside ``text_representations``); it is cheap next to the
-        image encoder, and keeping one helper for every ``[<SPE>, text]`` sequence keeps the code plain.
-        """
-        queries, aux_q = model.text_representations(texts, "retrieval_t2i", is_input=True)
-        candidates, aux_c = model.text_representations(texts, "retrieval_i2t", is_input=False)
+        """Texts as t2i queries and as i2t candidates: (T, d), (T, d) and the MoE auxiliary loss."""
+        features, attention_mask = model.encode_texts(texts)
+        queries, aux_q = model.text_feature_representations(features, attention_mask, "retrieval_t2i", is_input=True)
+        candidates, aux_c = model.text_feature_representations(features, attention_mask, "retrieval_i2t",
+                                                               is_input=False)
         return queries, candidates, aux_q + aux_c
 
     def embed(self, model, batch: RetrievalTaskBatch) -> tuple[RetrievalEmbeddings, torch.Tensor]:
