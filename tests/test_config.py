@@ -55,6 +55,7 @@ def test_load_config_accepts_a_preset_or_a_file(tmp_path):
     ("optim.lr=fast", "optim.lr"),                                      # wrong type
     ("run.iterations=1.5", "run.iterations"),
     ("decoder.moe.routing=expert", "decoder.moe.routing"),
+    ("image_encoder.num_feature_levels=2", "image_encoder.num_feature_levels"),
     ("image_encoder.use_denoising=maybe", "image_encoder.use_denoising"),
     ("decoder.width=102", "decoder.width"),                             # not divisible by heads
     ("data.det_min_size=500", "data.det_min_size"),

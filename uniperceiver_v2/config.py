@@ -455,7 +455,8 @@ def validate(cfg: Config) -> None:
     for name in ("hidden_dim", "enc_layers", "dec_layers", "dim_feedforward", "nheads", "enc_n_points",
                  "dec_n_points", "num_queries", "topk_queries", "mask_pool_size", "mask_points"):
         _require(getattr(ie, name) > 0, f"image_encoder.{name}", "must be > 0")
-    _require(ie.num_feature_levels >= 1, "image_encoder.num_feature_levels", "must be >= 1")
+    # the encoder needs strides 8 and 16 (the mask head's F1) plus at least one coarser level
+    _require(ie.num_feature_levels >= 3, "image_encoder.num_feature_levels", "must be >= 3")
     _require(ie.hidden_dim % ie.nheads == 0, "image_encoder.hidden_dim",
              f"must be divisible by image_encoder.nheads={ie.nheads}")
     _require(ie.topk_queries <= ie.num_queries, "image_encoder.topk_queries",
