@@ -8,4 +8,5 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: the models in the tests are tiny, and several tests start two processes of their own.
+torch.set_num_threads(1)

@@ -141,11 +141,11 @@ def test_two_processes_match_one_process_with_twice_the_batch(tmp_path, float64)
 
 def test_real_model_retrieval_gathers_the_global_batch_of_negatives(tmp_path):
     """UniPerceiverV2 + RetrievalTask under unmixed sampling on 2 ranks: each query is contrasted with 2 x batch
-    candidates, the ranks stay identical, and the losses match one process with batch 2b (MoE gate noise off,
-    so the model is deterministic)."""
+    candidates, the ranks stay identical, and the losses match one process with batch 2b (MoE gate noise off
+    and the text encoder frozen, i.e. without dropout, so the model is deterministic)."""
     config = {"tasks.classification.enabled": False, "tasks.mlm.enabled": False, "run.iterations": 3,
               "run.ckpt_every": 0, "tasks.retrieval.gather": True, "decoder.moe.noise_std": 0.0,
-              "optim.lr": 1e-3}
+              "text_encoder.freeze": True, "optim.lr": 1e-3}
     batch = 2
     result = launch(tmp_path / "two", {"setup": "real_retrieval", "float32": True,
                                        "config": {**config, "tasks.retrieval.batch_size": batch}})

@@ -568,14 +568,19 @@ def final_loss_table(runs: Sequence[TrainingRun], task_names: Sequence[str]) -> 
     return {"columns": columns, "rows": rows, "mean": means, "std": stds}
 
 
-def max_parameter_difference_to_adamw(problem: ToyMultiTaskProblem, iterations: int, seed: int = 0) -> float:
+def max_parameter_difference_to_adamw(problem: ToyMultiTaskProblem, iterations: int, seed: int = 0,
+                                      dtype: torch.dtype = torch.float32) -> float:
     """Train two copies with unmixed sampling, one with torch.optim.AdamW and one with
     MTAdamW(normalize=False, compensate=False), on the same tasks and batches, and return the largest absolute
-    difference between their parameters afterwards (0 up to float rounding if MTAdamW reduces to AdamW)."""
+    difference between their parameters afterwards: 0 up to rounding if MTAdamW reduces to AdamW.
+
+    Args:
+        dtype: the models' and batches' dtype; float64 shrinks the rounding to ~1e-16.
+    """
     config = problem.config
     names = problem.task_names
     sampler = UnmixedTaskSampler(names, [problem.tasks[n].sampling_weight for n in names], seed=seed)
-    reference = problem.build_model(seed)
+    reference = problem.build_model(seed).to(dtype)
     ours = copy.deepcopy(reference)
     reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=config.lr, betas=config.betas,
                                             weight_decay=config.weight_decay, foreach=False)
@@ -587,6 +592,8 @@ def max_parameter_difference_to_adamw(problem: ToyMultiTaskProblem, iterations: 
             task = sampler.task_for_iteration(iteration)
             spec = problem.tasks[task]
             batch = problem.sample(task, config.batch_size, generator)
+            targets = batch.targets if spec.kind == "classification" else batch.targets.to(dtype)
+            batch = ToyBatch(batch.inputs.to(dtype), targets)
             for model, optimizer in ((reference, reference_optimizer), (ours, our_optimizer)):
                 optimizer.zero_grad(set_to_none=True)
                 (spec.loss_scale * spec.task_weight * problem.loss(model, task, batch)).backward()

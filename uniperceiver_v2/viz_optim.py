@@ -17,6 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter
 
 from .viz import class_color, to_numpy
 
@@ -30,6 +31,7 @@ __all__ = [
 
 _VARIANT_COLORS = matplotlib.colormaps["tab10"]
 _MIXED_COLOR = (0.35, 0.35, 0.35)
+_PLAIN = FuncFormatter(lambda value, _: f"{value:g}")
 
 
 def _task_indices(tasks: Sequence[str], task_names: Sequence[str], what: str) -> np.ndarray:
@@ -213,6 +215,10 @@ def plot_task_curves(curves: Mapping[str, Mapping[str, tuple[Any, Any, Any, Any]
             ax.set_xscale("log")
         if logy:
             ax.set_yscale("log")
+            # Plain numbers ("0.8", "2") rather than "8 x 10^-1": a loss axis spans about one decade.
+            ax.yaxis.set_major_formatter(_PLAIN)
+            ax.yaxis.set_minor_formatter(_PLAIN)
+            ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     if len(task_names) < len(axes):
@@ -225,16 +231,18 @@ def plot_task_curves(curves: Mapping[str, Mapping[str, tuple[Any, Any, Any, Any]
 
 
 def plot_interference(matrix: Any, task_names: Sequence[str], title: str | None = None,
-                      ax: Axes | None = None) -> Figure:
+                      limit: float | None = None, ax: Axes | None = None) -> Figure:
     """The task-interference matrix I(i -> j) (DESIGN.md; `uniperceiver_v2.interference`) as a heat map.
 
     Args:
         matrix: (K, K), matrix[i, j] = I(task i -> task j): > 0 training task i lowers task j's loss, < 0 it
             raises it; the diagonal is 1. Rows are the task trained, columns the task affected.
         task_names: the K tasks.
+        limit: the colour scale spans [-limit, limit]; default max |I(i -> j)| over i != j (at least 0.1).
+            Pass the same limit to several panels to compare them.
 
     The diagonal (1 by definition) is drawn in grey, so the colour scale, symmetric around 0 (red: helps,
-    blue: hurts), spans the off-diagonal entries: max |I(i -> j)| over i != j, at least 0.1.
+    blue: hurts), is spent on the off-diagonal entries.
     """
     values = to_numpy(matrix).astype(np.float64)
     if values.ndim != 2 or values.shape[0] != values.shape[1]:
@@ -248,7 +256,10 @@ def plot_interference(matrix: Any, task_names: Sequence[str], title: str | None 
     else:
         fig = ax.figure
     off_diagonal = ~np.eye(len(values), dtype=bool)
-    limit = max(0.1, float(np.nanmax(np.abs(values[off_diagonal]))) if off_diagonal.any() else 0.1)
+    if limit is None:
+        limit = max(0.1, float(np.nanmax(np.abs(values[off_diagonal]))) if off_diagonal.any() else 0.1)
+    elif not limit > 0:
+        raise ValueError(f"limit: expected a positive colour-scale limit, got {limit}")
     image = ax.imshow(np.where(off_diagonal, values, np.nan), cmap="RdBu_r", vmin=-limit, vmax=limit,
                       interpolation="nearest")
     ax.imshow(np.where(off_diagonal, np.nan, 1.0), cmap=ListedColormap([(0.85, 0.85, 0.85)]),
