@@ -99,3 +99,39 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(synthetic_root, tm
     top1, top5 = results["results"]["classification"]["top1"], results["results"]["classification"]["top5"]
     assert 0.0 <= top1 <= top5 <= 1.0 and results["results"]["classification"]["num_images"] == 70
     assert 0.0 <= results["results"]["mlm"]["accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_evaluate_wires_every_task_to_its_metrics(synthetic_root):
+    """``evaluate`` on the quick suite's val split with the small test model: every task's metrics are present
+    and in range, and classification / retrieval agree with a direct computation over the whole split."""
+    from test_tasks_support import tiny_model
+
+    from uniperceiver_v2.engine.data_setup import build_task_dataset
+    from uniperceiver_v2.evaluate import evaluate
+    from uniperceiver_v2.evaluation.retrieval import retrieval_recall
+    from uniperceiver_v2.tasks import TASKS
+
+    cfg = load_config("tiny", [f"data.root={synthetic_root}", "data.image_size=64", "tasks.captioning.max_length=4",
+                               "data.det_eval_size=96", "data.det_eval_max_long=128"])
+    model = tiny_model(cfg, seed=0).eval()
+    results = evaluate(model, cfg, cfg.tasks.names(), "val")
+    assert set(results) == set(cfg.tasks.names())
+    assert 0 <= results["classification"]["top1"] <= results["classification"]["top5"] <= 1
+    for prefix in ("bbox_", "segm_", "novel_bbox_", "novel_segm_"):
+        assert 0 <= results["detection"][prefix + "AP"] <= 1, prefix
+    assert results["captioning"]["num_images"] == 20 and results["captioning"]["CIDEr"] >= 0
+    assert 0 <= results["mlm"]["accuracy"] <= 1 and results["mlm"]["num_masked"] > 0
+    assert not model.training
+
+    # Retrieval by hand: all 20 images and 100 captions of the split in one batch, dataset order.
+    dataset = build_task_dataset(cfg, "retrieval", "val", train=False)
+    task = TASKS["retrieval"](cfg.tasks.retrieval)
+    with torch.no_grad():
+        batch = task.collate([dataset[i] for i in range(len(dataset))])
+        embeddings, _ = task.embed(model, batch)
+        i2t, t2i = task.logits(model, embeddings)
+    expected = {**{k: v for k, v in retrieval_recall(i2t, batch.text_image_index).items() if k.startswith("i2t")},
+                **{k: v for k, v in retrieval_recall(t2i.T, batch.text_image_index).items() if k.startswith("t2i")}}
+    for key, value in expected.items():
+        assert results["retrieval"][key] == pytest.approx(value), key

@@ -237,7 +237,7 @@ def test_loss_weight_counts_exactly_once(tmp_path, optimizer_name, normalize, fl
     trainer = make_trainer(cfg)
     task = trainer.plan(0)[0]
     stream = TaskStream(task, toy_setup(cfg)[2][task], lambda s: s, cfg.tasks.get(task).batch_size,
-                        seed=cfg.data.seed)
+                        seed=cfg.run.seed)
     samples = next(stream)
 
     seen = {}

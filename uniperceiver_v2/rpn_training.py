@@ -156,7 +156,7 @@ def train_region_proposals(encoder: ImageEncoder, dataset: Dataset, iterations: 
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "w")
-    bar = tqdm(range(1, iterations + 1), desc="region proposals", disable=not progress, mininterval=2.0)
+    bar = tqdm(range(1, iterations + 1), desc="region proposals", disable=not progress, mininterval=5.0)
     try:
         for iteration in bar:
             start = time.perf_counter()
@@ -180,7 +180,7 @@ def train_region_proposals(encoder: ImageEncoder, dataset: Dataset, iterations: 
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-            bar.set_postfix(loss=f"{record['loss']:.2f}")
+            bar.set_postfix(loss=f"{record['loss']:.2f}", refresh=False)
     finally:
         bar.close()
         if log is not None:
@@ -201,7 +201,7 @@ def loss_table(losses: Mapping[str, torch.Tensor]) -> dict[str, list]:
     sets: dict[str, dict[str, float]] = {}
     for key, value in losses.items():
         term = _term(key)
-        sets.setdefault(key[len("rpn_"):-len(term) - 1], {})[term] = float(value)
+        sets.setdefault(key[len("rpn_"):-len(term) - 1], {})[term] = value.item()
 
     def order(name: str) -> tuple[int, int]:
         rank = {"enc": 0, "dec": 1, "dn": 2}

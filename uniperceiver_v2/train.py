@@ -100,6 +100,7 @@ def build_training(cfg: Config):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

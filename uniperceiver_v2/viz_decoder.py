@@ -102,8 +102,8 @@ def plot_expert_usage(usage: Any, row_labels: Sequence[str], layer_titles: Seque
 
 def plot_expert_load(assignments: Any, capacities: Mapping[str, float] | None = None, title: str | None = None,
                      ax: Axes | None = None) -> Figure:
-    """Top-k assignments received by each expert (bars) against expert capacities (dashed lines): assignments
-    above a line are dropped at that capacity.
+    """Top-k assignments received by each expert (bars) against expert capacities (dashed lines): the hatched part
+    of a bar above a line is what that capacity drops.
 
     Args:
         assignments: (experts,) counts, e.g. a row of ``gating.expert_assignments``.
@@ -121,8 +121,9 @@ def plot_expert_load(assignments: Any, capacities: Mapping[str, float] | None = 
     for i, (label, capacity) in enumerate((capacities or {}).items()):
         color = class_color(i + 1)
         ax.axhline(capacity, color=color, linewidth=1.2, linestyle="--", label=f"{label} (C = {capacity:.0f})")
-        over = np.clip(counts - capacity, 0.0, None)
-        ax.bar(x, over, bottom=np.minimum(counts, capacity), color="none", edgecolor=color, hatch="///", width=0.7)
+        over = counts > capacity
+        ax.bar(x[over], counts[over] - capacity, bottom=capacity, color="none", edgecolor=color, hatch="///",
+               width=0.7)
     ax.set_xticks(x, [f"E{e}" for e in range(experts)], fontsize=8)
     ax.set_xlabel("expert")
     ax.set_ylabel("assignments")

@@ -183,7 +183,7 @@ def plot_bars(values: Mapping[str, Any], stacked_by: Sequence[str] | None = None
     if ylabel:
         ax.set_ylabel(ylabel)
     if stacked_by is not None:
-        ax.legend(fontsize=7, ncol=min(len(stacked_by), 5), loc="upper right")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)

@@ -1,12 +1,13 @@
 """Training throughput per task, 1 process vs N processes (DDP, gloo on CPU), on the same cores.
 
     python -m uniperceiver_v2.bench throughput [--tasks classification,mlm] [--procs 2] [--cores 2]
-        [--iterations 5] [--warmup 2] [key.sub=value ...]
+        [--threads N] [--iterations 5] [--warmup 2] [key.sub=value ...]
 
 For every task, the real trainer (``Trainer.train_step``: data loading, forward, backward, DDP all-reduce,
 MT-AdamW step) runs that task alone at the config's per-process batch size (``tiny`` by default), once in
 one process with ``--cores`` threads and once under torchrun with ``--procs`` processes of
-``cores / procs`` threads each, so both runs use the same cores. After ``--warmup`` iterations, the wall
+``cores / procs`` threads each, so both runs use the same cores (``--threads N`` gives every process N threads
+instead). After ``--warmup`` iterations, the wall
 time of ``--iterations`` iterations is measured on rank 0 between two barriers.
 
 Printed per task: iterations/s of each run, their ratio (N procs / 1 proc), and the ratio of samples/s
@@ -66,8 +67,13 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(task: str, procs: int, cores: int, args: argparse.Namespace) -> dict:
-    threads = max(cores // procs, 1)
+def _threads(procs: int, args: argparse.Namespace) -> int:
+    """Intra-op threads of each process: ``--threads``, or the ``--cores`` split evenly between the processes."""
+    return args.threads if args.threads is not None else max(args.cores // procs, 1)
+
+
+def _run(task: str, procs: int, args: argparse.Namespace) -> dict:
+    threads = _threads(procs, args)
     worker_args = ["--worker", task, "--config", args.config, "--iterations", str(args.iterations),
                    "--warmup", str(args.warmup), *args.overrides]
     if procs == 1:
@@ -91,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default=",".join(TASK_NAMES), help="comma-separated tasks")
     parser.add_argument("--procs", type=int, default=2, help="processes of the distributed run (default 2)")
     parser.add_argument("--cores", type=int, default=2, help="cores shared by the processes (default 2)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads of every process in both runs, instead of splitting --cores "
+                             "(e.g. 1: one thread per process, which avoids OpenMP threads waiting on each other "
+                             "on a busy machine)")
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -105,15 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.procs < 2 or args.iterations < 1 or args.warmup < 0:
         parser.error("--procs must be >= 2, --iterations >= 1, --warmup >= 0")
 
-    print(f"config {args.config} {' '.join(args.overrides)}; {args.cores} cores; 1 process x {args.cores} threads "
-          f"vs {args.procs} processes x {max(args.cores // args.procs, 1)} thread(s); "
-          f"{args.warmup} warm-up + {args.iterations} timed iterations")
+    print(f"config {args.config} {' '.join(args.overrides)}; 1 process x {_threads(1, args)} thread(s) vs "
+          f"{args.procs} processes x {_threads(args.procs, args)} thread(s); {args.warmup} warm-up + "
+          f"{args.iterations} timed iterations; load average before: {os.getloadavg()[0]:.1f}")
     header = f"{'task':<15}{'batch/proc':>11}{'it/s 1p':>10}{f'it/s {args.procs}p':>10}{'it/s ratio':>12}{'samples/s ratio':>17}"
     print(header)
     rows = []
     for task in tasks:
-        single = _run(task, 1, args.cores, args)
-        multi = _run(task, args.procs, args.cores, args)
+        single = _run(task, 1, args)
+        multi = _run(task, args.procs, args)
         ratio = multi["iterations_per_second"] / single["iterations_per_second"]
         rows.append({"task": task, "single": single, "multi": multi, "ratio": ratio})
         print(f"{task:<15}{single['batch_per_process']:>11}{single['iterations_per_second']:>10.3f}"

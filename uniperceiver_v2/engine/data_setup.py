@@ -1,4 +1,4 @@
-"""Per-task data for the trainer: datasets from ``Config.data``, infinite sharded batch streams, eval loaders.
+"""Per-task data for the trainer: datasets from ``Config.data``, infinite sharded batch streams, eval batches.
 
 Unmixed sampling (Sec. 4.4) draws one task per iteration, so each task needs its own endless supply of
 batches that can be paused for many iterations and resumed exactly after a restart. A :class:`TaskStream`
@@ -13,9 +13,12 @@ gives that:
   *consumed by the trainer* (not fetched by prefetching workers), so a checkpoint restarts exactly at the
   next unseen sample.
 * **Augmentation randomness.** Every sample is loaded with torch's, numpy's and python's global generators
-  seeded from ``(seed, task, epoch, dataset index)``, and restored afterwards. A sample's random crop or
-  flip therefore does not depend on which worker loads it, on prefetching, on the world size or on a
-  resume, and loading never disturbs the trainer's own random streams (dropout, denoising noise).
+  seeded from ``(seed, task, epoch, dataset index)``, and restored afterwards; a batch is collated with
+  them seeded from its samples' seeds. A sample's random crop or flip therefore does not depend on which
+  worker loads it, on prefetching, on the world size or on a resume, and loading never disturbs the
+  trainer's own random streams (dropout, denoising noise).
+
+The trainer passes ``run.seed`` as the streams' seed; ``data.seed`` is the synthetic suite's generation seed.
 """
 
 from __future__ import annotations

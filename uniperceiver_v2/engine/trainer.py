@@ -198,6 +198,8 @@ def _git_commit() -> str | None:
 def write_run_files(cfg: Config, output_dir: Path, argv: list[str] | None, resumed_from: int | None) -> None:
     """``config.yaml`` (the full config used) and ``run_info.json`` (command, git commit, seed, start time).
 
+    ``argv``: the arguments of ``python -m uniperceiver_v2.train`` (recorded as that command; under torchrun
+    ``world_size`` says how many processes ran it), or None for this process's own ``sys.argv``.
     A resumed run keeps the earlier sessions' records under ``previous_sessions``.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -209,6 +211,7 @@ def write_run_files(cfg: Config, output_dir: Path, argv: list[str] | None, resum
         "seed": cfg.run.seed,
         "start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "world_size": get_world_size(),
+        "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
         "resumed_from_iteration": resumed_from,
         "config_hash": cfg.hash(),
         "torch_version": torch.__version__,
@@ -351,7 +354,7 @@ class Trainer:
 
         self.streams = {
             name: TaskStream(name, datasets[name], self.tasks[name].collate, self.task_configs[name].batch_size,
-                             rank=self.rank, world_size=self.world_size, seed=cfg.data.seed,
+                             rank=self.rank, world_size=self.world_size, seed=cfg.run.seed,
                              num_workers=cfg.data.num_workers)
             for name in self.task_names
         }

@@ -1,0 +1,90 @@
+"""Figures of notebook 05: each draws what it is given (counts, colours, scales) and refuses inconsistent input."""
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from uniperceiver_v2.viz import class_color
+from uniperceiver_v2.viz_optim import (
+    plot_grad_norms,
+    plot_interference,
+    plot_sampling_weights,
+    plot_task_curves,
+    plot_task_sequence,
+)
+
+TASKS = ["a", "b", "c"]
+
+
+def test_task_sequence_draws_each_draw_and_its_frequency():
+    unmixed = ["a", "b", "b", "c", "a", "b"]
+    mixed = [["a", "b"], ["b", "b"], ["c", "a"], ["b", "c"], ["a", "a"], ["b", "a"]]
+    fig = plot_task_sequence(unmixed, mixed, TASKS, {"a": 0.3, "b": 0.5, "c": 0.2})
+    assert isinstance(fig, Figure)
+    top, bottom, bars = fig.axes
+    np.testing.assert_array_equal(top.images[0].get_array(), [[0, 1, 1, 2, 0, 1]])
+    assert bottom.images[0].get_array().shape == (2, 6)  # (slots, iterations)
+    np.testing.assert_array_equal(bottom.images[0].get_array()[:, 0], [0, 1])
+    widths = [patch.get_width() for patch in bars.patches]
+    np.testing.assert_allclose(widths[:3], [2 / 6, 3 / 6, 1 / 6])  # unmixed frequencies
+    np.testing.assert_allclose(widths[3:6], [5 / 12, 5 / 12, 2 / 12])  # mixed slot frequencies
+    assert tuple(bars.patches[1].get_facecolor()[:3]) == pytest.approx(class_color(1))
+
+
+def test_task_sequence_rejects_unknown_tasks_and_ragged_slots():
+    with pytest.raises(ValueError, match="not in task_names"):
+        plot_task_sequence(["a", "z"], [["a"], ["b"]], TASKS, {"a": 0.3, "b": 0.5, "c": 0.2})
+    with pytest.raises(ValueError, match="same number of slots"):
+        plot_task_sequence(["a", "b"], [["a", "b"], ["b"]], TASKS, {"a": 0.3, "b": 0.5, "c": 0.2})
+    with pytest.raises(ValueError, match="no s_k"):
+        plot_task_sequence(["a"], [["a"]], TASKS, {"a": 1.0})
+
+
+def test_sampling_weights_bars():
+    fig = plot_sampling_weights(["x", "y"], {"paper": [0.1, 0.2], "rule": [0.15, 0.15]}, title="t")
+    heights = [patch.get_height() for patch in fig.axes[0].patches]
+    np.testing.assert_allclose(heights, [0.1, 0.2, 0.15, 0.15])
+    with pytest.raises(ValueError, match="one per data set"):
+        plot_sampling_weights(["x", "y"], {"paper": [0.1]})
+
+
+def test_grad_norms_colour_each_iteration_by_its_task():
+    runs = {"unmixed": (["a", "c", "a"], torch.tensor([1.0, 10.0, 2.0])), "mixed": (["mixed"] * 4, [1, 2, 3, 4])}
+    fig = plot_grad_norms(runs, TASKS)
+    unmixed_ax, mixed_ax = fig.axes
+    points = unmixed_ax.collections[0]
+    np.testing.assert_allclose(points.get_offsets(), [[0, 1.0], [1, 10.0], [2, 2.0]])
+    np.testing.assert_allclose(points.get_facecolors()[1][:3], class_color(2))
+    assert len(mixed_ax.collections[0].get_offsets()) == 4
+    assert unmixed_ax.get_yscale() == "log"
+    with pytest.raises(ValueError, match="3 step tasks but 2"):
+        plot_grad_norms({"r": (["a", "b", "c"], [1.0, 2.0])}, TASKS)
+
+
+def test_task_curves_one_panel_per_task_one_line_per_variant():
+    x = np.array([0, 10, 20])
+    curve = (x, np.array([3.0, 2.0, 1.0]), np.array([2.5, 1.5, 0.5]), np.array([3.5, 2.5, 1.5]))
+    curves = {"v1": {t: curve for t in TASKS}, "v2": {t: curve for t in TASKS}}
+    fig = plot_task_curves(curves, TASKS, ncols=2, logy=True)
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.axison]
+    assert [ax.get_title() for ax in panels] == TASKS
+    assert all(len(ax.lines) == 2 for ax in panels)
+    np.testing.assert_allclose(panels[0].lines[0].get_ydata(), [3.0, 2.0, 1.0])
+    with pytest.raises(ValueError, match="no curve for task 'c'"):
+        plot_task_curves({"v1": {"a": curve, "b": curve}}, TASKS)
+    with pytest.raises(ValueError, match="differ in length"):
+        plot_task_curves({"v1": {t: (x, x[:2], x, x) for t in TASKS}}, TASKS)
+
+
+def test_interference_scale_is_symmetric_and_ignores_the_diagonal():
+    matrix = np.array([[1.0, 0.3, -0.1], [-0.2, 1.0, 0.05], [0.0, 0.1, 1.0]])
+    fig = plot_interference(matrix, TASKS)
+    image = fig.axes[0].images[0]
+    assert image.get_clim() == (-0.3, 0.3)
+    assert np.ma.is_masked(image.get_array()[1, 1]) and image.get_array()[0, 1] == 0.3
+    assert plot_interference(matrix, TASKS, limit=1.0).axes[0].images[0].get_clim() == (-1.0, 1.0)
+    with pytest.raises(ValueError, match="square"):
+        plot_interference(np.ones((2, 3)), TASKS)
+    with pytest.raises(ValueError, match="expected 3 names"):
+        plot_interference(matrix, TASKS[:2])
