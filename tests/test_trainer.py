@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from uniperceiver_v2.config import get_preset
-from uniperceiver_v2.engine.data_setup import TaskStream, shard_of_epoch
+from uniperceiver_v2.engine.data_setup import EvalBatches, TaskStream, shard_of_epoch
 from uniperceiver_v2.engine.distributed import all_gather_with_grad, get_rank
 from uniperceiver_v2.engine.logging import read_metrics
 from uniperceiver_v2.engine.optim import MTAdamW
@@ -325,6 +325,21 @@ def test_stream_resumes_exactly_and_does_not_depend_on_workers():
         got = next(restarted)
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+def test_eval_batches_cover_every_sample_once_with_equal_batch_counts():
+    dataset = list(range(11))
+    parts = [EvalBatches(dataset, list, batch_size=2, rank=r, world_size=3) for r in range(3)]
+    assert {len(part) for part in parts} == {2}                       # shards of 4, 4, 3 -> 2 batches each
+    seen = []
+    for part in parts:
+        for indices, batch, filler in part:
+            assert batch == indices                                   # the batch holds exactly those samples
+            if not filler:
+                seen += indices
+    assert sorted(seen) == list(range(11))
+    lonely = EvalBatches(dataset[:1], list, batch_size=4, rank=1, world_size=2)    # rank 1 has no sample
+    assert [(indices, filler) for indices, _, filler in lonely] == [([0], True)]
 
 
 # ------------------------------------------------------------------------------------------------ exact resume

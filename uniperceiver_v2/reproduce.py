@@ -581,7 +581,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = "python -m uniperceiver_v2.reproduce " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    prepare_data(args.profile)
     return reproduce(args.profile, args.notebooks, args.out, args.only, args.gpus, args.force, command.strip())
+
+
+def prepare_data(profile: str) -> None:
+    """Generate the profile's synthetic suite when it is missing or stale (real data is the user's to lay out)."""
+    settings = PROFILES[profile]
+    root = project_path(settings["data_root"])
+    if settings["data_profile"] is None:
+        print(f"data: real data expected under {root} (data/README.md says how to lay it out)", flush=True)
+        return
+    from uniperceiver_v2.data.synthetic import ensure_synthetic
+
+    tick = time.perf_counter()
+    manifest = ensure_synthetic(root, settings["data_profile"], seed=settings["seed"])
+    print(f"data: synthetic suite '{settings['data_profile']}' at {root} ready ({len(manifest['files'])} files, "
+          f"{time.perf_counter() - tick:.1f} s)", flush=True)
 
 
 if __name__ == "__main__":
