@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from uniperceiver_v2 import gating
 from uniperceiver_v2.bench.moe import Case

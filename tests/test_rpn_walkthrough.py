@@ -169,7 +169,8 @@ def test_training_changes_weights_and_rejects_bad_arguments():
     assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in before.items())
     train_region_proposals(encoder, dataset, iterations=1, batch_size=2, progress=False)
     after = encoder.state_dict()
-    assert not torch.equal(before["region_proposals.objectness_head.weight"], after["region_proposals.objectness_head.weight"])
+    key = "region_proposals.objectness_head.weight"
+    assert not torch.equal(before[key], after[key])
     # The proposal losses never see the tokens of eq. (2) or (3): their parameters wait for the unified decoder.
     for key in ("region_proposals.fusion.box_proj.weight", "global_representations.proj.0.weight"):
         assert torch.equal(before[key], after[key]), key

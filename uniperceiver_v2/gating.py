@@ -28,8 +28,8 @@ import contextlib
 import dataclasses
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -143,7 +143,6 @@ class DecoderCall:
 class DecoderRecorder:
     """The calls recorded so far; ``labelled`` names the calls made inside a block (e.g. after the task)."""
 
-    keep_inputs: bool = False
     calls: list[DecoderCall] = field(default_factory=list)
     label: str | None = None
 
@@ -182,7 +181,7 @@ def record_decoder_calls(decoder: UnifiedDecoder, keep_inputs: bool = False) -> 
     """
     if not isinstance(decoder, UnifiedDecoder):
         raise TypeError(f"record_decoder_calls: expected a UnifiedDecoder, got {type(decoder).__name__}")
-    recorder = DecoderRecorder(keep_inputs=keep_inputs)
+    recorder = DecoderRecorder()
     signature = inspect.signature(decoder.forward)
     asked: list[bool] = []       # the caller's record_gates, innermost call last
 
@@ -287,8 +286,8 @@ def _token_kind_name(bits: torch.Tensor) -> str:
 
 
 def attribute_label(code: int) -> str:
-    """A readable name of an attribute combination, e.g. "I→T · input · image" or "I+T→T · input · text (causal)":
-    the task's input → target modalities (bits 0-3), the token's side (bit 7), its kind and causality (4-6)."""
+    """A readable name of an attribute combination: the task's input → target modalities (bits 0-3), the token's
+    side (bit 7), its kind and causality (bits 4-6); e.g. "I→T · input · image", "I+T→T · input · text (causal)"."""
     bits = attribute_bits(code).bool()
     task = f"{_modalities(bits[0], bits[1])}→{_modalities(bits[2], bits[3])}"
     side = "input" if bits[7] else "target"

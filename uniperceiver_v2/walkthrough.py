@@ -36,9 +36,13 @@ __all__ = [
     "TrainingFailed",
     "TrainingStatus",
     "best_proposal_logits",
+    "category_exposure",
+    "chance_levels",
+    "config_of_command",
     "default_log_every",
     "evaluate_novel_detection",
     "fill_mask_examples",
+    "loss_summary",
     "lr_records",
     "mask_one_word",
     "metrics_table",
@@ -49,10 +53,12 @@ __all__ = [
     "retrieval_examples",
     "run_training",
     "stream_command",
+    "task_mixture_table",
     "task_sequence_from_records",
     "train_command",
     "training_dir",
     "training_status",
+    "unmixed_sampler",
 ]
 
 # The trainer's console output, appended by :func:`run_training` next to its own files.
@@ -190,6 +196,67 @@ def train_command(preset: str, output_dir: str | os.PathLike, iterations: int, *
     return launcher + flags + settings + list(overrides)
 
 
+def config_of_command(command: Sequence[str]):
+    """The ``Config`` the trainer builds from ``command`` (its ``--config`` and overrides, parsed by ``train.py``'s
+    own parser), to show in a notebook what the run will use."""
+    from .config import load_config
+    from .train import parse_args
+
+    module = "uniperceiver_v2.train"
+    if module not in command:
+        raise ValueError(f"config_of_command: {module} does not appear in {list(command)}")
+    args = parse_args(list(command[list(command).index(module) + 1:]))
+    return load_config(args.config, args.overrides)
+
+
+def unmixed_sampler(cfg):
+    """The task sampler of a run with unmixed sampling, built as ``engine.trainer.Trainer`` builds it: the enabled
+    tasks in config order, weights ``tasks.<name>.sampling_weight`` (normalised to s_k), seed ``run.seed``."""
+    from .engine.sampling import UnmixedTaskSampler
+
+    if cfg.run.sampling != "unmixed":
+        raise ValueError(f"run.sampling is {cfg.run.sampling!r}; unmixed_sampler describes unmixed runs only")
+    names = cfg.tasks.names()
+    return UnmixedTaskSampler(names, {name: cfg.tasks.get(name).sampling_weight for name in names},
+                              seed=cfg.run.seed)
+
+
+def task_mixture_table(cfg, iterations: int) -> dict[str, list]:
+    """The run's task mixture (eq. (7), Tab. 8): per task s_k, w_k, the batch size per process and the
+    iterations and samples it gets in expectation over ``iterations`` unmixed iterations."""
+    sampler = unmixed_sampler(cfg)
+    rows = []
+    for name in sampler.task_names:
+        task = cfg.tasks.get(name)
+        share = sampler.sampling_ratio(name)
+        rows.append([name, round(share, 4), task.loss_weight, task.batch_size, round(share * iterations, 1),
+                     round(share * iterations * task.batch_size)])
+    return {"columns": ["task", "s_k", "w_k", "batch / process", "expected iterations", "expected samples / process"],
+            "rows": rows}
+
+
+def loss_summary(records: Sequence[Mapping[str, Any]], window: int = 3) -> dict[str, list]:
+    """Per task: how many training records it has, and its mean loss over its first and last ``window`` records.
+
+    Returns:
+        ``{"columns": [...], "rows": [[task, records, first, last, last / first], ...]}`` in task-name order.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    losses: dict[str, list[float]] = {}
+    for record in sorted(records, key=lambda r: r["iteration"]):
+        if record.get("kind", "train") == "train" and record.get("loss") is not None:
+            losses.setdefault(str(record["task"]), []).append(float(record["loss"]))
+    rows = []
+    for task in sorted(losses):
+        values = losses[task]
+        first = sum(values[:window]) / len(values[:window])
+        last = sum(values[-window:]) / len(values[-window:])
+        rows.append([task, len(values), round(first, 4), round(last, 4), round(last / first, 3) if first else None])
+    return {"columns": ["task", "records", f"loss, first {window}", f"loss, last {window}", "last / first"],
+            "rows": rows}
+
+
 class TrainingFailed(RuntimeError):
     """The trainer exited with a non-zero code; the message holds the code and the last lines of its output."""
 
@@ -233,6 +300,7 @@ class ProgressFilter:
         self._after_carriage_return = False
         self._pending: str | None = None
         self._last_shown = -math.inf
+        self._handled = ""   # a complete bar at the end of the buffer, already handled by ``feed``
 
     def feed(self, text: str) -> None:
         """Process a chunk of output (any size; a line may be split across chunks)."""
@@ -240,11 +308,17 @@ class ProgressFilter:
         while True:
             match = re.search(r"[\r\n]", self._buffer)
             if match is None:
-                return
+                break
             segment = self._buffer[:match.start()]
             self._buffer = self._buffer[match.end():]
             self._segment(segment, progress=self._after_carriage_return)
             self._after_carriage_return = match.group() == "\r"
+        # tqdm ends a redraw with nothing: the bar is only terminated by the next redraw, which for a slow iteration
+        # comes many seconds later. A complete bar at the end of the output is therefore handled now.
+        bar = _TQDM_BAR.fullmatch(self._buffer)
+        if self._after_carriage_return and bar is not None and not bar.group(2) and not self._handled:
+            self._progress(self._buffer)
+            self._handled = self._buffer
 
     def close(self) -> None:
         """End of the output: show what is left, including a held-back progress line."""
@@ -254,6 +328,9 @@ class ProgressFilter:
         self._flush_pending()
 
     def _segment(self, text: str, progress: bool) -> None:
+        handled, self._handled = self._handled, ""
+        if progress and handled and text.startswith(handled):
+            text, progress = text[len(handled):], False   # the bar was handled; what follows it is a line
         if not text.strip():
             return
         if not progress:
@@ -261,6 +338,11 @@ class ProgressFilter:
             return
         match = _TQDM_BAR.match(text)
         bar, rest = (match.group(1), match.group(2)) if match else (text, "")
+        self._progress(bar)
+        if rest.strip():
+            self._line(rest)
+
+    def _progress(self, bar: str) -> None:
         now = self.clock()
         if now - self._last_shown >= self.interval:
             self._pending = None
@@ -268,8 +350,6 @@ class ProgressFilter:
             self.emit(bar.strip())
         else:
             self._pending = bar.strip()
-        if rest.strip():
-            self._line(rest)
 
     def _line(self, text: str) -> None:
         self._flush_pending()
@@ -443,26 +523,65 @@ HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
 }
 
 
-def metrics_table(results: Mapping[str, Mapping[str, Any]], split: str,
-                  metrics: Mapping[str, Sequence[str]] = HEADLINE_METRICS) -> dict[str, list]:
-    """``evaluate``'s results as a table with one row per (task, metric), values x100 as the paper reports them.
+def chance_levels(results: Mapping[str, Mapping[str, Any]], num_classes: int | None = None,
+                  vocabulary_size: int | None = None) -> dict[tuple[str, str], float]:
+    """What a model that ranks the candidates at random scores, in expectation, for the metrics that have a
+    closed form: classification top-k = k / C; retrieval text->image R@K = K / I and image->text
+    R@K = 1 - C(T - c, K) / C(T, K) (at least one of the image's c = T / I captions among K random texts);
+    masked-token accuracy = 1 / V. Detection AP and caption scores have no such baseline (about 0).
 
-    A task reported as ``{"skipped": reason}`` gets one row with the reason; a metric that is None (NaN in COCO,
-    e.g. no large objects) is shown as None.
+    Args:
+        results: ``evaluate``'s results (retrieval's ``num_images`` and ``num_texts`` are read from it).
+        num_classes: C, the classification candidates; vocabulary_size: V, the MLM candidates.
 
     Returns:
-        ``{"columns": ["task", "split", "metric", "value (x100)"], "rows": [...]}``.
+        (task, metric) -> chance value as a fraction.
     """
+    chance: dict[tuple[str, str], float] = {}
+    if num_classes:
+        for k in (1, 5):
+            chance[("classification", f"top{k}")] = min(k, num_classes) / num_classes
+    retrieval = results.get("retrieval", {})
+    if "num_images" in retrieval and "num_texts" in retrieval:
+        images, texts = int(retrieval["num_images"]), int(retrieval["num_texts"])
+        per_image = texts // images
+        for k in (1, 5, 10):
+            chance[("retrieval", f"t2i_R@{k}")] = min(k, images) / images
+            miss = math.comb(texts - per_image, k) / math.comb(texts, k) if k <= texts else 0.0
+            chance[("retrieval", f"i2t_R@{k}")] = 1.0 - miss
+    if vocabulary_size:
+        chance[("mlm", "accuracy")] = 1.0 / vocabulary_size
+    return chance
+
+
+def metrics_table(results: Mapping[str, Mapping[str, Any]], split: str,
+                  metrics: Mapping[str, Sequence[str]] = HEADLINE_METRICS,
+                  chance: Mapping[tuple[str, str], float] | None = None) -> dict[str, list]:
+    """``evaluate``'s results as a table with one row per (task, metric), values x100 as the paper reports them.
+
+    A task reported as ``{"skipped": reason}`` gets one row with the reason; a metric that is None or NaN (COCO's
+    "no ground truth in this setting") is shown as None. With ``chance`` (:func:`chance_levels`) a column gives
+    each metric's random-ranking level where it has one.
+
+    Returns:
+        ``{"columns": ["task", "split", "metric", "value (x100)"(, "chance (x100)")], "rows": [...]}``.
+    """
+
+    def percent(value: Any) -> float | None:
+        return None if value is None or not math.isfinite(value) else round(100.0 * float(value), 2)
+
+    columns = ["task", "split", "metric", "value (x100)"] + (["chance (x100)"] if chance is not None else [])
     rows = []
     for task, values in results.items():
         if "skipped" in values:
-            rows.append([task, split, "skipped", str(values["skipped"])])
+            rows.append([task, split, "skipped", str(values["skipped"])] + ([None] if chance is not None else []))
             continue
         for name in metrics.get(task, ()):
-            value = values.get(name)
-            rows.append([task, split, name, None if value is None or not math.isfinite(value)
-                         else round(100.0 * float(value), 2)])
-    return {"columns": ["task", "split", "metric", "value (x100)"], "rows": rows}
+            row = [task, split, name, percent(values.get(name))]
+            if chance is not None:
+                row.append(percent(chance.get((task, name))))
+            rows.append(row)
+    return {"columns": columns, "rows": rows}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -595,6 +714,51 @@ class NovelDetectionResult:
     records: list[dict]
     metrics: dict[str, dict[str, float]]
     per_category: dict[str, dict[str, float]]
+
+
+def category_exposure(cfg) -> dict[str, list]:
+    """Where each category of the novel-scene file appears in training: boxes in the detection training split,
+    images in the classification training split, sentences of the training corpus that name it.
+
+    A novel category (``"novel": true``) should have no detection box; the model meets it only through
+    classification and text (appendix C). Missing training data of a task counts as 0 (e.g. no corpus).
+
+    Returns:
+        ``{"columns": ["category", "novel", "detection boxes", "classification images", "corpus sentences"],
+        "rows": [...]}`` in the file's category order.
+    """
+    from .data import ImageFolderClassification, TextCorpus
+    from .data.coco import load_json, parse_categories
+
+    d = cfg.data
+    categories = parse_categories(load_json(Path(d.root) / d.novel_annotations), Path(d.root) / d.novel_annotations)
+    train_instances = d.path(d.detection_annotations, d.train_split)
+    data = load_json(train_instances)
+    names_by_id = {category["id"]: category["name"] for category in data["categories"]}
+    boxes: dict[str, int] = {}
+    for annotation in data["annotations"]:
+        name = names_by_id.get(annotation["category_id"])
+        boxes[name] = boxes.get(name, 0) + 1
+    images: dict[str, int] = {}
+    classification_root = d.path(d.classification_root, d.train_split)
+    if classification_root.is_dir():
+        classification = ImageFolderClassification(classification_root)
+        for label in classification.labels:
+            images[classification.class_names[label]] = images.get(classification.class_names[label], 0) + 1
+    sentences: dict[str, int] = {}
+    corpus_path = d.path(d.corpus, d.train_split)
+    if corpus_path.is_file():
+        patterns = {c.name: re.compile(rf"\b{re.escape(c.name.lower())}s?\b") for c in categories}
+        corpus = TextCorpus(corpus_path)
+        for index in range(len(corpus)):
+            sentence = corpus[index].lower()
+            for name, pattern in patterns.items():
+                if pattern.search(sentence):
+                    sentences[name] = sentences.get(name, 0) + 1
+    rows = [[c.name, c.novel, boxes.get(c.name, 0), images.get(c.name, 0), sentences.get(c.name, 0)]
+            for c in categories]
+    return {"columns": ["category", "novel", "detection boxes", "classification images", "corpus sentences"],
+            "rows": rows}
 
 
 def evaluate_novel_detection(model, cfg, class_names: Sequence[str] | None = None) -> NovelDetectionResult:

@@ -12,7 +12,8 @@ every logging point writes one record per task seen in the window.
 
 * ``iteration``: optimizer steps completed when the window closed (1-based, the x axis);
 * ``count``: batches of this task (micro-batches on all ranks) averaged into the record;
-* ``loss`` and every other loss term the task returned, averaged over those iterations and over ranks;
+* ``loss`` (the task's total, w_k times its terms) and every other value the task's loss returned (terms,
+  accuracies), averaged over those batches and over ranks;
 * ``lr``: the base learning rate (decoder group) at the last step of the window; ``lr/<group>`` per group;
 * ``grad_norm``: mean global gradient norm of this task's steps (before clipping or MT-AdamW normalisation);
 * ``time``: wall-clock seconds of training so far (continued across resumes); ``iter_time``: mean seconds

@@ -1,0 +1,423 @@
+"""The helpers of notebooks 06-08: the trainer's command line (parsed by the real parsers), streaming a child's
+output, run status and checkpoints, log parsing, and the evaluation helpers on a tiny model (checked against
+pycocotools and the model's own outputs)."""
+
+import json
+import random
+import sys
+import textwrap
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from test_tasks_support import CAPTIONS, single_thread, tiny_config, tiny_model, tokenizer  # noqa: F401
+
+from uniperceiver_v2 import train, walkthrough
+from uniperceiver_v2.config import load_config
+from uniperceiver_v2.data.coco import Category
+from uniperceiver_v2.engine.checkpoint import save_checkpoint
+from uniperceiver_v2.tasks import DetectionTask
+
+
+# ----------------------------------------------------------------------------------------------------- commands
+def test_train_command_is_read_by_the_trainer_as_intended(tmp_path):
+    command = walkthrough.train_command("tiny", tmp_path / "train", 7, data_root="/data/x", data_profile="quick",
+                                        seed=3, log_every=1, overrides=["optim.lr=5e-4"])
+    assert command[:3] == [sys.executable, "-m", "uniperceiver_v2.train"]
+    args = train.parse_args(command[3:])
+    assert args.resume and args.no_eval and args.config == "tiny"
+    cfg = load_config(args.config, args.overrides)
+    assert cfg.run.iterations == 7 and cfg.run.output_dir == str(tmp_path / "train") and cfg.run.seed == 3
+    assert cfg.data.root == "/data/x" and cfg.data.synthetic_profile == "quick"
+    assert cfg.run.log_every == 1 and cfg.optim.lr == 5e-4 and cfg.run.device == "auto"
+
+
+def test_train_command_for_real_data_keeps_the_preset_log_interval():
+    command = walkthrough.train_command("tiny", "out", 5, data_root="data/real", data_profile=None, resume=False,
+                                        evaluate=True)
+    args = train.parse_args(command[3:])
+    cfg = load_config(args.config, args.overrides)
+    assert not args.resume and not args.no_eval
+    assert cfg.data.synthetic_profile is None and cfg.run.log_every == load_config("tiny").run.log_every
+
+
+def test_train_command_with_several_processes_is_a_torchrun_command():
+    from torch.distributed.run import get_args_parser
+
+    command = walkthrough.train_command("tiny", "out", 5, data_root="d", data_profile="quick", nproc=2)
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    launch = get_args_parser().parse_args(command[3:])
+    assert launch.nproc_per_node == "2" and launch.standalone and launch.module
+    assert launch.training_script == "uniperceiver_v2.train"
+    assert load_config("tiny", train.parse_args(launch.training_script_args).overrides).run.iterations == 5
+    with pytest.raises(ValueError, match="nproc"):
+        walkthrough.train_command("tiny", "out", 5, data_root="d", data_profile="quick", nproc=0)
+
+
+def test_default_log_every():
+    assert walkthrough.default_log_every(60) == 1 and walkthrough.default_log_every(3000) is None
+
+
+# ----------------------------------------------------------------------------------------------------- streaming
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def bar(i, total=10, extra=""):
+    return f"\rtrain: {10 * i:3d}%|##| {i}/{total} [00:0{i}<00:10, 1.00it/s, task=mlm]{extra}"
+
+
+def test_progress_lines_are_thinned_and_the_last_one_is_kept():
+    shown, clock = [], FakeClock()
+    progress = walkthrough.ProgressFilter(shown.append, interval=10.0, clock=clock)
+    progress.feed("INFO starting\n")
+    for i, t in [(1, 0.0), (2, 1.0), (3, 2.0), (4, 11.0), (5, 12.0)]:
+        clock.now = t
+        progress.feed(bar(i))
+    clock.now = 13.0
+    progress.feed(bar(10) + "\n")
+    progress.feed("finished 10 iterations\n")
+    progress.close()
+    assert shown == ["INFO starting", bar(1).strip(), bar(4).strip(), bar(10).strip(), "finished 10 iterations"]
+
+
+def test_a_log_line_written_behind_a_progress_bar_is_its_own_line():
+    shown = []
+    progress = walkthrough.ProgressFilter(shown.append, interval=0.0, clock=FakeClock())
+    progress.feed(bar(0, extra="INFO ops: loading the extension") + "\n")
+    progress.close()
+    assert shown == [bar(0).strip(), "INFO ops: loading the extension"]
+
+
+def test_chunking_does_not_change_what_is_shown():
+    stream = "a\n" + bar(1) + bar(2) + "\nb\r\nc" + bar(3) + "\n"
+    whole, pieces = [], []
+    for out, chunks in ((whole, [stream]), (pieces, list(stream))):
+        progress = walkthrough.ProgressFilter(out.append, interval=0.0, clock=FakeClock())
+        for chunk in chunks:
+            progress.feed(chunk)
+        progress.close()
+    assert whole == pieces == ["a", bar(1).strip(), bar(2).strip(), "b", "c", bar(3).strip()]
+
+
+CHILD = textwrap.dedent("""
+    import sys
+    print("first line")
+    for i in range(1, 11):
+        sys.stderr.write("\\rtrain: %d/10 [00:00<00:00]" % i)
+        sys.stderr.flush()
+    sys.stderr.write("\\n")
+    print("last line")
+    sys.exit(3)
+""")
+
+
+def test_stream_command_shows_lines_logs_everything_and_returns_the_exit_code(tmp_path):
+    shown = []
+    log = tmp_path / "console.log"
+    code, tail = walkthrough.stream_command([sys.executable, "-c", CHILD], log_file=log, progress_interval=1000.0,
+                                            emit=shown.append, keep_tail=3)
+    assert code == 3
+    assert shown == ["first line", "train: 1/10 [00:00<00:00]", "train: 10/10 [00:00<00:00]", "last line"]
+    assert tail == shown[-3:]
+    raw = log.read_text()
+    assert all(f"train: {i}/10" in raw for i in range(1, 11)) and raw.endswith("last line\n")
+
+
+def test_run_training_raises_with_the_tail_of_the_output(tmp_path):
+    with pytest.raises(walkthrough.TrainingFailed, match=r"code 3(.|\n)*\| last line") as error:
+        walkthrough.run_training([sys.executable, "-c", CHILD], tmp_path / "train", progress_interval=1000.0)
+    assert error.value.returncode == 3 and (tmp_path / "train" / walkthrough.CONSOLE_LOG).is_file()
+
+
+# ----------------------------------------------------------------------------------------------------- run status
+def test_training_status_and_require_checkpoint(tmp_path):
+    run_dir = tmp_path / "runs" / "quick"
+    output_dir = walkthrough.training_dir(run_dir)
+    assert output_dir == run_dir / "train"
+    with pytest.raises(FileNotFoundError, match="06_multitask_training"):
+        walkthrough.require_checkpoint(run_dir)
+    status = walkthrough.training_status(output_dir, 10)
+    assert status.checkpoint is None and status.iteration == 0 and not status.finished
+
+    model = torch.nn.Linear(2, 2)
+    save_checkpoint(output_dir / "checkpoints", 4, model, None)
+    latest = save_checkpoint(output_dir / "checkpoints", 10, model, None)
+    assert walkthrough.training_status(output_dir, 10).finished
+    status = walkthrough.training_status(output_dir, 12)
+    assert status.checkpoint == latest and status.iteration == 10 and not status.finished
+    assert walkthrough.require_checkpoint(run_dir) == latest
+
+
+def test_resolve_device():
+    assert walkthrough.resolve_device("cpu") == torch.device("cpu")
+    assert walkthrough.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            walkthrough.resolve_device("cuda")
+
+
+# ----------------------------------------------------------------------------------------------------- logs
+def record(iteration, task, count=1, lr=1e-3):
+    return {"kind": "train", "iteration": iteration, "task": task, "count": count, "loss": 1.0, "lr": lr,
+            "lr/lr x1": lr, "lr/lr x1, no weight decay": lr, "lr/lr x0.1": lr / 10,
+            "lr/lr x0.1, no weight decay": lr / 10}
+
+
+def test_lr_records_merge_groups_by_multiplier():
+    records = [record(1, "mlm", lr=1e-4), record(2, "detection", lr=2e-4), record(2, "mlm", lr=2e-4),
+               {"kind": "eval", "iteration": 2, "task": "mlm", "accuracy": 0.5}]
+    rows = walkthrough.lr_records(records)
+    assert [(r["group"], r["iteration"]) for r in rows] == [("base lr x0.1", 1), ("base lr x0.1", 2),
+                                                            ("base lr x1", 1), ("base lr x1", 2)]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-5, 2e-5, 1e-4, 2e-4])
+
+
+def test_task_sequence_from_records():
+    records = [record(1, "mlm"), record(2, "detection"), record(3, "mlm"),
+               {"kind": "eval", "iteration": 3, "task": "mlm"}]
+    assert walkthrough.task_sequence_from_records(records) == ["mlm", "detection", "mlm"]
+    with pytest.raises(ValueError, match="log_every=1"):
+        walkthrough.task_sequence_from_records([record(1, "mlm"), record(3, "mlm")])
+    with pytest.raises(ValueError, match="log_every=1"):
+        walkthrough.task_sequence_from_records([record(2, "mlm", count=2)])
+
+
+def test_param_group_table_lists_every_parameter_once():
+    model = torch.nn.Module()
+    model.encoder = torch.nn.Sequential(torch.nn.Linear(3, 4))
+    model.head = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW([
+        {"params": [model.head.weight], "lr": 1.0, "weight_decay": 0.1, "name": "x1"},
+        {"params": [model.encoder[0].weight, model.encoder[0].bias, model.head.bias], "lr": 0.1,
+         "weight_decay": 0.0, "name": "x0.1"}])
+    table = walkthrough.param_group_table(model, optimizer)
+    assert table["rows"] == [["x1", 1.0, 0.1, 1, 8, "head.weight"],
+                             ["x0.1", 0.1, 0.0, 3, 18, "encoder.0, head.bias"]]
+
+
+def test_metrics_table_scales_skips_and_blanks():
+    results = {"classification": {"top1": 0.5, "top5": 0.875, "num_images": 8},
+               "detection": {"bbox_AP": 0.1234, "bbox_AP50": None, "segm_AP": float("nan"), "segm_AP50": 0.2},
+               "mlm": {"skipped": "no corpus for split test"}}
+    rows = walkthrough.metrics_table(results, "test")["rows"]
+    assert rows == [["classification", "test", "top1", 50.0], ["classification", "test", "top5", 87.5],
+                    ["detection", "test", "bbox_AP", 12.34], ["detection", "test", "bbox_AP50", None],
+                    ["detection", "test", "segm_AP", None], ["detection", "test", "segm_AP50", 20.0],
+                    ["mlm", "test", "skipped", "no corpus for split test"]]
+
+
+# ----------------------------------------------------------------------------------------------------- examples
+def test_mask_one_word_hides_a_single_token_word():
+    tok = tokenizer()
+    rng = random.Random(0)
+    for _ in range(20):
+        masked, word = walkthrough.mask_one_word("a red circle above the hexagonal xylophones.", tok, rng)
+        assert masked.count("<mask>") == 1 and len(tok.tokenize(word)) == 1
+        assert masked.replace("<mask>", word) == "a red circle above the hexagonal xylophones."
+        # what api.fill_mask checks: the mask survives tokenisation as one mask token
+        assert tok(masked.replace("<mask>", tok.mask_token))["input_ids"].count(tok.mask_token_id) == 1
+    assert walkthrough.mask_one_word("xylophones 123", tok, rng) is None
+
+
+def test_retrieval_examples_rank_consistently():
+    examples = walkthrough.RetrievalExamples(
+        texts=["a", "b", "c"], text_image=torch.tensor([0, 0, 1]),
+        i2t=torch.tensor([[0.1, 0.9, 0.5], [0.8, 0.1, 0.2]]), t2i=torch.tensor([[0.3, 0.1], [0.2, 0.4], [0.9, 0.1]]))
+    assert examples.texts_for_image(0, top=2) == (["b", "c"], [True, False], pytest.approx([0.9, 0.5]))
+    assert examples.images_for_text(2, top=2) == ([0, 1], [False, True], pytest.approx([0.9, 0.1]))
+    # image 0: best text "b" is its own; image 1: best text "a" is not -> i2t R@1 = 1/2.
+    # texts: a -> 0 right, b -> 1 wrong, c -> 0 wrong -> t2i R@1 = 1/3.
+    assert examples.recall_at(1) == pytest.approx({"i2t_R@1": 0.5, "t2i_R@1": 1 / 3})
+    assert examples.recall_at(2) == pytest.approx({"i2t_R@2": 1.0, "t2i_R@2": 1.0})
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(tiny_config(), texts=CAPTIONS).eval()
+
+
+def test_retrieval_and_fill_mask_examples_on_a_model(model):
+    images = [torch.rand(3, 40, 48, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    captions = [CAPTIONS[:2], CAPTIONS[2:3], CAPTIONS[3:]]
+    examples = walkthrough.retrieval_examples(model, images, captions)
+    reference = model.retrieve(images, CAPTIONS)
+    assert examples.texts == CAPTIONS and examples.text_image.tolist() == [0, 0, 1, 2]
+    torch.testing.assert_close(examples.i2t, reference["i2t"].float())
+    torch.testing.assert_close(examples.t2i, reference["t2i"].float())
+
+    table = walkthrough.fill_mask_examples(model, CAPTIONS, count=3, seed=0, top_k=2)
+    assert len(table["rows"]) == 3
+    for masked, word, predictions, hit in table["rows"]:
+        assert masked.count("<mask>") == 1 and masked.replace("<mask>", word) in CAPTIONS
+        best = predictions.split(" (")[0]
+        assert hit == (best == word) and len(predictions.split(", ")) == 2
+
+
+# A tiny novel-category set: three categories (one novel), two scenes of squares.
+CATEGORIES = [{"id": 5, "name": "circle"}, {"id": 9, "name": "square"}, {"id": 11, "name": "hexagon", "novel": True}]
+OBJECTS = {1: [(5, [4, 4, 20, 20]), (11, [30, 30, 24, 22])], 2: [(11, [10, 30, 20, 20]), (9, [36, 6, 20, 16])]}
+
+
+def write_novel_set(root):
+    (root / "scenes" / "novel").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    images, annotations = [], []
+    for image_id, objects in OBJECTS.items():
+        pixels = np.full((64, 64, 3), 30, dtype=np.uint8)
+        for category_id, (x, y, w, h) in objects:
+            pixels[y:y + h, x:x + w] = 60 + 15 * category_id
+            mask = np.zeros((64, 64), dtype=np.uint8)
+            mask[y:y + h, x:x + w] = 1
+            rle = mask_utils.encode(np.asfortranarray(mask))
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category_id,
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0,
+                                "segmentation": {"size": [64, 64], "counts": rle["counts"].decode()}})
+        Image.fromarray(pixels).save(root / "scenes" / "novel" / f"{image_id}.png")
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "height": 64, "width": 64})
+    path = root / "annotations" / "instances_novel.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": CATEGORIES}))
+    return path
+
+
+def cocoeval_boxes(gt_path, records, cat_ids):
+    gt = COCO(str(gt_path))
+    evaluator = COCOeval(gt, gt.loadRes(records), iouType="bbox")
+    evaluator.params.catIds = cat_ids
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return evaluator.stats[0], evaluator.stats[1]
+
+
+def categories():
+    return [Category(c["id"], c["name"], novel=c.get("novel", False)) for c in CATEGORIES]
+
+
+def test_novel_box_metrics_count_only_the_novel_categories(tmp_path):
+    path = write_novel_set(tmp_path)
+    # Every object found with its box; the novel ones named correctly in scene 1, named "square" in scene 2.
+    records = [{"image_id": i, "category_id": c if (i, c) != (2, 11) else 9, "bbox": box, "score": 0.9}
+               for i, objects in OBJECTS.items() for c, box in objects]
+    metrics, per_category = walkthrough.novel_box_metrics(path, records, categories())
+    assert (metrics["novel"]["AP"], metrics["novel"]["AP50"]) == pytest.approx(cocoeval_boxes(path, records, [11]))
+    assert (metrics["base"]["AP"], metrics["base"]["AP50"]) == pytest.approx(cocoeval_boxes(path, records, [5, 9]))
+    assert 0.0 < metrics["novel"]["AP"] < 1.0            # one of the two hexagons is missed
+    assert per_category == {"hexagon": {"AP": pytest.approx(metrics["novel"]["AP"]),
+                                        "AP50": pytest.approx(metrics["novel"]["AP50"]), "instances": 2}}
+
+
+def test_evaluate_novel_detection_on_a_model_matches_pycocotools(model, tmp_path):
+    path = write_novel_set(tmp_path)
+    cfg = tiny_config()
+    cfg.data.root = str(tmp_path)
+    result = walkthrough.evaluate_novel_detection(model, cfg)
+    assert result.class_names == ["circle", "square", "hexagon"] and result.novel_names == ["hexagon"]
+    assert result.records and {r["category_id"] for r in result.records} <= {5, 9, 11}
+    assert "segmentation" not in result.records[0]
+    expected = cocoeval_boxes(path, result.records, [11])
+    assert (result.metrics["novel"]["AP"], result.metrics["novel"]["AP50"]) == pytest.approx(expected)
+
+    # A candidate list without the novel name: nothing can be called "hexagon", so its AP is 0 by construction.
+    seen_only = walkthrough.evaluate_novel_detection(model, cfg, class_names=["circle", "square", "balloon"])
+    assert {r["category_id"] for r in seen_only.records} <= {5, 9} and seen_only.metrics["novel"]["AP"] == 0.0
+
+
+def test_best_proposal_logits_take_the_proposal_that_overlaps_each_object_most(model):
+    from uniperceiver_v2.data.samples import DetectionSample
+    from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy
+
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(3, 64, 80, generator=generator)
+    boxes = torch.tensor([[4.0, 4.0, 30.0, 28.0], [40.0, 20.0, 76.0, 60.0]])
+    sample = DetectionSample(image, boxes, torch.tensor([0, 2]), None, 1, (64, 80), "x.png")
+    names = ["circle", "square", "hexagon"]
+    logits, iou = walkthrough.best_proposal_logits(model, sample, names)
+    assert logits.shape == (2, 3) and iou.shape == (2,)
+
+    with torch.no_grad():
+        encoded = model.encode_images(image[None], torch.zeros(1, 64, 80, dtype=torch.bool))
+        all_logits, _ = DetectionTask(model.config.tasks.detection, names).region_logits(model, encoded, names)
+    proposals = box_cxcywh_to_xyxy(encoded.boxes[0]) * torch.tensor([80.0, 64.0, 80.0, 64.0])
+    reference_iou = torchvision.ops.box_iou(boxes, proposals)                        # independent IoU
+    torch.testing.assert_close(iou, reference_iou.max(dim=1).values)
+    torch.testing.assert_close(logits, all_logits[0, reference_iou.argmax(dim=1)])
+
+
+# ----------------------------------------------------------------------------------------------------- run setup
+def test_config_of_command_and_the_task_mixture():
+    command = walkthrough.train_command("tiny", "out", 50, data_root="d", data_profile="quick", nproc=2,
+                                        overrides=["tasks.mlm.enabled=false", "tasks.detection.sampling_weight=0.6"])
+    cfg = walkthrough.config_of_command(command)
+    assert cfg.run.iterations == 50 and not cfg.tasks.mlm.enabled
+    sampler = walkthrough.unmixed_sampler(cfg)
+    assert sampler.task_names == ["classification", "detection", "captioning", "retrieval"]
+    table = walkthrough.task_mixture_table(cfg, 50)
+    shares = {row[0]: row[1] for row in table["rows"]}
+    assert shares["detection"] == pytest.approx(0.6 / (0.2 + 0.6 + 0.2 + 0.2), abs=1e-4)
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
+    detection = next(row for row in table["rows"] if row[0] == "detection")
+    assert detection[2:] == [1.0, 4, round(50 * detection[1], 1), round(50 * detection[1] * 4)]
+    with pytest.raises(ValueError, match="uniperceiver_v2.train"):
+        walkthrough.config_of_command(["python", "-c", "pass"])
+    cfg.run.sampling = "mixed"
+    with pytest.raises(ValueError, match="unmixed"):
+        walkthrough.unmixed_sampler(cfg)
+
+
+def test_loss_summary_averages_the_first_and_last_records_of_each_task():
+    records = [dict(record(i, "mlm"), loss=float(10 - i)) for i in range(1, 6)] + [dict(record(6, "detection"),
+                                                                                        loss=40.0)]
+    table = walkthrough.loss_summary(records, window=2)
+    assert table["rows"] == [["detection", 1, 40.0, 40.0, 1.0], ["mlm", 5, 8.5, 5.5, round(5.5 / 8.5, 3)]]
+
+
+# ----------------------------------------------------------------------------------------------------- chance
+def test_chance_levels_match_a_simulation_of_random_rankings():
+    results = {"retrieval": {"num_images": 6, "num_texts": 18}}
+    chance = walkthrough.chance_levels(results, num_classes=14, vocabulary_size=200)
+    assert chance[("classification", "top1")] == pytest.approx(1 / 14)
+    assert chance[("classification", "top5")] == pytest.approx(5 / 14)
+    assert chance[("mlm", "accuracy")] == pytest.approx(1 / 200)
+    generator = np.random.default_rng(0)
+    text_image = np.repeat(np.arange(6), 3)
+    trials = 20000
+    for k in (1, 5, 10):
+        ranks = np.argsort(generator.random((trials, 18)), axis=1)[:, :k]        # k random texts per query
+        i2t = (text_image[ranks] == 0).any(axis=1).mean()                          # image 0's captions among them
+        assert chance[("retrieval", f"i2t_R@{k}")] == pytest.approx(i2t, abs=0.01)
+        assert chance[("retrieval", f"t2i_R@{k}")] == pytest.approx(min(k, 6) / 6)
+    table = walkthrough.metrics_table({"classification": {"top1": 0.25, "top5": 0.5}}, "test", chance=chance)
+    assert table["columns"][-1] == "chance (x100)"
+    assert table["rows"] == [["classification", "test", "top1", 25.0, round(100 / 14, 2)],
+                             ["classification", "test", "top5", 50.0, round(500 / 14, 2)]]
+
+
+# ----------------------------------------------------------------------------------------------------- exposure
+def test_category_exposure_counts_each_category_in_every_training_source(tmp_path):
+    write_novel_set(tmp_path)
+    cfg = tiny_config()
+    cfg.data.root = str(tmp_path)
+    train_file = tmp_path / "annotations" / "instances_train.json"
+    novel = json.loads((tmp_path / "annotations" / "instances_novel.json").read_text())
+    seen = [a for a in novel["annotations"] if a["category_id"] != 11]
+    train_file.write_text(json.dumps({**novel, "annotations": seen}))
+    for folder, count in (("circle", 2), ("hexagon", 3)):
+        (tmp_path / "classification" / "train" / folder).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "classification" / "train" /
+                                                                     folder / f"{i}.png")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "corpus_train.txt").write_text(
+        "Two hexagons and a circle.\nA square.\nA hexagonal tile.\nA Hexagon on stripes.\n")
+    table = walkthrough.category_exposure(cfg)
+    assert table["rows"] == [["circle", False, 1, 2, 1], ["square", False, 1, 0, 1], ["hexagon", True, 0, 3, 2]]
