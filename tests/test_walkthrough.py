@@ -421,3 +421,11 @@ def test_category_exposure_counts_each_category_in_every_training_source(tmp_pat
         "Two hexagons and a circle.\nA square.\nA hexagonal tile.\nA Hexagon on stripes.\n")
     table = walkthrough.category_exposure(cfg)
     assert table["rows"] == [["circle", False, 1, 2, 1], ["square", False, 1, 0, 1], ["hexagon", True, 0, 3, 2]]
+
+
+def test_novel_category_names(tmp_path):
+    cfg = tiny_config()
+    cfg.data.root = str(tmp_path)
+    assert walkthrough.novel_category_names(cfg) == []
+    write_novel_set(tmp_path)
+    assert walkthrough.novel_category_names(cfg) == ["hexagon"]

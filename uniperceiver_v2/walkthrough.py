@@ -47,6 +47,7 @@ __all__ = [
     "mask_one_word",
     "metrics_table",
     "novel_box_metrics",
+    "novel_category_names",
     "param_group_table",
     "require_checkpoint",
     "resolve_device",
@@ -714,6 +715,17 @@ class NovelDetectionResult:
     records: list[dict]
     metrics: dict[str, dict[str, float]]
     per_category: dict[str, dict[str, float]]
+
+
+def novel_category_names(cfg) -> list[str]:
+    """The categories marked ``"novel": true`` in ``data.novel_annotations``; [] when the file does not exist (real
+    data without a novel-category set)."""
+    from .data.coco import load_json, parse_categories
+
+    path = Path(cfg.data.root) / cfg.data.novel_annotations
+    if not path.is_file():
+        return []
+    return [category.name for category in parse_categories(load_json(path), path) if category.novel]
 
 
 def category_exposure(cfg) -> dict[str, list]:
