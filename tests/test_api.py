@@ -109,3 +109,11 @@ def test_build_model_from_a_safetensors_file_and_from_a_checkpoint_folder(model,
     assert folder.name == "iter_0000005"
     with pytest.raises(ValueError, match="safetensors"):
         api.build_model("tiny", checkpoint=tmp_path / "run" / "iter_0000005" / "training_state.pt")
+
+
+def test_build_model_from_a_training_run_folder(model, tmp_path):
+    """The trainer keeps checkpoints in <output_dir>/checkpoints; the run folder itself is accepted."""
+    save_checkpoint(tmp_path / "run" / "checkpoints", 3, model, optimizer=None, config=model.config)
+    from_run = api.build_model(None, checkpoint=tmp_path / "run")
+    for (name, a), (_, b) in zip(from_run.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name

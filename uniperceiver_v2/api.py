@@ -79,6 +79,7 @@ def build_model(config: str | Path | Config | None = "tiny", checkpoint: str | P
                               "written by save_checkpoint, or a preset name")
         from uniperceiver_v2.engine.checkpoint import read_checkpoint_meta
 
+        checkpoint = _checkpoint_location(Path(checkpoint))
         saved = read_checkpoint_meta(checkpoint).get("config")
         if saved is None:
             raise ConfigError(f"{checkpoint}: meta.json records no config; pass the config to build_model")
@@ -93,11 +94,21 @@ def build_model(config: str | Path | Config | None = "tiny", checkpoint: str | P
     return model.eval()
 
 
+def _checkpoint_location(path: Path) -> Path:
+    """A training run's output folder keeps its checkpoints in ``checkpoints/``: accept the run folder too."""
+    if path.is_dir() and not (path / "meta.json").exists() and not (path / "latest").exists() \
+            and (path / "checkpoints").is_dir():
+        return path / "checkpoints"
+    return path
+
+
 def load_weights(model: UniPerceiverV2, checkpoint: str | Path) -> None:
-    """Load weights (and the vocabulary buffer) from a ``.safetensors`` file or a ``save_checkpoint`` folder."""
+    """Load weights (and the vocabulary buffer) from a ``.safetensors`` file, a ``save_checkpoint`` folder, or a
+    training run's output folder (its newest checkpoint)."""
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    path = _checkpoint_location(path)
     if path.is_dir():
         from uniperceiver_v2.engine.checkpoint import load_checkpoint
 
