@@ -30,7 +30,7 @@ def test_topk_predictions_draw_one_bar_per_class_and_mark_the_truth():
                    [("fox", 0.6), ("dog", 0.3), ("owl", 0.1)]]
     pil = Image.fromarray(np.zeros((10, 12), dtype=np.uint8))          # grayscale PIL works too
     fig = viz_eval.plot_topk_predictions(images(2) + [pil], ["cat", "cat", "hexagon"], predictions, ncols=2,
-                                         marked=["hexagon"], title="top-3")
+                                         marked=["hexagon"], chance=0.25, title="top-3")
     assert isinstance(fig, Figure)
     axes = fig.axes
     assert len(axes) == 8                                               # 2 rows x (image, bars) x 2
@@ -43,6 +43,7 @@ def test_topk_predictions_draw_one_bar_per_class_and_mark_the_truth():
     assert to_rgb(image_ax.title.get_color()) == to_rgb("black")
     assert not axes[6].axison and not axes[7].axison                    # the unused cell is hidden
     assert fig._suptitle.get_text() == "top-3"
+    assert [line.get_xdata()[0] for line in bar_ax.get_lines()] == [0.25]          # the chance line
 
 
 def test_topk_predictions_refuse_mismatched_inputs():

@@ -429,3 +429,51 @@ def test_novel_category_names(tmp_path):
     assert walkthrough.novel_category_names(cfg) == []
     write_novel_set(tmp_path)
     assert walkthrough.novel_category_names(cfg) == ["hexagon"]
+
+
+def test_novel_tables_scale_to_percent_and_blank_missing_values():
+    result = walkthrough.NovelDetectionResult(
+        ["circle", "hexagon"], ["hexagon"], [],
+        {"novel": {"AP": 0.1234, "AP50": 0.5}, "base": {"AP": float("nan"), "AP50": 0.25}},
+        {"hexagon": {"AP": 0.1234, "AP50": 0.5, "instances": 3}})
+    assert walkthrough.novel_ap_table([("trained", "all names", result)])["rows"] == [
+        ["trained", "all names", 12.34, 50.0, None, 25.0]]
+    assert walkthrough.per_category_table(result)["rows"] == [["hexagon", 3, 12.34, 50.0]]
+
+
+def test_distinct_detections_keep_one_box_per_proposal():
+    boxes = torch.tensor([[0.0, 0, 4, 4], [0, 0, 4, 4], [1, 1, 5, 5], [0, 0, 4, 4], [2, 2, 6, 6]])
+    detections = {"boxes": boxes, "scores": torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5]),
+                  "labels": torch.tensor([3, 1, 2, 0, 1]), "masks": torch.arange(5)[:, None, None].expand(5, 2, 2),
+                  "names": ["d", "b", "c", "a", "b"]}
+    kept = walkthrough.distinct_detections(detections, 2)
+    assert kept["labels"].tolist() == [3, 2] and kept["names"] == ["d", "c"]
+    assert torch.equal(kept["boxes"], boxes[[0, 2]]) and kept["masks"][:, 0, 0].tolist() == [0, 2]
+    assert walkthrough.distinct_detections(detections, 10)["scores"].tolist() == pytest.approx([0.9, 0.7, 0.5])
+
+
+def test_representation_similarity_measures_how_alike_different_inputs_are(model):
+    from uniperceiver_v2.api import prepare_whole_images
+    from uniperceiver_v2.tasks import RetrievalTask
+
+    images = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    spread = walkthrough.representation_similarity(model, images, CAPTIONS[:3])
+    with torch.no_grad():
+        pixels, padding = prepare_whole_images(model, images)
+        queries = RetrievalTask(model.config.tasks.retrieval).embed_images(model, pixels, padding)[0].double()
+    pairs = [torch.nn.functional.cosine_similarity(queries[i], queries[j], dim=0) for i, j in ((0, 1), (0, 2), (1, 2))]
+    assert spread["images_mean"] == pytest.approx(float(sum(pairs) / 3), abs=1e-5)
+    assert spread["images_min"] == pytest.approx(float(min(pairs)), abs=1e-5)
+    same = walkthrough.representation_similarity(model, [images[0]] * 2, [CAPTIONS[0]] * 2)
+    assert same["images_mean"] == pytest.approx(1.0, abs=1e-5) and same["texts_min"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_shell_command_puts_each_override_on_its_own_line():
+    import shlex
+
+    command = ["python", "-m", "uniperceiver_v2.train", "--config", "tiny", "--resume", "data.root=/a b",
+               "run.iterations=5"]
+    text = walkthrough.shell_command(command)
+    assert text.splitlines() == ["python -m uniperceiver_v2.train --config tiny --resume \\",
+                                 "    'data.root=/a b' \\", "    run.iterations=5"]
+    assert shlex.split(text.replace("\\\n", " ")) == command

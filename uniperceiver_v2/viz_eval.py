@@ -29,7 +29,8 @@ def _image_array(image: Any) -> np.ndarray:
 
 def plot_topk_predictions(images: Sequence[Any], true_names: Sequence[str],
                           predictions: Sequence[Sequence[tuple[str, float]]], ncols: int = 3,
-                          marked: Sequence[str] = (), title: str | None = None) -> Figure:
+                          marked: Sequence[str] = (), chance: float | None = None,
+                          title: str | None = None) -> Figure:
     """Each image next to its top-k classes (eq. (5) over the class names), the true class in green.
 
     Args:
@@ -38,6 +39,7 @@ def plot_topk_predictions(images: Sequence[Any], true_names: Sequence[str],
         predictions: per image the k best (class name, probability), best first.
         ncols: images per row.
         marked: class names whose image titles are drawn in red (e.g. the novel categories).
+        chance: the probability of a uniform prediction (1 / number of classes), drawn as a dashed line.
         title: figure title.
     """
     n = len(images)
@@ -67,6 +69,8 @@ def plot_topk_predictions(images: Sequence[Any], true_names: Sequence[str],
         bar_ax.set_yticks(positions, names, fontsize=8)
         bar_ax.invert_yaxis()
         bar_ax.set_xlim(0.0, 1.0)
+        if chance is not None:
+            bar_ax.axvline(chance, color="black", linestyle="--", linewidth=0.8)
         bar_ax.tick_params(axis="x", labelsize=7)
         bar_ax.set_xlabel("probability", fontsize=7)
         hit = bool(names) and names[0] == truth

@@ -40,19 +40,24 @@ __all__ = [
     "chance_levels",
     "config_of_command",
     "default_log_every",
+    "distinct_detections",
     "evaluate_novel_detection",
     "fill_mask_examples",
     "loss_summary",
     "lr_records",
     "mask_one_word",
     "metrics_table",
+    "novel_ap_table",
     "novel_box_metrics",
     "novel_category_names",
     "param_group_table",
+    "per_category_table",
+    "representation_similarity",
     "require_checkpoint",
     "resolve_device",
     "retrieval_examples",
     "run_training",
+    "shell_command",
     "stream_command",
     "task_mixture_table",
     "task_sequence_from_records",
@@ -195,6 +200,18 @@ def train_command(preset: str, output_dir: str | os.PathLike, iterations: int, *
     if log_every is not None:
         settings.append(f"run.log_every={log_every}")
     return launcher + flags + settings + list(overrides)
+
+
+def shell_command(command: Sequence[str]) -> str:
+    """``command`` as one shell command, quoted, with each ``key.sub=value`` override on its own line."""
+    import shlex
+
+    lines = [[]]
+    for argument in command:
+        if "=" in argument and not argument.startswith("-"):
+            lines.append([])
+        lines[-1].append(shlex.quote(str(argument)))
+    return " \\\n    ".join(" ".join(line) for line in lines)
 
 
 def config_of_command(command: Sequence[str]):
@@ -524,6 +541,10 @@ HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _percent(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(100.0 * value, 2)
+
+
 def chance_levels(results: Mapping[str, Mapping[str, Any]], num_classes: int | None = None,
                   vocabulary_size: int | None = None) -> dict[tuple[str, str], float]:
     """What a model that ranks the candidates at random scores, in expectation, for the metrics that have a
@@ -568,9 +589,6 @@ def metrics_table(results: Mapping[str, Mapping[str, Any]], split: str,
         ``{"columns": ["task", "split", "metric", "value (x100)"(, "chance (x100)")], "rows": [...]}``.
     """
 
-    def percent(value: Any) -> float | None:
-        return None if value is None or not math.isfinite(value) else round(100.0 * float(value), 2)
-
     columns = ["task", "split", "metric", "value (x100)"] + (["chance (x100)"] if chance is not None else [])
     rows = []
     for task, values in results.items():
@@ -578,9 +596,9 @@ def metrics_table(results: Mapping[str, Mapping[str, Any]], split: str,
             rows.append([task, split, "skipped", str(values["skipped"])] + ([None] if chance is not None else []))
             continue
         for name in metrics.get(task, ()):
-            row = [task, split, name, percent(values.get(name))]
+            row = [task, split, name, _percent(values.get(name))]
             if chance is not None:
-                row.append(percent(chance.get((task, name))))
+                row.append(_percent(chance.get((task, name))))
             rows.append(row)
     return {"columns": columns, "rows": rows}
 
@@ -588,6 +606,35 @@ def metrics_table(results: Mapping[str, Mapping[str, Any]], split: str,
 # --------------------------------------------------------------------------------------------------------------
 # Qualitative examples
 # --------------------------------------------------------------------------------------------------------------
+def distinct_detections(detections: Mapping[str, Any], count: int) -> dict[str, Any]:
+    """The ``count`` best detections of *different* proposals, each with its best class.
+
+    ``api.detect`` ranks (proposal, class) pairs, so one proposal can appear several times with different classes
+    (DETR-style evaluation); for a picture, one box per proposal is clearer. Proposals are told apart by their box.
+
+    Args:
+        detections: one image's result of ``model.detect``: ``boxes`` (K, 4), ``scores`` (K,) sorted best first,
+            ``labels`` (K,), optional ``masks`` (K, H, W) and ``names`` (K strings).
+        count: how many to keep.
+
+    Returns:
+        the same keys, restricted to the kept detections, in score order.
+    """
+    boxes = detections["boxes"]
+    keep: list[int] = []
+    seen: set[tuple[float, ...]] = set()
+    for index in range(boxes.shape[0]):
+        key = tuple(boxes[index].tolist())
+        if key not in seen:
+            seen.add(key)
+            keep.append(index)
+        if len(keep) == count:
+            break
+    rows = torch.tensor(keep, dtype=torch.long)
+    return {key: [value[i] for i in keep] if isinstance(value, list) else value[rows]
+            for key, value in detections.items()}
+
+
 @dataclass
 class RetrievalExamples:
     """Image-text similarities of a set of images and all their captions, for drawing rankings.
@@ -634,6 +681,41 @@ def retrieval_examples(model, images: Sequence[Any], captions: Sequence[Sequence
     text_image = torch.tensor([i for i, per_image in enumerate(captions) for _ in per_image], dtype=torch.long)
     scores = model.retrieve(list(images), texts)
     return RetrievalExamples(texts, text_image, scores["i2t"].float(), scores["t2i"].float())
+
+
+def representation_similarity(model, images: Sequence[Any], texts: Sequence[str]) -> dict[str, float]:
+    """How alike the model's ``<SPE>`` representations g(f(.)) of *different* inputs are: the mean and the minimum
+    cosine similarity over all pairs of ``images`` (as image-to-text queries) and over all pairs of ``texts`` (as
+    text-to-image queries).
+
+    A healthy model spreads different inputs apart; values near 1 mean the representations have collapsed (every
+    input gives nearly the same vector, so every candidate gets the same score and the gradients of eq. (7) vanish).
+
+    Returns:
+        ``{"images_mean", "images_min", "texts_mean", "texts_min"}``.
+    """
+    from .api import prepare_whole_images
+    from .tasks import RetrievalTask
+
+    if len(images) < 2 or len(texts) < 2:
+        raise ValueError("representation_similarity: needs at least two images and two texts")
+    task = RetrievalTask(model.config.tasks.retrieval)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            pixels, padding_mask = prepare_whole_images(model, list(images))
+            image_queries = task.embed_images(model, pixels, padding_mask)[0]
+            text_queries = task.embed_texts(model, list(texts))[0]
+    finally:
+        model.train(was_training)
+    out = {}
+    for name, vectors in (("images", image_queries), ("texts", text_queries)):
+        unit = torch.nn.functional.normalize(vectors.float(), dim=1)
+        cosine = unit @ unit.T                                                     # (N, N)
+        pairs = cosine[~torch.eye(len(unit), dtype=torch.bool, device=cosine.device)]
+        out[f"{name}_mean"], out[f"{name}_min"] = float(pairs.mean()), float(pairs.min())
+    return out
 
 
 def mask_one_word(sentence: str, tokenizer, rng: random.Random, mask: str = "<mask>") -> tuple[str, str] | None:
@@ -841,6 +923,22 @@ def novel_box_metrics(ground_truth, records: Sequence[Mapping[str, Any]], catego
         per_category[category.name] = {"AP": values["AP"], "AP50": values["AP50"],
                                        "instances": len(ground_truth.getAnnIds(catIds=[category.id]))}
     return {"novel": box_metrics(novel), "base": box_metrics(base)}, per_category
+
+
+def novel_ap_table(rows: Sequence[tuple[str, str, NovelDetectionResult]]) -> dict[str, list]:
+    """Box AP / AP50 (x100) of several :func:`evaluate_novel_detection` results, one row per (model label,
+    candidate-list label, result): over the novel categories and over the seen ones of the same scenes."""
+    return {"columns": ["model", "candidates", "novel AP", "novel AP50", "seen AP", "seen AP50"],
+            "rows": [[model, candidates, _percent(r.metrics["novel"].get("AP")),
+                      _percent(r.metrics["novel"].get("AP50")), _percent(r.metrics["base"].get("AP")),
+                      _percent(r.metrics["base"].get("AP50"))] for model, candidates, r in rows]}
+
+
+def per_category_table(result: NovelDetectionResult) -> dict[str, list]:
+    """Box AP / AP50 (x100) and ground-truth instances of every novel category of one result."""
+    return {"columns": ["novel category", "instances", "AP", "AP50"],
+            "rows": [[name, values["instances"], _percent(values["AP"]), _percent(values["AP50"])]
+                     for name, values in result.per_category.items()]}
 
 
 def best_proposal_logits(model, sample, class_names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,68 @@
+"""The table figures draw the numbers they are given: bar heights are the values (or the gaps to the reference
+row), missing values leave no bar, bad input is refused with the offending row named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from uniperceiver_v2 import viz_tables
+
+COLUMNS = ["det", "cls"]
+
+
+def _bars(ax) -> dict[str, list[float]]:
+    """Bar heights per legend label, in drawing order."""
+    heights: dict[str, list[float]] = {}
+    handles, labels = ax.get_legend_handles_labels()
+    colors = {tuple(np.round(h.patches[0].get_facecolor(), 3)): label for h, label in zip(handles, labels)}
+    for patch in ax.patches:
+        if isinstance(patch, Rectangle):
+            label = colors[tuple(np.round(patch.get_facecolor(), 3))]
+            heights.setdefault(label, []).append(patch.get_height())
+    return heights
+
+
+def test_ablation_bars_are_gaps_to_the_reference_rows():
+    ours = {"a": (1.0, 5.0), "b": (3.0, None), "full": (2.0, 4.0)}
+    paper = {"a": (40.0, 70.0), "b": (45.0, 72.0), "full": (50.0, 75.0)}
+    fig = viz_tables.plot_ablation(COLUMNS, ours, paper, ours_reference="full", paper_reference="full", title="t")
+    assert isinstance(fig, Figure)
+    det, cls = fig.axes[:2]
+    assert _bars(det) == {"ours": pytest.approx([-1.0, 1.0, 0.0]), "paper": pytest.approx([-10.0, -5.0, 0.0])}
+    # ours has no "cls" value for row b: no bar, an "n/a" mark instead
+    assert _bars(cls) == {"ours": pytest.approx([1.0, 0.0]), "paper": pytest.approx([-5.0, -3.0, 0.0])}
+    assert any(text.get_text() == "n/a" for text in cls.texts)
+    assert "gap" in det.get_ylabel()
+
+
+def test_ablation_rows_without_counterpart_follow_ours_and_absolute_mode():
+    ours = {"pre-trained": (10.0, 20.0), "random": (5.0, 8.0)}
+    paper = {"IN-1k": (45.7, 76.8), "IN-1k & COCO": (49.9, 76.9)}
+    fig = viz_tables.plot_ablation(COLUMNS, ours, paper)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["pre-trained", "random", "IN-1k", "IN-1k & COCO"]
+    assert _bars(ax) == {"ours": [10.0, 5.0], "paper": [45.7, 49.9]}
+    assert "value" in ax.get_ylabel()
+    # different references per side
+    fig = viz_tables.plot_ablation(COLUMNS, ours, paper, ours_reference="pre-trained", paper_reference="IN-1k & COCO")
+    assert _bars(fig.axes[1]) == {"ours": pytest.approx([0.0, -12.0]), "paper": pytest.approx([-0.1, 0.0])}
+
+
+def test_ablation_refuses_bad_input():
+    with pytest.raises(ValueError, match=r"ours\['a'\]: expected 2 values"):
+        viz_tables.plot_ablation(COLUMNS, {"a": (1.0,)})
+    with pytest.raises(KeyError, match="reference row 'x'"):
+        viz_tables.plot_ablation(COLUMNS, {"a": (1.0, 2.0)}, ours_reference="x")
+
+
+def test_metrics_vs_paper_one_group_per_metric():
+    series = {"ours": [1.0, None, 3.0], "paper BASE": [86.3, 58.6, 50.6]}
+    fig = viz_tables.plot_metrics_vs_paper(["cls", "det", "seg"], series, title="Tab. 6")
+    ax = fig.axes[0]
+    assert _bars(ax) == {"ours": [1.0, 3.0], "paper BASE": [86.3, 58.6, 50.6]}
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["cls", "det", "seg"]
+    with pytest.raises(ValueError, match="no series"):
+        viz_tables.plot_metrics_vs_paper(["cls"], {})

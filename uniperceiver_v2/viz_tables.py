@@ -1,0 +1,141 @@
+"""Figures of result tables: our ablations next to the paper's, and our final numbers next to the paper's.
+
+Same conventions as :mod:`uniperceiver_v2.viz`: plain inputs, pyplot-free figures, each function returns its
+:class:`~matplotlib.figure.Figure`. Values are in the paper's units (percent); ``None`` is a missing result
+(the paper's "-"), drawn as no bar with a small "n/a".
+
+An ablation is read as gaps to a reference row (the paper prints them in Tab. 3), so
+:func:`plot_ablation` draws ``value - value(reference)`` for ours and the paper's side by side on one scale:
+the absolute numbers of a tiny model on synthetic data and of the paper's models differ by an order of
+magnitude, their gaps can be compared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from .viz import _figure
+
+__all__ = ["grouped_bars", "plot_ablation", "plot_metrics_vs_paper"]
+
+Value = float | None
+OURS_COLOR = "tab:blue"
+PAPER_COLOR = "tab:gray"
+
+
+def _check_rows(name: str, rows: Mapping[str, Sequence[Value]], n: int) -> None:
+    for label, values in rows.items():
+        if len(values) != n:
+            raise ValueError(f"{name}[{label!r}]: expected {n} values (one per column), got {len(values)}")
+
+
+def grouped_bars(ax: Axes, categories: Sequence[str], series: Mapping[str, Sequence[Value]],
+                 colors: Mapping[str, str] | None = None, value_format: str = "{:.1f}") -> None:
+    """Bars grouped by category, one bar per series; None leaves a gap marked "n/a".
+
+    Args:
+        ax: the axes to draw in.
+        categories: the group labels along x.
+        series: label -> one value per category.
+        colors: label -> colour (default: matplotlib's cycle).
+        value_format: how each bar's value is printed above (or below) it.
+    """
+    _check_rows("series", series, len(categories))
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(categories))
+    for index, (label, values) in enumerate(series.items()):
+        offsets = x - 0.4 + width * (index + 0.5)
+        color = (colors or {}).get(label)
+        drawn = False
+        for position, value in zip(offsets, values):
+            if value is None:
+                ax.text(position, 0.0, "n/a", ha="center", va="bottom", fontsize=6, color="gray", rotation=90)
+                continue
+            bars = ax.bar(position, value, width=width * 0.95, color=color, label=None if drawn else label)
+            color = bars[0].get_facecolor()   # the same colour for every bar of the series
+            drawn = True
+            ax.annotate(value_format.format(value), (position, value), ha="center", fontsize=6,
+                        va="bottom" if value >= 0 else "top", xytext=(0, 1 if value >= 0 else -1),
+                        textcoords="offset points")
+    ax.set_xticks(x, categories, rotation=30, ha="right", fontsize=7)
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_ablation(columns: Sequence[str], ours: Mapping[str, Sequence[Value]],
+                  paper: Mapping[str, Sequence[Value]] | None = None, ours_reference: str | None = None,
+                  paper_reference: str | None = None, title: str | None = None) -> Figure:
+    """One panel per metric: our rows and the paper's, as gaps to a reference row (or absolute values).
+
+    Args:
+        columns: metric names, one panel each.
+        ours: our row -> one value per column.
+        paper: the paper's row -> values; rows with the same label as ours are drawn next to ours, the others
+            after ours.
+        ours_reference, paper_reference: the rows the gaps are measured to (in points); both None draws absolute
+            values. With a reference for one side only, that side is drawn as gaps and the other is left out.
+        title: the figure title.
+    """
+    _check_rows("ours", ours, len(columns))
+    paper = dict(paper or {})
+    _check_rows("paper", paper, len(columns))
+    for name, rows, reference in (("ours", ours, ours_reference), ("paper", paper, paper_reference)):
+        if reference is not None and reference not in rows:
+            raise KeyError(f"plot_ablation: reference row {reference!r} is not among the {name} rows {list(rows)}")
+    gaps = ours_reference is not None or paper_reference is not None
+
+    def relative(rows: Mapping[str, Sequence[Value]], reference: str | None) -> dict[str, list[Value]]:
+        if not gaps:
+            return {label: list(values) for label, values in rows.items()}
+        if reference is None:
+            return {}
+        base = rows[reference]
+        return {label: [None if v is None or b is None else v - b for v, b in zip(values, base)]
+                for label, values in rows.items()}
+
+    ours_values, paper_values = relative(ours, ours_reference), relative(paper, paper_reference)
+    categories = list(ours_values) + [label for label in paper_values if label not in ours_values]
+    fig, axes = _figure(1, len(columns), figsize=(max(3.2 * len(columns), 6.0), 3.6))
+    for index, (ax, column) in enumerate(zip(axes[0], columns)):
+        series = {}
+        if ours_values:
+            series["ours"] = [ours_values[c][index] if c in ours_values else None for c in categories]
+        if paper_values:
+            series["paper"] = [paper_values[c][index] if c in paper_values else None for c in categories]
+        grouped_bars(ax, categories, series, colors={"ours": OURS_COLOR, "paper": PAPER_COLOR})
+        ax.set_title(column, fontsize=9)
+        references = {reference for reference in (ours_reference, paper_reference) if reference is not None}
+        for reference in references:
+            ax.annotate("reference", (categories.index(reference), 0.0), fontsize=6, ha="center", va="top",
+                        xytext=(0, -2), textcoords="offset points", color="dimgray")
+        if index == 0:
+            ax.set_ylabel("gap to the reference row [points]" if gaps else "value [%]")
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_metrics_vs_paper(columns: Sequence[str], series: Mapping[str, Sequence[Value]],
+                          title: str | None = None) -> Figure:
+    """Our final metrics and the paper's on one axis: one group of bars per metric, one bar per model.
+
+    Args:
+        columns: metric names (x groups).
+        series: model label -> one value per metric (paper units; None = not measured).
+        title: the figure title.
+    """
+    if not series:
+        raise ValueError("plot_metrics_vs_paper: no series to draw")
+    fig, axes = _figure(figsize=(max(6.0, 1.3 * len(columns) + 2.0), 3.8))
+    ax = axes[0, 0]
+    grouped_bars(ax, list(columns), series)
+    ax.set_ylabel("value (percent; CIDEr x100)")
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
