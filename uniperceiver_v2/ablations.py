@@ -84,6 +84,7 @@ __all__ = [
     "run_ablations",
     "run_key",
     "run_overrides",
+    "runs_table",
     "table_report",
     "table_rows",
 ]
@@ -683,14 +684,22 @@ def table_report(key: str, results: Mapping[str, Mapping[str, Any]], rows: Seque
 NOTABLE_GAP = 0.5
 
 
-def gap_directions(report: TableReport) -> dict[str, list]:
-    """For each of our rows (the reference excepted) and column: the paper's gap to its reference row, ours, and
-    whether they point the same way.
+def gap_directions(*reports: TableReport) -> dict[str, list]:
+    """For each of our rows (the reference excepted) and column of each report: the paper's gap to its reference
+    row, ours, and whether they point the same way.
 
     A gap smaller than :data:`NOTABLE_GAP` points is "flat" (the paper colours only gaps of at least 0.5 point).
     Returns ``{"columns": [...], "rows": [[table, row, column, paper gap, our gap, verdict], ...]}`` with
-    verdict "same", "opposite", "flat" (either gap flat) or None (a value missing, or no paper counterpart).
+    verdict "same", "opposite", "flat" (either gap flat) or None (a value missing, or no paper counterpart); a
+    report without its reference row contributes nothing.
     """
+    rows = []
+    for report in reports:
+        rows += _gap_rows(report)
+    return {"columns": ["table", "row", "column", "paper gap", "our gap", "direction"], "rows": rows}
+
+
+def _gap_rows(report: TableReport) -> list[list]:
     table = _table(report.key)
     rows = []
     if report.reference is not None:
@@ -712,7 +721,17 @@ def gap_directions(report: TableReport) -> dict[str, list]:
                 else:
                     verdict = "same" if (ours_gap > 0) == (paper_gap > 0) else "opposite"
                 rows.append([report.key, label, metric.header, paper_gap, ours_gap, verdict])
-    return {"columns": ["table", "row", "column", "paper gap", "our gap", "direction"], "rows": rows}
+    return rows
+
+
+def runs_table(results: Mapping[str, Mapping[str, Any]]) -> dict[str, list]:
+    """One line per run: iterations x batches per iteration, training and wall seconds, the run it shares, and
+    the last logged loss of each task."""
+    rows = [[name, f"{r['iterations']} x {r['grad_accum']}", r["train_seconds"], r["wall_seconds"], r["shared_with"],
+             ", ".join(f"{task} {loss:.3g}" for task, loss in sorted(r["final_losses"].items()))]
+            for name, r in results.items()]
+    return {"columns": ["run", "iterations x batches", "train [s]", "wall [s]", "shared with", "last losses"],
+            "rows": rows}
 
 
 # Rows that are the full model (the paper's 49.9 / 76.9 / 51.3 / 38.8 / 30.6), in order of preference.

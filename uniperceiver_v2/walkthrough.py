@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -204,8 +205,6 @@ def train_command(preset: str, output_dir: str | os.PathLike, iterations: int, *
 
 def shell_command(command: Sequence[str]) -> str:
     """``command`` as one shell command, quoted, with each ``key.sub=value`` override on its own line."""
-    import shlex
-
     lines = [[]]
     for argument in command:
         if "=" in argument and not argument.startswith("-"):
