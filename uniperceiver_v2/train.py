@@ -16,6 +16,10 @@ directory receives ``config.yaml``, ``run_info.json``, ``metrics.jsonl``, ``tb/`
 ``checkpoints/`` and ``eval_<split>_<iteration>.json``. Exit codes: 0 finished, 128 + N stopped by signal N
 after saving a checkpoint, 1 failed (in a distributed run the failing rank's error ends the whole job), 2 bad
 command line or configuration.
+
+On a small or busy CPU, ``OMP_NUM_THREADS=1`` can be many times faster than torch's default of one thread per
+core: with two threads the tiny model's small operators spend most of their time waiting on each other (about
+x10 on the 2-vCPU build machine, ``docs/benchmarks_throughput.md``).
 """
 
 from __future__ import annotations
