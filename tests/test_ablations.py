@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from uniperceiver_v2 import ablations as A
 from uniperceiver_v2.config import ConfigError
@@ -138,7 +139,7 @@ class FakeTrainer:
         self.calls: list[str] = []
         self.top1 = top1
 
-    def __call__(self, cfg, argv):
+    def __call__(self, cfg, argv, threads=None):
         folder = Path(cfg.run.output_dir)
         self.calls.append(folder.name)
         (folder / "checkpoints" / "iter_1").mkdir(parents=True, exist_ok=True)
@@ -186,7 +187,7 @@ def test_runner_shares_identical_trainings(tmp_path, fake_trainer, monkeypatch):
     # With two processes gathering acts, so both rows train (torchrun is replaced by the fake as well).
     fake_trainer.calls.clear()
     two = _settings(tmp_path, nproc=2)
-    monkeypatch.setattr(A, "_train_with_torchrun", lambda cfg, argv, nproc: fake_trainer(cfg, argv))
+    monkeypatch.setattr(A, "_train_with_torchrun", lambda cfg, argv, nproc, threads: fake_trainer(cfg, argv))
     A.run_ablations([_run("tab4/unmixed"), _run("tab4/unmixed_gather")], two, log=None)
     assert fake_trainer.calls == ["unmixed", "unmixed_gather"]
 
@@ -213,7 +214,7 @@ def test_runner_clears_a_stale_folder_and_resumes_an_interrupted_one(tmp_path, f
 
 
 def test_runner_refuses_a_run_without_evaluation(tmp_path, monkeypatch):
-    monkeypatch.setattr(A, "_train_in_process", lambda cfg, argv: None)
+    monkeypatch.setattr(A, "_train_in_process", lambda cfg, argv, threads: None)
     with pytest.raises(RuntimeError, match="without writing its evaluation"):
         A.run_ablation(_run("tab2/global"), _settings(tmp_path), log=None)
 
@@ -284,16 +285,69 @@ def test_a_real_run_trains_evaluates_and_is_then_skipped(pytestconfig, tmp_path,
     root = Path(pytestconfig.cache.mkdir("synthetic_quick"))
     ensure_synthetic(root, "quick")
     settings = A.AblationSettings(run_dir=tmp_path, data_root=root, data_profile="quick", iterations=2,
-                                  scale=A.QUICK_SCALE)
+                                  scale=A.QUICK_SCALE, threads=1)
     run = _run("tab3/single_task/classification")
-    result = A.run_ablation(run, settings, keep_checkpoints=False, log=None)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = A.run_ablation(run, settings, keep_checkpoints=False, log=None)
+        assert torch.get_num_threads() == 2      # the run's thread count is restored afterwards
+    finally:
+        torch.set_num_threads(previous)
     top1 = result["metrics"]["classification"]["top1"]
     assert set(result["metrics"]) == {"classification"} and 0.0 <= top1 <= 1.0
     assert result["final_losses"]["classification"] > 0 and result["iterations"] == 2
     assert A.table_rows("tab3", {run.name: result}, rows=[]) == {}
 
-    def fail(cfg, argv):
+    def fail(cfg, argv, threads):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(A, "_train_in_process", fail)
     assert A.run_ablation(run, settings, log=None) == result
+
+
+def test_gap_directions_and_agreement():
+    runs = [_run(name) for name in ("tab2/global", "tab2/regional", "tab2/global_regional")]
+    # The paper's gaps to Global + Regional: Global - / -0.1 / -5.0 / -4.2 / -1.8,
+    # Regional -1.7 / -1.0 / +1.0 / +0.4 / +0.6; the comments below give ours vs the paper's, in points.
+    full = {"detection": {"bbox_AP": 0.20}, "classification": {"top1": 0.50}, "retrieval": {"i2t_R@1": 0.30,
+            "t2i_R@1": 0.20}, "captioning": {"BLEU-4": 0.10}}
+    global_only = {"classification": {"top1": 0.52}, "retrieval": {"i2t_R@1": 0.33, "t2i_R@1": 0.198},
+                   "captioning": {"BLEU-4": 0.05}}
+    regional = {"detection": {"bbox_AP": 0.10}, "classification": {"top1": 0.45}, "retrieval": {"i2t_R@1": 0.30,
+                "t2i_R@1": 0.21}, "captioning": {"BLEU-4": 0.10}}
+    results = {run.name: _fake_result(run, m) for run, m in zip(runs, (global_only, regional, full))}
+    directions = A.gap_directions(A.table_report("tab2", results))
+    verdict = {(row[1], row[2]): row[-1] for row in directions["rows"]}
+    headers = [m.header for m in ABLATION_COLUMNS]
+    assert verdict[("Global", headers[0])] is None                 # no detection without regional tokens
+    assert verdict[("Global", headers[1])] == "paper flat"         # +2.0 vs -0.1
+    assert verdict[("Global", headers[2])] == "opposite"           # +3.0 vs -5.0
+    assert verdict[("Global", headers[3])] == "ours flat"          # -0.2 vs -4.2
+    assert verdict[("Global", headers[4])] == "same"               # -5.0 vs -1.8
+    assert verdict[("Regional", headers[0])] == "same"             # -10 vs -1.7
+    assert verdict[("Regional", headers[3])] == "paper flat"       # +1.0 vs +0.4
+    assert verdict[("Regional", headers[2])] == "ours flat"        # 0 vs +1.0
+    counts = A.gap_agreement(directions)
+    assert set(counts) == set(A.VERDICTS) and sum(counts.values()) == 9
+    # without the reference row there is nothing to compare
+    partial = A.table_report("tab2", {"tab2/global": results["tab2/global"]})
+    assert A.gap_directions(partial)["rows"] == []
+
+
+def test_saved_report_round_trip_full_model_and_runs_table(tmp_path, fake_trainer):
+    settings = _settings(tmp_path)
+    results = A.run_ablations([_run("tab4/mixed"), _run("tab4/unmixed_gather_mt_adamw")], settings, log=None)
+    report = A.table_report("tab4", results, nproc=1)
+    rebuilt = A.TableReport.from_results("tab4", json.loads(json.dumps(report.as_results())))
+    assert rebuilt.ours == report.ours and rebuilt.side_by_side == report.side_by_side
+    assert rebuilt.notes == report.notes and rebuilt.reference == report.reference
+    assert report.figure().axes[0].get_title() == ABLATION_COLUMNS[0].header
+    with pytest.raises(ValueError, match="columns"):
+        A.TableReport.from_results("tab4", {**report.as_results(), "columns": ["a"]})
+
+    assert A.full_model_result(results)["run"] == "tab4/unmixed_gather_mt_adamw"
+    assert A.full_model_result({"tab4/mixed": results["tab4/mixed"]}) is None
+    table = A.runs_table(results)
+    assert [row[0] for row in table["rows"]] == ["tab4/mixed", "tab4/unmixed_gather_mt_adamw"]
+    assert table["rows"][0][1] == "4 x 4" and "classification 1.5" in table["rows"][0][-1]

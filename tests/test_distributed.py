@@ -25,6 +25,16 @@ from uniperceiver_v2.engine.trainer import Trainer
 TESTS_DIR = Path(__file__).resolve().parent
 TIMEOUT = 90
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared CPU two OpenMP threads mostly wait on each other (about x10 slower
+    for these models, docs/benchmarks_throughput.md)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 WORKER = textwrap.dedent('''
     import json, sys
     import torch
@@ -157,14 +167,8 @@ def test_real_model_retrieval_gathers_the_global_batch_of_negatives(tmp_path):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = real_retrieval_trainer(toy_config(tmp_path / "one", **config,
-                                                   **{"tasks.retrieval.batch_size": 2 * batch}))
-        single.train()
-    finally:
-        torch.set_num_threads(previous)
+    single = real_retrieval_trainer(toy_config(tmp_path / "one", **config, **{"tasks.retrieval.batch_size": 2 * batch}))
+    single.train()
     assert single.model.candidate_counts == [2 * batch] * (2 * 3)
     two = read_metrics(tmp_path / "two" / "run" / "metrics.jsonl")
     one = read_metrics(tmp_path / "one" / "run" / "metrics.jsonl")

@@ -31,10 +31,12 @@ def test_ablation_bars_are_gaps_to_the_reference_rows():
     fig = viz_tables.plot_ablation(COLUMNS, ours, paper, ours_reference="full", paper_reference="full", title="t")
     assert isinstance(fig, Figure)
     det, cls = fig.axes[:2]
-    assert _bars(det) == {"ours": pytest.approx([-1.0, 1.0, 0.0]), "paper": pytest.approx([-10.0, -5.0, 0.0])}
+    # the reference row gets a mark, not zero-height bars
+    assert _bars(det) == {"ours": pytest.approx([-1.0, 1.0]), "paper": pytest.approx([-10.0, -5.0])}
+    assert [t.get_text() for t in det.texts if t.get_text() == "reference"] == ["reference"]
     # ours has no "cls" value for row b: no bar, an "n/a" mark instead
-    assert _bars(cls) == {"ours": pytest.approx([1.0, 0.0]), "paper": pytest.approx([-5.0, -3.0, 0.0])}
-    assert any(text.get_text() == "n/a" for text in cls.texts)
+    assert _bars(cls) == {"ours": pytest.approx([1.0]), "paper": pytest.approx([-5.0, -3.0])}
+    assert [t.get_text() for t in cls.texts].count("n/a") == 1
     assert "gap" in det.get_ylabel()
 
 
@@ -48,7 +50,8 @@ def test_ablation_rows_without_counterpart_follow_ours_and_absolute_mode():
     assert "value" in ax.get_ylabel()
     # different references per side
     fig = viz_tables.plot_ablation(COLUMNS, ours, paper, ours_reference="pre-trained", paper_reference="IN-1k & COCO")
-    assert _bars(fig.axes[1]) == {"ours": pytest.approx([0.0, -12.0]), "paper": pytest.approx([-0.1, 0.0])}
+    assert _bars(fig.axes[1]) == {"ours": pytest.approx([-12.0]), "paper": pytest.approx([-0.1])}
+    assert [t.get_text() for t in fig.axes[1].texts].count("reference") == 2
 
 
 def test_ablation_refuses_bad_input():

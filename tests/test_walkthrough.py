@@ -477,3 +477,23 @@ def test_shell_command_puts_each_override_on_its_own_line():
     assert text.splitlines() == ["python -m uniperceiver_v2.train --config tiny --resume \\",
                                  "    'data.root=/a b' \\", "    run.iterations=5"]
     assert shlex.split(text.replace("\\\n", " ")) == command
+
+
+def test_an_interrupt_is_forwarded_once_and_re_raised(tmp_path):
+    marker = tmp_path / "signals.txt"
+    child = textwrap.dedent(f"""
+        import signal, sys, time
+        def handler(signum, frame):
+            open({str(marker)!r}, "a").write("SIGINT\\n")
+            sys.exit(130)
+        signal.signal(signal.SIGINT, handler)
+        print("ready", flush=True)
+        time.sleep(30)
+    """)
+
+    def interrupt_on_first_line(line):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        walkthrough.stream_command([sys.executable, "-c", child], emit=interrupt_on_first_line)
+    assert marker.read_text() == "SIGINT\n"

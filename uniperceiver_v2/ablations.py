@@ -69,6 +69,7 @@ __all__ = [
     "QUICK_ITERATIONS",
     "QUICK_SCALE",
     "TABLES",
+    "VERDICTS",
     "AblationRow",
     "AblationRun",
     "AblationSettings",
@@ -76,6 +77,7 @@ __all__ = [
     "TableReport",
     "build_config",
     "full_model_result",
+    "gap_agreement",
     "gap_directions",
     "load_result",
     "plan_runs",
@@ -289,6 +291,9 @@ class AblationSettings:
         seed: ``run.seed`` and ``data.seed`` of every run.
         device: ``run.device``.
         scale: overrides applied to every run before the row's (e.g. :data:`QUICK_SCALE`).
+        threads: torch threads per process (None: torch's default, all cores). On a CPU shared with other
+            processes one thread is much faster: idle threads busy-wait for their peers, and with two other
+            trainings on two cores a quick run took 9 s with one thread and 53 s with two.
     """
 
     run_dir: str | os.PathLike
@@ -300,12 +305,15 @@ class AblationSettings:
     seed: int = 0
     device: str = "auto"
     scale: tuple[str, ...] = ()
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
             raise ValueError(f"AblationSettings.iterations: must be >= 1, got {self.iterations}")
         if self.nproc < 1:
             raise ValueError(f"AblationSettings.nproc: must be >= 1, got {self.nproc}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"AblationSettings.threads: must be >= 1 or None, got {self.threads}")
 
     @property
     def root(self) -> Path:
@@ -424,30 +432,40 @@ def _find_finished(root: Path, key: str) -> Path | None:
     return None
 
 
-def _train_in_process(cfg: Config, argv: list[str]) -> None:
+def _train_in_process(cfg: Config, argv: list[str], threads: int | None) -> None:
     """Train and evaluate in this process (one process); the trainer writes ``eval_<split>_<iteration>.json``."""
+    import torch
+
     from .engine.trainer import Trainer
     from .evaluate import evaluate
     from .train import build_training
 
-    model, tasks, datasets = build_training(cfg)
-    trainer = Trainer(cfg, model, tasks, datasets, evaluate_fn=evaluate, progress=False, tensorboard=False,
-                      argv=argv)
-    trainer.resume()
-    result = trainer.train()
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        model, tasks, datasets = build_training(cfg)
+        trainer = Trainer(cfg, model, tasks, datasets, evaluate_fn=evaluate, progress=False, tensorboard=False,
+                          argv=argv)
+        trainer.resume()
+        result = trainer.train()
+    finally:
+        torch.set_num_threads(previous_threads)
     if result.interrupted_by is not None:
         raise KeyboardInterrupt(f"{cfg.run.output_dir}: stopped by signal {result.interrupted_by} after iteration "
                                 f"{result.iteration}; run again to resume from the checkpoint")
 
 
-def _train_with_torchrun(cfg: Config, argv: list[str], nproc: int) -> None:
+def _train_with_torchrun(cfg: Config, argv: list[str], nproc: int, threads: int | None) -> None:
     """Train and evaluate with ``torchrun --nproc_per_node=nproc -m uniperceiver_v2.train``; output to train.log."""
     output_dir = Path(cfg.run.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "uniperceiver_v2.train", "--resume", "--no-progress", *argv]
     env = dict(os.environ)
-    if cfg.run.device == "cpu" or (cfg.run.device == "auto" and not _cuda_available()):
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    elif cfg.run.device == "cpu" or (cfg.run.device == "auto" and not _cuda_available()):
         # Processes sharing the CPU: split its cores instead of each taking all of them.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     log_path = output_dir / "train.log"
@@ -533,9 +551,9 @@ def run_ablation(run: AblationRun, settings: AblationSettings, keep_checkpoints:
         f"{', '.join(cfg.tasks.names())}")
     start = time.perf_counter()
     if settings.nproc == 1:
-        _train_in_process(cfg, argv)
+        _train_in_process(cfg, argv, settings.threads)
     else:
-        _train_with_torchrun(cfg, argv, settings.nproc)
+        _train_with_torchrun(cfg, argv, settings.nproc, settings.threads)
     eval_path = folder / f"eval_{cfg.data.val_split}_{cfg.run.iterations:07d}.json"
     if not eval_path.is_file():
         raise RuntimeError(f"{run.name}: training finished without writing its evaluation {eval_path}")
@@ -682,16 +700,18 @@ def table_report(key: str, results: Mapping[str, Mapping[str, Any]], rows: Seque
 
 # The paper's threshold for a gap worth colouring in Tab. 3 ("gaps of at least +-0.5 point").
 NOTABLE_GAP = 0.5
+# Verdicts of gap_directions: both gaps notable with the same / opposite sign, or one or both under NOTABLE_GAP.
+VERDICTS = ("same", "opposite", "ours flat", "paper flat", "both flat")
 
 
 def gap_directions(*reports: TableReport) -> dict[str, list]:
     """For each of our rows (the reference excepted) and column of each report: the paper's gap to its reference
     row, ours, and whether they point the same way.
 
-    A gap smaller than :data:`NOTABLE_GAP` points is "flat" (the paper colours only gaps of at least 0.5 point).
-    Returns ``{"columns": [...], "rows": [[table, row, column, paper gap, our gap, verdict], ...]}`` with
-    verdict "same", "opposite", "flat" (either gap flat) or None (a value missing, or no paper counterpart); a
-    report without its reference row contributes nothing.
+    A gap smaller than :data:`NOTABLE_GAP` points is flat (the paper colours only gaps of at least 0.5 point).
+    Returns ``{"columns": [...], "rows": [[table, row, column, paper gap, our gap, verdict], ...]}`` with a
+    verdict of :data:`VERDICTS`, or None (a value missing, or no paper counterpart); a report without its
+    reference row contributes nothing.
     """
     rows = []
     for report in reports:
@@ -711,17 +731,28 @@ def _gap_rows(report: TableReport) -> list[list]:
             paper_label = table.paper_rows.get(label)
             paper_values = table.paper.rows[paper_label] if paper_label is not None else (None,) * len(values)
             for index, metric in enumerate(ABLATION_COLUMNS):
-                ours_gap = None if values[index] is None or base[index] is None else values[index] - base[index]
+                ours_gap = (None if values[index] is None or base[index] is None
+                            else round(values[index] - base[index], 2))
                 paper_gap = (None if paper_values[index] is None or paper_base[index] is None
                              else round(paper_values[index] - paper_base[index], 6))
                 if ours_gap is None or paper_gap is None:
                     verdict = None
-                elif abs(ours_gap) < NOTABLE_GAP or abs(paper_gap) < NOTABLE_GAP:
-                    verdict = "flat"
+                elif abs(ours_gap) < NOTABLE_GAP and abs(paper_gap) < NOTABLE_GAP:
+                    verdict = "both flat"
+                elif abs(ours_gap) < NOTABLE_GAP:
+                    verdict = "ours flat"
+                elif abs(paper_gap) < NOTABLE_GAP:
+                    verdict = "paper flat"
                 else:
                     verdict = "same" if (ours_gap > 0) == (paper_gap > 0) else "opposite"
                 rows.append([report.key, label, metric.header, paper_gap, ours_gap, verdict])
     return rows
+
+
+def gap_agreement(directions: Mapping[str, Sequence]) -> dict[str, int]:
+    """How many rows of :func:`gap_directions` have each verdict (rows without one are not counted)."""
+    verdicts = [row[-1] for row in directions["rows"]]
+    return {verdict: verdicts.count(verdict) for verdict in VERDICTS}
 
 
 def runs_table(results: Mapping[str, Mapping[str, Any]]) -> dict[str, list]:

@@ -275,8 +275,9 @@ def ours_vs_paper(ours: Mapping[str, Sequence[Value]], paper: PaperTable,
             no counterpart); default: every row stands for the paper's row of the same label.
 
     Returns:
-        ``{"columns": ["row", "<col> ours", "<col> paper", ...], "rows": [...]}``; paper rows without a
-        counterpart among ours follow with empty "ours" cells.
+        ``{"columns": ["row", "<col> ours", "<col> paper", ...], "rows": [...]}`` (ours rounded to 2 decimals,
+        one more than the paper prints); paper rows without a counterpart among ours follow with empty "ours"
+        cells.
     """
     columns = ["row"] + [f"{c} {side}" for c in paper.columns for side in ("ours", "paper")]
     rows, used = [], set()
@@ -293,7 +294,7 @@ def ours_vs_paper(ours: Mapping[str, Sequence[Value]], paper: PaperTable,
             used.add(target)
         cells: list[Any] = [label]
         for index, value in enumerate(values):
-            cells += [value, reference[index] if reference is not None else None]
+            cells += [_rounded(value), reference[index] if reference is not None else None]
         rows.append(cells)
     for label, reference in paper.rows.items():
         if label not in used:
@@ -302,6 +303,11 @@ def ours_vs_paper(ours: Mapping[str, Sequence[Value]], paper: PaperTable,
                 cells += [None, value]
             rows.append(cells)
     return {"columns": columns, "rows": rows}
+
+
+def _rounded(value: Value, digits: int = 2) -> Value:
+    """Our value with one more decimal than the paper prints (the paper prints one)."""
+    return None if value is None else round(value, digits) + 0.0   # + 0.0 turns -0.0 into 0.0
 
 
 _EVAL_SIGNATURE = {metric.task: metric.key for metric in ABLATION_COLUMNS}
@@ -340,10 +346,11 @@ def main_results_table(ours: Mapping[str, Mapping[str, Any]],
                        ) -> dict[str, list]:
     """Tab. 6 analogue: our models' ``evaluate()`` metrics (label -> metrics) above the paper's rows.
 
-    Columns are :data:`MAIN_COLUMNS` (the Tab. 6 columns we can measure: no Flickr30k), in paper units.
+    Columns are :data:`MAIN_COLUMNS` (the Tab. 6 columns we can measure: no Flickr30k), in paper units, ours
+    rounded to 2 decimals.
     """
     columns = ["model", *(m.header for m in MAIN_COLUMNS)]
-    rows = [[label, *(metric_value(metrics, m) for m in MAIN_COLUMNS)] for label, metrics in ours.items()]
+    rows = [[label, *(_rounded(metric_value(metrics, m)) for m in MAIN_COLUMNS)] for label, metrics in ours.items()]
     for label in paper_rows:
         rows.append([f"(paper) {label}", *(TAB6.value(label, m.header) for m in MAIN_COLUMNS)])
     return {"columns": columns, "rows": rows}

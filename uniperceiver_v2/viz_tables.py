@@ -12,6 +12,7 @@ magnitude, their gaps can be compared.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -35,7 +36,7 @@ def _check_rows(name: str, rows: Mapping[str, Sequence[Value]], n: int) -> None:
 
 def grouped_bars(ax: Axes, categories: Sequence[str], series: Mapping[str, Sequence[Value]],
                  colors: Mapping[str, str] | None = None, value_format: str = "{:.1f}") -> None:
-    """Bars grouped by category, one bar per series; None leaves a gap marked "n/a".
+    """Bars grouped by category, one bar per series; None leaves a gap marked "n/a", NaN a gap without mark.
 
     Args:
         ax: the axes to draw in.
@@ -47,6 +48,7 @@ def grouped_bars(ax: Axes, categories: Sequence[str], series: Mapping[str, Seque
     _check_rows("series", series, len(categories))
     width = 0.8 / max(len(series), 1)
     x = np.arange(len(categories))
+    drawn_values = [0.0]
     for index, (label, values) in enumerate(series.items()):
         offsets = x - 0.4 + width * (index + 0.5)
         color = (colors or {}).get(label)
@@ -55,13 +57,23 @@ def grouped_bars(ax: Axes, categories: Sequence[str], series: Mapping[str, Seque
             if value is None:
                 ax.text(position, 0.0, "n/a", ha="center", va="bottom", fontsize=6, color="gray", rotation=90)
                 continue
+            if math.isnan(value):
+                continue
             bars = ax.bar(position, value, width=width * 0.95, color=color, label=None if drawn else label)
             color = bars[0].get_facecolor()   # the same colour for every bar of the series
             drawn = True
-            ax.annotate(value_format.format(value), (position, value), ha="center", fontsize=6,
-                        va="bottom" if value >= 0 else "top", xytext=(0, 1 if value >= 0 else -1),
-                        textcoords="offset points")
+            drawn_values.append(value)
+            text = value_format.format(value)
+            if text.startswith("-") and float(text) == 0.0:   # "-0.0" for a tiny negative value
+                text = text[1:]
+            ax.annotate(text, (position, value), ha="center", fontsize=6, va="bottom" if value >= 0 else "top",
+                        xytext=(0, 1 if value >= 0 else -1), textcoords="offset points")
     ax.set_xticks(x, categories, rotation=30, ha="right", fontsize=7)
+    ax.set_xlim(-0.5, len(categories) - 0.5)
+    # Room for the value labels beyond the highest and lowest bar (bars pin autoscaling at 0).
+    low, high = min(drawn_values), max(drawn_values)
+    pad = 0.12 * (high - low) or 1.0
+    ax.set_ylim(low - (pad if low < 0 else 0.0), high + pad)
     ax.axhline(0.0, color="black", linewidth=0.6)
     ax.grid(axis="y", alpha=0.3)
 
@@ -78,6 +90,7 @@ def plot_ablation(columns: Sequence[str], ours: Mapping[str, Sequence[Value]],
             after ours.
         ours_reference, paper_reference: the rows the gaps are measured to (in points); both None draws absolute
             values. With a reference for one side only, that side is drawn as gaps and the other is left out.
+            The reference rows get a "reference" mark instead of zero-height bars.
         title: the figure title.
     """
     _check_rows("ours", ours, len(columns))
@@ -94,7 +107,9 @@ def plot_ablation(columns: Sequence[str], ours: Mapping[str, Sequence[Value]],
         if reference is None:
             return {}
         base = rows[reference]
-        return {label: [None if v is None or b is None else v - b for v, b in zip(values, base)]
+        # The reference row's own gaps are 0 by definition: drawn as a "reference" mark, not as bars.
+        return {label: [math.nan if label == reference else None if v is None or b is None else v - b
+                        for v, b in zip(values, base)]
                 for label, values in rows.items()}
 
     ours_values, paper_values = relative(ours, ours_reference), relative(paper, paper_reference)

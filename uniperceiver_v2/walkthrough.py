@@ -395,9 +395,13 @@ def stream_command(command: Sequence[str], *, log_file: str | os.PathLike | None
         keep_tail: how many of the last shown lines to return.
 
     Returns:
-        (exit code, the last ``keep_tail`` lines shown). An interrupt (Ctrl-C, or "interrupt kernel" in Jupyter)
-        is passed on to the process as SIGINT, which the trainer answers by saving a checkpoint; then it is
-        re-raised.
+        (exit code, the last ``keep_tail`` lines shown).
+
+    An interrupt (Ctrl-C, or "interrupt kernel" in Jupyter) is passed on to the process as one SIGINT, which the
+    trainer answers by saving a checkpoint after its current iteration; once the process has exited the interrupt
+    is re-raised. The process runs in its own session, so a Ctrl-C in a terminal reaches it only through this
+    forwarding and not twice (a second SIGINT makes the trainer stop at once, without a checkpoint). A second
+    interrupt while waiting kills the process.
     """
     tail: list[str] = []
 
@@ -412,7 +416,7 @@ def stream_command(command: Sequence[str], *, log_file: str | os.PathLike | None
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     log = open(log_file, "a", encoding="utf-8") if log_file is not None else None  # noqa: SIM115 - closed below
     process = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd,
-                               env=environment)
+                               env=environment, start_new_session=True)
     try:
         while True:
             chunk = os.read(process.stdout.fileno(), 65536)

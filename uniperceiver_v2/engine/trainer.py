@@ -73,6 +73,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
@@ -503,7 +504,8 @@ class Trainer:
             signal.signal(signum, previous[signum])
 
         previous: dict[int, Any] = {}
-        if threading_is_main():
+        # Python installs signal handlers only from the main thread (not, e.g., from a notebook's worker thread).
+        if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 previous[signum] = signal.getsignal(signum)
                 signal.signal(signum, handler)
@@ -595,13 +597,6 @@ class Trainer:
                 self._writer.close()
         result.iteration = self.iteration
         return result
-
-
-def threading_is_main() -> bool:
-    """Signal handlers can only be installed from the main thread (not e.g. from a notebook's worker)."""
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
