@@ -248,7 +248,7 @@ def test_table_rows_take_single_task_columns_from_their_own_run():
 
 
 def test_table_report_side_by_side_with_notes():
-    runs = [_run(name) for name in ("tab4/mixed", "tab4/unmixed", "tab4/unmixed_gather", "tab4/unmixed_gather_mt_adamw")]
+    runs = [run for run in ALL_RUNS if run.table == "tab4"]
     metrics = {"classification": {"top1": 0.1}}
     results = {run.name: _fake_result(run, metrics, "tab4/unmixed" if run.name == "tab4/unmixed_gather" else None)
                for run in runs}

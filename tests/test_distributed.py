@@ -29,7 +29,7 @@ TIMEOUT = 90
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One intra-op thread: on a small shared CPU two OpenMP threads mostly wait on each other (about x10 slower
-    for these models, docs/benchmarks_throughput.md)."""
+    for these models, docs/benchmarks.md)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -62,10 +62,12 @@ def test_ablation_refuses_bad_input():
 
 
 def test_metrics_vs_paper_one_group_per_metric():
-    series = {"ours": [1.0, None, 3.0], "paper BASE": [86.3, 58.6, 50.6]}
+    series = {"ours": [1.0, None, 3.0], "(paper) BASE": [86.3, 58.6, 50.6]}
     fig = viz_tables.plot_metrics_vs_paper(["cls", "det", "seg"], series, title="Tab. 6")
     ax = fig.axes[0]
-    assert _bars(ax) == {"ours": [1.0, 3.0], "paper BASE": [86.3, 58.6, 50.6]}
+    assert _bars(ax) == {"ours": [1.0, 3.0], "(paper) BASE": [86.3, 58.6, 50.6]}
+    paper_color = ax.patches[-1].get_facecolor()
+    assert paper_color[0] == paper_color[1] == paper_color[2]      # the paper's bars are grey
     assert [t.get_text() for t in ax.get_xticklabels()] == ["cls", "det", "seg"]
     with pytest.raises(ValueError, match="no series"):
         viz_tables.plot_metrics_vs_paper(["cls"], {})

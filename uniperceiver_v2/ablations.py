@@ -11,12 +11,15 @@ config overrides (``key.sub=value``, as on the ``python -m uniperceiver_v2.train
 * Run settings: data folder, seed, device, iterations, output folder, warm-up clamped to a fifth of the run.
 * The row's overrides come last, so they win.
 
-| table | rows | what changes |
-| --- | --- | --- |
-| Tab. 2 | Global, Regional, Global + Regional | ``image_encoder.use_regional`` / ``use_global`` (Global: no proposals, so no detection) |
-| Tab. 3 | Single Task, All Tasks, w/o <task>, All Tasks w/ MoE | ``decoder.moe.routing=none`` except the last row; ``tasks.<task>.enabled`` |
-| Tab. 4 | mixed, unmixed, unmixed + gather, unmixed + gather + MT-AdamW | ``run.sampling``, ``tasks.retrieval.gather``, ``optim.name`` |
-| Tab. 5 | pre-trained / random text encoder | ``text_encoder.pretrained`` |
+| table  | rows                                               | what changes                                    |
+| ------ | -------------------------------------------------- | ----------------------------------------------- |
+| Tab. 2 | Global, Regional, Global + Regional                 | ``image_encoder.use_global`` / ``use_regional`` |
+|        |                                                    | (Global: no proposals, hence no detection)      |
+| Tab. 3 | Single Task, All Tasks, w/o <task>, All Tasks w/   | ``tasks.<task>.enabled``;                       |
+|        | MoE                                                | ``decoder.moe.routing=none`` but the last row   |
+| Tab. 4 | mixed, unmixed, unmixed + gather, unmixed + gather | ``run.sampling``, ``tasks.retrieval.gather``,   |
+|        | + MT-AdamW                                         | ``optim.name``                                  |
+| Tab. 5 | pre-trained / random text encoder                  | ``text_encoder.pretrained``                     |
 
 Tab. 5 of the paper compares *image* encoder pre-trainings (ImageNet-1k, ImageNet-21k, COCO, MoCo v2, CLIP); those
 weights cannot be downloaded where this project runs, so our analogue asks the same question of the encoder we
@@ -288,7 +291,7 @@ class AblationSettings:
         iterations: batches per run (iterations of one batch each; a table with several slots per iteration
             runs ``iterations / grad_accum`` iterations of ``grad_accum`` batches).
         nproc: processes per run (``torchrun`` when > 1).
-        seed: ``run.seed`` and ``data.seed`` of every run.
+        seed: ``run.seed`` of every run (``data.seed`` stays: it is the synthetic suite's generation seed).
         device: ``run.device``.
         scale: overrides applied to every run before the row's (e.g. :data:`QUICK_SCALE`).
         threads: torch threads per process (None: torch's default, all cores). On a CPU shared with other
@@ -369,7 +372,7 @@ def run_overrides(run: AblationRun, settings: AblationSettings) -> list[str]:
     warmup = min(preset.optim.warmup_iters, iterations // 5)
     data_profile = "null" if settings.data_profile is None else settings.data_profile
     run_settings = [
-        f"data.root={data_root.resolve()}", f"data.synthetic_profile={data_profile}", f"data.seed={settings.seed}",
+        f"data.root={data_root.resolve()}", f"data.synthetic_profile={data_profile}",
         f"run.seed={settings.seed}", f"run.device={settings.device}", f"run.iterations={iterations}",
         f"run.grad_accum={grad_accum}", f"optim.warmup_iters={warmup}",
         f"run.output_dir={(settings.root / run.name).resolve()}",

@@ -19,7 +19,7 @@ command line or configuration.
 
 On a small or busy CPU, ``OMP_NUM_THREADS=1`` can be many times faster than torch's default of one thread per
 core: with two threads the tiny model's small operators spend most of their time waiting on each other (about
-x10 on the 2-vCPU build machine, ``docs/benchmarks_throughput.md``).
+x10 on the 2-vCPU build machine, ``docs/benchmarks.md``).
 """
 
 from __future__ import annotations

@@ -141,14 +141,19 @@ def plot_metrics_vs_paper(columns: Sequence[str], series: Mapping[str, Sequence[
 
     Args:
         columns: metric names (x groups).
-        series: model label -> one value per metric (paper units; None = not measured).
+        series: model label -> one value per metric (paper units; None = not measured). Labels starting with
+            "(paper)" (as ``paper_results.main_results_table`` writes them) are drawn in greys, ours in colour.
         title: the figure title.
     """
     if not series:
         raise ValueError("plot_metrics_vs_paper: no series to draw")
+    paper = [label for label in series if label.startswith("(paper)")]
+    ours = [label for label in series if label not in paper]
+    greys = [str(level) for level in np.linspace(0.35, 0.75, max(len(paper), 1))]
+    colors = {**{label: f"C{index}" for index, label in enumerate(ours)}, **dict(zip(paper, greys))}
     fig, axes = _figure(figsize=(max(6.0, 1.3 * len(columns) + 2.0), 3.8))
     ax = axes[0, 0]
-    grouped_bars(ax, list(columns), series)
+    grouped_bars(ax, list(columns), series, colors=colors)
     ax.set_ylabel("value (percent; CIDEr x100)")
     ax.legend(fontsize=7)
     if title:
