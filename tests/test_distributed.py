@@ -26,15 +26,6 @@ TESTS_DIR = Path(__file__).resolve().parent
 TIMEOUT = 90
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU two OpenMP threads mostly wait on each other (about x10 slower
-    for these models, docs/benchmarks.md)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 WORKER = textwrap.dedent('''
     import json, sys
     import torch

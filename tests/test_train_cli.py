@@ -24,16 +24,6 @@ from uniperceiver_v2.evaluate import main as evaluate_main
 from uniperceiver_v2.train import main as train_main
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU two OpenMP threads mostly wait on each other (about x10 slower
-    for these models, docs/benchmarks.md)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def synthetic_root(pytestconfig, tmp_path_factory) -> Path:
     from uniperceiver_v2.data.synthetic import ensure_synthetic

@@ -30,16 +30,6 @@ DIM, HIDDEN, VOCAB, CLASSES, SEQ = 12, 16, 20, 5, 6
 TOY_TASKS = ("classification", "mlm", "retrieval")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU two OpenMP threads mostly wait on each other (about x10 slower
-    for these models, docs/benchmarks.md)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ------------------------------------------------------------------------------------------------ toy model
 class ToyModel(nn.Module):
     """image_encoder.backbone (lr x encoder_lr_mult), text_encoder (lr x text lr_mult), a decoder with a norm,
