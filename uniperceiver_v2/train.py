@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="skip the evaluations (at run.eval_every and at the end); run them later with "
                              "python -m uniperceiver_v2.evaluate")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def _vocabulary_texts(datasets: Mapping[str, Dataset]):

@@ -175,37 +175,47 @@ class MTAdamW(torch.optim.Optimizer):
             scale = None
         compensation = 1.0 / sampling_ratio if self.compensate else 1.0
 
+        # One fused (torch._foreach_*) update per parameter group; the operations, in this order, are the
+        # formulas above applied to every parameter that has a gradient.
         for group in self.param_groups:
             lr = group["lr"]
             beta1, beta2 = group["betas"]
+            params, group_grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if scale is not None:
-                    g = p.grad * scale.to(device=p.grad.device, dtype=p.grad.dtype)
-                elif task_weight != 1.0:
-                    g = p.grad * task_weight
-                else:
-                    g = p.grad
-
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                step = state["step"]
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                params.append(p)
+                group_grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+            if not params:
+                continue
+            if scale is not None:
+                g = torch._foreach_mul(group_grads, scale.to(device=params[0].device, dtype=params[0].dtype))
+            elif task_weight != 1.0:
+                g = torch._foreach_mul(group_grads, task_weight)
+            else:
+                g = group_grads
 
-                if group["weight_decay"] != 0:
-                    p.mul_(1 - lr * group["weight_decay"])
-                exp_avg.mul_(beta1).add_(g, alpha=(1 - beta1) * compensation)
-                exp_avg_sq.mul_(beta2).addcmul_(g, g, value=(1 - beta2) * compensation)
+            if group["weight_decay"] != 0:
+                torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            torch._foreach_mul_(exp_avgs, beta1)
+            torch._foreach_add_(exp_avgs, g, alpha=(1 - beta1) * compensation)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, g, g, value=(1 - beta2) * compensation)
 
-                bias_correction1 = 1 - beta1**step
-                bias_correction2 = 1 - beta2**step
-                denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])
-                p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+            # a parameter's step counts the updates it received (a task that does not reach it skips it)
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(denom, [math.sqrt(1 - beta2**step) for step in steps])
+            torch._foreach_add_(denom, group["eps"])
+            torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1 - beta1**step) for step in steps])
         return loss
 
 

@@ -7,9 +7,13 @@ Every task is "find the candidate target y most similar to the input x" (eq. (5)
 where f is the image or text encoder and g this decoder: a pre-norm Transformer shared by all tasks and
 modalities (BERT-base width, 6 layers in the paper presets), with stochastic depth 0.1, no layer scale, and the
 attribute-routed Conditional MoE in every FFN (``modeling/moe.py``). The input of g is a sequence built by the
-helpers below: ``[<SPE>, image tokens and/or text tokens]``, each token projected to the decoder width and tagged
-with a type embedding (``TOKEN_TYPES``); text tokens also get a learned position embedding. The ``<SPE>`` output
-(or the output of each token, for detection / captioning / MLM) is the representation compared by ``similarity``.
+helpers below: ``[<SPE>, image tokens and/or text tokens]``, each token projected to the decoder width, layer-
+normalised and tagged with a type embedding (``TOKEN_TYPES``); text tokens also get a learned position embedding.
+
+The LayerNorm after each projection follows the v1 paper, whose modality tokenizers are a linear projection with a
+layer norm (its prompt-tuning appendix tunes the "layer normalization weights and biases in each Transformer layer
+and tokenizer"). It keeps the decoder's input at a fixed scale whatever the scale of the encoder features, which
+changes while an encoder trained from scratch learns.
 
 Shapes: B sequences, T tokens, width d.
 """
@@ -231,7 +235,9 @@ class UnifiedDecoder(nn.Module):
             raise ValueError(f"decoder.width={cfg.width} must be divisible by decoder.heads={cfg.heads}")
         self.cfg = cfg
         self.image_proj = nn.Linear(image_dim, cfg.width)
+        self.image_norm = nn.LayerNorm(cfg.width)
         self.text_proj = nn.Linear(text_dim, cfg.width)
+        self.text_norm = nn.LayerNorm(cfg.width)
         self.type_embed = nn.Embedding(len(TOKEN_TYPES), cfg.width)
         self.pos_embed = nn.Embedding(cfg.max_positions, cfg.width)
         self.spe_token = nn.Parameter(torch.zeros(cfg.width))
@@ -269,7 +275,7 @@ class UnifiedDecoder(nn.Module):
         return positions
 
     def embed_image(self, tokens: torch.Tensor, token_types: torch.Tensor) -> torch.Tensor:
-        """Image tokens (eq. (1)) into the decoder: Linear(image_dim -> d) + type embedding.
+        """Image tokens (eq. (1)) into the decoder: LayerNorm(Linear(image_dim -> d)) + type embedding.
 
         Args:
             tokens: (B, N, image_dim) global and / or regional image tokens.
@@ -282,10 +288,10 @@ class UnifiedDecoder(nn.Module):
         if not bool(((token_types == allowed[0]) | (token_types == allowed[1])).all()):
             raise ValueError(f"token_types: image tokens must be image_global ({allowed[0]}) or image_regional "
                              f"({allowed[1]})")
-        return self.image_proj(tokens) + self.type_embed(token_types)
+        return self.image_norm(self.image_proj(tokens)) + self.type_embed(token_types)
 
     def embed_text(self, features: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Text features (eq. (4)) into the decoder: Linear(text_dim -> d) + type + position embeddings.
+        """Text features (eq. (4)) into the decoder: LayerNorm(Linear(text_dim -> d)) + type + position embeddings.
 
         Args:
             features: (B, L, text_dim) text encoder outputs.
@@ -297,7 +303,7 @@ class UnifiedDecoder(nn.Module):
         B, L, _ = features.shape
         positions = self._positions(positions, B, L, features.device)
         text_type = self.type_embed.weight[TOKEN_TYPES["text"]]
-        return self.text_proj(features) + text_type + self.pos_embed(positions)
+        return self.text_norm(self.text_proj(features)) + text_type + self.pos_embed(positions)
 
     def spe(self, batch: int, n: int = 1, positions: torch.Tensor | None = None) -> torch.Tensor:
         """``<SPE>`` tokens: the learned ``<SPE>`` embedding + its type embedding (+ a position embedding when
