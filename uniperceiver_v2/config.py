@@ -218,6 +218,9 @@ class DataConfig:
     corpus: str = "text/corpus_{split}.txt"
     # non-localization tasks: square crops of this size (224 R50 / 384 Swin)
     image_size: int = 128
+    # classification training: random resized crop of at least this fraction of the image area (0.08 as on
+    # ImageNet); the synthetic classification images show one centred object, which small crops cut away
+    crop_min_scale: float = 0.08
     # localization tasks: random resize of the shorter side, then a fixed crop (training); fixed resize (evaluation)
     det_min_size: int = 96
     det_max_size: int = 160
@@ -523,6 +526,7 @@ def validate(cfg: Config) -> None:
     _require(d.det_min_size <= d.det_max_size, "data.det_min_size", f"> data.det_max_size={d.det_max_size}")
     _require(d.det_max_size <= d.det_max_long, "data.det_max_size", f"> data.det_max_long={d.det_max_long}")
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(0.0 < d.crop_min_scale <= 1.0, "data.crop_min_scale", f"{d.crop_min_scale} not in (0, 1]")
 
     o = cfg.optim
     _require(o.name in OPTIMIZERS, "optim.name", f"{o.name!r} not in {OPTIMIZERS}")
@@ -613,7 +617,7 @@ def _tiny() -> Config:
             captioning=CaptioningTaskConfig(sampling_weight=0.2, loss_weight=0.5, batch_size=8, max_length=16),
             retrieval=RetrievalTaskConfig(sampling_weight=0.2, loss_weight=1.0, batch_size=32),
         ),
-        data=DataConfig(),
+        data=DataConfig(crop_min_scale=0.5),
         # lr 1e-3 with batches of 16 collapsed every representation to one vector within ~30 iterations (loss at
         # ln |Y|, docs/benchmarks.md "The collapse of the tiny model"); 3e-4 with batches of 32 learns.
         optim=OptimConfig(lr=3e-4, weight_decay=1e-4, warmup_iters=20),

@@ -267,7 +267,7 @@ def build_task_dataset(cfg: Config, task: str, split: str, train: bool) -> Datas
 
     d = cfg.data
     if task == "classification":
-        transform = T.classification_train_transform(d.image_size) if train else T.classification_eval_transform(d.image_size)
+        transform = T.classification_train_transform(d.image_size, d.crop_min_scale) if train else T.classification_eval_transform(d.image_size)
         return ImageFolderClassification(d.path(d.classification_root, split), transform=transform)
     if task == "detection":
         transform = (T.detection_train_transform(d.det_min_size, d.det_max_size, d.det_max_long, d.det_crop_size)
