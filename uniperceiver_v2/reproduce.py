@@ -58,6 +58,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data_root": "data/synthetic",
         "preset": "tiny",                 # uniperceiver_v2.config preset
         "iterations": 60,
+        "backbone_iterations": 30,        # the backbone's pre-training before the run (notebook 06)
         "nproc": 1,                       # processes (one per GPU with --gpus)
         "device": "auto",
         "seed": 0,
@@ -68,7 +69,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data_profile": "small",
         "data_root": "data/synthetic_small",   # its own folder: switching profiles must not regenerate
         "preset": "tiny",
-        "iterations": 3000,
+        "iterations": 2000,               # with the backbone's pre-training, about an hour on 2 CPU cores
+        "backbone_iterations": 800,
         "nproc": 1,
         "device": "auto",
         "seed": 0,
@@ -80,6 +82,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data_root": "data/real",
         "preset": "r50",
         "iterations": 150_000,            # Sec. 5.2: R50, 150k iterations on 16 GPUs
+        "backbone_iterations": 0,         # bring ImageNet weights: image_encoder.backbone_weights in the config
         "nproc": 16,
         "device": "cuda",
         "seed": 0,

@@ -31,6 +31,7 @@ from .reproduce import project_path
 
 __all__ = [
     "CONSOLE_LOG",
+    "pretrained_backbone",
     "NovelDetectionResult",
     "ProgressFilter",
     "RetrievalExamples",
@@ -79,6 +80,37 @@ def training_dir(run_dir: str | os.PathLike) -> Path:
     """``{run_dir}/train``: the trainer's ``run.output_dir`` for a profile's run (notebook 06 writes it, 07 and 08
     read it). A relative ``run_dir`` is taken relative to the project checkout (``reproduce.project_path``)."""
     return project_path(run_dir) / "train"
+
+
+def pretrained_backbone(preset: str, run_dir: str | os.PathLike, iterations: int, *, data_root: str | os.PathLike,
+                        data_profile: str | None, device: str = "auto", seed: int = 0,
+                        progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The backbone weights of a profile's run, ``{run_dir}/backbone/backbone.safetensors``: pre-trained here
+    (``pretrain_backbone``, the stand-in for ImageNet weights) unless a file of the same preset, seed and length is
+    already there.
+
+    Returns:
+        (path of the weights, the summary written next to them: validation top-1, loss history, seconds).
+    """
+    import json
+
+    from .config import load_config
+    from .pretrain_backbone import pretrain_backbone
+
+    out = project_path(run_dir) / "backbone" / "backbone.safetensors"
+    summary_path = out.with_name(out.name + ".json")
+    wanted = {"preset": str(preset), "seed": seed, "iterations": iterations}
+    if out.is_file() and summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        if {key: summary.get(key) for key in wanted} == wanted:
+            return out, summary
+    cfg = load_config(str(preset), [f"data.root={project_path(data_root)}", f"run.seed={seed}",
+                                    f"run.device={device}",
+                                    f"data.synthetic_profile={'null' if data_profile is None else data_profile}"])
+    summary = pretrain_backbone(cfg, out, iterations=iterations, progress=progress)
+    summary.update(wanted)
+    summary_path.write_text(json.dumps(summary, indent=1))
+    return out, summary
 
 
 @dataclass
