@@ -4,7 +4,7 @@ import torch
 from test_tasks_support import CAPTIONS, overfit, single_thread, tiny_model  # noqa: F401
 
 from uniperceiver_v2.modeling.attributes import MODALITY_IDS
-from uniperceiver_v2.tasks.mlm import MaskedLanguageModelingTask, choose_masked_positions
+from uniperceiver_v2.tasks.mlm import MaskedLanguageModelingTask, choose_masked_positions, sentence_draws
 
 
 def test_masking_draw_rate_special_tokens_and_at_least_one_word():
@@ -83,3 +83,23 @@ def test_predict_masks_reproducibly_and_reports_accuracy():
     first, second = task.predict(model, batch), task.predict(model, batch)
     assert torch.equal(first["target"], second["target"]) and torch.equal(first["predicted"], second["predicted"])
     assert first["accuracy"].item() == (first["predicted"] == first["target"]).float().mean().item()
+
+
+def test_predict_masks_a_sentence_the_same_way_in_any_batch():
+    model = tiny_model().eval()
+    task = MaskedLanguageModelingTask(model.config.tasks.mlm)
+    alone = task.predict(model, task.collate([CAPTIONS[1]]))
+    # another sentence before it and a much longer one padding the batch
+    longer = CAPTIONS[0] + " and " + CAPTIONS[2] + " next to " + CAPTIONS[3]
+    mixed = task.predict(model, task.collate([CAPTIONS[0], CAPTIONS[1], longer]))
+    tokens = model.tokenize([CAPTIONS[0], CAPTIONS[1], longer])
+    draws = sentence_draws([CAPTIONS[0], CAPTIONS[1], longer], tokens["input_ids"].shape[1], 0)
+    masked = choose_masked_positions(tokens["input_ids"], tokens["attention_mask"],
+                                     model.text_encoder.special_token_ids, task.config.mask_prob, draws=draws)
+    first = int(masked[0].sum())
+    second = int(masked[1].sum())
+    # the second sentence's masked tokens are the same as when it is evaluated alone
+    assert torch.equal(mixed["target"][first:first + second], alone["target"])
+    # and its row of draws is the prefix of its own stream, whatever the padded length
+    short = sentence_draws([CAPTIONS[1]], 8, 0)
+    torch.testing.assert_close(draws[1, :8], short[0], rtol=0, atol=0)

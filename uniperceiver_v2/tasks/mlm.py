@@ -23,6 +23,7 @@ token outside the vocabulary cannot be a target: it is left out of the loss and 
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,10 +36,12 @@ from uniperceiver_v2.tasks.losses import IGNORE_INDEX, unified_loss
 from uniperceiver_v2.tasks.sequence import Segment, build_sequence, spe_segment, text_segment
 from uniperceiver_v2.tasks.vocabulary import vocabulary_lookup
 
-__all__ = ["MLMTaskBatch", "MaskedLanguageModelingTask", "choose_masked_positions"]
+__all__ = ["MLMTaskBatch", "MaskedLanguageModelingTask", "choose_masked_positions", "sentence_draws"]
 
 # Seed of the masking draw in ``predict``: evaluation masks the same positions every time it runs.
 EVAL_MASK_SEED = 0
+# Length of each sentence's stream of draws in ``sentence_draws`` (longer than any tokenised sentence).
+MAX_DRAWS = 1024
 
 
 @dataclass
@@ -51,8 +54,19 @@ class MLMTaskBatch:
         return self
 
 
+def sentence_draws(texts: Sequence[str], length: int, seed: int) -> torch.Tensor:
+    """(B, length) uniform draws, each row a function of its sentence and ``seed`` only: evaluation masks the same
+    words of a sentence whatever batch it lands in and however long the batch is padded."""
+    if length > MAX_DRAWS:
+        raise ValueError(f"sentence_draws: sequences of {length} tokens, more than {MAX_DRAWS}")
+    rows = [torch.rand(MAX_DRAWS, generator=torch.Generator().manual_seed(seed ^ zlib.crc32(text.encode())))[:length]
+            for text in texts]
+    return torch.stack(rows) if rows else torch.zeros(0, length)
+
+
 def choose_masked_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: Sequence[int],
-                            mask_prob: float, generator: torch.Generator | None = None) -> torch.Tensor:
+                            mask_prob: float, generator: torch.Generator | None = None,
+                            draws: torch.Tensor | None = None) -> torch.Tensor:
     """Bernoulli(mask_prob) choice of word tokens to mask, at least one per sentence that has a word.
 
     Args:
@@ -60,13 +74,18 @@ def choose_masked_positions(input_ids: torch.Tensor, attention_mask: torch.Tenso
         special_ids: token ids never masked ([CLS], [SEP], [PAD], ...).
         mask_prob: probability of each word token.
         generator: a CPU generator for a reproducible draw (default: torch's global one).
+        draws: (B, L) uniform draws to use instead (``sentence_draws``); ``generator`` is then ignored.
 
     Returns:
         (B, L) bool, True = masked.
     """
     special = torch.tensor(list(special_ids), dtype=input_ids.dtype, device=input_ids.device)
     candidates = attention_mask.bool() & ~torch.isin(input_ids, special)
-    draws = torch.rand(input_ids.shape, generator=generator).to(input_ids.device)
+    if draws is None:
+        draws = torch.rand(input_ids.shape, generator=generator)
+    if tuple(draws.shape) != tuple(input_ids.shape):
+        raise ValueError(f"choose_masked_positions: draws {tuple(draws.shape)} != input_ids {tuple(input_ids.shape)}")
+    draws = draws.to(input_ids.device)
     masked = candidates & (draws < mask_prob)
     # A sentence with no draw still gets one masked word: its highest draw among its candidates.
     empty = ~masked.any(dim=1) & candidates.any(dim=1)
@@ -112,13 +131,17 @@ class MaskedLanguageModelingTask(Task):
         out = build_sequence([spe_segment(decoder, batch), words], self.name, is_input=True).run(decoder)
         return out.hidden[:, 1:][masked], out.aux_loss
 
-    def _forward(self, model, texts: Sequence[str], generator: torch.Generator | None
+    def _forward(self, model, texts: Sequence[str], fixed_masks: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits (M, V) at the masked positions, their token ids (M,), their vocabulary targets (M,), aux loss."""
+        """Logits (M, V) at the masked positions, their token ids (M,), their vocabulary targets (M,), aux loss.
+
+        ``fixed_masks``: each sentence's masks are a function of the sentence (evaluation); else a fresh draw from
+        torch's global generator (training)."""
         tokens = model.tokenize(texts)
         input_ids, attention_mask = tokens["input_ids"], tokens["attention_mask"]
+        draws = sentence_draws(texts, input_ids.shape[1], EVAL_MASK_SEED) if fixed_masks else None
         masked = choose_masked_positions(input_ids, attention_mask, model.text_encoder.special_token_ids,
-                                         self.config.mask_prob, generator)
+                                         self.config.mask_prob, draws=draws)
         hidden, aux = self.masked_representations(model, input_ids, attention_mask, masked)
         logits = model.similarity(hidden, model.vocabulary_embeddings(self.name), self.name)
         token_ids = input_ids[masked]
@@ -126,19 +149,19 @@ class MaskedLanguageModelingTask(Task):
         return logits, token_ids, targets, aux
 
     def loss(self, model, batch: MLMTaskBatch) -> dict[str, torch.Tensor]:
-        logits, _, targets, aux = self._forward(model, batch.texts, generator=None)
+        logits, _, targets, aux = self._forward(model, batch.texts, fixed_masks=False)
         terms = {"loss_mlm": unified_loss(logits, targets, self.config.label_smoothing), "loss_moe_aux": aux}
         accuracy = ((logits.argmax(1) == targets) & (targets != IGNORE_INDEX)).float().mean().detach()
         return {**terms, "accuracy": accuracy, "loss": self.weighted_total(terms)}
 
     @torch.no_grad()
     def predict(self, model, batch: MLMTaskBatch) -> dict[str, torch.Tensor]:
-        """Mask with a fixed seed (the same positions at every evaluation) and predict the masked tokens.
+        """Mask each sentence's words as a function of the sentence alone (the same positions at every evaluation,
+        in any batch) and predict the masked tokens.
 
         Returns:
             {"predicted": (M,) token ids, "target": (M,) the masked token ids, "accuracy": scalar}.
         """
-        generator = torch.Generator().manual_seed(EVAL_MASK_SEED)
-        logits, token_ids, _, _ = self._forward(model, batch.texts, generator)
+        logits, token_ids, _, _ = self._forward(model, batch.texts, fixed_masks=True)
         predicted = model.vocabulary[logits.argmax(1)]
         return {"predicted": predicted, "target": token_ids, "accuracy": (predicted == token_ids).float().mean()}
