@@ -16,16 +16,6 @@ from uniperceiver_v2.modeling.image_encoder import ImageEncoder
 from uniperceiver_v2.pretrain_backbone import _cosine_lr, main, pretrain_backbone
 
 
-@pytest.fixture(scope="module")
-def synthetic_root(pytestconfig, tmp_path_factory) -> Path:
-    from uniperceiver_v2.data.synthetic import ensure_synthetic
-
-    cache = getattr(pytestconfig, "cache", None)
-    root = cache.mkdir("synthetic_quick") if cache is not None else tmp_path_factory.mktemp("synthetic_quick")
-    ensure_synthetic(root, "quick")
-    return Path(root)
-
-
 def _config(root: Path):
     return load_config("tiny", [f"data.root={root}", "data.image_size=64", "run.device=cpu"])
 

@@ -1,8 +1,7 @@
 """The command lines ``python -m uniperceiver_v2.train`` / ``.evaluate`` with the real model (tiny preset, quick
 synthetic suite): a run stopped by SIGTERM and resumed gives the same losses as an uninterrupted one.
 
-The synthetic suite is generated once into pytest's cache folder (``ensure_synthetic`` regenerates it only
-when missing or out of date).
+The quick synthetic suite comes from conftest.py (``synthetic_root``, generated once into pytest's cache folder).
 """
 
 from __future__ import annotations
@@ -22,16 +21,6 @@ from uniperceiver_v2.config import load_config, load_yaml
 from uniperceiver_v2.engine.logging import read_metrics
 from uniperceiver_v2.evaluate import main as evaluate_main
 from uniperceiver_v2.train import main as train_main
-
-
-@pytest.fixture(scope="module")
-def synthetic_root(pytestconfig, tmp_path_factory) -> Path:
-    from uniperceiver_v2.data.synthetic import ensure_synthetic
-
-    cache = getattr(pytestconfig, "cache", None)
-    root = cache.mkdir("synthetic_quick") if cache is not None else tmp_path_factory.mktemp("synthetic_quick")
-    ensure_synthetic(root, "quick")
-    return Path(root)
 
 
 def test_bad_overrides_exit_with_2_and_name_the_key(capsys):
