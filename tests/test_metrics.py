@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 
 from uniperceiver_v2.evaluation.captioning import caption_metrics, ptb_tokenize
 from uniperceiver_v2.evaluation.classification import topk_accuracy
-from uniperceiver_v2.evaluation.coco import evaluate_coco
+from uniperceiver_v2.evaluation.coco import evaluate_coco, one_record_per_box
 from uniperceiver_v2.evaluation.retrieval import retrieval_recall
 
 # ------------------------------------------------------------------------------------------------ COCO
@@ -98,6 +98,34 @@ def test_category_subset():
     assert evaluate_coco(gt, detections, ("bbox",), cat_ids=[1])["bbox"]["AP"] == pytest.approx(1.0)
     assert evaluate_coco(gt, detections, ("bbox",), cat_ids=[2])["bbox"]["AP"] == pytest.approx(0.0)
     assert evaluate_coco(gt, detections, ("bbox",))["bbox"]["AP"] == pytest.approx(0.5)
+
+
+def test_class_agnostic_ap_ignores_the_names():
+    # Both boxes are exact but the names are swapped: class-aware AP 0, class-agnostic AP 1 (localisation alone).
+    gt = _ground_truth({1: [(1, [10, 10, 100, 100]), (2, [120, 120, 60, 60])]})
+    swapped = [_detection(1, 2, [10, 10, 100, 100]), _detection(1, 1, [120, 120, 60, 60], score=0.8)]
+    assert evaluate_coco(gt, swapped, ("bbox",))["bbox"]["AP"] == pytest.approx(0.0)
+    agnostic = evaluate_coco(gt, swapped, ("bbox", "segm"), class_agnostic=True)
+    for iou_type in ("bbox", "segm"):
+        assert agnostic[iou_type]["AP"] == pytest.approx(1.0)
+    # A duplicate of the first box with another name is a false positive once names are ignored: in score order
+    # precision is 1, 1/2, 2/3 at recall 1/2, 1/2, 1; interpolated, 1 at the 51 recall points <= 1/2 and 2/3 at the
+    # 50 above: AP = (51 + 50 * 2/3) / 101.
+    duplicate = [_detection(1, 2, [10, 10, 100, 100], 0.9), _detection(1, 1, [10, 10, 100, 100], 0.85),
+                 _detection(1, 1, [120, 120, 60, 60], 0.8)]
+    assert evaluate_coco(gt, duplicate, ("bbox",), class_agnostic=True)["bbox"]["AP"] == \
+        pytest.approx((51 + 50 * 2 / 3) / 101)
+
+
+def test_one_record_per_box_keeps_each_boxs_best_name():
+    gt = _ground_truth({1: [(1, [10, 10, 100, 100]), (2, [120, 120, 60, 60])]})
+    records = [_detection(1, 2, [10, 10, 100, 100], 0.9), _detection(1, 1, [10, 10, 100, 100], 0.85),
+               _detection(1, 1, [120, 120, 60, 60], 0.8), _detection(2, 1, [10, 10, 100, 100], 0.5)]
+    kept = one_record_per_box(records)
+    assert [(r["image_id"], r["category_id"], r["score"]) for r in kept] == [(1, 2, 0.9), (1, 1, 0.8), (2, 1, 0.5)]
+    assert records[1]["score"] == 0.85 and kept[0] is not records[0]          # inputs untouched, copies out
+    # The duplicate name no longer costs precision: every box right -> class-agnostic AP 1 on image 1.
+    assert evaluate_coco(gt, kept[:2], ("bbox",), class_agnostic=True)["bbox"]["AP"] == pytest.approx(1.0)
 
 
 def test_segm_uses_mask_area_not_box_area():

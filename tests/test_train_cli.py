@@ -108,6 +108,7 @@ def test_evaluate_wires_every_task_to_its_metrics(synthetic_root):
     assert 0 <= results["classification"]["top1"] <= results["classification"]["top5"] <= 1
     for prefix in ("bbox_", "segm_", "novel_bbox_", "novel_segm_"):
         assert 0 <= results["detection"][prefix + "AP"] <= 1, prefix
+    assert 0 <= results["detection"]["agnostic_bbox_AP"] <= results["detection"]["agnostic_bbox_AP50"] <= 1
     assert results["captioning"]["num_images"] == 20 and results["captioning"]["CIDEr"] >= 0
     assert 0 <= results["mlm"]["accuracy"] <= 1 and results["mlm"]["num_masked"] > 0
     assert not model.training

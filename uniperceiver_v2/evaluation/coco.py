@@ -76,12 +76,28 @@ def _load_results(gt: COCO, results: list[dict[str, Any]]) -> COCO:
         return empty
 
 
+def one_record_per_box(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The highest-scoring record of each distinct (image, box), the others dropped.
+
+    Detection predictions list one proposal under several names (the top scores over proposals x names), so the
+    same box appears several times with different ``category_id``. Class-agnostic AP needs each box once:
+    otherwise its second name would count as a false positive on an object already matched.
+    """
+    best: dict[tuple, dict[str, Any]] = {}
+    for record in results:
+        key = (record["image_id"], tuple(float(v) for v in record["bbox"]))
+        if key not in best or record["score"] > best[key]["score"]:
+            best[key] = dict(record)
+    return list(best.values())
+
+
 def evaluate_coco(
     ground_truth: str | os.PathLike | Mapping[str, Any] | COCO,
     results: Sequence[Mapping[str, Any]],
     iou_types: Sequence[str] = ("bbox", "segm"),
     cat_ids: Sequence[int] | None = None,
     verbose: bool = False,
+    class_agnostic: bool = False,
 ) -> dict[str, Any]:
     """COCO AP / AR of detection results.
 
@@ -89,11 +105,15 @@ def evaluate_coco(
         ground_truth: instances JSON path, its parsed dict, or a pycocotools COCO object.
         results: COCO result records, one per detection: {"image_id", "category_id", "score",
             "bbox": [x, y, w, h] (absolute pixels), "segmentation": RLE dict with "size" and "counts"}
-            ("segmentation" needed for "segm"; "bbox" may be left out when a mask is given).
+            ("segmentation" needed for "segm"; "bbox" may be left out when a mask is given). With
+            ``class_agnostic``, pass each box once (:func:`one_record_per_box`).
         iou_types: any of "bbox", "segm".
         cat_ids: evaluate only these categories (COCOeval's params.catIds), e.g. the novel ones;
             default all categories of the ground truth.
         verbose: also print pycocotools' summary table.
+        class_agnostic: ignore the categories (COCOeval's params.useCats = 0): a detection may match a ground-truth
+            object of any category, so AP measures localisation alone; with the class-aware AP it separates
+            "the boxes are wrong" from "the boxes are right but the names are wrong".
 
     Returns:
         {iou_type: {name: value for name in STAT_NAMES}, "summary": {iou_type: pycocotools' summary text}}.
@@ -124,6 +144,8 @@ def evaluate_coco(
         evaluator = COCOeval(gt, detections, iouType=iou_type)
         if cat_ids is not None:
             evaluator.params.catIds = sorted(cat_ids)
+        if class_agnostic:
+            evaluator.params.useCats = 0
         with contextlib.redirect_stdout(io.StringIO()):
             evaluator.evaluate()
             evaluator.accumulate()
