@@ -30,6 +30,8 @@ def test_bad_overrides_exit_with_2_and_name_the_key(capsys):
     assert "run.sampling" in capsys.readouterr().err
     assert train_main(["--config", "no_such_preset"]) == 2
     assert "preset" in capsys.readouterr().err
+    assert train_main(["--config", "tiny", "--new-schedule"]) == 2
+    assert "--new-schedule only applies with --resume" in capsys.readouterr().err
 
 
 def _overrides(root: Path, output_dir: Path) -> list[str]:

@@ -388,6 +388,34 @@ def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(tmp_pat
     assert "run:" in (run_dir / "config.yaml").read_text()
 
 
+def test_extending_a_finished_run_keeps_or_replaces_the_schedule(tmp_path):
+    """A run of 8 iterations (decay at 6) resumed with run.iterations=16 (decay at 12): by default the saved
+    schedule stays (lr decayed from 6 on); with new_schedule the lr follows the new one (base lr until 12)."""
+    cfg = toy_config(tmp_path, **{"run.ckpt_every": 8})
+    make_trainer(cfg).train()
+    base = cfg.optim.lr
+    longer = toy_config(tmp_path, **{"run.ckpt_every": 8, "run.iterations": 16})
+
+    kept = make_trainer(longer)
+    assert kept.resume() and kept.iteration == 8
+    assert kept.optimizer.param_groups[0]["lr"] == pytest.approx(base * 0.1)           # the saved schedule
+    replaced = make_trainer(longer)
+    assert replaced.resume(new_schedule=True) and replaced.iteration == 8
+    new = WarmupStepSchedule(16, 2, (0.75,), 0.1)
+    for group in replaced.optimizer.param_groups:                                       # every group, ratios kept
+        assert group["lr"] == pytest.approx(group["initial_lr"] * new.lr_factor(8))
+    assert replaced.optimizer.param_groups[0]["lr"] == pytest.approx(base)
+    replaced.train()
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    for r in records:
+        if r["iteration"] > 8:
+            assert r["lr"] == pytest.approx(base * new.lr_factor(r["iteration"])), r["iteration"]
+    # The replaced schedule is the one saved in the new checkpoints: resuming again keeps it.
+    again = make_trainer(longer)
+    assert again.resume() and again.iteration == 16
+    assert again.scheduler.lr_lambdas[0].total_iterations == 16
+
+
 def test_metrics_records_schedule_and_tensorboard(tmp_path):
     cfg = toy_config(tmp_path, **{"run.log_every": 2, "run.ckpt_every": 0, "run.iterations": 6})
     model, tasks, datasets = toy_setup(cfg)

@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", default="tiny", help="preset (tiny, r50, swin_base, swin_large) or YAML file")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint of run.output_dir (from scratch if there is none)")
+    parser.add_argument("--new-schedule", action="store_true",
+                        help="with --resume: follow this config's lr schedule (e.g. a larger run.iterations) from the "
+                             "checkpoint's iteration on, instead of the schedule saved in the checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     parser.add_argument("--no-eval", action="store_true",
                         help="skip the evaluations (at run.eval_every and at the end); run them later with "
@@ -106,6 +109,9 @@ def build_training(cfg: Config):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.new_schedule and not args.resume:
+        print("error: --new-schedule only applies with --resume", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as error:
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             destroy_distributed()
             return 2
         if args.resume:
-            if trainer.resume():
+            if trainer.resume(new_schedule=args.new_schedule):
                 if get_rank() == 0:
                     print(f"resuming from iteration {trainer.iteration} ({trainer.checkpoint_dir})", file=sys.stderr)
             elif get_rank() == 0:

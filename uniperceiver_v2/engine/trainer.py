@@ -343,14 +343,7 @@ class Trainer:
             self.sampler = MixedTaskSampler(self.task_names, weights, seed=run.seed,
                                             num_slots=self.world_size * run.grad_accum)
         self.optimizer = build_optimizer(cfg, self.model)
-        try:
-            schedule = WarmupStepSchedule(
-                total_iterations=run.iterations, warmup_iterations=cfg.optim.warmup_iters,
-                decay_fractions=tuple(cfg.optim.decay_at), decay_factor=cfg.optim.decay_factor)
-        except ValueError as error:
-            raise ConfigError(f"optim.warmup_iters / optim.decay_at with run.iterations={run.iterations}: "
-                              f"{error}") from None
-        self.scheduler = build_lr_scheduler(self.optimizer, schedule)
+        self.scheduler = build_lr_scheduler(self.optimizer, self._config_schedule())
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
 
         self.streams = {
@@ -373,6 +366,17 @@ class Trainer:
         self.resumed_from: int | None = None
         self._stop_signal: int | None = None
         self._writer: MetricWriter | None = None
+
+    def _config_schedule(self) -> WarmupStepSchedule:
+        """A new ``WarmupStepSchedule`` object for this config (LambdaLR.load_state_dict overwrites the fields of
+        the object it holds with the saved ones, so a fresh one is built whenever the config's is wanted)."""
+        run, optim = self.cfg.run, self.cfg.optim
+        try:
+            return WarmupStepSchedule(total_iterations=run.iterations, warmup_iterations=optim.warmup_iters,
+                                      decay_fractions=tuple(optim.decay_at), decay_factor=optim.decay_factor)
+        except ValueError as error:
+            raise ConfigError(f"optim.warmup_iters / optim.decay_at with run.iterations={run.iterations}: "
+                              f"{error}") from None
 
     # ------------------------------------------------------------------------------------------------ plan
     def plan(self, iteration: int) -> list[str]:
@@ -468,8 +472,16 @@ class Trainer:
         return save_checkpoint(self.checkpoint_dir, self.iteration, self.model, self.optimizer, self.scheduler,
                                self._extra_state(), config=self.cfg, keep_last=keep)
 
-    def resume(self, checkpoint: str | Path | None = None) -> bool:
+    def resume(self, checkpoint: str | Path | None = None, new_schedule: bool = False) -> bool:
         """Restore a checkpoint (default: the latest one under ``<output_dir>/checkpoints``).
+
+        Args:
+            checkpoint: a checkpoint folder; None = the latest one of this run.
+            new_schedule: follow this config's lr schedule (``run.iterations``, ``optim.warmup_iters`` /
+                ``decay_at``) from the checkpoint's iteration on, instead of the schedule the checkpoint was
+                saved with. For extending a finished run: resumed with ``run.iterations`` raised from 2000 to 5000,
+                the saved schedule keeps the lr decayed since iteration 1600, the new one runs at the base lr
+                until 4000. Everything else (moments, sampler, data order) continues as saved.
 
         Returns:
             False if ``checkpoint`` is None and there is no checkpoint yet (training starts from scratch).
@@ -492,6 +504,13 @@ class Trainer:
         if extra.get("grad_scaler"):
             self.scaler.load_state_dict(extra["grad_scaler"])
         self.iteration = int(meta["iteration"])
+        if new_schedule:
+            schedule = self._config_schedule()
+            self.scheduler.lr_lambdas = [schedule] * len(self.optimizer.param_groups)
+            factor = schedule(self.iteration)
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self.elapsed = float(extra.get("elapsed_seconds", 0.0))
         self.resumed_from = self.iteration
         return True
