@@ -20,7 +20,7 @@ def _settings(tmp_path: Path, **kwargs) -> A.AblationSettings:
     return A.AblationSettings(**{**defaults, **kwargs})
 
 
-ALL_RUNS = A.plan_runs(A.profile_plan("small"))
+ALL_RUNS = A.plan_runs(A.profile_plan("paper"))
 
 
 def _run(name: str) -> A.AblationRun:
@@ -122,7 +122,14 @@ def test_run_key_ignores_the_folder_and_gather_where_it_cannot_act(tmp_path):
 def test_profile_plan():
     quick = A.profile_plan("quick")
     assert set(quick) == {"tab2", "tab4"} and all(len(rows) >= 2 for rows in quick.values())
-    assert A.profile_plan("small") == {key: tuple(r.name for r in t.rows) for key, t in A.TABLES.items()}
+    assert A.profile_plan("paper") == {key: tuple(r.name for r in t.rows) for key, t in A.TABLES.items()}
+    small = A.profile_plan("small")
+    assert set(small) == set(A.TABLES) and small["tab3"] == ("All Tasks", "All Tasks w/ MoE")
+    # Eight distinct trainings in one process: the full model is shared by Tab. 2, 3 and 5 and "unmixed + gather"
+    # = "unmixed" (nothing to gather); Tab. 4's rows run 4 batches per iteration, so its full model is its own.
+    small_runs = A.plan_runs(small)
+    settings = _settings(Path("/tmp"))
+    assert len({A.run_key(A.build_config(run, settings), 1) for run in small_runs}) == 8
     assert A.profile_plan("quick", ["tab5"]) == {"tab5": ("pre-trained text encoder", "random text encoder")}
     with pytest.raises(KeyError, match="tab7"):
         A.profile_plan("quick", ["tab7"])

@@ -59,6 +59,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "preset": "tiny",                 # uniperceiver_v2.config preset
         "iterations": 60,
         "backbone_iterations": 30,        # the backbone's pre-training before the run (notebook 06)
+        "ablation_iterations": None,      # notebook 09: batches per ablation run (None: its quick default, 16)
         "nproc": 1,                       # processes (one per GPU with --gpus)
         "device": "auto",
         "seed": 0,
@@ -71,6 +72,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "preset": "tiny",
         "iterations": 2000,               # with the backbone's pre-training, about an hour on 2 CPU cores
         "backbone_iterations": 800,
+        "ablation_iterations": 400,       # notebook 09: batches per ablation run (8 runs, about an hour)
         "nproc": 1,
         "device": "auto",
         "seed": 0,
@@ -83,6 +85,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "preset": "r50",
         "iterations": 150_000,            # Sec. 5.2: R50, 150k iterations on 16 GPUs
         "backbone_iterations": 0,         # bring ImageNet weights: image_encoder.backbone_weights in the config
+        "ablation_iterations": 150_000,   # the paper's ablations train as long as its R50 model
         "nproc": 16,
         "device": "cuda",
         "seed": 0,
