@@ -117,3 +117,26 @@ def test_build_model_from_a_training_run_folder(model, tmp_path):
     from_run = api.build_model(None, checkpoint=tmp_path / "run")
     for (name, a), (_, b) in zip(from_run.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_whole_images_are_prepared_as_each_tasks_evaluation_dataset_prepares_them(model, tmp_path):
+    """Classification: the central 87.5 %; captioning / retrieval: the whole image (a caption may describe a corner),
+    with the function ``build_task_dataset(..., train=False)`` uses for the same task."""
+    from uniperceiver_v2.data.images import read_image
+    from uniperceiver_v2.data.transforms import WHOLE_IMAGE_CROP, whole_image_eval_transform
+
+    pixels = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    path = tmp_path / "scene.png"
+    Image.fromarray(pixels).save(path)
+    size = model.config.data.image_size
+    image = read_image(path)
+    for task in ("classification", "captioning", "retrieval"):
+        prepared, padding = api.prepare_whole_images(model, [Image.open(path)], task)
+        assert prepared.shape == (1, 3, size, size) and not padding.any()
+        torch.testing.assert_close(prepared[0], whole_image_eval_transform(task, size)(image))
+    assert WHOLE_IMAGE_CROP == {"classification": 0.875, "captioning": 1.0, "retrieval": 1.0}
+    cropped, _ = api.prepare_whole_images(model, [Image.open(path)], "classification")
+    whole, _ = api.prepare_whole_images(model, [Image.open(path)], "retrieval")
+    assert not torch.allclose(cropped, whole)
+    with pytest.raises(ValueError, match="unknown task 'detection'"):
+        whole_image_eval_transform("detection", size)

@@ -459,7 +459,7 @@ def test_representation_similarity_measures_how_alike_different_inputs_are(model
     images = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     spread = walkthrough.representation_similarity(model, images, CAPTIONS[:3])
     with torch.no_grad():
-        pixels, padding = prepare_whole_images(model, images)
+        pixels, padding = prepare_whole_images(model, images, "retrieval")
         queries = RetrievalTask(model.config.tasks.retrieval).embed_images(model, pixels, padding)[0].double()
     pairs = [torch.nn.functional.cosine_similarity(queries[i], queries[j], dim=0) for i, j in ((0, 1), (0, 2), (1, 2))]
     assert spread["images_mean"] == pytest.approx(float(sum(pairs) / 3), abs=1e-5)

@@ -33,7 +33,7 @@ from PIL import Image
 from uniperceiver_v2.config import Config, ConfigError, config_from_dict, load_config
 from uniperceiver_v2.data.collate import pad_images
 from uniperceiver_v2.data.images import pil_to_rgb_array
-from uniperceiver_v2.data.transforms import Normalize, classification_eval_transform, resize_image, shorter_side_size
+from uniperceiver_v2.data.transforms import Normalize, resize_image, shorter_side_size, whole_image_eval_transform
 from uniperceiver_v2.model import UniPerceiverV2
 from uniperceiver_v2.tasks.captioning import CaptioningTask
 from uniperceiver_v2.tasks.classification import ClassificationTask, ClassificationTaskBatch
@@ -150,13 +150,16 @@ def to_image_tensor(image: ImageInput, index: int = 0) -> torch.Tensor:
     raise TypeError(f"images[{index}]: expected a PIL image or a tensor, got {type(image).__name__}")
 
 
-def prepare_whole_images(model: UniPerceiverV2, images) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images for classification / captioning / retrieval: resize + centre crop to ``data.image_size``, normalise.
+def prepare_whole_images(model: UniPerceiverV2, images, task: str = "classification"
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images for ``task`` (classification / captioning / retrieval) as its evaluation dataset prepares them:
+    resize to ``data.image_size`` with the task's centre crop (``data.transforms.WHOLE_IMAGE_CROP``: classification
+    the central 87.5 %, captioning and retrieval the whole image), normalise.
 
     Returns:
         images (B, 3, S, S) and padding_mask (B, S, S) on the model's device.
     """
-    transform = classification_eval_transform(model.config.data.image_size)
+    transform = whole_image_eval_transform(task, model.config.data.image_size)
     tensors = [transform(to_image_tensor(image, i)) for i, image in enumerate(_as_list(images))]
     batch, padding_mask, _ = pad_images(tensors)
     return batch.to(model.device), padding_mask.to(model.device)
@@ -247,7 +250,7 @@ def caption(model: UniPerceiverV2, images, beam_size: int | None = None, max_len
     """
     task = CaptioningTask(model.config.tasks.captioning)
     with _evaluating(model):
-        pixels, padding_mask = prepare_whole_images(model, images)
+        pixels, padding_mask = prepare_whole_images(model, images, "captioning")
         return task.generate(model, pixels, padding_mask, beam_size, max_length)
 
 
@@ -263,7 +266,7 @@ def retrieve(model: UniPerceiverV2, images, texts: Sequence[str]) -> dict[str, t
         raise ValueError("retrieve: no texts given")
     task = RetrievalTask(model.config.tasks.retrieval)
     with _evaluating(model):
-        pixels, padding_mask = prepare_whole_images(model, images)
+        pixels, padding_mask = prepare_whole_images(model, images, "retrieval")
         image_queries, image_candidates, _ = task.embed_images(model, pixels, padding_mask)
         text_queries, text_candidates, _ = task.embed_texts(model, texts)
         i2t = model.similarity(image_queries, text_candidates, "retrieval_i2t").cpu()

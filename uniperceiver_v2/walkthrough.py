@@ -739,7 +739,7 @@ def representation_similarity(model, images: Sequence[Any], texts: Sequence[str]
     model.eval()
     try:
         with torch.no_grad():
-            pixels, padding_mask = prepare_whole_images(model, list(images))
+            pixels, padding_mask = prepare_whole_images(model, list(images), "retrieval")
             image_queries = task.embed_images(model, pixels, padding_mask)[0]
             text_queries = task.embed_texts(model, list(texts))[0]
     finally:

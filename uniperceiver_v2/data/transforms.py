@@ -222,6 +222,20 @@ def classification_eval_transform(image_size: int, crop_fraction: float = 0.875)
     return Compose([ResizeCenterCrop(image_size, crop_fraction), Normalize()])
 
 
+# The centre crop of each whole-image task: classification evaluates on the central 87.5 % as ImageNet models do;
+# a caption or a retrieval text may describe anything in the picture ("at the lower left ..."), so those tasks
+# train and evaluate on the whole image.
+WHOLE_IMAGE_CROP = {"classification": 0.875, "captioning": 1.0, "retrieval": 1.0}
+
+
+def whole_image_eval_transform(task: str, image_size: int) -> Compose:
+    """The evaluation transform of a whole-image task (:data:`WHOLE_IMAGE_CROP`); the same function serves the
+    evaluation datasets and the inference API, so both see an image the same way."""
+    if task not in WHOLE_IMAGE_CROP:
+        raise ValueError(f"whole_image_eval_transform: unknown task {task!r}; expected one of {sorted(WHOLE_IMAGE_CROP)}")
+    return classification_eval_transform(image_size, crop_fraction=WHOLE_IMAGE_CROP[task])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Detection transforms: DetectionSample -> DetectionSample
 # ----------------------------------------------------------------------------------------------------

@@ -267,7 +267,8 @@ def build_task_dataset(cfg: Config, task: str, split: str, train: bool) -> Datas
 
     d = cfg.data
     if task == "classification":
-        transform = T.classification_train_transform(d.image_size, d.crop_min_scale) if train else T.classification_eval_transform(d.image_size)
+        transform = (T.classification_train_transform(d.image_size, d.crop_min_scale) if train
+                     else T.whole_image_eval_transform("classification", d.image_size))
         return ImageFolderClassification(d.path(d.classification_root, split), transform=transform)
     if task == "detection":
         transform = (T.detection_train_transform(d.det_min_size, d.det_max_size, d.det_max_long, d.det_crop_size)
@@ -279,7 +280,7 @@ def build_task_dataset(cfg: Config, task: str, split: str, train: bool) -> Datas
     if task in ("captioning", "retrieval"):
         return CocoCaptions(d.path(d.caption_images, split), d.path(d.caption_annotations, split),
                             iterate="caption" if train else "image",
-                            transform=T.classification_eval_transform(d.image_size, crop_fraction=1.0))
+                            transform=T.whole_image_eval_transform(task, d.image_size))
     if task == "mlm":
         return TextCorpus(d.path(d.corpus, split))
     raise ConfigError(f"tasks.{task}: no dataset is known for this task")
