@@ -566,10 +566,11 @@ def param_group_table(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
 # --------------------------------------------------------------------------------------------------------------
 # Evaluation results
 # --------------------------------------------------------------------------------------------------------------
-# The headline metric(s) of every task, in the paper's order.
+# The headline metric(s) of every task, in the paper's order (plus the class-agnostic box AP, which separates
+# localisation errors from naming errors).
 HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("top1", "top5"),
-    "detection": ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"),
+    "detection": ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50", "agnostic_bbox_AP", "agnostic_bbox_AP50"),
     "captioning": ("BLEU-4", "CIDEr"),
     "retrieval": ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"),
     "mlm": ("accuracy",),
