@@ -118,6 +118,31 @@ def test_rerun_skips_unchanged_and_reruns_on_force_or_new_parameters(first_run, 
     assert saved["total"] == 14
 
 
+def test_overlapping_runs_of_a_profile_keep_each_others_records(tmp_path, monkeypatch):
+    """``--only 01`` while another run of the profile finishes notebook 09: state.json ends with both entries."""
+    notebooks = tmp_path / "notebooks"
+    shutil.copytree(FIXTURES, notebooks)
+    out = tmp_path / "runs"
+    layout = reproduce.Layout(out / "quick")
+    reproduce.update_state(layout, "quick", "00_parameters", {"status": "completed", "finished": "earlier"})
+
+    def run_while_another_finishes(source, executed, parameters, parameters_index, kernel_name):
+        reproduce.update_state(layout, "quick", "09_elsewhere", {"status": "completed", "finished": "meanwhile"})
+        executed.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, executed)
+        reproduce.save_results(parameters["results_path"], {"value": 1})
+
+    monkeypatch.setattr(reproduce, "run_notebook", run_while_another_finishes)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert _run(notebooks, out, "--only", "01") == 0
+    state = json.loads(layout.state.read_text())
+    assert state["profile"] == "quick"
+    assert set(state["notebooks"]) == {"00_parameters", "01_numpy_results", "09_elsewhere"}
+    assert state["notebooks"]["01_numpy_results"]["status"] == "completed"
+    assert state["notebooks"]["09_elsewhere"]["finished"] == "meanwhile"
+    assert not list(layout.root.glob("*.partial"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # pieces that need no kernel
 # ---------------------------------------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ def collect_results(results_dir: str | os.PathLike) -> dict[str, dict[str, Any]]
 
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")   # one per process: runs may overlap
     partial.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(partial, path)
 
@@ -365,6 +365,25 @@ def load_state(layout: Layout) -> dict[str, Any]:
     return state
 
 
+def update_state(layout: Layout, profile: str, name: str, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """Record ``entry`` for notebook ``name`` in ``state.json`` and return the whole state.
+
+    The file is re-read under an exclusive lock and only this notebook's entry is replaced, so two runs of the same
+    profile on different notebooks (``--only 00 01`` next to ``--only 09``, e.g. one per free core) keep each
+    other's records.
+    """
+    import fcntl
+
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with open(layout.root / "state.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = load_state(layout)
+        state["profile"] = profile
+        state["notebooks"][name] = dict(entry)
+        _write_json(layout.state, state)
+    return state
+
+
 def _is_up_to_date(entry: Mapping[str, Any] | None, digest: str, executed: Path, results: Path | None) -> bool:
     return (entry is not None and entry.get("status") == "completed" and entry.get("hash") == digest
             and executed.is_file() and (results is None or results.is_file()))
@@ -417,7 +436,6 @@ def reproduce(profile: str, notebook_dir: str | os.PathLike = "notebooks", out: 
     offered = profile_parameters(profile, layout.root, gpus)
     kernel_name = ensure_kernel()
     state = load_state(layout)
-    state["profile"] = profile
     started = time.perf_counter()
     failure: NotebookFailed | None = None
 
@@ -447,8 +465,7 @@ def reproduce(profile: str, notebook_dir: str | os.PathLike = "notebooks", out: 
         entry = {"hash": digest, "status": "running", "parameters": parameters, "source": str(source),
                  "executed": str(executed), "results": str(results_path) if results_path else None,
                  "started": _now()}
-        state["notebooks"][name] = entry
-        _write_json(layout.state, state)
+        state = update_state(layout, profile, name, entry)
         tick = time.perf_counter()
         try:
             run_notebook(source, executed, parameters, parameters_index, kernel_name)
@@ -461,7 +478,7 @@ def reproduce(profile: str, notebook_dir: str | os.PathLike = "notebooks", out: 
         else:
             entry.update(status="completed", error=None)
         entry.update(elapsed_s=round(time.perf_counter() - tick, 2), finished=_now())
-        _write_json(layout.state, state)
+        state = update_state(layout, profile, name, entry)
         if failure is not None:
             print(f"{prefix}: FAILED after {entry['elapsed_s']:.1f} s\n{failure}", flush=True)
             break
@@ -469,6 +486,7 @@ def reproduce(profile: str, notebook_dir: str | os.PathLike = "notebooks", out: 
               flush=True)
 
     all_notebooks = find_notebooks(notebook_dir)
+    state = load_state(layout)   # with what other runs of this profile recorded meanwhile
     md_path, csv_path = write_summary(layout, profile, offered, state, [p.stem for p in all_notebooks], command)
     print(f"summary: {md_path} and {csv_path}", flush=True)
     if failure is not None:
