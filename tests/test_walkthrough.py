@@ -30,7 +30,9 @@ def test_train_command_is_read_by_the_trainer_as_intended(tmp_path):
                                         seed=3, log_every=1, overrides=["optim.lr=5e-4"])
     assert command[:3] == [sys.executable, "-m", "uniperceiver_v2.train"]
     args = train.parse_args(command[3:])
-    assert args.resume and args.no_eval and args.config == "tiny"
+    assert args.resume and args.new_schedule and args.no_eval and args.config == "tiny"
+    kept = walkthrough.train_command("tiny", "out", 7, data_root="d", data_profile="quick", new_schedule=False)
+    assert "--resume" in kept and "--new-schedule" not in kept
     cfg = load_config(args.config, args.overrides)
     assert cfg.run.iterations == 7 and cfg.run.output_dir == str(tmp_path / "train") and cfg.run.seed == 3
     assert cfg.data.root == "/data/x" and cfg.data.synthetic_profile == "quick"
@@ -42,7 +44,7 @@ def test_train_command_for_real_data_keeps_the_preset_log_interval():
                                         evaluate=True)
     args = train.parse_args(command[3:])
     cfg = load_config(args.config, args.overrides)
-    assert not args.resume and not args.no_eval
+    assert not args.resume and not args.new_schedule and not args.no_eval
     assert cfg.data.synthetic_profile is None and cfg.run.log_every == load_config("tiny").run.log_every
 
 

@@ -184,7 +184,7 @@ def default_log_every(iterations: int) -> int | None:
 def train_command(preset: str, output_dir: str | os.PathLike, iterations: int, *, data_root: str | os.PathLike,
                   data_profile: str | None, nproc: int = 1, device: str = "auto", seed: int = 0,
                   log_every: int | None = None, overrides: Sequence[str] = (), resume: bool = True,
-                  evaluate: bool = False, python: str | None = None) -> list[str]:
+                  new_schedule: bool = True, evaluate: bool = False, python: str | None = None) -> list[str]:
     """The command line that trains ``preset`` into ``output_dir``.
 
     One process: ``python -m uniperceiver_v2.train ...``; several: ``python -m torch.distributed.run --standalone
@@ -203,6 +203,9 @@ def train_command(preset: str, output_dir: str | os.PathLike, iterations: int, *
         log_every: ``run.log_every``; None keeps the preset's.
         overrides: further ``key.sub=value`` overrides, applied last.
         resume: ``--resume``: continue from the newest checkpoint of ``output_dir`` (from scratch without one).
+        new_schedule: with ``resume``, ``--new-schedule``: the lr follows this ``iterations``' schedule from the
+            checkpoint on, so rerunning with a larger ``iterations`` extends the run properly (with the same
+            ``iterations`` it is the saved schedule); False keeps the schedule saved in the checkpoint.
         evaluate: False adds ``--no-eval`` (notebook 07 evaluates the checkpoint).
         python: the interpreter; default this one.
 
@@ -220,6 +223,8 @@ def train_command(preset: str, output_dir: str | os.PathLike, iterations: int, *
     flags = ["--config", str(preset)]
     if resume:
         flags.append("--resume")
+        if new_schedule:
+            flags.append("--new-schedule")
     if not evaluate:
         flags.append("--no-eval")
     settings = [
