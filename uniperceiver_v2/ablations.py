@@ -254,8 +254,9 @@ PROFILE_PLANS: dict[str, dict[str, tuple[str, ...]]] = {
         "tab4": ("mixed", "unmixed", "unmixed + gather", "unmixed + gather + MT-AdamW"),
     },
     # Eight distinct runs on one process (the full model is shared by Tab. 2, 3 and 5, "unmixed + gather" by
-    # "unmixed"; Tab. 4 runs 4 batches per iteration): about 75 minutes on one CPU core at 500 batches each. Tab. 3's leave-one-out and single-task rows
-    # (eight more runs) are left to tables=["tab3"]; its MoE question ("All Tasks" vs "All Tasks w/ MoE") is here.
+    # "unmixed"; Tab. 4 runs 4 batches per iteration): 4436 s on one CPU core at 400 batches each (session 3).
+    # Tab. 3's leave-one-out and single-task rows (eight more runs) are left to tables=["tab3"]; its MoE question
+    # ("All Tasks" vs "All Tasks w/ MoE") is here.
     "small": {
         "tab2": ("Global", "Regional", "Global + Regional"),
         "tab3": ("All Tasks", "All Tasks w/ MoE"),

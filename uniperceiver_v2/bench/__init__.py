@@ -9,6 +9,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+# The trainable tasks, in the order the benchmarks print them.
+TASK_NAMES = ("classification", "detection", "captioning", "mlm", "retrieval")
+
 
 def available_benchmarks() -> list[str]:
     """Names of the benchmark modules in this package."""

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-TASK_NAMES = ("classification", "detection", "captioning", "mlm", "retrieval")
+from uniperceiver_v2.bench import TASK_NAMES
 
 
 def mean_pairwise_cosine(vectors):

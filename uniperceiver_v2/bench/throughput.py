@@ -26,8 +26,9 @@ import sys
 import tempfile
 import time
 
+from uniperceiver_v2.bench import TASK_NAMES
+
 RESULT_TAG = "THROUGHPUT_RESULT "
-TASK_NAMES = ("classification", "detection", "captioning", "mlm", "retrieval")
 
 
 def _worker(args: argparse.Namespace) -> int:
