@@ -37,12 +37,26 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 # Image encoder: backbone + region proposal network (Mask-DINO style, binary objectness) + global pooling
 # --------------------------------------------------------------------------------------------------------------
+# Backbones whose ImageNet weights ship in a pip package: image_encoder.backbone_weights="imagenet"
+# (modeling/backbone.py IMAGENET_PACKAGES says which package).
+IMAGENET_WEIGHTS = "imagenet"
+IMAGENET_BACKBONES = ("efficientnet_lite0",)
+
+
 @dataclass
 class ImageEncoderConfig:
     """Sec. 4.1, appendix A/B and Tab. 7 of the paper."""
 
     backbone: str = "tiny_convnet"            # timm model name, or "tiny_convnet" (the package's own CPU backbone)
-    backbone_weights: str | None = None        # local file with backbone weights; None = random init
+    # None = random init; a local file with the plain timm model's state dict; or "imagenet" = the ImageNet weights
+    # installed with a pip package (for the backbones in IMAGENET_BACKBONES; never downloaded at run time)
+    backbone_weights: str | None = None
+    # BatchNorm frozen (running statistics and affine parameters fixed, as in DETR / Mask DINO): true / false;
+    # None = frozen exactly when backbone_weights is set. tiny_convnet has GroupNorm: only None / false.
+    backbone_freeze_bn: bool | None = None
+    # freeze (no gradient, BatchNorm frozen) the stem and the stages up to output N, N in 0-4 (1 = stride 4 ...
+    # 4 = stride 32, the whole backbone); 0 = everything trains
+    backbone_frozen_stages: int = 0
     backbone_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # tiny_convnet only
     hidden_dim: int = 256                      # d of the region proposal network (Tab. 7 hidden_dim)
     num_feature_levels: int = 4                # L (Sec. 5.2): strides 8, 16, 32, 64 enter the encoder
@@ -476,6 +490,14 @@ def validate(cfg: Config) -> None:
     if ie.backbone == "tiny_convnet":
         _require(len(ie.backbone_channels) == 4, "image_encoder.backbone_channels",
                  "tiny_convnet needs 4 stage widths (strides 4, 8, 16, 32)")
+        _require(ie.backbone_freeze_bn is not True, "image_encoder.backbone_freeze_bn",
+                 "tiny_convnet uses GroupNorm and has no BatchNorm to freeze")
+    if ie.backbone_weights == IMAGENET_WEIGHTS:
+        _require(ie.backbone in IMAGENET_BACKBONES, "image_encoder.backbone_weights",
+                 f"{IMAGENET_WEIGHTS!r} needs a backbone with packaged ImageNet weights, one of "
+                 f"{list(IMAGENET_BACKBONES)}; got image_encoder.backbone={ie.backbone!r}")
+    _require(0 <= ie.backbone_frozen_stages <= 4, "image_encoder.backbone_frozen_stages",
+             f"{ie.backbone_frozen_stages} not in [0, 4] (outputs at strides 4, 8, 16, 32)")
 
     _require(cfg.text_encoder.max_length >= 4, "text_encoder.max_length", "must be >= 4")
     _require(cfg.text_encoder.lr_mult >= 0, "text_encoder.lr_mult", "must be >= 0")
