@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from uniperceiver_v2 import ablations as A
+from uniperceiver_v2.walkthrough import ablations as A
 from uniperceiver_v2.config import ConfigError
-from uniperceiver_v2.paper_results import ABLATION_COLUMNS
+from uniperceiver_v2.walkthrough.paper_results import ABLATION_COLUMNS
 
 
 def _settings(tmp_path: Path, **kwargs) -> A.AblationSettings:

@@ -5,7 +5,7 @@ import pytest
 import safetensors.torch
 import torch
 from PIL import Image
-from test_tasks_support import CAPTIONS, single_thread  # noqa: F401
+from helpers import CAPTIONS, single_thread  # noqa: F401
 
 from uniperceiver_v2 import api
 from uniperceiver_v2.engine.checkpoint import save_checkpoint
@@ -36,18 +36,18 @@ def test_build_model_gives_an_eval_model_with_the_embedded_text_encoder(model):
 def test_classify_returns_top_k_labels_for_unseen_class_names(model):
     names = ["tiger shark", "hot-air balloon", "espresso"]
     images = pil_images() + [torch.randint(0, 255, (3, 30, 70), dtype=torch.uint8)]
-    results = model.classify(images, names, top_k=2)
+    results = api.classify(model, images, names, top_k=2)
     assert len(results) == 4
     for ranking in results:
         assert [set(entry) for entry in ranking] == [{"label", "index", "score"}] * 2
         assert all(names[entry["index"]] == entry["label"] for entry in ranking)
         assert ranking[0]["score"] >= ranking[1]["score"] and 0 < sum(e["score"] for e in ranking) <= 1 + 1e-6
-    assert model.classify(pil_images()[0], names, top_k=10)[0][0]["label"] in names       # one image, k > C
+    assert api.classify(model, pil_images()[0], names, top_k=10)[0][0]["label"] in names       # one image, k > C
 
 
 def test_detect_returns_boxes_and_masks_on_each_input_image(model):
     images = pil_images()
-    results = model.detect(images, ["zebra", "umbrella"], score_threshold=0.0)
+    results = api.detect(model, images, ["zebra", "umbrella"], score_threshold=0.0)
     for image, result in zip(images, results):
         width, height = image.size
         count = result["boxes"].shape[0]
@@ -59,39 +59,39 @@ def test_detect_returns_boxes_and_masks_on_each_input_image(model):
         assert (result["boxes"][:, [1, 3]] <= height + 1e-3).all()
         assert result["names"] == [["zebra", "umbrella"][c] for c in result["labels"].tolist()]
     threshold = float(results[0]["scores"].median())
-    kept = model.detect(images[:1], ["zebra", "umbrella"], score_threshold=threshold)[0]
+    kept = api.detect(model, images[:1], ["zebra", "umbrella"], score_threshold=threshold)[0]
     assert 0 < kept["scores"].shape[0] < results[0]["scores"].shape[0] and (kept["scores"] >= threshold).all()
 
 
 def test_caption_retrieve_and_fill_mask(model):
     images = pil_images()[:2]
-    captions = model.caption(images, beam_size=2, max_length=4)
+    captions = api.caption(model, images, beam_size=2, max_length=4)
     assert [set(c) for c in captions] == [{"caption", "token_ids", "score"}] * 2
     assert all(isinstance(c["caption"], str) and len(c["token_ids"]) <= 4 for c in captions)
 
     texts = ["a red circle", "two green triangles", "a star"]
-    scores = model.retrieve(images, texts)
+    scores = api.retrieve(model, images, texts)
     assert scores["i2t"].shape == (2, 3) and scores["t2i"].shape == (3, 2)
     assert torch.equal(scores["i2t_ranking"][:, 0], scores["i2t"].argmax(1))
 
-    filled = model.fill_mask(["a <mask> circle above a <mask> square", "two <mask>"], top_k=3)
+    filled = api.fill_mask(model, ["a <mask> circle above a <mask> square", "two <mask>"], top_k=3)
     assert [len(f["tokens"]) for f in filled] == [2, 1]
     assert all(len(candidates) == 3 for f in filled for candidates in f["candidates"])
     assert filled[1]["text"].startswith("two ") and "[MASK]" not in filled[0]["text"]
     with pytest.raises(ValueError, match="has no <mask>"):
-        model.fill_mask(["no mask here"])
+        api.fill_mask(model, ["no mask here"])
 
 
 def test_api_calls_restore_the_training_mode(model):
     model.train()
-    model.classify(pil_images()[:1], ["a", "b"])
+    api.classify(model, pil_images()[:1], ["a", "b"])
     assert model.training
     model.eval()
 
 
 def test_bad_images_are_reported_by_position(model):
     with pytest.raises(ValueError, match=r"images\[1\]"):
-        model.classify([pil_images()[0], torch.zeros(4, 8, 8)], ["a"])
+        api.classify(model, [pil_images()[0], torch.zeros(4, 8, 8)], ["a"])
 
 
 def test_build_model_from_a_safetensors_file_and_from_a_checkpoint_folder(model, tmp_path):

@@ -62,9 +62,9 @@ WORKER = textwrap.dedent('''
 
 def real_retrieval_trainer(cfg) -> Trainer:
     """The real Trainer, RetrievalTask and UniPerceiverV2 (tiny preset with the small random text encoder of
-    tests/test_tasks_support.py) on 16 image-caption pairs; ``model.candidate_counts`` records the number of
+    tests/helpers.py) on 16 image-caption pairs; ``model.candidate_counts`` records the number of
     candidates of every similarity matrix the task computes."""
-    from test_tasks_support import caption_samples, tiny_model
+    from helpers import caption_samples, tiny_model
 
     from uniperceiver_v2.tasks.retrieval import RetrievalTask
 

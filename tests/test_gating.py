@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from uniperceiver_v2 import gating
+from uniperceiver_v2.walkthrough import gating
 from uniperceiver_v2.bench.moe import Case
 from uniperceiver_v2.config import DecoderConfig, MoEConfig
 from uniperceiver_v2.modeling.attention_masks import autoregressive_causal_flags, autoregressive_mask

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from uniperceiver_v2.interference import task_interference
+from uniperceiver_v2.walkthrough.interference import task_interference
 
 
 class LinearTasks(nn.Module):

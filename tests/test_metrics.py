@@ -10,10 +10,10 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocotools import mask as mask_utils
 
-from uniperceiver_v2.evaluation.captioning import caption_metrics, ptb_tokenize
-from uniperceiver_v2.evaluation.classification import topk_accuracy
-from uniperceiver_v2.evaluation.coco import evaluate_coco, one_record_per_box
-from uniperceiver_v2.evaluation.retrieval import retrieval_recall
+from uniperceiver_v2.metrics.captioning import caption_metrics, ptb_tokenize
+from uniperceiver_v2.metrics.classification import topk_accuracy
+from uniperceiver_v2.metrics.coco import evaluate_coco, one_record_per_box
+from uniperceiver_v2.metrics.retrieval import retrieval_recall
 
 # ------------------------------------------------------------------------------------------------ COCO
 

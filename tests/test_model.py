@@ -6,7 +6,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from test_tasks_support import (CAPTIONS, CLASS_NAMES, classification_samples, single_thread,  # noqa: F401
+from helpers import (CAPTIONS, CLASS_NAMES, classification_samples, single_thread,  # noqa: F401
                                 tiny_model, tokenizer)
 
 from uniperceiver_v2.model import LOGIT_SCALE_GROUPS

@@ -6,8 +6,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from uniperceiver_v2 import reproduce
-from uniperceiver_v2.reproduce import NOTEBOOK_PATTERN, PARAMETERS_TAG
+from uniperceiver_v2.walkthrough import pipeline as reproduce
+from uniperceiver_v2.walkthrough.pipeline import NOTEBOOK_PATTERN, PARAMETERS_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 SERIES = sorted((ROOT / "notebooks").glob("*.ipynb"))

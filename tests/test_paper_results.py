@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from uniperceiver_v2 import paper_results as P
+from uniperceiver_v2.walkthrough import paper_results as P
 
 PAPERS = Path(__file__).resolve().parents[2] / "shared" / "papers"
 

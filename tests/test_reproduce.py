@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from uniperceiver_v2 import reproduce
+from uniperceiver_v2 import reproduce as reproduce_cli
+from uniperceiver_v2.walkthrough import pipeline as reproduce
 
 FIXTURES = Path(__file__).parent / "fixtures" / "notebooks"
 
 
 def _run(notebooks: Path, out: Path, *extra: str) -> int:
-    return reproduce.main(["--profile", "quick", "--notebooks", str(notebooks), "--out", str(out), *extra])
+    return reproduce_cli.main(["--profile", "quick", "--notebooks", str(notebooks), "--out", str(out), *extra])
 
 
 def _injected_names(executed: Path) -> set[str]:

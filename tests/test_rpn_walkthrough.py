@@ -1,4 +1,4 @@
-"""uniperceiver_v2.rpn_training: the class-agnostic training loop and its log, the class-agnostic COCO evaluation
+"""uniperceiver_v2.walkthrough.rpn: the class-agnostic training loop and its log, the class-agnostic COCO evaluation
 (checked against pycocotools on hand-made proposals), the forward trace (checked against the model's own outputs
 and an independent top-k), the denoising helpers and the measured effect of eq. (2)'s detach."""
 
@@ -17,11 +17,11 @@ import torch
 from uniperceiver_v2.config import get_preset
 from uniperceiver_v2.data import CocoInstances
 from uniperceiver_v2.data.transforms import ResizeShorterSide
-from uniperceiver_v2.evaluation.coco import evaluate_coco
+from uniperceiver_v2.metrics.coco import evaluate_coco
 from uniperceiver_v2.modeling import ImageEncoder, normalize_targets
 from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy
 from uniperceiver_v2.modeling.denoising import build_denoising_queries
-from uniperceiver_v2.rpn_training import (LOSS_TERMS, OBJECT_CATEGORY_ID, boxes_to_pixels,
+from uniperceiver_v2.walkthrough.rpn import (LOSS_TERMS, OBJECT_CATEGORY_ID, boxes_to_pixels,
                                           class_agnostic_ground_truth, denoising_groups, denoising_mask_segments,
                                           evaluate_region_proposals, fusion_gradient_norms, loss_table, matching_costs,
                                           predict_proposals, proposal_recall, trace_forward, train_region_proposals)

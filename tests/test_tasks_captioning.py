@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from test_tasks_support import CAPTIONS, caption_samples, overfit, single_thread, tiny_model  # noqa: F401
+from helpers import CAPTIONS, caption_samples, overfit, single_thread, tiny_model  # noqa: F401
 
 from uniperceiver_v2.tasks.captioning import CaptioningTask
 from uniperceiver_v2.tasks.vocabulary import build_vocabulary, end_token_id

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from test_tasks_support import (CLASS_NAMES, classification_samples, overfit, single_thread,  # noqa: F401
+from helpers import (CLASS_NAMES, classification_samples, overfit, single_thread,  # noqa: F401
                                 tiny_config, tiny_model)
 
 from uniperceiver_v2.tasks import TASKS

@@ -49,7 +49,7 @@ def _check_encode_sharded(rank: int) -> None:
 
 
 def _check_retrieval_gather(rank: int) -> None:
-    from test_tasks_support import caption_samples, tiny_model
+    from helpers import caption_samples, tiny_model
 
     from uniperceiver_v2.tasks.retrieval import RetrievalTask, symmetric_retrieval_loss
 

@@ -1,7 +1,7 @@
 """Masked language modelling: the masking draw, no leak of the masked word, loss and accuracy."""
 
 import torch
-from test_tasks_support import CAPTIONS, overfit, single_thread, tiny_model  # noqa: F401
+from helpers import CAPTIONS, overfit, single_thread, tiny_model  # noqa: F401
 
 from uniperceiver_v2.modeling.attributes import MODALITY_IDS
 from uniperceiver_v2.tasks.mlm import MaskedLanguageModelingTask, choose_masked_positions, sentence_draws

@@ -1,7 +1,7 @@
 """Image-text retrieval: both directions, positives by image id, overfitting one batch."""
 
 import torch
-from test_tasks_support import CAPTIONS, caption_samples, images, overfit, single_thread, tiny_model  # noqa: F401
+from helpers import CAPTIONS, caption_samples, images, overfit, single_thread, tiny_model  # noqa: F401
 
 from uniperceiver_v2.data.samples import CaptionSample, ImageCaptionsSample
 from uniperceiver_v2.tasks.retrieval import RetrievalTask, symmetric_retrieval_loss

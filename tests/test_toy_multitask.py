@@ -10,7 +10,7 @@ import torch
 
 from uniperceiver_v2 import viz
 from uniperceiver_v2.engine.sampling import MixedTaskSampler, UnmixedTaskSampler
-from uniperceiver_v2.toy_multitask import (
+from uniperceiver_v2.walkthrough.toy_multitask import (
     DEFAULT_TASKS,
     Comparison,
     VARIANTS,

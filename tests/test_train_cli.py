@@ -95,11 +95,11 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(synthetic_root, tm
 def test_evaluate_wires_every_task_to_its_metrics(synthetic_root):
     """``evaluate`` on the quick suite's val split with the small test model: every task's metrics are present
     and in range, and classification / retrieval agree with a direct computation over the whole split."""
-    from test_tasks_support import tiny_model
+    from helpers import tiny_model
 
     from uniperceiver_v2.engine.data_setup import build_task_dataset
-    from uniperceiver_v2.evaluate import evaluate
-    from uniperceiver_v2.evaluation.retrieval import retrieval_recall
+    from uniperceiver_v2.engine.evaluation import evaluate
+    from uniperceiver_v2.metrics.retrieval import retrieval_recall
     from uniperceiver_v2.tasks import TASKS
 
     cfg = load_config("tiny", [f"data.root={synthetic_root}", "data.image_size=64", "tasks.captioning.max_length=4",

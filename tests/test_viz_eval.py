@@ -12,7 +12,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from uniperceiver_v2 import viz_eval  # noqa: E402
+from uniperceiver_v2.viz import evaluation as viz_eval  # noqa: E402
 
 
 def images(n):

@@ -6,7 +6,7 @@ import torch
 from matplotlib.figure import Figure
 
 from uniperceiver_v2.viz import class_color
-from uniperceiver_v2.viz_optim import (
+from uniperceiver_v2.viz.optim import (
     plot_grad_norms,
     plot_interference,
     plot_sampling_weights,

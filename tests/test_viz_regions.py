@@ -1,4 +1,4 @@
-"""uniperceiver_v2.viz_regions: every figure draws what it is given (panels, patches, marks, labels) and rejects
+"""uniperceiver_v2.viz.regions: every figure draws what it is given (panels, patches, marks, labels) and rejects
 inputs of the wrong shape with a message naming the argument."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from uniperceiver_v2 import viz_regions
+from uniperceiver_v2.viz import regions as viz_regions
 
 IMAGE = torch.rand(3, 32, 48)
 

@@ -8,7 +8,7 @@ import pytest
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from uniperceiver_v2 import viz_tables
+from uniperceiver_v2.viz import tables as viz_tables
 
 COLUMNS = ["det", "cls"]
 

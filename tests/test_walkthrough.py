@@ -15,12 +15,14 @@ import torchvision
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from test_tasks_support import CAPTIONS, single_thread, tiny_config, tiny_model, tokenizer  # noqa: F401
+from helpers import CAPTIONS, single_thread, tiny_config, tiny_model, tokenizer  # noqa: F401
 
-from uniperceiver_v2 import train, walkthrough
+from uniperceiver_v2 import api, train, walkthrough
 from uniperceiver_v2.config import load_config
 from uniperceiver_v2.data.coco import Category
 from uniperceiver_v2.engine.checkpoint import save_checkpoint
+from uniperceiver_v2.engine.evaluation import NovelDetectionResult, evaluate_novel_detection, novel_metrics
+from uniperceiver_v2.engine.runtime import resolve_device
 from uniperceiver_v2.tasks import DetectionTask
 
 
@@ -161,11 +163,11 @@ def test_training_status_and_require_checkpoint(tmp_path):
 
 
 def test_resolve_device():
-    assert walkthrough.resolve_device("cpu") == torch.device("cpu")
-    assert walkthrough.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
-            walkthrough.resolve_device("cuda")
+            resolve_device("cuda")
 
 
 # ----------------------------------------------------------------------------------------------------- logs
@@ -254,7 +256,7 @@ def test_retrieval_and_fill_mask_examples_on_a_model(model):
     images = [torch.rand(3, 40, 48, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     captions = [CAPTIONS[:2], CAPTIONS[2:3], CAPTIONS[3:]]
     examples = walkthrough.retrieval_examples(model, images, captions)
-    reference = model.retrieve(images, CAPTIONS)
+    reference = api.retrieve(model, images, CAPTIONS)
     assert examples.texts == CAPTIONS and examples.text_image.tolist() == [0, 0, 1, 2]
     torch.testing.assert_close(examples.i2t, reference["i2t"].float())
     torch.testing.assert_close(examples.t2i, reference["t2i"].float())
@@ -312,28 +314,28 @@ def test_novel_box_metrics_count_only_the_novel_categories(tmp_path):
     # Every object found with its box; the novel ones named correctly in scene 1, named "square" in scene 2.
     records = [{"image_id": i, "category_id": c if (i, c) != (2, 11) else 9, "bbox": box, "score": 0.9}
                for i, objects in OBJECTS.items() for c, box in objects]
-    metrics, per_category = walkthrough.novel_box_metrics(path, records, categories())
-    assert (metrics["novel"]["AP"], metrics["novel"]["AP50"]) == pytest.approx(cocoeval_boxes(path, records, [11]))
-    assert (metrics["base"]["AP"], metrics["base"]["AP50"]) == pytest.approx(cocoeval_boxes(path, records, [5, 9]))
-    assert 0.0 < metrics["novel"]["AP"] < 1.0            # one of the two hexagons is missed
-    assert per_category == {"hexagon": {"AP": pytest.approx(metrics["novel"]["AP"]),
-                                        "AP50": pytest.approx(metrics["novel"]["AP50"]), "instances": 2}}
+    metrics, per_category = novel_metrics(path, records, categories())
+    assert (metrics["novel"]["bbox"]["AP"], metrics["novel"]["bbox"]["AP50"]) == pytest.approx(cocoeval_boxes(path, records, [11]))
+    assert (metrics["base"]["bbox"]["AP"], metrics["base"]["bbox"]["AP50"]) == pytest.approx(cocoeval_boxes(path, records, [5, 9]))
+    assert 0.0 < metrics["novel"]["bbox"]["AP"] < 1.0            # one of the two hexagons is missed
+    assert per_category == {"hexagon": {"AP": pytest.approx(metrics["novel"]["bbox"]["AP"]),
+                                        "AP50": pytest.approx(metrics["novel"]["bbox"]["AP50"]), "instances": 2}}
 
 
 def test_evaluate_novel_detection_on_a_model_matches_pycocotools(model, tmp_path):
     path = write_novel_set(tmp_path)
     cfg = tiny_config()
     cfg.data.root = str(tmp_path)
-    result = walkthrough.evaluate_novel_detection(model, cfg)
+    result = evaluate_novel_detection(model, cfg)
     assert result.class_names == ["circle", "square", "hexagon"] and result.novel_names == ["hexagon"]
     assert result.records and {r["category_id"] for r in result.records} <= {5, 9, 11}
     assert "segmentation" not in result.records[0]
     expected = cocoeval_boxes(path, result.records, [11])
-    assert (result.metrics["novel"]["AP"], result.metrics["novel"]["AP50"]) == pytest.approx(expected)
+    assert (result.metrics["novel"]["bbox"]["AP"], result.metrics["novel"]["bbox"]["AP50"]) == pytest.approx(expected)
 
     # A candidate list without the novel name: nothing can be called "hexagon", so its AP is 0 by construction.
-    seen_only = walkthrough.evaluate_novel_detection(model, cfg, class_names=["circle", "square", "balloon"])
-    assert {r["category_id"] for r in seen_only.records} <= {5, 9} and seen_only.metrics["novel"]["AP"] == 0.0
+    seen_only = evaluate_novel_detection(model, cfg, class_names=["circle", "square", "balloon"])
+    assert {r["category_id"] for r in seen_only.records} <= {5, 9} and seen_only.metrics["novel"]["bbox"]["AP"] == 0.0
 
 
 def test_best_proposal_logits_take_the_proposal_that_overlaps_each_object_most(model):
@@ -436,9 +438,9 @@ def test_novel_category_names(tmp_path):
 
 
 def test_novel_tables_scale_to_percent_and_blank_missing_values():
-    result = walkthrough.NovelDetectionResult(
+    result = NovelDetectionResult(
         ["circle", "hexagon"], ["hexagon"], [],
-        {"novel": {"AP": 0.1234, "AP50": 0.5}, "base": {"AP": float("nan"), "AP50": 0.25}},
+        {"novel": {"bbox": {"AP": 0.1234, "AP50": 0.5}}, "base": {"bbox": {"AP": float("nan"), "AP50": 0.25}}},
         {"hexagon": {"AP": 0.1234, "AP50": 0.5, "instances": 3}})
     assert walkthrough.novel_ap_table([("trained", "all names", result)])["rows"] == [
         ["trained", "all names", 12.34, 50.0, None, 25.0]]

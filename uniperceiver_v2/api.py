@@ -1,14 +1,15 @@
 """The public inference API: build a model, then classify / detect / caption / retrieve / fill masks.
 
-    from uniperceiver_v2 import build_model
-    model = build_model("tiny", checkpoint="runs/tiny/checkpoints")     # or a .safetensors file; None = random
-    model.classify([Image.open("cat.jpg")], ["cat", "dog", "tiger shark"])
-    model.detect(images, ["cat", "dog"], score_threshold=0.3)
-    model.caption(images, beam_size=3)
-    model.retrieve(images, ["a cat on a sofa", "two dogs"])
-    model.fill_mask(["a <mask> sits on the sofa"])
+    from uniperceiver_v2 import api
+    model = api.build_model("tiny", checkpoint="runs/tiny/checkpoints")  # or a .safetensors file; None = random
+    api.classify(model, [Image.open("cat.jpg")], ["cat", "dog", "tiger shark"])
+    api.detect(model, images, ["cat", "dog"], score_threshold=0.3)
+    api.caption(model, images, beam_size=3)
+    api.retrieve(model, images, ["a cat on a sofa", "two dogs"])
+    api.fill_mask(model, ["a <mask> sits on the sofa"])
 
-Every function here takes the model first; ``UniPerceiverV2`` has the same methods without it. Images are PIL
+Every function here takes the model first (the model itself knows nothing of image files or tokenising prompts:
+this module is where raw inputs become batches). Images are PIL
 images (any mode) or tensors (3, H, W) (float in [0, 1] or uint8), of any size, alone or in a list; resizing,
 ImageNet normalisation and padding happen inside with the evaluation transforms of ``uniperceiver_v2.data``
 (``data.image_size`` square crops for the whole-image tasks; shorter side ``data.det_eval_size`` for detection).
@@ -20,8 +21,7 @@ written by ``engine.checkpoint.save_checkpoint`` (safetensors weights, SHA-256-v
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
 
@@ -34,6 +34,8 @@ from uniperceiver_v2.config import Config, ConfigError, config_from_dict, load_c
 from uniperceiver_v2.data.collate import pad_images
 from uniperceiver_v2.data.images import pil_to_rgb_array
 from uniperceiver_v2.data.transforms import Normalize, resize_image, shorter_side_size, whole_image_eval_transform
+from uniperceiver_v2.engine.build import build_model, load_weights
+from uniperceiver_v2.engine.runtime import evaluation_mode
 from uniperceiver_v2.model import UniPerceiverV2
 from uniperceiver_v2.tasks.captioning import CaptioningTask
 from uniperceiver_v2.tasks.classification import ClassificationTask, ClassificationTaskBatch
@@ -59,69 +61,6 @@ ImageInput = Union[Image.Image, torch.Tensor]
 
 # The literal that marks a word to fill in ``fill_mask`` (replaced by the tokenizer's own mask token).
 MASK = "<mask>"
-
-
-# -------------------------------------------------------------------------------------------------- building
-def build_model(config: str | Path | Config | None = "tiny", checkpoint: str | Path | None = None
-                ) -> UniPerceiverV2:
-    """A ``UniPerceiverV2`` in evaluation mode, on the CPU (move it with ``.to(device)``).
-
-    Args:
-        config: a preset name ("tiny", "r50", "swin_base", "swin_large"), a YAML config path, a ``Config``, or None
-            for the config recorded in the checkpoint folder's meta.json.
-        checkpoint: None (random initialisation; the text encoder starts from its pre-trained weights), a
-            ``.safetensors`` file (``safetensors.torch.save_model`` of the model), or a checkpoint folder / run folder
-            of ``engine.checkpoint.save_checkpoint`` (the newest checkpoint of a run folder is used).
-    """
-    if config is None:
-        if checkpoint is None or Path(checkpoint).is_file():
-            raise ConfigError("build_model: config=None reads the config of a checkpoint folder; give a folder "
-                              "written by save_checkpoint, or a preset name")
-        from uniperceiver_v2.engine.checkpoint import read_checkpoint_meta
-
-        checkpoint = _checkpoint_location(Path(checkpoint))
-        saved = read_checkpoint_meta(checkpoint).get("config")
-        if saved is None:
-            raise ConfigError(f"{checkpoint}: meta.json records no config; pass the config to build_model")
-        cfg = config_from_dict(saved)
-    elif isinstance(config, Config):
-        cfg = config
-    else:
-        cfg = load_config(config)
-    model = UniPerceiverV2(cfg)
-    if checkpoint is not None:
-        load_weights(model, checkpoint)
-    return model.eval()
-
-
-def _checkpoint_location(path: Path) -> Path:
-    """A training run's output folder keeps its checkpoints in ``checkpoints/``: accept the run folder too."""
-    if path.is_dir() and not (path / "meta.json").exists() and not (path / "latest").exists() \
-            and (path / "checkpoints").is_dir():
-        return path / "checkpoints"
-    return path
-
-
-def load_weights(model: UniPerceiverV2, checkpoint: str | Path) -> None:
-    """Load weights (and the vocabulary buffer) from a ``.safetensors`` file, a ``save_checkpoint`` folder, or a
-    training run's output folder (its newest checkpoint)."""
-    path = Path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    path = _checkpoint_location(path)
-    if path.is_dir():
-        from uniperceiver_v2.engine.checkpoint import load_checkpoint
-
-        load_checkpoint(path, model, restore_rng=False)
-        return
-    if path.suffix != ".safetensors":
-        raise ValueError(f"checkpoint {path}: expected a .safetensors file or a checkpoint folder (other formats "
-                         f"would need unpickling)")
-    state = safetensors.torch.load_file(str(path), device=str(model.device))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise RuntimeError(f"{path} does not fit the model built from the config: {error}") from error
 
 
 # -------------------------------------------------------------------------------------------------- inputs
@@ -184,16 +123,6 @@ def prepare_detection_images(model: UniPerceiverV2, images) -> tuple[torch.Tenso
     return batch.to(model.device), padding_mask.to(model.device), torch.tensor(sizes, device=model.device)
 
 
-@contextlib.contextmanager
-def _evaluating(model: UniPerceiverV2) -> Iterator[None]:
-    """Evaluation mode and no gradients for the duration, then the model's previous mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 # -------------------------------------------------------------------------------------------------- tasks
@@ -206,7 +135,7 @@ def classify(model: UniPerceiverV2, images, class_names: Sequence[str], top_k: i
     """
     names = [str(name) for name in class_names]
     task = ClassificationTask(model.config.tasks.classification, names)
-    with _evaluating(model):
+    with evaluation_mode(model):
         pixels, padding_mask = prepare_whole_images(model, images)
         prediction = task.predict(model, ClassificationTaskBatch(pixels, padding_mask, None, tuple(names)), top_k)
     return [[{"label": names[c], "index": c, "score": s}
@@ -225,7 +154,7 @@ def detect(model: UniPerceiverV2, images, class_names: Sequence[str], score_thre
     """
     names = [str(name) for name in class_names]
     task = DetectionTask(model.config.tasks.detection, names)
-    with _evaluating(model):
+    with evaluation_mode(model):
         pixels, padding_mask, orig_sizes = prepare_detection_images(model, images)
         predictions = task.detect(model, pixels, padding_mask, orig_sizes, names)
     results = []
@@ -249,7 +178,7 @@ def caption(model: UniPerceiverV2, images, beam_size: int | None = None, max_len
         per image ``{"caption": str, "token_ids": list[int], "score": float (sum of token log-probabilities)}``.
     """
     task = CaptioningTask(model.config.tasks.captioning)
-    with _evaluating(model):
+    with evaluation_mode(model):
         pixels, padding_mask = prepare_whole_images(model, images, "captioning")
         return task.generate(model, pixels, padding_mask, beam_size, max_length)
 
@@ -265,7 +194,7 @@ def retrieve(model: UniPerceiverV2, images, texts: Sequence[str]) -> dict[str, t
     if not texts:
         raise ValueError("retrieve: no texts given")
     task = RetrievalTask(model.config.tasks.retrieval)
-    with _evaluating(model):
+    with evaluation_mode(model):
         pixels, padding_mask = prepare_whole_images(model, images, "retrieval")
         image_queries, image_candidates, _ = task.embed_images(model, pixels, padding_mask)
         text_queries, text_candidates, _ = task.embed_texts(model, texts)
@@ -288,7 +217,7 @@ def fill_mask(model: UniPerceiverV2, texts: str | Sequence[str], top_k: int = 5)
         if MASK not in text:
             raise ValueError(f"fill_mask: texts[{i}] = {text!r} has no {MASK}")
     task = MaskedLanguageModelingTask(model.config.tasks.mlm)
-    with _evaluating(model):
+    with evaluation_mode(model):
         tokens = model.tokenize([text.replace(MASK, tokenizer.mask_token) for text in texts])
         input_ids, attention_mask = tokens["input_ids"], tokens["attention_mask"]
         masked = input_ids == model.text_encoder.mask_token_id

@@ -30,7 +30,7 @@ from uniperceiver_v2.config import Config
 from uniperceiver_v2.modeling.image_encoder import ImageEncoder, ImageEncoderOutput
 from uniperceiver_v2.modeling.text_encoder import TextEncoder
 from uniperceiver_v2.modeling.unified_decoder import LogitScale, UnifiedDecoder
-from uniperceiver_v2.tasks.sequence import build_sequence, image_segment, spe_segment, text_segment
+from uniperceiver_v2.modeling.decoder_inputs import build_sequence, image_segment, spe_segment, text_segment
 from uniperceiver_v2.tasks.vocabulary import encode_sharded, full_vocabulary
 
 __all__ = ["LOGIT_SCALE_GROUPS", "UniPerceiverV2"]
@@ -285,33 +285,3 @@ class UniPerceiverV2(nn.Module):
 
         return self._cached((task, "vocabulary"), compute)
 
-    # -- inference API (``uniperceiver_v2.api``; imported here lazily because api.py imports this module) -------
-    def classify(self, images, class_names: Sequence[str], top_k: int = 5) -> list[list[dict]]:
-        """Zero-shot image classification; see ``api.classify``."""
-        from uniperceiver_v2.api import classify
-
-        return classify(self, images, class_names, top_k)
-
-    def detect(self, images, class_names: Sequence[str], score_threshold: float = 0.0) -> list[dict]:
-        """Open-vocabulary detection / instance segmentation; see ``api.detect``."""
-        from uniperceiver_v2.api import detect
-
-        return detect(self, images, class_names, score_threshold)
-
-    def caption(self, images, beam_size: int | None = None, max_length: int | None = None) -> list[dict]:
-        """Image captioning; see ``api.caption``."""
-        from uniperceiver_v2.api import caption
-
-        return caption(self, images, beam_size, max_length)
-
-    def retrieve(self, images, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Image-text similarities in both directions; see ``api.retrieve``."""
-        from uniperceiver_v2.api import retrieve
-
-        return retrieve(self, images, texts)
-
-    def fill_mask(self, texts: Sequence[str], top_k: int = 5) -> list[dict]:
-        """Fill every ``<mask>`` of each text; see ``api.fill_mask``."""
-        from uniperceiver_v2.api import fill_mask
-
-        return fill_mask(self, texts, top_k)

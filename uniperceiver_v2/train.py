@@ -25,17 +25,13 @@ x10 on the 2-vCPU build machine, ``docs/benchmarks.md``).
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import sys
-from collections.abc import Mapping
 
-from torch.utils.data import Dataset
-
-from .config import Config, ConfigError, load_config
+from .config import ConfigError, load_config
 from .data.summary import DataError
 
-__all__ = ["build_model", "build_tasks", "build_training", "main", "parse_args"]
+__all__ = ["main", "parse_args"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,56 +52,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
-def _vocabulary_texts(datasets: Mapping[str, Dataset]):
-    """Every training caption and corpus sentence, for the language tasks' vocabulary."""
-    for name in ("captioning", "retrieval"):
-        if name in datasets:
-            dataset = datasets[name]
-            yield from itertools.chain.from_iterable(dataset.captions_of(i) for i in range(dataset.num_images))
-            break
-    if "mlm" in datasets:
-        corpus = datasets["mlm"]
-        yield from (corpus[i] for i in range(len(corpus)))
-
-
-def build_model(cfg: Config, train_datasets: Mapping[str, Dataset]):
-    """``UniPerceiverV2(cfg)`` with the language tasks' vocabulary built from the training texts.
-
-    Every rank builds the same vocabulary (a deterministic function of the data), so no broadcast is needed.
-    """
-    from .model import UniPerceiverV2
-    from .tasks.vocabulary import build_vocabulary
-
-    model = UniPerceiverV2(cfg)
-    if "captioning" in train_datasets or "mlm" in train_datasets:
-        model.set_vocabulary(build_vocabulary(model.text_encoder.tokenizer, _vocabulary_texts(train_datasets)))
-    return model
-
-
-def build_tasks(cfg: Config, datasets: Mapping[str, Dataset]) -> dict:
-    """The task objects (``tasks.TASKS``), with their candidate lists (class names) from ``datasets``."""
-    from .tasks import TASKS
-
-    return {name: TASKS[name].from_dataset(cfg.tasks.get(name), dataset) for name, dataset in datasets.items()}
-
-
-def build_training(cfg: Config):
-    """(model, tasks, training datasets) for the enabled tasks; generates the synthetic suite if configured.
-
-    The model is initialised from ``torch.manual_seed(run.seed)``, the same on every rank (DDP also broadcasts
-    rank 0's weights when it wraps the model).
-    """
-    import torch
-
-    from .engine.data_setup import build_task_datasets, ensure_data
-
-    ensure_data(cfg)
-    datasets = build_task_datasets(cfg, cfg.data.train_split, train=True)
-    torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg, datasets)
-    return model, build_tasks(cfg, datasets), datasets
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -121,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .engine.distributed import destroy_distributed, get_rank, init_distributed
     from .engine.trainer import Trainer, fail_fast
-    from .evaluate import evaluate
+    from .engine.build import build_training
+    from .engine.evaluation import evaluate
 
     with fail_fast():
         init_distributed()

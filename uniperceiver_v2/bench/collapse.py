@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from uniperceiver_v2.bench import TASK_NAMES
+from uniperceiver_v2.engine.runtime import evaluation_mode
 
 
 def mean_pairwise_cosine(vectors):
@@ -51,18 +52,13 @@ def probe_cosines(model, task, batch) -> dict[str, float]:
     """{"img", "cls", "tok"}: the three mean pairwise cosines of the module docstring on ``batch``."""
     import torch
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            image = model.encode_images(batch.images, batch.padding_mask)
-            representations = model.image_representations(image, "classification", True)[0]
-            names = model.class_name_embeddings(task.class_names, "classification")
-            return {"img": mean_pairwise_cosine(representations),
-                    "cls": mean_pairwise_cosine(names),
-                    "tok": mean_pairwise_cosine(image.tokens.mean(1))}
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model):
+        image = model.encode_images(batch.images, batch.padding_mask)
+        representations = model.image_representations(image, "classification", True)[0]
+        names = model.class_name_embeddings(task.class_names, "classification")
+        return {"img": mean_pairwise_cosine(representations),
+                "cls": mean_pairwise_cosine(names),
+                "tok": mean_pairwise_cosine(image.tokens.mean(1))}
 
 
 def run(args: argparse.Namespace, output_dir: str, out=sys.stdout) -> list[dict]:
@@ -70,7 +66,7 @@ def run(args: argparse.Namespace, output_dir: str, out=sys.stdout) -> list[dict]
     from uniperceiver_v2.config import load_config
     from uniperceiver_v2.engine.data_setup import build_task_dataset
     from uniperceiver_v2.engine.trainer import Trainer
-    from uniperceiver_v2.train import build_training
+    from uniperceiver_v2.engine.build import build_training
 
     disabled = [f"tasks.{name}.enabled=false" for name in TASK_NAMES if name not in args.tasks]
     # The schedule spans --iterations unless the overrides say otherwise (run.iterations=... sets a longer one).

@@ -38,7 +38,7 @@ def _worker(args: argparse.Namespace) -> int:
     from uniperceiver_v2.config import load_config
     from uniperceiver_v2.engine.distributed import barrier, destroy_distributed, get_rank, init_distributed
     from uniperceiver_v2.engine.trainer import Trainer
-    from uniperceiver_v2.train import build_training
+    from uniperceiver_v2.engine.build import build_training
 
     task = args.worker
     disabled = [f"tasks.{name}.enabled=false" for name in TASK_NAMES if name != task]

@@ -245,6 +245,8 @@ def read_metrics(path: str | Path, kind: str | None = "train") -> list[dict[str,
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{line_number}: not valid JSON: {error}") from error
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
             if kind is None or record.get("kind") == kind:
                 records.append(record)
     return records

@@ -93,6 +93,7 @@ from .data_setup import TaskStream
 from .distributed import get_rank, get_world_size, init_distributed, is_distributed
 from .logging import MetricWriter, WindowAverages, json_safe
 from .optim import MTAdamW, build_param_groups
+from .runtime import move_to_device, resolve_device
 from .sampling import MixedTaskSampler, UnmixedTaskSampler
 from .schedule import WarmupStepSchedule, build_lr_scheduler
 
@@ -101,9 +102,7 @@ __all__ = [
     "TrainResult",
     "build_optimizer",
     "fail_fast",
-    "move_to_device",
     "no_weight_decay",
-    "resolve_device",
     "seed_iteration",
     "write_run_files",
 ]
@@ -118,14 +117,6 @@ EvaluateFn = Callable[[nn.Module, Config, Mapping[str, Any], str], dict]
 # ----------------------------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------------------------
-def resolve_device(cfg: Config, default: torch.device) -> torch.device:
-    """``run.device``: "auto" takes ``default`` (cuda:LOCAL_RANK under torchrun with CUDA, else cpu)."""
-    if cfg.run.device == "auto":
-        return default
-    device = torch.device(cfg.run.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"run.device: {cfg.run.device!r} but CUDA is not available")
-    return device
 
 
 def seed_iteration(seed: int, rank: int, iteration: int) -> None:
@@ -136,15 +127,6 @@ def seed_iteration(seed: int, rank: int, iteration: int) -> None:
     random.seed(int(state[1]))
 
 
-def move_to_device(batch: Any, device: torch.device) -> Any:
-    """Tensors, objects with ``.to(device)`` (the data module's batch dataclasses), and containers of them."""
-    if isinstance(batch, torch.Tensor) or (hasattr(batch, "to") and callable(batch.to) and not isinstance(batch, type)):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {key: move_to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(item, device) for item in batch)
-    return batch
 
 
 def no_weight_decay(model: nn.Module) -> Callable[[str, nn.Parameter], bool]:
@@ -318,7 +300,7 @@ class Trainer:
                 raise ConfigError(f"tasks.{name}: enabled in the config but no training dataset was given")
         info = init_distributed()
         self.rank, self.world_size = info.rank, info.world_size
-        self.device = resolve_device(cfg, info.device)
+        self.device = resolve_device(cfg.run.device, info.device)
         self.output_dir = Path(cfg.run.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.evaluate_fn = evaluate_fn

@@ -23,9 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from uniperceiver_v2.config import ImageEncoderConfig
-from uniperceiver_v2.modeling.backbone import build_backbone
+from uniperceiver_v2.modeling.backbone import build_backbone_from_config
 from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy, normalize_targets
-from uniperceiver_v2.modeling.criterion import RegionProposalCriterion
+from uniperceiver_v2.modeling.proposal_criterion import RegionProposalCriterion
 from uniperceiver_v2.modeling.global_pooling import GLOBAL_FLATTENED, GLOBAL_POOLED, GlobalRepresentations
 from uniperceiver_v2.modeling.region_proposal import RegionProposalNetwork
 
@@ -129,7 +129,7 @@ class ImageEncoder(nn.Module):
     def __init__(self, cfg: ImageEncoderConfig):
         super().__init__()
         self.cfg = cfg
-        self.backbone = build_backbone(cfg.backbone, cfg.backbone_channels, cfg.backbone_weights)
+        self.backbone = build_backbone_from_config(cfg)
         channels = self.backbone.channels
         self.global_representations = (GlobalRepresentations(channels[3], cfg.hidden_dim, cfg.num_global_pools,
                                                              cfg.nheads) if cfg.use_global else None)

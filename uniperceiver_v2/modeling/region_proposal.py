@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from uniperceiver_v2.config import ImageEncoderConfig
 from uniperceiver_v2.modeling.backbone import group_norm
 from uniperceiver_v2.modeling.box_ops import inverse_sigmoid
-from uniperceiver_v2.modeling.criterion import PredictionSet
+from uniperceiver_v2.modeling.proposal_criterion import PredictionSet
 from uniperceiver_v2.modeling.deformable_transformer import MLP, DeformableDecoder, DeformableEncoder, flatten_levels
 from uniperceiver_v2.modeling.denoising import DenoisingQueries, build_denoising_queries
 from uniperceiver_v2.modeling.mask_head import MaskHead

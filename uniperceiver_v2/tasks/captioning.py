@@ -41,7 +41,7 @@ from uniperceiver_v2.modeling.attention_masks import autoregressive_mask
 from uniperceiver_v2.modeling.image_encoder import ImageEncoderOutput
 from uniperceiver_v2.tasks.base import Task
 from uniperceiver_v2.tasks.losses import IGNORE_INDEX, unified_loss
-from uniperceiver_v2.tasks.sequence import Segment, build_sequence, image_segment, spe_segment, text_segment
+from uniperceiver_v2.modeling.decoder_inputs import Segment, build_sequence, image_segment, spe_segment, text_segment
 from uniperceiver_v2.tasks.vocabulary import end_token_id, start_token_id, vocabulary_lookup
 
 __all__ = ["CaptioningTask", "CaptioningTaskBatch"]

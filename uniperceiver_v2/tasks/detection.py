@@ -40,7 +40,7 @@ from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy, box_iou
 from uniperceiver_v2.modeling.image_encoder import ImageEncoderOutput, postprocess
 from uniperceiver_v2.tasks.base import Task
 from uniperceiver_v2.tasks.losses import IGNORE_INDEX, unified_loss
-from uniperceiver_v2.tasks.sequence import build_sequence, image_segment, spe_segment
+from uniperceiver_v2.modeling.decoder_inputs import build_sequence, image_segment, spe_segment
 
 __all__ = ["IOU_THRESHOLD", "DetectionTask", "DetectionTaskBatch", "assign_proposal_labels", "to_coco_results"]
 

@@ -1,7 +1,7 @@
 """Figures of the unified decoder and Conditional-MoE walk-throughs (notebooks 03 and 04).
 
 Same conventions as ``uniperceiver_v2.viz``: plain inputs (tensors, arrays, lists), and every function returns the
-matplotlib ``Figure`` it drew on (built without pyplot). The data behind them comes from ``uniperceiver_v2.gating``.
+matplotlib ``Figure`` it drew on (built without pyplot). The data behind them comes from ``uniperceiver_v2.walkthrough.gating``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .viz import _figure, _single_axes, class_color, to_numpy
+from .base import _figure, _single_axes, class_color, to_numpy
 
 __all__ = ["plot_attribute_bits", "plot_expert_load", "plot_expert_usage"]
 

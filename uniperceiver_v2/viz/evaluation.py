@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from .viz import to_display_image
+from .base import to_display_image
 
 __all__ = ["plot_topk_predictions", "show_text_retrieval"]
 

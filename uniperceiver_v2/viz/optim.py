@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
-from .viz import class_color, to_numpy
+from .base import class_color, to_numpy
 
 __all__ = [
     "plot_grad_norms",
@@ -232,7 +232,7 @@ def plot_task_curves(curves: Mapping[str, Mapping[str, tuple[Any, Any, Any, Any]
 
 def plot_interference(matrix: Any, task_names: Sequence[str], title: str | None = None,
                       limit: float | None = None, ax: Axes | None = None) -> Figure:
-    """The task-interference matrix I(i -> j) (DESIGN.md; `uniperceiver_v2.interference`) as a heat map.
+    """The task-interference matrix I(i -> j) (DESIGN.md; `uniperceiver_v2.walkthrough.interference`) as a heat map.
 
     Args:
         matrix: (K, K), matrix[i, j] = I(task i -> task j): > 0 training task i lowers task j's loss, < 0 it

@@ -15,7 +15,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-from .viz import _as_boxes, _figure, _grid_shape, _image_axes, _single_axes, class_color, to_display_image, to_numpy
+from .base import _as_boxes, _figure, _grid_shape, _image_axes, _single_axes, class_color, to_display_image, to_numpy
 
 __all__ = ["draw_denoising_boxes", "plot_bars", "plot_cost_matrices", "plot_level_maps", "plot_token_layout"]
 

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .viz import _figure
+from .base import _figure
 
-__all__ = ["grouped_bars", "plot_ablation", "plot_metrics_vs_paper"]
+__all__ = ["grouped_bars", "plot_ablation", "plot_metrics_vs_paper", "results_table_figure"]
 
 Value = float | None
 OURS_COLOR = "tab:blue"
@@ -158,4 +159,34 @@ def plot_metrics_vs_paper(columns: Sequence[str], series: Mapping[str, Sequence[
     ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=10)
+    return fig
+
+
+def results_table_figure(rows: Sequence[Sequence[Any]], columns: Sequence[str], title: str | None = None,
+                         float_format: str = "{:.1f}") -> Figure:
+    """A table as a figure, e.g. our numbers next to the paper's; floats are formatted with ``float_format``."""
+    for index, row in enumerate(rows):
+        if len(row) != len(columns):
+            raise ValueError(f"rows[{index}]: expected {len(columns)} cells (one per column), got {len(row)}")
+
+    def fmt(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, (float, np.floating)):
+            return float_format.format(value)
+        return str(value)
+
+    cells = [[fmt(v) for v in row] for row in rows] or [["" for _ in columns]]
+    fig, axes = _figure(figsize=(max(4.0, 1.3 * len(columns)), 0.6 + 0.32 * (len(cells) + 1)))
+    ax = axes[0, 0]
+    ax.set_axis_off()
+    table = ax.table(cellText=cells, colLabels=list(columns), loc="center", cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    for (row, _), cell in table.get_celld().items():
+        if row == 0:
+            cell.set_text_props(fontweight="bold")
+            cell.set_facecolor("#e8e8e8")
+    if title:
+        ax.set_title(title)
     return fig

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, apply_overrides, get_preset
+from ..config import Config, ConfigError, apply_overrides, get_preset
 from .paper_results import ABLATION_COLUMNS, PaperTable, metric_value, ours_vs_paper, paper_table
 
 __all__ = [
@@ -449,9 +449,9 @@ def _train_in_process(cfg: Config, argv: list[str], threads: int | None) -> None
     """Train and evaluate in this process (one process); the trainer writes ``eval_<split>_<iteration>.json``."""
     import torch
 
-    from .engine.trainer import Trainer
-    from .evaluate import evaluate
-    from .train import build_training
+    from ..engine.trainer import Trainer
+    from ..engine.evaluation import evaluate
+    from ..engine.build import build_training
 
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -498,7 +498,7 @@ def _cuda_available() -> bool:
 
 def _final_losses(output_dir: Path) -> tuple[dict[str, float], float | None]:
     """The last logged loss of each task and the training time in seconds, from ``metrics.jsonl``."""
-    from .engine.logging import read_metrics
+    from ..engine.logging import read_metrics
 
     path = output_dir / "metrics.jsonl"
     if not path.is_file():
@@ -646,7 +646,7 @@ class TableReport:
     @property
     def markdown(self) -> str:
         """The side-by-side table and the notes, as Markdown."""
-        from .reproduce import markdown_table
+        from .pipeline import markdown_table
 
         lines = [f"**{self.title}** (ours: synthetic data, tiny model; paper: R50, 150k iterations on 16 A100s)",
                  "", markdown_table(self.side_by_side["columns"], self.side_by_side["rows"])]
@@ -658,7 +658,7 @@ class TableReport:
         """Our rows and the paper's as gaps to the reference rows, one panel per column
         (``viz_tables.plot_ablation``); the paper's rows carry our labels where they have a counterpart.
         Without our reference row (not run) only the paper's gaps are drawn."""
-        from .viz_tables import plot_ablation
+        from ..viz.tables import plot_ablation
 
         table = _table(self.key)
         ours_label = {paper: ours for ours, paper in table.paper_rows.items() if paper is not None}

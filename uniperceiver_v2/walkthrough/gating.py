@@ -36,6 +36,7 @@ from torch import nn
 
 from uniperceiver_v2.bench.moe import Case, run_case
 from uniperceiver_v2.config import DecoderConfig
+from uniperceiver_v2.engine.runtime import evaluation_mode
 from uniperceiver_v2.modeling.attributes import ATTRIBUTE_NAMES, NUM_ATTRIBUTES, TASK_IDS, attribute_codes
 from uniperceiver_v2.modeling.moe import GateRecord, capacity_keep, is_gate_parameter
 from uniperceiver_v2.modeling.unified_decoder import DecoderOutput, UnifiedDecoder
@@ -250,18 +251,13 @@ def run_tasks(model: nn.Module, tasks: Mapping[str, Any], batches: Mapping[str, 
     Returns:
         (task -> {loss term: value}, the ``DecoderRecorder``).
     """
-    was_training = model.training
-    model.eval()
     losses = {}
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]), \
-                record_decoder_calls(model.decoder, keep_inputs) as recorder:
-            torch.manual_seed(seed)
-            for name, task in tasks.items():
-                with recorder.labelled(name):
-                    losses[name] = {key: float(value) for key, value in task.loss(model, batches[name]).items()}
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model), torch.random.fork_rng(devices=[]), \
+            record_decoder_calls(model.decoder, keep_inputs) as recorder:
+        torch.manual_seed(seed)
+        for name, task in tasks.items():
+            with recorder.labelled(name):
+                losses[name] = {key: float(value) for key, value in task.loss(model, batches[name]).items()}
     return losses, recorder
 
 
@@ -633,17 +629,13 @@ def merged_difference(decoder: UnifiedDecoder, calls: Sequence[DecoderCall]) -> 
     Returns:
         task name (or the call's label when it has no task id) -> max absolute difference.
     """
-    was_training = decoder.training
-    decoder.eval()
-    try:
+    with evaluation_mode(decoder):
         unmerged = [replay(call, decoder, record_gates=False).hidden for call in calls]
         decoder.merge_experts()
         try:
             merged = [replay(call, decoder, record_gates=False).hidden for call in calls]
         finally:
             decoder.unmerge_experts()
-    finally:
-        decoder.train(was_training)
     differences: dict[str, float] = {}
     for call, a, b in zip(calls, unmerged, merged):
         name = call.task or str(call.label)

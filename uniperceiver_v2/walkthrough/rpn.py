@@ -35,8 +35,9 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from uniperceiver_v2.data.collate import collate_detection
+from uniperceiver_v2.engine.runtime import evaluation_mode
 from uniperceiver_v2.data.samples import DetectionBatch, DetectionSample
-from uniperceiver_v2.evaluation.coco import evaluate_coco
+from uniperceiver_v2.metrics.coco import evaluate_coco
 from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy, box_iou
 from uniperceiver_v2.modeling.denoising import DenoisingQueries
 from uniperceiver_v2.modeling.image_encoder import ImageEncoder, ImageEncoderOutput, postprocess
@@ -247,13 +248,9 @@ def predict_proposals(encoder: ImageEncoder, samples: Sequence[DetectionSample],
     """
     if encoder.region_proposals is None:
         raise ValueError("predict_proposals: the encoder was built with image_encoder.use_regional=false")
-    was_training = encoder.training
-    encoder.eval()
-    try:
+    with evaluation_mode(encoder):
         batch = collate_detection(samples).to(_device(encoder))
         out = encoder(batch.images, batch.padding_mask)
-    finally:
-        encoder.train(was_training)
     sizes = (torch.as_tensor(batch.orig_sizes, dtype=torch.long, device=out.boxes.device) if in_original_pixels
              else out.image_sizes)
     located = postprocess(out.boxes, out.masks, out.image_sizes, sizes)

@@ -52,9 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine.optim import MTAdamW, global_grad_norm
-from .engine.sampling import MixedTaskSampler, UnmixedTaskSampler
-from .engine.schedule import WarmupStepSchedule, build_lr_scheduler
+from ..engine.optim import MTAdamW, global_grad_norm
+from ..engine.sampling import MixedTaskSampler, UnmixedTaskSampler
+from ..engine.schedule import WarmupStepSchedule, build_lr_scheduler
 from .interference import TaskInterference, task_interference
 
 __all__ = [
@@ -611,7 +611,7 @@ def toy_interference(
     num_batches: int = 50,
     seed: int = 0,
 ) -> TaskInterference:
-    """Task interference I(i -> j) (DESIGN.md, `uniperceiver_v2.interference`) of the toy tasks on `model`'s
+    """Task interference I(i -> j) (DESIGN.md, `uniperceiver_v2.walkthrough.interference`) of the toy tasks on `model`'s
     shared parameters (default: the whole trunk; "trunk.0" / "trunk.2" are its two Linear layers).
 
     Gradients are those of the unscaled L_k: the metric is a ratio of dot products with unit directions, so

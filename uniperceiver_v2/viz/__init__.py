@@ -1,0 +1,38 @@
+"""Every figure of the project, one module per subject; this package re-exports them all (``viz.draw_detections``).
+
+Notebooks and tests draw through this package only, so a figure looks the same wherever it appears.
+
+Conventions (every module):
+  * Inputs are plain: numpy arrays, torch tensors (any device, with or without grad) or nested lists.
+  * Images are CHW or HWC, float in [0, 1] or uint8 in [0, 255]; grayscale HW is accepted too. An image normalised
+    for a backbone is shown after ``mean`` / ``std`` undo the normalisation (``mean=IMAGENET_MEAN, std=IMAGENET_STD``).
+  * Boxes are absolute pixel coordinates ``(x0, y0, x1, y1)``.
+  * Every function returns the :class:`matplotlib.figure.Figure` it drew on and never calls ``plt.show()``; figures
+    are built without pyplot, so nothing accumulates in pyplot's figure list. Single-panel functions take ``ax=``.
+
+| module | subject |
+| --- | --- |
+| ``base`` | input conversion, class colours, figure set-up |
+| ``images`` | images with detections, masks, proposals, sampling points, attention maps, captions, retrieved texts |
+| ``matrices`` | attention masks, similarity matrices, expert usage (gates) as heat maps |
+| ``curves`` | training curves from ``metrics.jsonl`` |
+| ``statistics`` | statistics of a COCO instances file |
+| ``regions`` | region proposal network internals: level maps, denoising groups, matching costs, token layout, bars |
+| ``decoder`` | the unified decoder's MoE: attribute bits, expert usage per layer, expert load |
+| ``evaluation`` | qualitative evaluation: top-k predictions, text-to-image retrieval |
+| ``optim`` | task sampling, gradient norms, per-task curves, interference matrices |
+| ``tables`` | result tables and ablations next to the paper's |
+"""
+
+from .base import IMAGENET_MEAN, IMAGENET_STD, class_color, subplots, to_display_image, to_numpy
+from .images import show_image, image_grid, draw_detections, draw_proposals, draw_sampling_points, attention_heatmaps, show_captions, show_retrieval
+from .matrices import plot_attention_mask, plot_similarity_matrix, plot_gate_heatmap
+from .curves import plot_curves
+from .statistics import coco_instance_statistics, plot_instance_statistics
+from .regions import plot_level_maps, draw_denoising_boxes, plot_cost_matrices, plot_bars, plot_token_layout
+from .decoder import plot_attribute_bits, plot_expert_usage, plot_expert_load
+from .evaluation import plot_topk_predictions, show_text_retrieval
+from .optim import plot_task_sequence, plot_sampling_weights, plot_grad_norms, plot_task_curves, plot_interference
+from .tables import grouped_bars, plot_ablation, plot_metrics_vs_paper, results_table_figure
+
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'attention_heatmaps', 'class_color', 'coco_instance_statistics', 'draw_denoising_boxes', 'draw_detections', 'draw_proposals', 'draw_sampling_points', 'grouped_bars', 'image_grid', 'plot_ablation', 'plot_attention_mask', 'plot_attribute_bits', 'plot_bars', 'plot_cost_matrices', 'plot_curves', 'plot_expert_load', 'plot_expert_usage', 'plot_gate_heatmap', 'plot_grad_norms', 'plot_instance_statistics', 'plot_interference', 'plot_level_maps', 'plot_metrics_vs_paper', 'plot_sampling_weights', 'plot_similarity_matrix', 'plot_task_curves', 'plot_task_sequence', 'plot_token_layout', 'plot_topk_predictions', 'results_table_figure', 'show_captions', 'show_image', 'show_retrieval', 'show_text_retrieval', 'subplots', 'to_display_image', 'to_numpy']

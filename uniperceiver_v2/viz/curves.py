@@ -1,0 +1,80 @@
+"""Training curves from the trainer's JSON-lines log (``metrics.jsonl``)."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from ..engine.logging import read_metrics
+
+from .base import (_PALETTE, _MASK_ALPHA, _LEVEL_CMAP, _as_boxes, _as_vector, _figure, _grid_shape, _hide_frame, _image_axes, _single_axes, class_color, to_display_image, to_numpy)
+
+
+def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean over the last ``window`` points (fewer at the start), so the curve keeps its first point."""
+    if window <= 1:
+        return values
+    cumulative = np.cumsum(np.insert(values, 0, 0.0))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    return (cumulative[1:] - cumulative[np.arange(1, len(values) + 1) - counts]) / counts
+
+
+def plot_curves(log_path_or_records: str | Path | Sequence[Mapping[str, Any]], keys: Sequence[str] = ("loss",),
+                by: str | None = "task", smooth: int = 0, logy: bool = False, kind: str | None = None) -> Figure:
+    """Training curves from a JSON-lines log: one panel per key, one line per value of ``by`` (per task).
+
+    Args:
+        log_path_or_records: a ``.jsonl`` file (one object per line, each with at least ``iteration``; the
+            trainer's ``metrics.jsonl``) or the records themselves as a list of dicts.
+        keys: record fields to plot, e.g. ``("loss", "lr")``; a record without a key (or with None, a
+            non-finite value in the trainer's log) is left out of that panel.
+        by: the field that splits a panel into lines (records without it form the line "all"); None = one line.
+        smooth: moving-average window in points (0 or 1 = raw values).
+        logy: logarithmic y axis.
+        kind: keep only records whose ``kind`` field equals this (the trainer writes "train" and "eval").
+    """
+    if isinstance(log_path_or_records, (str, Path)):
+        source = str(log_path_or_records)
+        records = read_metrics(log_path_or_records, kind=None)
+    else:
+        source = "records"
+        records = list(log_path_or_records)
+    if not keys:
+        raise ValueError("plot_curves: keys is empty; name at least one field to plot")
+    if smooth < 0:
+        raise ValueError(f"plot_curves: smooth must be >= 0, got {smooth}")
+    if kind is not None:
+        records = [record for record in records if record.get("kind") == kind]
+    for index, record in enumerate(records):
+        if "iteration" not in record:
+            raise ValueError(f"{source}: record {index} has no 'iteration' field: {record}")
+
+    fig, axes = _figure(1, len(keys), figsize=(4.6 * len(keys), 3.4))
+    for ax, key in zip(axes[0], keys):
+        series: dict[str, list[tuple[float, float]]] = {}
+        for record in records:
+            if key in record and record[key] is not None:
+                group = str(record.get(by, "all")) if by is not None else "all"
+                series.setdefault(group, []).append((float(record["iteration"]), float(record[key])))
+        for group in sorted(series):
+            points = np.asarray(sorted(series[group]))
+            ax.plot(points[:, 0], _moving_average(points[:, 1], smooth), label=group, linewidth=1.2)
+        if not series:
+            ax.text(0.5, 0.5, f"no records with '{key}'", transform=ax.transAxes, ha="center", va="center")
+        if logy and series:
+            ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    return fig

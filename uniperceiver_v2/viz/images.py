@@ -1,0 +1,309 @@
+"""Images with their annotations: detections, masks, proposals, sampling points, attention maps, captions and
+retrieved texts."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from .base import (_PALETTE, _MASK_ALPHA, _LEVEL_CMAP, _as_boxes, _as_vector, _figure, _grid_shape, _hide_frame, _image_axes, _single_axes, class_color, to_display_image, to_numpy)
+
+
+def show_image(image: Any, title: str | None = None, mean: Sequence[float] | None = None,
+               std: Sequence[float] | None = None, ax: Axes | None = None) -> Figure:
+    """One image (see :func:`to_display_image` for the accepted layouts)."""
+    fig, ax = _image_axes(ax, to_display_image(image, mean, std))
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def image_grid(images: Sequence[Any], titles: Sequence[str] | None = None,
+               title_colors: Sequence[Any] | None = None, ncols: int = 6,
+               mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Figure:
+    """Images in a grid, each with an optional title (e.g. its class name; ``title_colors`` to mark novel ones)."""
+    n = len(images)
+    rows, cols = _grid_shape(n, ncols)
+    for name, values in (("titles", titles), ("title_colors", title_colors)):
+        if values is not None and len(values) != n:
+            raise ValueError(f"{name}: expected {n} entries (one per image), got {len(values)}")
+    fig, axes = _figure(rows, cols, figsize=(1.8 * cols, 1.9 * rows))
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i >= n:
+            continue
+        ax.imshow(to_display_image(images[i], mean, std))
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=8, color=title_colors[i] if title_colors is not None else "black")
+    return fig
+
+
+def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any = None, masks: Any = None,
+                    class_names: Sequence[str] | None = None, score_threshold: float = 0.0,
+                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                    title: str | None = None, ax: Axes | None = None) -> Figure:
+    """Boxes with "class score" captions and semi-transparent instance masks, one stable colour per class.
+
+    Ground truth and predictions are drawn the same way; leave ``scores=None`` for ground truth.
+
+    Args:
+        image: (3, H, W) / (H, W, 3), see :func:`to_display_image`.
+        boxes_xyxy: (N, 4) absolute pixel coordinates.
+        labels: (N,) class ids, or None (each instance then gets its own colour).
+        scores: (N,) confidences, or None. With scores, instances below ``score_threshold`` are left out.
+        masks: (N, H, W) bool, or probabilities in [0, 1] (shown where > 0.5), at the image's resolution.
+        class_names: names indexed by class id, for the captions.
+    """
+    picture = to_display_image(image, mean, std)
+    height, width = picture.shape[:2]
+    boxes = _as_boxes(boxes_xyxy, "boxes_xyxy")
+    n = len(boxes)
+    labels_np = None if labels is None else _as_vector(labels, n, "labels").astype(np.int64)
+    scores_np = None if scores is None else _as_vector(scores, n, "scores").astype(np.float64)
+    keep = np.ones(n, dtype=bool) if scores_np is None else scores_np >= score_threshold
+
+    fig, ax = _image_axes(ax, picture)
+    colors = [class_color(labels_np[i]) if labels_np is not None else class_color(i) for i in range(n)]
+
+    if masks is not None:
+        masks_np = to_numpy(masks)
+        if masks_np.shape != (n, height, width):
+            raise ValueError(f"masks: expected shape ({n}, {height}, {width}) (one mask per box, at the image's "
+                             f"resolution), got {masks_np.shape}")
+        overlay = np.zeros((height, width, 4), dtype=np.float32)
+        # Draw low scores first so the most confident instance is on top where masks overlap.
+        order = np.argsort(scores_np, kind="stable") if scores_np is not None else np.arange(n)
+        for i in order:
+            if not keep[i]:
+                continue
+            region = masks_np[i] > 0.5
+            overlay[region, :3] = colors[i]
+            overlay[region, 3] = _MASK_ALPHA
+        ax.imshow(overlay, extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="nearest")
+
+    for i in np.flatnonzero(keep):
+        x0, y0, x1, y1 = boxes[i]
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colors[i], linewidth=1.5))
+        caption = _detection_caption(i, labels_np, scores_np, class_names)
+        if caption:
+            ax.text(x0, y0, caption, fontsize=7, color="white", va="bottom", ha="left", clip_on=True,
+                    bbox=dict(facecolor=colors[i], alpha=0.8, pad=1.0, edgecolor="none"))
+    ax.set_xlim(-0.5, width - 0.5)
+    ax.set_ylim(height - 0.5, -0.5)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def _detection_caption(i: int, labels: np.ndarray | None, scores: np.ndarray | None,
+                       class_names: Sequence[str] | None) -> str:
+    parts = []
+    if labels is not None:
+        label = int(labels[i])
+        if class_names is not None:
+            if not 0 <= label < len(class_names):
+                raise ValueError(f"labels: class id {label} has no entry in class_names ({len(class_names)} names)")
+            parts.append(str(class_names[label]))
+        else:
+            parts.append(str(label))
+    if scores is not None:
+        parts.append(f"{scores[i]:.2f}")
+    return " ".join(parts)
+
+
+def draw_proposals(image: Any, boxes: Any, objectness: Any, top: int = 20,
+                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                   title: str | None = None, ax: Axes | None = None) -> Figure:
+    """The ``top`` region proposals by objectness, coloured by their objectness (Sec. 4.1, query selection).
+
+    Args:
+        boxes: (N, 4) absolute pixel (x0, y0, x1, y1).
+        objectness: (N,) any score that orders the proposals (logit or probability); the colour bar shows it
+            as given.
+    """
+    if top < 1:
+        raise ValueError(f"top: expected at least 1 proposal to draw, got {top}")
+    picture = to_display_image(image, mean, std)
+    boxes_np = _as_boxes(boxes)
+    score = _as_vector(objectness, len(boxes_np), "objectness").astype(np.float64)
+    order = np.argsort(-score, kind="stable")[:top]
+    fig, ax = _image_axes(ax, picture)
+    if len(order):
+        norm = matplotlib.colors.Normalize(vmin=score[order].min(), vmax=score[order].max())
+        cmap = matplotlib.colormaps["plasma"]
+        # Weakest first, so the strongest proposals are drawn on top.
+        for i in order[::-1]:
+            x0, y0, x1, y1 = boxes_np[i]
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=cmap(norm(score[i])),
+                                   linewidth=1.2))
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.8, label="objectness")
+    h, w = picture.shape[:2]
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
+    ax.set_title(title if title else f"top {len(order)} of {len(boxes_np)} proposals")
+    return fig
+
+
+def draw_sampling_points(image: Any, reference_point: Any, sampling_locations: Any, attention_weights: Any,
+                         level_names: Sequence[str] | None = None, mean: Sequence[float] | None = None,
+                         std: Sequence[float] | None = None, title: str | None = None,
+                         ax: Axes | None = None) -> Figure:
+    """Where one query of multi-scale deformable attention looks: its sampling points, one colour per feature
+    level, each point's area proportional to its attention weight.
+
+    Args:
+        reference_point: (2,) normalised (x, y) in [0, 1].
+        sampling_locations: (levels, points, 2) or (heads, levels, points, 2), normalised (x, y) in [0, 1]
+            (the layout of Deformable-DETR's ``sampling_locations`` for one query).
+        attention_weights: (levels, points) or (heads, levels, points); softmax-normalised over levels x points.
+        level_names: a name per level for the legend (e.g. "stride 8").
+    """
+    picture = to_display_image(image, mean, std)
+    h, w = picture.shape[:2]
+    locations = to_numpy(sampling_locations).astype(np.float64)
+    weights = to_numpy(attention_weights).astype(np.float64)
+    if locations.ndim == 4:   # heads: fold into points, each head's points stay at their own level
+        locations = locations.transpose(1, 0, 2, 3).reshape(locations.shape[1], -1, 2)
+        if weights.ndim != 3:
+            raise ValueError(f"attention_weights: expected (heads, levels, points) to match sampling_locations, "
+                             f"got shape {weights.shape}")
+        weights = weights.transpose(1, 0, 2).reshape(weights.shape[1], -1)
+    if locations.ndim != 3 or locations.shape[-1] != 2:
+        raise ValueError(f"sampling_locations: expected (levels, points, 2), got shape {locations.shape}")
+    if weights.shape != locations.shape[:2]:
+        raise ValueError(f"attention_weights: expected shape {locations.shape[:2]}, got {weights.shape}")
+    reference = to_numpy(reference_point).astype(np.float64).reshape(-1)
+    if reference.shape != (2,):
+        raise ValueError(f"reference_point: expected (x, y), got shape {reference.shape}")
+    num_levels = locations.shape[0]
+    if level_names is not None and len(level_names) != num_levels:
+        raise ValueError(f"level_names: expected {num_levels} names, got {len(level_names)}")
+
+    fig, ax = _image_axes(ax, picture)
+    scale = 400.0 / max(weights.max(), 1e-12)
+    for level in range(num_levels):
+        color = _LEVEL_CMAP(level / max(num_levels - 1, 1))
+        ax.scatter(locations[level, :, 0] * w - 0.5, locations[level, :, 1] * h - 0.5,
+                   s=weights[level] * scale + 4.0, color=color, alpha=0.75, edgecolors="white", linewidths=0.5,
+                   label=level_names[level] if level_names is not None else f"level {level}")
+    ax.plot(reference[0] * w - 0.5, reference[1] * h - 0.5, marker="*", markersize=14, color="red",
+            markeredgecolor="white", linestyle="none", label="reference point")
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
+    ax.legend(loc="upper right", fontsize=7, markerscale=0.6, framealpha=0.8)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def attention_heatmaps(image: Any, maps: Any, titles: Sequence[str] | None = None, ncols: int = 5,
+                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Figure:
+    """Attention maps overlaid on the image, one panel per map (e.g. the M' attention poolings of eq. (3)).
+
+    Args:
+        maps: (M, h, w) non-negative weights on the feature grid of F_L; each map is stretched over the whole
+            image with bilinear interpolation and scaled to its own maximum.
+    """
+    picture = to_display_image(image, mean, std)
+    heat = to_numpy(maps).astype(np.float64)
+    if heat.ndim == 2:
+        heat = heat[None]
+    if heat.ndim != 3:
+        raise ValueError(f"maps: expected (M, h, w), got shape {heat.shape}")
+    num_maps = heat.shape[0]
+    if titles is not None and len(titles) != num_maps:
+        raise ValueError(f"titles: expected {num_maps} titles, got {len(titles)}")
+    rows, cols = _grid_shape(num_maps, ncols)
+    fig, axes = _figure(rows, cols, figsize=(2.2 * cols, 2.3 * rows))
+    h, w = picture.shape[:2]
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i >= num_maps:
+            continue
+        ax.imshow(picture)
+        peak = heat[i].max()
+        ax.imshow(heat[i] / peak if peak > 0 else heat[i], cmap="inferno", alpha=0.55, vmin=0.0, vmax=1.0,
+                  extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear")
+        ax.set_title(titles[i] if titles is not None else f"pool {i + 1}", fontsize=8)
+    return fig
+
+
+def show_captions(images: Sequence[Any], captions_pred: Sequence[str] | None = None,
+                  captions_gt: Sequence[str | Sequence[str]] | None = None, ncols: int = 4, width: int = 34,
+                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Figure:
+    """Images with the predicted caption above (bold) and the reference caption(s) below (grey).
+
+    Args:
+        captions_pred: one string per image, or None.
+        captions_gt: one string or a list of reference strings per image, or None.
+        width: characters per line before wrapping.
+    """
+    n = len(images)
+    if captions_pred is None and captions_gt is None:
+        raise ValueError("show_captions: pass captions_pred, captions_gt or both")
+    for name, values in (("captions_pred", captions_pred), ("captions_gt", captions_gt)):
+        if values is not None and len(values) != n:
+            raise ValueError(f"{name}: expected {n} entries (one per image), got {len(values)}")
+    rows, cols = _grid_shape(n, ncols)
+    fig, axes = _figure(rows, cols, figsize=(2.6 * cols, 3.4 * rows))
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.set_axis_off()
+            continue
+        ax.imshow(to_display_image(images[i], mean, std))
+        _hide_frame(ax)
+        if captions_pred is not None:
+            ax.set_title(textwrap.fill(captions_pred[i], width), fontsize=8, fontweight="bold")
+        if captions_gt is not None:
+            refs = [captions_gt[i]] if isinstance(captions_gt[i], str) else list(captions_gt[i])
+            # A dash in front of each reference keeps several wrapped references apart.
+            text = "\n".join(textwrap.fill(r, width, initial_indent="- ", subsequent_indent="  ") for r in refs) \
+                if len(refs) > 1 else textwrap.fill(refs[0], width)
+            ax.set_xlabel(text, fontsize=7, color="dimgray")
+    return fig
+
+
+def show_retrieval(query_image: Any, texts_ranked: Sequence[str], correct: Sequence[bool],
+                   scores: Sequence[float] | None = None, top: int = 5, width: int = 80, title: str | None = None,
+                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Figure:
+    """Image-to-text retrieval for one query: the image, and its ``top`` ranked texts marked right / wrong.
+
+    Args:
+        texts_ranked: candidate texts, best first.
+        correct: one bool per ranked text, True where the text belongs to the query image.
+        scores: the similarity of each ranked text, shown next to it.
+        width: characters per text before it is shortened.
+        title: heading of the text panel; default "top k texts".
+    """
+    n = len(texts_ranked)
+    if top < 1:
+        raise ValueError(f"top: expected at least 1 text to show, got {top}")
+    if len(correct) != n:
+        raise ValueError(f"correct: expected {n} flags (one per ranked text), got {len(correct)}")
+    if scores is not None and len(scores) != n:
+        raise ValueError(f"scores: expected {n} values (one per ranked text), got {len(scores)}")
+    shown = min(top, n)
+    fig, axes = _figure(1, 2, figsize=(9.0, 3.0), width_ratios=[1.0, 2.2])
+    image_ax, text_ax = axes[0]
+    image_ax.imshow(to_display_image(query_image, mean, std))
+    image_ax.set_axis_off()
+    image_ax.set_title("query", fontsize=9)
+    text_ax.set_axis_off()
+    text_ax.set_title(title if title else f"top {shown} texts", fontsize=9, loc="left")
+    for rank in range(shown):
+        mark = "\u2713" if correct[rank] else "\u2717"
+        score = f" ({float(scores[rank]):.3f})" if scores is not None else ""
+        line = textwrap.shorten(str(texts_ranked[rank]), width=width, placeholder="...")
+        text_ax.text(0.0, 1.0 - (rank + 0.5) / max(top, 1), f"{rank + 1}. {mark} {line}{score}",
+                     transform=text_ax.transAxes, va="center", ha="left", fontsize=9,
+                     color="forestgreen" if correct[rank] else "firebrick")
+    return fig

@@ -1,0 +1,84 @@
+"""Statistics of a COCO instances file: objects per image, box sizes, instances per category."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+import json
+
+from .base import (_PALETTE, _MASK_ALPHA, _LEVEL_CMAP, _as_boxes, _as_vector, _figure, _grid_shape, _hide_frame, _image_axes, _single_axes, class_color, to_display_image, to_numpy)
+
+
+def coco_instance_statistics(ann_file: str | Path) -> dict[str, Any]:
+    """What :func:`plot_instance_statistics` draws, read from a COCO instances file (crowd regions left out).
+
+    Returns:
+        ``objects_per_image`` (one count per image, images without objects included), ``box_sizes``
+        (sqrt of each box's area in pixels) and ``category_counts`` (instances per category name, in id order).
+    """
+    with open(ann_file) as handle:
+        data = json.load(handle)
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise ValueError(f"{ann_file}: not a COCO instances file (no '{key}')")
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    names = {c["id"]: c["name"] for c in categories}
+    per_image = {image["id"]: 0 for image in data["images"]}
+    counts = {c["name"]: 0 for c in categories}
+    sizes = []
+    for index, annotation in enumerate(data["annotations"]):
+        if annotation.get("iscrowd", 0):
+            continue
+        if annotation["image_id"] not in per_image or annotation["category_id"] not in names:
+            raise ValueError(f"{ann_file}: annotations[{index}] refers to an unknown image or category")
+        per_image[annotation["image_id"]] += 1
+        counts[names[annotation["category_id"]]] += 1
+        width, height = annotation["bbox"][2], annotation["bbox"][3]
+        sizes.append(math.sqrt(max(width, 0.0) * max(height, 0.0)))
+    return {"objects_per_image": list(per_image.values()), "box_sizes": sizes, "category_counts": counts}
+
+
+def plot_instance_statistics(objects_per_image: Sequence[int], box_sizes: Sequence[float],
+                             category_counts: Mapping[str, int], title: str | None = None) -> Figure:
+    """Three panels describing a detection set: objects per image, object sizes, instances per category.
+
+    Args:
+        objects_per_image: number of annotated objects of each image.
+        box_sizes: sqrt(box area) in pixels of each object; COCO's small / medium / large limits (32, 96) are
+            marked.
+        category_counts: instances per category name.
+    """
+    fig, axes = _figure(1, 3, figsize=(13.0, 3.4), width_ratios=[1.0, 1.0, 1.6])
+    per_image = np.asarray(objects_per_image, dtype=np.int64)
+    sizes = np.asarray(box_sizes, dtype=np.float64)
+    ax = axes[0, 0]
+    if len(per_image):
+        ax.hist(per_image, bins=np.arange(per_image.max() + 2) - 0.5, color="tab:blue", rwidth=0.85)
+    ax.set_xlabel("objects per image")
+    ax.set_ylabel("images")
+    ax = axes[0, 1]
+    if len(sizes):
+        ax.hist(sizes, bins=30, color="tab:orange")
+    for limit in (32, 96):
+        if len(sizes) and sizes.max() > limit:
+            ax.axvline(limit, color="gray", linestyle="--", linewidth=1)
+    ax.set_xlabel("object size sqrt(area) [px]")
+    ax.set_ylabel("objects")
+    ax = axes[0, 2]
+    names = list(category_counts)
+    ax.bar(range(len(names)), [category_counts[n] for n in names],
+           color=[class_color(i) for i in range(len(names))])
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("instances")
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -1,0 +1,24 @@
+"""Course material: what the notebooks need beyond the library. Nothing in the library imports this package.
+
+| module | for |
+| --- | --- |
+| ``runs`` | notebook 06: the trainer as a subprocess (command, streamed output, status, logs) |
+| ``results`` | notebooks 06-07: metric tables next to chance, qualitative examples from a trained model |
+| ``novel`` | notebook 08: novel categories, their exposure in training, tables of the novel-category evaluation |
+| ``rpn`` | notebook 01: the region proposal network alone (traces, matching costs, a short training) |
+| ``gating`` | notebooks 03-04: the unified decoder's calls recorded and replayed, expert usage, re-parameterisation |
+| ``toy_multitask`` | notebook 05: a toy multi-task problem that trains in seconds, for MT-AdamW and sampling |
+| ``interference`` | notebook 05: the MoE paper's task-interference metric |
+| ``ablations`` | notebooks 09-10: the ablation runs of Tab. 2-5 and their tables |
+| ``paper_results`` | notebooks 09-10: the paper's numbers, to put next to ours |
+| ``pipeline`` | ``python -m uniperceiver_v2.reproduce``: papermill over the series, profiles, results files |
+
+The names of ``runs``, ``results`` and ``novel`` are re-exported here (``walkthrough.train_command``); import the
+other modules by name (``from uniperceiver_v2.walkthrough import gating``).
+"""
+
+from .runs import training_dir, pretrained_backbone, TrainingStatus, training_status, require_checkpoint, default_log_every, train_command, shell_command, config_of_command, unmixed_sampler, task_mixture_table, loss_summary, TrainingFailed, ProgressFilter, stream_command, run_training, lr_records, task_sequence_from_records, param_group_table, CONSOLE_LOG
+from .results import chance_levels, metrics_table, distinct_detections, RetrievalExamples, retrieval_examples, representation_similarity, mask_one_word, fill_mask_examples
+from .novel import novel_category_names, category_exposure, novel_ap_table, per_category_table, best_proposal_logits
+
+__all__ = ['CONSOLE_LOG', 'ProgressFilter', 'RetrievalExamples', 'TrainingFailed', 'TrainingStatus', 'best_proposal_logits', 'category_exposure', 'chance_levels', 'config_of_command', 'default_log_every', 'distinct_detections', 'fill_mask_examples', 'loss_summary', 'lr_records', 'mask_one_word', 'metrics_table', 'novel_ap_table', 'novel_category_names', 'param_group_table', 'per_category_table', 'pretrained_backbone', 'representation_similarity', 'require_checkpoint', 'retrieval_examples', 'run_training', 'shell_command', 'stream_command', 'task_mixture_table', 'task_sequence_from_records', 'train_command', 'training_dir', 'training_status', 'unmixed_sampler']

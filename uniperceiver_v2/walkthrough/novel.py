@@ -1,0 +1,121 @@
+"""Novel-category detection (appendix C) as notebook 08 teaches it: which categories are novel, where each category
+appears in training, tables of the evaluation (``engine.evaluation.evaluate_novel_detection``) and the logits of
+the best proposal of each object."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..engine.evaluation import NovelDetectionResult
+from ..engine.runtime import evaluation_mode
+from .results import _percent
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Novel-category detection (appendix C)
+# --------------------------------------------------------------------------------------------------------------
+def novel_category_names(cfg) -> list[str]:
+    """The categories marked ``"novel": true`` in ``data.novel_annotations``; [] when the file does not exist (real
+    data without a novel-category set)."""
+    from ..data.coco import load_json, parse_categories
+
+    path = Path(cfg.data.root) / cfg.data.novel_annotations
+    if not path.is_file():
+        return []
+    return [category.name for category in parse_categories(load_json(path), path) if category.novel]
+
+
+def category_exposure(cfg) -> dict[str, list]:
+    """Where each category of the novel-scene file appears in training: boxes in the detection training split,
+    images in the classification training split, sentences of the training corpus that name it.
+
+    A novel category (``"novel": true``) should have no detection box; the model meets it only through
+    classification and text (appendix C). Missing training data of a task counts as 0 (e.g. no corpus).
+
+    Returns:
+        ``{"columns": ["category", "novel", "detection boxes", "classification images", "corpus sentences"],
+        "rows": [...]}`` in the file's category order.
+    """
+    from ..data import ImageFolderClassification, TextCorpus
+    from ..data.coco import load_json, parse_categories
+
+    d = cfg.data
+    categories = parse_categories(load_json(Path(d.root) / d.novel_annotations), Path(d.root) / d.novel_annotations)
+    train_instances = d.path(d.detection_annotations, d.train_split)
+    data = load_json(train_instances)
+    names_by_id = {category["id"]: category["name"] for category in data["categories"]}
+    boxes: dict[str, int] = {}
+    for annotation in data["annotations"]:
+        name = names_by_id.get(annotation["category_id"])
+        boxes[name] = boxes.get(name, 0) + 1
+    images: dict[str, int] = {}
+    classification_root = d.path(d.classification_root, d.train_split)
+    if classification_root.is_dir():
+        classification = ImageFolderClassification(classification_root)
+        for label in classification.labels:
+            images[classification.class_names[label]] = images.get(classification.class_names[label], 0) + 1
+    sentences: dict[str, int] = {}
+    corpus_path = d.path(d.corpus, d.train_split)
+    if corpus_path.is_file():
+        patterns = {c.name: re.compile(rf"\b{re.escape(c.name.lower())}s?\b") for c in categories}
+        corpus = TextCorpus(corpus_path)
+        for index in range(len(corpus)):
+            sentence = corpus[index].lower()
+            for name, pattern in patterns.items():
+                if pattern.search(sentence):
+                    sentences[name] = sentences.get(name, 0) + 1
+    rows = [[c.name, c.novel, boxes.get(c.name, 0), images.get(c.name, 0), sentences.get(c.name, 0)]
+            for c in categories]
+    return {"columns": ["category", "novel", "detection boxes", "classification images", "corpus sentences"],
+            "rows": rows}
+
+
+def novel_ap_table(rows: Sequence[tuple[str, str, NovelDetectionResult]]) -> dict[str, list]:
+    """Box AP / AP50 (x100) of several ``engine.evaluation.evaluate_novel_detection`` results, one row per (model label,
+    candidate-list label, result): over the novel categories and over the seen ones of the same scenes."""
+    return {"columns": ["model", "candidates", "novel AP", "novel AP50", "seen AP", "seen AP50"],
+            "rows": [[model, candidates, *(_percent(r.metrics[group].get("bbox", {}).get(name))
+                                           for group in ("novel", "base") for name in ("AP", "AP50"))]
+                     for model, candidates, r in rows]}
+
+
+def per_category_table(result: NovelDetectionResult) -> dict[str, list]:
+    """Box AP / AP50 (x100) and ground-truth instances of every novel category of one result."""
+    return {"columns": ["novel category", "instances", "AP", "AP50"],
+            "rows": [[name, values["instances"], _percent(values["AP"]), _percent(values["AP50"])]
+                     for name, values in result.per_category.items()]}
+
+
+def best_proposal_logits(model, sample, class_names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every ground-truth object of one scene, the eq. (6) logits of its best-overlapping proposal.
+
+    The sample must come through the evaluation transform (normalised image, boxes in its pixels).
+
+    Returns:
+        logits (K, C) of the proposal with the highest IoU with each of the K objects against ``class_names``, and
+        that IoU (K,).
+    """
+    from ..modeling.box_ops import box_cxcywh_to_xyxy, box_iou
+    from ..tasks import DetectionTask
+
+    task = DetectionTask(model.config.tasks.detection, class_names)
+    device = next(model.parameters()).device
+    with evaluation_mode(model):
+        image = model.encode_images(sample.image[None].to(device),
+                                    torch.zeros(1, *sample.image.shape[-2:], dtype=torch.bool, device=device))
+        logits, _ = task.region_logits(model, image, list(class_names))                      # (1, O, C)
+    height, width = sample.image.shape[-2:]
+    scale = torch.tensor([width, height, width, height], dtype=image.boxes.dtype, device=device)
+    proposals = box_cxcywh_to_xyxy(image.boxes[0]) * scale                                      # (O, 4)
+    iou = box_iou(sample.boxes.to(device, proposals.dtype), proposals)                           # (K, O)
+    best_iou, best = iou.max(dim=1)
+    return logits[0, best].cpu(), best_iou.cpu()

@@ -1,0 +1,262 @@
+"""Tables and qualitative examples that notebooks 06-08 show from a trained model: headline metrics next to chance,
+retrieval rankings, filled masks, representation similarities."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import api
+from ..engine.runtime import evaluation_mode
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation results
+# --------------------------------------------------------------------------------------------------------------
+# The headline metric(s) of every task, in the paper's order (plus the class-agnostic box AP, which separates
+# localisation errors from naming errors).
+HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("top1", "top5"),
+    "detection": ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50", "agnostic_bbox_AP", "agnostic_bbox_AP50"),
+    "captioning": ("BLEU-4", "CIDEr"),
+    "retrieval": ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"),
+    "mlm": ("accuracy",),
+}
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(100.0 * value, 2)
+
+
+def chance_levels(results: Mapping[str, Mapping[str, Any]], num_classes: int | None = None,
+                  vocabulary_size: int | None = None) -> dict[tuple[str, str], float]:
+    """What a model that ranks the candidates at random scores, in expectation, for the metrics that have a
+    closed form: classification top-k = k / C; retrieval text->image R@K = K / I and image->text
+    R@K = 1 - C(T - c, K) / C(T, K) (at least one of the image's c = T / I captions among K random texts);
+    masked-token accuracy = 1 / V. Detection AP and caption scores have no such baseline (about 0).
+
+    Args:
+        results: ``evaluate``'s results (retrieval's ``num_images`` and ``num_texts`` are read from it).
+        num_classes: C, the classification candidates; vocabulary_size: V, the MLM candidates.
+
+    Returns:
+        (task, metric) -> chance value as a fraction.
+    """
+    chance: dict[tuple[str, str], float] = {}
+    if num_classes:
+        for k in (1, 5):
+            chance[("classification", f"top{k}")] = min(k, num_classes) / num_classes
+    retrieval = results.get("retrieval", {})
+    if "num_images" in retrieval and "num_texts" in retrieval:
+        images, texts = int(retrieval["num_images"]), int(retrieval["num_texts"])
+        per_image = texts // images
+        for k in (1, 5, 10):
+            chance[("retrieval", f"t2i_R@{k}")] = min(k, images) / images
+            miss = math.comb(texts - per_image, k) / math.comb(texts, k) if k <= texts else 0.0
+            chance[("retrieval", f"i2t_R@{k}")] = 1.0 - miss
+    if vocabulary_size:
+        chance[("mlm", "accuracy")] = 1.0 / vocabulary_size
+    return chance
+
+
+def metrics_table(results: Mapping[str, Mapping[str, Any]], split: str,
+                  metrics: Mapping[str, Sequence[str]] = HEADLINE_METRICS,
+                  chance: Mapping[tuple[str, str], float] | None = None) -> dict[str, list]:
+    """``evaluate``'s results as a table with one row per (task, metric), values x100 as the paper reports them.
+
+    A task reported as ``{"skipped": reason}`` gets one row with the reason; a metric that is None or NaN (COCO's
+    "no ground truth in this setting") is shown as None. With ``chance`` (:func:`chance_levels`) a column gives
+    each metric's random-ranking level where it has one.
+
+    Returns:
+        ``{"columns": ["task", "split", "metric", "value (x100)"(, "chance (x100)")], "rows": [...]}``.
+    """
+
+    columns = ["task", "split", "metric", "value (x100)"] + (["chance (x100)"] if chance is not None else [])
+    rows = []
+    for task, values in results.items():
+        if "skipped" in values:
+            rows.append([task, split, "skipped", str(values["skipped"])] + ([None] if chance is not None else []))
+            continue
+        for name in metrics.get(task, ()):
+            row = [task, split, name, _percent(values.get(name))]
+            if chance is not None:
+                row.append(_percent(chance.get((task, name))))
+            rows.append(row)
+    return {"columns": columns, "rows": rows}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Qualitative examples
+# --------------------------------------------------------------------------------------------------------------
+def distinct_detections(detections: Mapping[str, Any], count: int) -> dict[str, Any]:
+    """The ``count`` best detections of *different* proposals, each with its best class.
+
+    ``api.detect`` ranks (proposal, class) pairs, so one proposal can appear several times with different classes
+    (DETR-style evaluation); for a picture, one box per proposal is clearer. Proposals are told apart by their box.
+
+    Args:
+        detections: one image's result of ``model.detect``: ``boxes`` (K, 4), ``scores`` (K,) sorted best first,
+            ``labels`` (K,), optional ``masks`` (K, H, W) and ``names`` (K strings).
+        count: how many to keep.
+
+    Returns:
+        the same keys, restricted to the kept detections, in score order.
+    """
+    boxes = detections["boxes"]
+    keep: list[int] = []
+    seen: set[tuple[float, ...]] = set()
+    for index in range(boxes.shape[0]):
+        key = tuple(boxes[index].tolist())
+        if key not in seen:
+            seen.add(key)
+            keep.append(index)
+        if len(keep) == count:
+            break
+    rows = torch.tensor(keep, dtype=torch.long)
+    return {key: [value[i] for i in keep] if isinstance(value, list) else value[rows]
+            for key, value in detections.items()}
+
+
+@dataclass
+class RetrievalExamples:
+    """Image-text similarities of a set of images and all their captions, for drawing rankings.
+
+    Attributes:
+        texts: the T captions; text_image: (T,) the image index of each caption.
+        i2t: (I, T) logits ranking the texts for each image; t2i: (T, I) ranking the images for each text.
+    """
+
+    texts: list[str]
+    text_image: torch.Tensor
+    i2t: torch.Tensor
+    t2i: torch.Tensor
+
+    def texts_for_image(self, image: int, top: int = 5) -> tuple[list[str], list[bool], list[float]]:
+        """The ``top`` best texts for image ``image``: (texts, whether each is one of its captions, logits)."""
+        scores, order = self.i2t[image].topk(min(top, self.i2t.shape[1]))
+        return ([self.texts[t] for t in order.tolist()], [int(self.text_image[t]) == image for t in order.tolist()],
+                scores.tolist())
+
+    def images_for_text(self, text: int, top: int = 5) -> tuple[list[int], list[bool], list[float]]:
+        """The ``top`` best images for text ``text``: (image indices, whether each is its image, logits)."""
+        scores, order = self.t2i[text].topk(min(top, self.t2i.shape[1]))
+        return order.tolist(), [i == int(self.text_image[text]) for i in order.tolist()], scores.tolist()
+
+    def recall_at(self, k: int) -> dict[str, float]:
+        """R@k of these examples in both directions (image->text: any of its captions in the top k)."""
+        top_texts = self.i2t.topk(min(k, self.i2t.shape[1]), dim=1).indices                  # (I, k)
+        i2t = (self.text_image[top_texts] == torch.arange(self.i2t.shape[0])[:, None]).any(dim=1)
+        top_images = self.t2i.topk(min(k, self.t2i.shape[1]), dim=1).indices                 # (T, k)
+        t2i = (top_images == self.text_image[:, None]).any(dim=1)
+        return {f"i2t_R@{k}": float(i2t.float().mean()), f"t2i_R@{k}": float(t2i.float().mean())}
+
+
+def retrieval_examples(model, images: Sequence[Any], captions: Sequence[Sequence[str]]) -> RetrievalExamples:
+    """Score ``images`` against all their captions with ``model.retrieve`` (eq. (6) in both directions).
+
+    Args:
+        images: I images (PIL or (3, H, W) tensors); captions: per image its reference captions.
+    """
+    if len(images) != len(captions):
+        raise ValueError(f"retrieval_examples: {len(images)} images but {len(captions)} caption lists")
+    texts = [text for per_image in captions for text in per_image]
+    text_image = torch.tensor([i for i, per_image in enumerate(captions) for _ in per_image], dtype=torch.long)
+    scores = api.retrieve(model, list(images), texts)
+    return RetrievalExamples(texts, text_image, scores["i2t"].float(), scores["t2i"].float())
+
+
+def representation_similarity(model, images: Sequence[Any], texts: Sequence[str]) -> dict[str, float]:
+    """How alike the model's ``<SPE>`` representations g(f(.)) of *different* inputs are: the mean and the minimum
+    cosine similarity over all pairs of ``images`` (as image-to-text queries) and over all pairs of ``texts`` (as
+    text-to-image queries).
+
+    A healthy model spreads different inputs apart; values near 1 mean the representations have collapsed (every
+    input gives nearly the same vector, so every candidate gets the same score and the gradients of eq. (7) vanish).
+
+    Returns:
+        ``{"images_mean", "images_min", "texts_mean", "texts_min"}``.
+    """
+    from ..api import prepare_whole_images
+    from ..tasks import RetrievalTask
+
+    if len(images) < 2 or len(texts) < 2:
+        raise ValueError("representation_similarity: needs at least two images and two texts")
+    task = RetrievalTask(model.config.tasks.retrieval)
+    with evaluation_mode(model):
+        pixels, padding_mask = prepare_whole_images(model, list(images), "retrieval")
+        image_queries = task.embed_images(model, pixels, padding_mask)[0]
+        text_queries = task.embed_texts(model, list(texts))[0]
+    out = {}
+    for name, vectors in (("images", image_queries), ("texts", text_queries)):
+        unit = torch.nn.functional.normalize(vectors.float(), dim=1)
+        cosine = unit @ unit.T                                                     # (N, N)
+        pairs = cosine[~torch.eye(len(unit), dtype=torch.bool, device=cosine.device)]
+        out[f"{name}_mean"], out[f"{name}_min"] = float(pairs.mean()), float(pairs.min())
+    return out
+
+
+def mask_one_word(sentence: str, tokenizer, rng: random.Random, mask: str = "<mask>") -> tuple[str, str] | None:
+    """Hide one word of ``sentence`` behind ``mask`` for ``api.fill_mask``.
+
+    Only a word that the tokenizer keeps as a single token can be hidden (``fill_mask`` predicts one token per
+    mask); among those one is drawn with ``rng``.
+
+    Returns:
+        (the sentence with the word replaced by ``mask``, the word as the tokenizer writes it), or None when no
+        word of the sentence is a single token.
+    """
+    words = sentence.split()
+    candidates = []
+    for index, word in enumerate(words):
+        core = word.strip(".,;:!?\"'")
+        if not core.isalpha():
+            continue
+        tokens = tokenizer.tokenize(core)
+        if len(tokens) == 1 and tokens[0] != tokenizer.unk_token:
+            candidates.append((index, core, tokens[0]))
+    if not candidates:
+        return None
+    index, core, token = rng.choice(candidates)
+    words[index] = words[index].replace(core, mask, 1)
+    return " ".join(words), token
+
+
+def fill_mask_examples(model, sentences: Sequence[str], count: int, seed: int = 0, top_k: int = 5
+                       ) -> dict[str, list]:
+    """Masked language modelling on ``count`` sentences, one hidden word each (:func:`mask_one_word`).
+
+    Returns:
+        ``{"columns": ["masked sentence", "hidden word", "top-k predictions", "hit@1"], "rows": [...]}``; the
+        predictions as "word (probability)".
+    """
+    from ..api import MASK
+
+    rng = random.Random(seed)
+    order = list(range(len(sentences)))
+    rng.shuffle(order)
+    masked, truths = [], []
+    for index in order:
+        hidden = mask_one_word(sentences[index], model.text_encoder.tokenizer, rng, MASK)
+        if hidden is not None:
+            masked.append(hidden[0])
+            truths.append(hidden[1])
+        if len(masked) == count:
+            break
+    if not masked:
+        raise ValueError("fill_mask_examples: no sentence has a word the tokenizer keeps as one token")
+    predictions = api.fill_mask(model, masked, top_k=top_k)
+    rows = []
+    for text, truth, prediction in zip(masked, truths, predictions):
+        candidates = prediction["candidates"][0]
+        rows.append([text, truth, ", ".join(f"{c['token']} ({c['score']:.2f})" for c in candidates),
+                     candidates[0]["token"] == truth])
+    return {"columns": ["masked sentence", "hidden word", f"top-{top_k} predictions", "hit@1"], "rows": rows}
