@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning costs up to 10x.
 export OMP_WAIT_POLICY := passive
 
-.PHONY: reproduce test install clean-runs
+.PHONY: reproduce test lint install clean-runs
 
 $(PY):
 	@echo "==> creating $(VENV) with $$($(PYTHON) --version)"
@@ -31,6 +31,10 @@ reproduce: $(STAMP)
 test: $(STAMP)
 	@echo "==> running the test suite"
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	@echo "==> ruff (rules in pyproject.toml)"
+	$(VENV)/bin/ruff check uniperceiver_v2 tests
 
 clean-runs:
 	rm -rf runs/

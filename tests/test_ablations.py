@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from uniperceiver_v2.walkthrough import ablations as A
 from uniperceiver_v2.config import ConfigError
+from uniperceiver_v2.walkthrough import ablations as A
 from uniperceiver_v2.walkthrough.paper_results import ABLATION_COLUMNS
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from PIL import Image
 from helpers import CAPTIONS, single_thread  # noqa: F401
+from PIL import Image
 
 from uniperceiver_v2 import api
 from uniperceiver_v2.engine.checkpoint import save_checkpoint

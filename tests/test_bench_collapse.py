@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 
-from uniperceiver_v2.bench import available_benchmarks
-from uniperceiver_v2.bench import collapse
+from uniperceiver_v2.bench import available_benchmarks, collapse
 
 
 def brute_force_mean_cosine(vectors: torch.Tensor) -> float:

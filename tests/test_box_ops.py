@@ -7,8 +7,14 @@ import math
 import pytest
 import torch
 
-from uniperceiver_v2.modeling.box_ops import (box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou,
-                                              generalized_box_iou_loss, inverse_sigmoid, normalize_targets)
+from uniperceiver_v2.modeling.box_ops import (
+    box_cxcywh_to_xyxy,
+    box_xyxy_to_cxcywh,
+    generalized_box_iou,
+    generalized_box_iou_loss,
+    inverse_sigmoid,
+    normalize_targets,
+)
 from uniperceiver_v2.modeling.point_sampling import point_sample, sample_uncertain_points
 from uniperceiver_v2.modeling.position_encoding import box_sine_embedding, sine_position_embedding
 

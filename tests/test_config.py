@@ -5,8 +5,16 @@ import dataclasses
 import pytest
 import yaml
 
-from uniperceiver_v2.config import (PRESETS, Config, ConfigError, apply_overrides, config_from_dict, get_preset,
-                                    load_config, load_yaml)
+from uniperceiver_v2.config import (
+    PRESETS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    get_preset,
+    load_config,
+    load_yaml,
+)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from uniperceiver_v2.config import ImageEncoderConfig
-from uniperceiver_v2.modeling.proposal_criterion import PredictionSet, RegionProposalCriterion
 from uniperceiver_v2.modeling.denoising import build_denoising_queries
+from uniperceiver_v2.modeling.proposal_criterion import PredictionSet, RegionProposalCriterion
 
 torch.set_num_threads(1)
 

@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy
-from uniperceiver_v2.modeling.denoising import (MIN_BOX_SIZE, NOISE, OBJECT, build_denoising_queries,
-                                                denoising_attention_mask, noise_boxes)
+from uniperceiver_v2.modeling.denoising import (
+    MIN_BOX_SIZE,
+    NOISE,
+    OBJECT,
+    build_denoising_queries,
+    denoising_attention_mask,
+    noise_boxes,
+)
 
 torch.set_num_threads(1)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_trainer import make_trainer, toy_config
+
 from uniperceiver_v2.engine.logging import read_metrics
 from uniperceiver_v2.engine.trainer import Trainer
 

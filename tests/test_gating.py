@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from uniperceiver_v2.walkthrough import gating
 from uniperceiver_v2.bench.moe import Case
 from uniperceiver_v2.config import DecoderConfig, MoEConfig
 from uniperceiver_v2.modeling.attention_masks import autoregressive_causal_flags, autoregressive_mask
 from uniperceiver_v2.modeling.attributes import TASK_IDS, attribute_codes, segment_ids, task_token_attributes
 from uniperceiver_v2.modeling.unified_decoder import UnifiedDecoder
+from uniperceiver_v2.walkthrough import gating
 
 WIDTH, EXPERTS, TOP_K = 32, 4, 2
 

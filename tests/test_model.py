@@ -6,8 +6,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from helpers import (CAPTIONS, CLASS_NAMES, classification_samples, single_thread,  # noqa: F401
-                                tiny_model, tokenizer)
+from helpers import CAPTIONS, CLASS_NAMES, classification_samples, single_thread, tiny_model, tokenizer  # noqa: F401
 
 from uniperceiver_v2.model import LOGIT_SCALE_GROUPS
 from uniperceiver_v2.tasks.classification import ClassificationTask

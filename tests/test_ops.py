@@ -26,11 +26,12 @@ from uniperceiver_v2.bench import ops as bench_ops
 from uniperceiver_v2.ops import (
     ENV_VAR,
     available_implementations,
+    dispatch,
+    extension,
     ms_deform_attn,
     ms_deform_attn_pytorch,
     unavailable_reason,
 )
-from uniperceiver_v2.ops import dispatch, extension
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from uniperceiver_v2.config import load_config
+from uniperceiver_v2.engine.backbone_pretraining import _cosine_lr, pretrain_backbone
 from uniperceiver_v2.modeling.backbone import build_backbone
 from uniperceiver_v2.modeling.image_encoder import ImageEncoder
-from uniperceiver_v2.engine.backbone_pretraining import _cosine_lr, pretrain_backbone
 from uniperceiver_v2.pretrain_backbone import main
 
 

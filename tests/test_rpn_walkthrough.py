@@ -21,10 +21,22 @@ from uniperceiver_v2.metrics.coco import evaluate_coco
 from uniperceiver_v2.modeling import ImageEncoder, normalize_targets
 from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy
 from uniperceiver_v2.modeling.denoising import build_denoising_queries
-from uniperceiver_v2.walkthrough.rpn import (LOSS_TERMS, OBJECT_CATEGORY_ID, boxes_to_pixels,
-                                          class_agnostic_ground_truth, denoising_groups, denoising_mask_segments,
-                                          evaluate_region_proposals, fusion_gradient_norms, loss_table, matching_costs,
-                                          predict_proposals, proposal_recall, trace_forward, train_region_proposals)
+from uniperceiver_v2.walkthrough.rpn import (
+    LOSS_TERMS,
+    OBJECT_CATEGORY_ID,
+    boxes_to_pixels,
+    class_agnostic_ground_truth,
+    denoising_groups,
+    denoising_mask_segments,
+    evaluate_region_proposals,
+    fusion_gradient_norms,
+    loss_table,
+    matching_costs,
+    predict_proposals,
+    proposal_recall,
+    trace_forward,
+    train_region_proposals,
+)
 
 torch.set_num_threads(1)
 

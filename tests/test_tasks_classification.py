@@ -3,8 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import (CLASS_NAMES, classification_samples, overfit, single_thread,  # noqa: F401
-                                tiny_config, tiny_model)
+from helpers import CLASS_NAMES, classification_samples, overfit, single_thread, tiny_config, tiny_model  # noqa: F401
 
 from uniperceiver_v2.tasks import TASKS
 from uniperceiver_v2.tasks.classification import ClassificationTask

@@ -5,8 +5,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from pycocotools.coco import COCO
 from helpers import detection_samples, overfit, single_thread, tiny_config, tiny_model  # noqa: F401
+from pycocotools.coco import COCO
 
 from uniperceiver_v2.tasks.detection import DetectionTask, assign_proposal_labels, to_coco_results
 from uniperceiver_v2.tasks.losses import IGNORE_INDEX

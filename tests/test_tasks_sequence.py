@@ -5,12 +5,24 @@ import torch
 from helpers import CAPTIONS, tiny_config, tokenizer
 
 from uniperceiver_v2.modeling.attributes import MODALITY_IDS, TASK_IDS, task_token_attributes
+from uniperceiver_v2.modeling.decoder_inputs import (
+    Segment,
+    build_sequence,
+    image_segment,
+    image_token_types,
+    spe_segment,
+    text_segment,
+)
 from uniperceiver_v2.modeling.unified_decoder import TOKEN_TYPES, UnifiedDecoder
 from uniperceiver_v2.tasks.losses import IGNORE_INDEX
-from uniperceiver_v2.modeling.decoder_inputs import (Segment, build_sequence, image_segment, image_token_types, spe_segment,
-                                            text_segment)
-from uniperceiver_v2.tasks.vocabulary import (build_vocabulary, encode_sharded, end_token_id, full_vocabulary,
-                                              start_token_id, vocabulary_lookup)
+from uniperceiver_v2.tasks.vocabulary import (
+    build_vocabulary,
+    encode_sharded,
+    end_token_id,
+    full_vocabulary,
+    start_token_id,
+    vocabulary_lookup,
+)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from uniperceiver_v2 import viz
 from uniperceiver_v2.engine.sampling import MixedTaskSampler, UnmixedTaskSampler
 from uniperceiver_v2.walkthrough.toy_multitask import (
     DEFAULT_TASKS,
-    Comparison,
     VARIANTS,
+    Comparison,
     ToyMultiTaskProblem,
     ToyProblemConfig,
     ToyTask,

@@ -118,7 +118,8 @@ class ToyTask:
             vocab = model.decode(model.text_encoder.weight)
             logits = model.similarity(hidden.flatten(0, 1), vocab)
             targets = batch["ids"].masked_fill(~batch["masked"], -100).flatten()
-            loss = F.cross_entropy(logits, targets, ignore_index=-100) if bool((targets >= 0).any()) else logits.sum() * 0
+            labelled = bool((targets >= 0).any())
+            loss = F.cross_entropy(logits, targets, ignore_index=-100) if labelled else logits.sum() * 0
             return {"loss": self.config.loss_weight * loss, "loss_mlm": loss.detach()}
         image = model.encode_image(batch["x"])
         text = model.encode_text(batch["ids"]).mean(dim=1)

@@ -12,8 +12,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.image import AxesImage  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from uniperceiver_v2.viz import decoder as viz_decoder  # noqa: E402
 from uniperceiver_v2.modeling.attributes import ATTRIBUTE_NAMES  # noqa: E402
+from uniperceiver_v2.viz import decoder as viz_decoder  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

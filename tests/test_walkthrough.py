@@ -12,10 +12,10 @@ import pycocotools.mask as mask_utils
 import pytest
 import torch
 import torchvision
+from helpers import CAPTIONS, single_thread, tiny_config, tiny_model, tokenizer  # noqa: F401
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from helpers import CAPTIONS, single_thread, tiny_config, tiny_model, tokenizer  # noqa: F401
 
 from uniperceiver_v2 import api, train, walkthrough
 from uniperceiver_v2.config import load_config
@@ -315,8 +315,9 @@ def test_novel_box_metrics_count_only_the_novel_categories(tmp_path):
     records = [{"image_id": i, "category_id": c if (i, c) != (2, 11) else 9, "bbox": box, "score": 0.9}
                for i, objects in OBJECTS.items() for c, box in objects]
     metrics, per_category = novel_metrics(path, records, categories())
-    assert (metrics["novel"]["bbox"]["AP"], metrics["novel"]["bbox"]["AP50"]) == pytest.approx(cocoeval_boxes(path, records, [11]))
-    assert (metrics["base"]["bbox"]["AP"], metrics["base"]["bbox"]["AP50"]) == pytest.approx(cocoeval_boxes(path, records, [5, 9]))
+    novel, base = metrics["novel"]["bbox"], metrics["base"]["bbox"]
+    assert (novel["AP"], novel["AP50"]) == pytest.approx(cocoeval_boxes(path, records, [11]))
+    assert (base["AP"], base["AP50"]) == pytest.approx(cocoeval_boxes(path, records, [5, 9]))
     assert 0.0 < metrics["novel"]["bbox"]["AP"] < 1.0            # one of the two hexagons is missed
     assert per_category == {"hexagon": {"AP": pytest.approx(metrics["novel"]["bbox"]["AP"]),
                                         "AP50": pytest.approx(metrics["novel"]["bbox"]["AP50"]), "instances": 2}}

@@ -22,15 +22,11 @@ written by ``engine.checkpoint.save_checkpoint`` (safetensors weights, SHA-256-v
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Union
 
 import numpy as np
-import safetensors.torch
 import torch
 from PIL import Image
 
-from uniperceiver_v2.config import Config, ConfigError, config_from_dict, load_config
 from uniperceiver_v2.data.collate import pad_images
 from uniperceiver_v2.data.images import pil_to_rgb_array
 from uniperceiver_v2.data.transforms import Normalize, resize_image, shorter_side_size, whole_image_eval_transform
@@ -57,7 +53,7 @@ __all__ = [
     "to_image_tensor",
 ]
 
-ImageInput = Union[Image.Image, torch.Tensor]
+ImageInput = Image.Image | torch.Tensor
 
 # The literal that marks a word to fill in ``fill_mask`` (replaced by the tokenizer's own mask token).
 MASK = "<mask>"

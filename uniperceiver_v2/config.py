@@ -318,7 +318,7 @@ class Config:
         """A short digest of the whole configuration, stored next to checkpoints and results."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
-    def copy(self) -> "Config":
+    def copy(self) -> Config:
         return copy.deepcopy(self)
 
 

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from uniperceiver_v2.config import Config
+from uniperceiver_v2.modeling.decoder_inputs import build_sequence, image_segment, spe_segment, text_segment
 from uniperceiver_v2.modeling.image_encoder import ImageEncoder, ImageEncoderOutput
 from uniperceiver_v2.modeling.text_encoder import TextEncoder
 from uniperceiver_v2.modeling.unified_decoder import LogitScale, UnifiedDecoder
-from uniperceiver_v2.modeling.decoder_inputs import build_sequence, image_segment, spe_segment, text_segment
 from uniperceiver_v2.tasks.vocabulary import encode_sharded, full_vocabulary
 
 __all__ = ["LOGIT_SCALE_GROUPS", "UniPerceiverV2"]
@@ -108,7 +108,7 @@ class UniPerceiverV2(nn.Module):
         """Forget the cached candidate-target embeddings (see the module docstring)."""
         self._target_cache.clear()
 
-    def train(self, mode: bool = True) -> "UniPerceiverV2":
+    def train(self, mode: bool = True) -> UniPerceiverV2:
         if mode != self.training:
             self.clear_target_cache()
         return super().train(mode)

@@ -65,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from .engine.distributed import destroy_distributed, get_rank, init_distributed
-    from .engine.trainer import Trainer, fail_fast
     from .engine.build import build_training
+    from .engine.distributed import destroy_distributed, get_rank, init_distributed
     from .engine.evaluation import evaluate
+    from .engine.trainer import Trainer, fail_fast
 
     with fail_fast():
         init_distributed()

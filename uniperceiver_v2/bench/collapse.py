@@ -50,7 +50,6 @@ def mean_pairwise_cosine(vectors):
 
 def probe_cosines(model, task, batch) -> dict[str, float]:
     """{"img", "cls", "tok"}: the three mean pairwise cosines of the module docstring on ``batch``."""
-    import torch
 
     with evaluation_mode(model):
         image = model.encode_images(batch.images, batch.padding_mask)
@@ -64,9 +63,9 @@ def probe_cosines(model, task, batch) -> dict[str, float]:
 def run(args: argparse.Namespace, output_dir: str, out=sys.stdout) -> list[dict]:
     """Train and print the diagnostic table; returns the rows."""
     from uniperceiver_v2.config import load_config
+    from uniperceiver_v2.engine.build import build_training
     from uniperceiver_v2.engine.data_setup import build_task_dataset
     from uniperceiver_v2.engine.trainer import Trainer
-    from uniperceiver_v2.engine.build import build_training
 
     disabled = [f"tasks.{name}.enabled=false" for name in TASK_NAMES if name not in args.tasks]
     # The schedule spans --iterations unless the overrides say otherwise (run.iterations=... sets a longer one).

@@ -49,8 +49,8 @@ GRAD_CLIP = 0.1
 
 
 def _targets(batch) -> list[dict]:
-    return [{"boxes": b, "masks": m, "labels": l, "size": s}
-            for b, m, l, s in zip(batch.boxes, batch.masks, batch.labels, batch.image_sizes)]
+    return [{"boxes": boxes, "masks": masks, "labels": labels, "size": size}
+            for boxes, masks, labels, size in zip(batch.boxes, batch.masks, batch.labels, batch.image_sizes)]
 
 
 def ensure_synthetic_data(root: Path, profile: str) -> None:

@@ -255,7 +255,7 @@ def main(argv: list[str]) -> int:
             )
         reference, compiled = results["pytorch"], results["cpp"]
 
-        def ratio(key: str) -> float:
+        def ratio(key: str, reference=reference, compiled=compiled) -> float:
             return reference[key] / compiled[key] if compiled[key] > 0 else math.inf
 
         wall_speedup = (reference["forward_ms"] + reference["backward_ms"]) / (

@@ -23,8 +23,8 @@ from pathlib import Path
 
 def _trainer(config, overrides: list[str], output_dir: str):
     from uniperceiver_v2.config import load_config
-    from uniperceiver_v2.engine.trainer import Trainer
     from uniperceiver_v2.engine.build import build_training
+    from uniperceiver_v2.engine.trainer import Trainer
 
     cfg = load_config(config, [*overrides, f"run.output_dir={output_dir}", "run.ckpt_every=0"])
     model, tasks, datasets = build_training(cfg)

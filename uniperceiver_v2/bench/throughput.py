@@ -36,9 +36,9 @@ def _worker(args: argparse.Namespace) -> int:
     import torch
 
     from uniperceiver_v2.config import load_config
+    from uniperceiver_v2.engine.build import build_training
     from uniperceiver_v2.engine.distributed import barrier, destroy_distributed, get_rank, init_distributed
     from uniperceiver_v2.engine.trainer import Trainer
-    from uniperceiver_v2.engine.build import build_training
 
     task = args.worker
     disabled = [f"tasks.{name}.enabled=false" for name in TASK_NAMES if name != task]
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"config {args.config} {' '.join(args.overrides)}; 1 process x {_threads(1, args)} thread(s) vs "
           f"{args.procs} processes x {_threads(args.procs, args)} thread(s); {args.warmup} warm-up + "
           f"{args.iterations} timed iterations; load average before: {os.getloadavg()[0]:.1f}")
-    header = f"{'task':<15}{'batch/proc':>11}{'it/s 1p':>10}{f'it/s {args.procs}p':>10}{'it/s ratio':>12}{'samples/s ratio':>17}"
+    header = (f"{'task':<15}{'batch/proc':>11}{'it/s 1p':>10}{f'it/s {args.procs}p':>10}{'it/s ratio':>12}"
+              f"{'samples/s ratio':>17}")
     print(header)
     rows = []
     for task in tasks:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config import Config, ConfigError, load_config
+from ..config import Config
 from ..data.summary import DataError
 
 __all__ = ["BackboneClassifier", "pretrain_backbone"]
@@ -100,9 +100,9 @@ def pretrain_backbone(
     from tqdm.auto import tqdm
 
     from ..data.collate import collate_classification
+    from ..modeling.backbone import build_backbone
     from .data_setup import build_task_dataset, ensure_data
     from .runtime import resolve_device
-    from ..modeling.backbone import build_backbone
 
     if iterations <= 0 or batch_size <= 0:
         raise ValueError(f"pretrain_backbone: iterations and batch_size must be > 0, got {iterations}, {batch_size}")

@@ -281,7 +281,7 @@ def save_checkpoint(
             meta = {
                 "format_version": FORMAT_VERSION,
                 "iteration": iteration,
-                "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "world_size": get_world_size(),
                 "torch_version": torch.__version__,
                 "config_sha256": config_hash(config) if config is not None else None,

@@ -192,7 +192,7 @@ def write_run_files(cfg: Config, output_dir: Path, argv: list[str] | None, resum
         "command": shlex.join(argv),
         "git_commit": _git_commit(),
         "seed": cfg.run.seed,
-        "start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "start_time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "world_size": get_world_size(),
         "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
         "resumed_from_iteration": resumed_from,

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import timm
-from timm.layers import freeze_batch_norm_2d
 import torch
 import torch.nn as nn
+from timm.layers import freeze_batch_norm_2d
 
 STRIDES = (4, 8, 16, 32)
 FREEZE_PRETRAINED_BATCHNORM = True

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from uniperceiver_v2.config import ImageEncoderConfig
 from uniperceiver_v2.modeling.backbone import build_backbone_from_config
 from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy, normalize_targets
-from uniperceiver_v2.modeling.proposal_criterion import RegionProposalCriterion
 from uniperceiver_v2.modeling.global_pooling import GLOBAL_FLATTENED, GLOBAL_POOLED, GlobalRepresentations
+from uniperceiver_v2.modeling.proposal_criterion import RegionProposalCriterion
 from uniperceiver_v2.modeling.region_proposal import RegionProposalNetwork
 
 SIZE_DIVISIBILITY = 32

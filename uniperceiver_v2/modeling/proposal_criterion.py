@@ -50,7 +50,7 @@ class PredictionSet:
     boxes: torch.Tensor
     masks: torch.Tensor
 
-    def select(self, index: slice) -> "PredictionSet":
+    def select(self, index: slice) -> PredictionSet:
         """The queries ``index`` (a slice along Q) of every tensor."""
         return PredictionSet(self.objectness[:, index], self.boxes[:, index], self.masks[:, index])
 

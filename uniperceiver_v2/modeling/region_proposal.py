@@ -39,11 +39,11 @@ import torch.nn.functional as F
 from uniperceiver_v2.config import ImageEncoderConfig
 from uniperceiver_v2.modeling.backbone import group_norm
 from uniperceiver_v2.modeling.box_ops import inverse_sigmoid
-from uniperceiver_v2.modeling.proposal_criterion import PredictionSet
 from uniperceiver_v2.modeling.deformable_transformer import MLP, DeformableDecoder, DeformableEncoder, flatten_levels
 from uniperceiver_v2.modeling.denoising import DenoisingQueries, build_denoising_queries
 from uniperceiver_v2.modeling.mask_head import MaskHead
 from uniperceiver_v2.modeling.position_encoding import box_sine_embedding, sine_position_embedding
+from uniperceiver_v2.modeling.proposal_criterion import PredictionSet
 
 ANCHOR_BASE_SIZE = 0.05         # query-selection anchor side on the stride-8 level, doubling per level (DINO)
 ANCHOR_VALID_RANGE = (0.01, 0.99)   # anchors with a coordinate outside are not selectable (DINO)
@@ -215,8 +215,8 @@ class RegionProposalNetwork(nn.Module):
         levels = self.input_levels(features)
         masks = [F.interpolate(padding_mask[:, None].float(), size=x.shape[-2:], mode="nearest")[:, 0].bool()
                  for x in levels]
-        positions = [sine_position_embedding(m, d // 2).to(x.dtype) + self.level_embed[l].view(1, -1, 1, 1)
-                     for l, (x, m) in enumerate(zip(levels, masks))]
+        positions = [sine_position_embedding(m, d // 2).to(x.dtype) + self.level_embed[level].view(1, -1, 1, 1)
+                     for level, (x, m) in enumerate(zip(levels, masks))]
         src, mask_flat, pos_flat, shapes, starts, ratios = flatten_levels(levels, masks, positions)
         memory = self.encoder(src, pos_flat, shapes, starts, ratios, mask_flat)               # (B, S, d)
 

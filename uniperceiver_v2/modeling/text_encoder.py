@@ -103,12 +103,12 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_hf_config(cls, hf_config: PretrainedConfig, tokenizer,
-                       cfg: TextEncoderConfig | None = None) -> "TextEncoder":
+                       cfg: TextEncoderConfig | None = None) -> TextEncoder:
         """A randomly initialised encoder of the architecture ``hf_config`` with ``tokenizer``."""
         return cls(cfg or TextEncoderConfig(), language_model=_build_language_model(hf_config, None),
                    tokenizer=tokenizer)
 
-    def train(self, mode: bool = True) -> "TextEncoder":
+    def train(self, mode: bool = True) -> TextEncoder:
         super().train(mode)
         if self.cfg.freeze:
             self.model.eval()

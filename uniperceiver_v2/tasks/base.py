@@ -48,7 +48,7 @@ class Task(ABC):
         self.config = config
 
     @classmethod
-    def from_dataset(cls, config: TaskConfig, dataset: Any) -> "Task":
+    def from_dataset(cls, config: TaskConfig, dataset: Any) -> Task:
         """The task for a training / evaluation dataset; tasks whose candidates come from the dataset (class
         names) override this to read them."""
         return cls(config)

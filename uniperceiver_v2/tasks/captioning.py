@@ -38,10 +38,10 @@ import torch
 from uniperceiver_v2.data.collate import collate_captions
 from uniperceiver_v2.data.samples import CaptionSample, ImageCaptionsSample
 from uniperceiver_v2.modeling.attention_masks import autoregressive_mask
+from uniperceiver_v2.modeling.decoder_inputs import Segment, build_sequence, image_segment, spe_segment, text_segment
 from uniperceiver_v2.modeling.image_encoder import ImageEncoderOutput
 from uniperceiver_v2.tasks.base import Task
 from uniperceiver_v2.tasks.losses import IGNORE_INDEX, unified_loss
-from uniperceiver_v2.modeling.decoder_inputs import Segment, build_sequence, image_segment, spe_segment, text_segment
 from uniperceiver_v2.tasks.vocabulary import end_token_id, start_token_id, vocabulary_lookup
 
 __all__ = ["CaptioningTask", "CaptioningTaskBatch"]
@@ -64,7 +64,7 @@ class CaptioningTaskBatch:
     caption_image_index: torch.Tensor | None
     image_ids: list[int]
 
-    def to(self, device: torch.device | str) -> "CaptioningTaskBatch":
+    def to(self, device: torch.device | str) -> CaptioningTaskBatch:
         index = None if self.caption_image_index is None else self.caption_image_index.to(device)
         return replace(self, images=self.images.to(device), padding_mask=self.padding_mask.to(device),
                        caption_image_index=index)

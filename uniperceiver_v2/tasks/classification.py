@@ -40,7 +40,7 @@ class ClassificationTaskBatch:
     labels: torch.Tensor | None
     class_names: tuple[str, ...]
 
-    def to(self, device: torch.device | str) -> "ClassificationTaskBatch":
+    def to(self, device: torch.device | str) -> ClassificationTaskBatch:
         return replace(self, images=self.images.to(device), padding_mask=self.padding_mask.to(device),
                        labels=None if self.labels is None else self.labels.to(device))
 
@@ -60,7 +60,7 @@ class ClassificationTask(Task):
         self.class_names = tuple(class_names)
 
     @classmethod
-    def from_dataset(cls, config, dataset) -> "ClassificationTask":
+    def from_dataset(cls, config, dataset) -> ClassificationTask:
         return cls(config, class_names=dataset.class_names)
 
     def collate(self, samples: Sequence[ClassificationSample]) -> ClassificationTaskBatch:

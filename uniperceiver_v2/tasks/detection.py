@@ -37,10 +37,10 @@ import torch
 from uniperceiver_v2.data.collate import collate_detection
 from uniperceiver_v2.data.samples import DetectionSample
 from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy, box_iou
+from uniperceiver_v2.modeling.decoder_inputs import build_sequence, image_segment, spe_segment
 from uniperceiver_v2.modeling.image_encoder import ImageEncoderOutput, postprocess
 from uniperceiver_v2.tasks.base import Task
 from uniperceiver_v2.tasks.losses import IGNORE_INDEX, unified_loss
-from uniperceiver_v2.modeling.decoder_inputs import build_sequence, image_segment, spe_segment
 
 __all__ = ["IOU_THRESHOLD", "DetectionTask", "DetectionTaskBatch", "assign_proposal_labels", "to_coco_results"]
 
@@ -71,7 +71,7 @@ class DetectionTaskBatch:
     class_names: tuple[str, ...]
     category_ids: tuple[int, ...]
 
-    def to(self, device: torch.device | str) -> "DetectionTaskBatch":
+    def to(self, device: torch.device | str) -> DetectionTaskBatch:
         def move(items):
             return None if items is None else [t.to(device) for t in items]
 
@@ -156,7 +156,7 @@ class DetectionTask(Task):
                              f"class names")
 
     @classmethod
-    def from_dataset(cls, config, dataset) -> "DetectionTask":
+    def from_dataset(cls, config, dataset) -> DetectionTask:
         return cls(config, class_names=dataset.class_names, category_ids=dataset.label_to_category_id)
 
     def collate(self, samples: Sequence[DetectionSample]) -> DetectionTaskBatch:
@@ -195,8 +195,8 @@ class DetectionTask(Task):
             height, width = image.image_sizes[:, 0], image.image_sizes[:, 1]
             scale = torch.stack([width, height, width, height], dim=1).to(image.boxes.dtype)       # (B, 4)
             proposals = box_cxcywh_to_xyxy(image.boxes) * scale[:, None]                         # (B, O, 4)
-            labels = torch.stack([assign_proposal_labels(p, b.to(p.dtype), l)
-                                  for p, b, l in zip(proposals, batch.boxes, batch.labels)])
+            labels = torch.stack([assign_proposal_labels(p, b.to(p.dtype), gt_labels)
+                                  for p, b, gt_labels in zip(proposals, batch.boxes, batch.labels)])
         loss_rpn = torch.stack(list(image.losses.values())).sum()
         terms = {"loss_cls": unified_loss(logits.flatten(0, 1), labels.flatten(), self.config.label_smoothing),
                  "loss_rpn": loss_rpn, "loss_moe_aux": aux}

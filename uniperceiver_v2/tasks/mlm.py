@@ -31,9 +31,9 @@ import torch
 
 from uniperceiver_v2.data.collate import collate_text
 from uniperceiver_v2.modeling.attributes import MODALITY_IDS
+from uniperceiver_v2.modeling.decoder_inputs import Segment, build_sequence, spe_segment, text_segment
 from uniperceiver_v2.tasks.base import Task
 from uniperceiver_v2.tasks.losses import IGNORE_INDEX, unified_loss
-from uniperceiver_v2.modeling.decoder_inputs import Segment, build_sequence, spe_segment, text_segment
 from uniperceiver_v2.tasks.vocabulary import vocabulary_lookup
 
 __all__ = ["MLMTaskBatch", "MaskedLanguageModelingTask", "choose_masked_positions", "sentence_draws"]
@@ -50,7 +50,7 @@ class MLMTaskBatch:
 
     texts: list[str]
 
-    def to(self, device: torch.device | str) -> "MLMTaskBatch":
+    def to(self, device: torch.device | str) -> MLMTaskBatch:
         return self
 
 

@@ -50,7 +50,7 @@ class RetrievalTaskBatch:
     text_image_index: torch.Tensor
     image_ids: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "RetrievalTaskBatch":
+    def to(self, device: torch.device | str) -> RetrievalTaskBatch:
         return replace(self, images=self.images.to(device), padding_mask=self.padding_mask.to(device),
                        text_image_index=self.text_image_index.to(device), image_ids=self.image_ids.to(device))
 

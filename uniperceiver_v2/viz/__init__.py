@@ -25,14 +25,32 @@ Conventions (every module):
 """
 
 from .base import IMAGENET_MEAN, IMAGENET_STD, class_color, subplots, to_display_image, to_numpy
-from .images import show_image, image_grid, draw_detections, draw_proposals, draw_sampling_points, attention_heatmaps, show_captions, show_retrieval
-from .matrices import plot_attention_mask, plot_similarity_matrix, plot_gate_heatmap
 from .curves import plot_curves
-from .statistics import coco_instance_statistics, plot_instance_statistics
-from .regions import plot_level_maps, draw_denoising_boxes, plot_cost_matrices, plot_bars, plot_token_layout
-from .decoder import plot_attribute_bits, plot_expert_usage, plot_expert_load
+from .decoder import plot_attribute_bits, plot_expert_load, plot_expert_usage
 from .evaluation import plot_topk_predictions, show_text_retrieval
-from .optim import plot_task_sequence, plot_sampling_weights, plot_grad_norms, plot_task_curves, plot_interference
+from .images import (
+    attention_heatmaps,
+    draw_detections,
+    draw_proposals,
+    draw_sampling_points,
+    image_grid,
+    show_captions,
+    show_image,
+    show_retrieval,
+)
+from .matrices import plot_attention_mask, plot_gate_heatmap, plot_similarity_matrix
+from .optim import plot_grad_norms, plot_interference, plot_sampling_weights, plot_task_curves, plot_task_sequence
+from .regions import draw_denoising_boxes, plot_bars, plot_cost_matrices, plot_level_maps, plot_token_layout
+from .statistics import coco_instance_statistics, plot_instance_statistics
 from .tables import grouped_bars, plot_ablation, plot_metrics_vs_paper, results_table_figure
 
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'attention_heatmaps', 'class_color', 'coco_instance_statistics', 'draw_denoising_boxes', 'draw_detections', 'draw_proposals', 'draw_sampling_points', 'grouped_bars', 'image_grid', 'plot_ablation', 'plot_attention_mask', 'plot_attribute_bits', 'plot_bars', 'plot_cost_matrices', 'plot_curves', 'plot_expert_load', 'plot_expert_usage', 'plot_gate_heatmap', 'plot_grad_norms', 'plot_instance_statistics', 'plot_interference', 'plot_level_maps', 'plot_metrics_vs_paper', 'plot_sampling_weights', 'plot_similarity_matrix', 'plot_task_curves', 'plot_task_sequence', 'plot_token_layout', 'plot_topk_predictions', 'results_table_figure', 'show_captions', 'show_image', 'show_retrieval', 'show_text_retrieval', 'subplots', 'to_display_image', 'to_numpy']
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "attention_heatmaps", "class_color", "coco_instance_statistics",
+    "draw_denoising_boxes", "draw_detections", "draw_proposals", "draw_sampling_points", "grouped_bars",
+    "image_grid", "plot_ablation", "plot_attention_mask", "plot_attribute_bits", "plot_bars",
+    "plot_cost_matrices", "plot_curves", "plot_expert_load", "plot_expert_usage", "plot_gate_heatmap",
+    "plot_grad_norms", "plot_instance_statistics", "plot_interference", "plot_level_maps",
+    "plot_metrics_vs_paper", "plot_sampling_weights", "plot_similarity_matrix", "plot_task_curves",
+    "plot_task_sequence", "plot_token_layout", "plot_topk_predictions", "results_table_figure", "show_captions",
+    "show_image", "show_retrieval", "show_text_retrieval", "subplots", "to_display_image", "to_numpy",
+]

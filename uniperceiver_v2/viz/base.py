@@ -18,18 +18,13 @@ from __future__ import annotations
 
 import colorsys
 import math
-import textwrap
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
-
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # tab20 with its dark shades first, so the first ten classes get ten clearly different colours.
 _TAB20 = matplotlib.colormaps["tab20"]

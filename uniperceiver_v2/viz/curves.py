@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import math
-import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 
 from ..engine.logging import read_metrics
-
-from .base import (_PALETTE, _MASK_ALPHA, _LEVEL_CMAP, _as_boxes, _as_vector, _figure, _grid_shape, _hide_frame, _image_axes, _single_axes, class_color, to_display_image, to_numpy)
+from .base import (
+    _figure,
+)
 
 
 def _moving_average(values: np.ndarray, window: int) -> np.ndarray:

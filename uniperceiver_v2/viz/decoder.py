@@ -1,7 +1,8 @@
 """Figures of the unified decoder and Conditional-MoE walk-throughs (notebooks 03 and 04).
 
 Same conventions as ``uniperceiver_v2.viz``: plain inputs (tensors, arrays, lists), and every function returns the
-matplotlib ``Figure`` it drew on (built without pyplot). The data behind them comes from ``uniperceiver_v2.walkthrough.gating``.
+matplotlib ``Figure`` it drew on (built without pyplot). The data behind them comes from
+``uniperceiver_v2.walkthrough.gating``.
 """
 
 from __future__ import annotations

@@ -3,10 +3,8 @@ retrieved texts."""
 
 from __future__ import annotations
 
-import math
 import textwrap
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
@@ -15,7 +13,19 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from .base import (_PALETTE, _MASK_ALPHA, _LEVEL_CMAP, _as_boxes, _as_vector, _figure, _grid_shape, _hide_frame, _image_axes, _single_axes, class_color, to_display_image, to_numpy)
+from .base import (
+    _LEVEL_CMAP,
+    _MASK_ALPHA,
+    _as_boxes,
+    _as_vector,
+    _figure,
+    _grid_shape,
+    _hide_frame,
+    _image_axes,
+    class_color,
+    to_display_image,
+    to_numpy,
+)
 
 
 def show_image(image: Any, title: str | None = None, mean: Sequence[float] | None = None,

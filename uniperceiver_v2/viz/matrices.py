@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import math
-import textwrap
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 
-from .base import (_PALETTE, _MASK_ALPHA, _LEVEL_CMAP, _as_boxes, _as_vector, _figure, _grid_shape, _hide_frame, _image_axes, _single_axes, class_color, to_display_image, to_numpy)
+from .base import (
+    _as_vector,
+    _single_axes,
+    to_numpy,
+)
 
 
 def plot_attention_mask(mask: Any, segment_labels: Sequence[tuple[str, int, int]] | None = None,

@@ -214,7 +214,7 @@ def plot_token_layout(layouts: Mapping[str, tuple[Any, Any]], type_names: Mappin
     longest = max(len(types) for _, types, _ in rows)
     fig, ax = _single_axes(None, figsize=(min(2.5 + 0.16 * longest, 16.0), 0.6 + 0.55 * len(rows)))
     colors = {t: class_color(i) for i, t in enumerate(sorted(type_names))}
-    for r, (name, types, padding) in enumerate(rows):
+    for r, (_, types, padding) in enumerate(rows):
         for t, (kind, padded) in enumerate(zip(types, padding)):
             ax.add_patch(Rectangle((t, r - 0.4), 1.0, 0.8, facecolor=colors[kind], edgecolor="white", linewidth=0.4,
                                    hatch="////" if padded else None, alpha=0.45 if padded else 1.0))

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
-import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
-import json
 
-from .base import (_PALETTE, _MASK_ALPHA, _LEVEL_CMAP, _as_boxes, _as_vector, _figure, _grid_shape, _hide_frame, _image_axes, _single_axes, class_color, to_display_image, to_numpy)
+from .base import (
+    _figure,
+    class_color,
+)
 
 
 def coco_instance_statistics(ann_file: str | Path) -> dict[str, Any]:

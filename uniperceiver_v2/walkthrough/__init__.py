@@ -17,8 +17,46 @@ The names of ``runs``, ``results`` and ``novel`` are re-exported here (``walkthr
 other modules by name (``from uniperceiver_v2.walkthrough import gating``).
 """
 
-from .runs import training_dir, pretrained_backbone, TrainingStatus, training_status, require_checkpoint, default_log_every, train_command, shell_command, config_of_command, unmixed_sampler, task_mixture_table, loss_summary, TrainingFailed, ProgressFilter, stream_command, run_training, lr_records, task_sequence_from_records, param_group_table, CONSOLE_LOG
-from .results import chance_levels, metrics_table, distinct_detections, RetrievalExamples, retrieval_examples, representation_similarity, mask_one_word, fill_mask_examples
-from .novel import novel_category_names, category_exposure, novel_ap_table, per_category_table, best_proposal_logits
+from .novel import best_proposal_logits, category_exposure, novel_ap_table, novel_category_names, per_category_table
+from .results import (
+    RetrievalExamples,
+    chance_levels,
+    distinct_detections,
+    fill_mask_examples,
+    mask_one_word,
+    metrics_table,
+    representation_similarity,
+    retrieval_examples,
+)
+from .runs import (
+    CONSOLE_LOG,
+    ProgressFilter,
+    TrainingFailed,
+    TrainingStatus,
+    config_of_command,
+    default_log_every,
+    loss_summary,
+    lr_records,
+    param_group_table,
+    pretrained_backbone,
+    require_checkpoint,
+    run_training,
+    shell_command,
+    stream_command,
+    task_mixture_table,
+    task_sequence_from_records,
+    train_command,
+    training_dir,
+    training_status,
+    unmixed_sampler,
+)
 
-__all__ = ['CONSOLE_LOG', 'ProgressFilter', 'RetrievalExamples', 'TrainingFailed', 'TrainingStatus', 'best_proposal_logits', 'category_exposure', 'chance_levels', 'config_of_command', 'default_log_every', 'distinct_detections', 'fill_mask_examples', 'loss_summary', 'lr_records', 'mask_one_word', 'metrics_table', 'novel_ap_table', 'novel_category_names', 'param_group_table', 'per_category_table', 'pretrained_backbone', 'representation_similarity', 'require_checkpoint', 'retrieval_examples', 'run_training', 'shell_command', 'stream_command', 'task_mixture_table', 'task_sequence_from_records', 'train_command', 'training_dir', 'training_status', 'unmixed_sampler']
+__all__ = [
+    "CONSOLE_LOG", "ProgressFilter", "RetrievalExamples", "TrainingFailed", "TrainingStatus",
+    "best_proposal_logits", "category_exposure", "chance_levels", "config_of_command", "default_log_every",
+    "distinct_detections", "fill_mask_examples", "loss_summary", "lr_records", "mask_one_word", "metrics_table",
+    "novel_ap_table", "novel_category_names", "param_group_table", "per_category_table", "pretrained_backbone",
+    "representation_similarity", "require_checkpoint", "retrieval_examples", "run_training", "shell_command",
+    "stream_command", "task_mixture_table", "task_sequence_from_records", "train_command", "training_dir",
+    "training_status", "unmixed_sampler",
+]

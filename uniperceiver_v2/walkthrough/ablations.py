@@ -449,9 +449,9 @@ def _train_in_process(cfg: Config, argv: list[str], threads: int | None) -> None
     """Train and evaluate in this process (one process); the trainer writes ``eval_<split>_<iteration>.json``."""
     import torch
 
-    from ..engine.trainer import Trainer
-    from ..engine.evaluation import evaluate
     from ..engine.build import build_training
+    from ..engine.evaluation import evaluate
+    from ..engine.trainer import Trainer
 
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -673,7 +673,7 @@ class TableReport:
                 "reference": self.reference, "paper_reference": self.paper_reference, "notes": list(self.notes)}
 
     @classmethod
-    def from_results(cls, key: str, saved: Mapping[str, Any]) -> "TableReport":
+    def from_results(cls, key: str, saved: Mapping[str, Any]) -> TableReport:
         """The report of table ``key`` from what :meth:`as_results` saved."""
         table = _table(key)
         headers = [m.header for m in ABLATION_COLUMNS]

@@ -4,14 +4,9 @@ the best proposal of each object."""
 
 from __future__ import annotations
 
-import math
-import os
-import random
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 

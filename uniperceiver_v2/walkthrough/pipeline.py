@@ -24,7 +24,6 @@ The notebooks run in the kernel ``uniperceiver-v2``, which must start *this* int
 
 from __future__ import annotations
 
-import argparse
 import ast
 import csv
 import datetime as _dt

@@ -4,19 +4,15 @@ retrieval rankings, filled masks, representation similarities."""
 from __future__ import annotations
 
 import math
-import os
 import random
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import api
 from ..engine.runtime import evaluation_mode
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Evaluation results

@@ -35,8 +35,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from uniperceiver_v2.data.collate import collate_detection
-from uniperceiver_v2.engine.runtime import evaluation_mode
 from uniperceiver_v2.data.samples import DetectionBatch, DetectionSample
+from uniperceiver_v2.engine.runtime import evaluation_mode
 from uniperceiver_v2.metrics.coco import evaluate_coco
 from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy, box_iou
 from uniperceiver_v2.modeling.denoising import DenoisingQueries
@@ -328,7 +328,7 @@ class DeformableAttentionTrace:
     locations: torch.Tensor
     weights: torch.Tensor
 
-    def select(self, queries: slice) -> "DeformableAttentionTrace":
+    def select(self, queries: slice) -> DeformableAttentionTrace:
         return DeformableAttentionTrace(self.reference[:, queries], self.locations[:, queries],
                                         self.weights[:, queries])
 

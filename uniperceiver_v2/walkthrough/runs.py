@@ -13,7 +13,6 @@ from __future__ import annotations
 import codecs
 import math
 import os
-import random
 import re
 import shlex
 import signal
@@ -21,14 +20,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .pipeline import project_path
-
 
 # The trainer's console output, appended by :func:`run_training` next to its own files.
 CONSOLE_LOG = "console.log"
