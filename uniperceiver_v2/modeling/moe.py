@@ -41,6 +41,10 @@ Data-dependent routings (token, context) follow Switch Transformers ([23] of the
 
 Gate parameters all live in modules named ``gate`` (``is_gate_parameter``) so the optimizer can give them their
 own group without weight decay.
+
+Under autocast (``run.precision=bf16``) the expert and gate Linear layers run in half precision like any Linear,
+but the router works in float32 from its logits on (noise, top-k, softmax, balance loss) and ``MoELinear`` adds
+the gate-weighted expert outputs in the promoted dtype (float32); without autocast nothing is cast.
 """
 
 from __future__ import annotations
@@ -102,7 +106,7 @@ class ConditionGroups:
     rows: list[torch.Tensor]
 
     @classmethod
-    def from_ids(cls, ids: torch.Tensor) -> "ConditionGroups":
+    def from_ids(cls, ids: torch.Tensor) -> ConditionGroups:
         """Group flattened per-token condition ids (N,) long."""
         codes, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
         rows = torch.argsort(inverse, stable=True).split(counts.tolist())
@@ -407,6 +411,17 @@ class ConditionalGate(nn.Module):
             return self._route_by_condition(x, conditions)
         return self._route_by_token(x, conditions)
 
+    def _gate_logits(self, condition: torch.Tensor) -> torch.Tensor:
+        """W_g c(x), (M, E), in float32 at least.
+
+        Under autocast the projection returns bfloat16 (CPU) or float16 (CUDA); the noise, top-k, softmax and
+        balance loss that follow are computed in float32 (the router in full precision, as Switch Transformers
+        do), so the gate values G_e are float32 and ``MoELinear`` accumulates in float32. A no-op for float32
+        and float64.
+        """
+        logits = self.proj(condition)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
     def _top_k(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """logits (M, E) -> indices (M, k) long, weights (M, k) = softmax of the top-k logits."""
         top_logits, indices = logits.topk(self.top_k, dim=-1)
@@ -427,7 +442,7 @@ class ConditionalGate(nn.Module):
     def _route_by_condition(self, x: torch.Tensor, conditions: TokenConditions) -> GateDecision:
         B, T, _ = x.shape
         groups = conditions.groups(self.routing, B, T)
-        logits = self._add_noise(self.proj(self._condition_embedding(groups.codes)))     # (U, E)
+        logits = self._add_noise(self._gate_logits(self._condition_embedding(groups.codes)))   # (U, E)
         group_indices, group_weights = self._top_k(logits)                              # (U, k) each
         return GateDecision(
             indices=group_indices[groups.inverse], weights=group_weights[groups.inverse], keep=None,
@@ -440,7 +455,7 @@ class ConditionalGate(nn.Module):
         if self.routing == "context":
             pooled = self.pool(x, conditions.key_padding_mask)                          # (B, d)
             condition = torch.cat([x, pooled[:, None, :].expand(B, T, d)], dim=-1)    # (B, T, 2d)
-        logits = self._add_noise(self.proj(condition.reshape(B * T, -1)))             # (N, E)
+        logits = self._add_noise(self._gate_logits(condition.reshape(B * T, -1)))     # (N, E)
         indices, weights = self._top_k(logits)
         factor = self.capacity_factor_train if self.training else self.capacity_factor_eval
         keep = capacity_keep(indices, valid, self.num_experts, factor)
@@ -507,7 +522,10 @@ class MoELinear(nn.Module):
         outputs = [F.linear(chunk, self.weight[e], self.bias[e])
                    for e, chunk in enumerate(routed.split(plan.sizes))]
         weighted = torch.cat(outputs) * plan.weights                                 # (M, out)
-        return x.new_zeros(x.shape[0], self.out_features).index_add_(0, plan.rows, weighted)
+        # Accumulate in the dtype of the weighted expert outputs, not of x: under CPU autocast F.linear returns
+        # bfloat16 while x (the float32 residual stream) and the gate values are float32 (``_gate_logits``), so
+        # ``weighted`` is their promotion. Without autocast every operand has x's dtype and nothing changes.
+        return weighted.new_zeros(x.shape[0], self.out_features).index_add_(0, plan.rows, weighted)
 
     def merged_parameters(self, decision: GateDecision) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Dense (weight (out, in), bias (out,)) of each condition in ``decision.groups.codes``: taken from the
@@ -521,7 +539,10 @@ class MoELinear(nn.Module):
             raise RuntimeError("MoELinear is merged but the gate decision is data-dependent (token / context "
                                "routing); such experts cannot be merged")
         codes = decision.groups.codes.tolist()
-        with torch.no_grad():
+        # The cached mixtures are parameters, kept in the parameters' dtype whatever autocast context the first
+        # call runs in (under autocast the einsum would return bfloat16 / float16, and a cached half-precision
+        # weight would then break a later call without autocast); F.linear casts them per call as usual.
+        with torch.no_grad(), torch.autocast(self.weight.device.type, enabled=False):
             for u, code in enumerate(codes):
                 if code not in self._merged:
                     experts, gate = decision.group_indices[u], decision.group_weights[u]       # (k,), (k,)
