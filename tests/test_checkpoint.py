@@ -256,3 +256,29 @@ def test_nothing_to_load_is_an_error(tmp_path):
         load_checkpoint(tmp_path, nn.Linear(2, 2))
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope", nn.Linear(2, 2))
+
+
+def test_a_checkpoint_with_the_obsolete_decoder_logit_scale_still_loads(tmp_path):
+    """Decoders saved before 2026-12-03 carried an unused ``decoder.logit_scale``; their weights load, the rest
+    must still match exactly (strict)."""
+    import safetensors.torch
+
+    from uniperceiver_v2.config import DecoderConfig
+    from uniperceiver_v2.modeling.unified_decoder import UnifiedDecoder
+
+    cfg = DecoderConfig(width=32, depth=1, heads=2, ffn_dim=64)
+    torch.manual_seed(0)
+    old = UnifiedDecoder(cfg, image_dim=8, text_dim=8)
+    state = {key: value.clone() for key, value in old.state_dict().items()}
+    assert "logit_scale.log_scale" not in state
+    state["logit_scale.log_scale"] = torch.tensor(2.6593)                       # what an old checkpoint holds
+    path = tmp_path / "old_decoder.safetensors"
+    safetensors.torch.save_file(state, str(path))
+    torch.manual_seed(1)
+    new = UnifiedDecoder(cfg, image_dim=8, text_dim=8)
+    safetensors.torch.load_model(new, str(path), strict=True)
+    assert all(torch.equal(value, state[key]) for key, value in new.state_dict().items())
+    state["blocks.0.not_a_weight"] = torch.zeros(1)                             # anything else is still an error
+    safetensors.torch.save_file(state, str(path))
+    with pytest.raises(RuntimeError, match="not_a_weight"):
+        safetensors.torch.load_model(new, str(path), strict=True)

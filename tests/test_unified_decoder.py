@@ -11,7 +11,7 @@ from uniperceiver_v2.config import DecoderConfig, MoEConfig
 from uniperceiver_v2.modeling.attention_masks import autoregressive_causal_flags, autoregressive_mask
 from uniperceiver_v2.modeling.attributes import TASK_IDS, segment_ids, task_token_attributes
 from uniperceiver_v2.modeling.moe import TokenConditions
-from uniperceiver_v2.modeling.unified_decoder import TOKEN_TYPES, DropPath, UnifiedDecoder
+from uniperceiver_v2.modeling.unified_decoder import TOKEN_TYPES, DropPath, LogitScale, UnifiedDecoder
 
 WIDTH, IMAGE_DIM, TEXT_DIM = 32, 12, 20
 ALL_ROUTINGS = ["none", "token", "context", "modality", "task", "attribute"]
@@ -250,13 +250,14 @@ def test_embeddings_and_similarity():
         dec(torch.randn(1, 3, WIDTH + 1))
     # eq. (6): logits = cos(a, b) / tau, with 1 / tau initialised to 1 / 0.07 and clipped at 100
     a, b = torch.randn(3, WIDTH), torch.randn(4, WIDTH)
-    logits = dec.similarity(a, b)
+    scale = LogitScale(0.07, 100.0)
+    logits = dec.similarity(a, b, scale)
     expected = torch.tensor([[F.cosine_similarity(a[i], b[j], dim=0).item() / 0.07 for j in range(4)]
                              for i in range(3)])
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        dec.logit_scale.log_scale.fill_(math.log(1000.0))
-    assert dec.logit_scale().item() == pytest.approx(100.0)
+        scale.log_scale.fill_(math.log(1000.0))
+    assert scale().item() == pytest.approx(100.0)
 
 
 def test_layer_scale_option():

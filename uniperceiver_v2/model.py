@@ -8,9 +8,8 @@ g(f(.)) of input and target sequences; each task (``uniperceiver_v2.tasks``) dec
 which candidates to compare. There are no task-specific heads.
 
 Temperatures. DESIGN.md: "one learnable logit scale per task group, initialised to 1/0.07 and clipped at 100".
-The decoder carries one default ``LogitScale`` for its ``similarity``; the model keeps its own ``logit_scales``, one
-per task group (``LOGIT_SCALE_GROUPS``), and always passes the group's scale to ``decoder.similarity``, so the
-decoder's default scale is not used by the tasks (it receives no gradient).
+The model keeps one ``LogitScale`` (1 / tau) per task group (``LOGIT_SCALE_GROUPS``) in ``logit_scales`` and passes
+the group's scale to ``decoder.similarity``.
 
 Candidate-target cache. Class-name and vocabulary embeddings are computed once per call in training (they change
 with every step). In evaluation mode they are cached, detached, keyed by (task, candidate list); the cache is

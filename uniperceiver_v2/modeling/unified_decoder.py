@@ -243,9 +243,17 @@ class UnifiedDecoder(nn.Module):
         self.spe_token = nn.Parameter(torch.zeros(cfg.width))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.ln_f = nn.LayerNorm(cfg.width)
-        self.logit_scale = LogitScale(cfg.temperature_init, cfg.logit_scale_max)
         self.apply(self._init_weights)
         nn.init.normal_(self.spe_token, std=0.02)
+        self._register_load_state_dict_pre_hook(self._drop_obsolete_keys)
+
+    # Weights that decoders saved before 2026-12-03 carry and this one does not have: a default logit scale that
+    # no task used (the model keeps one ``LogitScale`` per task group). Loading such a checkpoint ignores them.
+    OBSOLETE_KEYS = ("logit_scale.log_scale",)
+
+    def _drop_obsolete_keys(self, state_dict, prefix, *args) -> None:
+        for key in self.OBSOLETE_KEYS:
+            state_dict.pop(prefix + key, None)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -367,18 +375,19 @@ class UnifiedDecoder(nn.Module):
         return DecoderOutput(hidden=self.ln_f(x), aux_loss=aux_loss * self.cfg.moe.balance_loss_weight,
                              gates=gates)
 
-    def similarity(self, a: torch.Tensor, b: torch.Tensor, logit_scale: LogitScale | None = None) -> torch.Tensor:
-        """Logits of eq. (6): cos(a_i, b_j) / tau.
+    @staticmethod
+    def similarity(a: torch.Tensor, b: torch.Tensor, logit_scale: LogitScale) -> torch.Tensor:
+        """Logits of v2 eq. (6): cos(a_i, b_j) / tau.
 
         Args:
             a: (Na, d) decoder outputs of the inputs.
             b: (Nb, d) decoder outputs of the candidate targets.
-            logit_scale: a task group's own ``LogitScale``; default the decoder's.
+            logit_scale: the task group's ``LogitScale`` (1 / tau).
 
         Returns:
             (Na, Nb).
         """
-        scale = (logit_scale or self.logit_scale)()
+        scale = logit_scale()
         return scale * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t()
 
     # -- re-parameterisation -------------------------------------------------------------------------------------
