@@ -99,7 +99,7 @@ def test_all_tasks_disabled_is_an_error():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The paper presets carry the paper's hyper-parameters verbatim (DESIGN.md "Hyper-parameters of the paper").
+# The paper presets carry the paper's hyper-parameters verbatim (v2 paper: Tab. 7, Tab. 8, Sec. 5.2, appendix B).
 # The expected values below are typed in from Tab. 7, Tab. 8, Sec. 5.2 and appendix B, not read from config.py.
 # ---------------------------------------------------------------------------------------------------------------
 TAB7 = dict(enc_layers=6, dec_layers=6, dim_feedforward=2048, hidden_dim=256, dropout=0.0, nheads=8,

@@ -51,7 +51,7 @@ def test_without_normalize_and_compensate_equals_torch_adamw():
 
 
 def _reference_mt_adamw(params, groups, grads_per_step, ratios, weights, betas, eps):
-    """Slow float64 implementation of the DESIGN.md formulas (per-parameter step counts, None = no grad)."""
+    """Slow float64 MT-AdamW as engine/optim.py states it (per-parameter step counts; None = no grad)."""
     beta1, beta2 = betas
     params = [p.clone().double() for p in params]
     state = [dict(m=torch.zeros_like(p), v=torch.zeros_like(p), t=0) for p in params]

@@ -1,5 +1,5 @@
-"""The paper's numbers (Tab. 2-6) against two sources: the values DESIGN.md restates, and the paper transcript
-itself (parsed from ``shared/papers/000_*.txt`` when it is there); plus the table builders."""
+"""The paper's numbers (Tab. 2-6) against two sources: reference values typed in here, and a text transcript of
+the paper itself (parsed from ``000_*.txt`` in ``PAPERS`` when it is there); plus the table builders."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from uniperceiver_v2.walkthrough import paper_results as P
 
 PAPERS = Path(__file__).resolve().parents[2] / "shared" / "papers"
 
-# DESIGN.md, "Paper results to put next to ours": det mAP / IN-1k acc / I2T R@1, T2I R@1 / caption B@4.
-DESIGN_TAB2 = {
+# Reference values of Tab. 2 and Tab. 4: det mAP / IN-1k acc / I2T R@1, T2I R@1 / caption B@4.
+REFERENCE_TAB2 = {
     "Global": (None, 76.8, 46.3, 34.6, 28.8),
     "Regional": (48.2, 75.9, 52.3, 39.2, 31.2),
     "Global + Regional": (49.9, 76.9, 51.3, 38.8, 30.6),
 }
-DESIGN_TAB4 = {
+REFERENCE_TAB4 = {
     "mixed": (49.6, 76.7, 40.1, 31.9, 27.6),
     "unmixed": (49.2, 76.6, 39.8, 30.9, 27.5),
     "unmixed + gather": (49.3, 76.8, 50.4, 37.3, 27.6),
@@ -28,8 +28,8 @@ DESIGN_TAB4 = {
 
 
 def test_tab2_and_tab4_match_design_md():
-    assert dict(P.paper_table("tab2").rows) == DESIGN_TAB2
-    assert dict(P.paper_table("tab4").rows) == DESIGN_TAB4
+    assert dict(P.paper_table("tab2").rows) == REFERENCE_TAB2
+    assert dict(P.paper_table("tab4").rows) == REFERENCE_TAB4
 
 
 def test_the_full_model_is_the_same_row_in_tab2_to_tab5():
@@ -111,7 +111,7 @@ TRANSCRIPT_ROWS = {
 def transcript() -> str:
     files = sorted(PAPERS.glob("000_*.txt"))
     if not files:
-        pytest.skip(f"the paper transcript (000_*.txt) is not in {PAPERS}; only the DESIGN.md checks ran")
+        pytest.skip(f"the paper transcript (000_*.txt) is not in {PAPERS}; only the reference-value checks ran")
     return files[0].read_text()
 
 

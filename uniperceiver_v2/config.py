@@ -12,7 +12,7 @@ Presets (``get_preset``):
   * ``swin_base``   -- the paper's Swin-B model.
   * ``swin_large``  -- the paper's Swin-L model.
 The paper presets carry the paper's hyper-parameters verbatim; ``tests/test_config.py`` checks them against
-the list in ``shared/DESIGN.md``.
+the values typed in from the paper's Tab. 7, Tab. 8, Sec. 5.2 and appendix B.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class ImageEncoderConfig:
     enc_n_points: int = 4
     dec_n_points: int = 4
     num_queries: int = 300                     # N proposals from query selection (300 R50 / 900 Swin)
-    topk_queries: int = 200                    # O proposals passed to the unified decoder (eq. (2))
+    topk_queries: int = 200                    # O proposals passed to the unified decoder (v2 eq. (2))
     # contrastive query denoising (Mask DINO), training only
     use_denoising: bool = True
     dn_num_queries: int = 100                  # total noised queries (positive + negative) per image, split in groups
@@ -89,7 +89,7 @@ class ImageEncoderConfig:
     mask_points: int = 112 * 112               # points sampled for the mask loss (appendix B)
     oversample_ratio: float = 3.0              # importance sampling of mask points (Mask2Former's point loss)
     importance_sample_ratio: float = 0.75
-    # eq. (2)/(9) fusion and eq. (3) global representations
+    # v2 eq. (2)/(9) fusion and v2 eq. (3) global representations
     mask_pool_size: int = 28                   # masks pooled to 28x28 before the linear projection M
     num_global_pools: int = 10                 # M' attention poolings
     use_global: bool = True                    # Tab. 2 ablation: global representations on/off
@@ -97,7 +97,7 @@ class ImageEncoderConfig:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Text encoder (eq. (4))
+# Text encoder (v2 eq. (4))
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
 class TextEncoderConfig:

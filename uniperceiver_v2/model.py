@@ -1,13 +1,13 @@
 """Uni-Perceiver v2: the image encoder, the text encoder and the unified decoder assembled into one model.
 
-    P(x, y) ~ exp(cos(g(f(x)), g(f(y))) / tau)                                           (eq. (6))
+    P(x, y) ~ exp(cos(g(f(x)), g(f(y))) / tau)                                           (v2 eq. (6))
 
 ``UniPerceiverV2`` owns the three networks (f_image, f_text, g), one learnable temperature per task group, and the
 vocabulary of the language tasks. It knows how to turn images and texts into ``<SPE>`` representations
 g(f(.)) of input and target sequences; each task (``uniperceiver_v2.tasks``) decides which sequences to build and
 which candidates to compare. There are no task-specific heads.
 
-Temperatures. DESIGN.md: "one learnable logit scale per task group, initialised to 1/0.07 and clipped at 100".
+Temperatures. One learnable logit scale per task group, initialised to 1 / 0.07 and clipped at 100 (as in CLIP).
 The model keeps one ``LogitScale`` (1 / tau) per task group (``LOGIT_SCALE_GROUPS``) in ``logit_scales`` and passes
 the group's scale to ``decoder.similarity``.
 
@@ -58,7 +58,7 @@ class UniPerceiverV2(nn.Module):
 
     Attributes:
         image_encoder, text_encoder, decoder: f_image, f_text, g.
-        logit_scales: ModuleDict group -> ``LogitScale`` (1 / tau of eq. (6)).
+        logit_scales: ModuleDict group -> ``LogitScale`` (1 / tau of v2 eq. (6)).
         vocabulary: buffer (V,) long, saved with the weights.
     """
 
@@ -126,7 +126,7 @@ class UniPerceiverV2(nn.Module):
         return self.logit_scales[_logit_scale_group(task)]()
 
     def similarity(self, inputs: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
-        """Eq. (6) logits cos(g(f(x)), g(f(y))) / tau_task.
+        """v2 eq. (6) logits cos(g(f(x)), g(f(y))) / tau_task.
 
         Args:
             inputs: (N, d) representations of the inputs; targets: (M, d) of the candidates.
@@ -137,7 +137,7 @@ class UniPerceiverV2(nn.Module):
         return self.decoder.similarity(inputs, targets, self.logit_scales[_logit_scale_group(task)])
 
     def forward(self, task, batch) -> dict[str, torch.Tensor]:
-        """One training step's losses: ``task.loss(self, batch)`` (eq. (7); see ``tasks.base.Task``).
+        """One training step's losses: ``task.loss(self, batch)`` (v2 eq. (7); see ``tasks.base.Task``).
 
         Going through ``forward`` lets ``DistributedDataParallel(model)(task, batch)`` prepare its gradient
         all-reduce; calling ``task.loss(model.module, batch)`` directly would bypass it.
@@ -147,7 +147,7 @@ class UniPerceiverV2(nn.Module):
     # -- encoders ------------------------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor, padding_mask: torch.Tensor | None = None,
                       targets: list[dict] | None = None) -> ImageEncoderOutput:
-        """f_image (eq. (1)). images (B, 3, H, W) normalised; padding_mask (B, H, W) True = padding."""
+        """f_image (v2 eq. (1)). images (B, 3, H, W) normalised; padding_mask (B, H, W) True = padding."""
         return self.image_encoder(images, padding_mask, targets)
 
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
@@ -157,7 +157,7 @@ class UniPerceiverV2(nn.Module):
 
     def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            causal: bool = False) -> torch.Tensor:
-        """f_text (eq. (4)) of token ids (B, L); attention_mask (B, L) 1 = token.
+        """f_text (v2 eq. (4)) of token ids (B, L); attention_mask (B, L) 1 = token.
 
         With ``causal`` every token sees only itself and the tokens before it, so the feature of token i does not
         depend on tokens i+1.. (the caption words, see ``tasks/captioning.py``). The language model is

@@ -13,7 +13,7 @@ evaluation mode, no gradient):
 * ``cls``: of the class names' ``<SPE>`` outputs (``model.class_name_embeddings``);
 * ``tok``: of the images' mean encoder tokens (``ImageEncoderOutput.tokens`` averaged over the tokens).
 
-"Collapsed" is the state where ``img`` and ``cls`` are both near 1: every logit of eq. (6) is then the same,
+"Collapsed" is the state where ``img`` and ``cls`` are both near 1: every logit of v2 eq. (6) is then the same,
 the cross-entropy sits exactly at ln C (ln 14 = 2.639 on the synthetic suite) and no gradient separates the
 classes again (docs/benchmarks.md, "The collapse of the tiny model"). Each row is also written as one JSON
 line when ``--jsonl`` names a file, so the curves can be plotted.

@@ -1,20 +1,15 @@
 """Pre-train the image backbone as a plain classifier, the stand-in for the paper's ImageNet-pretrained backbones.
 
-The paper never trains its image backbone from scratch: ResNet-50 and Swin start from ImageNet weights (Sec. 5.2),
-and the encoders' learning rate is 0.1 x the decoder's because they are already good. No pretrained image weights
-install on the CPU machines this project is built on, so the ``tiny`` preset would otherwise start from a random
-backbone; and a random backbone is what made the tiny model collapse (docs/benchmarks.md, "The collapse of the
-tiny model"): with image features that barely differ between images (cosine 0.94 between the mean image tokens of
-two images), the fastest way down for every contrastive task is to map all inputs and targets to one vector, after
-which the losses sit at ln |Y| and the gradients vanish.
+``pretrain_backbone(cfg, ...)`` trains backbone + global average pooling + one linear layer
+(``BackboneClassifier``) with cross-entropy (label smoothing 0.1), AdamW, linear warm-up and cosine decay on the
+classification training split of the config (``data.classification_root``: the synthetic suite's shape classes,
+or any ImageFolder tree). It writes the backbone's state dict as safetensors (the linear layer is dropped), which
+``image_encoder.backbone_weights`` loads, and the validation accuracy of the classifier next to it
+(``<out>.json``). The command line is ``python -m uniperceiver_v2.pretrain_backbone``.
 
-``pretrain_backbone`` gives the tiny backbone what ImageNet gives the paper's: backbone + global average pooling + one
-linear layer, trained with cross-entropy (label smoothing 0.1) on the classification training split named by the
-config (``data.classification_root``; the synthetic suite's 14 shape classes, or any ImageFolder tree), with
-AdamW, a linear warm-up and cosine decay. The result is the backbone's state dict as safetensors, which
-``image_encoder.backbone_weights`` loads (``modeling/backbone.load_backbone_weights``); the linear layer is thrown
-away, as ImageNet classifiers' heads are. Only the training split is used; the accuracy on the validation split is
-reported next to the weights (``<out>.json``).
+Why the generalist needs it (a random backbone makes the contrastive tasks collapse) and how it compares with the
+packaged ImageNet EfficientNet-Lite0 (``image_encoder.backbone_weights=imagenet``): docs/design.md,
+"Backbone weights".
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ nothing is initialised and every helper falls back to the single-process answer.
 
 `all_gather_with_grad` is the autograd-aware all-gather behind "Gather Feature" (paper Tab. 4): retrieval
 negatives from all ranks, and candidate targets (class names, vocabulary) sharded across ranks and
-re-assembled (DESIGN.md).
+re-assembled (docs/design.md).
 """
 
 from __future__ import annotations

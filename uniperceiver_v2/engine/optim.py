@@ -12,7 +12,7 @@ The paper writes (its beta is our 1 - beta; weight decay and bias corrections ar
     n_t = (1 - beta_2) n_{t-1} + beta_2 / s_k * g_t^2
     theta_t = theta_{t-1} - alpha * m_t / sqrt(n_t + eps)
 
-DESIGN.md restates it in the usual beta notation, with AdamW's decoupled weight decay and bias corrections:
+In the usual beta notation, with AdamW's decoupled weight decay and bias corrections, this module implements:
 
     g      = w_k * grad / ||grad||                     (global L2 norm over all parameters of the step)
     m      = beta1 * m + (1 - beta1) / s_k * g
@@ -76,7 +76,7 @@ class MTAdamW(torch.optim.Optimizer):
     * eps is added to sqrt(v_hat) as in AdamW, not inside the square root as in the paper's formula; this
       keeps `normalize=False, compensate=False` identical to `torch.optim.AdamW`.
     * Weight decay is decoupled (AdamW), applied to theta_{t-1} before the moment update, which is the same
-      as the DESIGN.md formula because the Adam direction does not depend on theta_{t-1}.
+      as the formula in the module docstring because the Adam direction does not depend on theta_{t-1}.
     * The gradient norm is global, over every parameter of every group that has a gradient in this step,
       so the relative size of the gradients of different layers is kept; only the step's overall scale is
       removed. Under DistributedDataParallel every rank holds the same averaged gradients and computes the
@@ -241,7 +241,7 @@ def build_param_groups(
         lr_multipliers: parameter-name prefix -> lr multiplier. A prefix matching no parameter is an error
             (a typo would otherwise silently train the encoder at full lr).
         no_weight_decay: predicate (name, parameter) -> True for parameters trained without weight decay,
-            e.g. the Conditional-MoE attribute gate (DESIGN.md). Default: every parameter decays.
+            e.g. the Conditional-MoE attribute gate (docs/design.md). Default: every parameter decays.
 
     Returns:
         Non-empty groups, each {"params": [...], "lr": float, "weight_decay": float, "name": str}, in the

@@ -1,64 +1,25 @@
 """The multi-task trainer: unmixed (or mixed) task sampling, MT-AdamW, DDP, checkpoints and exact resume.
 
-One iteration (paper Sec. 4.4, "Unmixed sampling"; DESIGN.md "MT-AdamW")::
+One iteration of ``Trainer.train_step`` (v2 paper Sec. 4.4)::
 
     k = sampler.task_for_iteration(i)                 the same task on every rank (same seed, no communication)
     for each of run.grad_accum micro-batches:
-        L = tasks[k].loss(model, next batch of k)["loss"]   = w_k * (sum of the task's loss terms), eq. (7)
+        L = tasks[k].loss(model, next batch of k)["loss"]   = w_k * (sum of the task's loss terms), v2 eq. (7)
         backward(L / grad_accum)                      DDP averages gradients over ranks on the last micro-batch
     clip the global gradient norm (optim.grad_clip)
     MT-AdamW: step(sampling_ratio=s_k, task_weight=w_k)     AdamW: step()
     lr schedule step (warm-up, x decay_factor at decay_at fractions of run.iterations)
 
-**Where the loss weight w_k goes, so it counts exactly once.** Every task's ``"loss"`` is already
-w_k * (its terms) (``tasks.base.Task``), and the trainer never multiplies it again.
+Entry points: ``Trainer`` (``train``, ``train_step``, ``save``, ``resume``, ``evaluate``), ``build_optimizer``
+(parameter groups: encoders at a reduced lr, no weight decay for norms, biases, embeddings, logit scales and
+gates), ``seed_iteration`` and ``write_run_files`` (``config.yaml`` and ``run_info.json`` of a run).
 
-* ``optim.name="mt_adamw"`` (``optim.normalize=true``, the paper's): MT-AdamW divides the step's gradient by
-  its global norm, which removes the w_k inside the loss, then multiplies by ``task_weight=w_k``; so w_k acts
-  once, through the optimizer, as Sec. 4.4 has it, and ``sampling_ratio=s_k`` compensates the moments.
-* ``optim.name="mt_adamw"`` with ``optim.normalize=false`` (an ablation): nothing divides the loss scale out,
-  so the optimizer gets ``task_weight=1`` and w_k acts through the loss.
-* ``optim.name="adamw"``: plain ``torch.optim.AdamW``; w_k acts through the loss (eq. (7)).
-* Mixed sampling (the Tab. 4 baseline): one iteration holds several tasks, so there is no single (s_k, w_k)
-  to give the optimizer. The iteration minimises the mean over its slots of w_k * L_k (the weights inside the
-  losses), and MT-AdamW steps with s_k = 1, w_k = 1 (plain gradient normalisation).
-
-The logged ``loss`` is the task's returned total (with w_k); its terms are logged unweighted.
-
-**Mixed sampling layout.** The engine's ``MixedTaskSampler`` draws ``world_size * grad_accum`` slots per
-iteration; micro-batch m of rank r trains slot ``m * world_size + r`` with that task's per-GPU batch size.
-One process with ``grad_accum=N`` thus sees the same task mixture as N processes with ``grad_accum=1``.
-Ranks train different tasks in the same micro-batch, so no task may communicate inside its loss: the model
-shards candidate targets and the retrieval task gathers negatives only under unmixed sampling (which is why
-"Gather Feature" needs unmixed sampling in Tab. 4).
-
-**Parameter groups.** The image backbone trains at lr x ``optim.encoder_lr_mult`` and the text encoder at lr x
-``text_encoder.lr_mult`` (both 0.1 in the paper: "the learning rate of modality-specific encoders is
-multiplied by 0.1"; the text encoder has its own key because it comes from a language model and may be tuned
-separately). No weight decay for norms, biases and other 1-d parameters, embeddings (``nn.Embedding``
-weights and parameters whose own name contains "embed"), logit scales and MoE gate parameters (names
-containing "gate").
-
-**Exact resume.** Randomness has two sources and both are functions of the run's state, not of its history:
-
-* data: each sample is loaded (and each batch collated) with the global generators seeded from
-  (seed, task, epoch, index) (``data_setup``), and each task's stream position is checkpointed;
-* model: at the start of every iteration torch's (CPU and CUDA), numpy's and python's generators are seeded
-  from (seed, rank, iteration), so dropout, drop-path, denoising noise and MoE gate noise of iteration i do
-  not depend on what ran before (fairseq seeds its steps the same way). The RNG states are checkpointed as
-  well (engine.checkpoint), which matters only to code outside the loop.
-
-A run resumed from the checkpoint of iteration k therefore computes, on the CPU, the same losses from
-iteration k on as an uninterrupted run (tests/test_trainer.py checks it bit for bit).
-
-**Failure handling.** In a distributed run an exception on one rank would leave the others waiting in a
-collective. ``fail_fast`` prints the error with its rank and ends the process at once with exit code 1;
-torchrun's agent then stops the remaining workers and exits non-zero, and with gloo a peer blocked in a
-collective also errors out as soon as the connection drops.
-
-**Interruption.** SIGTERM / SIGINT set a flag; the ranks agree on it after the current iteration, save a
-checkpoint and return (``train.py`` exits with 128 + the signal number, the shell convention). A second
-signal interrupts at once.
+Conventions: a task's ``"loss"`` already holds w_k, and the trainer never multiplies it again; under MT-AdamW
+with gradient normalisation the optimizer divides the scale out and applies ``task_weight=w_k`` instead. Every
+iteration reseeds all generators from (seed, rank, iteration), so a resumed run reproduces an uninterrupted one
+bit for bit on the CPU. SIGTERM / SIGINT save a checkpoint after the current iteration; ``fail_fast`` ends a
+failing rank at once so that torchrun stops the others. Where w_k goes under each optimizer and sampling mode,
+the mixed-sampling slot layout, and why resume is exact: docs/design.md, "Training loop".
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ def topk_accuracy(scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]
     """Fraction of samples whose target class is among the k highest-scoring classes.
 
     In Uni-Perceiver v2 the scores are the cosine similarities / tau between each image's <SPE> output and
-    every class name's (eq. 5-6); any monotone score (logits, probabilities) gives the same result.
+    every class name's (v2 eq. 5-6); any monotone score (logits, probabilities) gives the same result.
 
     Args:
         scores: (N, C) class scores.

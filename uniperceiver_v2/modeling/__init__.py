@@ -1,7 +1,7 @@
 """Model parts of Uni-Perceiver v2.
 
-The image encoder (Sec. 4.1, appendix A): ``ImageEncoder`` = backbone + ``GlobalRepresentations`` (eq. (3)) +
-``RegionProposalNetwork`` (Mask-DINO-style, binary objectness; eq. (2) / (9) fusion), with its ``HungarianMatcher``
+The image encoder (Sec. 4.1, appendix A): ``ImageEncoder`` = backbone + ``GlobalRepresentations`` (v2 eq. (3)) +
+``RegionProposalNetwork`` (Mask-DINO-style, binary objectness; v2 eq. (2) / (9) fusion), with its ``HungarianMatcher``
 and ``RegionProposalCriterion``. Import the other parts (text encoder, MoE, unified decoder) from their modules.
 
 The names below are imported on first use (PEP 562), so importing a sibling module such as

@@ -3,9 +3,9 @@
 The gates of the unified decoder (``modeling/moe.py``) route every token by a condition c(x). Three of the
 routings use a condition that does not depend on the token's value (MoE paper Sec. 3.2):
 
-* ``modality``  -- the token's modality id (eq. (7)): ``MODALITY_IDS``;
-* ``task``      -- the task id (eq. (8)): ``TASK_IDS``;
-* ``attribute`` -- the 8-bit attribute vector of the token (eq. (9), the MoE paper's Tab. 2), used by v2:
+* ``modality``  -- the token's modality id (MoE eq. (7)): ``MODALITY_IDS``;
+* ``task``      -- the task id (MoE eq. (8)): ``TASK_IDS``;
+* ``attribute`` -- the 8-bit attribute vector of the token (MoE eq. (9), the MoE paper's Tab. 2), used by v2:
 
   ====  ==========================================================
   bit   meaning (1 = yes)
@@ -62,10 +62,10 @@ ATTRIBUTE_NAMES = (
     "token_from_inputs",
 )
 
-# Modality ids (modality routing, eq. (7) of the MoE paper).
+# Modality ids (modality routing, MoE eq. (7)).
 MODALITY_IDS = {"spe": 0, "image": 1, "text": 2}
 
-# Task ids (task routing, eq. (8)). Retrieval has two directions with different input / target modalities;
+# Task ids (task routing, MoE eq. (8)). Retrieval has two directions with different input / target modalities;
 # each direction is its own task so that its attributes (bits 0-3) describe it.
 TASK_IDS = {
     "classification": 0,
@@ -76,7 +76,7 @@ TASK_IDS = {
     "retrieval_t2i": 5,       # text query, image candidates
 }
 
-# The modalities of every task's inputs and candidate targets (v2 Sec. 4.3 and the table in DESIGN.md).
+# The modalities of every task's inputs and candidate targets (v2 Sec. 4.3; docs/design.md).
 TASK_MODALITIES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "classification": (frozenset({"image"}), frozenset({"text"})),
     "detection": (frozenset({"image"}), frozenset({"text"})),
@@ -128,7 +128,7 @@ def token_attributes(
     causal: bool | torch.Tensor,
     is_input: bool | torch.Tensor,
 ) -> torch.Tensor:
-    """The 8-bit attribute vector of every token (MoE paper Tab. 2, the condition of eq. (9)).
+    """The 8-bit attribute vector of every token (MoE paper Tab. 2, the condition of MoE eq. (9)).
 
     Args:
         task_inputs: modalities of the task's inputs, a subset of {"image", "text"}.

@@ -3,7 +3,7 @@
 Every task feeds the decoder g a concatenation of segments (v2 Sec. 4.3: "an additional <SPE> token inserted at the
 beginning"):
 
-    input x   = [<SPE>, image tokens f_image(x) (eq. (1)) and / or text tokens f_text(x) (eq. (4))]
+    input x   = [<SPE>, image tokens f_image(x) (v2 eq. (1)) and / or text tokens f_text(x) (v2 eq. (4))]
     target y  = [<SPE>, text tokens]            (a class name, a vocabulary word, a caption)
                 [<SPE>, image tokens]           (an image, for text-to-image retrieval)
 
@@ -36,8 +36,8 @@ __all__ = [
     "text_segment",
 ]
 
-# The image encoder's token types (``ImageEncoderOutput.token_types``): 0 attention-pooled global (eq. (3)),
-# 1 flattened-map global (eq. (3)), 2 regional proposal (eq. (2)).
+# The image encoder's token types (``ImageEncoderOutput.token_types``): 0 attention-pooled global (v2 eq. (3)),
+# 1 flattened-map global (v2 eq. (3)), 2 regional proposal (v2 eq. (2)).
 _IMAGE_ENCODER_REGIONAL = 2
 
 
@@ -130,7 +130,7 @@ def image_token_types(encoder_token_types: torch.Tensor) -> torch.Tensor:
 
 def image_segment(decoder: UnifiedDecoder, tokens: torch.Tensor, token_types: torch.Tensor,
                   token_padding_mask: torch.Tensor) -> Segment:
-    """The image tokens f_image(x) = [global, regional] (eq. (1)) of ``ImageEncoderOutput``.
+    """The image tokens f_image(x) = [global, regional] (v2 eq. (1)) of ``ImageEncoderOutput``.
 
     Args:
         tokens: (B, N, image_dim).
@@ -142,7 +142,7 @@ def image_segment(decoder: UnifiedDecoder, tokens: torch.Tensor, token_types: to
 
 def text_segment(decoder: UnifiedDecoder, features: torch.Tensor, attention_mask: torch.Tensor,
                  positions: torch.Tensor | None = None, causal: bool = False) -> Segment:
-    """Text tokens f_text(x) (eq. (4)).
+    """Text tokens f_text(x) (v2 eq. (4)).
 
     Args:
         features: (B, L, text_dim) text encoder outputs.

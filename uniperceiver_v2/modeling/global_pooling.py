@@ -1,4 +1,4 @@
-"""Global representations of the image, eq. (3) (Sec. 4.1):
+"""Global representations of the image, v2 eq. (3) (Sec. 4.1):
 
     q^global = Concat( {AttnPool_i(F_L)}_{i=1}^{M'}, Flatten(F_L) )                                    (3)
 
@@ -21,7 +21,7 @@ import torch.nn as nn
 from uniperceiver_v2.modeling.backbone import group_norm
 from uniperceiver_v2.modeling.position_encoding import sine_position_embedding
 
-GLOBAL_POOLED, GLOBAL_FLATTENED = 0, 1          # token types of eq. (3)'s two parts
+GLOBAL_POOLED, GLOBAL_FLATTENED = 0, 1          # token types of v2 eq. (3)'s two parts
 
 
 class GlobalAttentionPooling(nn.Module):
@@ -72,7 +72,7 @@ class GlobalAttentionPooling(nn.Module):
 
 
 class GlobalRepresentations(nn.Module):
-    """Eq. (3): the M' attention-pooled tokens followed by the flattened, projected map F_L."""
+    """v2 eq. (3): the M' attention-pooled tokens followed by the flattened, projected map F_L."""
 
     def __init__(self, in_channels: int, hidden_dim: int, num_pools: int, num_heads: int):
         super().__init__()

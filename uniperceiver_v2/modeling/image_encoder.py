@@ -3,9 +3,9 @@
     f_image(x) = Concat( {q^global_i}_{i=1}^{M}, {q^proposal_j}_{j=1}^{O} )                              (1)
 
 * backbone (``backbone.py``): F_0..F_3 at strides 4, 8, 16, 32;
-* global representations, eq. (3) (``global_pooling.py``): M' attention-pooled tokens and the flattened stride-32
+* global representations, v2 eq. (3) (``global_pooling.py``): M' attention-pooled tokens and the flattened stride-32
   map, M = M' + h * w tokens;
-* regional representations, eq. (2) / (9) (``region_proposal.py``): O fused proposals of the Mask-DINO-style
+* regional representations, v2 eq. (2) / (9) (``region_proposal.py``): O fused proposals of the Mask-DINO-style
   region proposal network, with their boxes, masks and objectness for the localization tasks;
 * with targets, the region proposal losses (``criterion.py``).
 
@@ -39,7 +39,7 @@ TOKEN_TYPES = {"global_pooled": GLOBAL_POOLED, "global_flattened": GLOBAL_FLATTE
 class ImageEncoderOutput:
     """The encoded image.
 
-    tokens: (B, T, d) = [global tokens (num_global), regional tokens (O)], eq. (1).
+    tokens: (B, T, d) = [global tokens (num_global), regional tokens (O)], v2 eq. (1).
     token_padding_mask: (B, T) bool, True = padding (padded positions of the flattened map).
     token_types: (B, T) long, 0 = attention-pooled global, 1 = flattened-map global, 2 = regional.
     num_global: number of global tokens at the front of ``tokens`` (0 when ``use_global`` is off).
@@ -101,7 +101,7 @@ def postprocess(boxes: torch.Tensor, masks: torch.Tensor | None, image_sizes: to
 
     Returns:
         per image ``boxes`` (K, 4) float xyxy in original pixels (clipped to the image) and, with masks,
-        ``masks`` (K, H0, W0) bool: logits upsampled x4 (eq. (8)'s Upsample), cropped to (h, w), resized to (H0, W0).
+        ``masks`` (K, H0, W0) bool: logits upsampled x4 (v2 eq. (8)'s Upsample), cropped to (h, w), resized to (H0, W0).
     """
     results = []
     for b in range(boxes.shape[0]):
@@ -124,7 +124,7 @@ def postprocess(boxes: torch.Tensor, masks: torch.Tensor | None, image_sizes: to
 
 
 class ImageEncoder(nn.Module):
-    """f_image of eq. (1): backbone + global representations (eq. (3)) + regional representations (eq. (2))."""
+    """f_image of v2 eq. (1): backbone + global representations (v2 eq. (3)) + regional representations (v2 eq. (2))."""
 
     def __init__(self, cfg: ImageEncoderConfig):
         super().__init__()

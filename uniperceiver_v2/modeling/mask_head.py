@@ -1,4 +1,4 @@
-"""Mask head of the region proposal network: the paper's eq. (8), Mask DINO's mask branch.
+"""Mask head of the region proposal network: v2 eq. (8), Mask DINO's mask branch.
 
     q^mask_j = Upsample( MLP(q_j) . R( G(F_0) + H(F^enc_1) ) )                                          (8)
 
@@ -6,7 +6,7 @@ G: 1x1 conv + GroupNorm on the stride-4 backbone map F_0; H: 1x1 conv + GroupNor
 F^enc_1, bilinearly upsampled to stride 4; R: 3x3 conv + GroupNorm + ReLU + 1x1 conv. The per-pixel embedding
 R(...) (B, d, H/4, W/4) is computed once per image; a query's mask logits are the dot product of its MLP
 embedding with every pixel's embedding. The logits stay at stride 4 of the padded image (what the losses sample
-and what eq. (2) pools); "Upsample" happens in ``ImageEncoder.postprocess`` when masks are pasted on the image.
+and what v2 eq. (2) pools); "Upsample" happens in ``ImageEncoder.postprocess`` when masks are pasted on the image.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Conditional Mixture-of-Experts (Uni-Perceiver-MoE, Sec. 3.2; used in every FFN of the v2 unified decoder).
 
 A Conditional-MoE layer has a gate and one or more banks of expert Linear layers that share the gate's decision.
-For a token x with condition c(x) and E experts (MoE paper eq. (3) and (4), restated in DESIGN.md):
+For a token x with condition c(x) and E experts (MoE eq. (3) and (4)):
 
     h    = W_g c(x) + n,          n ~ N(0, sigma^2) in training only, sigma = noise_std (default 1 / E)
     G(x) = softmax over the top-k entries of h, 0 for the other E - k experts
@@ -9,11 +9,11 @@ For a token x with condition c(x) and E experts (MoE paper eq. (3) and (4), rest
 
 The condition c(x) is the routing (``ConditionalGate``):
 
-    token      c = x                                       (eq. (5))
-    context    c = concat(x, AttnPool(tokens of x's sample, padding masked))   (eq. (6))
-    modality   c = Embedding(modality id of x)            (eq. (7))
-    task       c = Embedding(task id)                     (eq. (8))
-    attribute  c = LayerNorm(W_a a), a = the 8-bit attribute vector of x   (eq. (9), the v2 choice)
+    token      c = x                                       (MoE eq. (5))
+    context    c = concat(x, AttnPool(tokens of x's sample, padding masked))   (MoE eq. (6))
+    modality   c = Embedding(modality id of x)            (MoE eq. (7))
+    task       c = Embedding(task id)                     (MoE eq. (8))
+    attribute  c = LayerNorm(W_a a), a = the 8-bit attribute vector of x   (MoE eq. (9), the v2 choice)
 
 Each expert is a single Linear layer (not a whole FFN): an MoE FFN is ``MoELinear(d, ffn) -> GELU ->
 MoELinear(ffn, d)`` with both banks reading the same ``GateDecision``. That makes re-parameterisation exact for the
@@ -331,7 +331,7 @@ def capacity_keep(indices: torch.Tensor, valid: torch.Tensor, num_experts: int,
 # --------------------------------------------------------------------------------------------------------------
 class AttentionPool(nn.Module):
     """One learned query attending over the tokens of each sample (attention pooling, CLIP [61] of the MoE paper),
-    for the context routing (eq. (6)).
+    for the context routing (MoE eq. (6)).
 
     Single head: the pooled vector only feeds the gate, which needs a summary of the sample, not a rich
     representation.
@@ -354,7 +354,7 @@ class AttentionPool(nn.Module):
 
 
 class ConditionalGate(nn.Module):
-    """Gate of a Conditional-MoE layer: G(x) = softmax(top-k(W_g c(x) + noise)) (MoE paper eq. (3), (5)-(9)).
+    """Gate of a Conditional-MoE layer: G(x) = softmax(top-k(W_g c(x) + noise)) (MoE eq. (3), (5)-(9)).
 
     Args:
         dim: width d of the tokens entering the layer (and of the condition embeddings).
@@ -396,7 +396,7 @@ class ConditionalGate(nn.Module):
         elif cfg.routing == "task":
             self.embed = nn.Embedding(len(TASK_IDS), dim)
         elif cfg.routing == "attribute":
-            self.attribute_proj = nn.Linear(NUM_ATTRIBUTES, dim)      # W_a of eq. (9)
+            self.attribute_proj = nn.Linear(NUM_ATTRIBUTES, dim)      # W_a of MoE eq. (9)
             self.attribute_norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(condition_dim, cfg.num_experts, bias=False)   # W_g
         nn.init.normal_(self.proj.weight, std=0.02)
@@ -467,7 +467,7 @@ class ConditionalGate(nn.Module):
 # The experts
 # --------------------------------------------------------------------------------------------------------------
 class MoELinear(nn.Module):
-    """E expert Linear layers combined by a gate decision: y = sum_e G_e(x) (W_e x + b_e) (MoE paper eq. (4)).
+    """E expert Linear layers combined by a gate decision: y = sum_e G_e(x) (W_e x + b_e) (MoE eq. (4)).
 
     Args:
         num_experts: E.

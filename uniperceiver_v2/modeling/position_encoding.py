@@ -1,4 +1,4 @@
-"""Sine positional encodings: of feature-map pixels (DETR) and of box coordinates (DINO; the paper's B in eq. (2)).
+"""Sine positional encodings: of feature-map pixels (DETR) and of box coordinates (DINO; the paper's B in v2 eq. (2)).
 
 Both use the Transformer's sinusoid: a scalar position p in [0, 1] scaled by 2*pi becomes
 ``[sin(p / T^(0/F)), cos(p / T^(0/F)), sin(p / T^(2/F)), cos(p / T^(2/F)), ...]`` with F features and T = 10000.

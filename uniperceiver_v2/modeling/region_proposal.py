@@ -1,4 +1,4 @@
-"""The region proposal network and the regional representations of eq. (2) / eq. (9) (Sec. 4.1, appendix A).
+"""The region proposal network and the regional representations of v2 eq. (2) / (9) (Sec. 4.1, appendix A).
 
 A Mask-DINO-style detector with binary objectness instead of classes:
 
@@ -13,8 +13,8 @@ A Mask-DINO-style detector with binary objectness instead of classes:
    ``content = selected memory (detached) + learned query embedding``. The top-N encoder predictions (objectness,
    box, and a mask from the same mask head) are supervised too ("at the outputs of Transformer encoder").
 4. **Deformable decoder** with iterative box refinement; in training, contrastive denoising queries are placed in
-   front of the N matching queries (``denoising.py``). Every layer predicts objectness, box and mask (eq. (8)).
-5. **Regional representations**, eq. (2) = eq. (9):
+   front of the N matching queries (``denoising.py``). Every layer predicts objectness, box and mask (v2 eq. (8)).
+5. **Regional representations**, v2 eq. (2) = v2 eq. (9):
        q^proposal_j = q^sem_j + B(q^box_j) + M(q^mask_j)
    q^sem: the last decoder layer's (normalised) hidden state; B: Linear of the sine embedding of the box;
    M: Linear of the mask *probabilities* (sigmoid of the logits) average-pooled to ``mask_pool_size`` squared
@@ -54,8 +54,8 @@ OBJECTNESS_PRIOR = 0.01         # initial objectness probability (focal-loss ini
 class RegionProposals:
     """What the proposal network returns.
 
-    Top-O regional representations (the tokens of eq. (1)):
-        tokens (B, O, d) q^proposal of eq. (2); boxes (B, O, 4) cxcywh normalised to the unpadded image;
+    Top-O regional representations (the tokens of v2 eq. (1)):
+        tokens (B, O, d) q^proposal of v2 eq. (2); boxes (B, O, 4) cxcywh normalised to the unpadded image;
         masks (B, O, Hm, Wm) logits at stride 4 of the padded image; objectness (B, O) logits;
         indices (B, O) positions of the kept proposals among the N decoder queries.
     All N proposals of the last decoder layer: all_boxes (B, N, 4), all_objectness (B, N).
@@ -88,7 +88,7 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class ProposalFusion(nn.Module):
-    """Eq. (2) / eq. (9): q^proposal = q^sem + B(box) + M(mask), with box and mask detached."""
+    """v2 eq. (2) / (9): q^proposal = q^sem + B(box) + M(mask), with box and mask detached."""
 
     def __init__(self, hidden_dim: int, mask_pool_size: int):
         super().__init__()
@@ -198,7 +198,7 @@ class RegionProposalNetwork(nn.Module):
         return inverse_sigmoid(boxes).masked_fill(~valid[..., None], 0.0), valid
 
     def predict(self, hidden: torch.Tensor, pixel_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden (B, Q, d) -> objectness (B, Q) logits, masks (B, Q, Hm, Wm) logits (eq. (8))."""
+        """hidden (B, Q, d) -> objectness (B, Q) logits, masks (B, Q, Hm, Wm) logits (v2 eq. (8))."""
         return self.objectness_head(hidden)[..., 0], self.mask_head(hidden, pixel_embedding)
 
     # -- forward -------------------------------------------------------------------------------------------------
@@ -274,7 +274,7 @@ class RegionProposalNetwork(nn.Module):
             kept = final_objectness.topk(num_kept, dim=1).indices
             kept_masks = self.mask_head(_gather(semantic, kept), pixel_embedding)
 
-        # Eq. (2) on the top-O proposals by objectness.
+        # v2 eq. (2) on the top-O proposals by objectness.
         kept_boxes = _gather(final_boxes, kept)
         mask_padding = F.interpolate(padding_mask[:, None].float(), size=kept_masks.shape[-2:],
                                      mode="nearest")[:, 0].bool()

@@ -1,4 +1,4 @@
-"""The text encoder f_text (paper Sec. 4.2, eq. (4)): a pre-trained Transformer language model, tuned jointly.
+"""The text encoder f_text (paper Sec. 4.2, v2 eq. (4)): a pre-trained Transformer language model, tuned jointly.
 
     f_text(x) = Concat(q_1^text, ..., q_L^text)        one feature per (sub-)word token
 
@@ -55,7 +55,7 @@ def resolve_model_path(cfg: TextEncoderConfig) -> Path:
 def _build_language_model(hf_config: PretrainedConfig, path: Path | None) -> PreTrainedModel:
     """The AutoModel of ``hf_config``, with pre-trained weights from ``path`` (or randomly initialised if None).
 
-    A pooling layer, if the architecture has one (BERT, RoBERTa), is frozen: eq. (4) uses the per-token features,
+    A pooling layer, if the architecture has one (BERT, RoBERTa), is frozen: v2 eq. (4) uses the per-token features,
     so the pooler never receives a gradient, and a trainable parameter without gradient breaks
     DistributedDataParallel (without find_unused_parameters). It is kept rather than removed so the checkpoint
     loads without "unexpected keys" warnings.
@@ -71,7 +71,7 @@ def _build_language_model(hf_config: PretrainedConfig, path: Path | None) -> Pre
 
 
 class TextEncoder(nn.Module):
-    """f_text of eq. (4): tokenizer + language model, returning the last hidden state of every token.
+    """f_text of v2 eq. (4): tokenizer + language model, returning the last hidden state of every token.
 
     Args:
         cfg: the ``text_encoder`` config (path, max_length, pretrained, freeze).
@@ -169,7 +169,7 @@ class TextEncoder(nn.Module):
         return {"input_ids": batch["input_ids"].long(), "attention_mask": batch["attention_mask"].long()}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Eq. (4). input_ids, attention_mask: (B, L) long. Returns (B, L, hidden_size) last hidden states."""
+        """v2 eq. (4). input_ids, attention_mask: (B, L) long. Returns (B, L, hidden_size) last hidden states."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def encode_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:

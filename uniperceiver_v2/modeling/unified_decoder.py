@@ -1,6 +1,6 @@
 """The unified decoder g of Uni-Perceiver v2 (paper Sec. 4.3, appendix B), readable top to bottom.
 
-Every task is "find the candidate target y most similar to the input x" (eq. (5)-(6)):
+Every task is "find the candidate target y most similar to the input x" (v2 eq. (5)-(6)):
 
     P(x, y) ~ exp(cos(g(f(x)), g(f(y))) / tau)
 
@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 # Type embedding of every token (v1 appendix A adds a modality embedding to each token; v2 tells apart the two
-# kinds of image tokens of eq. (1): global (eq. (3)) and regional (eq. (2))).
+# kinds of image tokens of v2 eq. (1): global (v2 eq. (3)) and regional (v2 eq. (2))).
 TOKEN_TYPES = {"spe": 0, "image_global": 1, "image_regional": 2, "text": 3}
 
 # Layer-scale initial value when decoder.layer_scale is enabled (CaiT's value for networks of <= 18 layers).
@@ -104,7 +104,7 @@ class LayerScale(nn.Module):
 
 
 class LogitScale(nn.Module):
-    """The learnable 1 / tau of eq. (6), stored as log(1 / tau) (as CLIP does) so it stays positive.
+    """The learnable 1 / tau of v2 eq. (6), stored as log(1 / tau) (as CLIP does) so it stays positive.
 
     Initialised to 1 / temperature_init (1 / 0.07); clipped at ``maximum`` (100) when used, so the gradient
     stops pushing it past the clip.
@@ -166,7 +166,7 @@ class Attention(nn.Module):
 class MoEFFN(nn.Module):
     """The feed-forward network Linear(d, ffn) -> GELU -> Linear(ffn, d). With ``"ffn"`` in decoder.moe.placement
     (and a routing other than "none") each Linear is an expert bank and both read one gate decision, so the
-    re-parameterisation of data-independent routings is exact (DESIGN.md "Conditional MoE")."""
+    re-parameterisation of data-independent routings is exact (docs/design.md, "Conditional MoE")."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -221,12 +221,12 @@ class Block(nn.Module):
 
 
 class UnifiedDecoder(nn.Module):
-    """The modality-agnostic decoder g (eq. (6)) with the embeddings that turn encoder features into its input.
+    """The modality-agnostic decoder g (v2 eq. (6)) with the embeddings that turn encoder features into its input.
 
     Args:
         cfg: the ``decoder`` config.
-        image_dim: width of the image encoder's tokens (eq. (1), e.g. 256).
-        text_dim: width of the text encoder's features (eq. (4), e.g. 384 MiniLM / 768 RoBERTa).
+        image_dim: width of the image encoder's tokens (v2 eq. (1), e.g. 256).
+        text_dim: width of the text encoder's features (v2 eq. (4), e.g. 384 MiniLM / 768 RoBERTa).
     """
 
     def __init__(self, cfg: DecoderConfig, image_dim: int, text_dim: int):
@@ -283,7 +283,7 @@ class UnifiedDecoder(nn.Module):
         return positions
 
     def embed_image(self, tokens: torch.Tensor, token_types: torch.Tensor) -> torch.Tensor:
-        """Image tokens (eq. (1)) into the decoder: LayerNorm(Linear(image_dim -> d)) + type embedding.
+        """Image tokens (v2 eq. (1)) into the decoder: LayerNorm(Linear(image_dim -> d)) + type embedding.
 
         Args:
             tokens: (B, N, image_dim) global and / or regional image tokens.
@@ -299,7 +299,7 @@ class UnifiedDecoder(nn.Module):
         return self.image_norm(self.image_proj(tokens)) + self.type_embed(token_types)
 
     def embed_text(self, features: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Text features (eq. (4)) into the decoder: LayerNorm(Linear(text_dim -> d)) + type + position embeddings.
+        """Text features (v2 eq. (4)) into the decoder: LayerNorm(Linear(text_dim -> d)) + type + position embeddings.
 
         Args:
             features: (B, L, text_dim) text encoder outputs.

@@ -1,4 +1,4 @@
-"""The tasks of Uni-Perceiver v2, each "pick the most likely target from a candidate set" (eq. (5)-(7)).
+"""The tasks of Uni-Perceiver v2, each "pick the most likely target from a candidate set" (v2 eq. (5)-(7)).
 
 ``TASKS`` maps the task names of ``config.tasks`` to their classes; build one with
 ``TASKS[name].from_dataset(config.tasks.get(name), dataset)`` (or ``TASKS[name](config.tasks.get(name))`` for the

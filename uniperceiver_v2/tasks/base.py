@@ -1,8 +1,8 @@
-"""The common shape of every task: build inputs and candidate targets, compute the loss of eq. (7), predict.
+"""The common shape of every task: build inputs and candidate targets, compute the loss of v2 eq. (7), predict.
 
-Every task of Uni-Perceiver v2 is "pick the most likely target y from a candidate set Y" (eq. (5)):
+Every task of Uni-Perceiver v2 is "pick the most likely target y from a candidate set Y" (v2 eq. (5)):
 
-    y_hat = argmax_{y in Y} P(x, y),        P(x, y) ~ exp(cos(g(f(x)), g(f(y))) / tau)      (eq. (6))
+    y_hat = argmax_{y in Y} P(x, y),        P(x, y) ~ exp(cos(g(f(x)), g(f(y))) / tau)      (v2 eq. (6))
 
 with no task-specific head: only what goes into the sequences and what the candidate set is differ between tasks.
 One task = one subclass of ``Task`` in its own module; adding a task touches no other task (register it in
@@ -36,10 +36,10 @@ class Task(ABC):
             with ``.to(device)``.
         ``loss(model, batch) -> dict[str, Tensor]``: the task's loss terms (unweighted, for logging), metrics such
             as an accuracy (detached), and ``"loss"``: the value to back-propagate, w_k times the sum of the terms
-            (eq. (7), plus the region-proposal losses of localization tasks and the MoE load-balancing loss).
+            (v2 eq. (7), plus the region-proposal losses of localization tasks and the MoE load-balancing loss).
             An optimizer that normalises the gradient (MT-AdamW) divides any loss scale out; give it w_k as its
             ``task_weight``; an optimizer that does not normalise should get ``task_weight=1``.
-        ``predict(model, batch)``: the argmax of eq. (5) in the task's natural output format.
+        ``predict(model, batch)``: the argmax of v2 eq. (5) in the task's natural output format.
     """
 
     name: ClassVar[str]
@@ -66,7 +66,7 @@ class Task(ABC):
         """Predictions for a batch (the model's mode is left as the caller set it)."""
 
     def weighted_total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """w_k * (sum of the loss terms): the ``"loss"`` entry of eq. (7)."""
+        """w_k * (sum of the loss terms): the ``"loss"`` entry of v2 eq. (7)."""
         if not terms:
             raise ValueError(f"task {self.name}: no loss terms")
         return self.config.loss_weight * torch.stack(list(terms.values())).sum()

@@ -3,7 +3,7 @@
 Every word is predicted by a ``<SPE>`` token that sees the image and the words before it, and is compared with
 every word of the vocabulary (each its own target sequence ``[<SPE>, word]``, ``tasks/vocabulary.py``):
 
-    logits[i, v] = cos(g(x)_{<SPE>_i}, g(y_v)_<SPE>) / tau_cap          (eq. (6)),   loss = eq. (7)
+    logits[i, v] = cos(g(x)_{<SPE>_i}, g(y_v)_<SPE>) / tau_cap          (v2 eq. (6)),   loss = v2 eq. (7)
 
 Training (teacher forcing, one pass for all words; v1 appendix B):
 
@@ -177,7 +177,7 @@ class CaptioningTask(Task):
 
     # -- decoding ------------------------------------------------------------------------------------------------
     def greedy(self, model, image: ImageEncoderOutput, max_length: int) -> list[tuple[list[int], float]]:
-        """Pick the most likely word at every step (eq. (5) per position).
+        """Pick the most likely word at every step (v2 eq. (5) per position).
 
         Returns:
             per image (token ids without the end token, sum of the chosen words' log-probabilities).

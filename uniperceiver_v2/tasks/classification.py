@@ -1,9 +1,9 @@
 """Image classification as target selection (v2 Sec. 4.3, v1 Sec. 3.2).
 
-    input x   = [<SPE>, f_image(x)]                    the image's global and regional tokens (eq. (1))
+    input x   = [<SPE>, f_image(x)]                    the image's global and regional tokens (v2 eq. (1))
     targets Y = { [<SPE>, f_text(class name)] }        one sequence per class name of the dataset
 
-    logits[b, c] = cos(g(x_b)_<SPE>, g(y_c)_<SPE>) / tau_cls       (eq. (6)),   loss = eq. (7)
+    logits[b, c] = cos(g(x_b)_<SPE>, g(y_c)_<SPE>) / tau_cls       (v2 eq. (6)),   loss = v2 eq. (7)
 
 The class names are text, so any list of names works at inference without retraining (zero-shot): the
 candidates are whatever names the batch carries. In training the embeddings of all classes of the batch's dataset
@@ -73,7 +73,7 @@ class ClassificationTask(Task):
         return ClassificationTaskBatch(batch.images, batch.padding_mask, batch.labels, self.class_names)
 
     def logits(self, model, batch: ClassificationTaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. (6) logits (B, C) of every image against every class name, and the MoE auxiliary loss."""
+        """v2 eq. (6) logits (B, C) of every image against every class name, and the MoE auxiliary loss."""
         image = model.encode_images(batch.images, batch.padding_mask)
         inputs, aux = model.image_representations(image, self.name, is_input=True)         # (B, d)
         targets = model.class_name_embeddings(batch.class_names, self.name)                # (C, d)
@@ -90,7 +90,7 @@ class ClassificationTask(Task):
 
     @torch.no_grad()
     def predict(self, model, batch: ClassificationTaskBatch, top_k: int = 5) -> dict[str, torch.Tensor]:
-        """Top-k classes of each image (eq. (5)).
+        """Top-k classes of each image (v2 eq. (5)).
 
         Returns:
             {"scores": (B, k) softmax probabilities, "labels": (B, k) long indices into ``batch.class_names``,

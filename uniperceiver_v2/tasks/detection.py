@@ -1,9 +1,9 @@
 """Object detection and instance segmentation by decoding the regional representations (v2 Sec. 4.3, "Tasks with
 Localization").
 
-    input x   = [<SPE>, f_image(x)] = [<SPE>, global tokens, q^proposal_1 .. q^proposal_O]     (eq. (1), (2))
+    input x   = [<SPE>, f_image(x)] = [<SPE>, global tokens, q^proposal_1 .. q^proposal_O]     (v2 eq. (1), (2))
     targets Y = { [<SPE>, f_text(class name)] }
-    logits[j, c] = cos(g(x)_{proposal j}, g(y_c)_<SPE>) / tau_det                                (eq. (5), (6))
+    logits[j, c] = cos(g(x)_{proposal j}, g(y_c)_<SPE>) / tau_det                                (v2 eq. (5), (6))
 
 "for each region proposal q_j^proposal, its outputted feature from the unified decoder g will be compared with class
 embeddings to obtain the class prediction ... The corresponding bounding box q_j^box and segmentation mask q_j^mask
@@ -169,7 +169,7 @@ class DetectionTask(Task):
 
     def region_logits(self, model, image: ImageEncoderOutput, class_names: Sequence[str]
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. (6) logits (B, O, C) of every kept proposal against every class name, and the MoE aux loss."""
+        """v2 eq. (6) logits (B, O, C) of every kept proposal against every class name, and the MoE aux loss."""
         if image.boxes is None:
             raise ValueError("detection needs regional representations: image_encoder.use_regional=true")
         segments = [spe_segment(model.decoder, image.tokens.shape[0]),

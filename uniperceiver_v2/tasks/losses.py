@@ -1,7 +1,7 @@
-"""The unified loss of every task (eq. (7)) and the two shapes it takes: one positive target per input
+"""The unified loss of every task (v2 eq. (7)) and the two shapes it takes: one positive target per input
 (classification, detection, captioning, MLM) and several possible positives per input (retrieval).
 
-Eq. (7) of the v2 paper, for the task k sampled in a step (the sampling ratio s_k is realised by the sampler,
+v2 eq. (7) for the task k sampled in a step (the sampling ratio s_k is realised by the sampler,
 not by the loss):
 
     L_k = E_{(x, y)} [ -w_k log( P(x, y) / sum_{z in Y_k} P(x, z) ) ],   P(x, z) ~ exp(cos(g(f(x)), g(f(z))) / tau)
@@ -28,7 +28,7 @@ def unified_loss(
     label_smoothing: float = 0.0,
     loss_weight: float = 1.0,
 ) -> torch.Tensor:
-    """w_k * mean cross-entropy of softmax(logits) against the ground-truth target index (eq. (7)).
+    """w_k * mean cross-entropy of softmax(logits) against the ground-truth target index (v2 eq. (7)).
 
     Args:
         logits: (N, |Y|) scaled cosine similarities cos(g(f(x_n)), g(f(y))) / tau between N inputs and the

@@ -17,7 +17,7 @@ does not arise in the decoder.
     targets Y = { [<SPE>, f_text(w)] : w in the vocabulary }              (``tasks/vocabulary.py``)
     logits[m, v] = cos(g(x)_{masked position m}, g(y_v)_<SPE>) / tau_mlm
 
-The loss is eq. (7) over the masked positions (no label smoothing for language modelling, ``tasks.mlm``). A masked
+The loss is v2 eq. (7) over the masked positions (no label smoothing for language modelling, ``tasks.mlm``). A masked
 token outside the vocabulary cannot be a target: it is left out of the loss and counts as a miss in the accuracy.
 """
 

@@ -6,7 +6,7 @@
 Each direction is its own task for the MoE attributes (``attributes.TASK_IDS``: "retrieval_i2t" / "retrieval_t2i"):
 the image is an input in one and a candidate target in the other, and the attribute bits say so. The image
 and text encoders run once per batch; the decoder runs once per sequence kind (4 kinds). Both directions share one
-temperature. The loss is the mean of the two directions' cross-entropies (eq. (7) with Y = the batch):
+temperature. The loss is the mean of the two directions' cross-entropies (v2 eq. (7) with Y = the batch):
 the usual symmetric contrastive loss.
 
 Gather Feature (paper Tab. 4): with ``tasks.retrieval.gather`` in a distributed run, every rank's candidates are
@@ -100,7 +100,7 @@ class RetrievalTask(Task):
 
     @staticmethod
     def logits(model, embeddings: RetrievalEmbeddings) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. (6) logits: image->text (B, T) and text->image (T, B)."""
+        """v2 eq. (6) logits: image->text (B, T) and text->image (T, B)."""
         i2t = model.similarity(embeddings.image_queries, embeddings.text_candidates, "retrieval_i2t")
         t2i = model.similarity(embeddings.text_queries, embeddings.image_candidates, "retrieval_t2i")
         return i2t, t2i
@@ -145,7 +145,7 @@ class RetrievalTask(Task):
 
 def symmetric_retrieval_loss(i2t: torch.Tensor, t2i: torch.Tensor, i2t_positives: torch.Tensor,
                              t2i_positives: torch.Tensor, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
-    """The mean of the image->text and text->image cross-entropies (eq. (7) with Y = the batch).
+    """The mean of the image->text and text->image cross-entropies (v2 eq. (7) with Y = the batch).
 
     Args:
         i2t: (B, T') logits of B image queries against T' text candidates.

@@ -31,7 +31,7 @@ def plot_topk_predictions(images: Sequence[Any], true_names: Sequence[str],
                           predictions: Sequence[Sequence[tuple[str, float]]], ncols: int = 3,
                           marked: Sequence[str] = (), chance: float | None = None,
                           title: str | None = None) -> Figure:
-    """Each image next to its top-k classes (eq. (5) over the class names), the true class in green.
+    """Each image next to its top-k classes (v2 eq. (5) over the class names), the true class in green.
 
     Args:
         images: N images (PIL, (3, H, W) or (H, W, 3)).

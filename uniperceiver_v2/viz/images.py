@@ -217,7 +217,7 @@ def draw_sampling_points(image: Any, reference_point: Any, sampling_locations: A
 
 def attention_heatmaps(image: Any, maps: Any, titles: Sequence[str] | None = None, ncols: int = 5,
                        mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Figure:
-    """Attention maps overlaid on the image, one panel per map (e.g. the M' attention poolings of eq. (3)).
+    """Attention maps overlaid on the image, one panel per map (e.g. the M' attention poolings of v2 eq. (3)).
 
     Args:
         maps: (M, h, w) non-negative weights on the feature grid of F_L; each map is stretched over the whole

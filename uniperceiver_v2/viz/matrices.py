@@ -57,12 +57,12 @@ def plot_attention_mask(mask: Any, segment_labels: Sequence[tuple[str, int, int]
 def plot_similarity_matrix(sim: Any, row_labels: Sequence[str] | None = None,
                            col_labels: Sequence[str] | None = None, targets: Any = None,
                            title: str | None = None, ax: Axes | None = None) -> Figure:
-    """Input-candidate similarities (eq. (6)) with the chosen candidate of every row marked (eq. (5)).
+    """Input-candidate similarities (v2 eq. (6)) with the chosen candidate of every row marked (v2 eq. (5)).
 
     Args:
         sim: (inputs, candidates) cosine similarities or logits.
         targets: (inputs,) index of the correct candidate per row, drawn as a square; the arg-max of each row
-            (the prediction of eq. (5)) is drawn as a dot, green where it hits the target.
+            (the prediction of v2 eq. (5)) is drawn as a dot, green where it hits the target.
     """
     values = to_numpy(sim).astype(np.float64)
     if values.ndim != 2:
@@ -83,7 +83,7 @@ def plot_similarity_matrix(sim: Any, row_labels: Sequence[str] | None = None,
     else:
         hit = np.ones(rows, dtype=bool)
     ax.scatter(predicted, np.arange(rows), marker="o", s=14, c=np.where(hit, "limegreen", "red"),
-               label="arg max (eq. (5))")
+               label="arg max (v2 eq. (5))")
     if row_labels is not None:
         ax.set_yticks(range(rows), row_labels, fontsize=7)
     if col_labels is not None:

@@ -1,7 +1,7 @@
 """Figures of multi-task optimisation (paper Sec. 4.4): task sequences of the samplers, sampling weights,
 gradient norms per iteration, evaluation curves per task and variant, and the task-interference matrix.
 
-Same conventions as `uniperceiver_v2/viz.py` (which may absorb this module): plain inputs (lists, numpy arrays,
+Same conventions as the rest of `uniperceiver_v2.viz`: plain inputs (lists, numpy arrays,
 torch tensors), every function returns the `matplotlib.figure.Figure` it drew on, built without pyplot, and
 never calls `plt.show()`. A task always has the colour `viz.class_color(index of the task in task_names)`.
 """
@@ -232,7 +232,7 @@ def plot_task_curves(curves: Mapping[str, Mapping[str, tuple[Any, Any, Any, Any]
 
 def plot_interference(matrix: Any, task_names: Sequence[str], title: str | None = None,
                       limit: float | None = None, ax: Axes | None = None) -> Figure:
-    """The task-interference matrix I(i -> j) (DESIGN.md; `uniperceiver_v2.walkthrough.interference`) as a heat map.
+    """The task-interference matrix I(i -> j) (MoE paper Sec. 3.1; `walkthrough.interference`) as a heat map.
 
     Args:
         matrix: (K, K), matrix[i, j] = I(task i -> task j): > 0 training task i lowers task j's loss, < 0 it

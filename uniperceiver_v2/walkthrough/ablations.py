@@ -1,46 +1,19 @@
-"""The paper's ablation studies (Sec. 5.3, Tab. 2-5) as sets of training runs, and a runner that trains, evaluates
-and caches each run.
+"""The paper's ablation studies (v2 Sec. 5.3, Tab. 2-5) as sets of training runs, and a runner that trains,
+evaluates and caches each run (notebook 09).
 
-A table is a list of rows; a row is one training run (Tab. 3's "Single Task" row: one run per task), written as
-config overrides (``key.sub=value``, as on the ``python -m uniperceiver_v2.train`` command line). A run's config is
+A table (``AblationTable``) is a list of rows; a row (``AblationRow``) is one training run written as config
+overrides (``key.sub=value``, as on the ``python -m uniperceiver_v2.train`` command line). A run's config is
 
     preset  +  ABLATION_BASE  +  scale (QUICK_SCALE in the quick profile)  +  run settings  +  the row's overrides
 
-* ``ABLATION_BASE`` is the paper's ablation setting: detection, classification, retrieval and captioning, without
-  instance segmentation and masked language modelling ("not included to save training costs", Sec. 5.3).
-* Run settings: data folder, seed, device, iterations, output folder, warm-up clamped to a fifth of the run.
-* The row's overrides come last, so they win.
+Entry points: ``profile_plan`` (which tables and rows a profile runs), ``plan_runs``, ``build_config``,
+``run_ablation`` / ``run_ablations`` (train, evaluate, cache) and ``table_rows`` / ``table_report`` (the tables
+next to the paper's).
 
-| table  | rows                                               | what changes                                    |
-| ------ | -------------------------------------------------- | ----------------------------------------------- |
-| Tab. 2 | Global, Regional, Global + Regional                 | ``image_encoder.use_global`` / ``use_regional`` |
-|        |                                                    | (Global: no proposals, hence no detection)      |
-| Tab. 3 | Single Task, All Tasks, w/o <task>, All Tasks w/   | ``tasks.<task>.enabled``;                       |
-|        | MoE                                                | ``decoder.moe.routing=none`` but the last row   |
-| Tab. 4 | mixed, unmixed, unmixed + gather, unmixed + gather | ``run.sampling``, ``tasks.retrieval.gather``,   |
-|        | + MT-AdamW                                         | ``optim.name``                                  |
-| Tab. 5 | pre-trained / random text encoder                  | ``text_encoder.pretrained``                     |
-
-Tab. 5 of the paper compares *image* encoder pre-trainings (ImageNet-1k, ImageNet-21k, COCO, MoCo v2, CLIP); those
-weights cannot be downloaded where this project runs, so our analogue asks the same question of the encoder we
-do have pre-trained weights for: the text encoder (all-MiniLM-L6-v2 vs. the same architecture randomly
-initialised). With a local backbone file, ``image_encoder.backbone_weights=...`` gives the paper's version.
-
-**Mixed sampling needs several slots per iteration.** The trainer mixes tasks across the ``nproc x
-run.grad_accum`` slots of one iteration; one process with ``grad_accum=1`` has one slot, so "mixed" would be
-"unmixed". Tab. 4 therefore gives every row ``run.grad_accum = ceil(4 / nproc)`` (at least one slot per task)
-and ``iterations / grad_accum`` iterations, so its runs see as many batches as the other tables' runs.
-
-**Gather Feature needs several processes.** ``tasks.retrieval.gather`` all-gathers retrieval candidates across
-ranks (``tasks.retrieval``), which does nothing in one process and is off under mixed sampling. With ``nproc=1``
-the rows "unmixed" and "unmixed + gather" of Tab. 4 therefore train identically; the runner notices (see
-:func:`run_key`) and trains that run once.
-
-**Caching.** Each run lives in ``<run_dir>/ablations/<table>/<row>/`` (Tab. 3's single-task runs in
-``.../single_task/<task>/``) with the trainer's files and ``result.json``. A run whose ``result.json`` was written
-for the same configuration and process count is not trained again; a run with the same configuration as a
-finished run of another row (the full model is a row of Tab. 2, 3 and 4, as in the paper) reuses that result;
-an interrupted run resumes from its last checkpoint; a folder left by a different configuration is cleared.
+Each run lives in ``<run_dir>/ablations/<table>/<row>/`` with the trainer's files and ``result.json``; a run whose
+result was written for the same configuration and process count (``run_key``) is not trained again, and rows
+that are the same model share one run. What each table varies, and why Tab. 4 needs several sampling slots
+and Tab. 5 asks its question of the text encoder: docs/design.md, "Ablations".
 """
 
 from __future__ import annotations
@@ -183,7 +156,7 @@ _ADAMW = ("optim.name=adamw", "optim.normalize=false", "optim.compensate=false")
 
 TAB2 = AblationTable(
     key="tab2",
-    title="Tab. 2: global and regional image representations (eq. (1))",
+    title="Tab. 2: global and regional image representations (v2 eq. (1))",
     rows=(
         AblationRow("Global", ("image_encoder.use_regional=false", "tasks.detection.enabled=false"),
                     note="no region proposals, hence no detection"),
@@ -254,7 +227,7 @@ PROFILE_PLANS: dict[str, dict[str, tuple[str, ...]]] = {
         "tab4": ("mixed", "unmixed", "unmixed + gather", "unmixed + gather + MT-AdamW"),
     },
     # Eight distinct runs on one process (the full model is shared by Tab. 2, 3 and 5, "unmixed + gather" by
-    # "unmixed"; Tab. 4 runs 4 batches per iteration): 4436 s on one CPU core at 400 batches each (session 3).
+    # "unmixed"; Tab. 4 runs 4 batches per iteration): 4436 s on one CPU core at 400 batches each (measured 2026-11-29).
     # Tab. 3's leave-one-out and single-task rows (eight more runs) are left to tables=["tab3"]; its MoE question
     # ("All Tasks" vs "All Tasks w/ MoE") is here.
     "small": {

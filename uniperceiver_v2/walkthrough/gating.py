@@ -1,4 +1,4 @@
-"""Where the Conditional-MoE gates send the tokens (MoE paper Sec. 3; DESIGN.md "Conditional MoE").
+"""Where the Conditional-MoE gates send the tokens (MoE paper Sec. 3; docs/design.md, "Conditional MoE").
 
 The unified decoder routes every token by a condition c(x) (``modeling/moe.py``). This module looks at those
 decisions on real sequences, for notebooks 03 and 04:
@@ -75,7 +75,7 @@ _TASK_SHORT = {"classification": "cls", "detection": "det", "captioning": "cap",
                "retrieval_i2t": "i2t", "retrieval_t2i": "t2i"}
 
 # What a token is, as far as the gates can tell (attribute bits 4-6), for layouts and figures. With the image
-# encoder's token types an image token is further split into global (eq. (3)) and regional (eq. (2)).
+# encoder's token types an image token is further split into global (v2 eq. (3)) and regional (v2 eq. (2)).
 TOKEN_KINDS = {0: "<SPE>", 1: "image", 2: "image global", 3: "image regional", 4: "text", 5: "<SPE> (causal)",
                6: "text (causal)"}
 _KIND_IDS = {name: kind for kind, name in TOKEN_KINDS.items()}
@@ -223,7 +223,7 @@ def task_batches(tasks: Mapping[str, Any], datasets: Mapping[str, Any], batch_si
     """One batch of every task: samples drawn at random (without replacement) from its dataset, collated by the task.
 
     Args:
-        tasks: name -> ``tasks.Task`` (e.g. from ``train.build_training``); datasets: name -> its dataset.
+        tasks: name -> ``tasks.Task`` (e.g. from ``engine.build.build_training``); datasets: name -> its dataset.
         batch_size: samples per batch (at most the dataset's size); default each task's ``config.batch_size``.
         seed: the draw, and the random augmentation of the samples (torch's generator, restored afterwards).
     """

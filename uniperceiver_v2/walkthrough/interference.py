@@ -1,4 +1,4 @@
-"""Task interference metric of Uni-Perceiver-MoE (Sec. 3.1; restated in DESIGN.md).
+"""Task interference metric of Uni-Perceiver-MoE (its Sec. 3.1; see also docs/design.md).
 
 For shared parameters theta and tasks i, j, with d_i = grad L_i(batch_i) / ||grad L_i(batch_i)|| the
 normalised gradient of task i, a small step along -d_i changes task j's loss to first order by

@@ -91,7 +91,7 @@ def per_category_table(result: NovelDetectionResult) -> dict[str, list]:
 
 
 def best_proposal_logits(model, sample, class_names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every ground-truth object of one scene, the eq. (6) logits of its best-overlapping proposal.
+    """For every ground-truth object of one scene, the v2 eq. (6) logits of its best-overlapping proposal.
 
     The sample must come through the evaluation transform (normalised image, boxes in its pixels).
 

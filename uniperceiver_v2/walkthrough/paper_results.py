@@ -1,4 +1,4 @@
-"""The paper's numbers (Uni-Perceiver v2, Tab. 2-6), typed in from ``shared/papers/000_*.txt``, and the tables that
+"""The paper's numbers (Uni-Perceiver v2, Tab. 2-6), typed in from the paper's tables, and the tables that
 put our numbers next to them.
 
 Every value is in the paper's units (percent, CIDEr x100); ``None`` stands for the paper's "-" (no result).

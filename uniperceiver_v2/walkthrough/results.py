@@ -100,7 +100,7 @@ def distinct_detections(detections: Mapping[str, Any], count: int) -> dict[str, 
     (DETR-style evaluation); for a picture, one box per proposal is clearer. Proposals are told apart by their box.
 
     Args:
-        detections: one image's result of ``model.detect``: ``boxes`` (K, 4), ``scores`` (K,) sorted best first,
+        detections: one image's result of ``api.detect``: ``boxes`` (K, 4), ``scores`` (K,) sorted best first,
             ``labels`` (K,), optional ``masks`` (K, H, W) and ``names`` (K strings).
         count: how many to keep.
 
@@ -157,7 +157,7 @@ class RetrievalExamples:
 
 
 def retrieval_examples(model, images: Sequence[Any], captions: Sequence[Sequence[str]]) -> RetrievalExamples:
-    """Score ``images`` against all their captions with ``model.retrieve`` (eq. (6) in both directions).
+    """Score ``images`` against all their captions with ``api.retrieve`` (v2 eq. (6) in both directions).
 
     Args:
         images: I images (PIL or (3, H, W) tensors); captions: per image its reference captions.
@@ -176,7 +176,7 @@ def representation_similarity(model, images: Sequence[Any], texts: Sequence[str]
     text-to-image queries).
 
     A healthy model spreads different inputs apart; values near 1 mean the representations have collapsed (every
-    input gives nearly the same vector, so every candidate gets the same score and the gradients of eq. (7) vanish).
+    input gives nearly the same vector, so every candidate gets the same score and the gradients of v2 eq. (7) vanish).
 
     Returns:
         ``{"images_mean", "images_min", "texts_mean", "texts_min"}``.

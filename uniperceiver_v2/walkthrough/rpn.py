@@ -2,9 +2,10 @@
 pass (notebooks 01 and 02).
 
 Training (``train_region_proposals``). The image encoder alone, without the unified decoder or any class name,
-trained with the region proposal losses of appendix A (``modeling.criterion``: focal objectness, L1 + GIoU boxes,
-BCE + dice masks on the query-selection set and every decoder layer, plus the contrastive denoising sets). This is
-the "class-agnostic" half of the detection task: ``tasks.detection`` adds the naming of each proposal (eq. (5)).
+trained with the region proposal losses of appendix A (``modeling.proposal_criterion``: focal objectness, L1 +
+GIoU boxes, BCE + dice masks on the query-selection set and every decoder layer, plus the contrastive denoising
+sets). This is the "class-agnostic" half of the detection task: ``tasks.detection`` adds the naming of each
+proposal (v2 eq. (5)).
 Plain AdamW is enough here: MT-AdamW's normalisation and sampling compensation (Sec. 4.4) only matter when several
 tasks share the parameters. One log record per iteration goes to a JSON-lines file that ``viz.plot_curves`` reads.
 
@@ -475,13 +476,13 @@ def denoising_mask_segments(denoising: DenoisingQueries, num_matching: int) -> l
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Eq. (2): what the detach does
+# v2 eq. (2): what the detach does
 # --------------------------------------------------------------------------------------------------------------
 def fusion_gradient_norms(encoder: ImageEncoder, images: torch.Tensor,
                           padding_mask: torch.Tensor | None = None) -> dict[str, float]:
     """Gradient norm reaching each part of the image encoder from a loss on the regional tokens alone.
 
-    q^proposal = q^sem + B(box.detach()) + M(mask.detach())   (eq. (2) / (9)). A stand-in for the unified decoder's
+    q^proposal = q^sem + B(box.detach()) + M(mask.detach())   (v2 eq. (2) / (9)). A stand-in for the unified decoder's
     loss, mean(q^proposal ** 2), is back-propagated and the L2 norm of the gradient of every part is returned.
     Parts that produce only the box, the mask or the (non-differentiable) top-k choice get exactly zero: the
     unified decoder trains the proposal network only through q^sem, while the boxes and masks are trained by the

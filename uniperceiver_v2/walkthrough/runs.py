@@ -227,7 +227,7 @@ def unmixed_sampler(cfg):
 
 
 def task_mixture_table(cfg, iterations: int) -> dict[str, list]:
-    """The run's task mixture (eq. (7), Tab. 8): per task s_k, w_k, the batch size per process and the
+    """The run's task mixture (v2 eq. (7), Tab. 8): per task s_k, w_k, the batch size per process and the
     iterations and samples it gets in expectation over ``iterations`` unmixed iterations."""
     sampler = unmixed_sampler(cfg)
     rows = []

@@ -1,42 +1,18 @@
-"""A small multi-task problem on which mixed / unmixed sampling and AdamW / MT-AdamW can be compared in seconds.
+"""A small multi-task problem on which mixed / unmixed sampling and AdamW / MT-AdamW can be compared in seconds
+(notebook 05).
 
-Uni-Perceiver v2 trains one set of parameters on tasks whose losses differ in kind (box regression,
-classification, contrastive retrieval), in gradient scale (a DETR-style detection loss sums dozens of weighted
-terms; a retrieval loss is one cross-entropy) and in how often they are sampled (Tab. 8). Paper Sec. 4.4 argues
-that unmixed sampling (one task per iteration, see `engine/sampling.py`) makes consecutive gradients differ
-greatly, and that MT-AdamW (`engine/optim.py`) removes the problem by normalising each step's gradient and
-compensating the moments by 1 / s_k. This module builds a problem with those three ingredients, small enough
-for a CPU, and the runner that trains it with every combination the notebook
-`05_mt_adamw_and_sampling.ipynb` compares.
+The problem (``ToyMultiTaskProblem``, generated from ``ToyProblemConfig`` and one seed): inputs x in R^D, drawn
+per task k from its own Gaussian; a fixed random teacher h*(x) = tanh(A x + a) shared by all tasks; each task reads
+its target from h* with its own head and is a "regression" (L1), "classification" (cross-entropy) or "retrieval"
+(symmetric InfoNCE over the batch, v2 eq. (6)-(7) with a fixed tau) task. The model (``ToyMultiTaskModel``) is a
+shared MLP trunk with a linear head per task. Each task has a sampling ratio s_k, a loss weight w_k (defaults:
+Tab. 8's values) and a ``loss_scale`` c_k, the incidental size of its loss that MT-AdamW divides out.
 
-The problem (all of it generated from one seed):
-
-* Inputs x in R^D. Every task k draws its inputs from its own distribution N(mu_k, sigma_k^2 I) (images of
-  ImageNet, COCO and web data, or text, look different), so the shared trunk has to serve several input regions.
-* A fixed random *teacher* feature map h*(x) = tanh(A x + a) (width `teacher_width`) is shared by all tasks,
-  and each task reads its target from h* with its own random head. The tasks are related (they share h*)
-  without being the same, as classification, detection and captioning share visual features.
-* Task kinds (the unscaled loss L_k, each averaged over the batch):
-    - "regression": y = B_k h*(x) + noise, L_k = mean |f_k(x) - y| (an L1 loss, like the box loss of
-      detection, whose gradient does not shrink as the error shrinks);
-    - "classification": label = argmax C_k h*(x), L_k = cross-entropy;
-    - "retrieval": each x is paired with a "text" t = G h*(x) + noise from another distribution; both go
-      through the same trunk, and L_k is the symmetric InfoNCE loss over the batch with cosine similarity
-      and temperature tau (eq. (6)-(7) with a fixed tau), so the other pairs of the batch are its negatives.
-* The model: a shared MLP trunk (D -> H -> H, GELU) and a linear head per task.
-* Each task has a sampling ratio s_k and a loss weight w_k (the defaults are Tab. 8's task-level values),
-  and a `loss_scale` c_k: the incidental size of its loss, which is nobody's choice. With AdamW, training
-  minimises sum_k s_k w_k c_k L_k in expectation; MT-AdamW divides c_k out and compensates s_k.
-
-The variants (`VARIANTS`), all with the same global batch of `batch_size` samples per iteration:
-
-* mixed + AdamW: the batch is cut into `num_slots` slots, each of a task drawn by s_k; the step minimises the
-  mean over slots of w_k c_k L_k(slot). A retrieval slot only has its own slot as negatives (no gathering).
-* unmixed + AdamW: one task per iteration, the whole batch; the step minimises w_k c_k L_k.
-* unmixed + MT-AdamW, with normalize and compensate both on, or one of them: the backward pass uses c_k L_k
-  and the optimizer gets `sampling_ratio=s_k, task_weight=w_k` (as `engine/trainer.py` does).
-
-Every variant uses the same lr, betas, weight decay and warm-up + step-decay schedule (`engine/schedule.py`).
+Entry points: ``VARIANTS`` (mixed + AdamW, unmixed + AdamW, unmixed + MT-AdamW with normalisation and / or
+compensation), ``train_variant``, ``final_loss_table``, ``mean_curves``, ``grad_norm_ratio``, ``toy_interference``
+and ``max_parameter_difference_to_adamw`` (MT-AdamW with both switches off equals AdamW). Every variant uses the
+same global batch, lr, betas, weight decay and schedule (``engine/schedule.py``). Why the problem is built this
+way: docs/design.md, "A toy problem for the optimizer".
 """
 
 from __future__ import annotations
@@ -515,7 +491,7 @@ def _train(problem: ToyMultiTaskProblem, variant: TrainingVariant, iterations: i
             task = sampler.task_for_iteration(iteration)
             spec = problem.tasks[task]
             loss = problem.loss(model, task, problem.sample(task, config.batch_size, data_generator))
-            # AdamW sees w_k inside the loss (eq. (7)); MT-AdamW gets w_k as task_weight (engine/trainer.py).
+            # AdamW sees w_k inside the loss (v2 eq. (7)); MT-AdamW gets w_k as task_weight (engine/trainer.py).
             weight = spec.loss_scale * (spec.task_weight if variant.optimizer == "adamw" else 1.0)
             (weight * loss).backward()
             run.train_losses[task].append((iteration, loss.item()))
@@ -611,7 +587,7 @@ def toy_interference(
     num_batches: int = 50,
     seed: int = 0,
 ) -> TaskInterference:
-    """Task interference I(i -> j) (DESIGN.md, `uniperceiver_v2.walkthrough.interference`) of the toy tasks on `model`'s
+    """Task interference I(i -> j) (MoE paper Sec. 3.1, `walkthrough.interference`) of the toy tasks on `model`'s
     shared parameters (default: the whole trunk; "trunk.0" / "trunk.2" are its two Linear layers).
 
     Gradients are those of the unscaled L_k: the metric is a ratio of dot products with unit directions, so
