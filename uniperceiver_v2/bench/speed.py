@@ -1,0 +1,196 @@
+"""Training speed of two configs side by side: seconds per iteration per task and for the mix, and where they go.
+
+    python -m uniperceiver_v2.bench speed --old docs/configs/tiny_2026-12-02.yaml --new tiny \\
+        [--iterations 40] [--warmup 2] [key.sub=value ...]
+
+Builds one trainer per config (same overrides, e.g. the data suite) and times ``Trainer.train_step`` of the same
+iterations alternately, one step of the old config then the same step of the new one, so that a change in the
+machine's load hits both alike. The unmixed plan of the *new* config decides each iteration's task for both.
+Printed: per task the median seconds per iteration of each config and their ratio (old / new, > 1 = faster), the
+mix (mean seconds over all timed iterations, the quantity that decides a run's length), and for each config the
+median time per part of the iteration: data (next batch), forward of the image encoder / text encoder / unified
+decoder (summed over calls), the rest of the forward (losses, matching, target encoding glue), backward, optimizer
+step, and what is left (gradient norm, zero_grad, logging).
+
+Run it with one torch thread (``OMP_NUM_THREADS=1``, as the small reproduction trains) and nothing else on the core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+PARTS = ("data", "image_encoder", "text_encoder", "decoder", "forward_rest", "backward", "optimizer", "other")
+
+
+class _Clock:
+    """Accumulates seconds per part while one iteration runs."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def add(self, part: str, seconds: float) -> None:
+        self.seconds[part] = self.seconds.get(part, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        tick = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - tick)
+
+
+class _TimedStream:
+    """A task stream whose ``next`` is timed as "data"."""
+
+    def __init__(self, stream, clock: _Clock) -> None:
+        self.stream, self.clock = stream, clock
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with self.clock.part("data"):
+            return next(self.stream)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _instrument(trainer, clock: _Clock) -> None:
+    """Time the parts of ``trainer.train_step`` without changing what it computes."""
+    model = trainer.model
+    for name in ("image_encoder", "text_encoder", "decoder"):
+        module = getattr(model, name)
+        starts: list[float] = []
+        module.register_forward_pre_hook(lambda *_, starts=starts: starts.append(time.perf_counter()))
+        module.register_forward_hook(
+            lambda *_, starts=starts, name=name: clock.add(name, time.perf_counter() - starts.pop()))
+    starts: list[float] = []
+    trainer.loss_module.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
+    trainer.loss_module.register_forward_hook(lambda *_: clock.add("forward", time.perf_counter() - starts.pop()))
+    trainer.streams = {task: _TimedStream(stream, clock) for task, stream in trainer.streams.items()}
+    step = trainer.optimizer.step
+
+    def timed_step(*args, **kwargs):
+        with clock.part("optimizer"):
+            return step(*args, **kwargs)
+
+    trainer.optimizer.step = timed_step
+    # torch warns when optimizer.step is replaced after the lr scheduler was built; the wrapper only times it.
+    warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been overridden")
+
+
+@contextlib.contextmanager
+def _timed_backward(clock_of) -> Iterator[None]:
+    """``Tensor.backward`` timed as "backward" on the clock of the trainer that is stepping."""
+    backward = torch.Tensor.backward
+
+    def timed(self, *args, **kwargs):
+        with clock_of().part("backward"):
+            return backward(self, *args, **kwargs)
+
+    torch.Tensor.backward = timed
+    try:
+        yield
+    finally:
+        torch.Tensor.backward = backward
+
+
+def _trainer(config: str, overrides: list[str], output_dir: str):
+    from uniperceiver_v2.config import load_config
+    from uniperceiver_v2.engine.build import build_training
+    from uniperceiver_v2.engine.trainer import Trainer
+
+    cfg = load_config(config, [*overrides, f"run.output_dir={output_dir}", "run.ckpt_every=0"])
+    model, tasks, datasets = build_training(cfg)
+    return Trainer(cfg, model, tasks, datasets, progress=False, tensorboard=False)
+
+
+def _parts(seconds: dict[str, float], total: float) -> dict[str, float]:
+    """The iteration split into PARTS (the forward's rest is the forward minus the three modules)."""
+    modules = sum(seconds.get(name, 0.0) for name in ("image_encoder", "text_encoder", "decoder"))
+    parts = {name: seconds.get(name, 0.0) for name in ("data", "image_encoder", "text_encoder", "decoder",
+                                                       "backward", "optimizer")}
+    parts["forward_rest"] = max(seconds.get("forward", 0.0) - modules, 0.0)
+    parts["other"] = max(total - sum(parts.values()), 0.0)
+    return parts
+
+
+def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, dict[str, float]]:
+    """Time both configs; print and return {task or "mix": {"old_s", "new_s", "ratio"}} (plus the parts)."""
+    labels = ("old", "new")
+    with tempfile.TemporaryDirectory() as old_dir, tempfile.TemporaryDirectory() as new_dir:
+        trainers = {"old": _trainer(args.old, args.overrides, old_dir),
+                     "new": _trainer(args.new, args.overrides, new_dir)}
+        clocks = {label: _Clock() for label in labels}
+        for label in labels:
+            _instrument(trainers[label], clocks[label])
+        stepping = ["old"]
+        totals: dict[str, dict[str, list[float]]] = {}
+        parts: dict[str, dict[str, list[dict[str, float]]]] = {}
+        with _timed_backward(lambda: clocks[stepping[0]]):
+            for iteration in range(args.warmup + args.iterations):
+                task = trainers["new"].plan(iteration)[0]
+                for label in labels:
+                    stepping[0] = label
+                    clocks[label].seconds = {}
+                    tick = time.perf_counter()
+                    trainers[label].train_step(iteration)
+                    seconds = time.perf_counter() - tick
+                    if iteration >= args.warmup:
+                        totals.setdefault(task, {"old": [], "new": []})[label].append(seconds)
+                        parts.setdefault(task, {"old": [], "new": []})[label].append(
+                            _parts(clocks[label].seconds, seconds))
+    rows: dict[str, dict[str, float]] = {}
+    print(f"old: {args.old}   new: {args.new}   overrides: {' '.join(args.overrides) or '-'}", file=out)
+    print(f"{args.iterations} iterations timed after {args.warmup} warm-up, alternating old / new, "
+          f"{torch.get_num_threads()} torch thread(s)", file=out)
+    print(f"{'task':<16}{'iters':>6}{'old s/it':>10}{'new s/it':>10}{'old/new':>9}", file=out)
+    for task in sorted(totals):
+        old_s, new_s = (statistics.median(totals[task][label]) for label in labels)
+        rows[task] = {"iterations": len(totals[task]["old"]), "old_s": old_s, "new_s": new_s, "ratio": old_s / new_s}
+        print(f"{task:<16}{rows[task]['iterations']:>6}{old_s:>10.3f}{new_s:>10.3f}{rows[task]['ratio']:>9.2f}",
+              file=out)
+    mix = {label: statistics.fmean(s for task in totals for s in totals[task][label]) for label in labels}
+    rows["mix"] = {"iterations": args.iterations, "old_s": mix["old"], "new_s": mix["new"],
+                   "ratio": mix["old"] / mix["new"]}
+    print(f"{'mix (mean)':<16}{args.iterations:>6}{mix['old']:>10.3f}{mix['new']:>10.3f}{rows['mix']['ratio']:>9.2f}",
+          file=out)
+    print("\nmedian seconds per part of an iteration", file=out)
+    print(f"{'task':<16}{'config':<7}" + "".join(f"{name:>14}" for name in PARTS), file=out)
+    for task in sorted(parts):
+        for label in labels:
+            medians = {name: statistics.median(p[name] for p in parts[task][label]) for name in PARTS}
+            rows[task][f"{label}_parts"] = medians
+            print(f"{task:<16}{label:<7}" + "".join(f"{medians[name]:>14.3f}" for name in PARTS), file=out)
+    out.flush()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m uniperceiver_v2.bench speed",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--old", required=True, help="preset or YAML of the reference config")
+    parser.add_argument("--new", required=True, help="preset or YAML of the config to compare with it")
+    parser.add_argument("--iterations", type=int, default=40, help="timed iterations (default 40)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides applied to both configs")
+    args = parser.parse_intermixed_args(argv)
+    if args.iterations < 1 or args.warmup < 0:
+        parser.error("--iterations must be >= 1 and --warmup >= 0")
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
