@@ -5,6 +5,7 @@ import io
 import itertools
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -53,10 +54,23 @@ def test_collapse_diagnostic_runs_and_records_each_row(synthetic_root, tmp_path)
     # Training changed the image side of the probe.
     assert rows[2]["img"] != rows[0]["img"]
     assert [json.loads(line) for line in jsonl.read_text().splitlines()] == json.loads(json.dumps(rows))
+    # The printed table: one line per returned row, each column named by the row's key and holding its value
+    # (to the printed precision); the first line gives ln C for C classes (chance-level cross-entropy).
     printed = out.getvalue().splitlines()
-    assert "ln C = " in printed[0] and printed[1].split() == ["iteration", "loss", "accuracy", "img", "cls", "tok",
-                                                              "seconds"]
+    ln_c, num_classes = re.search(r"ln C = (\d+\.\d+) \(C = (\d+)\)", printed[0]).groups()
+    assert int(num_classes) >= 2 and float(ln_c) == pytest.approx(math.log(int(num_classes)), abs=5e-4)
+    columns = printed[1].split()
     assert len(printed) == 2 + len(rows)
+    tolerance = {"iteration": 0, "loss": 5e-4, "accuracy": 5e-4, "img": 5e-5, "cls": 5e-5, "tok": 5e-5,
+                 "seconds": 0.05}
+    for line, row in zip(printed[2:], rows, strict=True):
+        shown = dict(zip(columns, map(float, line.split()), strict=True))
+        assert set(shown) == set(row) == set(tolerance)
+        for key, value in row.items():
+            if math.isnan(value):
+                assert math.isnan(shown[key]), (key, line)
+            else:
+                assert shown[key] == pytest.approx(value, abs=tolerance[key] * 1.01), (key, line)
 
 
 def test_collapse_cli_rejects_runs_without_classification(capsys):

@@ -1,10 +1,12 @@
 """`python -m uniperceiver_v2.bench step_time`: a fresh model and a checkpoint timed on the same steps."""
 
 import io
+import re
 
 import pytest
 
 from uniperceiver_v2.bench import available_benchmarks, step_time
+from uniperceiver_v2.engine.checkpoint import read_checkpoint_meta
 from uniperceiver_v2.train import main as train_main
 
 
@@ -25,9 +27,19 @@ def test_step_time_compares_fresh_and_checkpoint_on_the_same_steps(synthetic_roo
     for row in rows.values():
         assert row["fresh_s"] > 0 and row["checkpoint_s"] > 0
         assert row["ratio"] == pytest.approx(row["checkpoint_s"] / row["fresh_s"])
+    # The printed table: the checkpoint's iteration, then one line per task whose columns, named like the returned
+    # keys ("fresh s" -> fresh_s), hold the returned values to the printed precision.
     lines = out.getvalue().splitlines()
-    assert "(iteration 2)" in lines[0] and lines[1].split() == ["task", "steps", "fresh", "s", "checkpoint", "s",
-                                                                  "ratio"]
+    assert int(re.search(r"\(iteration (\d+)\)", lines[0]).group(1)) == read_checkpoint_meta(checkpoint)["iteration"]
+    columns = [name.replace(" ", "_") for name in re.findall(r"\S+(?: s\b)?", lines[1])]
+    assert len(lines) == 2 + len(rows)
+    tolerance = {"steps": 0, "fresh_s": 5e-4, "checkpoint_s": 5e-4, "ratio": 5e-3}
+    for line in lines[2:]:
+        shown = dict(zip(columns, line.split(), strict=True))
+        task = shown.pop("task")
+        assert set(shown) == set(rows[task]) == set(tolerance)
+        for key, value in rows[task].items():
+            assert float(shown[key]) == pytest.approx(value, abs=tolerance[key] * 1.01), (key, line)
 
 
 def test_step_time_needs_a_config_when_the_run_has_none(tmp_path):

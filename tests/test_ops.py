@@ -290,7 +290,9 @@ def test_available_implementations():
     assert everywhere[-1] == "pytorch"
     assert ("cpp" in everywhere) == (unavailable_reason("cpp") is None)
     assert "cuda" not in available_implementations("cpu")
-    assert unavailable_reason("cpp", "meta") == "the 'cpp' implementation runs on cpu tensors, not on meta"
+    reason = unavailable_reason("cpp", "meta")
+    assert reason is not None and "'cpp'" in reason and "meta" in reason
+    assert "cpp" not in available_implementations("meta")
 
 
 def test_cpp_builds_where_a_compiler_exists():
@@ -316,7 +318,7 @@ def test_automatic_choice_is_logged_once(monkeypatch, caplog):
         ms_deform_attn(*inputs)
         ms_deform_attn(*inputs)
     messages = [record.getMessage() for record in caplog.records if record.name == "uniperceiver_v2.ops.dispatch"]
-    assert messages == [f"ms_deform_attn: using the {expected!r} implementation for cpu tensors (fastest available)"]
+    assert len(messages) == 1 and repr(expected) in messages[0] and "cpu" in messages[0], messages
 
 
 def test_environment_variable_overrides_default(monkeypatch, caplog):

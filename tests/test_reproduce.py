@@ -112,9 +112,12 @@ def test_rerun_skips_unchanged_and_reruns_on_force_or_new_parameters(first_run, 
 
     # A parameter only 00 declares changes: 00 reruns, 01 (which does not declare it) is still skipped.
     monkeypatch.setitem(reproduce.PROFILES, "quick", {**reproduce.PROFILES["quick"], "iterations": 7})
+    forced = (executed / "00_parameters.ipynb").stat().st_mtime_ns
     assert _run(first_run["notebooks"], first_run["out"], "--only", "00", "01") == 0
     printed = capsys.readouterr().out
     assert "00_parameters: done" in printed and "01_numpy_results: unchanged" in printed
+    assert (executed / "00_parameters.ipynb").stat().st_mtime_ns > forced
+    assert (executed / "01_numpy_results.ipynb").stat().st_mtime_ns == mtimes["01_numpy_results.ipynb"]
     saved = json.loads((first_run["profile_dir"] / "results" / "00_parameters.json").read_text())
     assert saved["total"] == 14
 

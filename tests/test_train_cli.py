@@ -6,18 +6,20 @@ The quick synthetic suite comes from conftest.py (``synthetic_root``, generated 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from uniperceiver_v2.config import load_config, load_yaml
+from uniperceiver_v2.engine.checkpoint import read_checkpoint_meta
 from uniperceiver_v2.engine.logging import read_metrics
 from uniperceiver_v2.evaluate import main as evaluate_main
 from uniperceiver_v2.train import main as train_main
@@ -31,7 +33,8 @@ def test_bad_overrides_exit_with_2_and_name_the_key(capsys):
     assert train_main(["--config", "no_such_preset"]) == 2
     assert "preset" in capsys.readouterr().err
     assert train_main(["--config", "tiny", "--new-schedule"]) == 2
-    assert "--new-schedule only applies with --resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--new-schedule" in err and "--resume" in err
 
 
 def _overrides(root: Path, output_dir: Path) -> list[str]:
@@ -46,6 +49,30 @@ def _overrides(root: Path, output_dir: Path) -> list[str]:
     ]
 
 
+# Runs ``python -m uniperceiver_v2.train ARGS`` with one change: at the start of iteration PAUSE (1-based) the
+# process prints a line and waits for one on stdin, so the parent can send it a real SIGTERM while it is inside
+# that iteration, at a known point, whatever the speed of the machine.
+_PAUSING_TRAIN = """
+import sys
+
+from uniperceiver_v2.engine.trainer import Trainer
+from uniperceiver_v2.train import main
+
+pause, train_step = int(sys.argv[1]), Trainer.train_step
+
+
+def paused_train_step(self, iteration):
+    if iteration + 1 == pause:
+        print(f"paused in iteration {pause}", flush=True)
+        sys.stdin.readline()
+    return train_step(self, iteration)
+
+
+Trainer.train_step = paused_train_step
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 @pytest.mark.slow
 def test_sigterm_then_resume_reproduces_the_uninterrupted_run(synthetic_root, tmp_path):
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
@@ -53,23 +80,43 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(synthetic_root, tm
     expected = [(r["iteration"], r["task"], r["loss"]) for r in read_metrics(full_dir / "metrics.jsonl")]
     assert [r[0] for r in expected] == list(range(1, 11)) and {r[1] for r in expected} == {"classification", "mlm"}
 
-    # The same run as its own process, stopped by SIGTERM once it has logged iteration 2.
-    command = [sys.executable, "-m", "uniperceiver_v2.train", "--config", "tiny", "--no-eval", "--no-progress",
+    # The same run as its own process, sent SIGTERM while it is inside iteration 3: it finishes that iteration,
+    # saves its checkpoint and exits with 128 + SIGTERM.
+    pause = 3
+    command = [sys.executable, "-c", _PAUSING_TRAIN, str(pause), "--config", "tiny", "--no-eval", "--no-progress",
                *_overrides(synthetic_root, split_dir)]
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
-    metrics = split_dir / "metrics.jsonl"
-    while time.monotonic() < deadline and process.poll() is None:
-        if metrics.is_file() and any(r["iteration"] >= 2 for r in read_metrics(metrics)):
-            process.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.2)
-    output, _ = process.communicate(timeout=240)
+    process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(600, process.kill)   # only so that a hung child cannot hang the test session
+    watchdog.start()
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.strip() == f"paused in iteration {pause}":
+                break
+        assert lines and lines[-1].strip() == f"paused in iteration {pause}", "".join(lines)[-3000:]
+        metrics = split_dir / "metrics.jsonl"
+        assert [(r["iteration"], r["task"], r["loss"]) for r in read_metrics(metrics)] == expected[:pause - 1]
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(BrokenPipeError):   # a child killed by the signal shows in the return code
+            process.stdin.write("\n")
+            process.stdin.close()
+        output = "".join(lines) + process.stdout.read()
+        process.wait()
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert "stopped by signal SIGTERM" in output
-    stopped_at = int((split_dir / "checkpoints" / "latest").read_text().strip().removeprefix("iter_"))
-    assert 2 <= stopped_at < 10
+    stopped_at = read_checkpoint_meta(split_dir / "checkpoints")["iteration"]
+    assert stopped_at == pause
+    assert sorted(p.name for p in (split_dir / "checkpoints").glob("iter_*")) == [f"iter_{pause:07d}"]
+    # The interrupted session logged exactly the iterations it completed, with the uninterrupted run's losses.
+    assert [(r["iteration"], r["task"], r["loss"]) for r in read_metrics(metrics)] == expected[:pause]
 
     assert train_main(["--config", "tiny", "--no-eval", "--no-progress", "--resume",
                        *_overrides(synthetic_root, split_dir)]) == 0
