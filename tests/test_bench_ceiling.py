@@ -1,0 +1,162 @@
+"""The data ceiling benchmark: claims parsed from grammar captions, the attribute oracle's scores and the retrieval
+and captioning numbers it reports (`python -m uniperceiver_v2.bench ceiling`)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from uniperceiver_v2.bench import available_benchmarks, ceiling
+from uniperceiver_v2.bench.ceiling import Claim, SceneAttributes, parse_claims, score_matrix, tie_broken
+from uniperceiver_v2.data.summary import DataError
+from uniperceiver_v2.metrics.retrieval import retrieval_recall
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
+
+
+@pytest.fixture(scope="module")
+def quick_result(synthetic_root):
+    return ceiling.ceilings(synthetic_root, "test")
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+def test_parse_noun_phrases_with_counts_sizes_synonyms_and_background():
+    assert parse_claims("Two small red triangles left of a violet disc on a background of stripes.") == [
+        Claim("triangle", "red", "small", 2), Claim("circle", "purple"), Claim(background="stripes")]
+    assert parse_claims("Five objects on a noisy texture, including a big turquoise plus sign.") == [
+        Claim(count=5), Claim(background="noise"), Claim("cross", "cyan", "large")]
+    assert parse_claims("Two red items and one blue item.") == [Claim(colour="red", count=2),
+                                                                Claim(colour="blue", count=1)]
+
+
+def test_parse_digits_multiword_nouns_and_uninformative_phrases():
+    # "one" / "three" are number words and digit names; the digit nouns always carry their prefix.
+    assert parse_claims("Two handwritten threes above the number one.") == [
+        Claim("digit three", count=2), Claim("digit one")]
+    assert parse_claims("A single tiny green square tile on a checkerboard pattern.") == [
+        Claim("square", "green", "small", 1), Claim(background="checker")]
+    # "the largest object" constrains nothing and is dropped; positions are not claims.
+    assert parse_claims("The largest object is a medium-sized black five-pointed star.") == [
+        Claim("star", "black", "medium")]
+    assert parse_claims("In the top left corner there is a hexagon.") == [Claim("hexagon")]
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+RED_TRIANGLES = SceneAttributes([("triangle", "red", "small"), ("triangle", "red", "small"),
+                                 ("circle", "purple", "large")], "stripes")
+BLUE_TRIANGLE = SceneAttributes([("triangle", "blue", "small"), ("circle", "purple", "large")], "stripes")
+MIXED = SceneAttributes([("triangle", "red", "small"), ("triangle", "red", "large"), ("star", "yellow", "small")],
+                        "noise")
+
+
+def test_claims_hold_by_attributes_and_exact_counts():
+    assert RED_TRIANGLES.holds(Claim("triangle", "red", "small", 2))
+    assert not RED_TRIANGLES.holds(Claim("triangle", "red", count=3))
+    assert not MIXED.holds(Claim("triangle", "red", "small", 2))  # two red triangles, but not both small
+    assert MIXED.holds(Claim("triangle", "red", count=2)) and MIXED.holds(Claim("triangle", "red", "large"))
+    assert RED_TRIANGLES.holds(Claim(count=3)) and not MIXED.holds(Claim(colour="red", count=1))
+    assert RED_TRIANGLES.holds(Claim(background="stripes")) and not MIXED.holds(Claim(background="stripes"))
+    assert not BLUE_TRIANGLE.holds(Claim("triangle", "red"))
+
+
+def test_score_counts_claims_that_hold_and_the_true_caption_wins():
+    captions = ["Two small red triangles next to a big violet disc on stripes.",  # 3 claims, all in image 0
+                "A blue triangle next to a purple circle on stripes.",  # all in image 1; image 0 has no blue one
+                "A yellow star."]
+    scores = score_matrix([RED_TRIANGLES, BLUE_TRIANGLE, MIXED], captions)
+    assert scores.tolist() == [[3, 2, 0],
+                               [2, 3, 0],
+                               [0, 0, 1]]
+    # Each caption scores its own image highest; the caption about another colour does not pick image 0.
+    assert scores.argmax(axis=0).tolist() == [0, 1, 2]
+
+
+def test_retrieval_numbers_are_retrieval_recall_of_the_tie_broken_scores():
+    captions = ["A red triangle.", "A purple circle on stripes.", "A yellow star.", "A small triangle."]
+    scenes = [RED_TRIANGLES, BLUE_TRIANGLE, MIXED]
+    text_to_image = [0, 1, 2, 2]
+    scores = score_matrix(scenes, captions)
+    assert scores.tolist() == [[1, 2, 0, 1], [0, 2, 0, 1], [1, 0, 1, 1]]
+    broken = tie_broken(scores, seed=0)
+    assert np.array_equal(np.floor(broken), scores)  # the jitter only orders ties
+    recall = retrieval_recall(torch.from_numpy(broken), text_to_image, (1, 2))
+    # Ties: caption 0 (image 0) with image 2, caption 1 (image 1) with image 0, caption 3 (image 2) with all.
+    ranks = (broken >= broken[text_to_image, range(4)]).sum(axis=0) - 1
+    assert recall["t2i_R@1"] == pytest.approx(np.mean(ranks == 0))
+    assert recall["t2i_R@2"] == pytest.approx(np.mean(ranks < 2))
+    # With every tie counted against the right answer only caption 2 ("a yellow star") finds its image.
+    pessimistic = retrieval_recall(torch.from_numpy(scores.astype(float)), text_to_image, (1,))
+    assert pessimistic["t2i_R@1"] == pytest.approx(0.25)
+
+
+def test_tie_break_does_not_favour_the_right_answer():
+    # All scores equal: the random order must give about chance, not the diagonal.
+    recall = retrieval_recall(torch.from_numpy(tie_broken(np.zeros((200, 200), dtype=np.int64))), range(200), (10,))
+    assert 0.01 < recall["t2i_R@10"] < 0.15 and 0.01 < recall["i2t_R@10"] < 0.15
+
+
+def test_chance_recall():
+    chance = ceiling.chance_recall([0, 1, 2, 3], 4, ks=(1, 2))
+    assert chance == pytest.approx({"i2t_R@1": 0.25, "i2t_R@2": 0.5, "t2i_R@1": 0.25, "t2i_R@2": 0.5})
+    chance = ceiling.chance_recall([0, 0, 1, 1], 2, ks=(1,))  # two of four captions are right
+    assert chance["i2t_R@1"] == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------------------ quick suite
+def test_quick_suite_retrieval_ordering_and_parser_check(synthetic_root, quick_result):
+    result = quick_result
+    assert result["num_images"] == 20 and result["num_texts"] == 100
+    assert result["claims_hold_own"] == 1.0  # the parser reads every caption as true of its own image
+    for key in ("retrieval_oracle", "retrieval_oracle_ties_against", "retrieval_oracle_held_minus_failed"):
+        for d in ("i2t", "t2i"):
+            r = result[key]
+            assert r[f"{d}_R@10"] >= r[f"{d}_R@5"] >= r[f"{d}_R@1"] >= result["chance"][f"{d}_R@1"]
+        assert all(result[key][name] >= result["retrieval_oracle_ties_against"][name] for name in result[key])
+    # The reported matrix: recomputed here from the annotation files.
+    data = ceiling.read_split(synthetic_root, "test")
+    texts = [c for captions in data.captions for c in captions]
+    text_to_image = [i for i, captions in enumerate(data.captions) for _ in captions]
+    scores = score_matrix(data.scenes, texts)
+    assert result["retrieval_oracle"] == retrieval_recall(torch.from_numpy(tie_broken(scores)), text_to_image)
+
+
+def test_quick_suite_captioning_numbers(synthetic_root, quick_result):
+    for key in ("captioning_reference_agreement", "captioning_grammar_caption"):
+        metrics = quick_result[key]
+        assert set(metrics) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr"}
+        assert all(math.isfinite(v) for v in metrics.values())
+        assert all(0.0 <= metrics[f"BLEU-{n}"] <= 1.0 for n in range(1, 5))
+        assert metrics["BLEU-1"] >= metrics["BLEU-4"] and metrics["CIDEr"] > 0
+    # The grammar's captions of the rebuilt scenes are true of the image, as the references are.
+    data = ceiling.read_split(synthetic_root, "test")
+    for scene, caption in zip(data.scenes, ceiling.grammar_captions(data).values()):
+        assert all(scene.holds(claim) for claim in parse_claims(caption)), caption
+
+
+def test_cli_prints_the_table_and_a_model_next_to_it(synthetic_root, tmp_path, capsys):
+    assert "ceiling" in available_benchmarks()
+    results = tmp_path / "eval.json"
+    results.write_text(json.dumps({"results": {"retrieval": {"i2t_R@1": 0.123, "t2i_R@1": 0.0456},
+                                               "captioning": {"BLEU-4": 0.0789, "CIDEr": 0.321}}}))
+    out = tmp_path / "ceiling.json"
+    assert ceiling.main(["--split", "test", "--results", str(results), "--json", str(out),
+                         f"data.root={synthetic_root}"]) == 0
+    printed = capsys.readouterr().out
+    assert "attribute oracle" in printed and "0.123" in printed and "0.079" in printed
+    assert json.loads(out.read_text())["num_texts"] == 100
+
+
+def test_annotations_without_attributes_are_an_error(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    image = {"id": 1, "file_name": "1.png", "height": 8, "width": 8}
+    (tmp_path / "annotations" / "captions_test.json").write_text(json.dumps(
+        {"images": [image], "annotations": [{"id": 1, "image_id": 1, "caption": "A red circle."}]}))
+    (tmp_path / "annotations" / "instances_test.json").write_text(json.dumps(
+        {"images": [image], "categories": [{"id": 1, "name": "circle"}],
+         "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2]}]}))
+    with pytest.raises(DataError, match="attributes"):
+        ceiling.ceilings(tmp_path, "test")

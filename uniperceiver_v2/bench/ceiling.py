@@ -1,0 +1,447 @@
+"""What the data allows: an attribute oracle's retrieval and the captions' own agreement, to read a model against.
+
+    python -m uniperceiver_v2.bench ceiling [--config tiny] [--split test] [--results EVAL_JSON] [--json OUT]
+        [key.sub=value ...]
+
+    e.g. python -m uniperceiver_v2.bench ceiling --split test \\
+        data.root=/tmp/speed/data/synthetic_small data.synthetic_profile=small
+
+Reads only the split's annotation files of the synthetic suite (``data.caption_annotations`` and
+``data.detection_annotations`` under ``data.root``; no pixels) and prints:
+
+* **Retrieval, attribute oracle.** Each image is known by the (category, colour, size) of its annotated objects
+  and its background (the ``attributes`` of each instance and the ``background`` of each image record), but not
+  by positions or relations. Each caption is parsed into claims with the grammar's own word lists
+  (``data.grammar``): noun phrases ("two small red triangles", "a violet disc", "three objects", "one blue item")
+  and the background ("a striped background"). A phrase with a number word claims exactly that many objects of
+  its category and colour (all of the stated size); one without claims at least one such object. Phrases that
+  constrain nothing ("the largest *object* is ...") are dropped. score(image, caption) = how many of the
+  caption's claims hold in the image, an integer. **Ties are broken at random**: a jitter in [0, 0.5) drawn
+  once per (image, caption) pair from a fixed seed is added, so among equal scores the order is a fixed random
+  permutation that does not know which pair is right (the expected R@K of random tie-breaking, up to sampling
+  noise). R@1/5/10 both ways come from ``metrics.retrieval.retrieval_recall`` on that matrix; the same on the
+  integer scores, where ``retrieval_recall`` counts every tie against the right answer, is printed as a lower
+  bound. The brief's score only counts what holds, so for image->text a wrong caption with three true claims
+  and one false outranks a right caption with two: a second oracle scores claims held minus claims
+  contradicted (text->image is the same, the number of claims being fixed per caption). As a check of the
+  parser, every caption's claims must hold in its own image (``claims_hold_own``).
+* **Retrieval, chance**: image->text 1 - C(T - c, K) / C(T, K) averaged over images (c = the image's captions,
+  T = all captions), text->image K / images.
+* **Captioning, reference agreement** (leave-one-out): reference j of every image scored with
+  ``metrics.captioning.caption_metrics`` against the image's other references, averaged over j = 0..4 (so
+  against 4 references, where a model is scored against 5: BLEU is a little lower than with 5).
+* **Captioning, grammar caption**: the grammar (``grammar.describe``) writes one new caption per image from the
+  scene rebuilt from the annotations (categories, colours, sizes, background; positions and areas from the
+  visible masks, exactly as the generator computed them; which object covers which is approximated from the
+  visible masks, the annotations hold no full masks), with its own random generator (seed, draw, image id), and
+  it is scored against all references, like a model's caption: a model that knew the scene and the grammar, but
+  not which of its random wordings the annotators drew. Averaged over 3 draws.
+
+``--results`` takes a ``python -m uniperceiver_v2.evaluate`` JSON and prints the model's numbers next to these.
+``ceilings(root_or_cfg, split)`` returns them as a dict of plain numbers (the notebooks use it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uniperceiver_v2.data import grammar
+
+KS = (1, 5, 10)
+TIE_JITTER = 0.5  # below 1: only breaks ties between the integer scores
+
+
+# ---------------------------------------------------------------------------------------------------- captions
+@dataclass(frozen=True)
+class Claim:
+    """One thing a caption says that attributes alone can check.
+
+    A noun phrase: ``category`` (None for "object" / "item" / "figure"), ``colour``, ``size`` (None when not
+    stated) and ``count`` (an exact number of objects of that category and colour, None for "at least one").
+    A background mention: ``background`` set, the rest None.
+    """
+
+    category: str | None = None
+    colour: str | None = None
+    size: str | None = None
+    count: int | None = None
+    background: str | None = None
+
+
+def _vocabulary() -> tuple[dict[tuple[str, ...], str | None], dict[tuple[str, ...], str], dict[str, tuple[str, Any]]]:
+    """Token sequences of every noun form (-> category, None for generic nouns), of every background phrase
+    (-> background kind, without its article) and the modifier words (-> ("size" | "colour" | "count", value))."""
+    nouns: dict[tuple[str, ...], str | None] = {}
+    for category, forms in grammar.NOUNS.items():
+        for form in forms:
+            for word in form:
+                nouns[tuple(grammar.tokenize(word))] = category
+    for form in grammar.GENERIC_NOUNS:
+        for word in form:
+            nouns[tuple(grammar.tokenize(word))] = None
+    backgrounds: dict[tuple[str, ...], str] = {}
+    for kind, phrases in grammar.BACKGROUND_PHRASES.items():
+        for phrase in phrases:
+            tokens = grammar.tokenize(phrase)
+            backgrounds[tuple(tokens[1:] if tokens[0] in ("a", "an") else tokens)] = kind
+    modifiers: dict[str, tuple[str, Any]] = {"single": ("count", 1)}
+    for size, words in grammar.SIZE_WORDS.items():
+        modifiers.update({word: ("size", size) for word in words})
+    for colour, words in grammar.COLOUR_WORDS.items():
+        modifiers.update({word: ("colour", colour) for word in words})
+    modifiers.update({word: ("count", n) for n, word in grammar.NUMBER_WORDS.items()})
+    return nouns, backgrounds, modifiers
+
+
+_NOUNS, _BACKGROUNDS, _MODIFIERS = _vocabulary()
+_LONGEST = max(len(key) for key in (*_NOUNS, *_BACKGROUNDS))
+
+
+def _match(tokens: list[str], start: int, table: dict) -> int:
+    """Length of the longest key of ``table`` starting at ``tokens[start]``, 0 when none does."""
+    for length in range(min(_LONGEST, len(tokens) - start), 0, -1):
+        if tuple(tokens[start:start + length]) in table:
+            return length
+    return 0
+
+
+def parse_claims(caption: str) -> list[Claim]:
+    """The claims of a grammar caption, in order: its noun phrases (longest noun form first, with the size,
+    colour and number words right before it) and its background mention; phrases that constrain nothing
+    ("the largest object") are left out.
+
+    >>> parse_claims("Two small red triangles left of a violet disc on stripes.")  # doctest: +NORMALIZE_WHITESPACE
+    [Claim(category='triangle', colour='red', size='small', count=2, background=None),
+     Claim(category='circle', colour='purple', size=None, count=None, background=None),
+     Claim(category=None, colour=None, size=None, count=None, background='stripes')]
+    """
+    tokens = grammar.tokenize(caption)
+    claims: list[Claim] = []
+    consumed = 0  # tokens before this index belong to an earlier match
+    start = 0
+    while start < len(tokens):
+        length = _match(tokens, start, _BACKGROUNDS)
+        if length:
+            claims.append(Claim(background=_BACKGROUNDS[tuple(tokens[start:start + length])]))
+            start = consumed = start + length
+            continue
+        length = _match(tokens, start, _NOUNS)
+        if not length:
+            start += 1
+            continue
+        found: dict[str, Any] = {}
+        before = start - 1
+        while before >= consumed and tokens[before] in _MODIFIERS:
+            kind, value = _MODIFIERS[tokens[before]]
+            found.setdefault(kind, value)
+            before -= 1
+        claim = Claim(_NOUNS[tuple(tokens[start:start + length])], found.get("colour"), found.get("size"),
+                      found.get("count"))
+        if claim != Claim():
+            claims.append(claim)
+        start = consumed = start + length
+    return claims
+
+
+# ---------------------------------------------------------------------------------------------------- images
+@dataclass
+class SceneAttributes:
+    """What the oracle knows of one image: its objects' (category, colour, size) and its background."""
+
+    objects: list[tuple[str, str, str]]
+    background: str
+
+    def __post_init__(self) -> None:
+        # Objects per (category, colour, size) pattern with None as a wildcard: each claim is then two look-ups.
+        self._counts = Counter(
+            pattern for obj in self.objects for pattern in product(*((value, None) for value in obj))
+        )
+
+    def holds(self, claim: Claim) -> bool:
+        """Does ``claim`` hold in this image (see ``Claim``)?"""
+        if claim.background is not None:
+            return claim.background == self.background
+        matching = self._counts[(claim.category, claim.colour, claim.size)]
+        if claim.count is None:
+            return matching >= 1
+        # "two small red triangles": exactly two red triangles, and both small.
+        return matching == claim.count == self._counts[(claim.category, claim.colour, None)]
+
+
+def score_matrix(scenes: list[SceneAttributes], captions: list[str]) -> np.ndarray:
+    """(images, captions) int: how many of each caption's claims hold in each image."""
+    columns: dict[Claim, np.ndarray] = {}
+    scores = np.zeros((len(scenes), len(captions)), dtype=np.int64)
+    for j, caption in enumerate(captions):
+        for claim in parse_claims(caption):
+            if claim not in columns:
+                columns[claim] = np.array([scene.holds(claim) for scene in scenes], dtype=np.int64)
+            scores[:, j] += columns[claim]
+    return scores
+
+
+def tie_broken(scores: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``scores`` (integers) plus a jitter in [0, 0.5) per pair from ``seed``: a fixed random order among ties."""
+    jitter = np.random.default_rng(seed).random(scores.shape) * TIE_JITTER
+    return scores.astype(np.float64) + jitter
+
+
+def chance_recall(text_to_image: list[int], num_images: int, ks=KS) -> dict[str, float]:
+    """Expected R@K of a random ranking (see the module docstring)."""
+    num_texts = len(text_to_image)
+    per_image = Counter(text_to_image)
+    chance = {}
+    for k in ks:
+        misses = [math.comb(num_texts - per_image[i], k) / math.comb(num_texts, k) for i in range(num_images)]
+        chance[f"i2t_R@{k}"] = float(1.0 - np.mean(misses))
+    for k in ks:
+        chance[f"t2i_R@{k}"] = min(1.0, k / num_images)
+    return chance
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+@dataclass
+class SplitAnnotations:
+    """A split's captioned images in the order of the captions file (as ``CocoCaptions`` reads them)."""
+
+    image_ids: list[int]
+    captions: list[list[str]]
+    scenes: list[SceneAttributes]
+    descriptions: list[grammar.SceneDescription]
+
+
+def _data_config(root_or_cfg):
+    from uniperceiver_v2.config import Config, DataConfig
+
+    if isinstance(root_or_cfg, Config):
+        return root_or_cfg.data
+    if isinstance(root_or_cfg, DataConfig):
+        return root_or_cfg
+    return DataConfig(root=str(root_or_cfg))
+
+
+def _description(record: dict, annotations: list[dict], names: dict[int, str]) -> grammar.SceneDescription:
+    """The grammar's scene from the annotations: positions and areas from the visible masks (as the generator
+    computes them); "A covers B" when A (drawn later) has more visible pixels inside B's box than the generator's
+    threshold, with the box for B's whole object (the full masks are not recorded). On the small suite's test
+    split this gives the generator's set of overlaps for 432 of the 500 scenes (85 of 3025 pairs differ)."""
+    import pycocotools.mask as mask_utils
+
+    height, width = int(record["height"]), int(record["width"])
+    masks = [mask_utils.decode(a["segmentation"]).astype(bool) for a in annotations]
+    objects = []
+    for annotation, mask in zip(annotations, masks):
+        ys, xs = np.nonzero(mask)
+        objects.append(grammar.ObjectDescription(
+            category=names[annotation["category_id"]], colour=annotation["attributes"]["colour"],
+            size=annotation["attributes"]["size"], x=float((xs.mean() + 0.5) / width),
+            y=float((ys.mean() + 0.5) / height), area=float(mask.sum() / (width * height))))
+    occlusions = set()
+    for back, annotation in enumerate(annotations):
+        x, y, w, h = (int(round(v)) for v in annotation["bbox"])
+        for front in range(back + 1, len(annotations)):
+            hidden = int(masks[front][y:y + h, x:x + w].sum())
+            if hidden > max(4, 0.03 * w * h):
+                occlusions.add((front, back))
+    return grammar.SceneDescription(objects, record["background"], occlusions)
+
+
+def read_split(root_or_cfg, split: str) -> SplitAnnotations:
+    """Captions, oracle attributes and grammar scenes of ``split`` (a ``data.root`` path or a ``Config``).
+
+    Raises:
+        DataError: a missing file, or annotations without the synthetic suite's attributes (real data).
+    """
+    from uniperceiver_v2.data.coco import load_json
+    from uniperceiver_v2.data.summary import DataError
+
+    d = _data_config(root_or_cfg)
+    caption_file = d.path(d.caption_annotations, split)
+    instance_file = d.path(d.detection_annotations, split)
+    captions_data, instances = load_json(caption_file), load_json(instance_file)
+    records = {int(r["id"]): r for r in instances["images"]}
+    names = {int(c["id"]): c["name"] for c in instances["categories"]}
+    objects: dict[int, list[dict]] = {image_id: [] for image_id in records}
+    for annotation in sorted(instances["annotations"], key=lambda a: a["id"]):
+        if "attributes" not in annotation:
+            raise DataError(f"{instance_file}: annotation {annotation.get('id')} has no 'attributes' (colour, "
+                            f"size); the ceiling needs the synthetic suite's annotations")
+        objects[int(annotation["image_id"])].append(annotation)
+    by_image: dict[int, list[str]] = {}
+    for record in captions_data["images"]:
+        by_image.setdefault(int(record["id"]), [])
+    for annotation in captions_data["annotations"]:
+        caption = " ".join(str(annotation["caption"]).split())
+        if caption and int(annotation["image_id"]) in by_image:
+            by_image[int(annotation["image_id"])].append(caption)
+    image_ids = [image_id for image_id, captions in by_image.items() if captions]
+    missing = [image_id for image_id in image_ids if "background" not in records.get(image_id, {})]
+    if missing:
+        raise DataError(f"{instance_file}: image {missing[0]} is missing or has no 'background'; the ceiling needs "
+                        f"the synthetic suite's annotations")
+    scenes, descriptions = [], []
+    for image_id in image_ids:
+        annotations = objects[image_id]
+        scenes.append(SceneAttributes(
+            [(names[a["category_id"]], a["attributes"]["colour"], a["attributes"]["size"]) for a in annotations],
+            records[image_id]["background"]))
+        descriptions.append(_description(records[image_id], annotations, names))
+    return SplitAnnotations(image_ids, [by_image[i] for i in image_ids], scenes, descriptions)
+
+
+# ---------------------------------------------------------------------------------------------------- ceilings
+def reference_agreement(references: dict[int, list[str]]) -> dict[str, float]:
+    """Each image's j-th reference against its other references, averaged over j (images with >= 2 references)."""
+    from uniperceiver_v2.metrics.captioning import caption_metrics
+
+    runs = []
+    for j in range(max(len(refs) for refs in references.values())):
+        held = {i: refs for i, refs in references.items() if len(refs) > max(j, 1)}
+        if held:
+            runs.append(caption_metrics({i: refs[j] for i, refs in held.items()},
+                                        {i: refs[:j] + refs[j + 1:] for i, refs in held.items()}))
+    return _mean(runs)
+
+
+def _mean(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {name: float(np.mean([run[name] for run in runs])) for name in runs[0]}
+
+
+def grammar_captions(data: SplitAnnotations, seed: int = 0, draw: int = 0) -> dict[int, str]:
+    """One new grammar caption per image from its rebuilt scene, generator seeded by (seed, draw, image id)."""
+    return {image_id: grammar.describe(scene, np.random.default_rng([seed, draw, image_id]), count=1)[0]
+            for image_id, scene in zip(data.image_ids, data.descriptions)}
+
+
+def ceilings(root_or_cfg, split: str = "test", seed: int = 0, grammar_draws: int = 3) -> dict[str, Any]:
+    """The numbers of the module docstring for ``split`` of the suite at ``root_or_cfg`` (a ``data.root`` path,
+    a ``Config`` or its ``DataConfig``); ``seed`` draws the tie-break jitter and the grammar captions, whose
+    metrics are averaged over ``grammar_draws`` independent draws (each one caption per image).
+
+    Returns:
+        {"split", "num_images", "num_texts", "retrieval_oracle" (claims held, ties at random),
+        "retrieval_oracle_ties_against" (the same, every tie counted against the right answer),
+        "retrieval_oracle_held_minus_failed" (claims held minus claims contradicted, ties at random: a caption
+        the image contradicts ranks below any it does not; text->image equals "retrieval_oracle"),
+        "chance" ({"i2t_R@K", "t2i_R@K"}), "captioning_reference_agreement", "captioning_grammar_caption"
+        ({"BLEU-1".."BLEU-4", "CIDEr"}), "claims_per_caption" (mean), "claims_hold_own" (fraction of captions
+        all of whose claims hold in their own image; 1.0 unless the parser misreads the grammar)}.
+    """
+    import torch
+
+    from uniperceiver_v2.metrics.captioning import caption_metrics
+    from uniperceiver_v2.metrics.retrieval import retrieval_recall
+
+    data = read_split(root_or_cfg, split)
+    texts = [caption for captions in data.captions for caption in captions]
+    text_to_image = [i for i, captions in enumerate(data.captions) for _ in captions]
+    scores = score_matrix(data.scenes, texts)
+    num_claims = np.array([len(parse_claims(text)) for text in texts])
+    failed = num_claims[None, :] - scores
+    own = scores[text_to_image, np.arange(len(texts))]
+    references = dict(zip(data.image_ids, data.captions))
+    return {
+        "split": split,
+        "num_images": len(data.image_ids),
+        "num_texts": len(texts),
+        "retrieval_oracle": retrieval_recall(torch.from_numpy(tie_broken(scores, seed)), text_to_image, KS),
+        "retrieval_oracle_ties_against": retrieval_recall(torch.from_numpy(scores.astype(np.float64)),
+                                                          text_to_image, KS),
+        "retrieval_oracle_held_minus_failed": retrieval_recall(torch.from_numpy(tie_broken(scores - failed, seed)),
+                                                               text_to_image, KS),
+        "chance": chance_recall(text_to_image, len(data.image_ids)),
+        "captioning_reference_agreement": reference_agreement(references),
+        "captioning_grammar_caption": _mean([caption_metrics(grammar_captions(data, seed, draw), references)
+                                             for draw in range(grammar_draws)]),
+        "claims_per_caption": float(num_claims.mean()),
+        "claims_hold_own": float(np.mean(own == num_claims)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- printing
+def _model_results(path: str | None) -> dict[str, dict[str, float]]:
+    if path is None:
+        return {}
+    record = json.loads(Path(path).read_text())
+    return record.get("results", record)
+
+
+def _cell(value: float | None) -> str:
+    return f"{value:>8.3f}" if value is not None else f"{'-':>8}"
+
+
+def print_table(result: dict[str, Any], model: dict[str, dict[str, float]] | None = None, out=None) -> None:
+    """The ceilings as a small table, with a model's evaluation results (task -> metrics) below each block."""
+    model, out = model or {}, out or sys.stdout
+    print(f"split {result['split']}: {result['num_images']} images, {result['num_texts']} captions; "
+          f"{result['claims_per_caption']:.2f} claims per caption, all true of the own image for "
+          f"{100 * result['claims_hold_own']:.1f} %", file=out)
+    header = "".join(f"{f'R@{k}':>8}" for k in KS)
+    print(f"\n{'retrieval':<44}{'image -> text':^24}  {'text -> image':^24}", file=out)
+    print(f"{'':<44}{header}  {header}", file=out)
+    rows = [("attribute oracle, ties at random", result["retrieval_oracle"]),
+            ("attribute oracle, ties against", result["retrieval_oracle_ties_against"]),
+            ("oracle, held minus failed, ties at random", result["retrieval_oracle_held_minus_failed"]),
+            ("chance", result["chance"])]
+    if "i2t_R@1" in model.get("retrieval", {}):
+        rows.append(("model", model["retrieval"]))
+    for label, row in rows:
+        cells = ["".join(_cell(row.get(f"{d}_R@{k}")) for k in KS) for d in ("i2t", "t2i")]
+        print(f"{label:<44}{cells[0]}  {cells[1]}", file=out)
+    metrics = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr")
+    print(f"\n{'captioning':<44}" + "".join(f"{m:>8}" for m in metrics), file=out)
+    rows = [("a reference vs the other 4 (leave-one-out)", result["captioning_reference_agreement"]),
+            ("grammar caption of the scene vs all 5", result["captioning_grammar_caption"])]
+    if "BLEU-4" in model.get("captioning", {}):
+        rows.append(("model vs all 5", model["captioning"]))
+    for label, row in rows:
+        print(f"{label:<44}" + "".join(_cell(row.get(m)) for m in metrics), file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m uniperceiver_v2.bench ceiling",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="tiny", help="preset or YAML (default: tiny); data.* sets the suite")
+    parser.add_argument("--split", default=None, help="split name (default: the config's data.test_split)")
+    parser.add_argument("--seed", type=int, default=0, help="tie-break jitter and grammar captions (default 0)")
+    parser.add_argument("--results", default=None, help="an evaluate JSON whose numbers to print alongside")
+    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    args = parser.parse_intermixed_args(argv)
+
+    from uniperceiver_v2.config import load_config
+    from uniperceiver_v2.data.summary import DataError
+
+    cfg = load_config(args.config, args.overrides)
+    split = args.split or cfg.data.test_split
+    d = cfg.data
+    # Generate the quick suite only where nothing is: ensure_data would regenerate a suite of another profile.
+    if not d.path(d.caption_annotations, split).is_file() and not (Path(d.root) / "manifest.json").is_file():
+        from uniperceiver_v2.engine.data_setup import ensure_data
+
+        ensure_data(cfg)
+    try:
+        result = ceilings(cfg, split, args.seed)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"data.root {d.root}", end="; ")
+    print_table(result, _model_results(args.results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
