@@ -146,7 +146,7 @@ def test_real_model_retrieval_gathers_the_global_batch_of_negatives(tmp_path):
     and the text encoder frozen, i.e. without dropout, so the model is deterministic)."""
     config = {"tasks.classification.enabled": False, "tasks.mlm.enabled": False, "run.iterations": 3,
               "run.ckpt_every": 0, "tasks.retrieval.gather": True, "decoder.moe.noise_std": 0.0,
-              "text_encoder.freeze": True, "optim.lr": 1e-3}
+              "text_encoder.freeze": True, "optim.lr": 1e-3, "run.precision": "fp32"}
     batch = 2
     result = launch(tmp_path / "two", {"setup": "real_retrieval", "float32": True,
                                        "config": {**config, "tasks.retrieval.batch_size": batch}})

@@ -152,6 +152,8 @@ def toy_config(tmp_path, **overrides):
         "run.seed": 3, "optim.lr": 1e-2, "optim.warmup_iters": 2, "optim.decay_at": [0.75],
         "tasks.classification.batch_size": 4, "tasks.mlm.batch_size": 4, "tasks.retrieval.batch_size": 4,
         "tasks.classification.loss_weight": 1.0, "tasks.mlm.loss_weight": 0.5, "tasks.retrieval.loss_weight": 2.0,
+        # exact arithmetic: these tests compare steps that are equal in float32 (bf16 rounding would blur them)
+        "run.precision": "fp32",
     }
     settings.update(overrides)
     return apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in settings.items()])

@@ -109,6 +109,9 @@ class TextEncoderConfig:
     pretrained: bool = True                    # False: same architecture, random init (Tab. 5 ablation)
     lr_mult: float = 0.1                       # "the learning rate of modality-specific encoders is multiplied by 0.1"
     freeze: bool = False
+    # with freeze: keep the features of fixed candidate targets (class names, vocabulary words), which a frozen
+    # encoder always computes the same, instead of encoding them again at every step
+    cache_targets: bool = True
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -275,7 +278,7 @@ class OptimConfig:
 # The run
 # --------------------------------------------------------------------------------------------------------------
 SAMPLINGS = ("unmixed", "mixed")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
 @dataclass
@@ -285,6 +288,8 @@ class RunConfig:
     seed: int = 0
     output_dir: str = "runs/default"
     device: str = "auto"                       # "auto" = cuda if available else cpu
+    # autocast dtype; "auto" = bf16 where the device multiplies bf16 natively (a CPU with AVX-512 BF16 or AMX, a
+    # GPU with bf16 support), else fp32 (``engine.runtime.resolve_precision``)
     precision: str = "fp32"
     grad_accum: int = 1
     log_every: int = 10
@@ -630,7 +635,11 @@ def _tiny() -> Config:
             backbone="tiny_convnet", backbone_channels=[32, 64, 128, 192], hidden_dim=64, enc_layers=2,
             dec_layers=2, dim_feedforward=128, nheads=4, num_queries=30, topk_queries=20, dn_num_queries=20,
             mask_points=28 * 28, mask_pool_size=14, num_global_pools=4),
-        text_encoder=TextEncoderConfig(max_length=24),
+        # Speed on a CPU (docs/benchmarks.md, "Training speed"): the pre-trained MiniLM stays frozen (no backward
+        # through it, no optimizer state for its 22.7 M weights; the paper fine-tunes its text encoder with lr x0.1,
+        # text_encoder.freeze=false restores that), and run.precision="auto" trains under bfloat16 autocast where
+        # the CPU has native bf16 matrix products (run.precision=fp32 switches it off).
+        text_encoder=TextEncoderConfig(max_length=24, freeze=True),
         decoder=DecoderConfig(width=128, depth=3, heads=4, ffn_dim=256, drop_path=0.0, max_positions=256),
         tasks=TasksConfig(
             classification=ClassificationTaskConfig(sampling_weight=0.2, loss_weight=1.0, batch_size=32),
@@ -643,7 +652,7 @@ def _tiny() -> Config:
         # lr 1e-3 with batches of 16 collapsed every representation to one vector within ~30 iterations (loss at
         # ln |Y|, docs/benchmarks.md "The collapse of the tiny model"); 3e-4 with batches of 32 learns.
         optim=OptimConfig(lr=3e-4, weight_decay=1e-4, warmup_iters=20),
-        run=RunConfig(iterations=200, output_dir="runs/tiny"),
+        run=RunConfig(iterations=200, output_dir="runs/tiny", precision="auto"),
     )
 
 

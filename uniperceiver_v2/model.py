@@ -267,10 +267,14 @@ class UniPerceiverV2(nn.Module):
         if not names:
             raise ValueError(f"{task}: the list of class names is empty")
 
+        def representations(idx: torch.Tensor) -> torch.Tensor:
+            subset = tuple(names[i] for i in idx.tolist())
+            features, mask = self.text_encoder.target_features(("texts", subset), lambda: self.encode_texts(subset))
+            return self.text_feature_representations(features, mask, task, is_input=False)[0]
+
         def compute() -> torch.Tensor:
-            return encode_sharded(lambda idx: self.text_representations([names[i] for i in idx.tolist()],
-                                                                        task, is_input=False)[0],
-                                  len(names), self._shard_targets(), self.width, self.decoder.spe_token)
+            return encode_sharded(representations, len(names), self._shard_targets(), self.width,
+                                  self.decoder.spe_token)
 
         return self._cached((task, "class_names", names), compute)
 

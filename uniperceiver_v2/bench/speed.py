@@ -13,6 +13,12 @@ decoder (summed over calls), the rest of the forward (losses, matching, target e
 step, and what is left (gradient norm, zero_grad, logging).
 
 Run it with one torch thread (``OMP_NUM_THREADS=1``, as the small reproduction trains) and nothing else on the core.
+
+    python -m uniperceiver_v2.bench speed --runs OLD_RUN NEW_RUN [--at 100 200 400] [--window 50] [--plot FILE]
+
+compares the learning of two training runs of the two configs (same seed and data): per task, the mean training
+loss over the ``window`` iterations up to each iteration of ``--at`` (from each run's ``metrics.jsonl``), and
+the new / old ratio; ``--plot`` draws both runs' per-task curves.
 """
 
 from __future__ import annotations
@@ -177,15 +183,82 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, dict[str, float]]
     return rows
 
 
+def loss_table(old_run: str, new_run: str, at: tuple[int, ...] = (100, 200, 400), window: int = 50,
+               out=sys.stdout) -> dict[str, dict[int, tuple[float, float]]]:
+    """Per task and iteration t of ``at``: (old, new) mean training loss of the records in (t - window, t]."""
+    from pathlib import Path
+
+    from uniperceiver_v2.engine.logging import read_metrics
+
+    records = {label: read_metrics(Path(run) / "metrics.jsonl") for label, run in (("old", old_run), ("new", new_run))}
+    tasks = sorted({r["task"] for r in records["old"]} & {r["task"] for r in records["new"]})
+    table: dict[str, dict[int, tuple[float, float]]] = {}
+    print(f"mean training loss over the {window} iterations up to each point; old: {old_run}, new: {new_run}", file=out)
+    print(f"{'task':<16}" + "".join(f"{f'it {t} old':>13}{'new':>8}{'new/old':>9}" for t in at), file=out)
+    for task in tasks:
+        table[task] = {}
+        cells = []
+        for t in at:
+            means = []
+            for label in ("old", "new"):
+                values = [r["loss"] for r in records[label]
+                          if r["task"] == task and t - window < r["iteration"] <= t and r.get("loss") is not None]
+                if not values:
+                    raise ValueError(f"{label} run: no {task} record in iterations ({t - window}, {t}]")
+                means.append(statistics.fmean(values))
+            table[task][t] = (means[0], means[1])
+            cells.append(f"{means[0]:>13.3f}{means[1]:>8.3f}{means[1] / means[0]:>9.3f}")
+        print(f"{task:<16}" + "".join(cells), file=out)
+    return table
+
+
+def plot_runs(old_run: str, new_run: str, path: str, smooth: int = 5) -> None:
+    """Both runs' per-task training losses, one panel per task, old dashed and new solid."""
+    from pathlib import Path
+
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from uniperceiver_v2.engine.logging import read_metrics
+
+    records = {label: read_metrics(Path(run) / "metrics.jsonl") for label, run in (("old", old_run), ("new", new_run))}
+    tasks = sorted({r["task"] for r in records["old"]})
+    fig = Figure(figsize=(3.2 * len(tasks), 2.8), layout="constrained")
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
+        for label, style in (("old", "--"), ("new", "-")):
+            points = np.array([(r["iteration"], r["loss"]) for r in records[label] if r["task"] == task])
+            kernel = np.ones(min(smooth, len(points))) / min(smooth, len(points))
+            ax.plot(points[:, 0], np.convolve(points[:, 1], kernel, mode="same"), style, label=label)
+        ax.set_title(task)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("training loss")
+    axes[0].legend()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m uniperceiver_v2.bench speed",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--old", required=True, help="preset or YAML of the reference config")
-    parser.add_argument("--new", required=True, help="preset or YAML of the config to compare with it")
+    parser.add_argument("--old", help="preset or YAML of the reference config")
+    parser.add_argument("--new", help="preset or YAML of the config to compare with it")
+    parser.add_argument("--runs", nargs=2, metavar=("OLD_RUN", "NEW_RUN"),
+                        help="compare the training losses of two finished runs instead of timing")
+    parser.add_argument("--at", nargs="+", type=int, default=[100, 200, 400], help="iterations to compare losses at")
+    parser.add_argument("--window", type=int, default=50, help="iterations averaged up to each --at point")
+    parser.add_argument("--plot", help="with --runs: a PNG of both runs' per-task curves")
     parser.add_argument("--iterations", type=int, default=40, help="timed iterations (default 40)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides applied to both configs")
     args = parser.parse_intermixed_args(argv)
+    if args.runs:
+        loss_table(*args.runs, at=tuple(args.at), window=args.window)
+        if args.plot:
+            plot_runs(*args.runs, args.plot)
+        return 0
+    if not (args.old and args.new):
+        parser.error("give --old and --new (or --runs OLD_RUN NEW_RUN)")
     if args.iterations < 1 or args.warmup < 0:
         parser.error("--iterations must be >= 1 and --warmup >= 0")
     run(args)

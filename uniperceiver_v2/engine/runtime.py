@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import ConfigError
 
-__all__ = ["evaluation_mode", "move_to_device", "resolve_device"]
+__all__ = ["evaluation_mode", "move_to_device", "native_bf16", "resolve_device", "resolve_precision"]
 
 
 def resolve_device(device: str, default: torch.device | None = None, key: str = "run.device") -> torch.device:
@@ -34,6 +34,31 @@ def resolve_device(device: str, default: torch.device | None = None, key: str = 
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{key}: {device!r} but CUDA is not available; use 'auto' or 'cpu'")
     return resolved
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices natively: a CUDA device with bf16 support, or a CPU whose
+    flags (``/proc/cpuinfo``) include AVX-512 BF16 or AMX-BF16. Elsewhere bf16 autocast is emulated and slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``run.precision`` for ``device``: "auto" becomes "bf16" where :func:`native_bf16` holds, else "fp32"."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:

@@ -54,7 +54,7 @@ from .data_setup import TaskStream
 from .distributed import get_rank, get_world_size, init_distributed, is_distributed
 from .logging import MetricWriter, WindowAverages, json_safe
 from .optim import MTAdamW, build_param_groups
-from .runtime import move_to_device, resolve_device
+from .runtime import move_to_device, resolve_device, resolve_precision
 from .sampling import MixedTaskSampler, UnmixedTaskSampler
 from .schedule import WarmupStepSchedule, build_lr_scheduler
 
@@ -139,8 +139,10 @@ def _git_commit() -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-def write_run_files(cfg: Config, output_dir: Path, argv: list[str] | None, resumed_from: int | None) -> None:
-    """``config.yaml`` (the full config used) and ``run_info.json`` (command, git commit, seed, start time).
+def write_run_files(cfg: Config, output_dir: Path, argv: list[str] | None, resumed_from: int | None,
+                    precision: str | None = None) -> None:
+    """``config.yaml`` (the full config used) and ``run_info.json`` (command, git commit, seed, start time, the
+    autocast precision ``run.precision`` resolved to on this machine).
 
     ``argv``: the arguments of ``python -m uniperceiver_v2.train`` (recorded as that command; under torchrun
     ``world_size`` says how many processes ran it), or None for this process's own ``sys.argv``.
@@ -158,6 +160,7 @@ def write_run_files(cfg: Config, output_dir: Path, argv: list[str] | None, resum
         "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
         "resumed_from_iteration": resumed_from,
         "config_hash": cfg.hash(),
+        "precision": precision or cfg.run.precision,
         "torch_version": torch.__version__,
         "hostname": os.uname().nodename,
     }
@@ -270,10 +273,11 @@ class Trainer:
         self.argv = argv
 
         run = cfg.run
-        if run.precision == "fp16" and self.device.type != "cuda":
+        self.precision = resolve_precision(run.precision, self.device)
+        if self.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("run.precision: fp16 needs a CUDA device; use bf16 (or fp32) on the CPU")
-        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[run.precision]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=run.precision == "fp16")
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         self.model = model.to(self.device)
         self.tasks = {name: tasks[name] for name in self.task_names}
@@ -502,7 +506,7 @@ class Trainer:
         """Train from ``self.iteration`` to ``run.iterations`` (see the module docstring)."""
         run = self.cfg.run
         if self.rank == 0:
-            write_run_files(self.cfg, self.output_dir, self.argv, self.resumed_from)
+            write_run_files(self.cfg, self.output_dir, self.argv, self.resumed_from, self.precision)
             self._writer = MetricWriter(self.output_dir, tensorboard=self.tensorboard,
                                         resume_iteration=self.resumed_from)
         previous_handlers = self._install_signal_handlers()

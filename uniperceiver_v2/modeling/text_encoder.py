@@ -11,6 +11,7 @@ the user provides. ``text_encoder.pretrained=false`` keeps the architecture and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -79,7 +80,8 @@ class TextEncoder(nn.Module):
             ``cfg.path`` and ``cfg.pretrained`` are not used. ``from_hf_config`` builds them from a transformers
             config (e.g. a small random ``BertConfig`` in tests).
 
-    With ``cfg.freeze`` the language model gets no gradients and stays in eval mode (no dropout).
+    With ``cfg.freeze`` the language model gets no gradients and stays in eval mode (no dropout), and with
+    ``cfg.cache_targets`` the features of candidate targets are kept (:meth:`target_features`).
     """
 
     def __init__(self, cfg: TextEncoderConfig, *, language_model: PreTrainedModel | None = None,
@@ -100,6 +102,25 @@ class TextEncoder(nn.Module):
         if cfg.freeze:
             self.model.requires_grad_(False)
             self.model.eval()
+        self._target_features: dict[tuple, torch.Tensor] = {}
+        self.register_load_state_dict_post_hook(lambda module, _: module._target_features.clear())
+
+    def target_features(self, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``compute()``, the features of fixed candidate targets (class names, vocabulary words) named by ``key``.
+
+        A frozen encoder (``cfg.freeze``) always gives the same features for the same texts, so with
+        ``cfg.cache_targets`` they are computed once per device and autocast dtype and kept (cleared when weights
+        are loaded); otherwise ``compute()`` runs every time, with gradients where the encoder trains.
+        """
+        if not (self.cfg.freeze and self.cfg.cache_targets):
+            return compute()
+        device = next(self.model.parameters()).device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        full_key = (key, str(device), dtype)
+        if full_key not in self._target_features:
+            with torch.no_grad():
+                self._target_features[full_key] = compute()
+        return self._target_features[full_key]
 
     @classmethod
     def from_hf_config(cls, hf_config: PretrainedConfig, tokenizer,
@@ -188,10 +209,14 @@ class TextEncoder(nn.Module):
         start, end = self._boundary_ids()
         device = next(self.model.parameters()).device
         token_ids = token_ids.to(device)
-        features = []
-        for chunk in token_ids.split(_ENCODE_CHUNK):
-            ids = torch.stack([torch.full_like(chunk, start), chunk, torch.full_like(chunk, end)], dim=1)  # (n, 3)
-            features.append(self(ids, torch.ones_like(ids))[:, 1])
-        if not features:
-            return torch.zeros(0, self.hidden_size, device=device)
-        return torch.cat(features)
+
+        def compute() -> torch.Tensor:
+            features = []
+            for chunk in token_ids.split(_ENCODE_CHUNK):
+                ids = torch.stack([torch.full_like(chunk, start), chunk, torch.full_like(chunk, end)], dim=1)  # (n, 3)
+                features.append(self(ids, torch.ones_like(ids))[:, 1])
+            if not features:
+                return torch.zeros(0, self.hidden_size, device=device)
+            return torch.cat(features)
+
+        return self.target_features(("tokens", tuple(token_ids.tolist())), compute)

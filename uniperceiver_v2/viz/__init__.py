@@ -24,7 +24,8 @@ Conventions (every module):
 | ``tables`` | result tables and ablations next to the paper's |
 """
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, class_color, subplots, to_display_image, to_numpy
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .base import class_color, subplots, to_display_image, to_numpy
 from .curves import plot_curves
 from .decoder import plot_attribute_bits, plot_expert_load, plot_expert_usage
 from .evaluation import plot_topk_predictions, show_text_retrieval
