@@ -220,6 +220,7 @@ def plot_runs(old_run: str, new_run: str, path: str, smooth: int = 5) -> None:
     from matplotlib.figure import Figure
 
     from uniperceiver_v2.engine.logging import read_metrics
+    from uniperceiver_v2.viz.curves import moving_average
 
     records = {label: read_metrics(Path(run) / "metrics.jsonl") for label, run in (("old", old_run), ("new", new_run))}
     tasks = sorted({r["task"] for r in records["old"]})
@@ -228,8 +229,7 @@ def plot_runs(old_run: str, new_run: str, path: str, smooth: int = 5) -> None:
     for ax, task in zip(axes, tasks):
         for label, style in (("old", "--"), ("new", "-")):
             points = np.array([(r["iteration"], r["loss"]) for r in records[label] if r["task"] == task])
-            kernel = np.ones(min(smooth, len(points))) / min(smooth, len(points))
-            ax.plot(points[:, 0], np.convolve(points[:, 1], kernel, mode="same"), style, label=label)
+            ax.plot(points[:, 0], moving_average(points[:, 1], smooth), style, label=label)
         ax.set_title(task)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)

@@ -15,7 +15,7 @@ from .base import (
 )
 
 
-def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     """Mean over the last ``window`` points (fewer at the start), so the curve keeps its first point."""
     if window <= 1:
         return values
@@ -63,7 +63,7 @@ def plot_curves(log_path_or_records: str | Path | Sequence[Mapping[str, Any]], k
                 series.setdefault(group, []).append((float(record["iteration"]), float(record[key])))
         for group in sorted(series):
             points = np.asarray(sorted(series[group]))
-            ax.plot(points[:, 0], _moving_average(points[:, 1], smooth), label=group, linewidth=1.2)
+            ax.plot(points[:, 0], moving_average(points[:, 1], smooth), label=group, linewidth=1.2)
         if not series:
             ax.text(0.5, 0.5, f"no records with '{key}'", transform=ax.transAxes, ha="center", va="center")
         if logy and series:
