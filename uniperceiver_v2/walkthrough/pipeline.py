@@ -69,7 +69,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "preset": "tiny",
         "iterations": 2000,               # with the backbone's pre-training, about an hour on 2 CPU cores
         "backbone_iterations": 800,
-        "ablation_iterations": 400,       # notebook 09: batches per ablation run (8 runs, about an hour)
+        "ablation_iterations": 400,       # notebook 09: batches per ablation run (9 runs)
         "nproc": 1,
         "device": "auto",
         "seed": 0,
