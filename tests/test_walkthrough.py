@@ -504,3 +504,19 @@ def test_an_interrupt_is_forwarded_once_and_re_raised(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         walkthrough.stream_command([sys.executable, "-c", child], emit=interrupt_on_first_line)
     assert marker.read_text() == "SIGINT\n"
+
+
+def test_ceiling_table_puts_the_model_next_to_the_oracle_and_the_references():
+    results = {"retrieval": {"i2t_R@1": 0.25, "t2i_R@1": 0.125}, "captioning": {"BLEU-4": 0.2, "CIDEr": 0.5}}
+    ceiling = {"retrieval_oracle": {"i2t_R@1": 0.7, "t2i_R@1": 0.5},
+               "chance": {"i2t_R@1": 0.002, "t2i_R@1": 0.002},
+               "captioning_reference_agreement": {"BLEU-4": 0.25, "CIDEr": 0.9},
+               "captioning_grammar_caption": {"BLEU-4": 0.4, "CIDEr": 1.3}}
+    table = walkthrough.ceiling_table(results, ceiling)
+    rows = {(row[0], row[3]): row for row in table["rows"]}
+    assert table["columns"][:3] == ["metric", "model", "ceiling"]
+    assert rows[("retrieval R@1 image->text", table["rows"][0][3])][1:3] == [25.0, 70.0]
+    assert [row[1:3] for row in table["rows"] if row[0] == "captioning CIDEr"] == [[50.0, 90.0], [50.0, 130.0]]
+    assert table["rows"][1][4] == 0.2                                    # chance of text->image R@1, x100
+    no_captioning = walkthrough.ceiling_table({"retrieval": results["retrieval"]}, ceiling)
+    assert all(row[1] is None for row in no_captioning["rows"] if row[0].startswith("captioning"))

@@ -20,6 +20,7 @@ other modules by name (``from uniperceiver_v2.walkthrough import gating``).
 from .novel import best_proposal_logits, category_exposure, novel_ap_table, novel_category_names, per_category_table
 from .results import (
     RetrievalExamples,
+    ceiling_table,
     chance_levels,
     distinct_detections,
     fill_mask_examples,
@@ -52,6 +53,7 @@ from .runs import (
 )
 
 __all__ = [
+    "ceiling_table",
     "CONSOLE_LOG", "ProgressFilter", "RetrievalExamples", "TrainingFailed", "TrainingStatus",
     "best_proposal_logits", "category_exposure", "chance_levels", "config_of_command", "default_log_every",
     "distinct_detections", "fill_mask_examples", "loss_summary", "lr_records", "mask_one_word", "metrics_table",

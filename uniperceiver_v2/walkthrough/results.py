@@ -256,3 +256,28 @@ def fill_mask_examples(model, sentences: Sequence[str], count: int, seed: int = 
         rows.append([text, truth, ", ".join(f"{c['token']} ({c['score']:.2f})" for c in candidates),
                      candidates[0]["token"] == truth])
     return {"columns": ["masked sentence", "hidden word", f"top-{top_k} predictions", "hit@1"], "rows": rows}
+
+
+def ceiling_table(results: Mapping[str, Mapping[str, Any]], ceiling: Mapping[str, Any]) -> dict[str, list]:
+    """The model's retrieval and captioning numbers (x100) next to what the data allows (``bench.ceiling``).
+
+    Args:
+        results: ``evaluate``'s task -> metrics of one split.
+        ceiling: ``bench.ceiling.ceilings`` of the same split.
+
+    Returns:
+        ``{"columns": ["metric", "model", "ceiling", "ceiling is", "chance"], "rows": [...]}``; a metric the model was
+        not evaluated on is None.
+    """
+    oracle = "attribute oracle (category, colour, size, background)"
+    rows = []
+    for key, name in (("i2t_R@1", "retrieval R@1 image->text"), ("t2i_R@1", "retrieval R@1 text->image")):
+        rows.append([name, _percent(results.get("retrieval", {}).get(key)),
+                     _percent(ceiling["retrieval_oracle"][key]), oracle, _percent(ceiling["chance"][key])])
+    for key in ("BLEU-4", "CIDEr"):
+        model = results.get("captioning", {}).get(key)
+        rows.append([f"captioning {key}", _percent(model), _percent(ceiling["captioning_reference_agreement"][key]),
+                     "one reference against the others", None])
+        rows.append([f"captioning {key}", _percent(model), _percent(ceiling["captioning_grammar_caption"][key]),
+                     "the grammar's caption of the true scene", None])
+    return {"columns": ["metric", "model", "ceiling", "ceiling is", "chance"], "rows": rows}
