@@ -57,3 +57,26 @@ def test_instrumenting_a_trainer_changes_nothing_it_computes(synthetic_root):
             losses[-1].append(weights)
     assert losses[0][:2] == losses[1][:2]
     assert torch.equal(losses[0][2], losses[1][2])
+
+
+def test_loss_table_averages_the_windows_of_each_side_and_reports_the_seed_spread(tmp_path):
+    import json
+
+    def run(name, losses):
+        folder = tmp_path / name
+        folder.mkdir()
+        records = [{"kind": "train", "iteration": it, "task": "mlm", "loss": loss} for it, loss in losses]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return str(folder)
+
+    old_a = run("old_a", [(10, 4.0), (20, 3.0), (30, 2.0)])
+    old_b = run("old_b", [(10, 5.0), (20, 4.0), (30, 3.0)])
+    new = run("new", [(10, 4.0), (20, 2.0), (30, 1.0)])
+    out = io.StringIO()
+    table = speed.loss_table(f"{old_a},{old_b}", new, at=(20, 30), window=15, out=out)
+    # window (5, 20]: old runs 3.5 and 4.5 -> 4.0, spread 1.0; new 3.0.  (15, 30]: old 2.5 / 3.5, new 1.5
+    assert table["mlm"][20] == pytest.approx({"old": 4.0, "new": 3.0, "old_spread": 1.0})
+    assert table["mlm"][30] == pytest.approx({"old": 3.0, "new": 1.5, "old_spread": 1.0})
+    assert "0.750" in out.getvalue() and "0.500" in out.getvalue()       # new / old
+    with pytest.raises(ValueError, match="no mlm record"):
+        speed.loss_table(old_a, new, at=(100,), window=10, out=io.StringIO())

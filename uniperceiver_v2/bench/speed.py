@@ -14,11 +14,13 @@ step, and what is left (gradient norm, zero_grad, logging).
 
 Run it with one torch thread (``OMP_NUM_THREADS=1``, as the small reproduction trains) and nothing else on the core.
 
-    python -m uniperceiver_v2.bench speed --runs OLD_RUN NEW_RUN [--at 100 200 400] [--window 50] [--plot FILE]
+    python -m uniperceiver_v2.bench speed --runs OLD_RUN[,OLD_RUN2] NEW_RUN[,NEW_RUN2] [--at 100 200 400]
+        [--window 50] [--plot FILE]
 
-compares the learning of two training runs of the two configs (same seed and data): per task, the mean training
-loss over the ``window`` iterations up to each iteration of ``--at`` (from each run's ``metrics.jsonl``), and
-the new / old ratio; ``--plot`` draws both runs' per-task curves.
+compares the learning of training runs of the two configs (same seeds and data): per task, the mean training
+loss over the ``window`` iterations up to each iteration of ``--at`` (from each run's ``metrics.jsonl``, averaged
+over the runs of a side), the new / old ratio, and the spread between the old runs (their seed noise); ``--plot``
+draws the first run of each side's per-task curves.
 """
 
 from __future__ import annotations
@@ -183,31 +185,49 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, dict[str, float]]
     return rows
 
 
-def loss_table(old_run: str, new_run: str, at: tuple[int, ...] = (100, 200, 400), window: int = 50,
-               out=sys.stdout) -> dict[str, dict[int, tuple[float, float]]]:
-    """Per task and iteration t of ``at``: (old, new) mean training loss of the records in (t - window, t]."""
+def _window_mean(records: list[dict], task: str, end: int, window: int, source: str) -> float:
+    values = [r["loss"] for r in records
+              if r.get("task") == task and end - window < r["iteration"] <= end and r.get("loss") is not None]
+    if not values:
+        raise ValueError(f"{source}: no {task} record in iterations ({end - window}, {end}]")
+    return statistics.fmean(values)
+
+
+def loss_table(old_runs: str, new_runs: str, at: tuple[int, ...] = (100, 200, 400), window: int = 50,
+               out=sys.stdout) -> dict[str, dict[int, dict[str, float]]]:
+    """Per task and iteration t of ``at``: the mean training loss of the records in (t - window, t] of each run.
+
+    ``old_runs`` / ``new_runs`` are run folders, several separated by commas (e.g. two seeds), whose window means
+    are averaged; with several old runs, "old spread" is the largest minus the smallest of them (the seed noise).
+
+    Returns:
+        task -> t -> {"old", "new", "old_spread"}.
+    """
     from pathlib import Path
 
     from uniperceiver_v2.engine.logging import read_metrics
 
-    records = {label: read_metrics(Path(run) / "metrics.jsonl") for label, run in (("old", old_run), ("new", new_run))}
-    tasks = sorted({r["task"] for r in records["old"]} & {r["task"] for r in records["new"]})
-    table: dict[str, dict[int, tuple[float, float]]] = {}
-    print(f"mean training loss over the {window} iterations up to each point; old: {old_run}, new: {new_run}", file=out)
-    print(f"{'task':<16}" + "".join(f"{f'it {t} old':>13}{'new':>8}{'new/old':>9}" for t in at), file=out)
+    runs = {label: [Path(run) for run in spec.split(",")] for label, spec in (("old", old_runs), ("new", new_runs))}
+    records = {label: [(str(run), read_metrics(run / "metrics.jsonl")) for run in paths]
+               for label, paths in runs.items()}
+    tasks = sorted(set.intersection(*({r["task"] for r in recs} for label in records for _, recs in records[label])))
+    table: dict[str, dict[int, dict[str, float]]] = {}
+    print(f"mean training loss over the {window} iterations up to each point, averaged over the runs of a side",
+          file=out)
+    print(f"old: {old_runs}\nnew: {new_runs}", file=out)
+    print(f"{'task':<16}" + "".join(f"{f'it {t} old':>13}{'new':>8}{'new/old':>9}{'old spread':>12}" for t in at),
+          file=out)
     for task in tasks:
         table[task] = {}
         cells = []
         for t in at:
-            means = []
-            for label in ("old", "new"):
-                values = [r["loss"] for r in records[label]
-                          if r["task"] == task and t - window < r["iteration"] <= t and r.get("loss") is not None]
-                if not values:
-                    raise ValueError(f"{label} run: no {task} record in iterations ({t - window}, {t}]")
-                means.append(statistics.fmean(values))
-            table[task][t] = (means[0], means[1])
-            cells.append(f"{means[0]:>13.3f}{means[1]:>8.3f}{means[1] / means[0]:>9.3f}")
+            means = {label: [_window_mean(recs, task, t, window, source) for source, recs in records[label]]
+                     for label in ("old", "new")}
+            row = {"old": statistics.fmean(means["old"]), "new": statistics.fmean(means["new"]),
+                   "old_spread": max(means["old"]) - min(means["old"])}
+            table[task][t] = row
+            cells.append(f"{row['old']:>13.3f}{row['new']:>8.3f}{row['new'] / row['old']:>9.3f}"
+                         f"{row['old_spread']:>12.3f}")
         print(f"{task:<16}" + "".join(cells), file=out)
     return table
 
@@ -243,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--old", help="preset or YAML of the reference config")
     parser.add_argument("--new", help="preset or YAML of the config to compare with it")
-    parser.add_argument("--runs", nargs=2, metavar=("OLD_RUN", "NEW_RUN"),
-                        help="compare the training losses of two finished runs instead of timing")
+    parser.add_argument("--runs", nargs=2, metavar=("OLD_RUNS", "NEW_RUNS"),
+                        help="compare the training losses of finished runs instead of timing (each side a run "
+                             "folder, or several separated by commas, e.g. two seeds, averaged)")
     parser.add_argument("--at", nargs="+", type=int, default=[100, 200, 400], help="iterations to compare losses at")
     parser.add_argument("--window", type=int, default=50, help="iterations averaged up to each --at point")
     parser.add_argument("--plot", help="with --runs: a PNG of both runs' per-task curves")
@@ -255,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs:
         loss_table(*args.runs, at=tuple(args.at), window=args.window)
         if args.plot:
-            plot_runs(*args.runs, args.plot)
+            plot_runs(*(spec.split(",")[0] for spec in args.runs), args.plot)
         return 0
     if not (args.old and args.new):
         parser.error("give --old and --new (or --runs OLD_RUN NEW_RUN)")
