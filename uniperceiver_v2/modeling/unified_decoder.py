@@ -128,6 +128,38 @@ def _linear(layer: nn.Module, x: torch.Tensor, decision: GateDecision | None) ->
     return layer(x.reshape(B * T, -1), decision).reshape(B, T, -1)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d_head) masked) v, as ``F.scaled_dot_product_attention`` computes it.
+
+    q, k, v: (B, heads, T, d_head); mask: (B or 1, 1, T, T) bool, True = may attend, or None. A query that may
+    attend to nothing gets zeros, as from ``scaled_dot_product_attention``.
+
+    On the CPU in bfloat16 / float16 (under autocast) the scores are formed explicitly, with the softmax in float32:
+    PyTorch's fused CPU kernel is 3-6x slower there than in float32 for the decoder's short sequences (forward +
+    backward of (32, 4, 75, 32): 38 ms against 8 ms written out, docs/benchmarks.md "Training speed").
+    Elsewhere the fused kernel is used.
+    """
+    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return written_out_attention(q, k, v, mask, dropout_p)
+
+
+def written_out_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                          dropout_p: float = 0.0) -> torch.Tensor:
+    """:func:`attention` with the scores formed explicitly and the softmax in float32 (or float64 for float64)."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5                                # (B, h, T, T)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    if mask is not None:
+        weights = weights.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)               # rows with no key
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, dropout_p)
+    return weights.to(v.dtype) @ v
+
+
 class Attention(nn.Module):
     """Multi-head self-attention. With ``"attn"`` in decoder.moe.placement the qkv and output projections are
     expert banks; the output projection reuses the qkv projection's gate decision."""
@@ -157,8 +189,7 @@ class Attention(nn.Module):
         q, k, v = _linear(self.qkv, x, decision).split(d, dim=-1)                      # (B, T, d) each
         # (B, T, d) -> (B, heads, T, d / heads)
         q, k, v = (t.view(B, T, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)          # (B, h, T, d / h)
         y = y.transpose(1, 2).reshape(B, T, d)
         return self.proj_dropout(_linear(self.proj, y, decision)), decision
 
