@@ -22,7 +22,7 @@ def test_speed_prints_per_task_mix_and_parts_of_both_configs(synthetic_root, tmp
                               overrides=[f"data.root={synthetic_root}", *SMALL])
     out = io.StringIO()
     rows = speed.run(args, out=out)
-    tasks = set(rows) - {"mix"}
+    tasks = set(rows) - {"mix", "mix_expected"}
     assert tasks <= {"classification", "mlm", "retrieval"} and sum(rows[t]["iterations"] for t in tasks) == 4
     for task in tasks:
         row = rows[task]
@@ -31,8 +31,12 @@ def test_speed_prints_per_task_mix_and_parts_of_both_configs(synthetic_root, tmp
             parts = row[f"{label}_parts"]
             assert set(parts) == set(speed.PARTS) and all(value >= 0 for value in parts.values())
             assert parts["decoder"] > 0 and parts["backward"] > 0 and parts["optimizer"] > 0
-    # the frozen text encoder is still run forward by both; the mix is the mean over all timed iterations
+    # the mix: the mean over all timed iterations, and the medians weighted by the sampling ratios s_k
     assert rows["mix"]["ratio"] == pytest.approx(rows["mix"]["old_s"] / rows["mix"]["new_s"])
+    weights = {"classification": 0.2, "mlm": 0.1, "retrieval": 0.2}                      # the tiny preset's s_k
+    for label in ("old", "new"):
+        expected = sum(weights[t] * rows[t][f"{label}_s"] for t in tasks) / sum(weights[t] for t in tasks)
+        assert rows["mix_expected"][f"{label}_s"] == pytest.approx(expected)
     text = out.getvalue()
     mix_line = next(line for line in text.splitlines() if line.startswith("mix"))
     old_s, new_s, ratio = (float(x) for x in re.findall(r"\d+\.\d+", mix_line))

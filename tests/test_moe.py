@@ -298,3 +298,29 @@ def test_gate_parameters_are_named_gate():
     gate_names = [n for n in names if is_gate_parameter(n)]
     assert set(gate_names) == {f"gate.{n}" for n, _ in modules["gate"].named_parameters()}
     assert not any(is_gate_parameter(n) for n in ("fc.weight", "fc.bias", "blocks.0.ffn.fc1.weight"))
+
+
+@pytest.mark.parametrize("routing", DATA_INDEPENDENT)
+def test_per_condition_mixing_equals_dispatch_with_gradients(routing):
+    """Data-independent routings mix each condition's experts into one weight, in training too; outputs and every
+    gradient equal the dispatch computation (MoE eq. (4)) in float64."""
+    torch.manual_seed(0)
+    layer = MoELinear(E, D, 5).double()
+    torch.nn.init.normal_(layer.bias)
+    gate = ConditionalGate(D, moe_cfg(routing, noise_std=0.0)).double().train()
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    conditions = make_conditions()
+    assert len(gate(x, conditions).groups.rows) > 1
+    results = []
+    for forward in (layer._forward_per_condition, layer._forward_dispatch):
+        layer.zero_grad()
+        gate.zero_grad()
+        y = forward(x.reshape(-1, D), gate(x, conditions))
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        results.append((y.detach(), [p.grad.clone() for p in (*layer.parameters(), *gate.parameters())
+                                     if p.grad is not None]))
+    (y_mixed, g_mixed), (y_dispatch, g_dispatch) = results
+    torch.testing.assert_close(y_mixed, y_dispatch, rtol=1e-12, atol=1e-12)
+    assert len(g_mixed) == len(g_dispatch) > 2
+    for a, b in zip(g_mixed, g_dispatch):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -131,6 +131,9 @@ class MoEConfig:
     capacity_factor_train: float = 1.0         # token / context routing only
     capacity_factor_eval: float = 2.0
     balance_loss_weight: float = 0.01          # token / context routing only
+    # modality / task / attribute routing: mix each condition's experts into one weight (the same sum, fewer
+    # operations) instead of sending every token through its k experts; false = the per-token dispatch
+    mix_per_condition: bool = True
 
 
 @dataclass

@@ -7,7 +7,8 @@ Builds one trainer per config (same overrides, e.g. the data suite) and times ``
 iterations alternately, one step of the old config then the same step of the new one, so that a change in the
 machine's load hits both alike. The unmixed plan of the *new* config decides each iteration's task for both.
 Printed: per task the median seconds per iteration of each config and their ratio (old / new, > 1 = faster), the
-mix (mean seconds over all timed iterations, the quantity that decides a run's length), and for each config the
+mix (mean seconds over all timed iterations, the quantity that decides a run's length, and the per-task medians
+weighted by the sampling ratios s_k, what a long run averages to), and for each config the
 median time per part of the iteration: data (next batch), forward of the image encoder / text encoder / unified
 decoder (summed over calls), the rest of the forward (losses, matching, target encoding glue), backward, optimizer
 step, and what is left (gradient norm, zero_grad, logging).
@@ -140,6 +141,8 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, dict[str, float]]
     with tempfile.TemporaryDirectory() as old_dir, tempfile.TemporaryDirectory() as new_dir:
         trainers = {"old": _trainer(args.old, args.overrides, old_dir),
                      "new": _trainer(args.new, args.overrides, new_dir)}
+        sampling_weights = {task: trainers["new"].cfg.tasks.get(task).sampling_weight
+                            for task in trainers["new"].task_names}
         clocks = {label: _Clock() for label in labels}
         for label in labels:
             _instrument(trainers[label], clocks[label])
@@ -174,6 +177,15 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, dict[str, float]]
                    "ratio": mix["old"] / mix["new"]}
     print(f"{'mix (mean)':<16}{args.iterations:>6}{mix['old']:>10.3f}{mix['new']:>10.3f}{rows['mix']['ratio']:>9.2f}",
           file=out)
+    # The expected mix: each task's median weighted by its sampling ratio s_k (the timed iterations drew the tasks
+    # only approximately in those proportions).
+    weights = {task: sampling_weights[task] for task in totals}
+    total_weight = sum(weights.values())
+    expected = {label: sum(weights[t] * rows[t][f"{label}_s"] for t in weights) / total_weight for label in labels}
+    rows["mix_expected"] = {"iterations": args.iterations, "old_s": expected["old"], "new_s": expected["new"],
+                            "ratio": expected["old"] / expected["new"]}
+    print(f"{'mix (s_k-weighted)':<22}{expected['old']:>10.3f}{expected['new']:>10.3f}"
+          f"{rows['mix_expected']['ratio']:>9.2f}", file=out)
     print("\nmedian seconds per part of an iteration", file=out)
     print(f"{'task':<16}{'config':<7}" + "".join(f"{name:>14}" for name in PARTS), file=out)
     for task in sorted(parts):

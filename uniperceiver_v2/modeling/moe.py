@@ -472,20 +472,25 @@ class MoELinear(nn.Module):
     Args:
         num_experts: E.
         in_features, out_features: sizes of each expert's Linear.
+        mix_per_condition: compute data-independent decisions per condition (below) rather than by dispatch.
 
     Parameters:
         weight: (E, out_features, in_features); bias: (E, out_features).
 
-    Two ways to compute the same thing:
-      * dispatch (default, training and inference): the kept (token, expert) assignments are sorted by expert,
-        each expert computes only its tokens, and the weighted results are added back per token;
+    Three ways to compute the same thing:
+      * dispatch (data-dependent routings: token, context): the kept (token, expert) assignments are sorted by
+        expert, each expert computes only its tokens, and the weighted results are added back per token;
+      * per condition (data-independent routings: modality, task, attribute; training and inference): the
+        selected experts of each distinct condition are mixed into one dense weight, with gradients, and the
+        condition's tokens go through it;
       * merged (after ``merge_experts``, inference only, data-independent routings): one dense weight
         sum_e G_e W_e and bias sum_e G_e b_e per distinct condition, computed on first use and cached; tokens
         of each condition go through one dense Linear.
     """
 
-    def __init__(self, num_experts: int, in_features: int, out_features: int):
+    def __init__(self, num_experts: int, in_features: int, out_features: int, mix_per_condition: bool = True):
         super().__init__()
+        self.mix_per_condition = mix_per_condition
         self.num_experts = num_experts
         self.in_features = in_features
         self.out_features = out_features
@@ -514,7 +519,21 @@ class MoELinear(nn.Module):
         """x: (N, in_features) flattened tokens; decision: their gate decision. Returns (N, out_features)."""
         if self._merged is not None:
             return self._forward_merged(x, decision)
+        if decision.groups is not None and self.mix_per_condition:
+            return self._forward_per_condition(x, decision)
         return self._forward_dispatch(x, decision)
+
+    def _forward_per_condition(self, x: torch.Tensor, decision: GateDecision) -> torch.Tensor:
+        """A data-independent decision, in training too: every token of a condition has the same experts and gate
+        values, so (MoE eq. (4)) sum_e G_e (W_e x + b_e) = (sum_e G_e W_e) x + sum_e G_e b_e is one dense Linear
+        per condition, mixed here with gradients (U conditions x k experts of mixing instead of every token
+        through k experts, and no gather / scatter of the tokens' expert assignments)."""
+        mixed = []
+        for u in range(decision.group_indices.shape[0]):
+            experts, gate = decision.group_indices[u], decision.group_weights[u]               # (k,), (k,)
+            weight = torch.einsum("k,koi->oi", gate.to(self.weight.dtype), self.weight[experts])  # sum_e G_e W_e
+            mixed.append((weight, gate.to(self.bias.dtype) @ self.bias[experts]))            # sum_e G_e b_e
+        return decision.groups.apply(x, lambda x_u, u: F.linear(x_u, *mixed[u]))
 
     def _forward_dispatch(self, x: torch.Tensor, decision: GateDecision) -> torch.Tensor:
         plan = decision.dispatch_plan(self.num_experts)

@@ -171,8 +171,8 @@ class Attention(nn.Module):
         width = cfg.width
         if cfg.moe.routing != "none" and "attn" in cfg.moe.placement:
             self.gate = ConditionalGate(width, cfg.moe)
-            self.qkv = MoELinear(cfg.moe.num_experts, width, 3 * width)
-            self.proj = MoELinear(cfg.moe.num_experts, width, width)
+            self.qkv = MoELinear(cfg.moe.num_experts, width, 3 * width, cfg.moe.mix_per_condition)
+            self.proj = MoELinear(cfg.moe.num_experts, width, width, cfg.moe.mix_per_condition)
         else:
             self.gate = None
             self.qkv = nn.Linear(width, 3 * width)
@@ -203,8 +203,8 @@ class MoEFFN(nn.Module):
         super().__init__()
         if cfg.moe.routing != "none" and "ffn" in cfg.moe.placement:
             self.gate = ConditionalGate(cfg.width, cfg.moe)
-            self.fc1 = MoELinear(cfg.moe.num_experts, cfg.width, cfg.ffn_dim)
-            self.fc2 = MoELinear(cfg.moe.num_experts, cfg.ffn_dim, cfg.width)
+            self.fc1 = MoELinear(cfg.moe.num_experts, cfg.width, cfg.ffn_dim, cfg.moe.mix_per_condition)
+            self.fc2 = MoELinear(cfg.moe.num_experts, cfg.ffn_dim, cfg.width, cfg.moe.mix_per_condition)
         else:
             self.gate = None
             self.fc1 = nn.Linear(cfg.width, cfg.ffn_dim)
