@@ -49,7 +49,7 @@ def test_instrumenting_a_trainer_changes_nothing_it_computes(synthetic_root):
     losses = []
     for instrumented in (False, True):
         with tempfile.TemporaryDirectory() as folder:
-            trainer = speed._trainer("tiny", overrides, folder)
+            trainer = speed.build_trainer("tiny", overrides, folder)
             clock = speed._Clock()
             if instrumented:
                 speed._instrument(trainer, clock)

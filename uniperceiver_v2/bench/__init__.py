@@ -13,6 +13,18 @@ import pkgutil
 TASK_NAMES = ("classification", "detection", "captioning", "mlm", "retrieval")
 
 
+def build_trainer(config, overrides: list[str], output_dir: str):
+    """A ``Trainer`` for a benchmark: ``config`` (preset or YAML) with ``overrides``, writing to ``output_dir``,
+    without checkpoints, progress bar or TensorBoard (what every training benchmark here times)."""
+    from uniperceiver_v2.config import load_config
+    from uniperceiver_v2.engine.build import build_training
+    from uniperceiver_v2.engine.trainer import Trainer
+
+    cfg = load_config(config, [*overrides, f"run.output_dir={output_dir}", "run.ckpt_every=0"])
+    model, tasks, datasets = build_training(cfg)
+    return Trainer(cfg, model, tasks, datasets, progress=False, tensorboard=False)
+
+
 def available_benchmarks() -> list[str]:
     """Names of the benchmark modules in this package."""
     return sorted(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_"))

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from uniperceiver_v2.bench import TASK_NAMES
+from uniperceiver_v2.bench import TASK_NAMES, build_trainer
 from uniperceiver_v2.engine.runtime import evaluation_mode
 
 
@@ -62,18 +62,13 @@ def probe_cosines(model, task, batch) -> dict[str, float]:
 
 def run(args: argparse.Namespace, output_dir: str, out=sys.stdout) -> list[dict]:
     """Train and print the diagnostic table; returns the rows."""
-    from uniperceiver_v2.config import load_config
-    from uniperceiver_v2.engine.build import build_training
     from uniperceiver_v2.engine.data_setup import build_task_dataset
-    from uniperceiver_v2.engine.trainer import Trainer
 
     disabled = [f"tasks.{name}.enabled=false" for name in TASK_NAMES if name not in args.tasks]
     # The schedule spans --iterations unless the overrides say otherwise (run.iterations=... sets a longer one).
-    cfg = load_config(args.config, [f"run.iterations={max(args.iterations, 1)}", *args.overrides, *disabled,
-                                    f"run.output_dir={output_dir}", "run.ckpt_every=0"])
-    model, tasks, datasets = build_training(cfg)
-    trainer = Trainer(cfg, model, tasks, datasets, progress=False, tensorboard=False)
-    task = tasks["classification"]
+    trainer = build_trainer(args.config, [f"run.iterations={max(args.iterations, 1)}", *args.overrides, *disabled],
+                            output_dir)
+    cfg, model, task = trainer.cfg, trainer.model, trainer.tasks["classification"]
     val = build_task_dataset(cfg, "classification", cfg.data.val_split, train=False)
     probe = task.collate([val[i] for i in range(min(args.probe, len(val)))]).to(trainer.device)
 

@@ -37,6 +37,8 @@ from collections.abc import Iterator
 
 import torch
 
+from uniperceiver_v2.bench import build_trainer
+
 PARTS = ("data", "image_encoder", "text_encoder", "decoder", "forward_rest", "backward", "optimizer", "other")
 
 
@@ -115,14 +117,6 @@ def _timed_backward(clock_of) -> Iterator[None]:
         torch.Tensor.backward = backward
 
 
-def _trainer(config: str, overrides: list[str], output_dir: str):
-    from uniperceiver_v2.config import load_config
-    from uniperceiver_v2.engine.build import build_training
-    from uniperceiver_v2.engine.trainer import Trainer
-
-    cfg = load_config(config, [*overrides, f"run.output_dir={output_dir}", "run.ckpt_every=0"])
-    model, tasks, datasets = build_training(cfg)
-    return Trainer(cfg, model, tasks, datasets, progress=False, tensorboard=False)
 
 
 def _parts(seconds: dict[str, float], total: float) -> dict[str, float]:
@@ -139,8 +133,8 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, dict[str, float]]
     """Time both configs; print and return {task or "mix": {"old_s", "new_s", "ratio"}} (plus the parts)."""
     labels = ("old", "new")
     with tempfile.TemporaryDirectory() as old_dir, tempfile.TemporaryDirectory() as new_dir:
-        trainers = {"old": _trainer(args.old, args.overrides, old_dir),
-                     "new": _trainer(args.new, args.overrides, new_dir)}
+        trainers = {"old": build_trainer(args.old, args.overrides, old_dir),
+                     "new": build_trainer(args.new, args.overrides, new_dir)}
         sampling_weights = {task: trainers["new"].cfg.tasks.get(task).sampling_weight
                             for task in trainers["new"].task_names}
         clocks = {label: _Clock() for label in labels}

@@ -20,15 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _trainer(config, overrides: list[str], output_dir: str):
-    from uniperceiver_v2.config import load_config
-    from uniperceiver_v2.engine.build import build_training
-    from uniperceiver_v2.engine.trainer import Trainer
-
-    cfg = load_config(config, [*overrides, f"run.output_dir={output_dir}", "run.ckpt_every=0"])
-    model, tasks, datasets = build_training(cfg)
-    return Trainer(cfg, model, tasks, datasets, progress=False, tensorboard=False)
+from uniperceiver_v2.bench import build_trainer
 
 
 def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, dict[str, float]]:
@@ -43,8 +35,8 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, dict[str, float]]
             raise SystemExit(f"--config not given and {config} does not exist; pass the run's config")
     start = int(read_checkpoint_meta(checkpoint)["iteration"])
     with tempfile.TemporaryDirectory() as fresh_dir, tempfile.TemporaryDirectory() as trained_dir:
-        fresh = _trainer(config, args.overrides, fresh_dir)
-        trained = _trainer(config, args.overrides, trained_dir)
+        fresh = build_trainer(config, args.overrides, fresh_dir)
+        trained = build_trainer(config, args.overrides, trained_dir)
         trained.resume(checkpoint)
         # Same data for both: move the fresh trainer's streams to where the checkpoint's are.
         for name, stream in fresh.streams.items():

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from uniperceiver_v2.bench import TASK_NAMES
+from uniperceiver_v2.bench import TASK_NAMES, build_trainer
 
 RESULT_TAG = "THROUGHPUT_RESULT "
 
@@ -35,22 +35,17 @@ def _worker(args: argparse.Namespace) -> int:
     """Time ``args.iterations`` training iterations of one task (run by the parent, alone or under torchrun)."""
     import torch
 
-    from uniperceiver_v2.config import load_config
-    from uniperceiver_v2.engine.build import build_training
     from uniperceiver_v2.engine.distributed import barrier, destroy_distributed, get_rank, init_distributed
-    from uniperceiver_v2.engine.trainer import Trainer
 
     task = args.worker
     disabled = [f"tasks.{name}.enabled=false" for name in TASK_NAMES if name != task]
     with tempfile.TemporaryDirectory() as output_dir:
         # No warm-up or decay: the lr does not change the time of an iteration, and the tiny preset's 20
         # warm-up iterations would not fit into a short benchmark.
-        cfg = load_config(args.config, ["optim.warmup_iters=0", "optim.decay_at=[1.0]", *args.overrides, *disabled,
-                                        f"run.output_dir={output_dir}",
-                                        f"run.iterations={args.warmup + args.iterations}", "run.ckpt_every=0"])
         init_distributed()
-        model, tasks, datasets = build_training(cfg)
-        trainer = Trainer(cfg, model, tasks, datasets, progress=False, tensorboard=False)
+        trainer = build_trainer(args.config, ["optim.warmup_iters=0", "optim.decay_at=[1.0]", *args.overrides,
+                                              *disabled, f"run.iterations={args.warmup + args.iterations}"],
+                                output_dir)
         for iteration in range(args.warmup):
             trainer.train_step(iteration)
         barrier()
@@ -61,7 +56,7 @@ def _worker(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - start
         if get_rank() == 0:
             result = {"task": task, "iterations_per_second": args.iterations / seconds,
-                      "batch_per_process": cfg.tasks.get(task).batch_size, "threads": torch.get_num_threads(),
+                      "batch_per_process": trainer.cfg.tasks.get(task).batch_size, "threads": torch.get_num_threads(),
                       "seconds": seconds}
             print(RESULT_TAG + json.dumps(result), flush=True)
     destroy_distributed()
