@@ -93,6 +93,10 @@ def _worker(rank: int, port: int) -> None:
     try:
         _check_encode_sharded(rank)
         _check_retrieval_gather(rank)
+        # Both ranks are done before either tears down gloo's connections: a rank that closed them while its peer
+        # was still finishing its last collective aborted the peer once in CI (SIGABRT, "terminate called without
+        # an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
