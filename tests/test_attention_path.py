@@ -38,3 +38,14 @@ def test_written_out_attention_gradients_pass_gradcheck():
     mask[0, 0, 3] = False                                                # a row without keys: zero, zero gradient
     torch.testing.assert_close(written_out_attention(q, k, v, mask), reference(q, k, v, mask))
     assert torch.autograd.gradcheck(lambda *qkv: written_out_attention(*qkv, mask), (q, k, v))
+
+
+def test_attention_benchmark_times_every_variant():
+    import io
+
+    from uniperceiver_v2.bench import attention as bench_attention
+
+    out = io.StringIO()
+    rows = bench_attention.run(repeats=1, shapes=((2, 2, 5, 4),), out=out)
+    assert len(rows) == 5 and all(value > 0 for value in rows.values())
+    assert "MultiheadAttention bf16 need_weights=True" in rows and "(2, 2, 5, 4)" in out.getvalue()

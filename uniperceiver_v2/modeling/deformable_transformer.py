@@ -259,7 +259,7 @@ class DeformableDecoderLayer(nn.Module):
         q = k = tgt + query_pos
         mask = None if self_attn_mask is None else self_attn_mask.repeat_interleave(self.n_heads, dim=0)
         # need_weights=True takes MultiheadAttention's written-out path: on the CPU under bf16 autocast the fused
-        # kernel it uses otherwise is ~6x slower for these short query sets (docs/benchmarks.md, "Training speed")
+        # kernel it uses otherwise is ~6x slower for these short query sets (python -m uniperceiver_v2.bench attention)
         attended = self.self_attn(q, k, tgt, attn_mask=mask, need_weights=True, average_attn_weights=False)[0]
         tgt = self.norm1(tgt + self.dropout1(attended))
         attended, locations, _ = self.cross_attn(tgt + query_pos, reference_boxes, memory, spatial_shapes,

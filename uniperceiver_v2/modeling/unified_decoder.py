@@ -136,8 +136,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     attend to nothing gets zeros, as from ``scaled_dot_product_attention``.
 
     On the CPU in bfloat16 / float16 (under autocast) the scores are formed explicitly, with the softmax in float32:
-    PyTorch's fused CPU kernel is 3-6x slower there than in float32 for the decoder's short sequences (forward +
-    backward of (32, 4, 75, 32): 38 ms against 8 ms written out, docs/benchmarks.md "Training speed").
+    PyTorch's fused CPU kernel is several times slower there than in float32 for the decoder's short sequences
+    (``python -m uniperceiver_v2.bench attention``; docs/benchmarks.md, "Training speed").
     Elsewhere the fused kernel is used.
     """
     if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
