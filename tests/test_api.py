@@ -63,6 +63,38 @@ def test_detect_returns_boxes_and_masks_on_each_input_image(model):
     assert 0 < kept["scores"].shape[0] < results[0]["scores"].shape[0] and (kept["scores"] >= threshold).all()
 
 
+# pycocotools 2.0.x calls np.array(..., copy=False) on its own objects under numpy 2 (harmless).
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+def test_detect_returns_compact_masks_that_restore_the_full_ones(model):
+    """``masks="rle"`` is COCO's JSON-ready encoding, ``"crop"`` the mask's own rectangle; both restore ``"full"``."""
+    import json
+
+    import pycocotools.mask as mask_utils
+
+    image = pil_images()[0]
+    full, crop, rle = (api.detect(model, image, ["zebra"], max_detections=5, masks=option)[0]
+                       for option in ("full", "crop", "rle"))
+    records = json.loads(json.dumps([{"bbox": box, "segmentation": mask}
+                                     for box, mask in zip(rle["boxes"].tolist(), rle["masks"])]))
+    for k, record in enumerate(records):
+        decoded = torch.from_numpy(mask_utils.decode(record["segmentation"])).bool()
+        (x, y), cropped = crop["masks"][k]["offset"], crop["masks"][k]["mask"]
+        restored = torch.zeros_like(full["masks"][k])
+        restored[y:y + cropped.shape[0], x:x + cropped.shape[1]] = cropped
+        assert torch.equal(decoded, full["masks"][k]) and torch.equal(restored, full["masks"][k])
+
+
+def test_input_mistakes_that_used_to_give_garbage_raise_value_errors(model):
+    with pytest.raises(ValueError, match=r"class_names must be a list of texts, got the string 'cat'; pass \['cat'\]"):
+        api.classify(model, pil_images()[0], "cat")
+    with pytest.raises(ValueError, match=r"duplicates .*class_names\[0\]='cat' = class_names\[1\]='Cat'"):
+        api.classify(model, pil_images()[0], ["cat", "Cat"])
+    with pytest.raises(ValueError, match=r"images\[0\]: expected values in \[0, 1\]; got max 255.0"):
+        api.classify(model, torch.full((3, 8, 8), 255.0), ["cat", "dog"])
+    with pytest.raises(ValueError, match=r"top_k must be >= 1, got -1"):
+        api.classify(model, pil_images()[0], ["cat", "dog"], top_k=-1)
+
+
 def test_caption_retrieve_and_fill_mask(model):
     images = pil_images()[:2]
     captions = api.caption(model, images, beam_size=2, max_length=4)
