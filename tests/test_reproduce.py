@@ -225,3 +225,12 @@ def test_parameters_papermill_cannot_read_are_refused(tmp_path):
     nbformat.write(notebook, path)
     with pytest.raises(ValueError, match=r"papermill cannot read the parameter\(s\) \['steps'\]"):
         reproduce.declared_parameters(path)
+
+
+def test_p_overrides_reach_the_notebook_through_papermill(tmp_path):
+    notebooks = tmp_path / "notebooks"
+    shutil.copytree(FIXTURES, notebooks)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert _run(notebooks, tmp_path / "runs", "--only", "00", "-p", "iterations", "5", "-p", "quick", "false") == 0
+    saved = json.loads((tmp_path / "runs" / "quick" / "results" / "00_parameters.json").read_text())
+    assert saved["iterations"] == 5 and saved["total"] == 10 and saved["quick"] is False

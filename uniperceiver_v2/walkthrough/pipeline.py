@@ -6,7 +6,15 @@ small synthetic suite in minutes on a CPU, ``small`` trains the tiny model long 
 ``paper`` is the ResNet-50 setting of the paper on real data. Each notebook declares its defaults in the cell
 tagged ``parameters`` and receives only the profile parameters it declares there, plus ``run_dir`` (where the
 profile's checkpoints and logs live) and ``results_path`` (where it saves its results with
-:func:`save_results`).
+:func:`save_results`). ``-p NAME VALUE`` on the command line overrides the profile's ``NAME`` for every selected
+notebook that declares it.
+
+Before anything runs, every selected notebook's parameters cell is read with ``ast`` and each parameter the run
+would pass is checked against it (papermill itself only logs a warning for an unknown one, and the notebook then
+runs with its default): a ``-p`` name no selected notebook declares, or a value of another type than the
+notebook's default, is refused with an error naming the parameter and the notebook. So are an unknown ``--only``
+number, an output or data folder that is a file, and a parameters cell the runner cannot read
+(:class:`RunSetupError`; the command line prints its message and exits with code 2).
 
 Layout of ``<out>/<profile>/``:
     notebooks/NN_name.ipynb   the executed copies, outputs included
@@ -27,9 +35,11 @@ from __future__ import annotations
 import ast
 import csv
 import datetime as _dt
+import difflib
 import hashlib
 import io
 import json
+import keyword
 import math
 import os
 import re
@@ -90,6 +100,13 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 PATH_PARAMETERS = ("data_root", "run_dir", "results_path")
+# Parameters the runner sets itself, and the option that sets each: ``-p`` may not.
+RUNNER_PARAMETERS = {"profile": "--profile", "run_dir": "--out", "results_path": "--out"}
+
+
+class RunSetupError(ValueError):
+    """The run cannot start as asked: an option, a notebook or a path is wrong. The message names it and what was
+    expected, in one line (the command line prints it without a traceback)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -204,39 +221,67 @@ def _write_json(path: Path, data: Any) -> None:
 # Notebooks, parameters and the kernel
 # --------------------------------------------------------------------------------------------------------------
 def find_notebooks(notebook_dir: str | os.PathLike, only: Sequence[str] | None = None) -> list[Path]:
-    """The series ``NN_name.ipynb`` in ``notebook_dir``, sorted; ``only`` keeps the given numbers ("3" = "03")."""
+    """The series ``NN_name.ipynb`` in ``notebook_dir``, sorted.
+
+    ``only`` keeps the given numbers: ``"3"`` is ``"03"``, ``"06-08"`` the notebooks numbered 06 to 08,
+    ``"06,07"`` both; a number given twice runs once.
+    """
     notebook_dir = Path(notebook_dir)
     if not notebook_dir.is_dir():
-        raise FileNotFoundError(f"--notebooks: {notebook_dir} is not a directory")
+        raise RunSetupError(f"--notebooks: {notebook_dir} is not a folder")
     notebooks = sorted(p for p in notebook_dir.glob("*.ipynb") if NOTEBOOK_PATTERN.match(p.name))
     numbers = [NOTEBOOK_PATTERN.match(p.name).group(1) for p in notebooks]
     duplicated = sorted({n for n in numbers if numbers.count(n) > 1})
     if duplicated:
-        raise ValueError(f"{notebook_dir}: several notebooks share the number(s) {duplicated}")
+        raise RunSetupError(f"{notebook_dir}: several notebooks share the number(s) {duplicated}")
     if not notebooks:
-        raise FileNotFoundError(f"{notebook_dir}: no notebooks named NN_name.ipynb")
-    if only:
-        wanted = []
-        for number in only:
-            if not str(number).isdigit():
-                raise ValueError(f"--only: {number!r} is not a notebook number")
-            wanted.append(str(number).zfill(2))
-        unknown = sorted(set(wanted) - set(numbers))
-        if unknown:
-            raise ValueError(f"--only: no notebook numbered {unknown} in {notebook_dir}; available: {numbers}")
-        notebooks = [p for p, n in zip(notebooks, numbers) if n in wanted]
+        raise RunSetupError(f"{notebook_dir}: no notebooks named NN_name.ipynb")
+    if only is not None:
+        selected = _select_numbers(only, numbers, notebook_dir)
+        notebooks = [p for p, n in zip(notebooks, numbers) if n in selected]
     return notebooks
+
+
+def _select_numbers(only: Sequence[str], numbers: Sequence[str], notebook_dir: Path) -> set[str]:
+    """The notebook numbers ``--only`` asks for, each one of ``numbers``."""
+    selected: set[str] = set()
+    unknown: list[str] = []
+    items = [item.strip() for text in only for item in str(text).split(",") if item.strip()]
+    if not items:
+        raise RunSetupError("--only: no notebook number given")
+    for item in items:
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", item, flags=re.ASCII)
+        if match is None:
+            raise RunSetupError(f"--only: {item!r} is not a notebook number or range (e.g. 06 or 06-08)")
+        first, last = match.group(1), match.group(2)
+        if last is None:
+            number = first.zfill(2)
+            if number in numbers:
+                selected.add(number)
+            elif number not in unknown:
+                unknown.append(number)
+            continue
+        if int(first) > int(last):
+            raise RunSetupError(f"--only: the range {item} runs backwards; write {last}-{first}")
+        in_range = {n for n in numbers if int(first) <= int(n) <= int(last)}
+        if not in_range:
+            raise RunSetupError(f"--only: no notebook numbered {first} to {last} in {notebook_dir}; "
+                                f"available: {list(numbers)}")
+        selected |= in_range
+    if unknown:
+        raise RunSetupError(f"--only: no notebook numbered {unknown} in {notebook_dir}; available: {list(numbers)}")
+    return selected
 
 
 def profile_parameters(profile: str, run_dir: Path, gpus: int | None = None) -> dict[str, Any]:
     """The parameters a profile offers every notebook; paths absolute, ``--gpus`` applied."""
     if profile not in PROFILES:
-        raise ValueError(f"--profile: unknown profile {profile!r}; expected one of {sorted(PROFILES)}")
+        raise RunSetupError(f"--profile: unknown profile {profile!r}; expected one of {sorted(PROFILES)}")
     parameters = dict(PROFILES[profile])
     parameters["run_dir"] = str(run_dir)
     if gpus is not None:
         if gpus < 1:
-            raise ValueError(f"--gpus: expected at least 1 GPU, got {gpus}")
+            raise RunSetupError(f"--gpus: expected at least 1 GPU, got {gpus}")
         parameters["nproc"] = gpus
         parameters["device"] = "cuda"
     for key in PATH_PARAMETERS:
@@ -245,13 +290,85 @@ def profile_parameters(profile: str, run_dir: Path, gpus: int | None = None) -> 
     return parameters
 
 
+def apply_overrides(parameters: Mapping[str, Any], overrides: Mapping[str, Any],
+                    gpus: int | None = None) -> dict[str, Any]:
+    """``parameters`` with the command line's ``-p NAME VALUE`` pairs in place of the profile's values.
+
+    Names the runner sets itself (:data:`RUNNER_PARAMETERS`), and ``nproc`` / ``device`` next to ``--gpus``, are
+    refused; a relative ``data_root`` is taken relative to the working directory, as the profiles' paths are.
+    """
+    merged = dict(parameters)
+    for name, value in overrides.items():
+        if not name.isidentifier() or keyword.iskeyword(name):
+            raise RunSetupError(f"-p {name!r}: not a parameter name (a Python identifier such as iterations)")
+        if name in RUNNER_PARAMETERS:
+            raise RunSetupError(f"-p {name}: set by the runner from {RUNNER_PARAMETERS[name]}, not by -p")
+        if gpus is not None and name in ("nproc", "device"):
+            raise RunSetupError(f"-p {name}: --gpus sets nproc and device; give one or the other")
+        if name in PATH_PARAMETERS:
+            if not isinstance(value, str):
+                raise RunSetupError(f"-p {name}: expected a path, got {value!r}")
+            value = str(Path(value).expanduser().resolve())
+        merged[name] = value
+    return merged
+
+
+def read_notebook(path: Path) -> nbformat.NotebookNode:
+    """The notebook at ``path``; one that is not a readable notebook file is refused with its path."""
+    try:
+        return nbformat.read(path, as_version=4)
+    except (OSError, ValueError, TypeError, nbformat.ValidationError) as exc:
+        detail = " ".join(str(exc).split())   # one line, however the reader formatted it
+        detail = detail if len(detail) <= 200 else detail[:200] + " ..."
+        raise RunSetupError(f"{path}: not a readable notebook ({type(exc).__name__}: {detail})") from exc
+
+
 def parameters_cell_index(notebook: Mapping[str, Any], source: str) -> int:
     """The index of the one cell tagged ``parameters``; a notebook without exactly one is refused."""
     tagged = [i for i, cell in enumerate(notebook["cells"])
               if PARAMETERS_TAG in cell.get("metadata", {}).get("tags", [])]
     if len(tagged) != 1:
-        raise ValueError(f"{source}: expected exactly one cell tagged '{PARAMETERS_TAG}', found {len(tagged)}")
+        raise RunSetupError(f"{source}: expected exactly one cell tagged '{PARAMETERS_TAG}', found {len(tagged)}")
     return tagged[0]
+
+
+# The default of a parameter assigned something other than a literal, e.g. ``Path("x")``: any value is accepted.
+NOT_A_LITERAL = object()
+
+
+def parameter_defaults(notebook: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Every name the ``parameters`` cell assigns (read with ``ast``) and its default value.
+
+    A default that is not a Python literal is :data:`NOT_A_LITERAL`. A cell that is not valid Python is refused.
+    """
+    cell = notebook["cells"][parameters_cell_index(notebook, source)]
+    text = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+    try:
+        tree = ast.parse(text)
+    except SyntaxError as exc:
+        raise RunSetupError(f"{source}: the cell tagged '{PARAMETERS_TAG}' is not valid Python "
+                            f"(line {exc.lineno}: {exc.msg})") from exc
+    defaults: dict[str, Any] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign):
+            targets, value = [node.target], node.value
+        else:
+            continue
+        for target in targets:
+            if isinstance(target, ast.Name):
+                defaults[target.id] = _literal(value)
+    return defaults
+
+
+def _literal(node: ast.expr | None) -> Any:
+    if node is None:   # `name: type` without a value
+        return NOT_A_LITERAL
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return NOT_A_LITERAL
 
 
 def declared_parameters(notebook_path: Path) -> list[str]:
@@ -263,22 +380,45 @@ def declared_parameters(notebook_path: Path) -> list[str]:
     """
     import papermill
 
-    notebook = nbformat.read(notebook_path, as_version=4)
-    cell = notebook.cells[parameters_cell_index(notebook, str(notebook_path))]
-    try:
-        tree = ast.parse(cell.source)
-    except SyntaxError as exc:
-        raise ValueError(f"{notebook_path}: the parameters cell is not valid Python: {exc}") from exc
-    assigned = [target.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
-                for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
-                if isinstance(target, ast.Name)]
+    notebook = read_notebook(notebook_path)
+    assigned = parameter_defaults(notebook, str(notebook_path))
     parsed = list(papermill.inspect_notebook(str(notebook_path)))
     unread = [name for name in assigned if name not in parsed]
     if unread:
-        raise ValueError(f"{notebook_path}: papermill cannot read the parameter(s) {unread} in the cell tagged "
-                         f"'{PARAMETERS_TAG}'; write one `name = value  # comment` per line with no other '=' on it "
-                         "(not even in the comment)")
+        raise RunSetupError(f"{notebook_path}: papermill cannot read the parameter(s) {unread} in the cell tagged "
+                            f"'{PARAMETERS_TAG}'; write one `name = value  # comment` per line with no other '=' on "
+                            "it (not even in the comment)")
     return parsed
+
+
+def check_parameters(parameters: Mapping[str, Any], defaults: Mapping[str, Any], notebook: str,
+                     overridden: Sequence[str] = ()) -> None:
+    """Refuse what papermill would pass to ``notebook`` with only a warning: a parameter its ``parameters`` cell
+    does not assign (``defaults``, from :func:`parameter_defaults`). The ``overridden`` ones (from ``-p``) must
+    also have the type of the notebook's default; an int may stand for a float, None is always accepted, and any
+    value where the default is None or not a literal."""
+    for name in parameters:
+        if name not in defaults:
+            raise RunSetupError(f"{notebook}: parameter {name!r} is not assigned in its cell tagged "
+                                f"'{PARAMETERS_TAG}' (it declares {sorted(defaults)})")
+    for name in overridden:
+        value, default = parameters[name], defaults[name]
+        if value is None or default is None or default is NOT_A_LITERAL:
+            continue
+        if isinstance(default, bool):
+            same_type = isinstance(value, bool)
+        elif isinstance(default, int):
+            same_type = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            same_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, (list, tuple)):
+            same_type = isinstance(value, (list, tuple))
+        else:
+            same_type = isinstance(value, type(default))
+        if not same_type:
+            hint = f"; to pass it as text, quote it: -p {name} \"'{value}'\"" if isinstance(default, str) else ""
+            raise RunSetupError(f"-p {name}: {value!r} ({type(value).__name__}) does not fit {notebook}, whose "
+                                f"default is {default!r} ({type(default).__name__}){hint}")
 
 
 def notebook_hash(notebook: Mapping[str, Any], parameters: Mapping[str, Any]) -> str:
@@ -350,15 +490,36 @@ class Layout:
         return self.root / "state.json"
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists."""
+    return next(folder for folder in (path, *path.parents) if folder.exists())
+
+
+def check_output(layout: Layout) -> None:
+    """Refuse, before anything runs, an output folder that a file takes (``--out`` itself, ``<out>/<profile>`` or
+    a folder inside it) or that cannot be created."""
+    for folder in (layout.notebooks, layout.results):
+        if folder.exists() and not folder.is_dir():
+            raise RunSetupError(f"--out: {folder} is a file, but the run keeps its {folder.name} in a folder there; "
+                                "move the file or choose another --out")
+    if layout.state.exists() and not layout.state.is_file():
+        raise RunSetupError(f"--out: {layout.state} is a folder, but the run keeps its state in a file there")
+    existing = _nearest_existing(layout.root)
+    if not existing.is_dir():
+        raise RunSetupError(f"--out: {existing} is a file, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunSetupError(f"--out: cannot write to {existing}; choose another --out")
+
+
 def load_state(layout: Layout) -> dict[str, Any]:
     if not layout.state.is_file():
         return {"notebooks": {}}
     try:
         state = json.loads(layout.state.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{layout.state}: not valid JSON ({exc.msg}); delete it to rerun everything") from exc
+        raise RunSetupError(f"{layout.state}: not valid JSON ({exc.msg}); delete it to rerun everything") from exc
     if not isinstance(state, dict) or not isinstance(state.get("notebooks"), dict):
-        raise ValueError(f"{layout.state}: expected {{'notebooks': {{...}}}}; delete it to rerun everything")
+        raise RunSetupError(f"{layout.state}: expected {{'notebooks': {{...}}}}; delete it to rerun everything")
     return state
 
 
@@ -424,33 +585,119 @@ def run_notebook(source: Path, executed: Path, parameters: dict[str, Any], param
                                           f"  partial outputs in {executed}") from exc
 
 
+@dataclass
+class NotebookRun:
+    """One selected notebook, checked: the parameters papermill will pass it and where its results go."""
+
+    source: Path
+    notebook: nbformat.NotebookNode
+    parameters_index: int               # the cell tagged ``parameters``
+    parameters: dict[str, Any]
+    results_path: Path | None           # None when the notebook declares no ``results_path``
+
+
+@dataclass
+class RunPlan:
+    """A run of one profile, checked by :func:`plan_run`; nothing has been executed or written yet."""
+
+    profile: str
+    layout: Layout
+    parameters: dict[str, Any]          # the profile's, with --gpus and -p applied
+    notebooks: list[NotebookRun]        # the selected ones, in series order
+    series: list[str]                   # every notebook in the folder (the summary lists them all)
+
+    @property
+    def uses_data(self) -> bool:
+        return any("data_root" in run.parameters for run in self.notebooks)
+
+
+def plan_run(profile: str, notebook_dir: str | os.PathLike = "notebooks", out: str | os.PathLike = "runs",
+             only: Sequence[str] | None = None, gpus: int | None = None,
+             overrides: Mapping[str, Any] | None = None) -> RunPlan:
+    """Check everything a run needs before any notebook starts; raise :class:`RunSetupError` naming what is wrong.
+
+    Every selected notebook's parameters cell is read (a typo in notebook 09 should not wait for 06's training);
+    each receives the profile's parameters it declares, with ``overrides`` (``-p NAME VALUE``) in place of the
+    profile's values. An override no selected notebook declares is refused.
+    """
+    overrides = dict(overrides or {})
+    layout = Layout(Path(out).expanduser().resolve() / profile)
+    offered = apply_overrides(profile_parameters(profile, layout.root, gpus), overrides, gpus)
+    check_output(layout)
+    series = find_notebooks(notebook_dir)
+    runs = []
+    undeclared = set(overrides)   # the -p names no selected notebook has declared so far
+    for source in find_notebooks(notebook_dir, only):
+        notebook = read_notebook(source)
+        parameters_index = parameters_cell_index(notebook, str(source))
+        declared_parameters(source)      # papermill must read every assignment the cell makes
+        defaults = parameter_defaults(notebook, str(source))
+        parameters = {k: v for k, v in offered.items() if k in defaults}
+        results_path = layout.results / f"{source.stem}.json" if "results_path" in defaults else None
+        if results_path is not None:
+            parameters["results_path"] = str(results_path)
+        overridden = [name for name in overrides if name in defaults]
+        check_parameters(parameters, defaults, source.name, overridden)
+        undeclared -= set(overridden)
+        runs.append(NotebookRun(source, notebook, parameters_index, parameters, results_path))
+    for name in overrides:
+        if name in undeclared:
+            raise RunSetupError(_undeclared_override(name, [run.source for run in runs], series, offered))
+    load_state(layout)   # a broken state.json is refused now, not after the first notebook
+    plan = RunPlan(profile, layout, offered, runs, [p.stem for p in series])
+    if plan.uses_data:
+        check_data(plan.parameters)
+    return plan
+
+
+def _undeclared_override(name: str, selected: Sequence[Path], series: Sequence[Path],
+                         offered: Mapping[str, Any]) -> str:
+    """The error for ``-p name`` that no selected notebook declares: which other notebooks do, or close names."""
+    chosen = {path.stem for path in selected}
+    elsewhere, known = [], set(offered)
+    for path in series:
+        try:
+            declared = parameter_defaults(read_notebook(path), str(path))
+        except RunSetupError:   # only for the hint; a selected notebook's cell was read without error
+            continue
+        known |= set(declared)
+        if name in declared and path.stem not in chosen:
+            elsewhere.append(path.stem)
+    message = f"-p {name}: no selected notebook declares this parameter"
+    if elsewhere:
+        return f"{message}; {', '.join(elsewhere)} does (add it to --only)"
+    close = difflib.get_close_matches(name, sorted(known - set(RUNNER_PARAMETERS) - {name}), n=3)
+    return message + (f"; did you mean {' or '.join(close)}?" if close else "")
+
+
 def reproduce(profile: str, notebook_dir: str | os.PathLike = "notebooks", out: str | os.PathLike = "runs",
               only: Sequence[str] | None = None, gpus: int | None = None, force: bool = False,
-              command: str | None = None) -> int:
-    """Run the series for one profile; returns the exit code (0 = every selected notebook completed)."""
-    notebooks = find_notebooks(notebook_dir, only)
-    layout = Layout(Path(out).expanduser().resolve() / profile)
-    offered = profile_parameters(profile, layout.root, gpus)
-    kernel_name = ensure_kernel()
+              command: str | None = None, overrides: Mapping[str, Any] | None = None) -> int:
+    """Check the run (:func:`plan_run`), prepare the data and the kernel, run the selected notebooks and write the
+    summary. Returns the exit code: 0 = every selected notebook completed, 1 = one failed, 130 = interrupted."""
+    plan = plan_run(profile, notebook_dir, out, only, gpus, overrides)
+    try:
+        kernel_name = ensure_kernel()
+    except RuntimeError as exc:   # the kernel of that name starts another interpreter
+        raise RunSetupError(str(exc)) from exc
+    if plan.uses_data:
+        prepare_data(profile, plan.parameters)
+    return run_plan(plan, kernel_name, force, command)
+
+
+def run_plan(plan: RunPlan, kernel_name: str, force: bool = False, command: str | None = None) -> int:
+    """Run a checked plan's notebooks in order, skipping those unchanged since they completed; stop at the first
+    failure or at Ctrl-C (recorded as ``interrupted``). Returns the exit code as :func:`reproduce` does."""
+    layout = plan.layout
     state = load_state(layout)
     started = time.perf_counter()
     failure: NotebookFailed | None = None
-
-    # Check every parameters cell before running anything: a typo in notebook 09 should not wait for 06's training.
-    plans = []
-    for source in notebooks:
-        notebook = nbformat.read(source, as_version=4)
-        plans.append((source, notebook, parameters_cell_index(notebook, str(source)), declared_parameters(source)))
-
-    for position, (source, notebook, parameters_index, declared) in enumerate(plans, start=1):
-        name = source.stem
-        results_path = layout.results / f"{name}.json" if "results_path" in declared else None
-        parameters = {k: v for k, v in offered.items() if k in declared}
-        if results_path is not None:
-            parameters["results_path"] = str(results_path)
-        digest = notebook_hash(notebook, parameters)
+    interrupted: str | None = None
+    for position, run in enumerate(plan.notebooks, start=1):
+        source, name, results_path = run.source, run.source.stem, run.results_path
+        digest = notebook_hash(run.notebook, run.parameters)
         executed = layout.notebooks / source.name
-        prefix = f"[{position}/{len(notebooks)}] {name}"
+        prefix = f"[{position}/{len(plan.notebooks)}] {name}"
         entry = state["notebooks"].get(name)
         if not force and _is_up_to_date(entry, digest, executed, results_path):
             print(f"{prefix}: unchanged since {entry.get('finished')}, skipped", flush=True)
@@ -459,36 +706,46 @@ def reproduce(profile: str, notebook_dir: str | os.PathLike = "notebooks", out: 
         print(f"{prefix}: running ...", flush=True)
         if results_path is not None:
             results_path.unlink(missing_ok=True)   # never let a stale file pass as this run's results
-        entry = {"hash": digest, "status": "running", "parameters": parameters, "source": str(source),
+        entry = {"hash": digest, "status": "running", "parameters": run.parameters, "source": str(source),
                  "executed": str(executed), "results": str(results_path) if results_path else None,
                  "started": _now()}
-        state = update_state(layout, profile, name, entry)
+        state = update_state(layout, plan.profile, name, entry)
         tick = time.perf_counter()
         try:
-            run_notebook(source, executed, parameters, parameters_index, kernel_name)
+            run_notebook(source, executed, run.parameters, run.parameters_index, kernel_name)
             if results_path is not None and not results_path.is_file():
                 raise NotebookFailed(name, f"{source.name}: finished but did not write its results to "
                                            f"{results_path} (call save_results(results_path, {{...}}) at the end)")
         except NotebookFailed as exc:
             failure = exc
             entry.update(status="failed", error=str(exc), cell_index=exc.cell_index, cell_line=exc.cell_line)
+        except KeyboardInterrupt:
+            interrupted = name
+            entry.update(status="interrupted", error="interrupted by the user (Ctrl-C)")
         else:
             entry.update(status="completed", error=None)
         entry.update(elapsed_s=round(time.perf_counter() - tick, 2), finished=_now())
-        state = update_state(layout, profile, name, entry)
+        state = update_state(layout, plan.profile, name, entry)
         if failure is not None:
             print(f"{prefix}: FAILED after {entry['elapsed_s']:.1f} s\n{failure}", flush=True)
+            break
+        if interrupted is not None:
+            print(f"{prefix}: INTERRUPTED after {entry['elapsed_s']:.1f} s; partial outputs in {executed}",
+                  flush=True)
             break
         print(f"{prefix}: done in {entry['elapsed_s']:.1f} s (elapsed {time.perf_counter() - started:.1f} s)",
               flush=True)
 
-    all_notebooks = find_notebooks(notebook_dir)
     state = load_state(layout)   # with what other runs of this profile recorded meanwhile
-    md_path, csv_path = write_summary(layout, profile, offered, state, [p.stem for p in all_notebooks], command)
+    md_path, csv_path = write_summary(layout, plan.profile, plan.parameters, state, plan.series, command)
     print(f"summary: {md_path} and {csv_path}", flush=True)
     if failure is not None:
         print(f"stopped at {failure.notebook}; the notebooks before it are kept (rerun skips them)", flush=True)
         return 1
+    if interrupted is not None:
+        print(f"interrupted at {interrupted}; the notebooks completed before it are kept: the same command "
+              f"skips them and reruns {interrupted}", flush=True)
+        return 130
     return 0
 
 
@@ -581,17 +838,35 @@ def write_summary(layout: Layout, profile: str, parameters: Mapping[str, Any], s
     return md_path, csv_path
 
 
+def check_data(parameters: Mapping[str, Any]) -> None:
+    """Refuse a data root that a file takes, or a synthetic suite that does not exist, before anything runs."""
+    root = project_path(parameters["data_root"])
+    existing = _nearest_existing(root)
+    if not existing.is_dir():
+        where = "" if existing == root else f" (in the way of {root})"
+        raise RunSetupError(f"data_root: {existing} is a file, not a folder{where}; choose another with "
+                            "-p data_root PATH")
+    suite = parameters.get("data_profile")
+    if suite is not None:
+        from uniperceiver_v2.data.synthetic import PROFILES as SUITES
 
-def prepare_data(profile: str) -> None:
-    """Generate the profile's synthetic suite when it is missing or stale (real data is the user's to lay out)."""
-    settings = PROFILES[profile]
-    root = project_path(settings["data_root"])
-    if settings["data_profile"] is None:
+        if suite not in SUITES:
+            raise RunSetupError(f"data_profile: no synthetic suite {suite!r}; expected one of {sorted(SUITES)}, "
+                                "or None for real data under data_root")
+
+
+def prepare_data(profile: str, parameters: Mapping[str, Any] | None = None) -> None:
+    """Generate the synthetic suite at ``data_root`` when it is missing or stale (real data, ``data_profile=None``,
+    is the user's to lay out). ``parameters`` are the profile's with ``-p`` applied (default: the profile's)."""
+    parameters = PROFILES[profile] if parameters is None else parameters
+    root = project_path(parameters["data_root"])
+    if parameters["data_profile"] is None:
         print(f"data: real data expected under {root} (data/README.md says how to lay it out)", flush=True)
         return
     from uniperceiver_v2.data.synthetic import ensure_synthetic
 
     tick = time.perf_counter()
-    manifest = ensure_synthetic(root, settings["data_profile"], seed=settings["seed"])
-    print(f"data: synthetic suite '{settings['data_profile']}' at {root} ready ({len(manifest['files'])} files, "
+    # The suite's seed is the profile's: -p seed changes what the notebooks draw, not the data they draw from.
+    manifest = ensure_synthetic(root, parameters["data_profile"], seed=PROFILES[profile]["seed"])
+    print(f"data: synthetic suite '{parameters['data_profile']}' at {root} ready ({len(manifest['files'])} files, "
           f"{time.perf_counter() - tick:.1f} s)", flush=True)
