@@ -52,7 +52,7 @@ def test_load_config_accepts_a_preset_or_a_file(tmp_path):
     assert load_config("swin_base").image_encoder.num_queries == 900
     path = tmp_path / "c.yaml"
     get_preset("tiny").save_yaml(path)
-    assert load_config(path, ["run.iterations=7"]).run.iterations == 7
+    assert load_config(path, ["run.iterations=70"]).run.iterations == 70
 
 
 @pytest.mark.parametrize("override, key", [
@@ -96,6 +96,62 @@ def test_all_tasks_disabled_is_an_error():
     data = {"tasks": {n: {"enabled": False} for n in get_preset("tiny").tasks.names()}}
     with pytest.raises(ConfigError, match="^tasks"):
         config_from_dict(data, get_preset("tiny"))
+
+
+@pytest.mark.parametrize("override, key, message", [
+    ("optim.lr=inf", "optim.lr", "must be a finite number, got inf"),
+    ("optim.lr=.nan", "optim.lr", "must be a finite number, got nan"),
+    ("optim.lr=0", "optim.lr", "must be > 0"),
+    ("optim.lr=-1e-4", "optim.lr", "must be > 0"),
+    ("optim.weight_decay=nan", "optim.weight_decay", "must be a finite number"),
+    ("tasks.mlm.loss_weight=.inf", "tasks.mlm.loss_weight", "must be a finite number"),
+    ("tasks.detection.sampling_weight=nan", "tasks.detection.sampling_weight", "must be a finite number"),
+    ("optim.betas=[0.9, nan]", "optim.betas[1]", "must be a finite number"),
+    ("run.iterations=19", "run.iterations", "19 is shorter than the warm-up optim.warmup_iters=20"),
+    ("optim.decay_at=[0.05]", "optim.decay_at", "falls inside the warm-up optim.warmup_iters=20"),
+    ("optim.decay_at=[0.9, 0.5]", "optim.decay_at", "must be increasing"),
+    ("data.on_invalid=ignore", "data.on_invalid", "'ignore' not in ('error', 'skip')"),
+    ("data.preflight=sometimes", "data.preflight", "expected true/false"),
+])
+def test_values_that_would_fail_after_model_loading_are_refused_by_load_config(override, key, message):
+    """Refused by ``load_config``, before seconds of model loading (or a run that ends with "loss is nan")."""
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override])
+    assert str(err.value).startswith(f"{key}: ") and message in str(err.value), str(err.value)
+
+
+def test_the_schedule_conditions_accept_their_limits():
+    assert load_config("tiny", ["run.iterations=25"]).run.iterations == 25            # first decay at 20 = warm-up
+    assert load_config("tiny", ["run.iterations=20", "optim.decay_at=[1.0]"]).run.iterations == 20
+    assert load_config("tiny", ["run.iterations=5", "optim.warmup_iters=0"]).run.iterations == 5
+
+
+def test_image_sizes_far_above_the_presets_warn_naming_key_value_and_preset_value():
+    with pytest.warns(UserWarning) as record:
+        load_config("tiny", ["data.det_crop_size=1000", "data.det_max_size=1000", "data.det_max_long=1200"])
+    messages = sorted(str(w.message).split(":")[0] for w in record)
+    assert messages == ["data.det_crop_size=1000 is 7.8x the tiny preset's 128",
+                        "data.det_max_long=1200 is 6.2x the tiny preset's 192",
+                        "data.det_max_size=1000 is 6.2x the tiny preset's 160"]
+    with pytest.warns(UserWarning, match=r"data\.image_size=512 is 2\.3x the r50 preset's 224") as record:
+        load_config("r50", ["data.image_size=512"])
+    assert len(record) == 1
+
+
+def test_preset_image_sizes_and_moderate_changes_do_not_warn(recwarn):
+    for name in PRESETS:
+        get_preset(name)
+    load_config("tiny", ["data.image_size=256", "data.det_crop_size=160"])   # at most 2x
+    assert [str(w.message) for w in recwarn if "data." in str(w.message)] == []
+
+
+def test_the_config_knows_the_readers_on_invalid_policies():
+    from uniperceiver_v2.config import INVALID_POLICIES
+    from uniperceiver_v2.data.summary import INVALID_POLICIES as READER_POLICIES
+
+    assert INVALID_POLICIES == READER_POLICIES
+    cfg = get_preset("tiny")
+    assert cfg.data.on_invalid == "error" and cfg.data.preflight is True
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -124,6 +124,20 @@ def test_ensure_synthetic_reuses_and_repairs(suite_root, tmp_path):
     assert synthetic.verify(copy) == []
 
 
+def test_the_generator_marks_its_folder_while_it_writes_and_names_itself_in_the_manifest(suite_root, tmp_path):
+    from uniperceiver_v2.data.suite import IN_PROGRESS_NAME, written_by_generator
+
+    assert not (suite_root / IN_PROGRESS_NAME).exists()   # removed once the manifest is written
+    assert read_manifest(suite_root)["generator"] == "uniperceiver_v2.data.synthetic"
+    assert written_by_generator(suite_root) and synthetic.find_suite(suite_root) == read_manifest(suite_root)
+    # A generation that stopped half-way (marker, no manifest) is the generator's own: not complete, but writable.
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    (interrupted / IN_PROGRESS_NAME).write_text('{"generator": "uniperceiver_v2.data.synthetic"}')
+    (interrupted / "scenes").mkdir()
+    assert written_by_generator(interrupted) and synthetic.find_suite(interrupted) is None
+
+
 def test_manifest_content(suite):
     manifest = suite.manifest
     assert manifest["profile"] == "quick" and manifest["seed"] == 0

@@ -28,21 +28,21 @@ from uniperceiver_v2.tasks import DetectionTask
 
 # ----------------------------------------------------------------------------------------------------- commands
 def test_train_command_is_read_by_the_trainer_as_intended(tmp_path):
-    command = walkthrough.train_command("tiny", tmp_path / "train", 7, data_root="/data/x", data_profile="quick",
+    command = walkthrough.train_command("tiny", tmp_path / "train", 70, data_root="/data/x", data_profile="quick",
                                         seed=3, log_every=1, overrides=["optim.lr=5e-4"])
     assert command[:3] == [sys.executable, "-m", "uniperceiver_v2.train"]
     args = train.parse_args(command[3:])
     assert args.resume and args.new_schedule and args.no_eval and args.config == "tiny"
-    kept = walkthrough.train_command("tiny", "out", 7, data_root="d", data_profile="quick", new_schedule=False)
+    kept = walkthrough.train_command("tiny", "out", 70, data_root="d", data_profile="quick", new_schedule=False)
     assert "--resume" in kept and "--new-schedule" not in kept
     cfg = load_config(args.config, args.overrides)
-    assert cfg.run.iterations == 7 and cfg.run.output_dir == str(tmp_path / "train") and cfg.run.seed == 3
+    assert cfg.run.iterations == 70 and cfg.run.output_dir == str(tmp_path / "train") and cfg.run.seed == 3
     assert cfg.data.root == "/data/x" and cfg.data.synthetic_profile == "quick"
     assert cfg.run.log_every == 1 and cfg.optim.lr == 5e-4 and cfg.run.device == "auto"
 
 
 def test_train_command_for_real_data_keeps_the_preset_log_interval():
-    command = walkthrough.train_command("tiny", "out", 5, data_root="data/real", data_profile=None, resume=False,
+    command = walkthrough.train_command("tiny", "out", 50, data_root="data/real", data_profile=None, resume=False,
                                         evaluate=True)
     args = train.parse_args(command[3:])
     cfg = load_config(args.config, args.overrides)
@@ -53,14 +53,14 @@ def test_train_command_for_real_data_keeps_the_preset_log_interval():
 def test_train_command_with_several_processes_is_a_torchrun_command():
     from torch.distributed.run import get_args_parser
 
-    command = walkthrough.train_command("tiny", "out", 5, data_root="d", data_profile="quick", nproc=2)
+    command = walkthrough.train_command("tiny", "out", 50, data_root="d", data_profile="quick", nproc=2)
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     launch = get_args_parser().parse_args(command[3:])
     assert launch.nproc_per_node == "2" and launch.standalone and launch.module
     assert launch.training_script == "uniperceiver_v2.train"
-    assert load_config("tiny", train.parse_args(launch.training_script_args).overrides).run.iterations == 5
+    assert load_config("tiny", train.parse_args(launch.training_script_args).overrides).run.iterations == 50
     with pytest.raises(ValueError, match="nproc"):
-        walkthrough.train_command("tiny", "out", 5, data_root="d", data_profile="quick", nproc=0)
+        walkthrough.train_command("tiny", "out", 50, data_root="d", data_profile="quick", nproc=0)
 
 
 def test_default_log_every():

@@ -21,8 +21,10 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,11 +222,23 @@ class DataConfig:
 
     For real data, point ``root`` at a folder laid out as ``data/README.md`` describes and set the split names
     (e.g. COCO 2017: ``train_split="train2017"``) or the path templates.
+
+    ``synthetic_profile`` generates the synthetic suite only into a new or empty folder, or one the generator
+    wrote (its ``manifest.json`` says so); any other folder is read as real data, never written into
+    (``engine.data_setup.ensure_data``).
     """
 
     root: str = "data/synthetic"
-    synthetic_profile: str | None = "quick"    # generate the synthetic suite at ``root`` if missing; None = real data
+    # the synthetic suite to generate at ``root`` when the folder is new or empty; None = never generate
+    synthetic_profile: str | None = "quick"
     seed: int = 0
+    # records that are well-formed but unusable (a degenerate box, an empty mask, a caption of an unknown image, an
+    # image the pre-flight check finds missing or unreadable): "error" stops with the file and record named,
+    # "skip" leaves them out, counts them and lists them in the run's data_check.json
+    on_invalid: str = "error"
+    # before training, open every image file the datasets will read (exists, header decodes, size matches its
+    # record); false for data sets too large to check at every start
+    preflight: bool = True
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
@@ -253,6 +267,11 @@ class DataConfig:
     def path(self, template: str, split: str | None = None) -> Path:
         """``root / template`` with ``{split}`` filled in."""
         return Path(self.root) / template.format(split=split if split is not None else self.train_split)
+
+
+# The on_invalid policies of the data readers (data/summary.py INVALID_POLICIES, repeated here so that the config
+# does not import the data package).
+INVALID_POLICIES = ("error", "skip")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -474,9 +493,43 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _non_finite_numbers(node: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of every float in the config tree that is NaN or infinite."""
+    if dataclasses.is_dataclass(node):
+        found = []
+        for f in dataclasses.fields(node):
+            found += _non_finite_numbers(getattr(node, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+        return found
+    if isinstance(node, list):
+        return [item for i, value in enumerate(node) for item in _non_finite_numbers(value, f"{prefix}[{i}]")]
+    if isinstance(node, float) and not math.isfinite(node):
+        return [(prefix, node)]
+    return []
+
+
+# Image-size keys whose cost grows with their square: more than this times the preset's value draws a warning.
+IMAGE_SIZE_KEYS = ("image_size", "det_min_size", "det_max_size", "det_max_long", "det_crop_size", "det_eval_size",
+                   "det_eval_max_long")
+IMAGE_SIZE_WARN_FACTOR = 2.0
+
+
+def _warn_on_large_images(cfg: Config) -> None:
+    reference = PRESETS[cfg.preset]().data
+    for name in IMAGE_SIZE_KEYS:
+        value, preset_value = getattr(cfg.data, name), getattr(reference, name)
+        if value > IMAGE_SIZE_WARN_FACTOR * preset_value:
+            warnings.warn(f"data.{name}={value} is {value / preset_value:.1f}x the {cfg.preset} preset's "
+                          f"{preset_value}: the cost of a step grows with the square of the image size",
+                          stacklevel=3)
+
+
 def validate(cfg: Config) -> None:
+    """Raise ``ConfigError`` naming the first key whose value is impossible; warn about image sizes far above the
+    preset's (``IMAGE_SIZE_WARN_FACTOR``), which are valid but make every step much slower."""
     ie, dec, moe = cfg.image_encoder, cfg.decoder, cfg.decoder.moe
     _require(cfg.preset in PRESETS, "preset", f"unknown preset {cfg.preset!r}; expected one of {sorted(PRESETS)}")
+    for key, value in _non_finite_numbers(cfg)[:1]:
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
     for name in ("hidden_dim", "enc_layers", "dec_layers", "dim_feedforward", "nheads", "enc_n_points",
                  "dec_n_points", "num_queries", "topk_queries", "mask_pool_size", "mask_points"):
         _require(getattr(ie, name) > 0, f"image_encoder.{name}", "must be > 0")
@@ -550,6 +603,7 @@ def validate(cfg: Config) -> None:
     d = cfg.data
     _require(d.synthetic_profile in (None, "quick", "small"), "data.synthetic_profile",
              f"{d.synthetic_profile!r} not in (None, 'quick', 'small')")
+    _require(d.on_invalid in INVALID_POLICIES, "data.on_invalid", f"{d.on_invalid!r} not in {INVALID_POLICIES}")
     for name in ("image_size", "det_min_size", "det_max_size", "det_max_long", "det_crop_size", "det_eval_size",
                  "det_eval_max_long"):
         _require(getattr(d, name) > 0, f"data.{name}", "must be > 0")
@@ -568,6 +622,7 @@ def validate(cfg: Config) -> None:
     _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
     _require(o.warmup_iters >= 0, "optim.warmup_iters", "must be >= 0")
     _require(all(0.0 < f <= 1.0 for f in o.decay_at), "optim.decay_at", "fractions must be in (0, 1]")
+    _require(o.decay_at == sorted(o.decay_at), "optim.decay_at", f"{o.decay_at} must be increasing")
     _require(0.0 < o.decay_factor <= 1.0, "optim.decay_factor", "must be in (0, 1]")
     if o.name == "adamw":
         _require(not o.normalize and not o.compensate, "optim.name",
@@ -575,6 +630,14 @@ def validate(cfg: Config) -> None:
 
     r = cfg.run
     _require(r.iterations >= 1, "run.iterations", "must be >= 1")
+    # the lr schedule's own conditions (engine.schedule.WarmupStepSchedule), checked before any model is built
+    _require(r.iterations >= o.warmup_iters, "run.iterations",
+             f"{r.iterations} is shorter than the warm-up optim.warmup_iters={o.warmup_iters}")
+    if o.decay_at:
+        first_decay = round(o.decay_at[0] * r.iterations)
+        _require(first_decay >= o.warmup_iters, "optim.decay_at",
+                 f"the first decay (at {o.decay_at[0]} x run.iterations={r.iterations} = iteration {first_decay}) "
+                 f"falls inside the warm-up optim.warmup_iters={o.warmup_iters}")
     _require(r.sampling in SAMPLINGS, "run.sampling", f"{r.sampling!r} not in {SAMPLINGS}")
     _require(r.precision in PRECISIONS, "run.precision", f"{r.precision!r} not in {PRECISIONS}")
     _require(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"), "run.device",
@@ -582,6 +645,7 @@ def validate(cfg: Config) -> None:
     _require(r.grad_accum >= 1, "run.grad_accum", "must be >= 1")
     for name in ("log_every", "ckpt_every", "eval_every", "keep_checkpoints"):
         _require(getattr(r, name) >= 0, f"run.{name}", "must be >= 0")
+    _warn_on_large_images(cfg)
 
 
 # --------------------------------------------------------------------------------------------------------------

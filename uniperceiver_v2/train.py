@@ -12,8 +12,9 @@ Several processes on one machine (gloo on CPU, NCCL on GPUs), or several machine
 
 ``--resume`` continues from the newest checkpoint in ``<run.output_dir>/checkpoints`` (it starts from scratch,
 saying so, when there is none yet, so a preempted job can be restarted with the same command). The run
-directory receives ``config.yaml``, ``run_info.json``, ``metrics.jsonl``, ``tb/`` (TensorBoard),
-``checkpoints/`` and ``eval_<split>_<iteration>.json``. Exit codes: 0 finished, 128 + N stopped by signal N
+directory receives ``config.yaml``, ``run_info.json``, ``data_check.json`` (what each dataset kept and skipped,
+and why; also printed before the first iteration), ``metrics.jsonl``, ``tb/`` (TensorBoard), ``checkpoints/`` and
+``eval_<split>_<iteration>.json``. Exit codes: 0 finished, 128 + N stopped by signal N
 after saving a checkpoint, 1 failed (in a distributed run the failing rank's error ends the whole job), 2 bad
 command line or configuration.
 
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from .engine.build import build_training
+    from .engine.data_setup import data_report, format_data_report, save_data_report
     from .engine.distributed import destroy_distributed, get_rank, init_distributed
     from .engine.evaluation import evaluate
     from .engine.trainer import Trainer, fail_fast
@@ -76,10 +78,15 @@ def main(argv: list[str] | None = None) -> int:
             model, tasks, datasets = build_training(cfg)
             trainer = Trainer(cfg, model, tasks, datasets, evaluate_fn=None if args.no_eval else evaluate,
                               progress=not args.no_progress, argv=argv)
+            # the evaluation split is checked now too: a bad file there would otherwise surface after training
+            report = data_report(cfg, datasets, eval_split=None if args.no_eval else cfg.data.val_split)
         except (ConfigError, DataError) as error:
             print(f"error: {error}", file=sys.stderr)
             destroy_distributed()
             return 2
+        if get_rank() == 0:
+            print(format_data_report(report), flush=True)
+            save_data_report(report, cfg.run.output_dir)
         if args.resume:
             if trainer.resume(new_schedule=args.new_schedule):
                 if get_rank() == 0:

@@ -7,16 +7,17 @@ the unit of caption and retrieval training) or per image (``iterate="image"``: o
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from .coco import load_json, require_keys
-from .images import read_image
+from .coco import int_field, list_field, load_json, require_keys, str_field
+from .images import ImageFile, read_image
 from .samples import CaptionSample, ImageCaptionsSample
 from .summary import DataError, DatasetSummary, RecordLog, log_summary
 
@@ -43,22 +44,45 @@ class _CaptionDataset(Dataset):
         images: list[_CaptionedImage],
         iterate: str,
         transform: ImageTransform | None,
-        summary: DatasetSummary,
+        log: RecordLog,
         source: Path,
     ):
         if iterate not in ITERATE_MODES:
             raise ValueError(f"iterate must be one of {ITERATE_MODES}, got {iterate!r}")
         self.iterate = iterate
         self.transform = transform
+        self.on_invalid = log.on_invalid
+        self._log = log
+        self._source = source
+        self._set_images(images)
+        log_summary(logger, self.summary())
+
+    def _set_images(self, images: list[_CaptionedImage]) -> None:
         self._images = images
         # (image index, caption index) per caption, so per-caption iteration is a flat index.
         self._pairs = [(i, j) for i, image in enumerate(images) for j in range(len(image.captions))]
-        self._summary = summary
-        self._source = source
-        log_summary(logger, summary)
 
     def summary(self) -> DatasetSummary:
-        return self._summary
+        return self._log.summary(
+            {"images": len(self._images), "captions": sum(len(image.captions) for image in self._images)}
+        )
+
+    def image_files(self) -> list[ImageFile]:
+        """Every image file this dataset reads (for ``preflight.py``; caption records give no image size)."""
+        return [ImageFile(image.path, f"image id={image.image_id} in {self._source}") for image in self._images]
+
+    def drop_images(self, problems: Mapping[Path, tuple[str, str]]) -> None:
+        """Leave out the images whose path is in ``problems`` (path -> (reason, detail)), with all their captions,
+        through the ``on_invalid`` policy: counted under the reason with "skip", a ``DataError`` with "error"."""
+        kept = []
+        for image in self._images:
+            problem = problems.get(image.path)
+            if problem is None:
+                kept.append(image)
+            else:
+                self._log.invalid(*problem)
+        self._set_images(kept)
+        log_summary(logger, self.summary())
 
     @property
     def image_ids(self) -> list[int]:
@@ -92,8 +116,8 @@ class _CaptionDataset(Dataset):
         return ImageCaptionsSample(self._load(image), list(image.captions), image.image_id, image.file_name)
 
 
-def _clean_caption(text: object) -> str:
-    return " ".join(str(text).split())
+def _clean_caption(text: str) -> str:
+    return " ".join(text.split())
 
 
 class CocoCaptions(_CaptionDataset):
@@ -104,9 +128,11 @@ class CocoCaptions(_CaptionDataset):
         ann_file: JSON with ``images`` (``id``, ``file_name``) and ``annotations`` (``image_id``, ``caption``).
         iterate: "caption" or "image" (see the module docstring).
         transform: optional image transform ``Tensor (3, H, W) -> Tensor``.
-        on_invalid: "error" or "skip" for a caption of an unknown image or an empty caption.
+        on_invalid: "error" or "skip" for a caption of an unknown image or an empty caption, and for images
+            that the pre-flight check (``preflight.py``) finds missing or unreadable.
 
     Images without any caption cannot serve either mode; they are left out and counted in ``summary()``.
+    Malformed records (missing keys, values of the wrong type, duplicate ids) always raise ``DataError``.
     """
 
     def __init__(
@@ -124,21 +150,26 @@ class CocoCaptions(_CaptionDataset):
         log = RecordLog(str(self.ann_file), on_invalid)
 
         by_id: dict[int, _CaptionedImage] = {}
-        for index, record in enumerate(data["images"]):
-            require_keys(record, ("id", "file_name"), self.ann_file, f"images[{index}]")
-            image_id = int(record["id"])
+        for index, record in enumerate(list_field(data, "images", self.ann_file, "top level")):
+            where = f"images[{index}]"
+            require_keys(record, ("id", "file_name"), self.ann_file, where)
+            image_id = int_field(record, "id", self.ann_file, where)
             if image_id in by_id:
-                raise DataError(f"{self.ann_file}: images[{index}]: duplicate image id {image_id}")
-            by_id[image_id] = _CaptionedImage(
-                self.image_dir / record["file_name"], str(record["file_name"]), image_id, []
-            )
-        for index, annotation in enumerate(data["annotations"]):
+                raise DataError(f"{self.ann_file}: {where}: duplicate image id {image_id}")
+            file_name = str_field(record, "file_name", self.ann_file, f"{where} (id={image_id})")
+            by_id[image_id] = _CaptionedImage(self.image_dir / file_name, file_name, image_id, [])
+        for index, annotation in enumerate(list_field(data, "annotations", self.ann_file, "top level")):
             require_keys(annotation, ("image_id", "caption"), self.ann_file, f"annotations[{index}]")
-            where = f"annotations[{index}] (id={annotation.get('id')}, image_id={annotation['image_id']})"
-            image = by_id.get(int(annotation["image_id"]))
+            where = (f"annotations[{index}] (id={json.dumps(annotation.get('id'))}, "
+                     f"image_id={json.dumps(annotation['image_id'])})")
+            image = by_id.get(int_field(annotation, "image_id", self.ann_file, where))
             if image is None:
                 log.invalid("caption refers to an unknown image_id", where)
                 continue
+            if not isinstance(annotation["caption"], str):
+                raise DataError(
+                    f"{self.ann_file}: {where}: caption must be a string, got {json.dumps(annotation['caption'])}"
+                )
             caption = _clean_caption(annotation["caption"])
             if not caption:
                 log.invalid("empty caption", where)
@@ -150,8 +181,7 @@ class CocoCaptions(_CaptionDataset):
                 images.append(image)
             else:
                 log.skip("image without captions", f"image id={image.image_id} ({image.file_name})")
-        summary = log.summary({"images": len(images), "captions": sum(len(i.captions) for i in images)})
-        super().__init__(images, iterate, transform, summary, self.ann_file)
+        super().__init__(images, iterate, transform, log, self.ann_file)
 
 
 class KarpathyCaptions(_CaptionDataset):
@@ -168,7 +198,8 @@ class KarpathyCaptions(_CaptionDataset):
         splits: a split name or several, e.g. "test", or ("train", "restval") for the usual COCO training set.
         iterate: "caption" or "image".
         transform: optional image transform.
-        on_invalid: "error" or "skip" for a sentence with neither ``raw`` nor ``tokens`` text.
+        on_invalid: "error" or "skip" for a sentence with neither ``raw`` nor ``tokens`` text, and for images
+            that the pre-flight check (``preflight.py``) finds missing or unreadable.
     """
 
     def __init__(
@@ -190,21 +221,34 @@ class KarpathyCaptions(_CaptionDataset):
         images = []
         found_splits: set[str] = set()
         seen_ids: set[int] = set()
-        for index, record in enumerate(data["images"]):
-            require_keys(record, ("filename", "split", "sentences"), self.split_file, f"images[{index}]")
-            found_splits.add(record["split"])
-            if record["split"] not in self.splits:
+        for index, record in enumerate(list_field(data, "images", self.split_file, "top level")):
+            where = f"images[{index}]"
+            require_keys(record, ("filename", "split", "sentences"), self.split_file, where)
+            split = str_field(record, "split", self.split_file, where)
+            found_splits.add(split)
+            if split not in self.splits:
                 continue
-            image_id = int(record.get("cocoid", record.get("imgid", index)))
+            id_key = next((key for key in ("cocoid", "imgid") if key in record), None)
+            image_id = int_field(record, id_key, self.split_file, where) if id_key else index
             if image_id in seen_ids:
-                raise DataError(f"{self.split_file}: images[{index}]: duplicate image id {image_id}")
+                raise DataError(f"{self.split_file}: {where}: duplicate image id {image_id}")
             seen_ids.add(image_id)
-            relative = Path(record.get("filepath", "")) / record["filename"]
+            filepath = record.get("filepath", "")
+            if not isinstance(filepath, str):
+                raise DataError(f"{self.split_file}: {where}: filepath must be a string, got {json.dumps(filepath)}")
+            relative = Path(filepath) / str_field(record, "filename", self.split_file, where)
             captions = []
-            for j, sentence in enumerate(record["sentences"]):
+            for j, sentence in enumerate(list_field(record, "sentences", self.split_file, where)):
                 text = sentence.get("raw") if isinstance(sentence, dict) else None
                 if text is None and isinstance(sentence, dict) and "tokens" in sentence:
-                    text = " ".join(sentence["tokens"])
+                    tokens = sentence["tokens"]
+                    if not isinstance(tokens, list) or not all(isinstance(token, str) for token in tokens):
+                        raise DataError(f"{self.split_file}: {where}.sentences[{j}] ({relative}): tokens must be "
+                                        f"a list of strings, got {json.dumps(tokens)}")
+                    text = " ".join(tokens)
+                if text is not None and not isinstance(text, str):
+                    raise DataError(f"{self.split_file}: {where}.sentences[{j}] ({relative}): raw must be a "
+                                    f"string, got {json.dumps(text)}")
                 text = _clean_caption(text) if text is not None else ""
                 if not text:
                     log.invalid(
@@ -221,5 +265,4 @@ class KarpathyCaptions(_CaptionDataset):
                 f"{self.split_file}: no captioned images in split(s) {list(self.splits)}; "
                 f"the file has splits {sorted(found_splits)}"
             )
-        summary = log.summary({"images": len(images), "captions": sum(len(i.captions) for i in images)})
-        super().__init__(images, iterate, transform, summary, self.split_file)
+        super().__init__(images, iterate, transform, log, self.split_file)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .images import IMAGE_EXTENSIONS, read_image
+from .images import IMAGE_EXTENSIONS, ImageFile, read_image
 from .samples import ClassificationSample
 from .summary import DataError, DatasetSummary, RecordLog, log_summary
 
@@ -65,6 +65,8 @@ class ImageFolderClassification(Dataset):
             folder -> display name, or the path of a mapping file (see ``read_class_name_mapping``).
             Every class folder must have an entry.
         transform: optional image transform ``Tensor (3, H, W) -> Tensor``.
+        on_invalid: "error" or "skip" for images that the pre-flight check (``preflight.py``) finds missing or
+            unreadable.
 
     Files without an image extension are ignored and counted; a class folder without images keeps its
     index (so indices agree across splits) and is counted.
@@ -75,9 +77,11 @@ class ImageFolderClassification(Dataset):
         root: str | Path,
         class_names: str | Path | Mapping[str, str] | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        on_invalid: str = "error",
     ):
         self.root = Path(root)
         self.transform = transform
+        self.on_invalid = on_invalid
         if not self.root.is_dir():
             raise DataError(f"classification root is not a folder: {self.root}")
         self.class_folders = sorted(
@@ -98,23 +102,40 @@ class ImageFolderClassification(Dataset):
             raise DataError(f"{self.root}: class folder(s) {missing[:5]} have no display name in {source}")
         self.class_names = [mapping[folder] for folder in self.class_folders]
 
-        log = RecordLog(str(self.root), "error")
+        self._log = RecordLog(str(self.root), on_invalid)
         self._items: list[tuple[Path, int]] = []
         for label, folder in enumerate(self.class_folders):
             files = sorted(entry.name for entry in os.scandir(self.root / folder) if entry.is_file())
             images = [name for name in files if name.lower().endswith(IMAGE_EXTENSIONS)]
             if len(images) < len(files):
-                log.note("non-image files ignored", len(files) - len(images))
+                self._log.note("non-image files ignored", len(files) - len(images))
             if not images:
-                log.note("class folders without images")
+                self._log.note("class folders without images")
             self._items.extend((self.root / folder / name, label) for name in images)
         if not self._items:
             raise DataError(f"{self.root}: no image files in any class folder (extensions {IMAGE_EXTENSIONS})")
-        self._summary = log.summary({"images": len(self._items), "classes": len(self.class_folders)})
-        log_summary(logger, self._summary)
+        log_summary(logger, self.summary())
 
     def summary(self) -> DatasetSummary:
-        return self._summary
+        return self._log.summary({"images": len(self._items), "classes": len(self.class_folders)})
+
+    def image_files(self) -> list[ImageFile]:
+        """Every image file this dataset reads (for ``preflight.py``; a class folder states no image size)."""
+        return [ImageFile(path, f"class {self.class_folders[label]!r} in {self.root}") for path, label in self._items]
+
+    def drop_images(self, problems: Mapping[Path, tuple[str, str]]) -> None:
+        """Leave out the images whose path is in ``problems`` (path -> (reason, detail)) through the
+        ``on_invalid`` policy: counted under the reason with "skip", a ``DataError`` with "error". Class indices
+        do not change."""
+        kept = []
+        for path, label in self._items:
+            problem = problems.get(path)
+            if problem is None:
+                kept.append((path, label))
+            else:
+                self._log.invalid(*problem)
+        self._items = kept
+        log_summary(logger, self.summary())
 
     @property
     def labels(self) -> list[int]:

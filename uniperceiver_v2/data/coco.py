@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,15 @@ import pycocotools.mask as mask_utils
 import torch
 from torch.utils.data import Dataset
 
-from .images import read_image
+from .images import ImageFile, read_image
 from .samples import DetectionSample
 from .summary import DataError, DatasetSummary, RecordLog, log_summary
 
 logger = logging.getLogger(__name__)
 
 EMPTY_IMAGE_POLICIES = ("keep", "skip", "error")
+_INTEGER_TEXT = re.compile(r"-?[0-9]+")
+EMPTY_MASK = "empty mask: the segmentation covers no pixel of the image"
 
 
 @dataclass(frozen=True)
@@ -61,15 +64,54 @@ def require_keys(record: Any, keys: tuple[str, ...], source: str | Path, where: 
         raise DataError(f"{source}: {where}: missing key(s) {missing}; has {sorted(record)}")
 
 
+def int_field(record: dict, key: str, source: str | Path, where: str, minimum: int | None = None) -> int:
+    """``record[key]`` as an integer (a JSON integer, an integral number or a text of digits).
+
+    Raises:
+        DataError: naming the file, the record and the key, for text such as "abc", null, 1.5 or true, or a
+            value below ``minimum``.
+    """
+    value = record[key]
+    integral = (
+        isinstance(value, int)
+        or (isinstance(value, float) and value.is_integer())
+        or (isinstance(value, str) and _INTEGER_TEXT.fullmatch(value.strip()) is not None)
+    )
+    if isinstance(value, bool) or not integral:
+        raise DataError(f"{source}: {where}: {key} must be an integer, got {json.dumps(value)}")
+    number = int(value)
+    if minimum is not None and number < minimum:
+        raise DataError(f"{source}: {where}: {key} must be >= {minimum}, got {number}")
+    return number
+
+
+def str_field(record: dict, key: str, source: str | Path, where: str) -> str:
+    """``record[key]``, which must be a non-empty string; else a DataError naming file, record and key."""
+    value = record[key]
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{source}: {where}: {key} must be a non-empty string, got {json.dumps(value)}")
+    return value
+
+
+def list_field(record: dict, key: str, source: str | Path, where: str) -> list:
+    """``record[key]``, which must be a JSON array; else a DataError naming file, record and key."""
+    value = record[key]
+    if not isinstance(value, list):
+        kind = "null" if value is None else type(value).__name__
+        raise DataError(f"{source}: {where}: {key!r} must be a list, got {kind}")
+    return value
+
+
 def parse_categories(data: dict, source: str | Path) -> list[Category]:
     """The file's categories sorted by id; duplicate ids are an error."""
     categories = []
-    for index, record in enumerate(data["categories"]):
-        require_keys(record, ("id", "name"), source, f"categories[{index}]")
+    for index, record in enumerate(list_field(data, "categories", source, "top level")):
+        where = f"categories[{index}]"
+        require_keys(record, ("id", "name"), source, where)
         categories.append(
             Category(
-                id=int(record["id"]),
-                name=str(record["name"]),
+                id=int_field(record, "id", source, where),
+                name=str_field(record, "name", source, where),
                 supercategory=str(record.get("supercategory", "")),
                 novel=bool(record.get("novel", False)),
             )
@@ -119,18 +161,31 @@ def check_segmentation(segmentation: Any, height: int, width: int) -> tuple[Any,
     Returns:
         (cleaned segmentation or None if unusable, number of dropped polygon parts, reason if unusable).
         Polygon parts with fewer than 3 points are dropped (pycocotools would misread a 4-number part as
-        a box); the caller counts them.
+        a box); the caller counts them. A segmentation that covers no pixel of the image (a polygon outside
+        it, or flat) is unusable: its instance would train with an empty mask.
     """
     if isinstance(segmentation, list):
         parts = [part for part in segmentation if isinstance(part, list)]
         valid = [
             part
             for part in parts
-            if len(part) >= 6 and len(part) % 2 == 0 and all(isinstance(v, (int, float)) for v in part)
+            if len(part) >= 6
+            and len(part) % 2 == 0
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in part)
         ]
         dropped = len(segmentation) - len(valid)
         if not valid:
             return None, dropped, "segmentation has no polygon with at least 3 points"
+        if not all(math.isfinite(v) for part in valid for v in part):
+            return None, dropped, "polygon has a non-finite coordinate (NaN or infinity)"
+        # pycocotools rasterises a polygon at 5x resolution along its outline: vertices far outside the image
+        # would cost memory for nothing, and no annotation tool puts them there.
+        xs = [v for part in valid for v in part[0::2]]
+        ys = [v for part in valid for v in part[1::2]]
+        if min(xs) < -width or max(xs) > 2 * width or min(ys) < -height or max(ys) > 2 * height:
+            return None, dropped, "polygon has a vertex more than an image size outside the image"
+        if int(mask_utils.area(mask_utils.frPyObjects(valid, height, width)).sum()) == 0:
+            return None, dropped, EMPTY_MASK
         return valid, dropped, ""
     if isinstance(segmentation, dict):
         if "size" not in segmentation or "counts" not in segmentation:
@@ -151,6 +206,8 @@ def check_segmentation(segmentation: Any, height: int, width: int) -> tuple[Any,
             return None, 0, f"RLE counts must be a string or a list, got {type(counts).__name__}"
         if any(run < 0 for run in runs) or sum(runs) != height * width:
             return None, 0, f"RLE runs cover {sum(runs)} pixels (or are negative), the image has {height * width}"
+        if sum(runs[1::2]) == 0:   # runs alternate background / object, starting with background
+            return None, 0, EMPTY_MASK
         return segmentation, 0, ""
     return None, 0, f"segmentation must be a polygon list or an RLE dict, got {type(segmentation).__name__}"
 
@@ -196,12 +253,13 @@ class CocoInstances(Dataset):
         with_masks: decode instance masks (set False for box-only detection; ``masks`` is then None).
         on_invalid: "error" or "skip" for annotations that are well-formed but unusable: a box of zero
             or negative size (also after clipping to the image), an unknown ``image_id`` or
-            ``category_id``, an unusable segmentation.
+            ``category_id``, an unusable segmentation (including one that covers no pixel of the image);
+            and for images that the pre-flight check (``preflight.py``) finds missing or unreadable.
         empty_images: "keep" (default: images without objects are valid negatives), "skip" or "error".
 
     Crowd annotations (``iscrowd=1``) are never training targets; they are counted in ``summary()``.
-    Boxes are clipped to the image (counted as a note). Malformed records (missing keys, duplicate ids)
-    always raise ``DataError``.
+    Boxes are clipped to the image (counted as a note). Malformed records (missing keys, values of the wrong
+    type, duplicate ids) always raise ``DataError``.
     """
 
     def __init__(
@@ -219,6 +277,7 @@ class CocoInstances(Dataset):
         self.ann_file = Path(ann_file)
         self.transform = transform
         self.with_masks = with_masks
+        self.on_invalid = on_invalid
 
         data = load_json(self.ann_file)
         require_keys(data, ("images", "annotations", "categories"), self.ann_file, "top level")
@@ -227,42 +286,41 @@ class CocoInstances(Dataset):
         self.label_to_category_id = [category.id for category in self.categories]
         self.category_id_to_label = {category_id: label for label, category_id in enumerate(self.label_to_category_id)}
 
-        log = RecordLog(str(self.ann_file), on_invalid)
-        records = self._parse_images(data["images"])
-        self._parse_annotations(data["annotations"], records, log)
+        self._log = RecordLog(str(self.ann_file), on_invalid)
+        records = self._parse_images(list_field(data, "images", self.ann_file, "top level"))
+        self._parse_annotations(list_field(data, "annotations", self.ann_file, "top level"), records, self._log)
 
         self._records: list[_ImageRecord] = []
         for record in records.values():
             if record.instances:
                 self._records.append(record)
             elif empty_images == "keep":
-                log.note("images without objects (kept)")
+                self._log.note("images without objects (kept)")
                 self._records.append(record)
             elif empty_images == "skip":
-                log.skip("image without objects", f"image id={record.image_id} ({record.file_name})")
+                self._log.skip("image without objects", f"image id={record.image_id} ({record.file_name})")
             else:
                 raise DataError(
                     f"{self.ann_file}: image id={record.image_id} ({record.file_name}) has no usable object "
                     "(pass empty_images='keep' or 'skip')"
                 )
-        self._summary = log.summary(
-            {
-                "images": len(self._records),
-                "annotations": sum(len(record.instances) for record in self._records),
-                "categories": len(self.categories),
-            }
-        )
-        log_summary(logger, self._summary)
+        log_summary(logger, self.summary())
 
     def _parse_images(self, images: list) -> dict[int, _ImageRecord]:
         records: dict[int, _ImageRecord] = {}
         for index, image in enumerate(images):
-            require_keys(image, ("id", "file_name", "height", "width"), self.ann_file, f"images[{index}]")
-            image_id = int(image["id"])
+            where = f"images[{index}]"
+            require_keys(image, ("id", "file_name", "height", "width"), self.ann_file, where)
+            image_id = int_field(image, "id", self.ann_file, where)
             if image_id in records:
-                raise DataError(f"{self.ann_file}: images[{index}]: duplicate image id {image_id}")
+                raise DataError(f"{self.ann_file}: {where}: duplicate image id {image_id}")
+            where = f"{where} (id={image_id})"
             records[image_id] = _ImageRecord(
-                image_id, str(image["file_name"]), int(image["height"]), int(image["width"]), []
+                image_id,
+                str_field(image, "file_name", self.ann_file, where),
+                int_field(image, "height", self.ann_file, where, minimum=1),
+                int_field(image, "width", self.ann_file, where, minimum=1),
+                [],
             )
         return records
 
@@ -272,27 +330,36 @@ class CocoInstances(Dataset):
         seen_ids: set[int] = set()
         for index, annotation in enumerate(annotations):
             require_keys(annotation, required, self.ann_file, f"annotations[{index}]")
-            annotation_id = int(annotation["id"])
-            where = f"annotation id={annotation_id} (image_id={annotation['image_id']})"
+            annotation_id = int_field(annotation, "id", self.ann_file, f"annotations[{index}]")
+            where = f"annotation id={annotation_id} (image_id={json.dumps(annotation['image_id'])})"
+            image_id = int_field(annotation, "image_id", self.ann_file, where)
+            category_id = int_field(annotation, "category_id", self.ann_file, where)
+            crowd = annotation.get("iscrowd", 0)
+            if crowd not in (0, 1):   # also true / false
+                raise DataError(f"{self.ann_file}: {where}: iscrowd must be 0 or 1, got {json.dumps(crowd)}")
             if annotation_id in seen_ids:
                 raise DataError(f"{self.ann_file}: annotations[{index}]: duplicate annotation id {annotation_id}")
             seen_ids.add(annotation_id)
             bbox = annotation["bbox"]
-            if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            if not (
+                isinstance(bbox, list)
+                and len(bbox) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
+            ):
                 raise DataError(f"{self.ann_file}: {where}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
             if not all(math.isfinite(v) for v in bbox):
                 raise DataError(f"{self.ann_file}: {where}: bbox has a non-finite value: {bbox!r}")
 
-            record = records.get(int(annotation["image_id"]))
+            record = records.get(image_id)
             if record is None:
                 log.invalid("annotation refers to an unknown image_id", where)
                 continue
-            if int(annotation.get("iscrowd", 0)) == 1:
+            if crowd == 1:
                 log.skip("crowd annotation (iscrowd=1, not a training target)", where)
                 continue
-            label = self.category_id_to_label.get(int(annotation["category_id"]))
+            label = self.category_id_to_label.get(category_id)
             if label is None:
-                log.invalid(f"unknown category_id {annotation['category_id']}", where)
+                log.invalid(f"unknown category_id {category_id}", where)
                 continue
             x, y, w, h = (float(v) for v in bbox)
             if w <= 0 or h <= 0:
@@ -319,8 +386,36 @@ class CocoInstances(Dataset):
             record.instances.append(_Instance((x0, y0, x1, y1), label, segmentation))
 
     def summary(self) -> DatasetSummary:
-        """Counts of what was kept, skipped (and why) and noted while reading the annotation file."""
-        return self._summary
+        """Counts of what was kept, skipped (and why) and noted while reading the annotation file (and while
+        checking its images, see ``drop_images``)."""
+        return self._log.summary(
+            {
+                "images": len(self._records),
+                "annotations": sum(len(record.instances) for record in self._records),
+                "categories": len(self.categories),
+            }
+        )
+
+    def image_files(self) -> list[ImageFile]:
+        """Every image file this dataset reads, with the size its record states (for ``preflight.py``)."""
+        return [
+            ImageFile(self.image_dir / record.file_name, f"image id={record.image_id} in {self.ann_file}",
+                      record.width, record.height)
+            for record in self._records
+        ]
+
+    def drop_images(self, problems: Mapping[Path, tuple[str, str]]) -> None:
+        """Leave out the images whose path is in ``problems`` (path -> (reason, detail)), with their objects,
+        through the ``on_invalid`` policy: counted under the reason with "skip", a ``DataError`` with "error"."""
+        kept = []
+        for record in self._records:
+            problem = problems.get(self.image_dir / record.file_name)
+            if problem is None:
+                kept.append(record)
+            else:
+                self._log.invalid(*problem)
+        self._records = kept
+        log_summary(logger, self.summary())
 
     @property
     def image_ids(self) -> list[int]:

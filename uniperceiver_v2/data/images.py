@@ -8,6 +8,7 @@ EXIF orientation is deliberately not applied: COCO annotations refer to the stor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,22 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 PNG_COMPRESS_LEVEL = 6
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """An image file a reader will read: its path, where it is referenced, and the size its record states.
+
+    Attributes:
+        path: the file.
+        record: where it is referenced, e.g. "image id=12 in annotations/instances_val.json".
+        width, height: the size the record gives, or None where the record has none (class folders, captions).
+    """
+
+    path: Path
+    record: str
+    width: int | None = None
+    height: int | None = None
 
 
 def pil_to_rgb_array(image: Image.Image, path: str | Path = "<in memory>") -> np.ndarray:

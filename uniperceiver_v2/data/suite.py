@@ -1,4 +1,10 @@
-"""``SyntheticSuite``: paths and category lists of a generated synthetic suite, read from its manifest."""
+"""``SyntheticSuite``: paths and category lists of a generated synthetic suite, read from its manifest.
+
+The manifest is also the generator's proof of ownership: the generator only ever writes into a folder that is new,
+empty, or holds a ``manifest.json`` (or, while it runs, a ``manifest.partial.json``) whose ``"generator"`` field
+names it (``may_generate_into``). Every suite it wrote carries that field, so suites generated before this rule are
+recognised too; a user's folder, whatever it holds, is never written into.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,10 @@ from pathlib import Path
 from .summary import DataError
 
 MANIFEST_NAME = "manifest.json"
+# Written before the first file of a generation and removed after the manifest: an interrupted generation stays
+# recognisable as the generator's own (and is regenerated), not mistaken for a user's folder.
+IN_PROGRESS_NAME = "manifest.partial.json"
+GENERATOR_NAME = "uniperceiver_v2.data.synthetic"
 SPLITS = ("train", "val", "test")
 SCENE_SPLITS = (*SPLITS, "novel")
 CORPUS_SPLITS = ("train", "val")
@@ -22,6 +32,38 @@ def read_manifest(root: str | Path) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc}); delete it to regenerate the suite") from exc
+
+
+def _names_the_generator(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("generator") == GENERATOR_NAME
+
+
+def written_by_generator(root: str | Path) -> bool:
+    """True when ``root`` holds a manifest (complete or in progress) written by the synthetic-suite generator."""
+    root = Path(root)
+    return _names_the_generator(root / MANIFEST_NAME) or _names_the_generator(root / IN_PROGRESS_NAME)
+
+
+def is_new_or_empty(root: str | Path) -> bool:
+    """True when ``root`` does not exist or is an empty folder."""
+    root = Path(root)
+    return not root.exists() or (root.is_dir() and not any(root.iterdir()))
+
+
+def may_generate_into(root: str | Path) -> None:
+    """Raise ``DataError`` unless the generator may write into ``root``: a new or empty folder, or one it wrote."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root}: not a folder; the synthetic suite is generated into a new or empty folder")
+    if not (is_new_or_empty(root) or written_by_generator(root)):
+        raise DataError(
+            f"{root}: this folder holds files the synthetic-suite generator did not write (it has no "
+            f"{MANIFEST_NAME} of the generator), so nothing is generated into it; choose a new or empty folder"
+        )
 
 
 class SyntheticSuite:

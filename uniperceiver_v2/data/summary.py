@@ -5,16 +5,20 @@ a duplicate id) always raises :class:`DataError`. A record that is well-formed b
 zero size, an annotation pointing at an unknown image) follows the reader's ``on_invalid`` policy:
 ``"error"`` raises, ``"skip"`` drops the record and counts it. Either way nothing disappears silently:
 the counts end up in a :class:`DatasetSummary` that the reader logs and returns from ``summary()``.
+A training run sets the policy of every reader with the config key ``data.on_invalid``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 INVALID_POLICIES = ("error", "skip")
 MAX_EXAMPLES_PER_REASON = 3
+# How a user reaches the "skip" policy: the config key of a run, the argument of a reader used directly.
+SKIP_HINT = "set data.on_invalid=skip (on_invalid='skip' for a reader) to leave such records out and count them"
 
 
 class DataError(ValueError):
@@ -29,6 +33,8 @@ class DatasetSummary:
         source: the file or folder that was read.
         kept: number of usable items per kind, e.g. ``{"images": 100, "annotations": 412}``.
         skipped: number of dropped records per reason, e.g. ``{"crowd annotation": 3}``.
+        invalid: the part of ``skipped`` that the ``on_invalid`` policy dropped (records that were unusable,
+            not left out by design like crowd annotations), per reason.
         notes: counts worth knowing that did not drop anything, e.g. ``{"images without objects (kept)": 4}``.
         examples: for each skip reason, up to three record descriptions, to find them in the file.
     """
@@ -38,10 +44,19 @@ class DatasetSummary:
     skipped: dict[str, int] = field(default_factory=dict)
     notes: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    invalid: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_skipped(self) -> int:
         return sum(self.skipped.values())
+
+    @property
+    def num_invalid(self) -> int:
+        return sum(self.invalid.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable fields."""
+        return asdict(self)
 
     def __str__(self) -> str:
         def fmt(counts: dict[str, int]) -> str:
@@ -69,13 +84,15 @@ class RecordLog:
         self.source = source
         self.on_invalid = on_invalid
         self._skipped: Counter[str] = Counter()
+        self._invalid: Counter[str] = Counter()
         self._notes: Counter[str] = Counter()
         self._examples: dict[str, list[str]] = {}
 
     def invalid(self, reason: str, record: str) -> None:
         """Raise ``DataError`` (policy "error") or count the record as skipped (policy "skip")."""
         if self.on_invalid == "error":
-            raise DataError(f"{self.source}: {record}: {reason} (pass on_invalid='skip' to drop such records)")
+            raise DataError(f"{self.source}: {record}: {reason} ({SKIP_HINT})")
+        self._invalid[reason] += 1
         self.skip(reason, record)
 
     def skip(self, reason: str, record: str) -> None:
@@ -94,6 +111,7 @@ class RecordLog:
             skipped=dict(sorted(self._skipped.items())),
             notes=dict(sorted(self._notes.items())),
             examples={reason: list(examples) for reason, examples in sorted(self._examples.items())},
+            invalid=dict(sorted(self._invalid.items())),
         )
 
 

@@ -13,6 +13,9 @@ Writes, under ``--out``:
     text/corpus_{train,val}.txt                    MLM corpus, no sentence equal to a val/test caption
     manifest.json                                  profile, seed, categories, counts, stats, sha256 per file
 
+``--out`` must be a new or empty folder, or one the generator wrote before (its ``manifest.json`` names the
+generator): a folder holding anything else is never written into (``suite.may_generate_into``).
+
 Every image, annotation and sentence comes from its own numpy generator seeded by
 (seed, kind, split, index), so the output does not depend on the order of generation or on the
 number of worker processes: the same seed gives the same bytes (for fixed numpy / Pillow / zlib
@@ -29,6 +32,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import logging
 import math
 import multiprocessing
 import time
@@ -55,7 +59,10 @@ from .render import (
     rasterize,
     render_background,
 )
-from .suite import MANIFEST_NAME, SPLITS, read_manifest
+from .suite import GENERATOR_NAME, IN_PROGRESS_NAME, MANIFEST_NAME, SPLITS, may_generate_into, read_manifest
+from .summary import DataError
+
+logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "1"
 
@@ -294,7 +301,7 @@ def _scene_job(job: _SceneJob) -> dict:
     rng = _rng(job.seed, _KIND["scene"], _SPLIT[job.split], job.index)
     novel_split = job.split == "novel"
     allowed = CATEGORIES if novel_split else SEEN
-    for attempt in range(SCENE_ATTEMPTS):
+    for attempt in range(SCENE_ATTEMPTS):  # noqa: B007 (reported as "redrawn" after the loop)
         background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
         count = int(rng.integers(1, profile.max_objects + 1))
         categories = [allowed[int(rng.integers(len(allowed)))] for _ in range(count)]
@@ -471,9 +478,14 @@ def generate(
     """Generate the suite into ``out_dir`` and return its manifest (also written as ``manifest.json``).
 
     ``scene_size`` / ``classification_size`` override the profile's image sizes. ``workers`` only
-    changes the speed. The manifest is written last, so an interrupted run leaves no manifest and
-    ``ensure_synthetic`` regenerates. Files listed in a previous manifest but not produced now are removed.
+    changes the speed. The manifest is written last, so an interrupted run leaves no manifest (only the
+    in-progress marker ``manifest.partial.json``) and ``ensure_synthetic`` regenerates. Files listed in a
+    previous manifest but not produced now are removed.
+
+    Raises:
+        DataError: when ``out_dir`` is neither new, nor empty, nor a folder the generator wrote.
     """
+    may_generate_into(out_dir)
     settings = resolve_profile(profile, scene_size, classification_size)
     with _process_pool(workers) as executor:
         return _write_suite(Path(out_dir), settings, seed, executor)
@@ -482,6 +494,9 @@ def generate(
 def _write_suite(out: Path, settings: Profile, seed: int, executor: Executor | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     previous = read_manifest(out)
+    marker = {"generator": GENERATOR_NAME, "generator_version": GENERATOR_VERSION, "profile": settings.name,
+              "seed": seed, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (out / IN_PROGRESS_NAME).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     pools = digit_pools(seed)
     categories = [c.as_coco() for c in CATEGORIES]
@@ -603,7 +618,7 @@ def _write_suite(out: Path, settings: Profile, seed: int, executor: Executor | N
             (out / stale).unlink(missing_ok=True)
 
     manifest = {
-        "generator": "uniperceiver_v2.data.synthetic",
+        "generator": GENERATOR_NAME,
         "generator_version": GENERATOR_VERSION,
         "profile": settings.name,
         "seed": seed,
@@ -621,6 +636,7 @@ def _write_suite(out: Path, settings: Profile, seed: int, executor: Executor | N
     temporary = out / (MANIFEST_NAME + ".tmp")
     temporary.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     temporary.replace(out / MANIFEST_NAME)
+    (out / IN_PROGRESS_NAME).unlink(missing_ok=True)
     return manifest
 
 
@@ -632,6 +648,29 @@ def _params_match(manifest: dict, settings: Profile, seed: int) -> bool:
     )
 
 
+def find_suite(out_dir: str | Path) -> dict | None:
+    """The manifest of a complete suite at ``out_dir`` (written by the generator, every listed file present; the
+    contents are not re-hashed, ``verify`` does that), else None. Reads only."""
+    if not (Path(out_dir) / MANIFEST_NAME).is_file() or (Path(out_dir) / IN_PROGRESS_NAME).exists():
+        return None
+    try:
+        manifest = read_manifest(out_dir)
+    except DataError:
+        return None
+    if not isinstance(manifest, dict) or manifest.get("generator") != GENERATOR_NAME:
+        return None
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all((Path(out_dir) / relative).is_file() for relative in files):
+        return None
+    return manifest
+
+
+def suite_matches(manifest: dict, profile: str, seed: int, scene_size: int | None = None,
+                  classification_size: int | None = None) -> bool:
+    """True when ``manifest`` was written for these settings (profile, seed, image sizes, generator version)."""
+    return _params_match(manifest, resolve_profile(profile, scene_size, classification_size), seed)
+
+
 def ensure_synthetic(
     out_dir: str | Path,
     profile: str = "quick",
@@ -640,17 +679,22 @@ def ensure_synthetic(
     classification_size: int | None = None,
     workers: int = 1,
 ) -> dict:
-    """Return the suite's manifest, generating the suite first when ``out_dir`` has no manifest, one
-    for other settings (profile, seed, sizes, generator version), or one listing a missing file.
-    (File contents are not re-hashed here; ``verify`` does that.)"""
+    """Return the suite's manifest, generating the suite first when ``out_dir`` is new or empty, or holds a suite
+    of the generator that is incomplete (interrupted, a listed file missing) or for other settings (profile,
+    seed, sizes, generator version; replaced with a warning). (File contents are not re-hashed here; ``verify``
+    does that.)
+
+    Raises:
+        DataError: when ``out_dir`` holds files the generator did not write (it is never written into).
+    """
+    may_generate_into(out_dir)
     settings = resolve_profile(profile, scene_size, classification_size)
-    manifest = read_manifest(out_dir)
-    if (
-        manifest is not None
-        and _params_match(manifest, settings, seed)
-        and all((Path(out_dir) / relative).is_file() for relative in manifest["files"])
-    ):
-        return manifest
+    manifest = find_suite(out_dir)
+    if manifest is not None:
+        if _params_match(manifest, settings, seed):
+            return manifest
+        logger.warning("%s: replacing the synthetic suite %r (seed %s) with %r (seed %s)", out_dir,
+                       manifest.get("profile"), manifest.get("seed"), settings.name, seed)
     return generate(out_dir, profile, seed, scene_size, classification_size, workers)
 
 
@@ -681,7 +725,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes (the output does not depend on it)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    manifest = generate(args.out, args.profile, args.seed, args.scene_size, args.classification_size, args.workers)
+    try:
+        manifest = generate(args.out, args.profile, args.seed, args.scene_size, args.classification_size, args.workers)
+    except DataError as error:
+        raise SystemExit(f"error: {error}") from None
     elapsed = time.perf_counter() - start
     print(f"wrote {len(manifest['files'])} files to {args.out} ({args.profile}, seed {args.seed}) in {elapsed:.1f} s")
     print(json.dumps({"counts": manifest["counts"], "stats": manifest["stats"]}, indent=1))

@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 from torch.utils.data import Dataset
 
-from .summary import DataError, DatasetSummary, RecordLog, log_summary
+from .summary import SKIP_HINT, DataError, DatasetSummary, RecordLog, log_summary
 
 logger = logging.getLogger(__name__)
 
@@ -23,28 +23,32 @@ class TextCorpus(Dataset):
     """Sentences of a UTF-8 text file, one a line; blank lines are skipped and counted.
 
     ``corpus[i]`` is the i-th non-blank line with surrounding whitespace removed (a raw string: the
-    model's text encoder tokenises it).
+    model's text encoder tokenises it). ``on_invalid``: "error" or "skip" for a line that is not valid UTF-8.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, on_invalid: str = "error"):
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(f"text corpus not found: {self.path}")
-        log = RecordLog(str(self.path), "error")
+        self.on_invalid = on_invalid
+        log = RecordLog(str(self.path), on_invalid)
         self._offsets = array("q")
         offset = 0
         with open(self.path, "rb") as handle:
             for line_number, line in enumerate(handle, start=1):
+                start, offset = offset, offset + len(line)
                 try:
                     text = line.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    raise DataError(f"{self.path}:{line_number}: not valid UTF-8: {exc}") from exc
+                    if on_invalid == "error":
+                        raise DataError(f"{self.path}:{line_number}: not valid UTF-8: {exc} ({SKIP_HINT})") from exc
+                    log.invalid("line is not valid UTF-8", f"line {line_number}")
+                    continue
                 if text.strip():
-                    self._offsets.append(offset)
+                    self._offsets.append(start)
                 else:
                     # Blank lines separate paragraphs in most corpora: expected, so a note, not a warning.
                     log.note("blank lines skipped")
-                offset += len(line)
         if not self._offsets:
             raise DataError(f"{self.path}: no non-blank line")
         self._summary = log.summary({"sentences": len(self._offsets)})

@@ -232,7 +232,8 @@ def whole_image_eval_transform(task: str, image_size: int) -> Compose:
     """The evaluation transform of a whole-image task (:data:`WHOLE_IMAGE_CROP`); the same function serves the
     evaluation datasets and the inference API, so both see an image the same way."""
     if task not in WHOLE_IMAGE_CROP:
-        raise ValueError(f"whole_image_eval_transform: unknown task {task!r}; expected one of {sorted(WHOLE_IMAGE_CROP)}")
+        raise ValueError(f"whole_image_eval_transform: unknown task {task!r}; "
+                         f"expected one of {sorted(WHOLE_IMAGE_CROP)}")
     return classification_eval_transform(image_size, crop_fraction=WHOLE_IMAGE_CROP[task])
 
 

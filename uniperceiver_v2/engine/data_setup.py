@@ -19,11 +19,21 @@ gives that:
   trainer's own random streams (dropout, denoising noise).
 
 The trainer passes ``run.seed`` as the streams' seed; ``data.seed`` is the synthetic suite's generation seed.
+
+Data safety (``ensure_data``, ``build_task_dataset``, ``data_report``):
+
+* **Nothing is written into a user's folder.** The synthetic suite is generated only into a new or empty
+  ``data.root``, or one whose ``manifest.json`` the generator wrote; any other folder is read as real data if it
+  holds the files the config reads, else refused with the missing files named.
+* **Nothing is dropped silently.** Every reader gets ``data.on_invalid``; with ``data.preflight`` every image file a
+  dataset will read is opened before it is used (``data/preflight.py``); what was skipped, and why, is in each
+  dataset's ``summary()`` and in the report ``train`` prints and saves as ``<run.output_dir>/data_check.json``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 import zlib
@@ -37,6 +47,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import Config, ConfigError
+from ..data.summary import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +59,14 @@ __all__ = [
     "TaskStream",
     "build_task_dataset",
     "build_task_datasets",
+    "data_report",
     "ensure_data",
+    "format_data_report",
+    "missing_inputs",
     "novel_detection_dataset",
+    "save_data_report",
     "shard_of_epoch",
+    "task_inputs",
     "task_seed",
 ]
 
@@ -228,21 +244,95 @@ class TaskStream:
 # ----------------------------------------------------------------------------------------------------------------
 # Datasets of each task, from Config.data
 # ----------------------------------------------------------------------------------------------------------------
-def ensure_data(cfg: Config) -> None:
-    """Generate the synthetic suite at ``data.root`` if ``data.synthetic_profile`` is set and it is missing.
+def task_inputs(cfg: Config, task: str, split: str) -> list[tuple[str, Path]]:
+    """(config key, path) of every file or folder the dataset of ``task`` on ``split`` reads first."""
+    d = cfg.data
+    if task == "classification":
+        return [("data.classification_root", d.path(d.classification_root, split))]
+    if task == "detection":
+        return [("data.detection_images", d.path(d.detection_images, split)),
+                ("data.detection_annotations", d.path(d.detection_annotations, split))]
+    if task in ("captioning", "retrieval"):
+        return [("data.caption_images", d.path(d.caption_images, split)),
+                ("data.caption_annotations", d.path(d.caption_annotations, split))]
+    if task == "mlm":
+        return [("data.corpus", d.path(d.corpus, split))]
+    raise ConfigError(f"tasks.{task}: no dataset is known for this task")
 
-    ``data.seed`` is the suite's generation seed (the order in which training reads it follows ``run.seed``).
-    In a distributed run only rank 0 generates; the others wait for it.
+
+def missing_inputs(cfg: Config, split: str | None = None) -> list[tuple[str, Path]]:
+    """(config key, path) of the inputs of the enabled tasks on ``split`` (default: the training split) that do not
+    exist, each once."""
+    split = cfg.data.train_split if split is None else split
+    missing: list[tuple[str, Path]] = []
+    for task in cfg.tasks.names():
+        for key, path in task_inputs(cfg, task, split):
+            if not path.exists() and (key, path) not in missing:
+                missing.append((key, path))
+    return missing
+
+
+def ensure_data(cfg: Config) -> None:
+    """Make sure ``data.root`` can be read, generating the synthetic suite only where that destroys nothing.
+
+    With ``data.synthetic_profile`` set (the default), ``data.root`` is
+      * a complete suite written by the generator (``manifest.json`` names it): used as it is; if it was generated
+        for another profile or seed than ``data.synthetic_profile`` / ``data.seed`` say, a warning says so (it is
+        not regenerated: pointing ``data.root`` at an existing suite needs no second key);
+      * new, empty, or an incomplete suite of the generator (an interrupted generation, a file deleted): the suite
+        is generated there (``data.seed`` is its generation seed);
+      * anything else: the user's data, never written into. It is read as real data when every input of the
+        enabled tasks' training split exists; otherwise ``DataError`` names the folder and the missing paths.
+    With ``data.synthetic_profile=null`` nothing is generated or checked here.
+
+    In a distributed run every rank takes the same decision (all look at the folder before anything is written);
+    only rank 0 generates, the others wait for it.
     """
+    from ..data.synthetic import ensure_synthetic
     from .distributed import barrier, get_rank
 
     if cfg.data.synthetic_profile is None:
         return
-    if get_rank() == 0:
-        from ..data.synthetic import ensure_synthetic
-
-        ensure_synthetic(cfg.data.root, cfg.data.synthetic_profile, seed=cfg.data.seed)
     barrier()
+    generate = _needs_generation(cfg)
+    barrier()
+    if generate:
+        if get_rank() == 0:
+            ensure_synthetic(cfg.data.root, cfg.data.synthetic_profile, seed=cfg.data.seed)
+        barrier()
+
+
+def _needs_generation(cfg: Config) -> bool:
+    """Whether ``ensure_data`` generates at ``data.root`` (see there); reads only. Raises ``DataError`` for a
+    user's folder that is not a complete data set."""
+    from ..data.suite import is_new_or_empty, written_by_generator
+    from ..data.synthetic import find_suite, suite_matches
+
+    d = cfg.data
+    root = Path(d.root)
+    manifest = find_suite(root)
+    if manifest is not None:
+        if not suite_matches(manifest, d.synthetic_profile, d.seed):
+            logger.warning(
+                "data.root=%s holds the synthetic suite %r (seed %s), not %r (seed %s) as data.synthetic_profile / "
+                "data.seed say: it is read as it is, not regenerated (point data.root at a new folder to generate "
+                "%r there)", root, manifest.get("profile"), manifest.get("seed"), d.synthetic_profile, d.seed,
+                d.synthetic_profile)
+        return False
+    if is_new_or_empty(root) or written_by_generator(root):
+        return True
+    if not root.is_dir():
+        raise DataError(f"data.root={root}: not a folder")
+    missing = missing_inputs(cfg)
+    if missing:
+        listed = ", ".join(f"{path.relative_to(root)} ({key})" for key, path in missing)
+        raise DataError(
+            f"data.root={root}: this folder is not a synthetic suite (it has no manifest.json written by the "
+            f"generator), so nothing is generated into it, and it is not a complete data set either: missing "
+            f"{listed}. Point data.root at a new or empty folder to generate the synthetic suite there, or add "
+            f"the missing files (their paths come from the data.* keys named)")
+    logger.info("data.root=%s has no synthetic suite manifest: reading it as real data (nothing is generated)", root)
+    return False
 
 
 def build_task_dataset(cfg: Config, task: str, split: str, train: bool) -> Dataset:
@@ -259,9 +349,29 @@ def build_task_dataset(cfg: Config, task: str, split: str, train: bool) -> Datas
       without crop or flip in both cases: captions name positions ("left of") and objects a crop could cut.
     * mlm: ``TextCorpus(data.corpus)``.
 
+    Every reader follows ``data.on_invalid``; with ``data.preflight`` every image file is checked once here
+    (``data/preflight.py``: exists, header decodes, size matches its record), so a bad file stops the run now
+    (``data.on_invalid=error``) or is left out and counted in ``summary()`` (``skip``), not found when sampled.
+
     Raises:
-        DataError: naming the missing or malformed file.
+        DataError: naming the missing or malformed file (and record).
     """
+    dataset = _read_task_dataset(cfg, task, split, train)
+    if cfg.data.preflight:
+        _preflight(dataset)
+    return dataset
+
+
+def _preflight(dataset: Dataset) -> None:
+    from ..data.preflight import check_dataset
+
+    problems = check_dataset(dataset)
+    if len(dataset) == 0:
+        raise DataError(f"{dataset.summary().source}: no usable record left after the pre-flight check "
+                        f"({len(problems)} image files failed; see the warning above)")
+
+
+def _read_task_dataset(cfg: Config, task: str, split: str, train: bool) -> Dataset:
     from ..data import CocoCaptions, CocoInstances, ImageFolderClassification, TextCorpus
     from ..data import transforms as T
 
@@ -269,20 +379,22 @@ def build_task_dataset(cfg: Config, task: str, split: str, train: bool) -> Datas
     if task == "classification":
         transform = (T.classification_train_transform(d.image_size, d.crop_min_scale) if train
                      else T.whole_image_eval_transform("classification", d.image_size))
-        return ImageFolderClassification(d.path(d.classification_root, split), transform=transform)
+        return ImageFolderClassification(d.path(d.classification_root, split), transform=transform,
+                                         on_invalid=d.on_invalid)
     if task == "detection":
         transform = (T.detection_train_transform(d.det_min_size, d.det_max_size, d.det_max_long, d.det_crop_size)
                      if train else T.detection_eval_transform(d.det_eval_size, d.det_eval_max_long))
         # The region proposal network always trains with its mask losses; evaluation decodes masks only when
         # instance segmentation is evaluated.
         return CocoInstances(d.path(d.detection_images, split), d.path(d.detection_annotations, split),
-                             transform=transform, with_masks=train or cfg.tasks.detection.segmentation)
+                             transform=transform, with_masks=train or cfg.tasks.detection.segmentation,
+                             on_invalid=d.on_invalid)
     if task in ("captioning", "retrieval"):
         return CocoCaptions(d.path(d.caption_images, split), d.path(d.caption_annotations, split),
                             iterate="caption" if train else "image",
-                            transform=T.whole_image_eval_transform(task, d.image_size))
+                            transform=T.whole_image_eval_transform(task, d.image_size), on_invalid=d.on_invalid)
     if task == "mlm":
-        return TextCorpus(d.path(d.corpus, split))
+        return TextCorpus(d.path(d.corpus, split), on_invalid=d.on_invalid)
     raise ConfigError(f"tasks.{task}: no dataset is known for this task")
 
 
@@ -294,14 +406,93 @@ def build_task_datasets(cfg: Config, split: str, train: bool, tasks: Sequence[st
 
 def novel_detection_dataset(cfg: Config) -> Dataset:
     """The novel-category scenes (``data.novel_images`` / ``data.novel_annotations``), evaluation transform:
-    objects of categories never annotated for detection training (paper appendix C, Fig. 4)."""
+    objects of categories never annotated for detection training (paper appendix C, Fig. 4). Checked like
+    ``build_task_dataset`` with ``data.preflight``."""
+    dataset = _read_novel_dataset(cfg)
+    if cfg.data.preflight:
+        _preflight(dataset)
+    return dataset
+
+
+def _read_novel_dataset(cfg: Config) -> Dataset:
     from ..data import CocoInstances
     from ..data import transforms as T
 
     d = cfg.data
     return CocoInstances(Path(d.root) / d.novel_images, Path(d.root) / d.novel_annotations,
                          transform=T.detection_eval_transform(d.det_eval_size, d.det_eval_max_long),
-                         with_masks=cfg.tasks.detection.segmentation)
+                         with_masks=cfg.tasks.detection.segmentation, on_invalid=d.on_invalid)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a run reads: the report printed by ``train`` and saved as <run.output_dir>/data_check.json
+# ----------------------------------------------------------------------------------------------------------------
+def data_report(cfg: Config, train_datasets: Mapping[str, Dataset], eval_split: str | None = None) -> dict[str, Any]:
+    """What each dataset of a run kept and skipped, and why: a JSON-serialisable dict.
+
+    ``train_datasets`` are the training datasets already built (and checked, with ``data.preflight``). With
+    ``eval_split``, the evaluation datasets of the enabled tasks on that split (and the novel-category scenes,
+    when detection is enabled and ``data.novel_annotations`` exists) are read and checked too, so that a bad file
+    there stops the run before training (``data.on_invalid=error``) instead of failing an evaluation at its end.
+    An evaluation dataset that cannot be read at all (its annotation file or corpus missing or malformed) is
+    listed under "unreadable" with a warning: the evaluation skips that task, as ``engine.evaluation`` does.
+
+    Returns:
+        {"data_root", "on_invalid", "preflight", "datasets": {"<split>/<task>": DatasetSummary as a dict},
+        "unreadable": {"<split>/<task>": the reading error}}.
+
+    Raises:
+        DataError: from an evaluation dataset whose image files fail the pre-flight check.
+    """
+    summaries = {f"{cfg.data.train_split}/{task}": dataset.summary()
+                 for task, dataset in train_datasets.items() if hasattr(dataset, "summary")}
+    unreadable: dict[str, str] = {}
+    if eval_split is not None:
+        names = [(f"{eval_split}/{task}", task) for task in cfg.tasks.names()]
+        if cfg.tasks.detection.enabled and (Path(cfg.data.root) / cfg.data.novel_annotations).is_file():
+            names.append(("novel/detection", "novel"))
+        for name, task in names:
+            try:
+                dataset = (_read_novel_dataset(cfg) if task == "novel"
+                           else _read_task_dataset(cfg, task, eval_split, train=False))
+            except DataError as error:
+                logger.warning("%s cannot be read, so its evaluation will be skipped: %s", name, error)
+                unreadable[name] = str(error)
+                continue
+            if cfg.data.preflight:
+                _preflight(dataset)
+            summaries[name] = dataset.summary()
+    return {"data_root": cfg.data.root, "on_invalid": cfg.data.on_invalid, "preflight": cfg.data.preflight,
+            "datasets": {name: summary.to_dict() for name, summary in summaries.items()}, "unreadable": unreadable}
+
+
+def format_data_report(report: Mapping[str, Any]) -> str:
+    """A few lines: per dataset what was kept and what was skipped (with reasons and examples)."""
+    def counts(values: Mapping[str, int]) -> str:
+        return ", ".join(f"{key} {value}" for key, value in values.items()) or "none"
+
+    if not report["preflight"]:
+        check = "no pre-flight check (data.preflight=false)"
+    elif report.get("decode"):
+        check = "every image file decoded"
+    else:
+        check = "pre-flight check of every image file"
+    lines = [f"data: {report['data_root']} (data.on_invalid={report['on_invalid']}, {check})"]
+    for name, summary in report["datasets"].items():
+        lines.append(f"  {name}: kept {counts(summary['kept'])}; skipped {counts(summary['skipped'])}")
+        for reason, examples in summary["examples"].items():
+            lines.append(f"    e.g. {reason}: {'; '.join(examples)}")
+    for name, error in report.get("unreadable", {}).items():
+        lines.append(f"  {name}: cannot be read: {error}")
+    return "\n".join(lines)
+
+
+def save_data_report(report: Mapping[str, Any], output_dir: str | Path) -> Path:
+    """Write ``report`` as ``<output_dir>/data_check.json``; returns the path."""
+    path = Path(output_dir) / "data_check.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
