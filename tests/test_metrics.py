@@ -100,6 +100,19 @@ def test_category_subset():
     assert evaluate_coco(gt, detections, ("bbox",))["bbox"]["AP"] == pytest.approx(0.5)
 
 
+def test_image_subset_leaves_out_images_a_reader_skipped():
+    # Image 2's object is missed: over both images recall is 0.5 (AP 51 / 101); over image 1 alone, the images a
+    # reader kept after skipping image 2, the one object is found (AP 1).
+    gt = _ground_truth({1: [(1, [10, 10, 100, 100])], 2: [(1, [30, 40, 60, 50])]})
+    detections = [_detection(1, 1, [10, 10, 100, 100])]
+    assert evaluate_coco(gt, detections, ("bbox",))["bbox"]["AP"] == pytest.approx(51 / 101)
+    assert evaluate_coco(gt, detections, ("bbox",), img_ids=[1])["bbox"]["AP"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="not images of the ground truth"):
+        evaluate_coco(gt, detections, ("bbox",), img_ids=[1, 9])
+    with pytest.raises(ValueError, match="outside img_ids"):
+        evaluate_coco(gt, detections, ("bbox",), img_ids=[2])
+
+
 def test_class_agnostic_ap_ignores_the_names():
     # Both boxes are exact but the names are swapped: class-aware AP 0, class-agnostic AP 1 (localisation alone).
     gt = _ground_truth({1: [(1, [10, 10, 100, 100]), (2, [120, 120, 60, 60])]})

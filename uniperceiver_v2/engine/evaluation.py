@@ -89,13 +89,15 @@ def _coco_records(model, cfg: Config, task, dataset) -> list[dict]:
 
 
 def _coco_metrics(ground_truth: Path, records: list[dict], iou_types: tuple[str, ...], prefix: str,
-                  cat_ids: list[int] | None = None, class_agnostic: bool = False) -> dict[str, float]:
+                  cat_ids: list[int] | None = None, class_agnostic: bool = False,
+                  img_ids: list[int] | None = None) -> dict[str, float]:
     from ..metrics.coco import evaluate_coco
 
     if not records:
         # pycocotools cannot load an empty result list; no detection at all is AP 0 by definition.
         return {f"{prefix}{iou}_AP": 0.0 for iou in iou_types}
-    metrics = evaluate_coco(ground_truth, records, iou_types=iou_types, cat_ids=cat_ids, class_agnostic=class_agnostic)
+    metrics = evaluate_coco(ground_truth, records, iou_types=iou_types, cat_ids=cat_ids, class_agnostic=class_agnostic,
+                            img_ids=img_ids)
     return {f"{prefix}{iou}_{name}": value for iou in iou_types for name, value in metrics[iou].items()}
 
 
@@ -108,13 +110,15 @@ def _detection(model, cfg: Config, split: str) -> dict[str, float]:
     records = _coco_records(model, cfg, task, dataset)
     results: dict[str, float] = {}
     if get_rank() == 0:
-        results.update(_coco_metrics(dataset.ann_file, records, iou_types, ""))
+        # only the images the reader kept: one it skipped (data.on_invalid=skip) would count as all misses
+        kept = list(dataset.image_ids)
+        results.update(_coco_metrics(dataset.ann_file, records, iou_types, "", img_ids=kept))
         # Localisation alone (categories ignored, each box once with its best name's score): tells wrong boxes
         # from right boxes with wrong names.
         from ..metrics.coco import one_record_per_box
 
         agnostic = _coco_metrics(dataset.ann_file, one_record_per_box(records), ("bbox",), "agnostic_",
-                                 class_agnostic=True)
+                                 class_agnostic=True, img_ids=kept)
         results.update({key: agnostic[key] for key in ("agnostic_bbox_AP", "agnostic_bbox_AP50") if key in agnostic})
     novel_file = Path(cfg.data.root) / cfg.data.novel_annotations
     if novel_file.is_file() and any(c.novel for c in novel_detection_dataset(cfg).categories):

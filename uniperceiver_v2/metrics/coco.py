@@ -98,6 +98,7 @@ def evaluate_coco(
     cat_ids: Sequence[int] | None = None,
     verbose: bool = False,
     class_agnostic: bool = False,
+    img_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """COCO AP / AR of detection results.
 
@@ -114,6 +115,8 @@ def evaluate_coco(
         class_agnostic: ignore the categories (COCOeval's params.useCats = 0): a detection may match a ground-truth
             object of any category, so AP measures localisation alone; with the class-aware AP it separates
             "the boxes are wrong" from "the boxes are right but the names are wrong".
+        img_ids: evaluate only these images (COCOeval's params.imgIds), e.g. the images a reader kept when it
+            skipped unreadable ones (``data.on_invalid=skip``); default all images of the ground truth.
 
     Returns:
         {iou_type: {name: value for name in STAT_NAMES}, "summary": {iou_type: pycocotools' summary text}}.
@@ -131,6 +134,15 @@ def evaluate_coco(
             raise ValueError(f"cat_ids {unknown} are not categories of the ground truth")
         if not cat_ids:
             raise ValueError("cat_ids is empty")
+    if img_ids is not None:
+        unknown = sorted(set(img_ids) - set(gt.getImgIds()))
+        if unknown:
+            raise ValueError(f"img_ids {unknown[:10]} are not images of the ground truth")
+        if not img_ids:
+            raise ValueError("img_ids is empty")
+        outside = sorted({r["image_id"] for r in results} - set(img_ids))
+        if outside:
+            raise ValueError(f"results name images outside img_ids: {outside[:10]}")
 
     metrics: dict[str, Any] = {"summary": {}}
     for iou_type in iou_types:
@@ -146,6 +158,8 @@ def evaluate_coco(
             evaluator.params.catIds = sorted(cat_ids)
         if class_agnostic:
             evaluator.params.useCats = 0
+        if img_ids is not None:
+            evaluator.params.imgIds = sorted(img_ids)
         with contextlib.redirect_stdout(io.StringIO()):
             evaluator.evaluate()
             evaluator.accumulate()
