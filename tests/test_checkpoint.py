@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -225,11 +226,97 @@ def test_missing_and_truncated_files_are_named(tmp_path):
         load_checkpoint(tmp_path / "iter_0000001", nn.Linear(3, 2))
 
 
-def test_dangling_latest_pointer_is_named(tmp_path):
-    _save_simple(tmp_path, 1)
+def test_dangling_latest_pointer_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    first = _save_simple(tmp_path, 1, seed=1)
     (tmp_path / "latest").write_text("iter_0000009\n")
-    with pytest.raises(CheckpointError, match="latest points to"):
+    with pytest.warns(UserWarning, match=r"latest points to .*iter_0000009, which does not exist; using "
+                                         r".*iter_0000001"):
+        assert find_latest(tmp_path) == tmp_path / "iter_0000001"
+    restored = nn.Linear(3, 2)
+    with pytest.warns(UserWarning, match="iter_0000009"):
+        load_checkpoint(tmp_path, restored)
+    assert torch.equal(restored.weight, first.weight)
+
+    shutil.rmtree(tmp_path / "iter_0000001")          # nothing left to fall back to: an error, not a fresh start
+    with pytest.raises(CheckpointError, match=r"latest points to .*iter_0000009, which does not exist; no other "
+                                              r"complete checkpoint"):
         load_checkpoint(tmp_path, nn.Linear(3, 2))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda folder: (folder / "meta.json").unlink(), "has no meta.json"),
+    (lambda folder: (folder / "model.safetensors").unlink(), r"is incomplete: .*model.safetensors is missing"),
+    (lambda folder: (folder / "training_state.pt").write_bytes(b"torn"),
+     r"is incomplete: .*training_state.pt is corrupt: 4 bytes"),
+    (lambda folder: (folder / "meta.json").write_text('{"files": '), "has an unreadable meta.json"),
+])
+def test_incomplete_latest_checkpoint_falls_back_with_a_warning(tmp_path, damage, reason):
+    first = _save_simple(tmp_path, 1, seed=1)
+    _save_simple(tmp_path, 2, seed=2)
+    damage(tmp_path / "iter_0000002")
+    with pytest.warns(UserWarning, match=rf"latest points to .*iter_0000002, which {reason}.*; using .*iter_0000001"):
+        assert find_latest(tmp_path) == tmp_path / "iter_0000001"
+    (tmp_path / "latest").unlink()                    # without a pointer the highest complete folder is taken
+    with pytest.warns(UserWarning, match=r"skipped incomplete checkpoint\(s\) .*iter_0000002 .*; using .*iter_0000001"):
+        assert find_latest(tmp_path) == tmp_path / "iter_0000001"
+    restored = nn.Linear(3, 2)
+    with pytest.warns(UserWarning, match="iter_0000002"):
+        load_checkpoint(tmp_path, restored)
+    assert torch.equal(restored.weight, first.weight)
+
+
+def test_no_complete_checkpoint_without_pointer_is_an_error(tmp_path):
+    _save_simple(tmp_path, 3)
+    (tmp_path / "latest").unlink()
+    (tmp_path / "iter_0000003" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"holds no complete checkpoint: .*iter_0000003 .*model.safetensors is "
+                                              r"missing"):
+        find_latest(tmp_path)
+
+
+def test_tampered_latest_is_refused_not_skipped(tmp_path):
+    """Same size, other bytes: the SHA-256 check refuses it; an older checkpoint is not silently used instead."""
+    _save_simple(tmp_path, 1)
+    _save_simple(tmp_path, 2)
+    model_file = tmp_path / "iter_0000002" / "model.safetensors"
+    data = bytearray(model_file.read_bytes())
+    data[-1] ^= 0x01
+    model_file.write_bytes(bytes(data))
+    assert find_latest(tmp_path) == tmp_path / "iter_0000002"
+    with pytest.raises(CheckpointError, match=r"iter_0000002/model.safetensors is corrupt: SHA-256"):
+        load_checkpoint(tmp_path, nn.Linear(3, 2))
+
+
+def test_non_finite_or_huge_saved_weights_are_refused_on_resume(tmp_path):
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight[0, 1] = float("nan")
+    save_checkpoint(tmp_path / "nan", 1, model, None)
+    with pytest.raises(CheckpointError, match=r"iter_0000001/model.safetensors: NaN or inf in 1 tensor\(s\): "
+                                              r"weight \(1 of 6 values\)"):
+        load_checkpoint(tmp_path / "nan", nn.Linear(3, 2))
+    with torch.no_grad():
+        model.weight.fill_(0.1)
+        model.bias[1] = 4e36
+    save_checkpoint(tmp_path / "huge", 1, model, None)
+    with pytest.raises(CheckpointError, match=r"beyond 1e\+06 .*: bias \(\|value\| up to 4e\+36\)"):
+        load_checkpoint(tmp_path / "huge", nn.Linear(3, 2))
+
+
+def test_write_text_atomic_keeps_the_old_content_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "run_info.json"
+    ckpt.write_text_atomic(path, '{"attempt": 1}\n')
+    assert path.read_text() == '{"attempt": 1}\n'
+
+    def killed(*args):
+        raise KeyboardInterrupt("killed between writing and renaming (simulated)")
+
+    monkeypatch.setattr(ckpt.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.write_text_atomic(path, '{"attempt": 2, "argv": ["a very long line"]}\n')
+    monkeypatch.undo()
+    assert path.read_text() == '{"attempt": 1}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["run_info.json"]       # no temporary file left behind
 
 
 def test_wrong_model_is_named(tmp_path):

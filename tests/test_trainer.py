@@ -388,6 +388,9 @@ def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(tmp_pat
     assert info["seed"] == 3 and info["resumed_from_iteration"] == 5
     assert "uniperceiver_v2.train --config toy" in info["command"] and "start_time" in info
     assert len(info["previous_sessions"]) == 1 and info["previous_sessions"][0]["resumed_from_iteration"] is None
+    stopped = info["previous_sessions"][0]["end"]
+    assert (stopped["status"], stopped["signal"], stopped["iteration"]) == ("stopped", "SIGTERM", 5)
+    assert stopped["checkpoint"].endswith("iter_0000005") and info["end"]["status"] == "finished"
     assert "run:" in (run_dir / "config.yaml").read_text()
 
 

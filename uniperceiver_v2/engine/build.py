@@ -2,7 +2,10 @@
 optionally a checkpoint), the tasks with their candidate lists, and the training datasets.
 
 Checkpoints are read without unpickling anything: a ``.safetensors`` file, or a checkpoint folder / run folder
-written by ``engine.checkpoint.save_checkpoint`` (safetensors weights, SHA-256-verified).
+written by ``engine.checkpoint.save_checkpoint`` (safetensors weights, SHA-256-verified). Either way the weights
+are checked before use (``engine.checkpoint.check_weights``): NaN / inf, or a value beyond ``MAX_ABS_WEIGHT`` (1e6)
+in absolute value, is an error naming the file and the tensors; a plain ``.safetensors`` file has no checksum
+that would catch, e.g., a flipped exponent bit.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch.utils.data import Dataset
 
 from ..config import Config, ConfigError, config_from_dict, load_config
 from ..model import UniPerceiverV2
-from .checkpoint import load_checkpoint, read_checkpoint_meta
+from .checkpoint import check_weights, load_checkpoint, read_checkpoint_meta
 
 __all__ = ["build_model", "build_tasks", "build_training", "load_weights", "vocabulary_texts"]
 
@@ -68,7 +71,10 @@ def _checkpoint_location(path: Path) -> Path:
 
 def load_weights(model: UniPerceiverV2, checkpoint: str | Path) -> None:
     """Load weights (and the vocabulary buffer) from a ``.safetensors`` file, a ``save_checkpoint`` folder, or a
-    training run's output folder (its newest checkpoint)."""
+    training run's output folder (its newest checkpoint).
+
+    Raises ``CheckpointError`` naming the file and tensors if a weight is NaN / inf or beyond ``MAX_ABS_WEIGHT``.
+    """
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -80,6 +86,7 @@ def load_weights(model: UniPerceiverV2, checkpoint: str | Path) -> None:
         raise ValueError(f"checkpoint {path}: expected a .safetensors file or a checkpoint folder (other formats "
                          f"would need unpickling)")
     state = safetensors.torch.load_file(str(path), device=str(model.device))
+    check_weights(state, path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:

@@ -16,6 +16,16 @@ any point leaves the previous checkpoint complete and `latest` pointing to it. L
 size and SHA-256 against meta.json, so a truncated or corrupted file is reported by name instead of being
 half-loaded. Nothing is ever unpickled beyond tensors and plain containers.
 
+If `latest` names a folder that is missing or incomplete (no readable meta.json, a file missing or of another
+size than recorded: what a lost disk write or a hand-deleted folder leaves), `find_latest` warns, naming both,
+and falls back to the newest complete checkpoint; a file whose SHA-256 differs is never skipped over silently,
+loading it is an error. Loaded weights are checked by `check_weights`: a NaN / inf, or a magnitude above
+`MAX_ABS_WEIGHT`, is an error naming the file and the tensors.
+
+`write_text_atomic` is how every small state file of a run (`latest`, the trainer's run_info.json and
+evaluation results) is written: a temporary file in the same folder, fsync, then os.replace, so a reader sees
+the old or the new content, never a torn one.
+
 In a distributed run call `save_checkpoint` and `load_checkpoint` on every rank: saving gathers each rank's
 RNG state (so ranks keep different dropout / augmentation streams after a resume) and only rank 0 writes;
 loading restores each rank's own RNG state.
@@ -47,13 +57,16 @@ from uniperceiver_v2.engine.distributed import barrier, get_rank, get_world_size
 
 __all__ = [
     "CheckpointError",
+    "MAX_ABS_WEIGHT",
     "capture_rng_state",
+    "check_weights",
     "config_hash",
     "find_latest",
     "load_checkpoint",
     "read_checkpoint_meta",
     "restore_rng_state",
     "save_checkpoint",
+    "write_text_atomic",
 ]
 
 MODEL_FILE = "model.safetensors"
@@ -62,6 +75,12 @@ META_FILE = "meta.json"
 LATEST_FILE = "latest"
 FORMAT_VERSION = 1
 _CHECKPOINT_NAME = re.compile(r"^iter_(\d+)$")
+
+# The largest absolute value a loaded floating-point weight or buffer may hold. This model's trained weights stay
+# below 10 and BatchNorm running variances of pre-trained backbones below about 1e4. Setting one of the three
+# highest exponent bits of a float32 scales it by 2**32, 2**64 or 2**128, which puts any weight above 2.4e-4
+# beyond 1e6 (lower bits give factors no bound can tell from training; NaN / inf are always caught).
+MAX_ABS_WEIGHT = 1e6
 
 
 class CheckpointError(RuntimeError):
@@ -188,6 +207,55 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace the file `path` with `text` so that a crash at any point leaves either the old or the new content:
+    write a temporary file in the same folder, fsync it, os.replace it over `path`, fsync the folder."""
+    path = Path(path)
+    temporary = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def check_weights(tensors: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Raise CheckpointError naming `source` and the tensors if a floating-point tensor holds NaN / inf or a
+    value beyond `MAX_ABS_WEIGHT` in absolute value; integer tensors (counters, token ids) are not checked.
+
+    A plain .safetensors file has no checksum, so a flipped exponent bit would otherwise load as a weight of,
+    e.g., 4e36 and only show up as a diverged loss much later.
+    """
+    non_finite, too_large = [], []
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            non_finite.append(f"{name} ({int((~finite).sum())} of {tensor.numel()} values)")
+            continue
+        largest = float(tensor.detach().abs().max())
+        if largest > MAX_ABS_WEIGHT:
+            too_large.append(f"{name} (|value| up to {largest:.3g})")
+    if non_finite:
+        raise CheckpointError(f"{source}: NaN or inf in {len(non_finite)} tensor(s): {_listing(non_finite)}; the "
+                              "file is corrupt or was saved from a diverged run")
+    if too_large:
+        raise CheckpointError(f"{source}: {len(too_large)} tensor(s) hold values beyond {MAX_ABS_WEIGHT:g} in "
+                              f"absolute value, implausible for a weight: {_listing(too_large)}; the file is "
+                              "corrupt (e.g. a flipped exponent bit) or was saved from a diverged run")
+
+
+def _listing(names: list[str], count: int = 5) -> str:
+    shown = ", ".join(names[:count])
+    return shown if len(names) <= count else f"{shown} and {len(names) - count} more"
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model.module
@@ -312,11 +380,7 @@ def save_checkpoint(
 
 
 def _write_latest(directory: Path, name: str) -> None:
-    temporary = directory / f".tmp-{LATEST_FILE}-{os.getpid()}"
-    temporary.write_text(name + "\n")
-    _fsync_file(temporary)
-    os.replace(temporary, directory / LATEST_FILE)
-    _fsync_dir(directory)
+    write_text_atomic(directory / LATEST_FILE, name + "\n")
 
 
 # ----------------------------------------------------------------------------------------------- load
@@ -326,20 +390,65 @@ def find_latest(directory: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint under `directory`, or None if there is none yet.
 
     Follows the `latest` pointer; without one (a crash between renaming a checkpoint into place and writing
-    the pointer), the highest `iter_*` directory, each of which is complete since it was renamed in whole.
+    the pointer), takes the highest `iter_*` directory. A folder that is missing or incomplete (see
+    `_incomplete`) is skipped with a warning naming it and the checkpoint used instead; if no complete
+    checkpoint is left, that is a CheckpointError (never a silent start from scratch).
     """
     directory = Path(directory)
     pointer = directory / LATEST_FILE
+    checkpoints = [path for _, path in reversed(_list_checkpoints(directory))]   # newest first
     if pointer.is_file():
         name = pointer.read_text().strip()
         if not _CHECKPOINT_NAME.match(name):
             raise CheckpointError(f"{pointer}: expected a checkpoint name like 'iter_0000100', got {name!r}")
         target = directory / name
-        if not (target / META_FILE).is_file():
-            raise CheckpointError(f"{pointer} points to {target}, which has no {META_FILE}")
-        return target
-    checkpoints = _list_checkpoints(directory)
-    return checkpoints[-1][1] if checkpoints else None
+        problem = _incomplete(target)
+        if problem is None:
+            return target
+        fallback = next((path for path in checkpoints if path != target and _incomplete(path) is None), None)
+        if fallback is None:
+            raise CheckpointError(f"{pointer} points to {target}, which {problem}; no other complete checkpoint "
+                                  f"in {directory}")
+        warnings.warn(f"{pointer} points to {target}, which {problem}; using {fallback}, the newest complete "
+                      "checkpoint", stacklevel=2)
+        return fallback
+    skipped = []
+    for path in checkpoints:
+        problem = _incomplete(path)
+        if problem is None:
+            if skipped:
+                warnings.warn(f"{directory}: skipped incomplete checkpoint(s) {'; '.join(skipped)}; using {path}",
+                              stacklevel=2)
+            return path
+        skipped.append(f"{path} ({problem})")
+    if skipped:
+        raise CheckpointError(f"{directory} holds no complete checkpoint: {'; '.join(skipped)}")
+    return None
+
+
+def _incomplete(checkpoint: Path) -> str | None:
+    """Why `checkpoint` is not a complete checkpoint folder (as a phrase after "which"), or None if it is.
+
+    Cheap: meta.json readable, every file it lists present with the recorded size. SHA-256 is verified on load.
+    """
+    if not checkpoint.is_dir():
+        return "does not exist"
+    meta_path = checkpoint / META_FILE
+    if not meta_path.is_file():
+        return f"has no {META_FILE}"
+    try:
+        files = json.loads(meta_path.read_text())["files"]
+        records = [(name, int(record["bytes"])) for name, record in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return f"has an unreadable {META_FILE} ({type(error).__name__}: {error})"
+    for file_name, recorded in records:
+        file_path = checkpoint / file_name
+        if not file_path.is_file():
+            return f"is incomplete: {file_path} is missing"
+        size = file_path.stat().st_size
+        if size != recorded:
+            return f"is incomplete: {file_path} is corrupt: {size} bytes, {META_FILE} records {recorded}"
+    return None
 
 
 def _resolve(path: str | os.PathLike) -> Path:
@@ -403,7 +512,8 @@ def load_checkpoint(
         The `extra_state` dict given to `save_checkpoint`. The iteration is in `read_checkpoint_meta(path)`.
 
     Raises:
-        CheckpointError: naming the file that is missing, corrupt, or does not match the model / optimizer.
+        CheckpointError: naming the file that is missing, corrupt, or does not match the model / optimizer, or
+            the tensors holding NaN / inf or values beyond MAX_ABS_WEIGHT (`check_weights`).
     """
     checkpoint = _resolve(path)
     meta = read_checkpoint_meta(checkpoint)
@@ -414,6 +524,8 @@ def load_checkpoint(
         safetensors.torch.load_model(_unwrap(model), str(model_path), strict=True)
     except (RuntimeError, OSError, ValueError) as error:
         raise CheckpointError(f"{model_path} does not fit the model: {error}") from error
+    # The SHA-256 proves the file is the one saved, not that the run had not diverged before saving it.
+    check_weights(_unwrap(model).state_dict(), model_path)
 
     state_path = checkpoint / STATE_FILE
     try:

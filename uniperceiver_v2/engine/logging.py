@@ -22,21 +22,35 @@ every logging point writes one record per task seen in the window.
 Evaluation records are ``{"kind": "eval", "iteration": ..., "split": ..., "task": ..., <metric>: ...}``.
 The same values go to TensorBoard under ``loss/<task>``, ``<task>/<term>``, ``lr/<group>``,
 ``grad_norm/<task>``, ``time/iter_s`` and ``eval_<split>/<task>/<metric>``.
+
+One point per (iteration, task): a run that starts at iteration k (k = 0 from scratch, else the checkpoint's
+iteration) first moves every record of an iteration after k out of ``metrics.jsonl`` into
+``metrics.jsonl.discarded`` (``cut_metrics``), so an attempt killed before its next checkpoint leaves no
+repeated or out-of-order points, and nothing it logged is lost.
+
+A process killed while appending (or a full disk) can leave a torn last line, one without its newline: readers
+drop it with a warning naming the file and line; any other unreadable line is an error naming them.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
+from .checkpoint import write_text_atomic
 from .distributed import get_world_size, is_distributed
 
-__all__ = ["MetricWriter", "RESERVED_KEYS", "WindowAverages", "json_safe", "read_metrics"]
+__all__ = ["MetricWriter", "RESERVED_KEYS", "WindowAverages", "cut_metrics", "json_safe", "read_metrics"]
+
+DISCARDED_SUFFIX = ".discarded"
 
 # Keys of a training record that a task's loss term may not reuse.
 RESERVED_KEYS = frozenset({"kind", "iteration", "task", "count", "lr", "grad_norm", "time", "iter_time", "split"})
@@ -131,27 +145,24 @@ class MetricWriter:
 
     Only the main process creates one. ``tensorboard=False`` skips TensorBoard (e.g. in unit tests).
 
-    ``resume_iteration=k`` (a run resumed from the checkpoint of iteration k) first drops the records of
-    iterations after k that the interrupted run wrote, in both files, so each iteration appears once and the
-    resumed run's records take their place.
+    ``start_iteration=k``: the run continues after iteration k (0 from scratch, the checkpoint's iteration on a
+    resume). Records of later iterations that an earlier attempt wrote are first moved to
+    ``metrics.jsonl.discarded`` (``cut_metrics``; their number is ``discarded``, the log's last iteration before
+    the cut ``last_logged_iteration``) and hidden in TensorBoard, so this run's records take their place.
     """
 
-    def __init__(self, output_dir: str | Path, tensorboard: bool = True, resume_iteration: int | None = None) -> None:
+    def __init__(self, output_dir: str | Path, tensorboard: bool = True, start_iteration: int = 0) -> None:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / "metrics.jsonl"
-        if resume_iteration is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-                    if line.strip() and json.loads(line).get("iteration", 0) <= resume_iteration]
-            self.path.write_text("".join(kept), encoding="utf-8")
+        self.discarded, self.last_logged_iteration = cut_metrics(self.path, start_iteration)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the life of the writer
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step hides the interrupted run's events after the checkpoint in TensorBoard.
-            purge_step = resume_iteration + 1 if resume_iteration is not None else None
-            self._tb = SummaryWriter(log_dir=str(self.output_dir / "tb"), purge_step=purge_step)
+            # purge_step hides an earlier attempt's events after start_iteration in TensorBoard.
+            self._tb = SummaryWriter(log_dir=str(self.output_dir / "tb"), purge_step=start_iteration + 1)
 
     def write_train(
         self,
@@ -231,22 +242,75 @@ class MetricWriter:
             self._tb.close()
 
 
+def _parse_lines(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(line without its newline, record) for every non-empty line of ``text``, the content of the JSON-lines
+    file ``path``.
+
+    Every record is written with its newline in one call, so a write cut short by a kill or a full disk leaves
+    a last line without one: such a torn line, if it is not valid JSON, is dropped with a warning naming file
+    and line. Any other invalid line (even a complete last one) is a ValueError naming them.
+    """
+    lines = text.split("\n")          # the last item is the unterminated rest ("" after a final newline)
+    parsed = []
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if line_number == len(lines):
+                warnings.warn(f"{path}:{line_number}: dropped a torn last line (no newline: a process killed while "
+                              f"writing it, or a full disk): {line[:80]!r}", stacklevel=3)
+                break
+            raise ValueError(f"{path}:{line_number}: not valid JSON ({error}); only a torn last line (one without "
+                             "a newline, left by an interrupted write) is skipped") from error
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+        parsed.append((line, record))
+    return parsed
+
+
 def read_metrics(path: str | Path, kind: str | None = "train") -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file (of one ``kind``, or all with ``kind=None``), in file order."""
+    """The records of a ``metrics.jsonl`` file (of one ``kind``, or all with ``kind=None``), in file order.
+
+    A torn last line is dropped with a warning; any other unreadable line is a ValueError naming file and line.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"metrics file not found: {path}")
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON: {error}") from error
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            if kind is None or record.get("kind") == kind:
-                records.append(record)
-    return records
+    lines = _parse_lines(path, path.read_text(encoding="utf-8"))
+    return [record for _, record in lines if kind is None or record.get("kind") == kind]
+
+
+def cut_metrics(path: str | Path, iteration: int) -> tuple[int, int | None]:
+    """Cut the log ``path`` back to ``iteration``: records of later iterations move to ``<path>.discarded``.
+
+    The moved lines are appended to ``<path>.discarded`` unchanged, after one line
+    ``{"kind": "discarded", "iteration": <iteration>, "records": <n>, "time_utc": ...}`` saying why; then
+    ``path`` is replaced atomically with the kept lines (also when only a torn last line was dropped, so the
+    next append starts on a line of its own). A missing file is left missing.
+
+    Returns:
+        (number of records moved, the highest iteration the log held before the cut or None if it held none).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0, None
+    text = path.read_text(encoding="utf-8")
+    lines = _parse_lines(path, text)
+    kept = [line for line, record in lines if record.get("iteration", 0) <= iteration]
+    moved = [line for line, record in lines if record.get("iteration", 0) > iteration]
+    last = max((record.get("iteration", 0) for _, record in lines), default=None)
+    if moved:
+        header = {"kind": "discarded", "iteration": int(iteration), "records": len(moved),
+                  "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                  "reason": f"the run restarted from iteration {iteration}; these records of later iterations "
+                            f"were removed from {path.name}"}
+        with open(path.with_name(path.name + DISCARDED_SUFFIX), "a", encoding="utf-8") as side:
+            side.write("".join(line + "\n" for line in [json.dumps(header), *moved]))
+            side.flush()
+            os.fsync(side.fileno())    # the moved lines are on disk before they leave the log
+    new_text = "".join(line + "\n" for line in kept)
+    if new_text != text:
+        write_text_atomic(path, new_text)
+    return len(moved), last

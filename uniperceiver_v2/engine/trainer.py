@@ -20,6 +20,11 @@ iteration reseeds all generators from (seed, rank, iteration), so a resumed run 
 bit for bit on the CPU. SIGTERM / SIGINT save a checkpoint after the current iteration; ``fail_fast`` ends a
 failing rank at once so that torchrun stops the others. Where w_k goes under each optimizer and sampling mode,
 the mixed-sampling slot layout, and why resume is exact: docs/design.md, "Training loop".
+
+Every start of ``train`` is an attempt: it cuts the run's records back to the iteration it starts from (0 from
+scratch), moving later ``metrics.jsonl`` records to ``metrics.jsonl.discarded`` and later
+``eval_<split>_<iteration>.json`` files to ``<name>.discarded``, and adds itself to ``run_info.json``, which keeps
+every earlier attempt and how each ended.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -37,6 +43,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +56,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import Config, ConfigError
-from .checkpoint import find_latest, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .checkpoint import find_latest, load_checkpoint, read_checkpoint_meta, save_checkpoint, write_text_atomic
 from .data_setup import TaskStream
 from .distributed import get_rank, get_world_size, init_distributed, is_distributed
 from .logging import MetricWriter, WindowAverages, json_safe
@@ -64,7 +71,9 @@ __all__ = [
     "build_optimizer",
     "fail_fast",
     "no_weight_decay",
+    "record_run_end",
     "seed_iteration",
+    "set_aside_evaluations",
     "write_run_files",
 ]
 
@@ -73,6 +82,8 @@ BACKBONE_PREFIX = "image_encoder.backbone"
 TEXT_ENCODER_PREFIX = "text_encoder"
 
 EvaluateFn = Callable[[nn.Module, Config, Mapping[str, Any], str], dict]
+
+EVAL_FILE = re.compile(r"^eval_(.+)_(\d{7,})\.json$")   # eval_<split>_<iteration:07d>.json
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -139,37 +150,114 @@ def _git_commit() -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-def write_run_files(cfg: Config, output_dir: Path, argv: list[str] | None, resumed_from: int | None,
-                    precision: str | None = None) -> None:
-    """``config.yaml`` (the full config used) and ``run_info.json`` (command, git commit, seed, start time, the
-    autocast precision ``run.precision`` resolved to on this machine).
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
-    ``argv``: the arguments of ``python -m uniperceiver_v2.train`` (recorded as that command; under torchrun
-    ``world_size`` says how many processes ran it), or None for this process's own ``sys.argv``.
-    A resumed run keeps the earlier sessions' records under ``previous_sessions``.
+
+def _set_aside(path: Path, suffix: str) -> Path:
+    """Rename ``path`` to ``<name><suffix>`` (``<name><suffix>2``, ... if taken) and return the new path."""
+    target, number = path.with_name(path.name + suffix), 1
+    while target.exists():
+        number += 1
+        target = path.with_name(f"{path.name}{suffix}{number}")
+    os.replace(path, target)
+    return target
+
+
+def _read_run_info(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None if there is no file. An unreadable file (written by a version that
+    did not replace it atomically and killed mid-write) is renamed to ``run_info.json.unreadable`` with a warning:
+    it must not block a resume."""
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        problem = None if isinstance(info, dict) else f"expected a JSON object, got {type(info).__name__}"
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        problem = f"not valid JSON: {error}"
+    if problem is None:
+        return info
+    aside = _set_aside(path, ".unreadable")
+    warnings.warn(f"{path}: {problem}; moved to {aside}; the earlier attempts it recorded are not carried over",
+                  stacklevel=3)
+    return None
+
+
+def write_run_files(cfg: Config, output_dir: Path, argv: list[str] | None, resumed_from: int | None,
+                    precision: str | None = None, *, discarded: Mapping[str, Any] | None = None,
+                    last_logged_iteration: int | None = None) -> None:
+    """``config.yaml`` (the full config used) and ``run_info.json`` (this attempt: command, git commit, seed, start
+    time, the autocast precision ``run.precision`` resolved to on this machine), both replaced atomically.
+
+    ``run_info.json`` holds one record per attempt: this one at the top level, the earlier ones (oldest first)
+    under ``previous_sessions``, whether this attempt resumes a checkpoint or starts from scratch. Each record has
+    ``attempt`` (1, 2, ...), ``command`` and ``argv``, ``start_time``, ``start_iteration`` and
+    ``resumed_from_iteration`` (the checkpoint's iteration, None from scratch), ``discarded`` (what earlier
+    attempts logged after that iteration, set aside by this one) and ``end``: None while the attempt runs, then
+    ``{"status": "finished" | "stopped" | "failed", "iteration", "time", ...}`` (``record_run_end``). An attempt
+    that ended without recording it (SIGKILL, out of memory, power loss) is marked ``{"status": "unknown",
+    "last_logged_iteration": ...}`` by the next one.
+
+    Args:
+        argv: the arguments of ``python -m uniperceiver_v2.train`` (recorded as that command; under torchrun
+            ``world_size`` says how many processes ran it), or None for this process's own ``sys.argv``.
+        resumed_from: the checkpoint's iteration, or None when starting from scratch.
+        discarded: e.g. ``{"metrics_records": 12, "eval_files": [...]}``.
+        last_logged_iteration: the last iteration in ``metrics.jsonl`` before this attempt cut it (goes into the
+            previous attempt's "unknown" end).
     """
     output_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save_yaml(output_dir / "config.yaml")
+    write_text_atomic(output_dir / "config.yaml", cfg.to_yaml())
     argv = list(sys.argv) if argv is None else ["python", "-m", "uniperceiver_v2.train", *argv]
+    path = output_dir / "run_info.json"
+    old = _read_run_info(path)
+    previous = []
+    if old is not None:
+        previous = old.pop("previous_sessions", []) + [old]
+        if old.get("end") is None:
+            old["end"] = {"status": "unknown", "last_logged_iteration": last_logged_iteration,
+                          "note": "the process ended without recording how (killed by SIGKILL, out of memory, "
+                                  "power loss, or written by a version that did not record ends)"}
     session = {
+        "attempt": len(previous) + 1,
         "command": shlex.join(argv),
+        "argv": argv,
         "git_commit": _git_commit(),
         "seed": cfg.run.seed,
-        "start_time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "start_time": _now(),
         "world_size": get_world_size(),
         "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
         "resumed_from_iteration": resumed_from,
+        "start_iteration": resumed_from or 0,
         "config_hash": cfg.hash(),
         "precision": precision or cfg.run.precision,
         "torch_version": torch.__version__,
         "hostname": os.uname().nodename,
+        "discarded": dict(discarded) if discarded else None,
+        "end": None,
     }
-    path = output_dir / "run_info.json"
-    previous = []
-    if resumed_from is not None and path.is_file():
-        old = json.loads(path.read_text())
-        previous = old.pop("previous_sessions", []) + [old]
-    path.write_text(json.dumps({**session, "previous_sessions": previous}, indent=2) + "\n")
+    write_text_atomic(path, json.dumps({**session, "previous_sessions": previous}, indent=2) + "\n")
+
+
+def record_run_end(output_dir: Path, end: Mapping[str, Any]) -> None:
+    """Set ``end`` of the current attempt in ``<output_dir>/run_info.json`` (written by ``write_run_files``)."""
+    path = Path(output_dir) / "run_info.json"
+    info = _read_run_info(path)
+    if info is None:
+        raise FileNotFoundError(f"{path}: no run record to add the end of this attempt to")
+    info["end"] = {**end, "time": _now()}
+    write_text_atomic(path, json.dumps(info, indent=2) + "\n")
+
+
+def set_aside_evaluations(output_dir: Path, iteration: int) -> list[str]:
+    """Rename every ``eval_<split>_<i>.json`` of ``output_dir`` with i > ``iteration`` to ``<name>.discarded``
+    (results of weights that a run restarting from ``iteration`` replaces); returns the new names."""
+    moved = []
+    for path in sorted(Path(output_dir).glob("eval_*.json")):
+        match = EVAL_FILE.match(path.name)
+        if match and int(match.group(2)) > iteration:
+            moved.append(_set_aside(path, ".discarded").name)
+    return moved
 
 
 @contextlib.contextmanager
@@ -497,19 +585,44 @@ class Trainer:
         if self.rank == 0:
             path = self.output_dir / f"eval_{split}_{self.iteration:07d}.json"
             record = {"iteration": self.iteration, "split": split, "results": results}
-            path.write_text(json.dumps(json_safe(record), indent=2) + "\n")
+            write_text_atomic(path, json.dumps(json_safe(record), indent=2) + "\n")
             if self._writer is not None:
                 self._writer.write_eval(self.iteration, split, results)
         return results
+
+    def _start_attempt(self) -> None:
+        """Rank 0: cut the run's records back to ``self.iteration``, open the metric writer, record the attempt."""
+        start = self.iteration
+        if self.resumed_from is None:
+            old = sorted(path.name for path in self.checkpoint_dir.glob("iter_*"))
+            if old:
+                print(f"warning: starting from scratch in {self.output_dir}, which holds checkpoints of an earlier "
+                      f"run ({', '.join(old)}); resume them with --resume, or they are replaced as this run saves",
+                      file=sys.stderr)
+        self._writer = MetricWriter(self.output_dir, tensorboard=self.tensorboard, start_iteration=start)
+        eval_files = set_aside_evaluations(self.output_dir, start)
+        discarded = None
+        if self._writer.discarded or eval_files:
+            discarded = {"metrics_records": self._writer.discarded, "eval_files": eval_files}
+            print(f"starting at iteration {start}: set aside what an earlier attempt logged after it: "
+                  f"{self._writer.discarded} record(s) of {self._writer.path.name} -> {self._writer.path.name}"
+                  f".discarded" + (f", {', '.join(eval_files)}" if eval_files else ""), file=sys.stderr)
+        write_run_files(self.cfg, self.output_dir, self.argv, self.resumed_from, self.precision,
+                        discarded=discarded, last_logged_iteration=self._writer.last_logged_iteration)
+
+    def _record_end(self, end: dict[str, Any]) -> None:
+        try:
+            record_run_end(self.output_dir, {**end, "iteration": self.iteration})
+        except OSError as error:   # the record is informational: never hide the run's own outcome behind it
+            print(f"warning: could not record the end of this attempt in run_info.json: {error}", file=sys.stderr)
 
     def train(self) -> TrainResult:
         """Train from ``self.iteration`` to ``run.iterations`` (see the module docstring)."""
         run = self.cfg.run
         if self.rank == 0:
-            write_run_files(self.cfg, self.output_dir, self.argv, self.resumed_from, self.precision)
-            self._writer = MetricWriter(self.output_dir, tensorboard=self.tensorboard,
-                                        resume_iteration=self.resumed_from)
+            self._start_attempt()
         previous_handlers = self._install_signal_handlers()
+        end: dict[str, Any] = {"status": "failed"}
         window = WindowAverages()
         result = TrainResult(iteration=self.iteration)
         bar = None
@@ -554,6 +667,11 @@ class Trainer:
                     result.eval_results[self.cfg.data.val_split] = self.evaluate(self.cfg.data.val_split)
             if result.interrupted_by is None and self.evaluate_fn is not None:
                 result.eval_results[self.cfg.data.val_split] = self.evaluate(self.cfg.data.val_split)
+            end = {"status": "finished"} if result.interrupted_by is None else {
+                "status": "stopped", "signal": signal.Signals(result.interrupted_by).name}
+        except BaseException as error:
+            end["error"] = f"{type(error).__name__}: {error}"
+            raise
         finally:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
@@ -561,6 +679,8 @@ class Trainer:
                 bar.close()
             if self._writer is not None:
                 self._writer.close()
+                end["checkpoint"] = str(result.checkpoint) if result.checkpoint is not None else None
+                self._record_end(end)
         result.iteration = self.iteration
         return result
 
