@@ -37,6 +37,17 @@ def test_bad_overrides_exit_with_2_and_name_the_key(capsys):
     assert "--new-schedule" in err and "--resume" in err
 
 
+def test_a_fresh_start_over_an_earlier_runs_checkpoints_is_refused(tmp_path, capsys):
+    # Without --resume, a new run would mix its checkpoints with the earlier run's and prune them.
+    earlier = tmp_path / "run" / "checkpoints" / "iter_0000040"
+    earlier.mkdir(parents=True)
+    (earlier / "meta.json").write_text("{}")
+    assert train_main(["--config", "tiny", f"run.output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "iter_0000040" in err and "--resume" in err and "run.output_dir" in err
+    assert (earlier / "meta.json").read_text() == "{}"
+
+
 def _overrides(root: Path, output_dir: Path) -> list[str]:
     """Two tasks of the tiny model, small batches and images; drop-path and MoE gate noise on (model RNG),
     random crops (data RNG) and random MLM masks, so an exact resume has to restore all of them."""

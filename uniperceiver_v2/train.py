@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from .config import ConfigError, load_config
 from .data.summary import DataError
@@ -63,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    earlier = sorted(path.name for path in (Path(cfg.run.output_dir) / "checkpoints").glob("iter_*"))
+    if earlier and not args.resume:
+        # a fresh run would mix its checkpoints with these and prune them (run.keep_checkpoints)
+        print(f"error: run.output_dir={cfg.run.output_dir} holds checkpoints of an earlier run ({', '.join(earlier)}); "
+              "pass --resume to continue it, or choose another run.output_dir (or delete the folder) to start over",
+              file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
