@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning costs up to 10x.
 export OMP_WAIT_POLICY := passive
 
-.PHONY: reproduce test lint install clean-runs
+.PHONY: reproduce test lint install clean-runs browser-check
 
 $(PY):
 	@echo "==> creating $(VENV) with $$($(PYTHON) --version)"
@@ -38,3 +38,10 @@ lint: $(STAMP)
 
 clean-runs:
 	rm -rf runs/
+
+# Opt-in, outside CI: an explorer (ipywidgets) in JupyterLab, driven in headless Chromium; writes the screenshot
+# docs/img/explorer_browser_check.png. Needs `apt-get install chromium chromium-driver`.
+browser-check: $(STAMP)
+	@echo "==> JupyterLab + headless Chromium: an explorer opened, run, a control changed (tests/browser_check.py)"
+	@$(PY) -c "import selenium" 2>/dev/null || $(PY) -m pip install -q -e ".[browser]"
+	$(PY) tests/browser_check.py

@@ -122,6 +122,28 @@ def test_beam_search_is_exact_when_the_beam_holds_every_prefix():
             assert score == pytest.approx(best_score, abs=1e-4)
 
 
+def test_all_beams_of_one_step_are_every_first_word_by_its_log_probability():
+    """beam_size = |V|, one step: the beams are all |V| one-word captions, ranked by log p(w | image)."""
+    model = tiny_model(texts=["red circle", "blue square"]).eval()
+    task = CaptioningTask(model.config.tasks.captioning)
+    vocabulary = model.vocabulary.tolist()
+    end = end_token_id(model.text_encoder.tokenizer)
+    batch = task.collate(caption_samples(2))
+    with torch.no_grad():
+        image = model.encode_images(batch.images, batch.padding_mask)
+        beams = task.beam_search(model, image, beam_size=len(vocabulary), max_length=1, all_beams=True)
+        results = task.generate(model, batch.images, batch.padding_mask, beam_size=len(vocabulary), max_length=1,
+                                all_beams=True)
+        for b, per_image in enumerate(beams):
+            first = task.next_word_logits(model, image, torch.tensor([b]), torch.zeros(1, 0, dtype=torch.long))
+            expected = sorted(((([] if w == end else [w]), value) for w, value in
+                               zip(vocabulary, first.log_softmax(1)[0].tolist())), key=lambda item: -item[1])
+            assert [tokens for tokens, _ in per_image] == [tokens for tokens, _ in expected]
+            assert [score for _, score in per_image] == pytest.approx([score for _, score in expected], abs=1e-4)
+            assert [beam["token_ids"] for beam in results[b]["beams"]] == [tokens for tokens, _ in per_image]
+            assert results[b]["beams"][0]["score"] == results[b]["score"]
+
+
 def test_generate_stops_at_the_end_token_and_respects_max_length(model, task, encoded):
     batch, _, _, _ = encoded
     end = end_token_id(model.text_encoder.tokenizer)

@@ -218,6 +218,30 @@ def test_attention_heatmaps_one_overlay_per_map(image):
         np.testing.assert_allclose(heat.get_array(), expected.numpy() / expected.numpy().max(), rtol=1e-6)
 
 
+
+def test_attention_heatmaps_relative_scale_shows_a_uniform_map_as_the_uniform_share(image):
+    uniform = np.full((2, 3, 4), 1.0 / 12)
+    fig = viz.attention_heatmaps(image, uniform, relative=True)
+    panels = [ax for ax in fig.axes if ax.images]
+    for ax in panels:
+        np.testing.assert_allclose(ax.get_images()[1].get_array(), 1.0)   # weight / uniform weight
+    assert any(ax.get_ylabel() == "weight / uniform weight" for ax in fig.axes)   # the colour bar
+
+
+def test_attention_heatmaps_hatch_padding_and_never_colour_it(image):
+    padding = np.zeros((3, 4), dtype=bool)
+    padding[:, 2:] = True                       # the right half of the grid is padding
+    maps = np.zeros((1, 3, 4))
+    maps[0, :, :2] = 1.0 / 6
+    for relative in (False, True):
+        fig = viz.attention_heatmaps(image, maps, padding=padding, relative=relative)
+        heat = fig.axes[0].get_images()[1]
+        assert heat.get_interpolation() == "nearest"          # a cell is a block: nothing bleeds into padding
+        np.testing.assert_array_equal(np.ma.getmaskarray(heat.get_array()), padding)
+        assert len(fig.axes[0].patches) == int(padding.sum())  # one hatched block per padded cell
+    with pytest.raises(ValueError, match="grid shape"):
+        viz.attention_heatmaps(image, maps, padding=padding[:, :3])
+
 # ---------------------------------------------------------------------------------------------------------------
 # similarities, experts, curves, tables
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,6 +328,43 @@ def test_captions_retrieval_tables_and_statistics(image):
 
     fig = viz.plot_instance_statistics([1, 2, 2, 5], [8.0, 30.0, 50.0, 120.0], {"disk": 4, "square": 3, "ring": 2})
     assert len(fig.axes[2].patches) == 3
+
+
+def test_instance_statistics_draw_both_coco_limits_even_without_large_objects():
+    fig = viz.plot_instance_statistics([1, 2], [8.0, 20.0, 40.0], {"disk": 2, "ring": 1})
+    sizes = fig.axes[1]
+    dashed = sorted(line.get_xdata()[0] for line in sizes.lines if line.get_linestyle() == "--")
+    assert dashed == [32.0, 96.0]
+    assert sizes.get_xlim()[1] > 96.0                           # the promised line is on the axis
+    assert [t.get_text() for t in sizes.texts] == ["small", "medium", "large"]
+    assert viz.coco_size_counts([8.0, 31.9, 32.0, 95.9, 96.0, 200.0]) == {"small": 2, "medium": 2, "large": 2}
+
+
+def test_log_axes_are_labelled_with_plain_numbers():
+    """Matplotlib writes "6x10^1" under minor ticks of a short log axis; every log axis of the package must not."""
+    records = [{"iteration": i, "task": "detection", "loss": 20.0 + 70.0 * i / 9} for i in range(10)]
+    fig = viz.plot_curves(records, keys=("loss",), logy=True)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels(which="both") if t.get_text()]
+    assert labels and not any("times" in text or "^" in text or "$" in text for text in labels), labels
+    assert "60" in labels or "50" in labels                    # the range 20-90 is read off minor ticks
+    fig = viz.subplots(1)[0]
+    ax = fig.axes[0]
+    ax.plot([1e-4, 1e1], [1.0, 2.0])
+    viz.set_log_scale(ax, "x")
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels(which="both") if t.get_text()]
+    assert "0.0001" in labels and "1" in labels and not any("^" in text for text in labels), labels
+    assert "2" not in labels                                    # five decades: minor ticks unlabelled
+    with pytest.raises(ValueError, match="'x' or 'y'"):
+        viz.set_log_scale(ax, "z")
+
+
+def test_plot_curves_colour_a_task_line_by_the_task_palette():
+    fig = viz.plot_curves(_log_records(), keys=("loss",))
+    for line in fig.axes[0].lines:
+        assert to_rgb(line.get_color()) == pytest.approx(viz.task_color(line.get_label()))
 
 
 def test_figures_save_to_png_and_leave_pyplot_alone(tmp_path, image):

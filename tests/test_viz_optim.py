@@ -5,7 +5,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from uniperceiver_v2.viz import class_color
+from uniperceiver_v2.viz import task_color
 from uniperceiver_v2.viz.optim import (
     plot_grad_norms,
     plot_interference,
@@ -29,7 +29,7 @@ def test_task_sequence_draws_each_draw_and_its_frequency():
     widths = [patch.get_width() for patch in bars.patches]
     np.testing.assert_allclose(widths[:3], [2 / 6, 3 / 6, 1 / 6])  # unmixed frequencies
     np.testing.assert_allclose(widths[3:6], [5 / 12, 5 / 12, 2 / 12])  # mixed slot frequencies
-    assert tuple(bars.patches[1].get_facecolor()[:3]) == pytest.approx(class_color(1))
+    assert tuple(bars.patches[1].get_facecolor()[:3]) == pytest.approx(task_color("b"))
 
 
 def test_task_sequence_rejects_unknown_tasks_and_ragged_slots():
@@ -55,7 +55,7 @@ def test_grad_norms_colour_each_iteration_by_its_task():
     unmixed_ax, mixed_ax = fig.axes
     points = unmixed_ax.collections[0]
     np.testing.assert_allclose(points.get_offsets(), [[0, 1.0], [1, 10.0], [2, 2.0]])
-    np.testing.assert_allclose(points.get_facecolors()[1][:3], class_color(2))
+    np.testing.assert_allclose(points.get_facecolors()[1][:3], task_color("c"))
     assert len(mixed_ax.collections[0].get_offsets()) == 4
     assert unmixed_ax.get_yscale() == "log"
     with pytest.raises(ValueError, match="3 step tasks but 2"):
@@ -88,3 +88,29 @@ def test_interference_scale_is_symmetric_and_ignores_the_diagonal():
         plot_interference(np.ones((2, 3)), TASKS)
     with pytest.raises(ValueError, match="expected 3 names"):
         plot_interference(matrix, TASKS[:2])
+
+
+def test_a_task_has_one_colour_in_every_figure_whatever_the_task_order():
+    """Notebook 05 lists its tasks in one order, notebook 06 in another: the colours must not follow the order."""
+    order_05 = ["classification", "detection", "language_modelling", "captioning", "retrieval"]
+    order_06 = ["captioning", "classification", "detection", "mlm", "retrieval"]
+    sequence = plot_task_sequence(order_05, [[t] for t in order_05], order_05, dict.fromkeys(order_05, 0.2))
+    norms = plot_grad_norms({"run": (order_06, np.arange(1.0, 6.0))}, order_06)
+    bars = sequence.axes[2].patches[:5]
+    points = norms.axes[0].collections[0].get_facecolors()
+    for index, task in enumerate(order_05):
+        assert tuple(bars[index].get_facecolor()[:3]) == pytest.approx(task_color(task))
+    for index, task in enumerate(order_06):
+        np.testing.assert_allclose(points[index][:3], task_color(task))
+    assert task_color("mlm") == task_color("language_modelling")
+    known = ["classification", "detection", "captioning", "retrieval", "mlm", "segmentation"]
+    assert len({task_color(task) for task in known}) == len(known)
+
+
+def test_task_curves_take_variant_colours_and_title_each_panel_in_its_task_colour():
+    x = np.array([1e-3, 3e-3, 1e-2])
+    curve = (x, np.array([3.0, 2.0, 1.0]), np.array([2.5, 1.5, 0.5]), np.array([3.5, 2.5, 1.5]))
+    fig = plot_task_curves({"v1": {"detection": curve}}, ["detection"], logx=True, logy=True, ncols=1)
+    ax = fig.axes[0]
+    assert ax.title.get_color() == task_color("detection")
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"

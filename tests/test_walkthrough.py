@@ -143,6 +143,20 @@ def test_run_training_raises_with_the_tail_of_the_output(tmp_path):
     assert error.value.returncode == 3 and (tmp_path / "train" / walkthrough.CONSOLE_LOG).is_file()
 
 
+def test_run_training_without_echo_prints_nothing_and_summarises_the_launch(tmp_path, capsys):
+    child = CHILD.replace("sys.exit(3)", "sys.exit(0)")
+    launch = walkthrough.run_training([sys.executable, "-c", child], tmp_path / "train", progress_interval=1000.0,
+                                       echo=False)
+    assert capsys.readouterr().out == ""                     # the lines went to the log only
+    assert launch.last_line == "last line" and launch.lines == 4
+    assert launch.log == tmp_path / "train" / walkthrough.CONSOLE_LOG and "first line" in launch.log.read_text()
+    summary = launch.summary()
+    assert summary.startswith("last line\n4 lines") and str(launch.log) in summary
+    echoed = walkthrough.run_training([sys.executable, "-c", child], tmp_path / "train", progress_interval=1000.0)
+    assert capsys.readouterr().out.splitlines()[0] == "first line" and echoed.lines == 4
+    assert launch.log.read_text().count("first line") == 2   # appended, one log for every launch
+
+
 # ----------------------------------------------------------------------------------------------------- run status
 def test_training_status_and_require_checkpoint(tmp_path):
     run_dir = tmp_path / "runs" / "quick"
@@ -520,3 +534,81 @@ def test_ceiling_table_puts_the_model_next_to_the_oracle_and_the_references():
     assert table["rows"][1][4] == 0.2                                    # chance of text->image R@1, x100
     no_captioning = walkthrough.ceiling_table({"retrieval": results["retrieval"]}, ceiling)
     assert all(row[1] is None for row in no_captioning["rows"] if row[0].startswith("captioning"))
+
+
+# ----------------------------------------------------------------------------------------------------- notebook 02
+def test_pool_spread_counts_the_cells_a_pool_averages():
+    from uniperceiver_v2.walkthrough.pooling import pool_spread
+
+    uniform = torch.full((2, 3, 16), 1.0 / 16)
+    one_cell = torch.zeros(16)
+    one_cell[5] = 1.0
+    half = torch.cat([torch.full((8,), 1.0 / 8), torch.zeros(8)])   # padding cells weigh 0 and do not count
+    assert torch.allclose(pool_spread(uniform), torch.full((2, 3), 16.0))
+    assert torch.allclose(pool_spread(torch.stack([one_cell, half])), torch.tensor([1.0, 8.0]))
+
+
+def test_a_short_training_sharpens_the_pools_and_no_run_means_no_run_encoder(synthetic_root, tmp_path):
+    from uniperceiver_v2.walkthrough.pooling import encoder_of_run, train_attention_pools
+
+    cfg = load_config("tiny", [f"data.root={synthetic_root}"])
+    result = train_attention_pools(cfg, iterations=40, batch_size=8, seed=0)
+    assert [r["iteration"] for r in result.history] == list(range(40)) and not result.encoder.training
+    assert result.encoder.region_proposals is None                  # the global half only
+    assert result.history[-1]["spread"] < result.history[0]["spread"]   # the queries grew: sharper pools
+    assert result.history[0]["spread"] == pytest.approx(16.0, abs=0.1)   # a 128 x 128 scene: 4 x 4 cells, uniform
+    assert encoder_of_run(tmp_path) is None
+    with pytest.raises(ValueError, match="iterations"):
+        train_attention_pools(cfg, iterations=0)
+
+
+def test_source_block_shows_the_package_code_from_start_to_end():
+    from uniperceiver_v2.modeling.global_pooling import GlobalAttentionPooling
+    from uniperceiver_v2.walkthrough.pages import source_block
+
+    block = source_block(GlobalAttentionPooling.forward, start="logits = ", end="softmax")
+    assert block.startswith("`GlobalAttentionPooling.forward` in `uniperceiver_v2/modeling/global_pooling.py`, line ")
+    code = block.split("```python\n", 1)[1].rsplit("\n```", 1)[0].splitlines()
+    assert code[0].startswith("logits = ") and code[-1].startswith("attn = ") and "softmax" in code[-1]
+    assert "def forward" in source_block(GlobalAttentionPooling.forward)
+    with pytest.raises(ValueError, match="not in the source"):
+        source_block(GlobalAttentionPooling.forward, start="no such line")
+
+
+# ----------------------------------------------------------------------------------------------------- notebook 05
+def test_gaps_between_toy_variants_and_their_sentence():
+    from uniperceiver_v2.walkthrough.toy_multitask import VARIANTS, Comparison, ToyMultiTaskProblem, describe_gaps
+
+    problem = ToyMultiTaskProblem(seed=0)
+    comparison = Comparison.run(problem, iterations=20, seeds=[0], learning_rates=[3e-3], variants=VARIANTS[:2])
+    first, second = VARIANTS[0].name, VARIANTS[1].name
+    gaps = comparison.gaps(3e-3, second, first)
+    means = comparison.table(3e-3)["mean"]
+    assert set(gaps) == set(problem.task_names)
+    for task, gap in gaps.items():
+        assert gap == pytest.approx(means[second][task] / means[first][task] - 1.0)
+    assert all(value == 0.0 for value in comparison.gaps(3e-3, first, first).values())
+    with pytest.raises(KeyError, match="no variant"):
+        comparison.gaps(3e-3, "nothing", first)
+    sentence = describe_gaps({"a": -0.31, "b": 0.12, "c": 0.01}, tolerance=0.02)
+    assert sentence == "lower on a (-31 %); higher on b (+12 %); within 2 % on c"
+    assert describe_gaps({"a": 0.0}) == "within 2 % on a"
+
+
+def test_task_trends_show_a_level_loss_with_a_vanishing_gradient():
+    records = [{"kind": "train", "iteration": i, "task": "retrieval", "loss": 3.0, "grad_norm": 10.0 ** -i}
+               for i in range(6)]
+    records += [{"kind": "train", "iteration": 10 + i, "task": "captioning", "loss": 4.0 - i, "grad_norm": 2.0}
+                for i in range(3)]
+    records.append({"kind": "eval", "iteration": 20, "task": "captioning", "loss": 0.1})
+    table = walkthrough.task_trends(records, window=2)
+    rows = {row[0]: row[1:] for row in table["rows"]}
+    assert rows["captioning"] == [3, pytest.approx(2.5 / 3.5, rel=1e-3), 1.0]   # the eval record is left out
+    assert rows["retrieval"][1] == 1.0 and rows["retrieval"][2] < 1e-3            # level loss, no gradient left
+    with pytest.raises(ValueError, match="window"):
+        walkthrough.task_trends(records, window=0)
+
+
+def test_longest_gaps_count_the_iterations_without_each_task():
+    drawn = ["a", "b", "b", "c", "b", "a", "b"]
+    assert walkthrough.longest_gaps(drawn, ["a", "b", "c", "d"]) == {"a": 4, "b": 1, "c": 3, "d": 7}

@@ -210,23 +210,25 @@ def _rle_mask(mask: torch.Tensor) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def caption(model: UniPerceiverV2, images, beam_size: int | None = None, max_length: int | None = None
-            ) -> list[dict]:
+def caption(model: UniPerceiverV2, images, beam_size: int | None = None, max_length: int | None = None,
+            all_beams: bool = False) -> list[dict]:
     """Describe each image.
 
     Args:
         beam_size: 1 = greedy; default ``tasks.captioning.beam_size``.
         max_length: maximum number of generated tokens; default ``tasks.captioning.max_length``.
+        all_beams: also list every hypothesis the beam search ended with.
 
     Returns:
-        per image ``{"caption": str, "token_ids": list[int], "score": float (sum of token log-probabilities)}``.
+        per image ``{"caption": str, "token_ids": list[int], "score": float (sum of token log-probabilities)}``;
+        with ``all_beams`` also ``"beams"``: the ``beam_size`` hypotheses as such dicts, best first.
     """
     beam_size = checks.optional_positive_int(beam_size, "beam_size")
     max_length = checks.optional_positive_int(max_length, "max_length")
     task = CaptioningTask(model.config.tasks.captioning)
     with evaluation_mode(model):
         pixels, padding_mask = prepare_whole_images(model, images, "captioning")
-        return task.generate(model, pixels, padding_mask, beam_size, max_length)
+        return task.generate(model, pixels, padding_mask, beam_size, max_length, all_beams=bool(all_beams))
 
 
 def retrieve(model: UniPerceiverV2, images, texts: Sequence[str]) -> dict[str, torch.Tensor]:

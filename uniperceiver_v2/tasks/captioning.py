@@ -30,6 +30,7 @@ step-by-step decoding logits.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -198,8 +199,8 @@ class CaptioningTask(Task):
                 break
         return [(self._until_end(model, row), float(score)) for row, score in zip(generated, scores)]
 
-    def beam_search(self, model, image: ImageEncoderOutput, beam_size: int, max_length: int
-                    ) -> list[tuple[list[int], float]]:
+    def beam_search(self, model, image: ImageEncoderOutput, beam_size: int, max_length: int,
+                    all_beams: bool = False) -> list[tuple[list[int], float]] | list[list[tuple[list[int], float]]]:
         """Keep the ``beam_size`` most likely partial captions (sum of word log-probabilities) at every step.
 
         A finished hypothesis (it emitted the end token) stays in the beam with its score unchanged, competing with
@@ -209,7 +210,8 @@ class CaptioningTask(Task):
         decoding.
 
         Returns:
-            per image (token ids without the end token, total log-probability).
+            per image (token ids without the end token, total log-probability); with ``all_beams``, per image the
+            list of every hypothesis left in the beam (at most ``beam_size``), best first.
         """
         end_index = self._end_index(model)
         num_images, vocab_size = image.tokens.shape[0], model.vocabulary.numel()
@@ -240,6 +242,11 @@ class CaptioningTask(Task):
             best_open = scores.masked_fill(done, float("-inf")).max(dim=1).values
             if bool((best_finished >= best_open).all()):
                 break
+        if all_beams:
+            order = scores.argsort(dim=1, descending=True)
+            return [[(self._until_end(model, generated[b * beam_size + k]), float(scores[b, k]))
+                     for k in order[b].tolist() if math.isfinite(float(scores[b, k]))]
+                    for b in range(num_images)]
         best = scores.argmax(dim=1)
         winners = torch.arange(num_images, device=device) * beam_size + best
         return [(self._until_end(model, generated[w]), float(scores[b, best[b]]))
@@ -253,28 +260,42 @@ class CaptioningTask(Task):
 
     @torch.no_grad()
     def generate(self, model, images: torch.Tensor, padding_mask: torch.Tensor | None,
-                 beam_size: int | None = None, max_length: int | None = None) -> list[dict]:
+                 beam_size: int | None = None, max_length: int | None = None, all_beams: bool = False) -> list[dict]:
         """Caption B images.
 
         Args:
             images: (B, 3, H, W) normalised; padding_mask: (B, H, W) bool or None.
             beam_size: default ``tasks.captioning.beam_size`` (1 = greedy).
             max_length: maximum number of generated tokens; default ``tasks.captioning.max_length``.
+            all_beams: also return every hypothesis the search ended with (``beam_size`` of them; one for greedy).
 
         Returns:
             per image {"caption": str, "token_ids": list[int] (without the end token), "score": float, the sum of
-            the chosen tokens' log-probabilities}.
+            the chosen tokens' log-probabilities}; with ``all_beams`` also "beams": a list of such dicts, best
+            first (the first is the caption itself).
         """
         beam_size = self.config.beam_size if beam_size is None else beam_size
         max_length = self.config.max_length if max_length is None else max_length
         if beam_size < 1 or max_length < 1:
             raise ValueError(f"captioning: beam_size ({beam_size}) and max_length ({max_length}) must be >= 1")
         image = model.encode_images(images, padding_mask)
-        hypotheses = (self.greedy(model, image, max_length) if beam_size == 1
-                      else self.beam_search(model, image, beam_size, max_length))
         tokenizer = model.text_encoder.tokenizer
-        return [{"caption": tokenizer.decode(tokens, skip_special_tokens=True).strip(), "token_ids": tokens,
-                 "score": score} for tokens, score in hypotheses]
+
+        def described(tokens: list[int], score: float) -> dict:
+            return {"caption": tokenizer.decode(tokens, skip_special_tokens=True).strip(), "token_ids": tokens,
+                    "score": score}
+
+        if beam_size == 1:
+            hypotheses = [[hypothesis] for hypothesis in self.greedy(model, image, max_length)]
+        else:
+            hypotheses = self.beam_search(model, image, beam_size, max_length, all_beams=True)
+        results = []
+        for beams in hypotheses:
+            result = described(*beams[0])
+            if all_beams:
+                result["beams"] = [described(*beam) for beam in beams]
+            results.append(result)
+        return results
 
     def predict(self, model, batch: CaptioningTaskBatch) -> list[dict]:
         """Generated captions with the batch's image ids: per image {"image_id", "caption", "token_ids", "score"}

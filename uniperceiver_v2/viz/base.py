@@ -11,6 +11,9 @@ Conventions:
     Figures are built without pyplot (``Figure(...)``), so nothing accumulates in pyplot's global figure list
     during long loops or tests; in a notebook they display as the cell's value once ``%matplotlib inline`` is
     active. Functions drawing a single panel also take ``ax=`` to draw into an existing Axes.
+  * One colour per task across the whole series (:func:`task_color`), one per class id (:func:`class_color`).
+  * Logarithmic axes are labelled with plain numbers ("0.5", "60", "0.001"), never "6x10^1"
+    (:func:`set_log_scale`).
 """
 
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import colorsys
 import math
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,12 +29,30 @@ import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator
 
 # tab20 with its dark shades first, so the first ten classes get ten clearly different colours.
 _TAB20 = matplotlib.colormaps["tab20"]
 _PALETTE = [_TAB20(i)[:3] for i in list(range(0, 20, 2)) + list(range(1, 20, 2))]
 _MASK_ALPHA = 0.45
 _LEVEL_CMAP = matplotlib.colormaps["viridis"]
+
+# The one task -> colour mapping of the series: every figure that colours by task reads it, so captioning is the
+# same green in notebook 05's toy, notebook 06's training curves and notebook 09's ablations. Names of the toy
+# problem (``language_modelling``) and of the trainer (``mlm``) are the same task.
+_TAB10 = matplotlib.colormaps["tab10"]
+TASK_COLORS: dict[str, tuple[float, float, float]] = {
+    "classification": _TAB10(0)[:3],      # blue
+    "detection": _TAB10(1)[:3],           # orange
+    "captioning": _TAB10(2)[:3],          # green
+    "retrieval": _TAB10(3)[:3],           # red
+    "mlm": _TAB10(4)[:3],                 # purple
+    "language_modelling": _TAB10(4)[:3],
+    "segmentation": _TAB10(5)[:3],        # brown
+    "mixed": (0.35, 0.35, 0.35),          # an iteration holding several tasks
+}
+# Tasks outside the table (a toy's "a", "b") take these, chosen by a stable hash of the name.
+_OTHER_TASK_COLORS = [_TAB10(i)[:3] for i in (6, 8, 9, 7)] + [_TAB20(i)[:3] for i in (1, 3, 5, 9, 13, 17, 19)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -113,6 +135,54 @@ def class_color(label: int) -> tuple[float, float, float]:
         return tuple(_PALETTE[label])
     hue = (label * 0.6180339887) % 1.0
     return colorsys.hsv_to_rgb(hue, 0.75, 0.85)
+
+
+def task_color(task: str) -> tuple[float, float, float]:
+    """The RGB colour of a task, the same in every figure of the series (:data:`TASK_COLORS`).
+
+    A name outside the table gets a colour from a fixed list, picked by a hash of the name that does not change
+    between runs (Python's own ``hash`` of a string does), so it too is the same in every figure.
+    """
+    name = str(task)
+    if name in TASK_COLORS:
+        return TASK_COLORS[name]
+    return _OTHER_TASK_COLORS[zlib.crc32(name.encode("utf-8")) % len(_OTHER_TASK_COLORS)]
+
+
+def _plain_number(value: float, _position: Any = None) -> str:
+    """A tick label as a plain number: "0.001", "0.5", "60", "2000" (``%g`` switches to "1e+05" from 10^5)."""
+    return f"{value:g}"
+
+
+def set_log_scale(ax: Axes, axis: str = "y") -> None:
+    """A logarithmic ``axis`` ("x" or "y") whose ticks read as plain numbers.
+
+    Matplotlib's default labels the minor ticks of a short log axis as "6x10^1"; here decades are written as plain
+    numbers ("0.01", "1", "100") and, when the visible range spans at most two decades, minor ticks too ("20",
+    "60", "0.3"; over more than one decade only 2 and 5, so labels do not collide). The range is read when the
+    labels are drawn, so the axis may be set before or after plotting.
+    """
+    if axis not in ("x", "y"):
+        raise ValueError(f"axis: expected 'x' or 'y', got {axis!r}")
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_locator(LogLocator(base=10.0))
+    target.set_major_formatter(FuncFormatter(_plain_number))
+    target.set_minor_locator(LogLocator(base=10.0, subs=np.arange(2, 10)))
+
+    def minor_label(value: float, _position: Any = None) -> str:
+        low, high = sorted(float(v) for v in target.get_view_interval())
+        if value <= 0 or low <= 0:
+            return ""
+        decades = math.log10(high / low)
+        if decades > 2.0:
+            return ""
+        mantissa = round(value / 10 ** math.floor(math.log10(value) + 1e-9))
+        keep = range(2, 10) if decades <= 1.0 else (2, 5)
+        return _plain_number(value) if mantissa in keep else ""
+
+    target.set_minor_formatter(FuncFormatter(minor_label))
+    ax.tick_params(axis=axis, which="minor", labelsize=7)
 
 
 def _figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | None = None,

@@ -10,9 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..engine.logging import read_metrics
-from .base import (
-    _figure,
-)
+from .base import _figure, set_log_scale, task_color
 
 
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
@@ -34,8 +32,9 @@ def plot_curves(log_path_or_records: str | Path | Sequence[Mapping[str, Any]], k
         keys: record fields to plot, e.g. ``("loss", "lr")``; a record without a key (or with None, a
             non-finite value in the trainer's log) is left out of that panel.
         by: the field that splits a panel into lines (records without it form the line "all"); None = one line.
+            With ``by="task"`` every line has its task's colour (``viz.task_color``), as in every other figure.
         smooth: moving-average window in points (0 or 1 = raw values).
-        logy: logarithmic y axis.
+        logy: logarithmic y axis, labelled with plain numbers.
         kind: keep only records whose ``kind`` field equals this (the trainer writes "train" and "eval").
     """
     if isinstance(log_path_or_records, (str, Path)):
@@ -63,11 +62,12 @@ def plot_curves(log_path_or_records: str | Path | Sequence[Mapping[str, Any]], k
                 series.setdefault(group, []).append((float(record["iteration"]), float(record[key])))
         for group in sorted(series):
             points = np.asarray(sorted(series[group]))
-            ax.plot(points[:, 0], moving_average(points[:, 1], smooth), label=group, linewidth=1.2)
+            color = task_color(group) if by == "task" and group != "all" else None   # "all": no task field
+            ax.plot(points[:, 0], moving_average(points[:, 1], smooth), label=group, linewidth=1.2, color=color)
         if not series:
             ax.text(0.5, 0.5, f"no records with '{key}'", transform=ax.transAxes, ha="center", va="center")
         if logy and series:
-            ax.set_yscale("log")
+            set_log_scale(ax, "y")
         ax.set_xlabel("iteration")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)

@@ -79,7 +79,7 @@ def plot_expert_usage(usage: Any, row_labels: Sequence[str], layer_titles: Seque
     if len(layer_titles) != layers:
         raise ValueError(f"layer_titles: expected {layers} titles, got {len(layer_titles)}")
     high = max(float(values.max()), 1e-12)
-    fig, axes = _figure(1, layers, figsize=(3.0 + (0.42 * experts + 0.3) * layers, 1.3 + 0.3 * rows),
+    fig, axes = _figure(1, layers, figsize=(3.0 + (0.5 * experts + 0.3) * layers, 1.3 + 0.34 * rows),
                         sharey=True)
     image = None
     for layer, ax in enumerate(axes[0]):
@@ -89,7 +89,7 @@ def plot_expert_usage(usage: Any, row_labels: Sequence[str], layer_titles: Seque
                 for e in range(experts):
                     v = values[layer, r, e]
                     if v >= 0.005:
-                        ax.text(e, r, f"{v:.2f}".lstrip("0"), ha="center", va="center", fontsize=6,
+                        ax.text(e, r, f"{v:.2f}".lstrip("0"), ha="center", va="center", fontsize=7,
                                 color="white" if v > 0.6 * high else "black")
         ax.set_xticks(range(experts), [f"E{e}" for e in range(experts)], fontsize=7)
         ax.set_xlabel("expert", fontsize=8)

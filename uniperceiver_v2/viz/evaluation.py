@@ -1,5 +1,6 @@
 """Figures of the evaluation notebooks (07, 08) that ``viz`` does not have: top-k classification predictions next
-to their images, and text-to-image retrieval rankings.
+to their images, text-to-image retrieval rankings, ranked texts (caption beams) and a caption's per-step token
+probabilities.
 
 Same conventions as ``uniperceiver_v2.viz``: plain inputs (tensors, arrays, PIL images via ``viz.to_display_image``),
 no pyplot state, every function returns its :class:`matplotlib.figure.Figure`.
@@ -12,11 +13,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .base import to_display_image
+from .base import _single_axes, to_display_image
 
-__all__ = ["plot_topk_predictions", "show_text_retrieval"]
+__all__ = ["plot_ranked_texts", "plot_token_probabilities", "plot_topk_predictions", "show_text_retrieval"]
 
 _RIGHT, _WRONG, _OTHER = "forestgreen", "firebrick", "silver"
 
@@ -81,14 +83,15 @@ def plot_topk_predictions(images: Sequence[Any], true_names: Sequence[str],
     return fig
 
 
-def show_text_retrieval(query: str, images_ranked: Sequence[Any], correct: Sequence[bool],
+def show_text_retrieval(query: str, images_ranked: Sequence[Any], correct: Sequence[bool] | None,
                         scores: Sequence[float] | None = None, width: int = 90, title: str | None = None) -> Figure:
     """Text-to-image retrieval for one query: the text and its ranked images, the right one framed in green.
 
     Args:
         query: the text.
         images_ranked: the best images, best first.
-        correct: one flag per ranked image, True where it is the text's image.
+        correct: one flag per ranked image, True where it is the text's image; None when the query has no known
+            image (a sentence typed by hand): the images are then numbered without a right / wrong mark.
         scores: the similarity of each ranked image, shown under it.
         width: characters per line of the query before wrapping.
         title: heading above the query; default "text -> image".
@@ -96,7 +99,7 @@ def show_text_retrieval(query: str, images_ranked: Sequence[Any], correct: Seque
     n = len(images_ranked)
     if n < 1:
         raise ValueError("show_text_retrieval: no images")
-    if len(correct) != n:
+    if correct is not None and len(correct) != n:
         raise ValueError(f"correct: expected {n} flags (one per ranked image), got {len(correct)}")
     if scores is not None and len(scores) != n:
         raise ValueError(f"scores: expected {n} values (one per ranked image), got {len(scores)}")
@@ -106,14 +109,87 @@ def show_text_retrieval(query: str, images_ranked: Sequence[Any], correct: Seque
         ax.imshow(_image_array(images_ranked[rank]))
         ax.set_xticks([])
         ax.set_yticks([])
-        color = _RIGHT if correct[rank] else _WRONG
+        if correct is None:
+            color, mark, line = "black", "", 1.0
+        else:
+            color = _RIGHT if correct[rank] else _WRONG
+            mark, line = (" \u2713", 3.0) if correct[rank] else (" \u2717", 1.0)
         for spine in ax.spines.values():
             spine.set_edgecolor(color)
-            spine.set_linewidth(3.0 if correct[rank] else 1.0)
-        mark = "\u2713" if correct[rank] else "\u2717"
-        ax.set_title(f"{rank + 1}. {mark}", fontsize=9, color=color)
+            spine.set_linewidth(line)
+        ax.set_title(f"{rank + 1}.{mark}", fontsize=9, color=color)
         if scores is not None:
             ax.set_xlabel(f"{float(scores[rank]):.3f}", fontsize=8)
     heading = title if title else "text \u2192 image"
     fig.suptitle(f"{heading}\n\u201c{textwrap.fill(query, width)}\u201d", fontsize=9)
+    return fig
+
+
+def plot_ranked_texts(texts: Sequence[str], scores: Sequence[float] | None = None,
+                      labels: Sequence[str] | None = None, highlight: int | None = None, width: int = 60,
+                      title: str | None = None, ax: Axes | None = None) -> Figure:
+    """Texts listed one per line, best first, each with its label and score (e.g. the captions that beam searches
+    of several widths found, with their sums of log-probabilities).
+
+    Args:
+        texts: the texts, in the order to list them.
+        scores: one value per text, written after it.
+        labels: one short label per text written before it (default "1.", "2.", ...).
+        highlight: index of the text to set in bold (e.g. the one the other panels show).
+        width: characters per text before it is cut (a caption of sub-words can be one long word).
+    """
+    n = len(texts)
+    for name, values in (("scores", scores), ("labels", labels)):
+        if values is not None and len(values) != n:
+            raise ValueError(f"{name}: expected {n} entries (one per text), got {len(values)}")
+    if highlight is not None and not 0 <= highlight < n:
+        raise ValueError(f"highlight: expected an index in [0, {n}), got {highlight}")
+    fig, ax = _single_axes(ax, figsize=(6.0, 0.6 + 0.3 * max(n, 1)))
+    ax.set_axis_off()
+    for row in range(n):
+        label = labels[row] if labels is not None else f"{row + 1}."
+        score = f"  ({float(scores[row]):.3f})" if scores is not None else ""
+        line = " ".join(str(texts[row]).split()) or "(empty)"
+        line = line if len(line) <= width else line[:width - 3] + "..."
+        ax.text(0.0, 1.0 - (row + 0.5) / max(n, 1), f"{label} {line}{score}", transform=ax.transAxes,
+                va="center", ha="left", fontsize=9, fontweight="bold" if row == highlight else "normal")
+    if title:
+        ax.set_title(title, fontsize=9, loc="left")
+    return fig
+
+
+def plot_token_probabilities(tokens: Sequence[str], probabilities: Sequence[float],
+                             alternatives: Sequence[tuple[str, float]] | None = None, title: str | None = None,
+                             ax: Axes | None = None) -> Figure:
+    """The probability of each chosen token of a generated sequence (bars), step by step, and at each step the most
+    likely token that was *not* chosen (dot, named above it): where a beam kept a less likely word, the dot is
+    above the bar.
+
+    Args:
+        tokens: the T chosen tokens (the x axis).
+        probabilities: (T,) their probabilities at their step.
+        alternatives: per step (token, probability) of the best other token, or None.
+    """
+    values = np.asarray([float(p) for p in probabilities])
+    n = len(tokens)
+    if values.shape != (n,):
+        raise ValueError(f"probabilities: expected {n} values (one per token), got {values.shape[0]}")
+    if alternatives is not None and len(alternatives) != n:
+        raise ValueError(f"alternatives: expected {n} (token, probability) pairs, got {len(alternatives)}")
+    fig, ax = _single_axes(ax, figsize=(max(4.0, 0.55 * n + 1.5), 3.0))
+    x = np.arange(n)
+    ax.bar(x, values, color="tab:blue", width=0.7, label="chosen token")
+    if alternatives is not None and n:
+        other = np.asarray([float(p) for _, p in alternatives])
+        ax.scatter(x, other, color="tab:orange", s=18, zorder=3, label="best other token")
+        for i, (token, probability) in enumerate(alternatives):
+            ax.text(i, float(probability), f" {token}", rotation=90, ha="center", va="bottom", fontsize=7,
+                    color="tab:orange")
+    ax.set_xticks(x, list(tokens), rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0.0, 1.25)
+    ax.set_ylabel("probability")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right", frameon=False, ncol=2)
+    if title:
+        ax.set_title(title, fontsize=9)
     return fig

@@ -60,7 +60,7 @@ def image_grid(images: Sequence[Any], titles: Sequence[str] | None = None,
 def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any = None, masks: Any = None,
                     class_names: Sequence[str] | None = None, score_threshold: float = 0.0,
                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                    title: str | None = None, ax: Axes | None = None) -> Figure:
+                    title: str | None = None, legend: bool = False, ax: Axes | None = None) -> Figure:
     """Boxes with "class score" captions and semi-transparent instance masks, one stable colour per class.
 
     Ground truth and predictions are drawn the same way; leave ``scores=None`` for ground truth.
@@ -72,6 +72,8 @@ def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any
         scores: (N,) confidences, or None. With scores, instances below ``score_threshold`` are left out.
         masks: (N, H, W) bool, or probabilities in [0, 1] (shown where > 0.5), at the image's resolution.
         class_names: names indexed by class id, for the captions.
+        legend: a legend of the classes among the drawn instances (needs ``labels``), one entry per class in
+            order of class id; captions on small boxes overlap, the legend stays readable.
     """
     picture = to_display_image(image, mean, std)
     height, width = picture.shape[:2]
@@ -109,6 +111,14 @@ def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any
                     bbox=dict(facecolor=colors[i], alpha=0.8, pad=1.0, edgecolor="none"))
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)
+    if legend:
+        if labels_np is None:
+            raise ValueError("legend: needs labels (one class per instance)")
+        shown = sorted({int(label) for label in labels_np[keep]})
+        handles = [Rectangle((0, 0), 1, 1, facecolor=class_color(label), edgecolor="none") for label in shown]
+        names = [_detection_caption(0, np.array([label]), None, class_names) for label in shown]
+        if handles:
+            ax.legend(handles, names, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
     if title:
         ax.set_title(title)
     return fig
@@ -216,12 +226,23 @@ def draw_sampling_points(image: Any, reference_point: Any, sampling_locations: A
 
 
 def attention_heatmaps(image: Any, maps: Any, titles: Sequence[str] | None = None, ncols: int = 5,
-                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Figure:
+                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                       padding: Any = None, relative: bool = False) -> Figure:
     """Attention maps overlaid on the image, one panel per map (e.g. the M' attention poolings of v2 eq. (3)).
 
+    Each map is drawn cell by cell (no interpolation: a cell of the feature grid is one block of the image), so a
+    weight never bleeds into a neighbouring cell or into padding.
+
     Args:
-        maps: (M, h, w) non-negative weights on the feature grid of F_L; each map is stretched over the whole
-            image with bilinear interpolation and scaled to its own maximum.
+        image: the (padded) image whose feature grid the maps live on; the grid is stretched over all of it.
+        maps: (M, h, w) non-negative weights on the feature grid of F_L.
+        padding: optional (h, w) bool, True where a cell is padding: those cells are hatched grey instead of
+            coloured (their weight is zero by construction, not by choice).
+        relative: False (default): each map is scaled to its own maximum, which shows *where* a map looks but
+            makes a uniform map look fully lit. True: every map shows weight x (number of valid cells), the
+            weight relative to a uniform average, on one diverging scale shared by all panels (white = the
+            uniform share, red = more, blue = less, symmetric in log and reaching the largest ratio of any panel),
+            with a colour bar; a uniform map is then plain white.
     """
     picture = to_display_image(image, mean, std)
     heat = to_numpy(maps).astype(np.float64)
@@ -232,18 +253,47 @@ def attention_heatmaps(image: Any, maps: Any, titles: Sequence[str] | None = Non
     num_maps = heat.shape[0]
     if titles is not None and len(titles) != num_maps:
         raise ValueError(f"titles: expected {num_maps} titles, got {len(titles)}")
+    pad = np.zeros(heat.shape[1:], dtype=bool) if padding is None else to_numpy(padding).astype(bool)
+    if pad.shape != heat.shape[1:]:
+        raise ValueError(f"padding: expected the grid shape {heat.shape[1:]} (h, w), got {pad.shape}")
+    if pad.all():
+        raise ValueError("padding: every cell is padding; nothing to draw")
     rows, cols = _grid_shape(num_maps, ncols)
-    fig, axes = _figure(rows, cols, figsize=(2.2 * cols, 2.3 * rows))
+    fig, axes = _figure(rows, cols, figsize=(2.2 * cols + (0.6 if relative else 0.0), 2.3 * rows))
     h, w = picture.shape[:2]
+    extent = (-0.5, w - 0.5, h - 0.5, -0.5)
+    if relative:
+        ratio = heat * (~pad).sum()
+        # The scale is symmetric in log around 1 and reaches the largest ratio of any panel (at least 2, so a
+        # near-uniform figure stays pale); cells far below the uniform share all take the darkest blue.
+        spread = max(2.0, float(ratio[:, ~pad].max()))
+        norm = matplotlib.colors.LogNorm(vmin=1.0 / spread, vmax=spread)
+        cmap = matplotlib.colormaps["RdBu_r"]
+    image_artist = None
     for i, ax in enumerate(axes.flat):
         ax.set_axis_off()
         if i >= num_maps:
             continue
         ax.imshow(picture)
-        peak = heat[i].max()
-        ax.imshow(heat[i] / peak if peak > 0 else heat[i], cmap="inferno", alpha=0.55, vmin=0.0, vmax=1.0,
-                  extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear")
+        if relative:
+            values = np.ma.masked_array(np.clip(ratio[i], 1.0 / spread, spread), mask=pad)
+            image_artist = ax.imshow(values, cmap=cmap, norm=norm, alpha=0.6, extent=extent, interpolation="nearest")
+        else:
+            peak = heat[i][~pad].max()
+            values = np.ma.masked_array(heat[i] / peak if peak > 0 else heat[i], mask=pad)
+            ax.imshow(values, cmap="inferno", alpha=0.55, vmin=0.0, vmax=1.0, extent=extent,
+                      interpolation="nearest")
+        if pad.any():
+            cell_h, cell_w = h / pad.shape[0], w / pad.shape[1]
+            for r, c in zip(*np.nonzero(pad)):
+                ax.add_patch(Rectangle((c * cell_w - 0.5, r * cell_h - 0.5), cell_w, cell_h, facecolor="lightgrey",
+                                       edgecolor="grey", hatch="////", linewidth=0.0, alpha=0.85))
         ax.set_title(titles[i] if titles is not None else f"pool {i + 1}", fontsize=8)
+    if relative and image_artist is not None:
+        bar = fig.colorbar(image_artist, ax=list(axes.flat), shrink=0.8, label="weight / uniform weight")
+        ticks = [2.0 ** k for k in range(-8, 9) if 1.0 / spread <= 2.0 ** k <= spread]
+        bar.set_ticks(ticks, labels=[f"{t:g}" if t >= 1 else f"1/{1 / t:g}" for t in ticks])
+        bar.minorticks_off()
     return fig
 
 

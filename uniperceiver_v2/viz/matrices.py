@@ -56,11 +56,13 @@ def plot_attention_mask(mask: Any, segment_labels: Sequence[tuple[str, int, int]
 
 def plot_similarity_matrix(sim: Any, row_labels: Sequence[str] | None = None,
                            col_labels: Sequence[str] | None = None, targets: Any = None,
-                           title: str | None = None, ax: Axes | None = None) -> Figure:
+                           title: str | None = None, ax: Axes | None = None,
+                           value_label: str = "similarity") -> Figure:
     """Input-candidate similarities (v2 eq. (6)) with the chosen candidate of every row marked (v2 eq. (5)).
 
     Args:
-        sim: (inputs, candidates) cosine similarities or logits.
+        sim: (inputs, candidates) cosine similarities or logits, or the softmax probabilities of v2 eq. (6).
+        value_label: what the values are, written on the colour bar ("cosine", "probability", ...).
         targets: (inputs,) index of the correct candidate per row, drawn as a square; the arg-max of each row
             (the prediction of v2 eq. (5)) is drawn as a dot, green where it hits the target.
     """
@@ -73,7 +75,7 @@ def plot_similarity_matrix(sim: Any, row_labels: Sequence[str] | None = None,
             raise ValueError(f"{name}: expected {n} labels, got {len(labels)}")
     fig, ax = _single_axes(ax, figsize=(min(2.0 + 0.35 * cols, 12.0), min(1.5 + 0.3 * rows, 10.0)))
     image = ax.imshow(values, cmap="magma", aspect="auto", interpolation="nearest")
-    fig.colorbar(image, ax=ax, shrink=0.85, label="similarity")
+    fig.colorbar(image, ax=ax, shrink=0.85, label=value_label)
     predicted = values.argmax(axis=1)
     if targets is not None:
         target = _as_vector(targets, rows, "targets").astype(np.int64)

@@ -3,7 +3,8 @@ gradient norms per iteration, evaluation curves per task and variant, and the ta
 
 Same conventions as the rest of `uniperceiver_v2.viz`: plain inputs (lists, numpy arrays,
 torch tensors), every function returns the `matplotlib.figure.Figure` it drew on, built without pyplot, and
-never calls `plt.show()`. A task always has the colour `viz.class_color(index of the task in task_names)`.
+never calls `plt.show()`. A task always has the colour `viz.task_color(task)`, the same in every figure of the
+series.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter
 
-from .base import class_color, to_numpy
+from .base import set_log_scale, task_color, to_numpy
 
 __all__ = [
     "plot_grad_norms",
@@ -29,9 +29,9 @@ __all__ = [
     "plot_task_sequence",
 ]
 
-_VARIANT_COLORS = matplotlib.colormaps["tab10"]
-_MIXED_COLOR = (0.35, 0.35, 0.35)
-_PLAIN = FuncFormatter(lambda value, _: f"{value:g}")
+# Variants (optimizers, samplers) are not tasks: they take Dark2, which shares no colour with the task palette.
+_VARIANT_COLORS = matplotlib.colormaps["Dark2"]
+_MIXED_COLOR = task_color("mixed")
 
 
 def _task_indices(tasks: Sequence[str], task_names: Sequence[str], what: str) -> np.ndarray:
@@ -67,7 +67,7 @@ def plot_task_sequence(unmixed_tasks: Sequence[str], mixed_slots: Sequence[Seque
 
     fig = Figure(figsize=(13.0, 3.6), layout="constrained")
     grid = fig.add_gridspec(2, 2, width_ratios=[3.2, 1.0], height_ratios=[1.0, max(1.0, slots / 2)])
-    cmap = ListedColormap([class_color(i) for i in range(len(task_names))])
+    cmap = ListedColormap([task_color(name) for name in task_names])
     top, bottom = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, 0])
     top.imshow(unmixed[None, :], cmap=cmap, vmin=-0.5, vmax=len(task_names) - 0.5, aspect="auto",
                interpolation="nearest")
@@ -84,7 +84,7 @@ def plot_task_sequence(unmixed_tasks: Sequence[str], mixed_slots: Sequence[Seque
     positions = np.arange(len(task_names))
     unmixed_freq = np.bincount(unmixed, minlength=len(task_names)) / len(unmixed)
     mixed_freq = np.bincount(mixed.reshape(-1), minlength=len(task_names)) / mixed.size
-    colors = [class_color(i) for i in range(len(task_names))]
+    colors = [task_color(name) for name in task_names]
     bars.barh(positions - 0.2, unmixed_freq, height=0.38, color=colors, label="unmixed (iterations)")
     bars.barh(positions + 0.2, mixed_freq, height=0.38, color=colors, alpha=0.45, hatch="//",
               label="mixed (slots)")
@@ -158,14 +158,14 @@ def plot_grad_norms(runs: Mapping[str, tuple[Sequence[str], Sequence[float]]], t
         if (~is_mixed).any():
             indices = _task_indices([t for t, m in zip(tasks, is_mixed) if not m], task_names, f"runs[{label!r}]")
             ax.scatter(iterations[~is_mixed], norms[~is_mixed], s=4,
-                       c=[class_color(i) for i in indices])
-        ax.set_yscale("log")
+                       c=[task_color(task_names[i]) for i in indices])
+        set_log_scale(ax, "y")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("global gradient norm ||grad||")
-    handles = [Line2D([], [], marker="o", linestyle="", markersize=5, color=class_color(i), label=name)
-               for i, name in enumerate(task_names)]
+    handles = [Line2D([], [], marker="o", linestyle="", markersize=5, color=task_color(name), label=name)
+               for name in task_names]
     if any(task == "mixed" for tasks, _ in runs.values() for task in tasks):
         handles.append(Line2D([], [], marker="o", linestyle="", markersize=5, color=_MIXED_COLOR,
                               label="mixed iteration"))
@@ -208,17 +208,13 @@ def plot_task_curves(curves: Mapping[str, Mapping[str, tuple[Any, Any, Any, Any]
                     label=label)
             ax.fill_between(x, low, high, color=color, alpha=0.15, linewidth=0)
     for ax, task in zip(axes, task_names):
-        ax.set_title(task, fontsize=9)
+        ax.set_title(task, fontsize=9, color=task_color(task))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if logx:
-            ax.set_xscale("log")
+            set_log_scale(ax, "x")
         if logy:
-            ax.set_yscale("log")
-            # Plain numbers ("0.8", "2") rather than "8 x 10^-1": a loss axis spans about one decade.
-            ax.yaxis.set_major_formatter(_PLAIN)
-            ax.yaxis.set_minor_formatter(_PLAIN)
-            ax.tick_params(axis="y", which="minor", labelsize=7)
+            set_log_scale(ax, "y")
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     if len(task_names) < len(axes):

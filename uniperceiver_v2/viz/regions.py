@@ -15,7 +15,17 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-from .base import _as_boxes, _figure, _grid_shape, _image_axes, _single_axes, class_color, to_display_image, to_numpy
+from .base import (
+    _as_boxes,
+    _figure,
+    _grid_shape,
+    _image_axes,
+    _single_axes,
+    class_color,
+    set_log_scale,
+    to_display_image,
+    to_numpy,
+)
 
 __all__ = ["draw_denoising_boxes", "plot_bars", "plot_cost_matrices", "plot_level_maps", "plot_token_layout"]
 
@@ -171,7 +181,7 @@ def plot_bars(values: Mapping[str, Any], stacked_by: Sequence[str] | None = None
         ax.bar(x, data[:, j], bottom=bottom, color=color, label=label, width=0.7)
         bottom += data[:, j]
     if logy:
-        ax.set_yscale("log")
+        set_log_scale(ax, "y")
         positive = bottom[bottom > 0]
         floor = positive.min() / 10 if len(positive) else 1e-3
         ax.set_ylim(bottom=floor)

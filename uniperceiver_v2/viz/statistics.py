@@ -16,6 +16,9 @@ from .base import (
     class_color,
 )
 
+# COCO's size classes: small below 32 x 32 pixels of area, large above 96 x 96 (pycocotools' areaRng).
+COCO_SIZE_LIMITS = (32.0, 96.0)
+
 
 def coco_instance_statistics(ann_file: str | Path) -> dict[str, Any]:
     """What :func:`plot_instance_statistics` draws, read from a COCO instances file (crowd regions left out).
@@ -46,6 +49,19 @@ def coco_instance_statistics(ann_file: str | Path) -> dict[str, Any]:
     return {"objects_per_image": list(per_image.values()), "box_sizes": sizes, "category_counts": counts}
 
 
+def coco_size_counts(box_sizes: Sequence[float]) -> dict[str, int]:
+    """How many objects fall in each of COCO's size classes, from sqrt(box area) in pixels.
+
+    Returns:
+        ``{"small": n, "medium": n, "large": n}``: small below 32 px, large at 96 px and above (COCO's
+        ``areaRng``: area < 32^2, 32^2 <= area < 96^2, area >= 96^2).
+    """
+    sizes = np.asarray(box_sizes, dtype=np.float64)
+    small, large = COCO_SIZE_LIMITS
+    return {"small": int((sizes < small).sum()), "medium": int(((sizes >= small) & (sizes < large)).sum()),
+            "large": int((sizes >= large).sum())}
+
+
 def plot_instance_statistics(objects_per_image: Sequence[int], box_sizes: Sequence[float],
                              category_counts: Mapping[str, int], title: str | None = None) -> Figure:
     """Three panels describing a detection set: objects per image, object sizes, instances per category.
@@ -53,7 +69,7 @@ def plot_instance_statistics(objects_per_image: Sequence[int], box_sizes: Sequen
     Args:
         objects_per_image: number of annotated objects of each image.
         box_sizes: sqrt(box area) in pixels of each object; COCO's small / medium / large limits (32, 96) are
-            marked.
+            dashed lines, always inside the axis, with the size class of each side written above.
         category_counts: instances per category name.
     """
     fig, axes = _figure(1, 3, figsize=(13.0, 3.4), width_ratios=[1.0, 1.0, 1.6])
@@ -67,9 +83,17 @@ def plot_instance_statistics(objects_per_image: Sequence[int], box_sizes: Sequen
     ax = axes[0, 1]
     if len(sizes):
         ax.hist(sizes, bins=30, color="tab:orange")
-    for limit in (32, 96):
-        if len(sizes) and sizes.max() > limit:
-            ax.axvline(limit, color="gray", linestyle="--", linewidth=1)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.12)      # room for the size-class names
+    # Both limits are always on the axis (it is widened to reach 96 px), with the size class of each side written
+    # at the top: a scene of small objects shows that it has no "large" ones.
+    right = max(float(sizes.max()) if len(sizes) else 0.0, COCO_SIZE_LIMITS[-1]) * 1.25
+    ax.set_xlim(0.0, right)
+    for limit in COCO_SIZE_LIMITS:
+        ax.axvline(limit, color="gray", linestyle="--", linewidth=1)
+    edges = (0.0, *COCO_SIZE_LIMITS, right)
+    for name, low, high in zip(("small", "medium", "large"), edges[:-1], edges[1:]):
+        ax.text((low + high) / 2, 0.98, name, transform=ax.get_xaxis_transform(), ha="center", va="top",
+                fontsize=7, color="dimgray")
     ax.set_xlabel("object size sqrt(area) [px]")
     ax.set_ylabel("objects")
     ax = axes[0, 2]

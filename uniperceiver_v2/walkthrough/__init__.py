@@ -6,6 +6,7 @@
 | ``results`` | notebooks 06-07: metric tables next to chance, qualitative examples from a trained model |
 | ``novel`` | notebook 08: novel categories, their exposure in training, tables of the novel-category evaluation |
 | ``rpn`` | notebook 01: the region proposal network alone (traces, matching costs, a short training) |
+| ``pooling`` | notebook 02: the attention pools of notebook 06's run, or a short training of their own |
 | ``gating`` | notebooks 03-04: the unified decoder's calls recorded and replayed, expert usage, re-parameterisation |
 | ``toy_multitask`` | notebook 05: a toy multi-task problem that trains in seconds, for MT-AdamW and sampling |
 | ``interference`` | notebook 05: the MoE paper's task-interference metric |
@@ -33,9 +34,11 @@ from .runs import (
     CONSOLE_LOG,
     ProgressFilter,
     TrainingFailed,
+    TrainingLaunch,
     TrainingStatus,
     config_of_command,
     default_log_every,
+    longest_gaps,
     loss_summary,
     lr_records,
     param_group_table,
@@ -46,6 +49,7 @@ from .runs import (
     stream_command,
     task_mixture_table,
     task_sequence_from_records,
+    task_trends,
     train_command,
     training_dir,
     training_status,
@@ -54,11 +58,11 @@ from .runs import (
 
 __all__ = [
     "ceiling_table",
-    "CONSOLE_LOG", "ProgressFilter", "RetrievalExamples", "TrainingFailed", "TrainingStatus",
+    "CONSOLE_LOG", "ProgressFilter", "RetrievalExamples", "TrainingFailed", "TrainingLaunch", "TrainingStatus",
     "best_proposal_logits", "category_exposure", "chance_levels", "config_of_command", "default_log_every",
-    "distinct_detections", "fill_mask_examples", "loss_summary", "lr_records", "mask_one_word", "metrics_table",
-    "novel_ap_table", "novel_category_names", "param_group_table", "per_category_table", "pretrained_backbone",
-    "representation_similarity", "require_checkpoint", "retrieval_examples", "run_training", "shell_command",
-    "stream_command", "task_mixture_table", "task_sequence_from_records", "train_command", "training_dir",
-    "training_status", "unmixed_sampler",
+    "distinct_detections", "fill_mask_examples", "longest_gaps", "loss_summary", "lr_records", "mask_one_word",
+    "metrics_table", "novel_ap_table", "novel_category_names", "param_group_table", "per_category_table",
+    "pretrained_backbone", "representation_similarity", "require_checkpoint", "retrieval_examples", "run_training",
+    "shell_command", "stream_command", "task_mixture_table", "task_sequence_from_records", "task_trends",
+    "train_command", "training_dir", "training_status", "unmixed_sampler",
 ]

@@ -5,7 +5,8 @@ Training (notebook 06) runs in a separate process, exactly as from a shell, so t
 command (``python -m uniperceiver_v2.train`` or ``torchrun ... -m uniperceiver_v2.train``) and a crash or an
 interrupt of the trainer never takes the notebook's kernel with it. Its output is streamed into the notebook line
 by line; tqdm's progress-bar redraws are thinned (:class:`ProgressFilter`) so a long run does not print thousands of
-lines. The run lives in ``{run_dir}/train`` (:func:`training_dir`), where notebooks 07 and 08 find its checkpoint.
+lines. A notebook can instead keep the output in the run's ``console.log`` and show a summary (``echo=False``).
+The run lives in ``{run_dir}/train`` (:func:`training_dir`), where notebooks 07 and 08 find its checkpoint.
 """
 
 from __future__ import annotations
@@ -262,6 +263,40 @@ def loss_summary(records: Sequence[Mapping[str, Any]], window: int = 3) -> dict[
             "rows": rows}
 
 
+def task_trends(records: Sequence[Mapping[str, Any]], window: int = 3) -> dict[str, list]:
+    """Per task: how its loss and its gradient norm moved from its first ``window`` training records to its last.
+
+    A loss that stays level (ratio near 1) while the gradient norm falls by orders of magnitude (ratio far below 1)
+    is the sign of collapsed representations (every input and candidate the same vector, no gradient left).
+
+    Returns:
+        ``{"columns": [...], "rows": [[task, records, loss last / first, grad norm last / first], ...]}`` in
+        task-name order; a ratio is None when the task has no such values.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    values: dict[str, dict[str, list[float]]] = {}
+    for record in sorted(records, key=lambda r: r["iteration"]):
+        if record.get("kind", "train") != "train" or "task" not in record:
+            continue
+        series = values.setdefault(str(record["task"]), {"loss": [], "grad_norm": []})
+        for key in series:
+            if record.get(key) is not None:
+                series[key].append(float(record[key]))
+
+    def ratio(points: list[float]) -> float | None:
+        if not points:
+            return None
+        first = sum(points[:window]) / len(points[:window])
+        last = sum(points[-window:]) / len(points[-window:])
+        return float(f"{last / first:.3g}") if first else None
+
+    rows = [[task, len(series["loss"]), ratio(series["loss"]), ratio(series["grad_norm"])]
+            for task, series in sorted(values.items())]
+    return {"columns": ["task", "records", f"loss, last / first {window}", f"grad norm, last / first {window}"],
+            "rows": rows}
+
+
 class TrainingFailed(RuntimeError):
     """The trainer exited with a non-zero code; the message holds the code and the last lines of its output."""
 
@@ -431,20 +466,80 @@ def stream_command(command: Sequence[str], *, log_file: str | os.PathLike | None
             log.close()
 
 
-def run_training(command: Sequence[str], output_dir: str | os.PathLike, progress_interval: float = 10.0) -> None:
+@dataclass
+class TrainingLaunch:
+    """One launch of the trainer by :func:`run_training`.
+
+    Attributes:
+        log: the file holding the trainer's whole console output (appended, one file for every launch).
+        seconds: wall-clock time of this launch.
+        lines: lines of output this launch showed or, when not echoed, would have shown (progress redraws
+            thinned as :class:`ProgressFilter` does).
+        last_line: the last of them: the trainer's closing line ("finished N iterations in S s; last losses: ...").
+    """
+
+    log: Path
+    seconds: float
+    lines: int
+    last_line: str
+
+    def summary(self) -> str:
+        """Two lines for a notebook: how the launch ended, and where its whole output is."""
+        return (f"{self.last_line}\n{self.lines} lines of trainer output in {self.seconds:.0f} s of wall-clock time "
+                f"(this launch), all of them in {self.log}")
+
+
+def _status_line() -> Callable[[str], None]:
+    """A function showing each line in place of the previous one: one output line in Jupyter that ends as the last
+    state (``display(..., display_id=True)`` then ``update``); nothing outside an IPython kernel."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:   # no IPython: a plain script gets the summary only
+        return lambda line: None
+    if get_ipython() is None:
+        return lambda line: None
+    handle = display({"text/plain": "starting the trainer ..."}, raw=True, display_id=True)
+
+    def show(line: str) -> None:
+        handle.update({"text/plain": line}, raw=True)
+    return show
+
+
+def run_training(command: Sequence[str], output_dir: str | os.PathLike, progress_interval: float = 10.0,
+                 echo: bool = True) -> TrainingLaunch:
     """Run the trainer's ``command`` with :func:`stream_command`, appending its output to
     ``<output_dir>/console.log``, from the project checkout (so ``-m uniperceiver_v2.train`` finds the package).
 
+    Args:
+        echo: True shows every line of the trainer's output as it arrives (a terminal, or following a long run).
+            False keeps the notebook short: the output goes to the log only, and a Jupyter kernel shows one line
+            that each new state of the progress bar replaces; the returned launch's
+            :meth:`TrainingLaunch.summary` says how it ended and where the whole output is.
+
     Raises:
-        TrainingFailed: the trainer exited with a non-zero code.
+        TrainingFailed: the trainer exited with a non-zero code (its message holds the last lines of output).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     log = output_dir / CONSOLE_LOG
+    counted = [0, ""]
+    status = None if echo else _status_line()
+
+    def emit(line: str) -> None:
+        counted[0] += 1
+        counted[1] = line
+        if status is None:
+            print(line, flush=True)
+        elif _TQDM_BAR.match(line):
+            status(line)                 # the progress bar; the closing line is in the launch's summary
+
+    started = time.monotonic()
     returncode, tail = stream_command(command, log_file=log, cwd=project_path("."),
-                                      progress_interval=progress_interval)
+                                      progress_interval=progress_interval, emit=emit)
     if returncode != 0:
         raise TrainingFailed(command, returncode, tail, log)
+    return TrainingLaunch(log=log, seconds=time.monotonic() - started, lines=counted[0], last_line=counted[1])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -474,6 +569,19 @@ def lr_records(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             out[(int(record["iteration"]), label)] = {"iteration": int(record["iteration"]), "group": label,
                                                      "lr": float(lr)}
     return sorted(out.values(), key=lambda r: (r["group"], r["iteration"]))
+
+
+def longest_gaps(tasks: Sequence[str], task_names: Sequence[str]) -> dict[str, int]:
+    """task -> the longest run of consecutive iterations in ``tasks`` (the task of each iteration) that did not
+    draw it; a task never drawn has the whole length."""
+    gaps = {}
+    for name in task_names:
+        longest = current = 0
+        for task in tasks:
+            current = 0 if task == name else current + 1
+            longest = max(longest, current)
+        gaps[name] = longest
+    return gaps
 
 
 def task_sequence_from_records(records: Sequence[Mapping[str, Any]]) -> list[str]:

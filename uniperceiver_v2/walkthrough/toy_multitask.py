@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +45,7 @@ __all__ = [
     "ToyTask",
     "TrainingRun",
     "TrainingVariant",
+    "describe_gaps",
     "final_loss_table",
     "grad_norm_ratio",
     "mean_curves",
@@ -618,6 +619,23 @@ def mean_curves(runs: Sequence[TrainingRun], task: str) -> tuple[np.ndarray, np.
     return np.asarray(iterations), values.mean(axis=0), values.min(axis=0), values.max(axis=0)
 
 
+def describe_gaps(gaps: Mapping[str, float], tolerance: float = 0.02) -> str:
+    """A sentence from ``Comparison.gaps``: the tasks that end lower, higher, and within ``tolerance`` (relative)
+    of the reference, each with its change in percent, e.g. "lower on captioning (-31 %); higher on detection
+    (+12 %); within 2 % on retrieval"."""
+    if tolerance < 0:
+        raise ValueError(f"describe_gaps: tolerance must be >= 0, got {tolerance}")
+    parts = []
+    for label, keep in (("lower", lambda g: g < -tolerance), ("higher", lambda g: g > tolerance)):
+        tasks = [f"{task} ({100 * gap:+.0f} %)" for task, gap in gaps.items() if keep(gap)]
+        if tasks:
+            parts.append(f"{label} on " + ", ".join(tasks))
+    level = [task for task, gap in gaps.items() if abs(gap) <= tolerance]
+    if level:
+        parts.append(f"within {100 * tolerance:g} % on " + ", ".join(level))
+    return "; ".join(parts)
+
+
 def grad_norm_ratio(run: TrainingRun) -> dict[str, float]:
     """Median gradient norm of each task's iterations in an unmixed run, divided by the smallest median: how
     much larger one task's raw gradient is than another's."""
@@ -698,6 +716,15 @@ class Comparison:
         table["columns"] = table["columns"][:1] + ["lr"] + table["columns"][1:]
         table["rows"] = [row[:1] + [best[row[0]]] + row[1:] for row in table["rows"]]
         return table
+
+    def gaps(self, lr: float, variant: str, reference: str) -> dict[str, float]:
+        """task -> relative change of the final held-out loss of ``variant`` against ``reference`` at learning rate
+        ``lr``, means over seeds: ``mean(variant) / mean(reference) - 1`` (negative: ``variant`` ends lower)."""
+        table = self.table(lr)
+        for name in (variant, reference):
+            if name not in table["mean"]:
+                raise KeyError(f"Comparison.gaps: no variant {name!r}; variants: {list(table['mean'])}")
+        return {task: table["mean"][variant][task] / table["mean"][reference][task] - 1.0 for task in self.task_names}
 
     def lr_curves(self) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]]:
         """variant -> task -> (lrs (L,), mean (L,), min (L,), max (L,)) of the final held-out loss over seeds."""

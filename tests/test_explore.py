@@ -1,0 +1,311 @@
+"""The interactive explorers, driven the way a user drives them: set a control, check the figure changed as it
+should; bad input shows a message, not a traceback; ``interactive=False`` gives one static figure. The notebooks
+that embed an explorer declare ``interactive`` and pass it on."""
+
+import datetime
+import io
+import json
+import math
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+import torch
+from helpers import CAPTIONS, CLASS_NAMES, single_thread, tiny_model  # noqa: F401
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from PIL import Image
+
+from uniperceiver_v2 import api
+from uniperceiver_v2.viz import explore
+from uniperceiver_v2.walkthrough import gating
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = {"04_conditional_moe.ipynb": ["gating"],
+             "07_evaluation.ipynb": ["captions", "retrieval", "curves"],
+             "08_novel_category_detection.ipynb": ["detections"]}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Four PIL images of different sizes and modes, each with a bright block in its own place."""
+    rng = np.random.default_rng(0)
+    pictures = {}
+    for i, (height, width, mode) in enumerate([(64, 80, "RGB"), (72, 64, "L"), (64, 64, "RGBA"), (96, 60, "RGB")]):
+        array = rng.integers(0, 90, (height, width, 4), dtype=np.uint8)
+        array[(i % 2) * height // 2:(i % 2 + 1) * height // 2, (i // 2) * width // 2:(i // 2 + 1) * width // 2] = 250
+        array[..., 3] = 255
+        pictures[f"scene {i}"] = Image.fromarray(array, "RGBA").convert(mode)
+    return pictures
+
+
+def rectangles(ax) -> int:
+    return sum(isinstance(patch, Rectangle) for patch in ax.patches)
+
+
+def legend_names(ax) -> list[str]:
+    legend = ax.get_legend()
+    return [] if legend is None else [text.get_text() for text in legend.get_texts()]
+
+
+def png(array: np.ndarray, mode: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).convert(mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def upload(explorer, name: str, content: bytes) -> None:
+    explorer.extras["upload"].value = ({"name": name, "type": "", "size": len(content),
+                                        "content": memoryview(content),
+                                        "last_modified": datetime.datetime.now(datetime.UTC)},)
+
+
+def shows_message(explorer, *words: str) -> bool:
+    return (explorer.error is not None and all(word in explorer.error for word in words)
+            and "Traceback" not in explorer.status.value)
+
+
+# ------------------------------------------------------------------------------------------------------ detections
+def test_detections_follow_the_threshold_the_class_names_and_the_proposals_toggle(model, images):
+    explorer = explore.detections(model, images, ["circle", "square"], threshold=0.0, boxes=8)
+    assert explorer.error is None and rectangles(explorer.figure.axes[0]) == 8
+    assert set(legend_names(explorer.figure.axes[0])) <= {"circle", "square"}
+
+    scores = sorted({float(s) for s in api.detect(model, images["scene 0"], ["circle", "square"])[0]["scores"]},
+                    reverse=True)
+    explorer.set(threshold=scores[4])                 # the 5th best (proposal, class) pair: at most 5 boxes
+    assert 1 <= rectangles(explorer.figure.axes[0]) <= 5
+    explorer.set(threshold=1.0)
+    assert rectangles(explorer.figure.axes[0]) == 0 and "0 detection(s)" in explorer.summary
+
+    explorer.set(threshold=0.0, classes="tiger shark")               # a name no training ever saw
+    assert legend_names(explorer.figure.axes[0]) == ["tiger shark"]
+    explorer.controls["classes"].value = "tiger shark,  hot-air balloon ,tiger shark"
+    assert set(legend_names(explorer.figure.axes[0])) <= {"tiger shark", "hot-air balloon"}
+    assert "2 class name(s)" in explorer.summary
+
+    explorer.controls["proposals"].value = True
+    image_axes = [ax for ax in explorer.figure.axes if ax.images]
+    assert len(image_axes) == 2 and "proposals" in image_axes[1].get_title()
+    assert rectangles(image_axes[1]) == 8
+    explorer.controls["boxes"].value = 3
+    assert rectangles([ax for ax in explorer.figure.axes if ax.images][1]) == 3
+
+    explorer.set(image="scene 1")
+    assert explorer.summary.startswith("scene 1") and bytes(explorer.image.value).startswith(b"\x89PNG")
+
+
+def test_detections_report_bad_input_and_take_uploads_of_any_size_and_mode(model, images):
+    explorer = explore.detections(model, images, ["circle"])
+    explorer.controls["classes"].value = " ,  , "
+    assert shows_message(explorer, "class name") and explorer.figure is None and bytes(explorer.image.value) == b""
+    explorer.controls["classes"].value = "circle"
+    assert explorer.error is None and explorer.figure is not None
+
+    upload(explorer, "notes.txt", b"not a picture")
+    assert shows_message(explorer, "notes.txt", "not an image")
+    assert explorer.controls["image"].value == "scene 0"           # the choice is unchanged
+
+    wide = np.random.default_rng(1).integers(0, 255, (300, 1500), dtype=np.uint8)     # grayscale, 1500 x 300
+    upload(explorer, "wide.png", png(wide, "P"))
+    assert explorer.error is None and explorer.controls["image"].value == "upload: wide.png"
+    assert "upload: wide.png" in explorer.controls["image"].options
+    height, width = explorer.figure.axes[0].images[0].get_array().shape[:2]
+    assert (height, width) == (128, 640)             # shrunk to a longer side of 640, aspect kept
+    assert explorer.extras["upload"].value == ()
+    upload(explorer, "wide.png", png(wide.T.copy(), "L"))          # the same name again: a new entry, portrait
+    assert explorer.controls["image"].value == "upload: wide.png (2)"
+    assert explorer.figure.axes[0].images[0].get_array().shape[:2] == (640, 128)
+
+
+# ---------------------------------------------------------------------------------------------------------- gating
+@pytest.fixture(scope="module")
+def calls(model, images):
+    pictures = list(images.values())
+    with gating.record_decoder_calls(model.decoder, keep_inputs=True) as recorder:
+        api.classify(model, pictures, CLASS_NAMES)
+        api.caption(model, pictures[:1], beam_size=1, max_length=3)
+        api.retrieve(model, pictures[:2], CAPTIONS[:2])
+    return recorder.calls
+
+
+def heat_map(explorer) -> np.ndarray:
+    return np.asarray(explorer.figure.axes[0].images[0].get_array())
+
+
+def test_gating_heat_map_follows_task_layer_and_token_kind(model, calls):
+    explorer = explore.gating(model.decoder, calls)
+    assert explorer.controls["task"].options == ("classification", "captioning", "retrieval_i2t", "retrieval_t2i")
+    usage = gating.expert_usage([c for c in calls if c.task == "classification"], num_experts=8)
+    np.testing.assert_allclose(heat_map(explorer), usage.usage[0].numpy(), atol=1e-6)
+    first = heat_map(explorer)
+    explorer.controls["layer"].value = 1
+    assert not np.allclose(heat_map(explorer), first)
+    np.testing.assert_allclose(heat_map(explorer), usage.usage[1].numpy(), atol=1e-6)
+
+    explorer.controls["task"].value = "captioning"
+    kinds = explorer.controls["kind"]
+    assert kinds.value == explore.ALL_KINDS and any("causal" in label for label, _ in kinds.options)
+    assert heat_map(explorer).shape[0] == len(kinds.options) - 1
+    code = kinds.options[2][1]
+    kinds.value = code
+    assert heat_map(explorer).shape == (1, 8) and explorer.error is None
+
+    # merged and routed experts give the same hidden states up to float rounding (MoE paper Sec. 3.3)
+    comparison = next(ax for ax in explorer.figure.axes if "merged" in ax.get_ylabel())
+    bars = [patch.get_height() for patch in comparison.patches]
+    assert len(bars) == 1 and 0.0 <= bars[0] < 1e-4
+
+
+def test_gating_static_figure_and_calls_without_inputs(model, calls):
+    figure = explore.gating(model.decoder, calls, task="retrieval_t2i", layer=2, interactive=False)
+    assert isinstance(figure, Figure) and "retrieval_t2i, layer 2" in figure.axes[0].get_title()
+    with gating.record_decoder_calls(model.decoder) as recorder:
+        api.classify(model, [torch.rand(3, 32, 32)], CLASS_NAMES)
+    with pytest.raises(ValueError, match="keep_inputs=True"):
+        explore.gating(model.decoder, recorder.calls)
+
+
+# -------------------------------------------------------------------------------------------------------- captions
+def steps_axes(explorer):
+    return next(ax for ax in explorer.figure.axes if "probability of each token" in ax.get_title())
+
+
+def beam_lines(explorer) -> list[str]:
+    ax = next(ax for ax in explorer.figure.axes if "beam search" in ax.get_title(loc="left"))
+    return [text.get_text() for text in ax.texts]
+
+
+def test_captions_list_the_beams_and_score_each_step(model, images):
+    explorer = explore.captions(model, images, beam_size=1, max_length=4)
+    greedy = api.caption(model, images["scene 0"], beam_size=1, max_length=4)[0]
+    lines = beam_lines(explorer)
+    assert len(lines) == 1 and lines[0].startswith("beam 1:") and f"({greedy['score']:.3f})" in lines[0]
+    explorer.controls["beam_size"].value = 3
+    lines = beam_lines(explorer)
+    best = api.caption(model, images["scene 0"], beam_size=3, max_length=4, all_beams=True)[0]
+    assert [line.split(":")[0] for line in lines] == ["beam 1", "beam 2", "beam 3"]
+    scores = [beam["score"] for beam in best["beams"]]
+    assert scores == sorted(scores, reverse=True) and best["beams"][0]["score"] == best["score"]
+    assert all(f"({score:.3f})" in line for score, line in zip(scores, lines))
+    # a wider beam never ends worse than the greedy caption (both sum log-probabilities; no length normalisation)
+    assert best["score"] >= greedy["score"] - 1e-5
+
+    # teacher forcing scores the caption exactly as the search did (v1 appendix B): sum of log p = the score
+    bars = [patch.get_height() for patch in steps_axes(explorer).patches]
+    assert math.isclose(sum(math.log(p) for p in bars), best["score"], abs_tol=1e-3)
+    assert len(bars) == len(best["token_ids"]) + (len(best["token_ids"]) < 4)
+
+    explorer.controls["beam_size"].value = 2
+    assert [line.split(":")[0] for line in beam_lines(explorer)] == ["beam 1", "beam 2"]
+
+
+# ------------------------------------------------------------------------------------------------------- retrieval
+def test_retrieval_in_both_directions(model, images):
+    pictures = list(images.values())
+    captions = [[text] for text in CAPTIONS]
+    explorer = explore.retrieval(model, pictures, captions, names=list(images), top=3)
+    assert explorer.error is None and len(explorer.figure.axes) == 3
+    scores = api.retrieve(model, pictures, [CAPTIONS[0]])
+    best = list(images)[int(scores["t2i_ranking"][0, 0])]
+    assert f"best image {best}" in explorer.summary
+    marks = [ax.get_title()[-1] for ax in explorer.figure.axes]            # a caption: its image is known
+    assert set(marks) <= {"\u2713", "\u2717"} and marks.count("\u2713") == int(0 in scores["t2i_ranking"][0, :3])
+
+    explorer.controls["sentence"].value = "two shapes on a sofa"                     # no known image: no marks
+    titles = [ax.get_title() for ax in explorer.figure.axes]
+    assert titles == ["1.", "2.", "3."]
+    explorer.controls["top"].value = 2
+    assert len(explorer.figure.axes) == 2
+
+    explorer.controls["sentence"].value = " ?!  ... "
+    assert shows_message(explorer, "at least one word") and explorer.figure is None
+
+    explorer.set(direction=explore.IMAGE_TO_TEXT, image=1)
+    assert explorer.error is None and explorer.summary.startswith("scene 1: best caption")
+    ranked = api.retrieve(model, pictures, CAPTIONS)["i2t_ranking"][1, :2].tolist()
+    drawn = " ".join(text.get_text() for text in explorer.figure.axes[1].texts)
+    assert all(CAPTIONS[t] in drawn for t in ranked)
+
+
+# ---------------------------------------------------------------------------------------------------------- curves
+def write_run(folder: Path, tasks: list[str], slope: float) -> None:
+    folder.mkdir(parents=True)
+    with open(folder / "metrics.jsonl", "w") as handle:
+        for iteration in range(1, 11):
+            for task in tasks:
+                handle.write(json.dumps({"kind": "train", "iteration": iteration, "task": task, "count": 1,
+                                         "loss": 5.0 - slope * iteration, "lr": 1e-3}) + "\n")
+        handle.write(json.dumps({"kind": "eval", "iteration": 10, "split": "val", "task": tasks[0]}) + "\n")
+
+
+def lines(explorer) -> list[str]:
+    return [line.get_label() for line in explorer.figure.axes[0].get_lines()]
+
+
+def test_curves_compare_runs_and_tasks(tmp_path):
+    write_run(tmp_path / "quick" / "train", ["captioning", "classification"], 0.2)
+    write_run(tmp_path / "quick" / "ablations" / "no_moe", ["captioning"], 0.1)
+    explorer = explore.curves(tmp_path)
+    assert explorer.controls["runs"].options == ("quick/ablations/no_moe", "quick/train")
+    assert sorted(lines(explorer)) == ["quick/ablations/no_moe \u00b7 captioning", "quick/train \u00b7 captioning",
+                                       "quick/train \u00b7 classification"]
+    explorer.controls["tasks"].value = ("captioning",)
+    assert len(lines(explorer)) == 2
+    explorer.controls["runs"].value = ("quick/train",)
+    assert lines(explorer) == ["quick/train \u00b7 captioning"]
+    explorer.controls["metric"].value = "lr"
+    assert explorer.figure.axes[0].get_ylabel() == "lr"
+    explorer.controls["runs"].value = ()
+    assert shows_message(explorer, "select at least one run")
+
+    with pytest.raises(ValueError, match="no metrics.jsonl"):
+        explore.curves(tmp_path / "nothing", interactive=False)
+    assert shows_message(explore.curves(tmp_path / "nothing"), "no metrics.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------- static and notebooks
+def test_every_explorer_draws_one_static_figure_without_widgets(model, images, tmp_path):
+    write_run(tmp_path / "run", ["mlm"], 0.3)
+    figures = [explore.detections(model, images, ["circle"], interactive=False),
+               explore.captions(model, images, max_length=2, interactive=False),
+               explore.retrieval(model, list(images.values()), [[t] for t in CAPTIONS], interactive=False),
+               explore.curves(tmp_path, interactive=False)]
+    assert all(isinstance(figure, Figure) for figure in figures)
+
+
+@pytest.mark.parametrize("name", sorted(NOTEBOOKS))
+def test_notebooks_embed_their_explorers_behind_the_interactive_parameter(name):
+    notebook = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    parameters = next(cell.source for cell in notebook.cells if "parameters" in cell.metadata.get("tags", []))
+    assert "\ninteractive = False" in "\n" + parameters
+    code = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
+    for function in NOTEBOOKS[name]:
+        assert f"explore.{function}(" in code, f"{name}: no explore.{function} call"
+    assert code.count("interactive=interactive") >= len(NOTEBOOKS[name])
+
+
+def test_the_figures_added_for_the_explorers_check_their_inputs():
+    from uniperceiver_v2 import viz
+
+    picture = torch.rand(3, 20, 30)
+    with pytest.raises(ValueError, match="legend: needs labels"):
+        viz.draw_detections(picture, torch.tensor([[1.0, 1.0, 9.0, 9.0]]), legend=True)
+    figure = viz.draw_detections(picture, torch.tensor([[1.0, 1.0, 9.0, 9.0], [2.0, 2.0, 8.0, 8.0]]),
+                                 torch.tensor([3, 1]), torch.tensor([0.9, 0.1]), class_names=["a", "b", "c", "d"],
+                                 score_threshold=0.5, legend=True)
+    assert legend_names(figure.axes[0]) == ["d"]                  # only the classes of the drawn instances
+    with pytest.raises(ValueError, match="probabilities: expected 2"):
+        viz.plot_token_probabilities(["a", "b"], [0.5])
+    with pytest.raises(ValueError, match="highlight"):
+        viz.plot_ranked_texts(["one", "two"], highlight=2)
+    figure = viz.plot_ranked_texts(["x" * 100], [1.0], width=20)
+    assert figure.axes[0].texts[0].get_text() == "1. " + "x" * 17 + "...  (1.000)"
+    figure = viz.show_text_retrieval("a query", [picture, picture], None, [0.5, 0.25])
+    assert [ax.get_title() for ax in figure.axes] == ["1.", "2."]
