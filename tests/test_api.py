@@ -63,8 +63,6 @@ def test_detect_returns_boxes_and_masks_on_each_input_image(model):
     assert 0 < kept["scores"].shape[0] < results[0]["scores"].shape[0] and (kept["scores"] >= threshold).all()
 
 
-# pycocotools 2.0.x calls np.array(..., copy=False) on its own objects under numpy 2 (harmless).
-@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 def test_detect_returns_compact_masks_that_restore_the_full_ones(model):
     """``masks="rle"`` is COCO's JSON-ready encoding, ``"crop"`` the mask's own rectangle; both restore ``"full"``."""
     import json

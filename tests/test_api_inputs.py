@@ -191,8 +191,6 @@ def test_other_numbers_are_checked_by_name(model):
 
 
 # --------------------------------------------------------------------------------------------------- masks
-# pycocotools 2.0.x calls np.array(..., copy=False) on its own objects under numpy 2 (harmless).
-@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 def test_the_mask_formats_hold_the_same_masks(model):
     images = [image(40, 56, seed=0), image(48, 30, seed=1)]
     full = api.detect(model, images, NAMES, max_detections=12)

@@ -13,10 +13,6 @@ from uniperceiver_v2.bench.ceiling import Claim, SceneAttributes, parse_claims, 
 from uniperceiver_v2.data.summary import DataError
 from uniperceiver_v2.metrics.retrieval import retrieval_recall
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-)
-
 
 @pytest.fixture(scope="module")
 def quick_result(synthetic_root):

@@ -35,9 +35,6 @@ from uniperceiver_v2.engine.data_setup import (
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-)
 
 SCENE_SIZE = (32, 24)   # (W, H)
 SPLIT_IMAGES = {"train": (1, 2), "val": (3,)}

@@ -33,9 +33,6 @@ FIXTURES = Path(__file__).parent / "fixtures" / "data"
 IMAGES = FIXTURES / "images"
 INSTANCES = FIXTURES / "instances.json"
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-)
 
 
 def _rectangle(top: int, left: int, bottom: int, right: int, shape=(12, 16)) -> torch.Tensor:

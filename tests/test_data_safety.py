@@ -20,9 +20,6 @@ from uniperceiver_v2.engine.data_setup import ensure_data
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 IMAGES = FIXTURES / "images"
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-)
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:

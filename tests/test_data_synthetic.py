@@ -36,9 +36,7 @@ from uniperceiver_v2.data.transforms import Compose, RandomCrop, RandomHorizonta
 SPLITS = ("train", "val", "test")
 
 # pycocotools 2.0.x calls np.array(..., copy=False) on its own objects under numpy 2 (harmless).
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-)
+
 
 
 @pytest.fixture(scope="session")

@@ -46,9 +46,6 @@ from uniperceiver_v2.data.transforms import (
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-)
 
 
 def _blob_sample(seed: int, height: int = 97, width: int = 131, count: int = 6) -> DetectionSample:

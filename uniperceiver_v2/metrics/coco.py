@@ -91,6 +91,17 @@ def one_record_per_box(results: Sequence[Mapping[str, Any]]) -> list[dict[str, A
     return list(best.values())
 
 
+def _check_subset(ids: Sequence[int] | None, known: Sequence[int], name: str, what: str) -> None:
+    """A non-empty subset of the ground truth's ids (or None)."""
+    if ids is None:
+        return
+    unknown = sorted(set(ids) - set(known))
+    if unknown:
+        raise ValueError(f"{name} {unknown[:10]} are not {what} of the ground truth")
+    if not ids:
+        raise ValueError(f"{name} is empty")
+
+
 def evaluate_coco(
     ground_truth: str | os.PathLike | Mapping[str, Any] | COCO,
     results: Sequence[Mapping[str, Any]],
@@ -128,18 +139,9 @@ def evaluate_coco(
         if iou_type not in ("bbox", "segm"):
             raise ValueError(f"iou_types: unsupported {iou_type!r}, expected 'bbox' or 'segm'")
     _validate_results(results, gt, iou_types)
-    if cat_ids is not None:
-        unknown = sorted(set(cat_ids) - set(gt.getCatIds()))
-        if unknown:
-            raise ValueError(f"cat_ids {unknown} are not categories of the ground truth")
-        if not cat_ids:
-            raise ValueError("cat_ids is empty")
+    _check_subset(cat_ids, gt.getCatIds(), "cat_ids", "categories")
+    _check_subset(img_ids, gt.getImgIds(), "img_ids", "images")
     if img_ids is not None:
-        unknown = sorted(set(img_ids) - set(gt.getImgIds()))
-        if unknown:
-            raise ValueError(f"img_ids {unknown[:10]} are not images of the ground truth")
-        if not img_ids:
-            raise ValueError("img_ids is empty")
         outside = sorted({r["image_id"] for r in results} - set(img_ids))
         if outside:
             raise ValueError(f"results name images outside img_ids: {outside[:10]}")
