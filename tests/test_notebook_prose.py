@@ -19,7 +19,7 @@ References are not numbers of a run and are removed first: equation tags and num
 ``\\tag{5}``), tables, sections, figures, appendices and notebooks (``Tab. 2-5``, ``Sec. 5.2-5.3``, ``notebooks
 01-02``) and citations (``[27]``). Integers without a unit (the 14 categories, 8 experts, a year) are not checked.
 
-**The end of a notebook** (the notebooks listed in :data:`LESSONS`): a ``## Summary`` of 3-5 points, each naming
+**The end of every notebook**: a ``## Summary`` of 3-5 points, each naming
 the package symbol it is about in inline code; ``## Exercises`` followed by 2-4 exercises, each a markdown cell
 ``### Exercise N ...`` directly followed by its check cell (a code cell with an ``assert``: the reader changes a
 parameter, predicts, and the cell checks the prediction); and as the last cell, links to the previous and the
@@ -49,18 +49,6 @@ ALLOWED = {
     "0.50": "COCO AP averages over IoU thresholds 0.50:0.95: a definition of the metric",
     "0.95": "COCO AP averages over IoU thresholds 0.50:0.95: a definition of the metric",
 }
-
-# Markdown that still states numbers of one run, per notebook, until its prose is rewritten (each entry is the
-# offending text exactly as :func:`offending_numbers` reports it). Only these notebooks may have entries.
-PENDING: dict[str, set[str]] = {
-    "01_region_proposals": {"2000 steps"},
-    "04_conditional_moe": {"1.1"},
-    "07_evaluation": {"60 iterations", "0.9999", "2000 iterations"},
-    "08_novel_category_detection": {"60 iterations", "2000 iterations"},
-}
-
-# The notebooks that end with a summary, exercises with check cells and links (the others are being rewritten).
-LESSONS = ("00", "02", "03", "05", "06", "09", "10")
 
 _REFERENCE = re.compile(
     r"\\tag\{[^}]*\}"
@@ -228,30 +216,20 @@ def test_a_paper_number_needs_a_sentence_that_cites_the_paper():
     assert offending_numbers("Our model reaches 49.9 after training, as the paper's Tab. 2 does.") == []
 
 
-def test_allowed_and_pending_entries_are_explained_and_limited_to_the_four_notebooks():
+def test_allowed_entries_are_explained():
     assert all(reason.strip() for reason in ALLOWED.values())
-    assert set(PENDING) <= {"01_region_proposals", "04_conditional_moe", "07_evaluation",
-                            "08_novel_category_detection"}
 
 
 # ------------------------------------------------------------------------------------------------- the notebooks
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_markdown_states_no_number_of_one_run(path):
-    pending = PENDING.get(path.stem, set())
     found = {index: offending_numbers(source) for index, source in _markdown_cells(path)}
-    bad = {index: [t for t in tokens if t not in pending] for index, tokens in found.items()}
-    bad = {index: tokens for index, tokens in bad.items() if tokens}
+    bad = {index: tokens for index, tokens in found.items() if tokens}
     assert not bad, (f"{path.name}: markdown cells state numbers of one run {bad} (cell index: numbers); format "
                      f"them from the results in a code cell, or write the statement as a condition")
-    stale = pending - {token for tokens in found.values() for token in tokens}
-    assert not stale, f"{path.name}: PENDING entries {sorted(stale)} no longer occur; remove them from the list"
 
 
-def _lesson_paths():
-    return [path for path in NOTEBOOKS if path.name[:2] in LESSONS]
-
-
-@pytest.mark.parametrize("path", _lesson_paths(), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_a_lesson_ends_with_summary_exercises_with_checks_and_links(path):
     cells = nbformat.read(path, as_version=4).cells
     heads = [cell.source.lstrip().split("\n", 1)[0] if cell.cell_type == "markdown" else "" for cell in cells]

@@ -536,6 +536,21 @@ def test_ceiling_table_puts_the_model_next_to_the_oracle_and_the_references():
     assert all(row[1] is None for row in no_captioning["rows"] if row[0].startswith("captioning"))
 
 
+# ----------------------------------------------------------------------------------------------------- notebook 01
+def test_anchor_size_deviation_is_zero_for_the_anchors_and_relative_to_the_nearest_side():
+    from uniperceiver_v2.modeling.region_proposal import RegionProposalNetwork
+    from uniperceiver_v2.walkthrough.rpn import anchor_size_deviation
+
+    shapes = torch.tensor([[8, 8], [4, 4], [2, 2], [1, 1]])
+    logits, valid = RegionProposalNetwork.anchors(torch.zeros(1, int(shapes.prod(1).sum()), dtype=torch.bool), shapes)
+    anchors = logits.sigmoid()[valid]                                                # (n, 4) cx, cy, w, h
+    assert anchor_size_deviation(anchors, num_levels=4).max() < 1e-5
+    boxes = torch.tensor([[0.5, 0.5, 0.12, 0.1],       # the 0.1 side (level 1), 20 % wider
+                          [0.5, 0.5, 0.4, 0.3],        # the 0.4 side (level 3), 25 % lower
+                          [0.5, 0.5, 0.05, 0.05]])     # a level-0 anchor
+    assert anchor_size_deviation(boxes, num_levels=4).tolist() == pytest.approx([0.2, 0.25, 0.0])
+
+
 # ----------------------------------------------------------------------------------------------------- notebook 02
 def test_pool_spread_counts_the_cells_a_pool_averages():
     from uniperceiver_v2.walkthrough.pooling import pool_spread
@@ -573,6 +588,45 @@ def test_source_block_shows_the_package_code_from_start_to_end():
     assert "def forward" in source_block(GlobalAttentionPooling.forward)
     with pytest.raises(ValueError, match="not in the source"):
         source_block(GlobalAttentionPooling.forward, start="no such line")
+
+
+# ----------------------------------------------------------------------------------------------------- notebook 04
+def test_a_short_gate_training_fits_the_stand_in_on_a_copy_of_the_decoder(tmp_path):
+    from test_gating import EXPERTS, captioning_inputs, classification_target_inputs, make_decoder, record
+
+    from uniperceiver_v2.walkthrough import gating
+    from uniperceiver_v2.walkthrough.gates_training import model_of_run, replayed_calls, train_gates
+
+    decoder = make_decoder()
+    before = {name: value.clone() for name, value in decoder.state_dict().items()}
+    calls = record(decoder, captioning_inputs(), classification_target_inputs(), keep_inputs=True).calls
+    result = train_gates(decoder, calls, iterations=60, lr=3e-3, seed=0)
+    assert [r["iteration"] for r in result.history] == list(range(60)) and not result.decoder.training
+    first, last = (sum(r["loss"] for r in part) / 10 for part in (result.history[:10], result.history[-10:]))
+    assert last < first
+    assert all(torch.equal(value, decoder.state_dict()[name]) for name, value in before.items())   # a copy trains
+    replayed = replayed_calls(result.decoder, calls)
+    with torch.no_grad():
+        direct = gating.replay(calls[0], result.decoder)
+    assert torch.equal(replayed[0].gates[0]["ffn"].indices, direct.gates[0]["ffn"].indices)
+    assert replayed[0].x is calls[0].x and not result.decoder.training
+    usage = gating.expert_usage(replayed, by="attribute", num_experts=EXPERTS)
+    assert usage.usage.shape == (2, len(result.codes), EXPERTS)               # (L, combinations, E)
+    assert model_of_run(tmp_path) is None
+    with pytest.raises(ValueError, match="iterations"):
+        train_gates(decoder, calls, iterations=0)
+    with pytest.raises(ValueError, match="keep_inputs"):
+        train_gates(decoder, record(decoder, captioning_inputs()).calls)
+
+
+def test_gate_difference_is_zero_for_shared_gates_and_one_for_disjoint_experts():
+    from uniperceiver_v2.walkthrough.gates_training import gate_difference
+    from uniperceiver_v2.walkthrough.gating import ExpertUsage
+
+    usage = torch.tensor([[[0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]],      # layer 0: the same decision
+                          [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]],      # layer 1: no expert shared
+                          [[0.5, 0.5, 0.0, 0.0], [0.0, 0.5, 0.5, 0.0]]])     # layer 2: half the weight moved
+    assert gate_difference(ExpertUsage([1, 2], ["a", "b"], usage, torch.ones(2))) == pytest.approx([0.0, 1.0, 0.5])
 
 
 # ----------------------------------------------------------------------------------------------------- notebook 05

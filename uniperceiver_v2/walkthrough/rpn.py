@@ -43,10 +43,11 @@ from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy, box_iou
 from uniperceiver_v2.modeling.denoising import DenoisingQueries
 from uniperceiver_v2.modeling.image_encoder import ImageEncoder, ImageEncoderOutput, postprocess
 from uniperceiver_v2.modeling.matcher import HungarianMatcher
-from uniperceiver_v2.modeling.region_proposal import RegionProposals
+from uniperceiver_v2.modeling.region_proposal import ANCHOR_BASE_SIZE, RegionProposals
 from uniperceiver_v2.tasks.detection import to_coco_results
 
 __all__ = [
+    "anchor_size_deviation",
     "LOSS_TERMS",
     "OBJECT_CATEGORY_ID",
     "DeformableAttentionTrace",
@@ -86,6 +87,23 @@ def boxes_to_pixels(boxes: torch.Tensor, size: Sequence[int] | torch.Tensor) -> 
     """(..., 4) cxcywh normalised to an image of ``size`` = (h, w) -> (..., 4) xyxy in its pixels."""
     height, width = (float(v) for v in torch.as_tensor(size).tolist())
     return box_cxcywh_to_xyxy(boxes) * boxes.new_tensor([width, height, width, height])
+
+
+def anchor_size_deviation(boxes: torch.Tensor, num_levels: int) -> torch.Tensor:
+    """How far each box's width and height are from the nearest query-selection anchor side
+    ``ANCHOR_BASE_SIZE * 2^l`` (``RegionProposalNetwork.anchors``), relative to that side: 0 for a bare anchor, as the
+    untrained box head (zero deltas) leaves the reference boxes.
+
+    Args:
+        boxes: (..., 4) normalised (cx, cy, w, h), e.g. ``ForwardTrace.query_boxes``.
+        num_levels: the feature levels L (``image_encoder.num_feature_levels``).
+
+    Returns:
+        (...) min over l of max(|w - s_l|, |h - s_l|) / s_l.
+    """
+    sides = ANCHOR_BASE_SIZE * 2.0 ** torch.arange(num_levels, dtype=boxes.dtype, device=boxes.device)   # (L,)
+    sizes = boxes[..., None, 2:]                                                          # (..., 1, 2)
+    return ((sizes - sides[:, None]).abs().amax(-1) / sides).amin(-1)
 
 
 def _device(module: nn.Module) -> torch.device:

@@ -1,0 +1,172 @@
+"""Notebook 04: trained Conditional-MoE gates on the page, whatever has run before.
+
+At initialisation the attribute gates (MoE eq. (9)) send most kinds of token to the same experts, so a figure of
+the untrained gates shows nothing specialised. Two ways to put trained gates on the page:
+
+* :func:`model_of_run`: the model of notebook 06's run, when its checkpoint exists (the gates trained by the
+  generalist's own tasks, as in the paper; after a short run they have barely moved);
+* :func:`train_gates`: a short training of the unified decoder alone on the sequences the tasks fed it (recorded
+  by ``gating.run_tasks(..., keep_inputs=True)``), seconds on a CPU, with a stand-in objective that one shared FFN
+  cannot fit: every attribute combination must map its tokens by its own random rotation.
+  The decoder sees the attribute bits nowhere but in its gates (the task's shape, bits 0-3, is in no token's
+  value), so the loss falls as different combinations take different experts.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..modeling.attributes import attribute_codes
+from ..modeling.moe import is_gate_parameter
+from ..modeling.unified_decoder import UnifiedDecoder
+from .gating import DecoderCall, ExpertUsage, replay
+from .runs import training_dir, training_status
+
+__all__ = ["GateTraining", "RunModel", "gate_difference", "model_of_run", "replayed_calls", "train_gates"]
+
+
+@dataclass
+class GateTraining:
+    """The result of :func:`train_gates`.
+
+    Attributes:
+        decoder: the trained copy of the decoder, in evaluation mode (the original is not touched).
+        history: one record per iteration, ``{"iteration", "loss"}``: the mean squared error of the stand-in
+            objective (``viz.plot_curves`` draws it).
+        codes: the attribute codes of the recorded tokens, each with its own target map, in order of first
+            appearance.
+        iterations, seconds: length and wall-clock time of the training.
+    """
+
+    decoder: UnifiedDecoder
+    history: list[dict[str, Any]]
+    codes: list[int]
+    iterations: int
+    seconds: float
+
+
+def train_gates(decoder: UnifiedDecoder, calls: Sequence[DecoderCall], iterations: int = 300, lr: float = 1e-3,
+                seed: int = 0) -> GateTraining:
+    """Train a copy of ``decoder`` on recorded calls so that each kind of token needs its own function.
+
+    Every attribute combination u gets a fixed random rotation R_u (d x d); the decoder's output for a token x of
+    combination u must match LN(x R_u), x its embedded input. One dense FFN cannot compute as many different
+    rotations at once: the conflicting targets are a small model of task interference, and experts that
+    specialise by combination remove it. The gates see the combination (MoE eq. (9)), the token's value does not
+    say it, so the loss falls as the gates send different combinations to different experts.
+
+    Each step replays one recorded call (drawn at random) through the decoder in training mode (gate noise on).
+    The gates' parameters get no weight decay, as in the trainer's parameter groups.
+
+    Args:
+        decoder: a unified decoder with Conditional-MoE layers.
+        calls: recorded with ``keep_inputs=True`` and with attributes (``gating.run_tasks``).
+        iterations: optimizer steps, one call each.
+        seed: the rotations, the draws and the gate noise.
+
+    Returns:
+        :class:`GateTraining`.
+    """
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    if not calls or any(call.x is None or call.attributes is None for call in calls):
+        raise ValueError("train_gates: needs recorded calls with inputs and attributes "
+                         "(gating.run_tasks(..., keep_inputs=True))")
+    per_call = [attribute_codes(call.attributes) for call in calls]                     # (B, T) each
+    codes: list[int] = []
+    for call, code in zip(calls, per_call):
+        codes += [value for value in dict.fromkeys(code[call.valid].tolist()) if value not in codes]
+    row_of = torch.zeros(max(codes) + 1, dtype=torch.long)
+    row_of[codes] = torch.arange(len(codes))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        trained = copy.deepcopy(decoder).train()
+        width = trained.cfg.width
+        rotations = torch.linalg.qr(torch.randn(len(codes), width, width))[0]          # (U, d, d) orthogonal
+        targets = []
+        for call, code in zip(calls, per_call):
+            rotated = torch.einsum("btd,btde->bte", call.x, rotations[row_of[code.clamp(max=len(row_of) - 1)]])
+            targets.append(F.layer_norm(rotated, (width,)))                            # (B, T, d)
+        gates = [p for name, p in trained.named_parameters() if is_gate_parameter(name)]
+        others = [p for name, p in trained.named_parameters() if not is_gate_parameter(name)]
+        optimizer = torch.optim.AdamW([{"params": others}, {"params": gates, "weight_decay": 0.0}], lr=lr,
+                                      weight_decay=1e-4)
+        draw = random.Random(seed)
+        history = []
+        started = time.monotonic()
+        for iteration in range(iterations):
+            index = draw.randrange(len(calls))
+            call = calls[index]
+            out = replay(call, trained, record_gates=False)
+            loss = F.mse_loss(out.hidden[call.valid], targets[index][call.valid])
+            optimizer.zero_grad(set_to_none=True)
+            (loss + out.aux_loss).backward()
+            optimizer.step()
+            history.append({"iteration": iteration, "loss": loss.item()})
+        seconds = time.monotonic() - started
+    return GateTraining(trained.eval(), history, codes, iterations, seconds)
+
+
+def replayed_calls(decoder: UnifiedDecoder, calls: Sequence[DecoderCall]) -> list[DecoderCall]:
+    """The recorded calls with the gate decisions ``decoder`` makes on their inputs (evaluation mode, no gradients),
+    for ``gating.expert_usage`` of a decoder that did not record them (e.g. :func:`train_gates`'s)."""
+    was_training = decoder.training
+    decoder.eval()
+    try:
+        with torch.no_grad():
+            return [dataclasses.replace(call, gates=replay(call, decoder).gates) for call in calls]
+    finally:
+        decoder.train(was_training)
+
+
+def gate_difference(usage: ExpertUsage) -> list[float]:
+    """Per layer, how differently the rows of ``usage`` are routed: the mean over pairs of rows of half the L1
+    distance between their mean gate vectors (total variation), 0 when every row has the same experts and weights,
+    1 when no two rows share an expert."""
+    gates = usage.usage.to(torch.float64)                                              # (L, R, E)
+    rows = gates.shape[1]
+    if rows < 2:
+        return [0.0] * gates.shape[0]
+    distance = (gates[:, :, None, :] - gates[:, None, :, :]).abs().sum(-1) / 2         # (L, R, R), diagonal 0
+    return (distance.sum((1, 2)) / (rows * (rows - 1))).tolist()
+
+
+@dataclass
+class RunModel:
+    """The model of notebook 06's run (:func:`model_of_run`).
+
+    Attributes:
+        model: the trained model, in evaluation mode.
+        checkpoint: the checkpoint it comes from; iteration: the iteration of that checkpoint.
+    """
+
+    model: nn.Module
+    checkpoint: os.PathLike
+    iteration: int
+
+
+def model_of_run(run_dir: str | os.PathLike) -> RunModel | None:
+    """The model of the newest checkpoint of notebook 06's run in ``{run_dir}/train``, or None when that run has
+    not saved one yet (the model is rebuilt from the configuration recorded in the checkpoint)."""
+    from transformers.utils import logging as transformers_logging
+
+    from ..engine.build import build_model
+
+    status = training_status(training_dir(run_dir), iterations=0)
+    if status.checkpoint is None:
+        return None
+    transformers_logging.disable_progress_bar()      # the text encoder's "Loading weights" bar, in a notebook
+    model = build_model(None, checkpoint=status.checkpoint)
+    return RunModel(model.eval(), status.checkpoint, status.iteration)
