@@ -1,0 +1,106 @@
+"""Finding objects vs naming them: ``python -m uniperceiver_v2.bench naming --checkpoint RUN [--split val]``.
+
+Class-aware box AP mixes two failures: no proposal on the object, and a proposal on it with the wrong name. This
+benchmark separates them on the first ``--images`` scenes of a split. For every ground-truth object it asks
+
+* *found*: does a kept proposal (one of the O regional tokens) overlap it with IoU >= 0.5?
+* *named*: if so, does the proposal of highest objectness among those name it right (arg max over the split's
+  category names of the v2 eq. (6) logits, the ones detection scores with)?
+
+and prints the two rates with the most frequent confusions (true -> predicted). Chance naming is 1 / C.
+
+    python -m uniperceiver_v2.bench naming --checkpoint runs/small/train --split val --images 120 \\
+        data.root=data/synthetic_small
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+
+import torch
+
+__all__ = ["NamingResult", "main", "naming_rates"]
+
+
+class NamingResult(dict):
+    """{"objects", "found", "named", "classes", "confusions": Counter((true, predicted))}."""
+
+
+@torch.no_grad()
+def naming_rates(model, cfg, split: str, images: int, batch_size: int = 4, iou: float = 0.5) -> NamingResult:
+    """Found and named rates of the detection task on the first ``images`` scenes of ``split``."""
+    from uniperceiver_v2.engine.data_setup import build_task_dataset
+    from uniperceiver_v2.engine.runtime import evaluation_mode
+    from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy, box_iou
+    from uniperceiver_v2.tasks import TASKS
+
+    dataset = build_task_dataset(cfg, "detection", split, train=False)
+    task = TASKS["detection"].from_dataset(cfg.tasks.detection, dataset)
+    count = min(images, len(dataset))
+    objects = found = named = 0
+    confusions: collections.Counter = collections.Counter()
+    with evaluation_mode(model):
+        for start in range(0, count, batch_size):
+            batch = task.collate([dataset[i] for i in range(start, min(start + batch_size, count))])
+            batch = batch.to(model.device)
+            encoded = model.encode_images(batch.images, batch.padding_mask)
+            logits, _ = task.region_logits(model, encoded, batch.class_names)                     # (B, O, C)
+            height, width = encoded.image_sizes[:, 0], encoded.image_sizes[:, 1]
+            scale = torch.stack([width, height, width, height], dim=1).to(encoded.boxes.dtype)
+            proposals = box_cxcywh_to_xyxy(encoded.boxes) * scale[:, None]                       # (B, O, 4)
+            for b, (boxes, labels) in enumerate(zip(batch.boxes, batch.labels)):
+                if boxes is None or len(boxes) == 0:
+                    continue
+                overlaps = box_iou(boxes.to(proposals.dtype), proposals[b])                       # (G, O)
+                objectness = encoded.objectness[b].float()
+                for g, label in enumerate(labels.tolist()):
+                    objects += 1
+                    hits = overlaps[g] >= iou
+                    if not bool(hits.any()):
+                        continue
+                    found += 1
+                    best = objectness.masked_fill(~hits, float("-inf")).argmax()
+                    predicted = int(logits[b, best].argmax())
+                    if predicted == label:
+                        named += 1
+                    else:
+                        confusions[(batch.class_names[label], batch.class_names[predicted])] += 1
+    return NamingResult(objects=objects, found=found, named=named, classes=len(task.class_names),
+                        confusions=confusions)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m uniperceiver_v2.bench naming", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="run folder, checkpoints folder or checkpoint")
+    parser.add_argument("--split", default="val", help="data split (default val)")
+    parser.add_argument("--images", type=int, default=120, help="scenes to look at (default 120)")
+    parser.add_argument("--top", type=int, default=8, help="confusions to list (default 8)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. data.root=...")
+    args = parser.parse_args(argv)
+    if args.images < 1:
+        parser.error(f"--images: expected at least 1, got {args.images}")
+
+    from uniperceiver_v2.config import apply_overrides
+    from uniperceiver_v2.engine.build import build_model
+
+    model = build_model(None, args.checkpoint)
+    cfg = apply_overrides(model.config, args.overrides) if args.overrides else model.config
+    result = naming_rates(model, cfg, args.split, args.images)
+    objects, found, named = result["objects"], result["found"], result["named"]
+    print(f"{args.checkpoint}, split {args.split}, first {args.images} scenes: {objects} objects, "
+          f"{result['classes']} category names (chance naming {1 / result['classes']:.3f})")
+    print(f"found (a proposal with IoU >= 0.5): {found} = {found / max(objects, 1):.3f} of the objects")
+    print(f"named right (the found proposal of highest objectness): {named} = {named / max(found, 1):.3f} of the "
+          "found objects")
+    if result["confusions"]:
+        listed = ", ".join(f"{true} -> {predicted} ({n})" for (true, predicted), n in
+                           result["confusions"].most_common(args.top))
+        print(f"most frequent confusions: {listed}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
