@@ -269,8 +269,8 @@ class DataConfig:
         return Path(self.root) / template.format(split=split if split is not None else self.train_split)
 
 
-# The on_invalid policies of the data readers (data/summary.py INVALID_POLICIES, repeated here so that the config
-# does not import the data package).
+# The on_invalid policies of the data readers (data.summary.RecordLog applies them; the config does not import the
+# data package, so they are defined here).
 INVALID_POLICIES = ("error", "skip")
 
 

@@ -15,7 +15,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-INVALID_POLICIES = ("error", "skip")
+from ..config import INVALID_POLICIES
+
 MAX_EXAMPLES_PER_REASON = 3
 # How a user reaches the "skip" policy: the config key of a run, the argument of a reader used directly.
 SKIP_HINT = "set data.on_invalid=skip (on_invalid='skip' for a reader) to leave such records out and count them"
