@@ -304,3 +304,77 @@ def test_attention_pooling_and_fusion_gradcheck():
     semantic = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
     boxes, masks = torch.rand(1, 3, 4, dtype=torch.float64), torch.randn(1, 3, 6, 6, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda q: fusion(q, boxes, masks, [(4, 6)]), (semantic,))
+
+
+def _linear_mask_logits(height: int, width: int) -> torch.Tensor:
+    """(1, 1, H, W) logits whose probabilities grow linearly along x: p(x) = 0.1 + 0.8 * x / W at cell centre x."""
+    centres = torch.arange(width, dtype=torch.float64) + 0.5
+    probs = (0.1 + 0.8 * centres / width).expand(height, width)
+    return torch.logit(probs)[None, None]
+
+
+def test_box_mask_pooling_samples_the_mask_inside_the_box():
+    """mask_pooling="box": RoI-aligned probabilities inside the box. Bilinear sampling is exact for a mask that is
+    linear in x, so each pooled cell equals p at the cell's centre (closed form), whatever the box size."""
+    fusion = ProposalFusion(hidden_dim=8, mask_pool_size=4, mask_pooling="box").double()
+    logits = _linear_mask_logits(16, 20)
+    valid = [(16, 20)]                                                   # the whole map is the image
+    # box in normalised cxcywh: x from 0.25 to 0.75 of the width, y from 0.25 to 0.75
+    boxes = torch.tensor([[[0.5, 0.5, 0.5, 0.5]]], dtype=torch.float64)
+    pooled = fusion.pool_masks_in_boxes(logits, boxes, valid).view(4, 4)
+    x1, x2 = 0.25 * 20, 0.75 * 20
+    bin_centres = x1 + (torch.arange(4, dtype=torch.float64) + 0.5) * (x2 - x1) / 4
+    expected = (0.1 + 0.8 * bin_centres / 20).expand(4, 4)
+    torch.testing.assert_close(pooled, expected)
+    # the image pooling averages over everything: one number per column band, independent of the box
+    image = ProposalFusion(hidden_dim=8, mask_pool_size=4).double().pool_masks(logits, valid).view(4, 4)
+    assert not torch.allclose(image, pooled)
+    # a small object keeps its shape: a 3 x 3 cell cross in a 16 x 20 map pooled in its box
+    cross = torch.full((1, 1, 16, 20), -10.0, dtype=torch.float64)
+    cross[..., 7, 8:11] = 10.0
+    cross[..., 6:9, 9] = 10.0
+    box = torch.tensor([[[9.5 / 20, 7.5 / 16, 3 / 20, 3 / 16]]], dtype=torch.float64)
+    shape = ProposalFusion(8, 3, "box").double().pool_masks_in_boxes(cross, box, valid).view(3, 3)
+    # (bilinear samples a quarter cell outside each bin's centre, so the arms' ends blur with the background)
+    assert shape[1, 1] > 0.9 and shape[1].min() > 0.6 and shape[:, 1].min() > 0.6
+    assert max(shape[0, 0], shape[0, 2], shape[2, 0], shape[2, 2]) < 0.25            # a cross, not a blob
+    whole = ProposalFusion(8, 3).double().pool_masks(cross, valid).view(3, 3)
+    assert whole.max() < 0.2                                             # the whole-image pooling smears it
+
+
+def test_region_appearance_reaches_the_pixel_embedding_but_not_the_box():
+    torch.manual_seed(0)
+    fusion = ProposalFusion(hidden_dim=8, mask_pool_size=2, mask_pooling="box", appearance_size=2).double()
+    semantic = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    boxes = (torch.rand(2, 3, 4, dtype=torch.float64) * 0.4 + 0.3).requires_grad_()
+    masks = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    pixels = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    valid = [(6, 6), (4, 6)]
+    out = fusion(semantic, boxes, masks, valid, pixels)
+    out.square().sum().backward()
+    assert boxes.grad is None and masks.grad is None                     # detached, as eq. (2) wants
+    assert pixels.grad.abs().sum() > 0
+    assert pixels.grad[1, :, 4:].abs().sum() == 0                        # nothing below image 2's valid rows
+    assert torch.autograd.gradcheck(lambda p: fusion(semantic.detach(), boxes.detach(), masks.detach(), valid, p),
+                                    (pixels,))
+    with pytest.raises(ValueError, match="pixel embedding"):
+        fusion(semantic, boxes, masks, valid)
+
+
+def test_fusion_options_in_the_image_encoder_and_the_config():
+    from uniperceiver_v2.config import ConfigError, load_config
+
+    model = ImageEncoder(tiny_cfg(mask_pooling="box", region_appearance_size=3)).train()
+    images, padding, targets = _batch()
+    out = model(images, padding, targets)
+    out.tokens[:, out.num_global:].square().sum().backward()
+    rpn = model.region_proposals
+    assert _grad_norm(rpn.fusion.appearance_proj) > 0 and _grad_norm(rpn.mask_head.lateral) > 0
+    assert _grad_norm(rpn.mask_head.query_mlp) == 0                      # the masks stay detached
+    model.eval()
+    with torch.no_grad():
+        assert model(images, padding).tokens.shape == out.tokens.shape
+    with pytest.raises(ConfigError, match="image_encoder.mask_pooling"):
+        load_config("tiny", ["image_encoder.mask_pooling=boxes"])
+    with pytest.raises(ConfigError, match="image_encoder.region_appearance_size"):
+        load_config("tiny", ["image_encoder.region_appearance_size=-1"])

@@ -42,6 +42,7 @@ class ConfigError(ValueError):
 # Backbones whose ImageNet weights ship in a pip package: image_encoder.backbone_weights="imagenet"
 # (modeling/backbone.py IMAGENET_PACKAGES says which package).
 IMAGENET_WEIGHTS = "imagenet"
+MASK_POOLINGS = ("image", "box")   # image_encoder.mask_pooling: where M of v2 eq. (9) pools the mask
 IMAGENET_BACKBONES = ("efficientnet_lite0",)
 
 
@@ -93,6 +94,12 @@ class ImageEncoderConfig:
     importance_sample_ratio: float = 0.75
     # v2 eq. (2)/(9) fusion and v2 eq. (3) global representations
     mask_pool_size: int = 28                   # masks pooled to 28x28 before the linear projection M
+    # where M pools the mask: "image" (the paper: the whole image's mask map) or "box" (only inside the
+    # proposal's detached box, so the pooled cells show the object's shape even when it is small)
+    mask_pooling: str = "image"
+    # 0 (the paper): q^proposal = q^sem + B(box) + M(mask). r > 0 adds A(appearance): the mask head's per-pixel
+    # embedding RoI-aligned to r x r inside the detached box, flattened, through a Linear (our addition)
+    region_appearance_size: int = 0
     num_global_pools: int = 10                 # M' attention poolings
     use_global: bool = True                    # Tab. 2 ablation: global representations on/off
     use_regional: bool = True                  # Tab. 2 ablation: regional representations on/off
@@ -540,6 +547,9 @@ def validate(cfg: Config) -> None:
     _require(ie.topk_queries <= ie.num_queries, "image_encoder.topk_queries",
              f"{ie.topk_queries} > image_encoder.num_queries={ie.num_queries}")
     _require(ie.num_global_pools >= 0, "image_encoder.num_global_pools", "must be >= 0")
+    _require(ie.mask_pooling in MASK_POOLINGS, "image_encoder.mask_pooling",
+             f"{ie.mask_pooling!r} not one of {list(MASK_POOLINGS)}")
+    _require(ie.region_appearance_size >= 0, "image_encoder.region_appearance_size", "must be >= 0 (0 = off)")
     _require(ie.use_global or ie.use_regional, "image_encoder.use_global",
              "use_global and use_regional cannot both be false")
     _require(0.0 <= ie.dropout < 1.0, "image_encoder.dropout", "must be in [0, 1)")

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.ops import roi_align
 
 from uniperceiver_v2.config import ImageEncoderConfig
 from uniperceiver_v2.modeling.backbone import group_norm
@@ -81,6 +82,11 @@ class RegionProposals:
     denoising_predictions: dict[str, PredictionSet] | None = None
 
 
+def _roi_dtype(x: torch.Tensor) -> torch.Tensor:
+    """float32 for roi_align under bfloat16 / float16 autocast; float64 stays (gradcheck)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, S, ...) gathered along dim 1 at index (B, N) -> (B, N, ...)."""
     expanded = index.view(*index.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:])
@@ -88,14 +94,33 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class ProposalFusion(nn.Module):
-    """v2 eq. (2) / (9): q^proposal = q^sem + B(box) + M(mask), with box and mask detached."""
+    """v2 eq. (2) / (9): q^proposal = q^sem + B(box) + M(mask), with box and mask detached.
 
-    def __init__(self, hidden_dim: int, mask_pool_size: int):
+    Two options beyond the paper (``image_encoder.mask_pooling``, ``image_encoder.region_appearance_size``), for
+    small images whose objects cover a few cells of the pooled mask:
+
+    * ``mask_pooling="box"``: M pools the mask probabilities inside the proposal's (detached) box, RoI-aligned to
+      ``mask_pool_size`` squared, instead of over the whole image; the pooled cells then draw the object's shape
+      at any object size (the whole-image pooling also says where the object is, which B already says).
+    * ``appearance_size=r > 0`` adds A(appearance): the mask head's per-pixel embedding (stride 4, F_0 plus the
+      encoder's stride-8 map) RoI-aligned to r x r inside the detached box, flattened, through a Linear. The
+      embedding is not detached, so the naming loss reaches the backbone through what the region looks like and
+      not only through q^sem's sampled points.
+    """
+
+    def __init__(self, hidden_dim: int, mask_pool_size: int, mask_pooling: str = "image",
+                 appearance_size: int = 0):
         super().__init__()
+        if mask_pooling not in ("image", "box"):
+            raise ValueError(f"ProposalFusion: mask_pooling={mask_pooling!r}, expected 'image' or 'box'")
         self.hidden_dim = hidden_dim
         self.mask_pool_size = mask_pool_size
+        self.mask_pooling = mask_pooling
+        self.appearance_size = appearance_size
         self.box_proj = nn.Linear(2 * hidden_dim, hidden_dim)                  # after the sine embedding (4 * d/2)
         self.mask_proj = nn.Linear(mask_pool_size * mask_pool_size, hidden_dim)
+        self.appearance_proj = (nn.Linear(hidden_dim * appearance_size * appearance_size, hidden_dim)
+                                if appearance_size > 0 else None)
 
     def pool_masks(self, masks: torch.Tensor, valid_sizes: list[tuple[int, int]]) -> torch.Tensor:
         """masks (B, O, Hm, Wm) logits -> (B, O, s*s) probabilities average-pooled over each unpadded region."""
@@ -104,19 +129,56 @@ class ProposalFusion(nn.Module):
                   for b, (h, w) in enumerate(valid_sizes)]
         return torch.stack(pooled).flatten(2)
 
+    @staticmethod
+    def roi_boxes(boxes: torch.Tensor, valid_sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """boxes (B, O, 4) cxcywh normalised to the unpadded image -> (B * O, 4) xyxy in cells of the stride-4 map."""
+        scale = boxes.new_tensor([[w, h, w, h] for h, w in valid_sizes])                 # (B, 4)
+        center, size = boxes[..., :2], boxes[..., 2:]
+        xyxy = torch.cat([center - size / 2, center + size / 2], dim=-1) * scale[:, None]
+        return xyxy.flatten(0, 1)
+
+    def pool_masks_in_boxes(self, masks: torch.Tensor, boxes: torch.Tensor,
+                            valid_sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """masks (B, O, Hm, Wm) logits -> (B, O, s*s) probabilities RoI-aligned inside each proposal's box."""
+        batch, num = masks.shape[:2]
+        probs = _roi_dtype(masks.sigmoid())
+        rois = torch.cat([torch.arange(batch * num, device=masks.device, dtype=probs.dtype)[:, None],
+                          self.roi_boxes(boxes, valid_sizes).to(probs.dtype)], dim=1)    # (B*O, 5), one map each
+        pooled = roi_align(probs.flatten(0, 1)[:, None], rois, self.mask_pool_size,
+                           sampling_ratio=2, aligned=True)                               # (B*O, 1, s, s)
+        return pooled.view(batch, num, -1).to(masks.dtype)
+
+    def appearance(self, pixel_embedding: torch.Tensor, boxes: torch.Tensor,
+                   valid_sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """pixel_embedding (B, d, Hm, Wm) -> (B, O, d): A of the RoI-aligned r x r embedding in each box."""
+        batch, num = boxes.shape[:2]
+        pixels = _roi_dtype(pixel_embedding)
+        index = torch.arange(batch, device=boxes.device, dtype=pixels.dtype).repeat_interleave(num)[:, None]
+        rois = torch.cat([index, self.roi_boxes(boxes, valid_sizes).to(pixels.dtype)], dim=1)   # (B*O, 5)
+        pooled = roi_align(pixels, rois, self.appearance_size, sampling_ratio=2, aligned=True)
+        return self.appearance_proj(pooled.flatten(1).to(pixel_embedding.dtype)).view(batch, num, -1)
+
     def forward(self, semantic: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor,
-                valid_sizes: list[tuple[int, int]]) -> torch.Tensor:
+                valid_sizes: list[tuple[int, int]], pixel_embedding: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
             semantic: (B, O, d) q^sem; boxes: (B, O, 4) cxcywh; masks: (B, O, Hm, Wm) logits;
-            valid_sizes: per image (rows, cols) of the mask map covering the unpadded image.
+            valid_sizes: per image (rows, cols) of the mask map covering the unpadded image;
+            pixel_embedding: (B, d, Hm, Wm) the mask head's per-pixel embedding (needed with ``appearance_size``).
 
         Returns:
             (B, O, d) regional representations.
         """
-        box_code = self.box_proj(box_sine_embedding(boxes.detach(), self.hidden_dim // 2))
-        mask_code = self.mask_proj(self.pool_masks(masks.detach(), valid_sizes))
-        return semantic + box_code + mask_code
+        boxes, masks = boxes.detach(), masks.detach()
+        box_code = self.box_proj(box_sine_embedding(boxes, self.hidden_dim // 2))
+        pooled = (self.pool_masks(masks, valid_sizes) if self.mask_pooling == "image"
+                  else self.pool_masks_in_boxes(masks, boxes, valid_sizes))
+        tokens = semantic + box_code + self.mask_proj(pooled)
+        if self.appearance_proj is not None:
+            if pixel_embedding is None:
+                raise ValueError("ProposalFusion: appearance_size > 0 needs the pixel embedding")
+            tokens = tokens + self.appearance(pixel_embedding, boxes, valid_sizes)
+        return tokens
 
 
 class RegionProposalNetwork(nn.Module):
@@ -147,7 +209,7 @@ class RegionProposalNetwork(nn.Module):
         self.mask_head = MaskHead(backbone_channels[0], d)
         self.query_embed = nn.Embedding(cfg.num_queries, d)
         self.denoising_content = nn.Embedding(2, d) if cfg.use_denoising and cfg.dn_num_queries > 0 else None
-        self.fusion = ProposalFusion(d, cfg.mask_pool_size)
+        self.fusion = ProposalFusion(d, cfg.mask_pool_size, cfg.mask_pooling, cfg.region_appearance_size)
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -279,7 +341,7 @@ class RegionProposalNetwork(nn.Module):
         mask_padding = F.interpolate(padding_mask[:, None].float(), size=kept_masks.shape[-2:],
                                      mode="nearest")[:, 0].bool()
         valid_sizes = [(max(int((~m[:, 0]).sum()), 1), max(int((~m[0, :]).sum()), 1)) for m in mask_padding]
-        tokens = self.fusion(_gather(semantic, kept), kept_boxes, kept_masks, valid_sizes)
+        tokens = self.fusion(_gather(semantic, kept), kept_boxes, kept_masks, valid_sizes, pixel_embedding)
 
         enc_maps = [m.view(-1, h, w) for m, (h, w) in
                     zip(enc_objectness.detach().split((shapes[:, 0] * shapes[:, 1]).tolist(), dim=1),
