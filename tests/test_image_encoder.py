@@ -378,3 +378,5 @@ def test_fusion_options_in_the_image_encoder_and_the_config():
         load_config("tiny", ["image_encoder.mask_pooling=boxes"])
     with pytest.raises(ConfigError, match="image_encoder.region_appearance_size"):
         load_config("tiny", ["image_encoder.region_appearance_size=-1"])
+    with pytest.raises(ConfigError, match="tasks.detection.proposal_loss_weight"):
+        load_config("tiny", ["tasks.detection.proposal_loss_weight=0"])

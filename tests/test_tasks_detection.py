@@ -45,6 +45,27 @@ def test_loss_adds_the_region_proposal_losses_and_decreases_when_overfitting():
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
 
 
+def test_proposal_loss_weight_scales_only_the_proposal_losses_in_the_total():
+    """tasks.detection.proposal_loss_weight: total = w_k (loss_cls + weight * loss_rpn + aux); the logged terms stay
+    unweighted, and the class loss' share of the gradient grows as the weight shrinks (what MT-AdamW normalises)."""
+    model = tiny_model()
+    samples = detection_samples(2)
+    shares = {}
+    for weight in (1.0, 0.05):
+        config = replace(model.config.tasks.detection, proposal_loss_weight=weight)
+        task = DetectionTask(config, NAMES)
+        torch.manual_seed(0)
+        out = task.loss(model, task.collate(samples))
+        assert out["loss"].item() == pytest.approx(
+            config.loss_weight * (out["loss_cls"] + weight * out["loss_rpn"] + out["loss_moe_aux"]).item(), rel=1e-6)
+        params = [p for p in model.parameters() if p.requires_grad]
+        total = torch.autograd.grad(out["loss"], params, retain_graph=True, allow_unused=True)
+        cls = torch.autograd.grad(config.loss_weight * out["loss_cls"], params, allow_unused=True)
+        norm = lambda grads: torch.sqrt(sum(g.square().sum() for g in grads if g is not None))  # noqa: E731
+        shares[weight] = (norm(cls) / norm(total)).item()
+    assert shares[0.05] > 2 * shares[1.0], shares
+
+
 def test_loss_requires_instance_masks():
     task = DetectionTask(tiny_config().tasks.detection, NAMES)
     batch = replace(task.collate(detection_samples(1)), masks=None)

@@ -183,6 +183,11 @@ class ClassificationTaskConfig(TaskConfig):
 class DetectionTaskConfig(TaskConfig):
     segmentation: bool = True                  # instance masks from the proposals
     max_detections: int = 100                  # per image at evaluation
+    # Weight of the proposal network's losses (objectness, boxes, masks of every layer) inside this task's loss,
+    # before w_k; 1 = their plain sum. Under MT-AdamW the task's gradient is normalised as a whole, so this weight
+    # sets the share the class-name loss gets: at 1 the proposal losses make ~95 % of the gradient's norm and the
+    # regional tokens learn their names slowly (docs/benchmarks.md, "Why detection names its objects slowly").
+    proposal_loss_weight: float = 1.0
 
 
 @dataclass
@@ -547,6 +552,8 @@ def validate(cfg: Config) -> None:
     _require(ie.topk_queries <= ie.num_queries, "image_encoder.topk_queries",
              f"{ie.topk_queries} > image_encoder.num_queries={ie.num_queries}")
     _require(ie.num_global_pools >= 0, "image_encoder.num_global_pools", "must be >= 0")
+    _require(cfg.tasks.detection.proposal_loss_weight > 0, "tasks.detection.proposal_loss_weight",
+             "must be > 0 (the proposal network learns its boxes and masks only from these losses)")
     _require(ie.mask_pooling in MASK_POOLINGS, "image_encoder.mask_pooling",
              f"{ie.mask_pooling!r} not one of {list(MASK_POOLINGS)}")
     _require(ie.region_appearance_size >= 0, "image_encoder.region_appearance_size", "must be >= 0 (0 = off)")

@@ -9,7 +9,8 @@ Localization").
 embeddings to obtain the class prediction ... The corresponding bounding box q_j^box and segmentation mask q_j^mask
 will serve as the localization predictions." There is no box or class head here: boxes, masks and objectness come
 from the region proposal network, which the image encoder trains with its own (class-agnostic) losses; those
-losses are added to this task's loss.
+losses are added to this task's loss, times ``tasks.detection.proposal_loss_weight`` (1 = their plain sum; the
+logged ``loss_rpn`` is the unweighted sum).
 
 Class labels of the proposals (our choice; the paper does not say). The proposal network already decides which
 proposals are objects: its objectness is trained with one-to-one Hungarian matching, so duplicates and background
@@ -200,8 +201,9 @@ class DetectionTask(Task):
         loss_rpn = torch.stack(list(image.losses.values())).sum()
         terms = {"loss_cls": unified_loss(logits.flatten(0, 1), labels.flatten(), self.config.label_smoothing),
                  "loss_rpn": loss_rpn, "loss_moe_aux": aux}
+        weighted = {**terms, "loss_rpn": self.config.proposal_loss_weight * loss_rpn}
         rpn_terms = {name: value.detach() for name, value in image.losses.items()}
-        return {**rpn_terms, **terms, "loss": self.weighted_total(terms)}
+        return {**rpn_terms, **terms, "loss": self.weighted_total(weighted)}
 
     @torch.no_grad()
     def detect(self, model, images: torch.Tensor, padding_mask: torch.Tensor | None, orig_sizes: torch.Tensor,
