@@ -1,10 +1,14 @@
 """Ablation definitions (every run is a valid config that changes what its row says), the runner's caching
-(finished runs are skipped, identical trainings shared, stale folders cleared, interrupted runs resumed), and the
-table builder on fake results. One slow test trains and evaluates a real (tiny, two-iteration) run."""
+(finished runs are skipped, identical trainings shared, stale folders cleared, interrupted runs resumed), the
+parallel scheduler on fake trainings (never more processes than slots, shared keys trained once, failures named),
+the noise band and the three-way marks on hand-made results, and the table builder on fake results. Two slow tests
+train real (tiny) runs: one in this process, one as a subprocess that is stopped midway and resumed."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,10 @@ from uniperceiver_v2.walkthrough.paper_results import ABLATION_COLUMNS
 
 
 def _settings(tmp_path: Path, **kwargs) -> A.AblationSettings:
-    defaults = dict(run_dir=tmp_path / "runs", data_root=tmp_path / "data", data_profile="quick", iterations=16)
+    """Settings of a test study; ``parallel=1`` (runs in this process, where the fake trainer replaces training)
+    unless a test asks for more."""
+    defaults = dict(run_dir=tmp_path / "runs", data_root=tmp_path / "data", data_profile="quick", iterations=16,
+                    parallel=1)
     return A.AblationSettings(**{**defaults, **kwargs})
 
 
@@ -84,8 +91,25 @@ def test_rows_change_what_they_say(tmp_path):
     assert cfg["tab4/unmixed_gather"].tasks.retrieval.gather and cfg["tab4/unmixed_gather"].optim.name == "adamw"
     assert cfg["tab4/unmixed_gather_mt_adamw"].optim.name == "mt_adamw"
 
-    assert cfg["tab5/pre_trained_text_encoder"].text_encoder.pretrained
-    assert not cfg["tab5/random_text_encoder"].text_encoder.pretrained
+    tab5 = {name.split("/")[1]: c for name, c in cfg.items() if name.startswith("tab5/")}
+    assert tab5["pre_trained_text_encoder"].text_encoder.pretrained
+    assert not tab5["random_text_encoder"].text_encoder.pretrained
+    # every Tab. 5 row trains its text encoder (the preset freezes it), so that only the initialisation differs
+    assert all(not c.text_encoder.freeze for c in tab5.values())
+    imagenet, random_image = tab5["imagenet_image_backbone"].image_encoder, tab5["random_image_backbone"].image_encoder
+    assert imagenet.backbone == random_image.backbone == "efficientnet_lite0"
+    assert imagenet.backbone_weights == "imagenet" and random_image.backbone_weights is None
+    assert tab5["pre_trained_text_encoder"].image_encoder.backbone == full.image_encoder.backbone
+
+
+def test_tab5_random_backbone_drops_the_weights_every_run_starts_from(tmp_path):
+    # notebook 09 gives every run the backbone notebook 06 pre-trained; the image rows replace it
+    settings = _settings(tmp_path, scale=("image_encoder.backbone_weights=/x/backbone.safetensors",))
+    cfg = {name: A.build_config(_run(name), settings).image_encoder
+           for name in ("tab5/pre_trained_text_encoder", "tab5/imagenet_image_backbone", "tab5/random_image_backbone")}
+    assert cfg["tab5/pre_trained_text_encoder"].backbone_weights == "/x/backbone.safetensors"
+    assert cfg["tab5/imagenet_image_backbone"].backbone_weights == "imagenet"
+    assert cfg["tab5/random_image_backbone"].backbone_weights is None
 
 
 @pytest.mark.parametrize("nproc,grad_accum", [(1, 4), (2, 2), (3, 2), (4, 1), (8, 1)])
@@ -125,13 +149,18 @@ def test_profile_plan():
     assert A.profile_plan("paper") == {key: tuple(r.name for r in t.rows) for key, t in A.TABLES.items()}
     small = A.profile_plan("small")
     assert set(small) == set(A.TABLES) and small["tab3"] == ("All Tasks", "All Tasks w/ MoE")
-    # Nine distinct trainings in one process: the full model is shared by Tab. 2 and 3 and "unmixed + gather"
+    assert "ImageNet image backbone" in small["tab5"] and "random image backbone" not in small["tab5"]
+    # Ten distinct trainings in one process: the full model is shared by Tab. 2 and 3 and "unmixed + gather"
     # = "unmixed" (nothing to gather); Tab. 4's rows run 4 batches per iteration, so its full model is its own, and
     # Tab. 5's rows train the text encoder that the preset freezes, so its pre-trained row is its own too.
     small_runs = A.plan_runs(small)
     settings = _settings(Path("/tmp"))
-    assert len({A.run_key(A.build_config(run, settings), 1) for run in small_runs}) == 9
-    assert A.profile_plan("quick", ["tab5"]) == {"tab5": ("pre-trained text encoder", "random text encoder")}
+    assert len({A.run_key(A.build_config(run, settings), 1) for run in small_runs}) == 10
+    # with the baseline at a second seed for the noise band: one more
+    with_noise = A.plan_runs(small, settings)
+    assert [run.name for run in with_noise[len(small_runs):]] == ["tab2/global_regional@seed1"]
+    assert len({A.run_key(A.build_config(run, settings), 1) for run in with_noise}) == 11
+    assert A.profile_plan("quick", ["tab5"]) == {"tab5": tuple(row.name for row in A.TABLES["tab5"].rows)}
     with pytest.raises(KeyError, match="tab7"):
         A.profile_plan("quick", ["tab7"])
     with pytest.raises(KeyError, match="no row 'Glob'"):
@@ -228,9 +257,10 @@ def test_runner_refuses_a_run_without_evaluation(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- tables
-def _fake_result(run: A.AblationRun, metrics: dict, shared_with: str | None = None) -> dict:
+def _fake_result(run: A.AblationRun, metrics: dict, shared_with: str | None = None, seed: int | None = None
+                 ) -> dict:
     return {"table": run.table, "row": run.row, "run": run.name, "task": run.task, "metrics": metrics,
-            "shared_with": shared_with}
+            "shared_with": shared_with, "seed": seed}
 
 
 def test_table_rows_take_single_task_columns_from_their_own_run():
@@ -276,13 +306,18 @@ def test_table_report_side_by_side_with_notes():
         A.table_rows("tab4", {"tab4/mixed": results["tab4/mixed"]}, rows=["unmixed"])
 
 
-def test_tab5_has_no_paper_counterpart_rows():
-    runs = [_run("tab5/pre_trained_text_encoder"), _run("tab5/random_text_encoder")]
+def test_tab5_maps_the_image_backbones_to_the_papers_rows():
+    runs = [run for run in ALL_RUNS if run.table == "tab5"]
     results = {run.name: _fake_result(run, {"classification": {"top1": 0.3}}) for run in runs}
     report = A.table_report("tab5", results)
     labels = [row[0] for row in report.side_by_side["rows"]]
-    assert labels[:2] == ["pre-trained text encoder", "random text encoder"]
-    assert labels[2:] == [f"(paper) {label}" for label in A.TABLES["tab5"].paper.rows]
+    assert labels[:4] == ["pre-trained text encoder", "random text encoder", "ImageNet image backbone",
+                          "random image backbone"]
+    paper_of = {row[0]: row[4] for row in report.side_by_side["rows"]}      # the paper's IN-1k Acc column
+    assert paper_of["pre-trained text encoder"] == 76.9 and paper_of["ImageNet image backbone"] == 76.8
+    assert paper_of["random text encoder"] is None and paper_of["random image backbone"] is None
+    # the paper's rows without a counterpart follow
+    assert labels[4:] == ["(paper) Supervised (IN-21k)", "(paper) MoCo v2 (IN-1k)", "(paper) CLIP (CLIP data)"]
 
 
 # ---------------------------------------------------------------------------------------------- a real run
@@ -314,33 +349,118 @@ def test_a_real_run_trains_evaluates_and_is_then_skipped(pytestconfig, tmp_path,
     assert A.run_ablation(run, settings, log=None) == result
 
 
-def test_gap_directions_and_agreement():
+def _tab2_results() -> dict:
+    """Tab. 2 with the baseline at two seeds. The paper's gaps to Global + Regional: Global - / -0.1 / -5.0 /
+    -4.2 / -1.8, Regional -1.7 / -1.0 / +1.0 / +0.4 / +0.6."""
     runs = [_run(name) for name in ("tab2/global", "tab2/regional", "tab2/global_regional")]
-    # The paper's gaps to Global + Regional: Global - / -0.1 / -5.0 / -4.2 / -1.8,
-    # Regional -1.7 / -1.0 / +1.0 / +0.4 / +0.6; the comments below give ours vs the paper's, in points.
     full = {"detection": {"bbox_AP": 0.20}, "classification": {"top1": 0.50}, "retrieval": {"i2t_R@1": 0.30,
             "t2i_R@1": 0.20}, "captioning": {"BLEU-4": 0.10}}
+    # seed 1: spreads 1.0 / 0.2 / 2.0 / 0 points and no caption score -> band 1.0 / 0.5 / 2.0 / 0.5 / 0.5
+    seed1 = {"detection": {"bbox_AP": 0.21}, "classification": {"top1": 0.502}, "retrieval": {"i2t_R@1": 0.32,
+             "t2i_R@1": 0.20}, "captioning": {"skipped": "no captions"}}
     global_only = {"classification": {"top1": 0.52}, "retrieval": {"i2t_R@1": 0.33, "t2i_R@1": 0.198},
                    "captioning": {"BLEU-4": 0.05}}
-    regional = {"detection": {"bbox_AP": 0.10}, "classification": {"top1": 0.45}, "retrieval": {"i2t_R@1": 0.30,
+    regional = {"detection": {"bbox_AP": 0.10}, "classification": {"top1": 0.45}, "retrieval": {"i2t_R@1": 0.315,
                 "t2i_R@1": 0.21}, "captioning": {"BLEU-4": 0.10}}
-    results = {run.name: _fake_result(run, m) for run, m in zip(runs, (global_only, regional, full))}
-    directions = A.gap_directions(A.table_report("tab2", results))
-    verdict = {(row[1], row[2]): row[-1] for row in directions["rows"]}
+    results = {run.name: _fake_result(run, m, seed=0) for run, m in zip(runs, (global_only, regional, full))}
+    noise = dataclasses.replace(runs[2], name="tab2/global_regional@seed1", seed=1)
+    results[noise.name] = _fake_result(noise, seed1, seed=1)
+    return results
+
+
+def test_noise_band_is_the_spread_over_seeds_with_a_floor():
+    band = A.noise_band(_tab2_results())
+    assert sorted(band.values) == [0, 1]
+    assert band.spread == pytest.approx((1.0, 0.2, 2.0, 0.0, None))
+    assert band.widths == pytest.approx((1.0, A.NOISE_FLOOR, 2.0, A.NOISE_FLOOR, A.NOISE_FLOOR))
+    assert A.noise_band(_tab2_results(), floor=1.5).widths == pytest.approx((1.5, 1.5, 2.0, 1.5, 1.5))
+    rebuilt = A.NoiseBand.from_results(json.loads(json.dumps(band.as_results())))
+    assert rebuilt == band and rebuilt.widths == band.widths
+    table = band.table()
+    assert [row[0] for row in table["rows"]][:2] == ["baseline, seed 0", "baseline, seed 1"]
+    assert table["rows"][-1][1:] == list(band.widths)
+    # one seed, or none: the floor alone
+    one = {name: r for name, r in _tab2_results().items() if "@" not in name}
+    assert A.noise_band(one).spread == (None,) * 5 and A.noise_band({}).widths == (A.NOISE_FLOOR,) * 5
+    assert A.NoiseBand.from_results(None) == A.NoiseBand()
+
+
+def test_gap_directions_marks_every_cell_and_tally_scores_them():
+    results = _tab2_results()
+    band = A.noise_band(results)
+    directions = A.gap_directions(A.table_report("tab2", results), noise=band)
+    assert directions["columns"][-3:] == ["noise band", "mark", "verdict"]
+    cell = {(row[1], row[2]): row for row in directions["rows"]}
     headers = [m.header for m in ABLATION_COLUMNS]
-    assert verdict[("Global", headers[0])] is None                 # no detection without regional tokens
-    assert verdict[("Global", headers[1])] == "paper flat"         # +2.0 vs -0.1
-    assert verdict[("Global", headers[2])] == "opposite"           # +3.0 vs -5.0
-    assert verdict[("Global", headers[3])] == "ours flat"          # -0.2 vs -4.2
-    assert verdict[("Global", headers[4])] == "same"               # -5.0 vs -1.8
-    assert verdict[("Regional", headers[0])] == "same"             # -10 vs -1.7
-    assert verdict[("Regional", headers[3])] == "paper flat"       # +1.0 vs +0.4
-    assert verdict[("Regional", headers[2])] == "ours flat"        # 0 vs +1.0
-    counts = A.gap_agreement(directions)
-    assert set(counts) == set(A.VERDICTS) and sum(counts.values()) == 9
+
+    def verdict(row, column):
+        return cell[(row, headers[column])][-1]
+
+    def mark(row, column):
+        return cell[(row, headers[column])][-2]
+
+    assert verdict("Global", 0) is None and mark("Global", 0) is None    # no detection without regional tokens
+    assert verdict("Global", 1) == "paper flat" and mark("Global", 1) == "opposite"   # +2.0 vs -0.1
+    assert verdict("Global", 2) == "opposite"          # +3.0 vs -5.0, outside the band of 2.0
+    assert verdict("Global", 3) == "within noise"      # -0.2 vs -4.2, inside the floor 0.5
+    assert verdict("Global", 4) == "same"              # -5.0 vs -1.8
+    assert verdict("Regional", 0) == "same"            # -10 vs -1.7
+    assert verdict("Regional", 1) == "same"            # -5.0 vs -1.0: a paper gap of exactly 1 point counts
+    assert verdict("Regional", 2) == "within noise"    # +1.5 vs +1.0, inside the band of 2.0
+    assert verdict("Regional", 3) == "paper flat" and mark("Regional", 3) == "same"           # +1.0 vs +0.4
+    assert verdict("Regional", 4) == "paper flat" and mark("Regional", 4) == "within noise"   # 0 vs +0.6
+    assert cell[("Global", headers[2])][3:6] == [-5.0, 3.0, 2.0]     # paper gap, ours, band
+
+    counts = A.tally(directions)
+    assert {k: counts[k] for k in ("same", "opposite", "within noise", "paper flat")} == {
+        "same": 3, "opposite": 1, "within noise": 2, "paper flat": 3}
+    assert counts["notable"] == 6 and counts["compared"] == 9 and counts["paper flat, ours within noise"] == 1
+    assert counts["agreement"] == 0.5 and counts["goal"] == A.AGREEMENT_GOAL and counts["goal met"] is False
+    assert A.gap_agreement(directions) == {"same": 3, "opposite": 1, "within noise": 2, "paper flat": 3}
+    assert A.tally(directions, "tab3")["agreement"] is None
+    by_table = A.tally_table(directions)
+    assert by_table["rows"] == [["tab2", 3, 1, 2, 3, 0.5], ["all", 3, 1, 2, 3, 0.5]]
+
+    # Without a band every column's is the floor: Regional's +1.5 R@1 is then outside it and agrees.
+    floor_only = A.gap_directions(A.table_report("tab2", results))
+    assert {(r[1], r[2]): r[-1] for r in floor_only["rows"]}[("Regional", headers[2])] == "same"
     # without the reference row there is nothing to compare
     partial = A.table_report("tab2", {"tab2/global": results["tab2/global"]})
-    assert A.gap_directions(partial)["rows"] == []
+    assert A.gap_directions(partial, noise=band)["rows"] == []
+
+
+def test_a_zero_paper_gap_has_no_direction():
+    assert A._mark(0.0, 2.0, 0.5) == "opposite" and A._mark(0.0, 0.3, 0.5) == "within noise"
+    assert A._mark(-1.2, -0.6, 0.5) == "same" and A._mark(-1.2, 0.6, 0.5) == "opposite"
+    assert A._mark(1.2, 0.5, 0.5) == "within noise"       # the band's edge is inside
+
+
+def test_band_figure_draws_the_band_and_colours_bars_by_verdict():
+    from matplotlib.colors import to_rgba
+
+    from uniperceiver_v2.viz.ablation_bands import BAND_COLOR, VERDICT_COLORS
+
+    results = _tab2_results()
+    band = A.noise_band(results)
+    fig = A.table_report("tab2", results).band_figure(band)
+    assert len(fig.axes) == len(ABLATION_COLUMNS)
+    det, cls = fig.axes[:2]
+
+    def bars(ax):
+        return [p for p in ax.patches if p.get_width() == pytest.approx(0.7)]
+
+    # detection: no Global bar ("n/a"); Regional agrees with the paper; the reference is grey; band 20 +- 1
+    assert [round(p.get_height(), 3) for p in bars(det)] == [10.0, 20.0]
+    assert bars(det)[0].get_facecolor() == to_rgba(VERDICT_COLORS["same"])
+    assert "n/a" in [t.get_text() for t in det.texts]
+    spans = [p for p in det.patches if p.get_facecolor()[:3] == to_rgba(BAND_COLOR)[:3]]
+    assert len(spans) == 1 and spans[0].get_y() == pytest.approx(19.0) and spans[0].get_height() == pytest.approx(2.0)
+    # classification: Global's +2.0 against the paper's -0.1 is "paper flat"; the paper's gap is marked as a line
+    assert bars(cls)[0].get_facecolor() == to_rgba(VERDICT_COLORS["paper flat"])
+    assert any(list(line.get_ydata()) == pytest.approx([49.9, 49.9]) for line in cls.get_lines())
+    with pytest.raises(ValueError, match="band widths"):
+        from uniperceiver_v2.viz.ablation_bands import plot_ablation_band
+        plot_ablation_band(["a", "b"], {"x": (1.0, 2.0)}, "x", [0.5])
 
 
 def test_saved_report_round_trip_full_model_and_runs_table(tmp_path, fake_trainer):
@@ -359,3 +479,377 @@ def test_saved_report_round_trip_full_model_and_runs_table(tmp_path, fake_traine
     table = A.runs_table(results)
     assert [row[0] for row in table["rows"]] == ["tab4/mixed", "tab4/unmixed_gather_mt_adamw"]
     assert table["rows"][0][1] == "4 x 4" and "classification 1.5" in table["rows"][0][-1]
+
+
+# ---------------------------------------------------------------------------------------------- runs side by side
+class FakeProcess:
+    """A training subprocess that takes ``polls`` looks to finish: meanwhile it logs a first iteration, at the end
+    it writes what the trainer writes (metrics.jsonl, the evaluation JSON) and exits 0, or fails with exit code 1
+    and a log line."""
+
+    def __init__(self, launcher: FakeLauncher, name: str, cfg, nproc: int, log_path: Path):
+        self.launcher, self.name, self.cfg, self.nproc, self.log_path = launcher, name, cfg, nproc, log_path
+        self.remaining = launcher.polls
+        self.returncode = None
+        self.signals: list[int] = []
+
+    def poll(self):
+        if self.returncode is not None:
+            return self.returncode
+        self.remaining -= 1
+        folder = Path(self.cfg.run.output_dir)
+        if self.remaining > 0:
+            with open(folder / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps({"kind": "train", "iteration": 1, "task": "classification", "loss": 2.0,
+                                         "time": 1.0}) + "\n")
+            return None
+        if self.name in self.launcher.fail:
+            with open(self.log_path, "a") as handle:
+                handle.write("Traceback (most recent call last):\nValueError: the fake training broke\n")
+            self.returncode = 1
+        else:
+            FakeTrainer(self.launcher.top1)(self.cfg, [])
+            self.returncode = 0
+        self.launcher.live -= self.nproc
+        return self.returncode
+
+    def send_signal(self, signum):
+        self.signals.append(signum)
+        self.returncode = 128 + signum
+        self.launcher.live -= self.nproc
+
+    def wait(self, timeout=None):
+        return self.returncode
+
+    def kill(self):
+        self.returncode = -9
+
+
+class FakeLauncher:
+    """Stands in for ``_launch_training``: records what starts, the most processes alive at once, and the
+    arguments each launch got."""
+
+    def __init__(self, root: Path, polls: int = 3, fail: tuple[str, ...] = (), top1: float = 0.25):
+        self.root, self.polls, self.fail, self.top1 = root.resolve(), polls, fail, top1
+        self.launched: list[str] = []
+        self.calls: dict[str, dict] = {}
+        self.processes: dict[str, FakeProcess] = {}
+        self.live = 0
+        self.most_live = 0
+
+    def __call__(self, cfg, argv, nproc, threads, devices, log_path):
+        name = Path(cfg.run.output_dir).resolve().relative_to(self.root).as_posix()
+        self.launched.append(name)
+        self.calls[name] = {"argv": argv, "nproc": nproc, "threads": threads, "devices": devices, "log": log_path}
+        self.live += nproc
+        self.most_live = max(self.most_live, self.live)
+        process = FakeProcess(self, name, cfg, nproc, log_path)
+        self.processes[name] = process
+        return process
+
+
+@pytest.fixture
+def launcher(monkeypatch, tmp_path):
+    fake = FakeLauncher(tmp_path / "runs" / "ablations")
+    monkeypatch.setattr(A, "_launch_training", fake)
+    monkeypatch.setattr(A, "_ensure_data", lambda cfg: None)
+
+    def no_training_here(*args):
+        raise AssertionError("with parallel > 1 nothing trains in this process")
+
+    monkeypatch.setattr(A, "_train_in_process", no_training_here)
+    return fake
+
+
+TAB4 = [run for run in ALL_RUNS if run.table == "tab4"]
+DISTINCT = [_run(name) for name in ("tab2/global", "tab2/regional", "tab2/global_regional", "tab4/mixed",
+                                    "tab4/unmixed")]
+
+
+@pytest.mark.parametrize("parallel", [2, 3])
+def test_at_most_parallel_runs_at_once(tmp_path, launcher, parallel):
+    settings = _settings(tmp_path, parallel=parallel)
+    lines = []
+    results = A.run_ablations(DISTINCT, settings, log=lines.append, progress=False, poll_seconds=0)
+    assert launcher.most_live == parallel and sorted(launcher.launched) == sorted(run.name for run in DISTINCT)
+    assert list(results) == [run.name for run in DISTINCT]          # the order of the runs, not of finishing
+    assert all(r["metrics"]["classification"]["top1"] == 0.25 and r["shared_with"] is None for r in results.values())
+    # each run is one subprocess with --resume, one thread unless set, its log in its folder
+    call = launcher.calls["tab2/global"]
+    assert call["threads"] == 1 and call["nproc"] == 1 and call["devices"] is None
+    assert call["log"] == settings.root / "tab2" / "global" / A.LOG_FILE
+    assert call["argv"] == ["--config", "tiny", *A.run_overrides(_run("tab2/global"), settings)]
+    assert "--resume" in A._train_command(call["argv"], 1)
+    assert A._train_command(call["argv"], 2)[1:5] == ["-m", "torch.distributed.run", "--standalone",
+                                                      "--nproc_per_node=2"]
+    assert any(line.startswith("tab2/global: training") and str(call["log"]) in line for line in lines)
+    assert sum("done in" in line for line in lines) == len(DISTINCT)
+
+
+def test_parallel_results_equal_the_sequential_ones(tmp_path, monkeypatch, launcher):
+    fake = FakeTrainer()
+    monkeypatch.setattr(A, "_train_in_process", fake)
+    # another study folder, the same data: the same keys
+    sequential = A.run_ablations(DISTINCT, _settings(tmp_path / "a", data_root=tmp_path / "data"), log=None,
+                                 progress=False)
+    parallel = A.run_ablations(DISTINCT, _settings(tmp_path, parallel=2), log=None, progress=False, poll_seconds=0)
+    assert len(fake.calls) == len(DISTINCT) and len(launcher.launched) == len(DISTINCT)
+
+    def content(record):
+        return {k: v for k, v in record.items() if k not in ("finished", "wall_seconds")}
+
+    assert [content(r) for r in sequential.values()] == [content(r) for r in parallel.values()]
+
+
+def test_a_shared_training_waits_for_the_run_under_way(tmp_path, launcher):
+    # "unmixed" and "unmixed + gather" train identically with one process; Tab. 2's full model is Tab. 3's MoE row
+    runs = [*TAB4, _run("tab2/global_regional"), _run("tab3/all_tasks_w_moe")]
+    results = A.run_ablations(runs, _settings(tmp_path, parallel=4), log=None, progress=False, poll_seconds=0)
+    assert sorted(launcher.launched) == ["tab2/global_regional", "tab4/mixed", "tab4/unmixed",
+                                         "tab4/unmixed_gather_mt_adamw"]
+    assert results["tab4/unmixed_gather"]["shared_with"] == "tab4/unmixed"
+    assert results["tab3/all_tasks_w_moe"]["shared_with"] == "tab2/global_regional"
+    assert results["tab3/all_tasks_w_moe"]["metrics"] == results["tab2/global_regional"]["metrics"]
+    # everything is reused the second time
+    again = A.run_ablations(runs, _settings(tmp_path, parallel=4), log=None, progress=False, poll_seconds=0)
+    assert len(launcher.launched) == 4 and again == results
+
+
+@pytest.mark.parametrize("parallel,most", [(4, 4), (3, 2), (2, 2), (1, 2)])
+def test_a_run_of_several_processes_takes_as_many_slots(tmp_path, launcher, monkeypatch, parallel, most):
+    def torchrun_here(cfg, argv, nproc, threads):      # parallel=1: torchrun from this process, blocking
+        launcher.live += nproc
+        launcher.most_live = max(launcher.most_live, launcher.live)
+        FakeTrainer()(cfg, argv)
+        launcher.live -= nproc
+
+    monkeypatch.setattr(A, "_train_with_torchrun", torchrun_here)
+    settings = _settings(tmp_path, nproc=2, parallel=parallel)
+    A.run_ablations(DISTINCT[:4], settings, log=None, progress=False, poll_seconds=0)
+    # two processes each: 4 slots hold two runs, 3 slots one; a run larger than all slots runs alone
+    assert launcher.most_live == most
+    assert all(call["nproc"] == 2 for call in launcher.calls.values())
+
+
+def test_failures_are_named_after_the_others_finished(tmp_path, launcher):
+    launcher.fail = ("tab2/regional",)
+    runs = [*DISTINCT, _run("tab3/all_tasks_w_moe")]
+    lines = []
+    with pytest.raises(A.AblationError) as caught:
+        A.run_ablations([_run("tab2/regional"), *runs[2:], runs[0]], _settings(tmp_path, parallel=2),
+                        log=lines.append, progress=False, poll_seconds=0)
+    error = caught.value
+    assert list(error.failures) == ["tab2/regional"]
+    log_path = tmp_path / "runs" / "ablations" / "tab2" / "regional" / A.LOG_FILE
+    message = str(error)
+    assert "tab2/regional: exit code 1" in message and str(log_path) in message
+    assert "ValueError: the fake training broke" in message
+    # every other run finished and its result is there
+    assert set(error.results) == {run.name for run in runs} - {"tab2/regional"}
+    assert any(line == f"tab2/regional: FAILED, see {log_path}" for line in lines)
+    assert A.load_result(log_path.parent) is None
+    # A second attempt trains only the failed run.
+    launcher.fail = ()
+    launcher.launched.clear()
+    results = A.run_ablations(runs, _settings(tmp_path, parallel=2), log=None, progress=False, poll_seconds=0)
+    assert launcher.launched == ["tab2/regional"] and len(results) == len(runs)
+
+
+def test_a_failed_training_fails_the_runs_that_share_it(tmp_path, launcher):
+    launcher.fail = ("tab2/global_regional",)
+    with pytest.raises(A.AblationError) as caught:
+        A.run_ablations([_run("tab2/global_regional"), _run("tab3/all_tasks_w_moe"), _run("tab2/global")],
+                        _settings(tmp_path, parallel=2), log=None, progress=False, poll_seconds=0)
+    assert list(caught.value.failures) == ["tab2/global_regional", "tab3/all_tasks_w_moe"]
+    assert "its training is that of tab2/global_regional, which failed" in caught.value.failures["tab3/all_tasks_w_moe"]
+    assert launcher.launched.count("tab2/global_regional") == 1 and "tab3/all_tasks_w_moe" not in launcher.launched
+
+
+def test_failures_in_this_process_are_named_too(tmp_path, monkeypatch):
+    def broken(cfg, argv, threads):
+        if cfg.run.output_dir.endswith("global"):
+            raise ValueError("no data")
+        FakeTrainer()(cfg, argv)
+
+    monkeypatch.setattr(A, "_train_in_process", broken)
+    with pytest.raises(A.AblationError, match=r"tab2/global: ValueError: no data") as caught:
+        A.run_ablations([_run("tab2/global"), _run("tab2/regional")], _settings(tmp_path), log=None, progress=False)
+    assert list(caught.value.results) == ["tab2/regional"]
+
+
+def test_an_interrupt_is_passed_on_to_the_running_trainings(tmp_path, launcher, monkeypatch):
+    launcher.polls = 100
+    sleeps = []
+
+    def interrupt_on_the_third_look(seconds):
+        sleeps.append(seconds)
+        if len(sleeps) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(A.time, "sleep", interrupt_on_the_third_look)
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        A.run_ablations(DISTINCT, _settings(tmp_path, parallel=2), log=lines.append, progress=False)
+    assert sorted(launcher.processes) == ["tab2/global", "tab2/regional"]
+    assert all(p.signals == [signal.SIGINT] for p in launcher.processes.values())
+    assert "save a checkpoint" in lines[-1]
+
+
+def test_a_stopped_run_resumes_in_the_parallel_path(tmp_path, launcher):
+    settings = _settings(tmp_path, parallel=2)
+    run = _run("tab2/regional")
+    # an earlier attempt: its plan written, a checkpoint of iteration 5 and a log, no result
+    cfg = A.build_config(run, settings)
+    job = A._start(run, cfg, A.run_key(cfg, 1), settings)
+    checkpoint = job.folder / "checkpoints" / "iter_0000005"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "weights").write_text("kept")
+    lines = []
+    result = A.run_ablations([run], settings, log=lines.append, progress=False, poll_seconds=0)
+    assert lines[0].startswith("tab2/regional: resuming from iteration 5 of 16 iterations")
+    assert (checkpoint / "weights").read_text() == "kept" and launcher.launched == ["tab2/regional"]
+    assert result["tab2/regional"]["iterations"] == 16
+    # a folder of another configuration is not resumed: cleared, trained from the start
+    longer = _settings(tmp_path, parallel=2, iterations=32)
+    (job.folder / A.RESULT_FILE).unlink()
+    lines.clear()
+    A.run_ablations([run], longer, log=lines.append, progress=False, poll_seconds=0)
+    assert "another configuration" in lines[0] and lines[1].startswith("tab2/regional: training")
+    assert not checkpoint.exists()
+
+
+def test_parallel_default_and_gpus(tmp_path, launcher, monkeypatch):
+    monkeypatch.setattr(A.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(A, "_cuda_available", lambda: False)
+    assert A.resolve_parallel(_settings(tmp_path, parallel=None)) == 8
+    assert A.resolve_parallel(_settings(tmp_path, parallel=None, threads=3)) == 2
+    assert A.resolve_parallel(_settings(tmp_path, parallel=None), parallel=5) == 5
+    assert A.resolve_parallel(_settings(tmp_path, parallel=3)) == 3
+    monkeypatch.setattr(A.os, "cpu_count", lambda: 1)
+    assert A.resolve_parallel(_settings(tmp_path, parallel=None, threads=4)) == 1
+    with pytest.raises(ValueError, match="parallel"):
+        _settings(tmp_path, parallel=0)
+    # on CUDA one run per GPU, each run given its own
+    monkeypatch.setattr(A, "_visible_gpus", lambda: [4, 6])
+    cuda = _settings(tmp_path, parallel=None, device="cuda")
+    assert A.resolve_parallel(cuda) == 2
+    A.run_ablations(DISTINCT[:2], cuda, log=None, progress=False, poll_seconds=0)
+    assert sorted(call["devices"][0] for call in launcher.calls.values()) == [4, 6]
+    monkeypatch.undo()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")     # GPUs handed out are those this process may use
+    assert A._visible_gpus() == [2, 3]
+
+
+def test_progress_bars_follow_each_runs_log(tmp_path, launcher, monkeypatch):
+    import tqdm.auto
+
+    bars = []
+
+    class RecordingBar:
+        def __init__(self, total, initial, desc, position, **kwargs):
+            self.total, self.n, self.desc, self.position, self.closed = total, initial, desc, position, False
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    A.run_ablations(DISTINCT[:3], _settings(tmp_path, parallel=2), log=None, poll_seconds=0)
+    assert [bar.desc for bar in bars] == ["tab2/global", "tab2/regional", "tab2/global_regional"]
+    assert [bar.position for bar in bars] == [0, 1, 0]          # a free slot is reused
+    assert all(bar.closed and bar.total == 16 for bar in bars)
+    assert all(bar.n >= 1 for bar in bars)                      # the first logged iteration reached the bar
+
+
+def test_last_iteration_reads_the_end_of_a_growing_log(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert A._last_iteration(path) is None
+    records = [{"kind": "train", "iteration": i, "task": "x" * 300} for i in range(1, 60)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "train", "itera')   # torn last line
+    assert A._last_iteration(path) == 59
+    assert A._checkpoint_iteration(tmp_path) is None
+    for name in ("iter_0000004", "iter_0000012", "iter_tmp"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert A._checkpoint_iteration(tmp_path) == 12
+
+
+def test_noise_runs_train_the_baseline_at_each_seed(tmp_path, launcher):
+    settings = _settings(tmp_path, parallel=2, noise_seeds=(0, 1, 2))
+    noise = A.noise_runs(settings)
+    assert [run.name for run in noise] == ["tab2/global_regional", "tab2/global_regional@seed1",
+                                           "tab2/global_regional@seed2"]
+    configs = [A.build_config(run, settings) for run in noise]
+    assert [cfg.run.seed for cfg in configs] == [0, 1, 2]
+    assert configs[1].run.output_dir.endswith("tab2/global_regional@seed1")
+    # all else equal: the same config but for the seed and the folder
+    assert A.run_key(configs[0], 1) != A.run_key(configs[1], 1)
+    other = dataclasses.replace(configs[1].run, seed=0, output_dir=configs[0].run.output_dir)
+    assert other == configs[0].run
+    # plan_runs adds them once; another study seed makes the baseline's own seed a noise run too
+    runs = A.plan_runs({"tab2": ["Global", "Global + Regional"]}, settings)
+    assert [run.name for run in runs] == ["tab2/global", "tab2/global_regional", "tab2/global_regional@seed1",
+                                          "tab2/global_regional@seed2"]
+    seeded = A.noise_runs(_settings(tmp_path, seed=5, noise_seeds=(0, 1)))
+    assert [run.seed for run in seeded] == [0, 1]
+    assert A.noise_runs(_settings(tmp_path, noise_seeds=())) == []
+    with pytest.raises(ValueError, match="noise_seeds"):
+        _settings(tmp_path, noise_seeds=(1, 1))
+
+    launcher.top1 = 0.25
+    results = A.run_ablations(runs, settings, log=None, progress=False, poll_seconds=0)
+    assert [results[run.name]["seed"] for run in noise] == [0, 1, 2]
+    band = A.noise_band(results)
+    assert sorted(band.values) == [0, 1, 2] and band.spread[1] == 0.0 and band.widths[1] == A.NOISE_FLOOR
+    # the noise runs are not rows of a table, and not the full model of notebook 10
+    assert list(A.table_rows("tab2", results)) == ["Global", "Global + Regional"]
+    assert A.full_model_result(results)["run"] == "tab2/global_regional"
+
+
+@pytest.mark.slow
+def test_a_real_run_stopped_midway_resumes_from_its_checkpoint(synthetic_root, tmp_path, monkeypatch):
+    """A subprocess run (the parallel path) is stopped by SIGTERM after its first checkpoint: the trainer saves one
+    and exits, the runner names the run; run again, it continues from that checkpoint instead of starting over."""
+    settings = A.AblationSettings(run_dir=tmp_path, data_root=synthetic_root, data_profile="quick", iterations=8,
+                                  scale=(*A.QUICK_SCALE, "run.ckpt_every=1", "run.log_every=1"), threads=1,
+                                  parallel=2, noise_seeds=())
+    run = _run("tab3/single_task/classification")
+    folder = settings.root / run.name
+    real_launch = A._launch_training
+
+    class StoppedAfterTheFirstCheckpoint:
+        def __init__(self, process):
+            self.process = process
+            self.stopped = False
+
+        def poll(self):
+            code = self.process.poll()
+            if code is None and not self.stopped and A._checkpoint_iteration(folder) is not None:
+                self.process.send_signal(signal.SIGTERM)
+                self.stopped = True
+            return code
+
+        def __getattr__(self, name):
+            return getattr(self.process, name)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(A, "_launch_training", lambda *args: StoppedAfterTheFirstCheckpoint(real_launch(*args)))
+        with pytest.raises(A.AblationError, match=r"tab3/single_task/classification: exit code 143 \(stopped by "
+                                                  r"signal 15 after saving a checkpoint; run again to resume\)"):
+            A.run_ablations([run], settings, log=None, progress=False, poll_seconds=0.05)
+    first = json.loads((folder / "run_info.json").read_text())
+    stopped_at = first["end"]["iteration"]
+    assert first["end"]["status"] == "stopped" and 1 <= stopped_at < 8
+    assert A._checkpoint_iteration(folder) == stopped_at and A.load_result(folder) is None
+
+    lines = []
+    result = A.run_ablations([run], settings, log=lines.append, progress=False, poll_seconds=0.2)[run.name]
+    assert lines[0].startswith(f"{run.name}: resuming from iteration {stopped_at} of 8 iterations")
+    second = json.loads((folder / "run_info.json").read_text())
+    assert second["attempt"] == 2 and second["resumed_from_iteration"] == stopped_at    # resumed, not restarted
+    assert second["end"]["status"] == "finished" and second["end"]["iteration"] == 8
+    assert f"resuming from iteration {stopped_at}" in (folder / A.LOG_FILE).read_text()
+    assert result["iterations"] == 8 and 0.0 <= result["metrics"]["classification"]["top1"] <= 1.0
+    assert result["train_seconds"] > 0

