@@ -255,11 +255,13 @@ TAB5 = AblationTable(
 TABLES: dict[str, AblationTable] = {table.key: table for table in (TAB2, TAB3, TAB4, TAB5)}
 
 # Which rows each reproduction profile runs; a profile not listed runs every row of every table.
+_SHORT_PLAN = {
+    "tab2": ("Global", "Regional", "Global + Regional"),
+    "tab4": ("mixed", "unmixed", "unmixed + gather", "unmixed + gather + MT-AdamW"),
+}
 PROFILE_PLANS: dict[str, dict[str, tuple[str, ...]]] = {
-    "quick": {
-        "tab2": ("Global", "Regional", "Global + Regional"),
-        "tab4": ("mixed", "unmixed", "unmixed + gather", "unmixed + gather + MT-AdamW"),
-    },
+    "smoke": _SHORT_PLAN,
+    "quick": _SHORT_PLAN,
     # On one process: the full model is shared by Tab. 2 and 3, "unmixed + gather" by "unmixed", Tab. 4 runs 4
     # batches per iteration; plus the baseline at a second seed (AblationSettings.noise_seeds). Eight of these runs
     # took 4436 s on one CPU core at 400 batches each (measured 2026-11-29); the ImageNet backbone costs about

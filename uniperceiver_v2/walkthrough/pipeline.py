@@ -1,9 +1,11 @@
 """The reproduction pipeline: run the numbered notebook series with papermill for one profile and collect every
 notebook's results into one summary (the command line is ``python -m uniperceiver_v2.reproduce``).
 
-A *profile* is one set of parameters for the whole series (:data:`PROFILES`): ``quick`` runs everything on the
-small synthetic suite in minutes on a CPU, ``small`` trains the tiny model long enough to learn something,
-``paper`` is the ResNet-50 setting of the paper on real data. Each notebook declares its defaults in the cell
+A *profile* is one set of parameters for the whole series (:data:`PROFILES`): ``smoke`` runs everything on the
+smallest synthetic suite in a few minutes on a CPU (the test suite runs it: every cell executes, the numbers are
+placeholders), ``quick`` (``make reproduce``) trains the tiny model for a few minutes on the ``small`` suite so
+the figures show a model that works, ``small`` trains it for an hour, ``paper`` is the ResNet-50 setting of the
+paper on real data. Each notebook declares its defaults in the cell
 tagged ``parameters`` and receives only the profile parameters it declares there, plus ``run_dir`` (where the
 profile's checkpoints and logs live) and ``results_path`` (where it saves its results with
 :func:`save_results`). ``-p NAME VALUE`` on the command line overrides the profile's ``NAME`` for every selected
@@ -59,18 +61,33 @@ PARAMETERS_TAG = "parameters"
 
 # One dict per profile. Relative paths are resolved against the directory the command runs in.
 PROFILES: dict[str, dict[str, Any]] = {
-    "quick": {
-        "profile": "quick",
+    "smoke": {
+        "profile": "smoke",
         "data_profile": "quick",          # the synthetic suite's size; None = real data under data_root
         "data_root": "data/synthetic",
         "preset": "tiny",                 # uniperceiver_v2.config preset
         "iterations": 60,
         "backbone_iterations": 30,        # the backbone's pre-training before the run (notebook 06)
-        "ablation_iterations": None,      # notebook 09: batches per ablation run (None: its quick default, 16)
+        "ablation_iterations": None,      # notebook 09: batches per ablation run (None: its short default, 16)
         "nproc": 1,                       # processes (one per GPU with --gpus)
         "device": "auto",
         "seed": 0,
         "quick": True,                    # notebooks may shorten demonstrations (fewer samples, smaller grids)
+    },
+    # The default of ``make reproduce``: minutes of training on the small suite, enough for the notebooks' figures
+    # to show a model that classifies and detects (docs/benchmarks.md, "The quick profile").
+    "quick": {
+        "profile": "quick",
+        "data_profile": "small",
+        "data_root": "data/synthetic_small",
+        "preset": "tiny",
+        "iterations": 900,
+        "backbone_iterations": 300,
+        "ablation_iterations": None,
+        "nproc": 1,
+        "device": "auto",
+        "seed": 0,
+        "quick": True,
     },
     "small": {
         "profile": "small",
