@@ -124,3 +124,73 @@ def test_zero_shot_class_names_and_no_masks_without_segmentation():
     assert predicted[0]["boxes"].shape == (7, 4) and int(predicted[0]["labels"].max()) < len(unseen)
     results = to_coco_results(predicted, batch.image_ids, range(len(unseen)))
     assert all("segmentation" not in r for r in results)
+
+
+def _greedy_nms_reference(boxes_xyxy, scores, threshold):
+    """Plain-Python greedy NMS: visit by descending score, keep a box unless it overlaps a kept one above the
+    threshold."""
+    def iou(a, b):
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = w * h
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+        return inter / union
+    kept = []
+    for i in sorted(range(len(scores)), key=lambda k: -scores[k]):
+        if all(iou(boxes_xyxy[i], boxes_xyxy[j]) <= threshold for j in kept):
+            kept.append(i)
+    return set(kept)
+
+
+def test_suppress_duplicates_matches_greedy_nms():
+    from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy
+    from uniperceiver_v2.tasks.detection import suppress_duplicates
+
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.rand(2, 12, 2, generator=generator) * 0.6 + 0.2
+    sizes = torch.rand(2, 12, 2, generator=generator) * 0.3 + 0.05
+    boxes = torch.cat([centres, sizes], -1)
+    boxes[:, 6:] = boxes[:, :6] + 0.01 * torch.randn(2, 6, 4, generator=generator)       # near-duplicates
+    objectness = torch.rand(2, 12, generator=generator)
+    for threshold in (0.3, 0.5, 0.7):
+        out = suppress_duplicates(boxes, objectness, threshold)
+        for b in range(2):
+            expected = _greedy_nms_reference(box_cxcywh_to_xyxy(boxes[b]).tolist(), objectness[b].tolist(), threshold)
+            kept = set(torch.nonzero(out[b]).flatten().tolist())
+            assert kept == expected, (threshold, b)
+            assert torch.equal(out[b, sorted(kept)], objectness[b, sorted(kept)])       # kept scores unchanged
+            assert len(kept) < 12                                                       # the duplicates went
+
+
+def test_nms_threshold_in_detect_and_config(monkeypatch):
+    from uniperceiver_v2.config import ConfigError, load_config
+    from uniperceiver_v2.modeling.box_ops import box_iou
+
+    model = tiny_model().eval()
+    encode = model.encode_images
+
+    def with_a_duplicate(*args, **kwargs):
+        image = encode(*args, **kwargs)
+        best = image.objectness.argmax(dim=1)                                 # (B,)
+        other = (best + 1) % image.objectness.shape[1]
+        for b in range(image.boxes.shape[0]):                                 # a copy of the best proposal, scored lower
+            image.boxes[b, other[b]] = image.boxes[b, best[b]]
+            image.objectness[b, other[b]] = image.objectness[b, best[b]] - 0.1
+        return image
+
+    monkeypatch.setattr(model, "encode_images", with_a_duplicate)
+    batch = DetectionTask(model.config.tasks.detection, NAMES).collate(detection_samples(1))
+    results = {}
+    for threshold in (0.0, 0.5):
+        task = DetectionTask(replace(model.config.tasks.detection, nms_threshold=threshold, max_detections=400), NAMES)
+        torch.manual_seed(0)
+        results[threshold] = task.detect(model, batch.images, batch.padding_mask, batch.orig_sizes, NAMES)[0]
+
+    before, after = ((results[t]["scores"] > 0).sum().item() for t in (0.0, 0.5))
+    kept = model.config.image_encoder.topk_queries                            # O proposals, each with C names
+    assert before == kept * len(NAMES) and after == before - len(NAMES)     # the duplicate's C detections went
+    distinct = torch.unique(results[0.5]["boxes"][results[0.5]["scores"] > 0], dim=0)
+    assert (box_iou(distinct, distinct) - torch.eye(len(distinct))).max() <= 0.5 + 1e-6
+    assert results[0.5]["scores"][0] == pytest.approx(results[0.0]["scores"][0].item())   # the best one stays
+    with pytest.raises(ConfigError, match="tasks.detection.nms_threshold"):
+        load_config("tiny", ["tasks.detection.nms_threshold=1.5"])

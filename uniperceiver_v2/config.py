@@ -188,6 +188,10 @@ class DetectionTaskConfig(TaskConfig):
     # sets the share the class-name loss gets: at 1 the proposal losses make ~95 % of the gradient's norm and the
     # regional tokens learn their names slowly (docs/benchmarks.md, "Why detection names its objects slowly").
     proposal_loss_weight: float = 1.0
+    # Non-maximum suppression of the kept proposals by objectness before scoring (class-agnostic, IoU above this
+    # suppresses): 0 = none, as the paper (one-to-one matching teaches the objectness to score duplicates low,
+    # which takes far longer than a CPU run trains; docs/benchmarks.md, "Duplicates and NMS").
+    nms_threshold: float = 0.0
 
 
 @dataclass
@@ -552,6 +556,8 @@ def validate(cfg: Config) -> None:
     _require(ie.topk_queries <= ie.num_queries, "image_encoder.topk_queries",
              f"{ie.topk_queries} > image_encoder.num_queries={ie.num_queries}")
     _require(ie.num_global_pools >= 0, "image_encoder.num_global_pools", "must be >= 0")
+    _require(0.0 <= cfg.tasks.detection.nms_threshold <= 1.0, "tasks.detection.nms_threshold",
+             "must be in [0, 1] (0 = no suppression)")
     _require(cfg.tasks.detection.proposal_loss_weight > 0, "tasks.detection.proposal_loss_weight",
              "must be > 0 (the proposal network learns its boxes and masks only from these losses)")
     _require(ie.mask_pooling in MASK_POOLINGS, "image_encoder.mask_pooling",

@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
+from torchvision.ops import nms
 
 from uniperceiver_v2.data.collate import collate_detection
 from uniperceiver_v2.data.samples import DetectionSample
@@ -43,7 +44,8 @@ from uniperceiver_v2.modeling.image_encoder import ImageEncoderOutput, postproce
 from uniperceiver_v2.tasks.base import Task
 from uniperceiver_v2.tasks.losses import IGNORE_INDEX, unified_loss
 
-__all__ = ["IOU_THRESHOLD", "DetectionTask", "DetectionTaskBatch", "assign_proposal_labels", "to_coco_results"]
+__all__ = ["IOU_THRESHOLD", "DetectionTask", "DetectionTaskBatch", "assign_proposal_labels", "suppress_duplicates",
+           "to_coco_results"]
 
 IOU_THRESHOLD = 0.5
 
@@ -103,6 +105,24 @@ def assign_proposal_labels(proposal_boxes: torch.Tensor, gt_boxes: torch.Tensor,
     overlapping = best_proposal_iou > 0
     labels[best_proposal[overlapping]] = gt_labels[overlapping]
     return labels
+
+
+def suppress_duplicates(boxes: torch.Tensor, objectness: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Class-agnostic non-maximum suppression of proposals (``tasks.detection.nms_threshold``).
+
+    Args:
+        boxes: (B, O, 4) cxcywh; objectness: (B, O) probabilities; iou_threshold: a proposal overlapping a
+            higher-scoring one with IoU above it is suppressed.
+
+    Returns:
+        (B, O) objectness with the suppressed proposals' set to 0 (they drop to the bottom of the ranking).
+    """
+    kept = torch.zeros_like(objectness)
+    xyxy = box_cxcywh_to_xyxy(boxes.float())
+    for b in range(boxes.shape[0]):
+        keep = nms(xyxy[b], objectness[b].float(), iou_threshold)
+        kept[b, keep] = objectness[b, keep]
+    return kept
 
 
 def to_coco_results(predictions: Sequence[dict], image_ids: Sequence[int], category_ids: Sequence[int]
@@ -233,7 +253,10 @@ class DetectionTask(Task):
         image = model.encode_images(images, padding_mask)
         logits, _ = self.region_logits(model, image, class_names)
         num_classes = logits.shape[-1]
-        scores = image.objectness.sigmoid()[..., None] * logits.softmax(dim=-1)               # (B, O, C)
+        objectness = image.objectness.sigmoid()                                               # (B, O)
+        if self.config.nms_threshold > 0:
+            objectness = suppress_duplicates(image.boxes, objectness, self.config.nms_threshold)
+        scores = objectness[..., None] * logits.softmax(dim=-1)                               # (B, O, C)
         top_scores, flat = scores.flatten(1).topk(min(self.config.max_detections, scores[0].numel()), dim=1)
         proposal = torch.div(flat, num_classes, rounding_mode="floor")                        # (B, K)
         labels = flat % num_classes
