@@ -173,7 +173,7 @@ def test_nms_threshold_in_detect_and_config(monkeypatch):
         image = encode(*args, **kwargs)
         best = image.objectness.argmax(dim=1)                                 # (B,)
         other = (best + 1) % image.objectness.shape[1]
-        for b in range(image.boxes.shape[0]):                                 # a copy of the best proposal, scored lower
+        for b in range(image.boxes.shape[0]):   # copy the best proposal, score it lower
             image.boxes[b, other[b]] = image.boxes[b, best[b]]
             image.objectness[b, other[b]] = image.objectness[b, best[b]] - 0.1
         return image
