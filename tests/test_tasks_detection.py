@@ -39,7 +39,8 @@ def test_loss_adds_the_region_proposal_losses_and_decreases_when_overfitting():
     assert out["loss_rpn"].item() == pytest.approx(sum(v.item() for v in rpn.values()), rel=1e-5)
     weight = model.config.tasks.detection.loss_weight
     assert out["loss"].item() == pytest.approx(
-        weight * (out["loss_cls"] + out["loss_rpn"] + out["loss_moe_aux"]).item(), rel=1e-6)
+        weight * (out["loss_cls"] + model.config.tasks.detection.proposal_loss_weight * out["loss_rpn"]
+                  + out["loss_moe_aux"]).item(), rel=1e-6)
     losses = overfit(model, task, batch, steps=12, lr=3e-4)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
@@ -191,6 +192,7 @@ def test_nms_threshold_in_detect_and_config(monkeypatch):
     assert before == kept * len(NAMES) and after == before - len(NAMES)     # the duplicate's C detections went
     distinct = torch.unique(results[0.5]["boxes"][results[0.5]["scores"] > 0], dim=0)
     assert (box_iou(distinct, distinct) - torch.eye(len(distinct))).max() <= 0.5 + 1e-6
-    assert results[0.5]["scores"][0] == pytest.approx(results[0.0]["scores"][0].item())   # the best one stays
+    kept_scores = results[0.5]["scores"][results[0.5]["scores"] > 0]
+    assert torch.isin(kept_scores, results[0.0]["scores"]).all()            # survivors keep their scores
     with pytest.raises(ConfigError, match="tasks.detection.nms_threshold"):
         load_config("tiny", ["tasks.detection.nms_threshold=1.5"])

@@ -81,7 +81,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data_profile": "small",
         "data_root": "data/synthetic_small",
         "preset": "tiny",
-        "iterations": 900,
+        "iterations": 1000,
         "backbone_iterations": 300,
         "ablation_iterations": None,
         "nproc": 1,
@@ -94,7 +94,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data_profile": "small",
         "data_root": "data/synthetic_small",   # its own folder: switching profiles must not regenerate
         "preset": "tiny",
-        "iterations": 2000,               # with the backbone's pre-training, about an hour on 2 CPU cores
+        "iterations": 4000,               # with the backbone's pre-training, about an hour on one CPU core
         "backbone_iterations": 800,
         "ablation_iterations": 400,       # notebook 09: batches per ablation run (9 runs)
         "nproc": 1,
