@@ -96,7 +96,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "preset": "tiny",
         "iterations": 4000,               # with the backbone's pre-training, about an hour on one CPU core
         "backbone_iterations": 800,
-        "ablation_iterations": 400,       # notebook 09: batches per ablation run (9 runs)
+        "ablation_iterations": 400,       # notebook 09: batches per ablation run (rows: ablations.PROFILE_PLANS)
         "nproc": 1,
         "device": "auto",
         "seed": 0,
