@@ -73,3 +73,35 @@ def test_main_prints_both_rates(model_and_config, monkeypatch, capsys, synthetic
     assert "found (a proposal with IoU >= 0.5)" in out and "named right" in out and "chance naming" in out
     with pytest.raises(SystemExit):
         naming.main(["--checkpoint", "x", "--images", "0"])
+
+
+def test_gradient_split_matches_a_direct_computation(model_and_config):
+    """``gradient_split`` with one batch: the class-name norm over all parameters equals the norm of the gradient
+    of loss_cls computed directly, the groups add up, and the share follows the proposal-loss weight."""
+    from dataclasses import replace
+
+    from uniperceiver_v2.engine.data_setup import build_task_dataset
+    from uniperceiver_v2.tasks.detection import DetectionTask
+
+    model, cfg = model_and_config
+    norms = naming.gradient_split(model, cfg, split="train", batches=1, batch_size=2)
+    for key in ("loss_cls", "loss_rpn"):
+        groups = sum(norms[key][g] ** 2 for g in naming.GRADIENT_GROUPS)
+        assert norms[key]["all"] ** 2 == pytest.approx(groups, rel=1e-5)
+        assert norms[key]["all"] > 0
+    assert norms["loss_rpn"]["unified decoder"] == 0                   # the proposal losses never reach g
+    dataset = build_task_dataset(cfg, "detection", "train", train=False)
+    task = DetectionTask.from_dataset(cfg.tasks.detection, dataset)
+    model.train()
+    torch.manual_seed(0)
+    out = task.loss(model, task.collate([dataset[0], dataset[1]]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out["loss_cls"], params, allow_unused=True)
+    direct = torch.sqrt(sum(g.float().square().sum() for g in grads if g is not None)).item()
+    model.eval()
+    assert norms["loss_cls"]["all"] == pytest.approx(direct, rel=1e-4)
+    heavy = replace(cfg, tasks=replace(cfg.tasks, detection=replace(cfg.tasks.detection, proposal_loss_weight=1.0)))
+    light = replace(cfg, tasks=replace(cfg.tasks, detection=replace(cfg.tasks.detection, proposal_loss_weight=0.01)))
+    share = {w: naming.gradient_split(model, c, split="train", batches=1, batch_size=2)["weighted_rpn_share"]
+             for w, c in ((1.0, heavy), (0.01, light))}
+    assert 0 < share[0.01] < share[1.0] <= 1

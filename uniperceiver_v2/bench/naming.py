@@ -8,6 +8,9 @@ benchmark separates them on the first ``--images`` scenes of a split. For every 
   category names of the v2 eq. (6) logits, the ones detection scores with)?
 
 and prints the two rates with the most frequent confusions (true -> predicted). Chance naming is 1 / C.
+``--gradients N`` adds the norms of the gradients of the class-name loss and of the proposal losses over N
+training batches, per parameter group: MT-AdamW normalises the task's gradient as a whole, so their ratio is the
+share of a detection step that goes to naming.
 
     python -m uniperceiver_v2.bench naming --checkpoint runs/small/train --split val --images 120 \\
         data.root=data/synthetic_small
@@ -71,6 +74,59 @@ def naming_rates(model, cfg, split: str, images: int, batch_size: int = 4, iou: 
                         confusions=confusions)
 
 
+def _group(name: str) -> str:
+    if name.startswith("image_encoder.backbone"):
+        return "backbone"
+    if name.startswith("image_encoder.region_proposals"):
+        return "proposal network"
+    if name.startswith("decoder"):
+        return "unified decoder"
+    return "other"
+
+
+GRADIENT_GROUPS = ("backbone", "proposal network", "unified decoder", "other")
+
+
+def gradient_split(model, cfg, split: str = "train", batches: int = 4, batch_size: int = 4, seed: int = 0
+                   ) -> dict[str, dict[str, float]]:
+    """Norms of the gradients of the detection task's class-name loss and of its proposal losses, per parameter
+    group: what MT-AdamW's normalisation of the whole task gradient divides between the two.
+
+    Returns:
+        ``{"loss_cls": {group: norm, ..., "all": norm}, "loss_rpn": {...}, "weighted_rpn_share": s}`` with norms
+        root-mean-square over ``batches`` training batches (the model in training mode, augmentation off), and
+        ``s`` the proposal losses' share of the norm of the task's gradient as the preset weights them
+        (``tasks.detection.proposal_loss_weight``), assuming the two parts orthogonal.
+    """
+    import torch
+
+    from uniperceiver_v2.engine.data_setup import build_task_dataset
+    from uniperceiver_v2.tasks import TASKS
+
+    torch.manual_seed(seed)
+    dataset = build_task_dataset(cfg, "detection", split, train=False)
+    task = TASKS["detection"].from_dataset(cfg.tasks.detection, dataset)
+    was_training = model.training
+    model.train()
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    squares = {key: dict.fromkeys((*GRADIENT_GROUPS, "all"), 0.0) for key in ("loss_cls", "loss_rpn")}
+    for b in range(batches):
+        batch = task.collate([dataset[i] for i in range(b * batch_size, (b + 1) * batch_size)])
+        out = task.loss(model, batch)
+        for key in ("loss_cls", "loss_rpn"):
+            grads = torch.autograd.grad(out[key], [p for _, p in params], retain_graph=True, allow_unused=True)
+            for (name, _), grad in zip(params, grads):
+                if grad is not None:
+                    value = grad.float().square().sum().item()
+                    squares[key][_group(name)] += value
+                    squares[key]["all"] += value
+    model.train(was_training)
+    norms = {key: {g: (v / batches) ** 0.5 for g, v in groups.items()} for key, groups in squares.items()}
+    rpn = cfg.tasks.detection.proposal_loss_weight * norms["loss_rpn"]["all"]
+    norms["weighted_rpn_share"] = rpn / max((rpn ** 2 + norms["loss_cls"]["all"] ** 2) ** 0.5, 1e-12)
+    return norms
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m uniperceiver_v2.bench naming", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="val", help="data split (default val)")
     parser.add_argument("--images", type=int, default=120, help="scenes to look at (default 120)")
     parser.add_argument("--top", type=int, default=8, help="confusions to list (default 8)")
+    parser.add_argument("--gradients", type=int, default=0, metavar="BATCHES",
+                        help="also print the gradient norms of the class-name and proposal losses over this many "
+                             "training batches (default 0: no)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. data.root=...")
     args = parser.parse_args(argv)
     if args.images < 1:
@@ -99,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         listed = ", ".join(f"{true} -> {predicted} ({n})" for (true, predicted), n in
                            result["confusions"].most_common(args.top))
         print(f"most frequent confusions: {listed}")
+    if args.gradients:
+        norms = gradient_split(model, cfg, batches=args.gradients)
+        print(f"gradient norms over {args.gradients} training batches (root-mean-square), per parameter group:")
+        for key in ("loss_cls", "loss_rpn"):
+            print(f"  {key}: " + ", ".join(f"{g} {norms[key][g]:.3f}" for g in (*GRADIENT_GROUPS, "all")))
+        print(f"  proposal losses' share of the task gradient at proposal_loss_weight="
+              f"{cfg.tasks.detection.proposal_loss_weight:g}: {norms['weighted_rpn_share']:.3f}")
     return 0
 
 
