@@ -66,7 +66,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data_profile": "quick",          # the synthetic suite's size; None = real data under data_root
         "data_root": "data/synthetic",
         "preset": "tiny",                 # uniperceiver_v2.config preset
-        "iterations": 60,
+        "iterations": 60,                 # the generalist's training (notebook 06)
+        "rpn_iterations": 60,             # notebook 01's training of the proposal network alone
         "backbone_iterations": 30,        # the backbone's pre-training before the run (notebook 06)
         "ablation_iterations": None,      # notebook 09: batches per ablation run (None: its short default, 16)
         "nproc": 1,                       # processes (one per GPU with --gpus)
@@ -82,6 +83,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data_root": "data/synthetic_small",
         "preset": "tiny",
         "iterations": 1000,
+        "rpn_iterations": 300,
         "backbone_iterations": 300,
         "ablation_iterations": None,
         "nproc": 1,
@@ -95,6 +97,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data_root": "data/synthetic_small",   # its own folder: switching profiles must not regenerate
         "preset": "tiny",
         "iterations": 4000,               # with the backbone's pre-training, about an hour on one CPU core
+        "rpn_iterations": 2000,
         "backbone_iterations": 800,
         "ablation_iterations": 400,       # notebook 09: batches per ablation run (rows: ablations.PROFILE_PLANS)
         "nproc": 1,
@@ -108,6 +111,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data_root": "data/real",
         "preset": "r50",
         "iterations": 150_000,            # Sec. 5.2: R50, 150k iterations on 16 GPUs
+        "rpn_iterations": 150_000,
         "backbone_iterations": 0,         # bring ImageNet weights: image_encoder.backbone_weights in the config
         "ablation_iterations": 150_000,   # the paper's ablations train as long as its R50 model
         "nproc": 16,
