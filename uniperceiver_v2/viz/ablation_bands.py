@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from .base import _figure
+from .tables import finish_bar_axes, label_bar
 
 __all__ = ["VERDICT_COLORS", "plot_ablation_band"]
 
@@ -93,21 +94,13 @@ def plot_ablation_band(columns: Sequence[str], ours: Mapping[str, Sequence[Value
                 used.add(verdict)
                 color = VERDICT_COLORS.get(verdict, VERDICT_COLORS[None])
             ax.bar(position, value, width=0.7, color=color, edgecolor="black", linewidth=0.4)
-            above = value >= 0
-            ax.annotate(f"{value:.1f}", (position, value), ha="center", fontsize=6, va="bottom" if above else "top",
-                        xytext=(0, 1 if above else -1), textcoords="offset points")
+            label_bar(ax, position, value, f"{value:.1f}")
             drawn.append(value)
             gap = paper_gaps.get((label, index))
             if base is not None and gap is not None and label != reference:
                 ax.plot([position - 0.3, position + 0.3], [base + gap] * 2, color=PAPER_MARKER_COLOR, linewidth=1.4)
                 drawn.append(base + gap)
-        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
-        ax.set_xlim(-0.5, len(labels) - 0.5)
-        low, high = min(drawn), max(drawn)
-        pad = 0.12 * (high - low) or 1.0
-        ax.set_ylim(low - (pad if low < 0 else 0.0), high + pad)
-        ax.axhline(0.0, color="black", linewidth=0.6)
-        ax.grid(axis="y", alpha=0.3)
+        finish_bar_axes(ax, labels, drawn)
         ax.set_title(column, fontsize=9)
         if index == 0:
             ax.set_ylabel("ours [%]")

@@ -67,12 +67,23 @@ def grouped_bars(ax: Axes, categories: Sequence[str], series: Mapping[str, Seque
             text = value_format.format(value)
             if text.startswith("-") and float(text) == 0.0:   # "-0.0" for a tiny negative value
                 text = text[1:]
-            ax.annotate(text, (position, value), ha="center", fontsize=6, va="bottom" if value >= 0 else "top",
-                        xytext=(0, 1 if value >= 0 else -1), textcoords="offset points")
-    ax.set_xticks(x, categories, rotation=30, ha="right", fontsize=7)
+            label_bar(ax, position, value, text)
+    finish_bar_axes(ax, categories, drawn_values)
+
+
+def label_bar(ax, position: float, value: float, text: str) -> None:
+    """Write ``text`` just beyond the end of the bar at ``position`` (above a positive bar, below a negative one)."""
+    above = value >= 0
+    ax.annotate(text, (position, value), ha="center", fontsize=6, va="bottom" if above else "top",
+                xytext=(0, 1 if above else -1), textcoords="offset points")
+
+
+def finish_bar_axes(ax, categories: Sequence[str], values: Sequence[float]) -> None:
+    """Tick labels, a zero line, a grid, and room for the value labels beyond the highest and lowest of ``values``
+    (bars pin autoscaling at 0)."""
+    ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right", fontsize=7)
     ax.set_xlim(-0.5, len(categories) - 0.5)
-    # Room for the value labels beyond the highest and lowest bar (bars pin autoscaling at 0).
-    low, high = min(drawn_values), max(drawn_values)
+    low, high = min(values), max(values)
     pad = 0.12 * (high - low) or 1.0
     ax.set_ylim(low - (pad if low < 0 else 0.0), high + pad)
     ax.axhline(0.0, color="black", linewidth=0.6)
