@@ -96,7 +96,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data_profile": "small",
         "data_root": "data/synthetic_small",   # its own folder: switching profiles must not regenerate
         "preset": "tiny",
-        "iterations": 4000,               # with the backbone's pre-training, about an hour on one CPU core
+        "iterations": 5000,               # with the backbone's pre-training, about an hour on one CPU core
         "rpn_iterations": 2000,
         "backbone_iterations": 800,
         "ablation_iterations": 400,       # notebook 09: batches per ablation run (rows: ablations.PROFILE_PLANS)
