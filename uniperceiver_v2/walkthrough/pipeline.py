@@ -70,6 +70,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "rpn_iterations": 60,             # notebook 01's training of the proposal network alone
         "backbone_iterations": 30,        # the backbone's pre-training before the run (notebook 06)
         "ablation_iterations": None,      # notebook 09: batches per ablation run (None: its short default, 16)
+        "ablation_data_root": None,       # notebook 09's data (None: data_root / data_profile)
+        "ablation_data_profile": None,
         "nproc": 1,                       # processes (one per GPU with --gpus)
         "device": "auto",
         "seed": 0,
@@ -86,6 +88,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "rpn_iterations": 300,
         "backbone_iterations": 300,
         "ablation_iterations": None,
+        # its placeholder ablation runs train and evaluate on the quick suite: on the small one, evaluating eight
+        # runs' 500 validation scenes would take longer than the rest of the profile
+        "ablation_data_root": "data/synthetic",
+        "ablation_data_profile": "quick",
         "nproc": 1,
         "device": "auto",
         "seed": 0,
@@ -100,6 +106,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "rpn_iterations": 2000,
         "backbone_iterations": 800,
         "ablation_iterations": 400,       # notebook 09: batches per ablation run (rows: ablations.PROFILE_PLANS)
+        "ablation_data_root": None,
+        "ablation_data_profile": None,
         "nproc": 1,
         "device": "auto",
         "seed": 0,
@@ -114,13 +122,15 @@ PROFILES: dict[str, dict[str, Any]] = {
         "rpn_iterations": 150_000,
         "backbone_iterations": 0,         # bring ImageNet weights: image_encoder.backbone_weights in the config
         "ablation_iterations": 150_000,   # the paper's ablations train as long as its R50 model
+        "ablation_data_root": None,
+        "ablation_data_profile": None,
         "nproc": 16,
         "device": "cuda",
         "seed": 0,
         "quick": False,
     },
 }
-PATH_PARAMETERS = ("data_root", "run_dir", "results_path")
+PATH_PARAMETERS = ("data_root", "ablation_data_root", "run_dir", "results_path")
 # Parameters the runner sets itself, and the option that sets each: ``-p`` may not.
 RUNNER_PARAMETERS = {"profile": "--profile", "run_dir": "--out", "results_path": "--out"}
 
