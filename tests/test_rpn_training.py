@@ -66,7 +66,10 @@ def test_region_proposal_network_learns_on_synthetic_scenes():
     cfg = dataclasses.replace(
         get_preset("tiny").image_encoder, backbone_channels=[16, 32, 64, 64], hidden_dim=32, enc_layers=1,
         dec_layers=2, dim_feedforward=64, nheads=4, num_queries=20, topk_queries=10, dn_num_queries=12,
-        mask_points=256, use_global=False)
+        mask_points=256, use_global=False,
+        # the proposal losses do not see the regional tokens; the paper's fusion keeps the parameter count (and
+        # with it the random stream this seeded test was written against) of v2 eq. (2) as written
+        mask_pooling="image", region_appearance_size=0)
     images, targets = render_scenes(16, seed=0)
     model = ImageEncoder(cfg).train()
     untrained = recall_at_50(model, images, targets)

@@ -266,11 +266,17 @@ def test_boxes_to_pixels():
 
 # -- eq. (2) ------------------------------------------------------------------------------------------------------
 def test_fusion_gradients_skip_box_mask_and_objectness_parts():
-    encoder = micro_encoder().eval()
+    encoder = micro_encoder(mask_pooling="image", region_appearance_size=0).eval()     # v2 eq. (2) as written
     norms = fusion_gradient_norms(encoder, torch.randn(1, 3, 64, 64))
     # Only through q^sem: the box, mask and objectness heads produce detached or top-k-selected values.
     for part in ("box_head", "mask_head", "objectness_head", "enc_output", "enc_output_norm"):
         assert norms[f"region_proposals.{part}"] == 0.0, part
+    # With the appearance term (the tiny preset) the mask head's per-pixel embedding is read by the tokens, so it
+    # gets a gradient; the other heads still get none.
+    appearance = fusion_gradient_norms(micro_encoder(region_appearance_size=2).eval(), torch.randn(1, 3, 64, 64))
+    assert appearance["region_proposals.mask_head"] > 0.0
+    for part in ("box_head", "objectness_head", "enc_output", "enc_output_norm"):
+        assert appearance[f"region_proposals.{part}"] == 0.0, part
     assert norms["global_representations"] == 0.0                 # the global tokens are not in the loss
     for part in ("region_proposals.fusion", "region_proposals.decoder", "region_proposals.encoder",
                  "region_proposals.query_embed", "backbone"):
