@@ -39,7 +39,7 @@ from torchvision.ops import roi_align
 
 from uniperceiver_v2.config import ImageEncoderConfig
 from uniperceiver_v2.modeling.backbone import group_norm
-from uniperceiver_v2.modeling.box_ops import inverse_sigmoid
+from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy, inverse_sigmoid
 from uniperceiver_v2.modeling.deformable_transformer import MLP, DeformableDecoder, DeformableEncoder, flatten_levels
 from uniperceiver_v2.modeling.denoising import DenoisingQueries, build_denoising_queries
 from uniperceiver_v2.modeling.mask_head import MaskHead
@@ -133,9 +133,7 @@ class ProposalFusion(nn.Module):
     def roi_boxes(boxes: torch.Tensor, valid_sizes: list[tuple[int, int]]) -> torch.Tensor:
         """boxes (B, O, 4) cxcywh normalised to the unpadded image -> (B * O, 4) xyxy in cells of the stride-4 map."""
         scale = boxes.new_tensor([[w, h, w, h] for h, w in valid_sizes])                 # (B, 4)
-        center, size = boxes[..., :2], boxes[..., 2:]
-        xyxy = torch.cat([center - size / 2, center + size / 2], dim=-1) * scale[:, None]
-        return xyxy.flatten(0, 1)
+        return (box_cxcywh_to_xyxy(boxes) * scale[:, None]).flatten(0, 1)
 
     def pool_masks_in_boxes(self, masks: torch.Tensor, boxes: torch.Tensor,
                             valid_sizes: list[tuple[int, int]]) -> torch.Tensor:
