@@ -1,6 +1,8 @@
-"""The data ceiling benchmark: claims parsed from grammar captions, the attribute oracle's scores and the retrieval
-and captioning numbers it reports (`python -m uniperceiver_v2.bench ceiling`)."""
+"""The data ceiling benchmark: claims parsed from grammar captions, the attribute oracle's scores, the retrieval
+and captioning numbers it reports and the masked-language-modelling context-count predictor
+(`python -m uniperceiver_v2.bench ceiling`)."""
 
+import io
 import json
 import math
 
@@ -9,7 +11,16 @@ import pytest
 import torch
 
 from uniperceiver_v2.bench import available_benchmarks, ceiling
-from uniperceiver_v2.bench.ceiling import Claim, SceneAttributes, parse_claims, score_matrix, tie_broken
+from uniperceiver_v2.bench.ceiling import (
+    MASKED,
+    Claim,
+    ContextCounts,
+    SceneAttributes,
+    parse_claims,
+    score_masked,
+    score_matrix,
+    tie_broken,
+)
 from uniperceiver_v2.data.summary import DataError
 from uniperceiver_v2.metrics.retrieval import retrieval_recall
 
@@ -102,6 +113,60 @@ def test_chance_recall():
     assert chance["i2t_R@1"] == pytest.approx(0.5)
 
 
+# ------------------------------------------------------------------------------------------------ masked words
+SPECIAL = ("[CLS]", "[SEP]")
+
+
+def _sentences(*texts):
+    return [text.split() for text in texts]
+
+
+def _mask_each_word(sentence):
+    """One copy of ``sentence`` per word, that word masked (never [CLS] / [SEP])."""
+    return [[j == i for j in range(len(sentence))] for i in range(1, len(sentence) - 1)]
+
+
+def test_context_count_predictor_is_exact_where_the_context_determines_the_word():
+    train = _sentences("[CLS] a red circle on stripes [SEP]", "[CLS] a blue square on dots [SEP]",
+                       "[CLS] one green star [SEP]") * 3
+    counts = ContextCounts(train, SPECIAL)
+    sequences = [sentence for sentence in train[:3] for _ in range(len(sentence) - 2)]
+    masked = [flags for sentence in train[:3] for flags in _mask_each_word(sentence)]
+    result = score_masked(counts, sequences, masked)
+    assert result["accuracy"] == 1.0 and result["masked"] == 5 + 5 + 3
+    assert result["backoff"] == {"l2 l1 _ r1 r2": 13, "l1 _ r1": 0, "l1 _": 0, "_ r1": 0, "most frequent": 0}
+
+
+def test_context_count_predictor_majority_ties_and_backoff():
+    train = _sentences(*["[CLS] x green y [SEP]"] * 3, "[CLS] x pink y [SEP]",
+                       "[CLS] p teal q [SEP]", "[CLS] p gold q [SEP]", "[CLS] gold [SEP]", "[CLS] y [SEP]")
+    counts = ContextCounts(train, SPECIAL)
+    assert counts.overall["y"] == 5 and "[CLS]" not in counts.overall and counts.most_frequent == "y"
+    # x _ y: green 3 times, pink once -> green; p _ q: teal and gold once each -> gold, twice in the whole corpus
+    # (teal was seen first: the tie is not broken by order).
+    assert counts.predict("[CLS] x ? y [SEP]".split(), 2) == ("green", "l2 l1 _ r1 r2")
+    assert counts.predict("[CLS] p ? q [SEP]".split(), 2) == ("gold", "l2 l1 _ r1 r2")
+    # Unseen contexts back off: (l1, r1), then (l1,), then (r1,).
+    assert counts.predict("[CLS] w x ? y [SEP]".split(), 3) == ("green", "l1 _ r1")
+    assert counts.predict("[CLS] p ? y [SEP]".split(), 2) == ("gold", "l1 _")
+    assert counts.predict("[CLS] k ? q [SEP]".split(), 2) == ("gold", "_ r1")
+    # A masked neighbour matches no training context: green with y masked backs off to (x _); y with green masked
+    # to (_ [SEP]); green between two masked words to the most frequent token.
+    assert counts.predict(["[CLS]", "x", MASKED, MASKED, "[SEP]"], 2) == ("green", "l1 _")
+    assert counts.predict(["[CLS]", "x", MASKED, MASKED, "[SEP]"], 3) == ("y", "_ r1")
+    assert counts.predict(["[CLS]", MASKED, MASKED, MASKED, "[SEP]"], 2) == ("y", "most frequent")
+    # score_masked reads the masked flags as MASKED and counts every level.
+    sequences = _sentences("[CLS] x green y [SEP]", "[CLS] x pink y [SEP]", "[CLS] x green y [SEP]",
+                           "[CLS] x green y [SEP]")
+    masked = [[False, False, True, False, False], [False, False, True, False, False],
+              [False, False, True, True, False], [False, True, True, True, False]]
+    result = score_masked(counts, sequences, masked)
+    # Predicted: green; green (pink masked: wrong); green (x _), y (_ [SEP]); x ([CLS] _), y (most frequent: wrong,
+    # green), y (_ [SEP]) -> 5 of 7 right.
+    assert result["masked"] == 7 and result["accuracy"] == pytest.approx(5 / 7)
+    assert result["backoff"] == {"l2 l1 _ r1 r2": 2, "l1 _ r1": 0, "l1 _": 2, "_ r1": 2, "most frequent": 1}
+
+
 # ------------------------------------------------------------------------------------------------ quick suite
 def test_quick_suite_retrieval_ordering_and_parser_check(synthetic_root, quick_result):
     result = quick_result
@@ -133,17 +198,63 @@ def test_quick_suite_captioning_numbers(synthetic_root, quick_result):
         assert all(scene.holds(claim) for claim in parse_claims(caption)), caption
 
 
+def test_quick_suite_mlm_context_counts_mask_as_the_evaluation_does(synthetic_root, quick_result):
+    from uniperceiver_v2.config import get_preset, load_config
+    from uniperceiver_v2.modeling.text_encoder import TextEncoder
+    from uniperceiver_v2.tasks.mlm import EVAL_MASK_SEED, choose_masked_positions, sentence_draws
+
+    result = ceiling.mlm_context_counts(synthetic_root, "val")
+    assert 0.0 < result["accuracy"] < 1.0
+    assert sum(result["backoff"].values()) == result["masked"] and set(result["backoff"]) == set(
+        ceiling.BACKOFF_LEVELS)
+    assert result["corpus"] == str(synthetic_root / "text" / "corpus_val.txt") and result["corpus_split"] == "val"
+    assert result["train_corpus"] == str(synthetic_root / "text" / "corpus_train.txt")
+    # The suite has no test corpus: the test split is scored on the val one.
+    assert not (synthetic_root / "text" / "corpus_test.txt").exists()
+    assert quick_result["mlm_context_counts"] == result
+    # Recounted with the model's own tokenize (the whole corpus in one batch, padded otherwise than in the chunks).
+    lines = (synthetic_root / "text" / "corpus_val.txt").read_text().splitlines()
+    texts = [line.strip() for line in lines if line.strip()]
+    tiny = get_preset("tiny")
+    encoder = TextEncoder(tiny.text_encoder)
+
+    def recount(mask_prob):
+        tokens = encoder.tokenize(texts)
+        draws = sentence_draws(texts, tokens["input_ids"].shape[1], EVAL_MASK_SEED)
+        return int(choose_masked_positions(tokens["input_ids"], tokens["attention_mask"], encoder.special_token_ids,
+                                           mask_prob, draws=draws).sum())
+
+    assert result["masked"] == recount(tiny.tasks.mlm.mask_prob)
+    # A Config's own MLM settings are used.
+    cfg = load_config("tiny", [f"data.root={synthetic_root}", "tasks.mlm.mask_prob=0.4"])
+    assert ceiling.mlm_context_counts(cfg, "val")["masked"] == recount(0.4) > result["masked"]
+    # mlm=False leaves it out, and the table then has no MLM block.
+    without = ceiling.ceilings(synthetic_root, "test", grammar_draws=1, mlm=False)
+    assert "mlm_context_counts" not in without
+    printed = io.StringIO()
+    ceiling.print_table(without, out=printed)
+    assert "masked language modelling" not in printed.getvalue()
+
+
 def test_cli_prints_the_table_and_a_model_next_to_it(synthetic_root, tmp_path, capsys):
     assert "ceiling" in available_benchmarks()
     results = tmp_path / "eval.json"
     results.write_text(json.dumps({"results": {"retrieval": {"i2t_R@1": 0.123, "t2i_R@1": 0.0456},
-                                               "captioning": {"BLEU-4": 0.0789, "CIDEr": 0.321}}}))
+                                               "captioning": {"BLEU-4": 0.0789, "CIDEr": 0.321},
+                                               "mlm": {"accuracy": 0.4321}}}))
     out = tmp_path / "ceiling.json"
     assert ceiling.main(["--split", "test", "--results", str(results), "--json", str(out),
                          f"data.root={synthetic_root}"]) == 0
     printed = capsys.readouterr().out
     assert "attribute oracle" in printed and "0.123" in printed and "0.079" in printed
-    assert json.loads(out.read_text())["num_texts"] == 100
+    written = json.loads(out.read_text())
+    assert written["num_texts"] == 100
+    # The MLM block: the predictor's row (on the val corpus, said so) and the model's accuracy under it.
+    lines = printed.splitlines()
+    row = next(line for line in lines if line.startswith("context-count predictor"))
+    assert float(row.split()[-1]) == pytest.approx(written["mlm_context_counts"]["accuracy"], abs=5e-4)
+    assert lines[lines.index(row) + 1].split() == ["model", "0.432"]
+    assert "no test corpus: the val one instead" in printed
 
 
 def test_annotations_without_attributes_are_an_error(tmp_path):

@@ -1,13 +1,13 @@
-"""What the data allows: an attribute oracle's retrieval and the captions' own agreement, to read a model against.
+"""What the data allows: an attribute oracle's retrieval, the captions' own agreement and a masked-word reference.
 
     python -m uniperceiver_v2.bench ceiling [--config tiny] [--split test] [--results EVAL_JSON] [--json OUT]
-        [key.sub=value ...]
+        [--no-mlm] [key.sub=value ...]
 
     e.g. python -m uniperceiver_v2.bench ceiling --split test \\
         data.root=/tmp/speed/data/synthetic_small data.synthetic_profile=small
 
 Reads only the split's annotation files of the synthetic suite (``data.caption_annotations`` and
-``data.detection_annotations`` under ``data.root``; no pixels) and prints:
+``data.detection_annotations`` under ``data.root``; no pixels) and the text corpora (``data.corpus``), and prints:
 
 * **Retrieval, attribute oracle.** Each image is known by the (category, colour, size) of its annotated objects
   and its background (the ``attributes`` of each instance and the ``background`` of each image record), but not
@@ -36,6 +36,19 @@ Reads only the split's annotation files of the synthetic suite (``data.caption_a
   visible masks, the annotations hold no full masks), with its own random generator (seed, draw, image id), and
   it is scored against all references, like a model's caption: a model that knew the scene and the grammar, but
   not which of its random wordings the annotators drew. Averaged over 3 draws.
+* **Masked language modelling, context-count predictor** (``mlm_context_counts``; the MLM corpus
+  ``data.corpus``, not the captions): the words of the split's corpus are masked exactly as the model's
+  evaluation masks them (the config's text-encoder tokenizer, ``text_encoder.max_length`` with truncation,
+  ``tasks.mlm.choose_masked_positions`` with ``tasks.mlm.mask_prob`` and the fixed per-sentence draws of
+  ``EVAL_MASK_SEED``), and each masked token is predicted from counts, in the *training* corpus, of the tokens
+  seen between the same neighbours: the two on either side (l2 l1 _ r1 r2), else (l1 _ r1), else (l1 _), else
+  (_ r1), else the most frequent token; the token seen there most often wins, a tie going to the one more frequent
+  in the whole training corpus. The training counts hold the real neighbours; a masked neighbour of the evaluation
+  (several words of a sentence are masked at once) is a mask symbol that no training context holds, so a context
+  with one never matches and the prediction backs off past it. Not a ceiling: it is a reference, what local
+  context alone predicts, and a model that reads the whole sentence can beat it. The suite has no test corpus: a
+  split without one (test) is scored on the validation corpus, and the table says so. With a ``data.root`` alone
+  (no ``Config``) the tiny preset's text encoder and MLM settings are used.
 
 ``--results`` takes a ``python -m uniperceiver_v2.evaluate`` JSON and prints the model's numbers next to these.
 ``ceilings(root_or_cfg, split)`` returns them as a dict of plain numbers (the notebooks use it).
@@ -47,8 +60,9 @@ import argparse
 import json
 import math
 import sys
-from collections import Counter
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -299,6 +313,177 @@ def read_split(root_or_cfg, split: str) -> SplitAnnotations:
     return SplitAnnotations(image_ids, [by_image[i] for i in image_ids], scenes, descriptions)
 
 
+# ---------------------------------------------------------------------------------------------------- masked words
+MASKED = -1  # a masked neighbour in an evaluation context; never a training token, so such a context never matches
+OUTSIDE = -2  # a neighbour beyond either end of the sequence (the ends hold the special tokens [CLS] / [SEP])
+CONTEXT_LEVELS = ("l2 l1 _ r1 r2", "l1 _ r1", "l1 _", "_ r1")
+BACKOFF_LEVELS = (*CONTEXT_LEVELS, "most frequent")
+_TOKENIZE_CHUNK = 2048  # sentences tokenised at a time
+
+
+def contexts(sequence: Sequence[Hashable], i: int) -> tuple[tuple[Hashable, ...], ...]:
+    """The contexts of position ``i`` of ``sequence`` in the order of ``CONTEXT_LEVELS``: (l2, l1, r1, r2),
+    (l1, r1), (l1,), (r1,), ``OUTSIDE`` past either end."""
+    def at(j: int) -> Hashable:
+        return sequence[j] if 0 <= j < len(sequence) else OUTSIDE
+
+    l2, l1, r1, r2 = at(i - 2), at(i - 1), at(i + 1), at(i + 2)
+    return (l2, l1, r1, r2), (l1, r1), (l1,), (r1,)
+
+
+class ContextCounts:
+    """How often each token is seen between each context (``contexts``) of a training corpus, and the prediction
+    of a masked token from them.
+
+    Args:
+        sequences: the tokens of each training sentence (ids, or any hashable but ``MASKED`` / ``OUTSIDE``), special
+            tokens included: they are neighbours, never predicted.
+        special: the special tokens.
+
+    The training contexts hold the real neighbours. Predicting, a masked neighbour is ``MASKED``, which no training
+    context holds: a context with a masked neighbour never matches and the prediction backs off to one without it
+    (with l1 masked only (_ r1) or the most frequent token are left). The model's evaluation masks several words of
+    a sentence at once, and so does this predictor's.
+    """
+
+    def __init__(self, sequences: Iterable[Sequence[Hashable]], special: Iterable[Hashable] = ()):
+        special = set(special)
+        self.tables: list[defaultdict[tuple, Counter]] = [defaultdict(Counter) for _ in CONTEXT_LEVELS]
+        self.overall: Counter = Counter()
+        for sequence in sequences:
+            for i, token in enumerate(sequence):
+                if token in special:
+                    continue
+                self.overall[token] += 1
+                for table, context in zip(self.tables, contexts(sequence, i)):
+                    table[context][token] += 1
+        if not self.overall:
+            raise ValueError("ContextCounts: the training sequences hold no word token")
+        self.most_frequent = self.best(self.overall)
+
+    def best(self, counts: Counter) -> Hashable:
+        """The token of ``counts`` seen most often; a tie goes to the token more frequent in the whole training
+        corpus, then to the one ``counts`` saw first."""
+        return max(counts, key=lambda token: (counts[token], self.overall[token]))
+
+    def predict(self, sequence: Sequence[Hashable], i: int) -> tuple[Hashable, str]:
+        """The predicted token at position ``i`` of ``sequence`` (masked neighbours ``MASKED``) and the level of
+        ``BACKOFF_LEVELS`` it came from: the first context seen in training."""
+        for level, table, context in zip(CONTEXT_LEVELS, self.tables, contexts(sequence, i)):
+            counts = table.get(context)
+            if counts:
+                return self.best(counts), level
+        return self.most_frequent, BACKOFF_LEVELS[-1]
+
+
+def score_masked(counts: ContextCounts, sequences: Iterable[Sequence[Hashable]],
+                 masked: Iterable[Sequence[bool]]) -> dict[str, Any]:
+    """Predict every masked position of ``sequences`` (``masked``: one flag per token), each sentence's masked
+    tokens read as ``MASKED``.
+
+    Returns:
+        {"accuracy" (correct / masked, NaN without any), "masked" (positions), "backoff" ({level of
+        ``BACKOFF_LEVELS``: positions predicted there})}.
+    """
+    correct = 0
+    backoff = dict.fromkeys(BACKOFF_LEVELS, 0)
+    for sequence, flags in zip(sequences, masked):
+        seen = [MASKED if flag else token for token, flag in zip(sequence, flags)]
+        for i, flag in enumerate(flags):
+            if flag:
+                prediction, level = counts.predict(seen, i)
+                correct += prediction == sequence[i]
+                backoff[level] += 1
+    total = sum(backoff.values())
+    return {"accuracy": correct / total if total else math.nan, "masked": total, "backoff": backoff}
+
+
+def tokenize_and_mask(tokenizer, texts: Sequence[str], max_length: int, special_ids: Sequence[int],
+                      mask_prob: float | None = None) -> tuple[list[list[int]], list[list[bool]]]:
+    """The token ids of each text as the model tokenises them (``TextEncoder.tokenize``: truncated to
+    ``max_length``; padding removed) and, with ``mask_prob``, the positions its evaluation masks
+    (``choose_masked_positions`` with the per-sentence draws of ``EVAL_MASK_SEED``: they do not depend on the
+    batch, so the texts are tokenised in chunks); without, no position is masked."""
+    from uniperceiver_v2.tasks.mlm import EVAL_MASK_SEED, choose_masked_positions, sentence_draws
+
+    sequences: list[list[int]] = []
+    masked: list[list[bool]] = []
+    for start in range(0, len(texts), _TOKENIZE_CHUNK):
+        chunk = list(texts[start:start + _TOKENIZE_CHUNK])
+        batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        input_ids, attention_mask = batch["input_ids"].long(), batch["attention_mask"].long()
+        flags = (choose_masked_positions(input_ids, attention_mask, special_ids, mask_prob,
+                                         draws=sentence_draws(chunk, input_ids.shape[1], EVAL_MASK_SEED))
+                 if mask_prob is not None else attention_mask.new_zeros(attention_mask.shape, dtype=bool))
+        for ids, keep, row in zip(input_ids.tolist(), attention_mask.tolist(), flags.tolist()):
+            sequences.append([token for token, k in zip(ids, keep) if k])
+            masked.append([flag for flag, k in zip(row, keep) if k])
+    return sequences, masked
+
+
+def _mlm_config(root_or_cfg):
+    """The ``Config`` whose data, text encoder and MLM settings are used: as given, or for a ``data.root`` path or a
+    ``DataConfig`` the tiny preset with that data."""
+    from uniperceiver_v2.config import Config, get_preset
+
+    if isinstance(root_or_cfg, Config):
+        return root_or_cfg
+    return replace(get_preset("tiny"), data=_data_config(root_or_cfg))
+
+
+def mlm_corpus(d, split: str) -> tuple[Path, str]:
+    """The corpus file ``split`` is scored on and its split: its own, else (the synthetic suite has no test
+    corpus) the validation corpus."""
+    path = d.path(d.corpus, split)
+    if not path.is_file() and d.path(d.corpus, d.val_split).is_file():
+        return d.path(d.corpus, d.val_split), d.val_split
+    return path, split
+
+
+def _read_corpus(path: Path, on_invalid: str) -> list[str]:
+    from uniperceiver_v2.data import TextCorpus
+
+    corpus = TextCorpus(path, on_invalid=on_invalid)  # the MLM task's reader: stripped non-blank lines
+    return [corpus[i] for i in range(len(corpus))]
+
+
+def mlm_context_counts(root_or_cfg, split: str) -> dict[str, Any]:
+    """The context-count predictor of the module docstring on the corpus of ``split``, with counts from the
+    training corpus (``data.corpus`` of ``data.train_split``). ``root_or_cfg``: a ``Config``, or a ``data.root`` /
+    ``DataConfig`` (then with the tiny preset's text encoder and ``tasks.mlm``). Only the tokenizer is loaded.
+
+    Returns:
+        {"accuracy", "masked" (masked positions), "backoff" ({level: positions predicted there}, levels of
+        ``BACKOFF_LEVELS``), "corpus" (the file scored), "corpus_split" (its split: the validation one when
+        ``split`` has no corpus), "train_corpus"}.
+
+    Raises:
+        DataError: a corpus is missing or empty.
+    """
+    from transformers import AutoTokenizer
+
+    from uniperceiver_v2.data.summary import DataError
+    from uniperceiver_v2.modeling.text_encoder import resolve_model_path
+
+    cfg = _mlm_config(root_or_cfg)
+    d = cfg.data
+    train_path = d.path(d.corpus, d.train_split)
+    eval_path, eval_split = mlm_corpus(d, split)
+    train_texts, eval_texts = _read_corpus(train_path, d.on_invalid), _read_corpus(eval_path, d.on_invalid)
+    # The tokenizer TextEncoder loads, without the language model; its special_token_ids are these.
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.text_encoder), local_files_only=True)
+    special_ids = sorted(set(tokenizer.all_special_ids))
+    max_length = cfg.text_encoder.max_length
+    train_sequences, _ = tokenize_and_mask(tokenizer, train_texts, max_length, special_ids)
+    try:
+        counts = ContextCounts(train_sequences, special_ids)
+    except ValueError as error:
+        raise DataError(f"{train_path}: no word token to count") from error
+    sequences, masked = tokenize_and_mask(tokenizer, eval_texts, max_length, special_ids, cfg.tasks.mlm.mask_prob)
+    return {**score_masked(counts, sequences, masked), "corpus": str(eval_path), "corpus_split": eval_split,
+            "train_corpus": str(train_path)}
+
+
 # ---------------------------------------------------------------------------------------------------- ceilings
 def reference_agreement(references: dict[int, list[str]]) -> dict[str, float]:
     """Each image's j-th reference against its other references, averaged over j (images with >= 2 references)."""
@@ -323,10 +508,13 @@ def grammar_captions(data: SplitAnnotations, seed: int = 0, draw: int = 0) -> di
             for image_id, scene in zip(data.image_ids, data.descriptions)}
 
 
-def ceilings(root_or_cfg, split: str = "test", seed: int = 0, grammar_draws: int = 3) -> dict[str, Any]:
+def ceilings(root_or_cfg, split: str = "test", seed: int = 0, grammar_draws: int = 3,
+             mlm: bool = True) -> dict[str, Any]:
     """The numbers of the module docstring for ``split`` of the suite at ``root_or_cfg`` (a ``data.root`` path,
     a ``Config`` or its ``DataConfig``); ``seed`` draws the tie-break jitter and the grammar captions, whose
-    metrics are averaged over ``grammar_draws`` independent draws (each one caption per image).
+    metrics are averaged over ``grammar_draws`` independent draws (each one caption per image). ``mlm=False``
+    leaves out the context-count predictor (it reads the text corpora and loads the text encoder's tokenizer: the
+    config's, or the tiny preset's when ``root_or_cfg`` is not a ``Config``).
 
     Returns:
         {"split", "num_images", "num_texts", "retrieval_oracle" (claims held, ties at random),
@@ -335,7 +523,8 @@ def ceilings(root_or_cfg, split: str = "test", seed: int = 0, grammar_draws: int
         the image contradicts ranks below any it does not; text->image equals "retrieval_oracle"),
         "chance" ({"i2t_R@K", "t2i_R@K"}), "captioning_reference_agreement", "captioning_grammar_caption"
         ({"BLEU-1".."BLEU-4", "CIDEr"}), "claims_per_caption" (mean), "claims_hold_own" (fraction of captions
-        all of whose claims hold in their own image; 1.0 unless the parser misreads the grammar)}.
+        all of whose claims hold in their own image; 1.0 unless the parser misreads the grammar),
+        "mlm_context_counts" (``mlm_context_counts``; only with ``mlm``)}.
     """
     import torch
 
@@ -350,7 +539,7 @@ def ceilings(root_or_cfg, split: str = "test", seed: int = 0, grammar_draws: int
     failed = num_claims[None, :] - scores
     own = scores[text_to_image, np.arange(len(texts))]
     references = dict(zip(data.image_ids, data.captions))
-    return {
+    result = {
         "split": split,
         "num_images": len(data.image_ids),
         "num_texts": len(texts),
@@ -366,6 +555,9 @@ def ceilings(root_or_cfg, split: str = "test", seed: int = 0, grammar_draws: int
         "claims_per_caption": float(num_claims.mean()),
         "claims_hold_own": float(np.mean(own == num_claims)),
     }
+    if mlm:
+        result["mlm_context_counts"] = mlm_context_counts(root_or_cfg, split)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------- printing
@@ -406,6 +598,21 @@ def print_table(result: dict[str, Any], model: dict[str, dict[str, float]] | Non
         rows.append(("model vs all 5", model["captioning"]))
     for label, row in rows:
         print(f"{label:<44}" + "".join(_cell(row.get(m)) for m in metrics), file=out)
+    predictor, model_mlm = result.get("mlm_context_counts"), model.get("mlm", {}).get("accuracy")
+    if predictor is None and model_mlm is None:
+        return
+    print(f"\n{'masked language modelling':<44}{'accuracy':>8}", file=out)
+    if predictor is not None:
+        print(f"{'context-count predictor (a reference)':<44}{_cell(predictor['accuracy'])}", file=out)
+    if model_mlm is not None:
+        print(f"{'model':<44}{_cell(model_mlm)}", file=out)
+    if predictor is not None:
+        corpus = f"the {predictor['corpus_split']} corpus {predictor['corpus']}"
+        if predictor["corpus_split"] != result["split"]:
+            corpus += f" (no {result['split']} corpus: the {predictor['corpus_split']} one instead)"
+        backoff = ", ".join(f"({level}) {count}" for level, count in predictor["backoff"].items())
+        print(f"{predictor['masked']} masked tokens of {corpus}", file=out)
+        print(f"counted in {predictor['train_corpus']}; predicted from {backoff}", file=out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="tie-break jitter and grammar captions (default 0)")
     parser.add_argument("--results", default=None, help="an evaluate JSON whose numbers to print alongside")
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    parser.add_argument("--no-mlm", action="store_true", help="leave out the masked-language-modelling reference")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     args = parser.parse_intermixed_args(argv)
 
@@ -431,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ensure_data(cfg)
     try:
-        result = ceilings(cfg, split, args.seed)
+        result = ceilings(cfg, split, args.seed, mlm=not args.no_mlm)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
