@@ -1,0 +1,100 @@
+"""``bench probe``: the linear probe's scoring on features with known content, and one run on the quick suite."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import tiny_config
+
+from uniperceiver_v2.bench import probe
+from uniperceiver_v2.data.summary import DataError
+
+COLOURS = np.array(["red", "green", "blue", "yellow"])
+
+
+def _colour_features(n: int = 400, seed: int = 0):
+    """Imbalanced colours (55 / 15 / 15 / 15 %) and 16-d features whose first 4 dimensions encode the colour."""
+    rng = np.random.default_rng(seed)
+    colour = rng.choice(len(COLOURS), size=n, p=[0.55, 0.15, 0.15, 0.15])
+    features = rng.normal(size=(n, 16))
+    features[np.arange(n), colour] += 6.0
+    return features, COLOURS[colour], rng
+
+
+def test_a_linearly_encoded_label_is_read_almost_perfectly():
+    features, labels, _ = _colour_features()
+    result = probe.probe_accuracy(features, labels)
+    assert result["accuracy"] >= 0.97
+    assert result["classes"] == 4 and result["objects"] == 400 and result["converged"]
+    assert result["majority"] == pytest.approx(np.mean(labels[200:] == "red"))
+
+
+def test_shuffled_labels_score_about_the_majority_rate():
+    features, labels, rng = _colour_features()
+    result = probe.probe_accuracy(features, rng.permutation(labels))
+    assert 0.4 < result["majority"] < 0.7
+    assert abs(result["accuracy"] - result["majority"]) < 0.1
+
+
+def test_one_label_in_the_training_half_is_the_constant_prediction():
+    features = np.random.default_rng(0).normal(size=(10, 3))
+    result = probe.probe_accuracy(features, ["a"] * 5 + ["a", "b", "a", "b", "b"])
+    assert result["accuracy"] == result["majority"] == 0.4 and result["classes"] == 2
+
+
+@pytest.fixture(scope="module")
+def quick_config(synthetic_root):
+    cfg = tiny_config()
+    cfg.data.root = str(synthetic_root)
+    cfg.data.synthetic_profile = None
+    return cfg
+
+
+def test_random_backbone_on_the_quick_suite(quick_config, synthetic_root):
+    backbone, described, cfg = probe.load_backbone(config=quick_config, seed=0)
+    assert "random" in described
+    features, labels = probe.object_features(backbone, cfg, "val", scenes=8)
+    annotations = json.loads((synthetic_root / "annotations" / "instances_val.json").read_text())
+    first = sorted({a["image_id"] for a in annotations["annotations"]})[:8]
+    expected = [a["attributes"]["colour"] for a in sorted(annotations["annotations"], key=lambda a: a["id"])
+                if a["image_id"] in first]
+    assert sorted(labels["colour"]) == sorted(expected)
+    channels = sum(quick_config.image_encoder.backbone_channels[:3])
+    assert features.shape == (len(expected), channels * 4) and np.isfinite(features).all()
+    results = probe.linear_probe(backbone, cfg, "val", scenes=20)
+    for name in probe.LABELS:
+        assert 0 <= results[name]["accuracy"] <= 1 and 0 <= results[name]["majority"] <= 1
+        assert results[name]["classes"] >= 2 and results[name]["objects"] > len(expected)
+
+
+def test_main_with_saved_weights_matches_the_random_backbone_they_came_from(quick_config, synthetic_root, tmp_path,
+                                                                           capsys):
+    import safetensors.torch
+
+    backbone, _, _ = probe.load_backbone(config=quick_config, seed=3)
+    weights = tmp_path / "backbone.safetensors"
+    safetensors.torch.save_file(backbone.state_dict(), str(weights))
+    common = ["--split", "val", "--scenes", "10", f"data.root={synthetic_root}", "data.synthetic_profile=null"]
+    assert probe.main(["--random", "--seed", "3", *common]) == 0
+    random_out = capsys.readouterr().out
+    assert probe.main(["--backbone-weights", str(weights), *common]) == 0
+    weights_out = capsys.readouterr().out
+    rows = [line for line in random_out.splitlines() if "accuracy" in line]
+    assert [line.split()[0] for line in rows] == ["colour", "category"]
+    assert rows == [line for line in weights_out.splitlines() if "accuracy" in line]
+
+
+def test_annotations_without_colour_are_an_error_naming_the_file(quick_config, synthetic_root, tmp_path, capsys):
+    annotations = json.loads((synthetic_root / "annotations" / "instances_val.json").read_text())
+    for annotation in annotations["annotations"]:
+        annotation.pop("attributes", None)
+    (tmp_path / "annotations").mkdir()
+    ann_file = tmp_path / "annotations" / "instances_val.json"
+    ann_file.write_text(json.dumps(annotations))
+    cfg = probe.load_backbone(config=quick_config, overrides=[f"data.root={tmp_path}"])[2]
+    with pytest.raises(DataError, match="instances_val.json.*attributes.colour"):
+        probe.object_features(None, cfg, "val", scenes=4)
+    assert probe.main(["--random", f"data.root={tmp_path}", "data.synthetic_profile=null"]) == 2
+    assert str(ann_file) in capsys.readouterr().err

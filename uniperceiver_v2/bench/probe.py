@@ -1,0 +1,265 @@
+"""What the image backbone's features know about each object: ``python -m uniperceiver_v2.bench probe``.
+
+A linear probe on the annotated objects of the detection scenes of a split (the first ``--scenes`` scenes with an
+object, by image id). Every scene is read at its stored size with the package's reader and ImageNet
+normalisation (``data/images.py``, ``data/transforms.py``), run through the backbone alone (evaluation mode), and
+each ground-truth box is RoI-aligned (``torchvision.ops.roi_align``, ``aligned=True``, 2 x 2 cells) on the first
+three feature levels (strides 4, 8, 16); the concatenated cells are the object's features. A logistic regression
+(scikit-learn, C=0.1, max_iter=500) on the features standardised with the training half's statistics is trained on
+the first half of the objects and scored on the second half, for two labels:
+
+* ``colour``: the annotation's ``attributes.colour`` (written by the synthetic suite; real data has none);
+* ``category``: its category.
+
+It prints, per label, the accuracy, the number of classes, the majority-class rate (the test-half share of the
+training half's most frequent class: what a probe that learnt nothing scores) and the number of objects. A high
+colour and a low category accuracy say the backbone's features keep the colour of an object but not its shape.
+
+    python -m uniperceiver_v2.bench probe --checkpoint runs/small/train data.root=data/synthetic_small
+    python -m uniperceiver_v2.bench probe --backbone-weights runs/backbone/tiny_convnet.safetensors \\
+        data.root=data/synthetic_small
+    python -m uniperceiver_v2.bench probe --random [--seed 0] [--split val] [--scenes 300] data.root=...
+
+``--backbone-weights`` and ``--random`` build the backbone ``image_encoder.backbone`` of ``--config`` (default the
+tiny preset); with ``--backbone-weights FILE`` the backbone and its widths are those ``FILE.json`` records when
+``pretrain_backbone`` wrote one next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["LABELS", "load_backbone", "main", "object_features", "probe_accuracy", "linear_probe"]
+
+LABELS = ("colour", "category")
+
+
+def probe_accuracy(features: np.ndarray, labels, C: float = 0.1, max_iter: int = 500) -> dict:
+    """Linear probe of ``labels`` from ``features``: fit on the first half of the rows, score on the second.
+
+    Args:
+        features: (N, D) object features.
+        labels: N labels (any hashable values).
+        C, max_iter: of scikit-learn's ``LogisticRegression``.
+
+    Returns:
+        ``{"accuracy", "classes" (distinct labels of all N), "majority" (test-half share of the training half's
+        most frequent label), "objects": N, "converged"}``. Features are standardised with the training half's
+        mean and standard deviation. A training half with a single label gives the constant prediction.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels)
+    if x.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"probe_accuracy: expected (N, D) features and N labels, got {x.shape} and {len(y)}")
+    if len(y) < 2:
+        raise ValueError(f"probe_accuracy: need at least 2 objects, got {len(y)}")
+    half = len(y) // 2
+    train_x, test_x, train_y, test_y = x[:half], x[half:], y[:half], y[half:]
+    mean, std = train_x.mean(axis=0), train_x.std(axis=0)
+    train_x, test_x = (train_x - mean) / (std + 1e-6), (test_x - mean) / (std + 1e-6)
+    values, counts = np.unique(train_y, return_counts=True)
+    majority_label = values[counts.argmax()]
+    converged = True
+    if len(values) < 2:
+        predicted = np.full(len(test_y), majority_label)
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            classifier = LogisticRegression(C=C, max_iter=max_iter).fit(train_x, train_y)
+        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        predicted = classifier.predict(test_x)
+    return {"accuracy": float(np.mean(predicted == test_y)), "classes": len(np.unique(y)),
+            "majority": float(np.mean(test_y == majority_label)), "objects": len(y), "converged": converged}
+
+
+def _scene_objects(ann_file: Path) -> tuple[list[dict], dict[int, list[tuple[list[float], str, str]]]]:
+    """(image records with an object, sorted by id; {image id: [(xyxy box, colour, category name)]}) of a COCO
+    instances file with the synthetic suite's attributes."""
+    from uniperceiver_v2.data.coco import load_json, require_keys
+    from uniperceiver_v2.data.summary import DataError
+
+    data = load_json(ann_file)
+    require_keys(data, ("images", "annotations", "categories"), ann_file, "top level")
+    names = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+    records = {int(r["id"]): r for r in data["images"]}
+    objects: dict[int, list[tuple[list[float], str, str]]] = {}
+    for annotation in sorted(data["annotations"], key=lambda a: a["id"]):
+        attributes = annotation.get("attributes")
+        if not isinstance(attributes, dict) or "colour" not in attributes:
+            raise DataError(f"{ann_file}: annotation id={annotation.get('id')} has no attributes.colour; the probe "
+                            f"needs the synthetic suite's annotations (data.root of a generated suite)")
+        if annotation.get("iscrowd", 0):
+            continue
+        record = records.get(int(annotation["image_id"]))
+        if record is None:
+            raise DataError(f"{ann_file}: annotation id={annotation['id']} refers to the unknown image "
+                            f"{annotation['image_id']}")
+        x, y, w, h = (float(v) for v in annotation["bbox"])
+        x0, y0 = max(x, 0.0), max(y, 0.0)
+        x1, y1 = min(x + w, float(record["width"])), min(y + h, float(record["height"]))
+        if x1 <= x0 or y1 <= y0:
+            continue
+        objects.setdefault(int(record["id"]), []).append(
+            ([x0, y0, x1, y1], str(attributes["colour"]), names[int(annotation["category_id"])]))
+    return [records[i] for i in sorted(objects)], objects
+
+
+@torch.no_grad()
+def object_features(backbone, cfg, split: str, scenes: int, levels: int = 3, batch_size: int = 16
+                    ) -> tuple[np.ndarray, dict[str, list[str]]]:
+    """RoI-aligned backbone features of every annotated object of the first ``scenes`` detection scenes of ``split``.
+
+    Returns:
+        ((objects, D) float32 features: 2 x 2 cells of each of the first ``levels`` feature maps, concatenated;
+        {"colour": [...], "category": [...]} the objects' labels, in the same order: scene by scene, by image id).
+
+    Raises:
+        DataError: a missing file, or annotations without ``attributes.colour`` (named).
+    """
+    from torchvision.ops import roi_align
+
+    from uniperceiver_v2.data.images import read_image
+    from uniperceiver_v2.data.transforms import Normalize
+
+    d = cfg.data
+    ann_file, image_dir = d.path(d.detection_annotations, split), d.path(d.detection_images, split)
+    records, objects = _scene_objects(ann_file)
+    records = records[:scenes]
+    normalize = Normalize()
+    was_training = backbone.training
+    backbone.eval()
+    features: list[torch.Tensor] = []
+    labels: dict[str, list[str]] = {"colour": [], "category": []}
+    device = next(backbone.parameters()).device
+    try:
+        start = 0
+        while start < len(records):
+            # consecutive scenes of one size form a batch (no padding, which would change the features)
+            size = (records[start]["height"], records[start]["width"])
+            stop = start
+            while (stop < len(records) and stop - start < batch_size
+                   and (records[stop]["height"], records[stop]["width"]) == size):
+                stop += 1
+            chunk = records[start:stop]
+            images = torch.stack([
+                normalize(read_image(image_dir / r["file_name"], f"image id={r['id']} in {ann_file}"))
+                for r in chunk]).to(device)
+            boxes = [torch.tensor([box for box, _, _ in objects[int(r["id"])]], dtype=torch.float32, device=device)
+                     for r in chunk]
+            maps = backbone(images)
+            cells = [roi_align(m.float(), boxes, output_size=2, spatial_scale=m.shape[-1] / images.shape[-1],
+                               aligned=True).flatten(1) for m in list(maps)[:levels]]
+            features.append(torch.cat(cells, dim=1).cpu())
+            for r in chunk:
+                for _, colour, category in objects[int(r["id"])]:
+                    labels["colour"].append(colour)
+                    labels["category"].append(category)
+            start = stop
+    finally:
+        backbone.train(was_training)
+    return (torch.cat(features).numpy() if features else np.zeros((0, 0), np.float32)), labels
+
+
+def linear_probe(backbone, cfg, split: str = "val", scenes: int = 300) -> dict[str, dict]:
+    """``{label: probe_accuracy(...)}`` for ``LABELS`` on the objects of ``object_features``."""
+    from uniperceiver_v2.data.summary import DataError
+
+    features, labels = object_features(backbone, cfg, split, scenes)
+    if len(features) < 2:
+        raise DataError(f"{cfg.data.path(cfg.data.detection_annotations, split)}: {len(features)} objects in the "
+                        f"first {scenes} scenes; the probe needs at least 2")
+    return {name: probe_accuracy(features, labels[name]) for name in LABELS}
+
+
+def load_backbone(checkpoint: str | None = None, weights: str | None = None, config="tiny",
+                  overrides: list[str] | None = None, seed: int = 0):
+    """(backbone module, description, config) for the probe.
+
+    With ``checkpoint``: the model's image backbone and its config with ``overrides``. Otherwise the backbone
+    ``image_encoder.backbone`` of ``config`` (a preset, YAML file or ``Config``) with ``overrides``, loaded from
+    ``weights`` (its name and widths from ``<weights>.json`` when ``pretrain_backbone`` wrote one) or initialised
+    at random after ``torch.manual_seed(seed)``.
+    """
+    from uniperceiver_v2.config import Config, apply_overrides, load_config
+    from uniperceiver_v2.modeling.backbone import build_backbone
+
+    overrides = list(overrides or [])
+    if checkpoint is not None:
+        from uniperceiver_v2.engine.build import build_model
+
+        model = build_model(None, checkpoint)
+        cfg = apply_overrides(model.config, overrides) if overrides else model.config
+        return model.image_encoder.backbone, f"{cfg.image_encoder.backbone} of {checkpoint}", cfg
+    if isinstance(config, Config):
+        cfg = apply_overrides(config, overrides) if overrides else config
+    else:
+        cfg = load_config(config, overrides)
+    name, channels, origin = cfg.image_encoder.backbone, list(cfg.image_encoder.backbone_channels), "the config"
+    if weights is not None:
+        sidecar = Path(f"{weights}.json")
+        if sidecar.is_file():
+            recorded = json.loads(sidecar.read_text())
+            if "backbone" in recorded:
+                name = recorded["backbone"]
+                channels = list(recorded.get("backbone_channels", channels))
+                origin = sidecar.name
+    else:
+        torch.manual_seed(seed)
+    backbone = build_backbone(name, channels, weights)
+    widths = f" {channels}" if name == "tiny_convnet" else ""
+    source = f"weights {weights}" if weights is not None else f"random (seed {seed})"
+    return backbone, f"{name}{widths} (from {origin}), {source}", cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m uniperceiver_v2.bench probe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="run folder, checkpoints folder or checkpoint: its image backbone")
+    source.add_argument("--backbone-weights", metavar="FILE", help="a backbone state dict (pretrain_backbone's)")
+    source.add_argument("--random", action="store_true", help="a randomly initialised backbone")
+    parser.add_argument("--config", default="tiny", help="preset or YAML for --backbone-weights / --random "
+                                                         "(default tiny)")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation seed of --random (default 0)")
+    parser.add_argument("--split", default="val", help="data split (default val)")
+    parser.add_argument("--scenes", type=int, default=300, help="scenes to take the objects of (default 300)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. data.root=...")
+    args = parser.parse_intermixed_args(argv)
+    if args.scenes < 1:
+        parser.error(f"--scenes: expected at least 1, got {args.scenes}")
+
+    from uniperceiver_v2.config import ConfigError
+    from uniperceiver_v2.data.summary import DataError
+
+    try:
+        backbone, described, cfg = load_backbone(args.checkpoint, args.backbone_weights, args.config,
+                                                 args.overrides, args.seed)
+        results = linear_probe(backbone, cfg, args.split, args.scenes)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    objects = results[LABELS[0]]["objects"]
+    print(f"backbone {described}")
+    print(f"split {args.split} of {cfg.data.root}, first {args.scenes} scenes: {objects} objects (probe trained on "
+          f"the first {objects // 2}, scored on the other {objects - objects // 2}); RoI-align 2x2 of feature "
+          f"levels 1-3")
+    for name in LABELS:
+        r = results[name]
+        note = "" if r["converged"] else "  (not converged in 500 iterations)"
+        print(f"{name:<9} accuracy {r['accuracy']:.3f}  classes {r['classes']:>3}  majority {r['majority']:.3f}  "
+              f"objects {r['objects']}{note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
