@@ -25,6 +25,16 @@ def build_trainer(config, overrides: list[str], output_dir: str):
     return Trainer(cfg, model, tasks, datasets, progress=False, tensorboard=False)
 
 
+def model_of_checkpoint(checkpoint, overrides: list[str] | None = None):
+    """The model of a checkpoint (run folder, checkpoints folder or checkpoint) in evaluation mode, and its recorded
+    config with ``overrides`` applied (e.g. ``data.root=...`` when the suite has moved)."""
+    from uniperceiver_v2.config import apply_overrides
+    from uniperceiver_v2.engine.build import build_model
+
+    model = build_model(None, checkpoint)
+    return model, apply_overrides(model.config, overrides) if overrides else model.config
+
+
 def available_benchmarks() -> list[str]:
     """Names of the benchmark modules in this package."""
     return sorted(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_"))

@@ -138,11 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.batches < 1:
         parser.error(f"--batches: expected at least 1, got {args.batches}")
 
-    from uniperceiver_v2.config import apply_overrides
-    from uniperceiver_v2.engine.build import build_model
+    from uniperceiver_v2.bench import model_of_checkpoint
 
-    model = build_model(None, args.checkpoint)
-    cfg = apply_overrides(model.config, args.overrides) if args.overrides else model.config
+    model, cfg = model_of_checkpoint(args.checkpoint, args.overrides)
     results = task_gradients(model, cfg, args.split, args.batches)
     print(f"{args.checkpoint}, split {args.split}: gradient of each task's loss over {args.batches} training batches "
           f"(|g| root-mean-square over the batches; shares of |g|^2 per parameter group)")

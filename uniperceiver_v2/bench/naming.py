@@ -142,11 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.images < 1:
         parser.error(f"--images: expected at least 1, got {args.images}")
 
-    from uniperceiver_v2.config import apply_overrides
-    from uniperceiver_v2.engine.build import build_model
+    from uniperceiver_v2.bench import model_of_checkpoint
 
-    model = build_model(None, args.checkpoint)
-    cfg = apply_overrides(model.config, args.overrides) if args.overrides else model.config
+    model, cfg = model_of_checkpoint(args.checkpoint, args.overrides)
     result = naming_rates(model, cfg, args.split, args.images)
     objects, found, named = result["objects"], result["found"], result["named"]
     print(f"{args.checkpoint}, split {args.split}, first {args.images} scenes: {objects} objects, "

@@ -195,10 +195,9 @@ def load_backbone(checkpoint: str | None = None, weights: str | None = None, con
 
     overrides = list(overrides or [])
     if checkpoint is not None:
-        from uniperceiver_v2.engine.build import build_model
+        from uniperceiver_v2.bench import model_of_checkpoint
 
-        model = build_model(None, checkpoint)
-        cfg = apply_overrides(model.config, overrides) if overrides else model.config
+        model, cfg = model_of_checkpoint(checkpoint, overrides)
         return model.image_encoder.backbone, f"{cfg.image_encoder.backbone} of {checkpoint}", cfg
     if isinstance(config, Config):
         cfg = apply_overrides(config, overrides) if overrides else config
