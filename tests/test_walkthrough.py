@@ -534,6 +534,10 @@ def test_ceiling_table_puts_the_model_next_to_the_oracle_and_the_references():
     assert table["rows"][1][4] == 0.2                                    # chance of text->image R@1, x100
     no_captioning = walkthrough.ceiling_table({"retrieval": results["retrieval"]}, ceiling)
     assert all(row[1] is None for row in no_captioning["rows"] if row[0].startswith("captioning"))
+    assert not any(row[0] == "MLM accuracy" for row in table["rows"])      # no MLM reference in the ceiling
+    ceiling["mlm_context_counts"] = {"accuracy": 0.625, "corpus_split": "val"}
+    with_mlm = walkthrough.ceiling_table({**results, "mlm": {"accuracy": 0.5}}, ceiling)
+    assert [row[1:3] for row in with_mlm["rows"] if row[0] == "MLM accuracy"] == [[50.0, 62.5]]
 
 
 # ----------------------------------------------------------------------------------------------------- notebook 01

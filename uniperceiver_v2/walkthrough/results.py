@@ -259,11 +259,11 @@ def fill_mask_examples(model, sentences: Sequence[str], count: int, seed: int = 
 
 
 def ceiling_table(results: Mapping[str, Mapping[str, Any]], ceiling: Mapping[str, Any]) -> dict[str, list]:
-    """The model's retrieval and captioning numbers (x100) next to what the data allows (``bench.ceiling``).
+    """The model's retrieval, captioning and MLM numbers (x100) next to what the data allows (``bench.ceiling``).
 
     Args:
         results: ``evaluate``'s task -> metrics of one split.
-        ceiling: ``bench.ceiling.ceilings`` of the same split.
+        ceiling: ``bench.ceiling.ceilings`` of the same split (an MLM row when it holds ``mlm_context_counts``).
 
     Returns:
         ``{"columns": ["metric", "model", "ceiling", "ceiling is", "chance"], "rows": [...]}``; a metric the model was
@@ -280,4 +280,9 @@ def ceiling_table(results: Mapping[str, Mapping[str, Any]], ceiling: Mapping[str
                      "one reference against the others", None])
         rows.append([f"captioning {key}", _percent(model), _percent(ceiling["captioning_grammar_caption"][key]),
                      "the grammar's caption of the true scene", None])
+    if "mlm_context_counts" in ceiling:
+        reference = ceiling["mlm_context_counts"]
+        rows.append(["MLM accuracy", _percent(results.get("mlm", {}).get("accuracy")), _percent(reference["accuracy"]),
+                     f"two tokens of context either side, counted ({reference.get('corpus_split', 'val')} corpus; "
+                     "a reference, not a bound)", None])
     return {"columns": ["metric", "model", "ceiling", "ceiling is", "chance"], "rows": rows}
