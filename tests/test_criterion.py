@@ -144,3 +144,30 @@ def test_denoising_losses_use_known_assignment_and_ignore_padding():
     changed.objectness[~v] = 50.0
     again = crit({"dec0": _predictions(2, 4)}, targets, dn, {"dn0": changed})
     torch.testing.assert_close(again["rpn_dn0_focal"], losses["rpn_dn0_focal"])
+
+
+def test_object_count_is_all_reduced_only_when_synchronized(monkeypatch):
+    """Under mixed sampling another rank may run another task in the same micro-batch, so the count's all-reduce
+    would pair with that rank's gradient all-reduce (a collective mismatch): the model then keeps counts local."""
+    import torch.distributed as dist
+
+    from helpers import tiny_config, tiny_model
+    from uniperceiver_v2.modeling.proposal_criterion import num_objects_global
+
+    reduced = []
+
+    def fake_all_reduce(tensor):
+        reduced.append(tensor.item())
+        tensor.mul_(3.0)                                   # as if two more ranks held the same count
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 3)
+    targets = [_targets([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1]]), _targets([[0.6, 0.6, 0.2, 0.2]])]
+    assert num_objects_global(targets, torch.device("cpu")) == 3.0 and reduced == [3.0]
+    assert num_objects_global(targets, torch.device("cpu"), synchronize=False) == 3.0 and reduced == [3.0]
+
+    unmixed, mixed = tiny_config(), tiny_config()
+    mixed.run.sampling = "mixed"
+    assert tiny_model(unmixed).image_encoder.criterion.synchronize_counts
+    assert not tiny_model(mixed).image_encoder.criterion.synchronize_counts

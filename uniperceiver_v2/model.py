@@ -67,6 +67,9 @@ class UniPerceiverV2(nn.Module):
         super().__init__()
         self.config = config
         self.image_encoder = ImageEncoder(config.image_encoder)
+        if config.run.sampling == "mixed" and self.image_encoder.criterion is not None:
+            # ranks run different tasks in one micro-batch: no collective may sit inside a task's loss
+            self.image_encoder.criterion.synchronize_counts = False
         self.text_encoder = text_encoder if text_encoder is not None else TextEncoder(config.text_encoder)
         self.decoder = UnifiedDecoder(config.decoder, self.image_encoder.output_dim, self.text_encoder.hidden_size)
         self.logit_scales = nn.ModuleDict({

@@ -55,10 +55,11 @@ class PredictionSet:
         return PredictionSet(self.objectness[:, index], self.boxes[:, index], self.masks[:, index])
 
 
-def num_objects_global(targets: list[dict], device: torch.device) -> float:
-    """GT objects in the batch averaged over ranks (all-reduced when torch.distributed is initialised), >= 1."""
+def num_objects_global(targets: list[dict], device: torch.device, synchronize: bool = True) -> float:
+    """GT objects in the batch averaged over ranks (all-reduced when torch.distributed is initialised and
+    ``synchronize``; otherwise this rank's own count), >= 1."""
     count = torch.tensor([float(sum(t["boxes"].shape[0] for t in targets))], device=device)
-    if dist.is_available() and dist.is_initialized():
+    if synchronize and dist.is_available() and dist.is_initialized():
         dist.all_reduce(count)
         count = count / dist.get_world_size()
     return max(count.item(), 1.0)
@@ -69,6 +70,10 @@ class RegionProposalCriterion:
 
     def __init__(self, cfg: ImageEncoderConfig):
         self.cfg = cfg
+        # Average the object count over ranks (Deformable DETR / Mask DINO). Only safe when every rank computes these
+        # losses in the same micro-batch: under mixed sampling another rank may be running another task, and this
+        # all-reduce would meet its gradient all-reduce (the model switches it off then, ``UniPerceiverV2``).
+        self.synchronize_counts = True
         self.matcher = HungarianMatcher(cfg.cls_cost_coef, cfg.bbox_cost_coef, cfg.giou_cost_coef,
                                         cfg.mask_cost_coef, cfg.dice_cost_coef, cfg.mask_points, cfg.focal_alpha)
         self.weights = {"focal": cfg.cls_loss_coef, "l1": cfg.bbox_loss_coef, "giou": cfg.giou_loss_coef,
@@ -162,7 +167,7 @@ class RegionProposalCriterion:
             weighted scalar losses keyed ``rpn_{set}_{term}``.
         """
         device = next(iter(predictions.values())).boxes.device
-        normalizer = num_objects_global(targets, device)
+        normalizer = num_objects_global(targets, device, self.synchronize_counts)
         losses: dict[str, torch.Tensor] = {}
         for name, preds in predictions.items():
             losses.update(self.matched_losses(name, preds, targets, normalizer))
