@@ -1,6 +1,8 @@
-"""Ablation definitions (every run is a valid config that changes what its row says), the runner's caching
+"""Ablation definitions (every run is a valid config that changes what its row says; Tab. 4's runs have at least
+two processes, the other tables' the study's, whose keys did not change), the runner's caching
 (finished runs are skipped, identical trainings shared, stale folders cleared, interrupted runs resumed), the
-parallel scheduler on fake trainings (never more processes than slots, shared keys trained once, failures named),
+parallel scheduler on fake trainings (never more processes than slots, a two-process run counted as two, shared
+keys trained once, failures named),
 the noise band and the three-way marks on hand-made results, and the table builder on fake results. Two slow tests
 train real (tiny) runs: one in this process, one as a subprocess that is stopped midway and resumed."""
 
@@ -32,6 +34,17 @@ ALL_RUNS = A.plan_runs(A.profile_plan("paper"))
 
 def _run(name: str) -> A.AblationRun:
     return next(run for run in ALL_RUNS if run.name == name)
+
+
+def _key(run: A.AblationRun, settings: A.AblationSettings) -> str:
+    """The key the runner gives ``run``: its config and its own process count."""
+    return A.run_key(A.build_config(run, settings), A.run_nproc(run, settings))
+
+
+def _old_key(run: A.AblationRun, settings: A.AblationSettings) -> str:
+    """The key the runner gave ``run`` before tables had a minimum process count: every run at ``settings.nproc``
+    (its config's ``run.grad_accum`` included)."""
+    return A.run_key(A.build_config(dataclasses.replace(run, min_nproc=1), settings), settings.nproc)
 
 
 # ---------------------------------------------------------------------------------------------- definitions
@@ -112,14 +125,33 @@ def test_tab5_random_backbone_drops_the_weights_every_run_starts_from(tmp_path):
     assert cfg["tab5/random_image_backbone"].backbone_weights is None
 
 
-@pytest.mark.parametrize("nproc,grad_accum", [(1, 4), (2, 2), (3, 2), (4, 1), (8, 1)])
-def test_tab4_has_a_slot_per_task_and_sees_as_many_batches(tmp_path, nproc, grad_accum):
+# nproc 1: Tab. 4's runs have two processes all the same (its min_nproc), hence two batches per iteration
+@pytest.mark.parametrize("nproc,processes,grad_accum", [(1, 2, 2), (2, 2, 2), (3, 3, 2), (4, 4, 1), (8, 8, 1)])
+def test_tab4_has_a_slot_per_task_and_sees_as_many_batches(tmp_path, nproc, processes, grad_accum):
     settings = _settings(tmp_path, nproc=nproc, iterations=40)
-    tab4 = A.build_config(_run("tab4/mixed"), settings)
+    for name in ("tab4/mixed", "tab4/unmixed", "tab4/unmixed_gather", "tab4/unmixed_gather_mt_adamw"):
+        assert A.run_nproc(_run(name), settings) == processes
+        tab4 = A.build_config(_run(name), settings)
+        assert tab4.run.grad_accum == grad_accum and processes * grad_accum >= len(A.ABLATION_TASKS)
+        assert tab4.run.iterations == 40 // grad_accum
     tab2 = A.build_config(_run("tab2/global_regional"), settings)
-    assert tab4.run.grad_accum == grad_accum and nproc * grad_accum >= len(A.ABLATION_TASKS)
-    assert tab4.run.iterations == 40 // grad_accum
     assert tab2.run.grad_accum == 1 and tab2.run.iterations == 40
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 3])
+def test_runs_have_the_studys_processes_or_their_tables_minimum(tmp_path, nproc):
+    assert {key: table.min_nproc for key, table in A.TABLES.items()} == {"tab2": 1, "tab3": 1, "tab4": 2, "tab5": 1}
+    settings = _settings(tmp_path, nproc=nproc, noise_seeds=(0, 1))
+    runs = A.plan_runs(A.profile_plan("paper"), settings)       # every row, and the baseline's noise run
+    assert {run.table for run in runs} == set(A.TABLES)
+    for run in runs:
+        assert A.run_nproc(run, settings) == (max(nproc, 2) if run.table == "tab4" else nproc), run.name
+    # the rows say so, and why (gathering needs more than one process)
+    assert all("2 processes" in row.note for row in A.TABLES["tab4"].rows)
+    assert "needs more than one" in A.TABLES["tab4"].row("unmixed + gather").note
+    assert A.run_nproc(A.AblationRun("tab2", "x", "tab2/x", ()), settings) == nproc    # default: no minimum
+    with pytest.raises(ValueError, match="min_nproc"):
+        dataclasses.replace(A.TABLES["tab4"], min_nproc=0)
 
 
 def test_bad_override_names_the_run_and_the_key(tmp_path):
@@ -132,15 +164,38 @@ def test_run_key_ignores_the_folder_and_gather_where_it_cannot_act(tmp_path):
     one, two = _settings(tmp_path, nproc=1), _settings(tmp_path, nproc=2)
 
     def key(name, settings):
-        return A.run_key(A.build_config(_run(name), settings), settings.nproc)
+        return _key(_run(name), settings)
 
     # tab2's full model and tab3's "All Tasks w/ MoE" are the same training in different folders
     assert key("tab2/global_regional", one) == key("tab3/all_tasks_w_moe", one)
-    # gathering does nothing in one process: the two rows train identically there, not with two processes
-    assert key("tab4/unmixed", one) == key("tab4/unmixed_gather", one)
-    assert key("tab4/unmixed", two) != key("tab4/unmixed_gather", two)
-    assert key("tab4/unmixed", one) != key("tab4/unmixed", two)
+    # gathering does nothing in one process: a config keyed for one process ignores it, for two it does not
+    unmixed, gather = (A.build_config(_run(name), one) for name in ("tab4/unmixed", "tab4/unmixed_gather"))
+    assert A.run_key(unmixed, 1) == A.run_key(gather, 1) and A.run_key(unmixed, 2) != A.run_key(gather, 2)
+    assert key("tab2/global", one) != key("tab2/global", two)
     assert key("tab4/mixed", one) != key("tab4/unmixed", one)
+
+
+def test_tab4_gather_row_is_its_own_run_with_one_process_per_study(tmp_path):
+    one, two = _settings(tmp_path, nproc=1), _settings(tmp_path, nproc=2)
+    unmixed, gather = _run("tab4/unmixed"), _run("tab4/unmixed_gather")
+    # before, with nproc 1, "unmixed + gather" was "unmixed" (one run, nothing gathered); now two processes each
+    assert _old_key(unmixed, one) == _old_key(gather, one)
+    assert _key(unmixed, one) != _key(gather, one)
+    # the study's nproc 1 trains Tab. 4 exactly as nproc 2 does (and as nproc 2 did before)
+    for run in (unmixed, gather, _run("tab4/mixed"), _run("tab4/unmixed_gather_mt_adamw")):
+        assert _key(run, one) == _key(run, two) == _old_key(run, two)
+        assert A.run_overrides(run, one) == A.run_overrides(run, two)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_keys_of_the_other_tables_did_not_change(tmp_path, nproc):
+    # finished runs are found by key: a key that changed would train Tab. 2, 3 and 5 again
+    settings = _settings(tmp_path, nproc=nproc)
+    runs = [run for run in A.plan_runs(A.profile_plan("paper"), settings) if run.table != "tab4"]
+    assert {run.table for run in runs} == {"tab2", "tab3", "tab5"}
+    for run in runs:
+        assert _key(run, settings) == _old_key(run, settings), run.name
+        assert A.run_overrides(run, settings) == A.run_overrides(dataclasses.replace(run, min_nproc=1), settings)
 
 
 def test_profile_plan():
@@ -150,16 +205,17 @@ def test_profile_plan():
     small = A.profile_plan("small")
     assert set(small) == set(A.TABLES) and small["tab3"] == ("All Tasks", "All Tasks w/ MoE")
     assert "ImageNet image backbone" in small["tab5"] and "random image backbone" not in small["tab5"]
-    # Ten distinct trainings in one process: the full model is shared by Tab. 2 and 3 and "unmixed + gather"
-    # = "unmixed" (nothing to gather); Tab. 4's rows run 4 batches per iteration, so its full model is its own, and
-    # Tab. 5's rows train the text encoder that the preset freezes, so its pre-trained row is its own too.
+    # Eleven distinct trainings with nproc 1: the full model is shared by Tab. 2 and 3; Tab. 4's rows run on two
+    # processes (so "unmixed + gather" gathers and is its own run) with 2 batches per iteration, so its full model is
+    # its own, and Tab. 5's rows train the text encoder that the preset freezes, so its pre-trained row is its own too.
     small_runs = A.plan_runs(small)
     settings = _settings(Path("/tmp"))
-    assert len({A.run_key(A.build_config(run, settings), 1) for run in small_runs}) == 10
+    assert len({_key(run, settings) for run in small_runs}) == 11
+    assert len({_old_key(run, settings) for run in small_runs}) == 10     # before: "unmixed + gather" = "unmixed"
     # with the baseline at a second seed for the noise band: one more
     with_noise = A.plan_runs(small, settings)
     assert [run.name for run in with_noise[len(small_runs):]] == ["tab2/global_regional@seed1"]
-    assert len({A.run_key(A.build_config(run, settings), 1) for run in with_noise}) == 11
+    assert len({_key(run, settings) for run in with_noise}) == 12
     assert A.profile_plan("quick", ["tab5"]) == {"tab5": tuple(row.name for row in A.TABLES["tab5"].rows)}
     with pytest.raises(KeyError, match="tab7"):
         A.profile_plan("quick", ["tab7"])
@@ -170,15 +226,17 @@ def test_profile_plan():
 # ---------------------------------------------------------------------------------------------- the runner
 class FakeTrainer:
     """Stands in for training + evaluation: writes what the trainer writes (metrics.jsonl, eval JSON, a checkpoint)
-    and counts its calls."""
+    and counts its calls (and the processes of each)."""
 
     def __init__(self, top1: float = 0.25):
         self.calls: list[str] = []
+        self.nprocs: dict[str, int] = {}
         self.top1 = top1
 
-    def __call__(self, cfg, argv, threads=None):
+    def __call__(self, cfg, argv, threads=None, nproc=1):
         folder = Path(cfg.run.output_dir)
         self.calls.append(folder.name)
+        self.nprocs[folder.name] = nproc
         (folder / "checkpoints" / "iter_1").mkdir(parents=True, exist_ok=True)
         with open(folder / "metrics.jsonl", "w") as handle:
             for task in cfg.tasks.names():
@@ -191,8 +249,11 @@ class FakeTrainer:
 
 @pytest.fixture
 def fake_trainer(monkeypatch):
+    """Training in this process and through torchrun (Tab. 4's two processes) both replaced by a FakeTrainer."""
     fake = FakeTrainer()
     monkeypatch.setattr(A, "_train_in_process", fake)
+    monkeypatch.setattr(A, "_train_with_torchrun",
+                        lambda cfg, argv, nproc, threads: fake(cfg, argv, threads, nproc=nproc))
     return fake
 
 
@@ -214,19 +275,20 @@ def test_runner_trains_records_and_skips_finished_runs(tmp_path, fake_trainer):
     assert "finished earlier" in lines[-1]
 
 
-def test_runner_shares_identical_trainings(tmp_path, fake_trainer, monkeypatch):
+def test_runner_shares_identical_trainings(tmp_path, fake_trainer):
     settings = _settings(tmp_path)
-    results = A.run_ablations([_run("tab4/unmixed"), _run("tab4/unmixed_gather")], settings, log=None)
-    assert fake_trainer.calls == ["unmixed"]
-    shared = results["tab4/unmixed_gather"]
-    assert shared["shared_with"] == "tab4/unmixed" and shared["metrics"] == results["tab4/unmixed"]["metrics"]
-    assert A.load_result(settings.root / "tab4" / "unmixed_gather")["shared_with"] == "tab4/unmixed"
-    # With two processes gathering acts, so both rows train (torchrun is replaced by the fake as well).
+    results = A.run_ablations([_run("tab2/global_regional"), _run("tab3/all_tasks_w_moe")], settings, log=None)
+    assert fake_trainer.calls == ["global_regional"]
+    shared = results["tab3/all_tasks_w_moe"]
+    assert shared["shared_with"] == "tab2/global_regional"
+    assert shared["metrics"] == results["tab2/global_regional"]["metrics"]
+    assert A.load_result(settings.root / "tab3" / "all_tasks_w_moe")["shared_with"] == "tab2/global_regional"
+    # Tab. 4's rows train on two processes (torchrun, here the fake): gathering acts, so both rows train.
     fake_trainer.calls.clear()
-    two = _settings(tmp_path, nproc=2)
-    monkeypatch.setattr(A, "_train_with_torchrun", lambda cfg, argv, nproc, threads: fake_trainer(cfg, argv))
-    A.run_ablations([_run("tab4/unmixed"), _run("tab4/unmixed_gather")], two, log=None)
+    results = A.run_ablations([_run("tab4/unmixed"), _run("tab4/unmixed_gather")], settings, log=None)
     assert fake_trainer.calls == ["unmixed", "unmixed_gather"]
+    assert fake_trainer.nprocs == {"global_regional": 1, "unmixed": 2, "unmixed_gather": 2}
+    assert all(r["nproc"] == 2 and r["grad_accum"] == 2 and r["shared_with"] is None for r in results.values())
 
 
 def test_runner_clears_a_stale_folder_and_resumes_an_interrupted_one(tmp_path, fake_trainer):
@@ -288,15 +350,21 @@ def test_table_rows_take_single_task_columns_from_their_own_run():
 def test_table_report_side_by_side_with_notes():
     runs = [run for run in ALL_RUNS if run.table == "tab4"]
     metrics = {"classification": {"top1": 0.1}}
-    results = {run.name: _fake_result(run, metrics, "tab4/unmixed" if run.name == "tab4/unmixed_gather" else None)
-               for run in runs}
+    results = {run.name: _fake_result(run, metrics) for run in runs}
     report = A.table_report("tab4", results, nproc=1)
     assert report.reference == "unmixed + gather + MT-AdamW"
     assert [row[0] for row in report.side_by_side["rows"]] == list(A.TABLES["tab4"].paper_rows)
     assert report.side_by_side["rows"][0][3:5] == [pytest.approx(10.0), 76.7]
     text = report.markdown
-    assert "| mixed |" in text and "nothing to gather" in text and "trained identically to tab4/unmixed" in text
-    assert "run.grad_accum=4" in text
+    # Tab. 4 ran on two processes although the study's nproc is 1: the notes say so, and that gathering acted
+    assert "| mixed |" in text and "nothing to gather" not in text
+    assert "every row trains on 2 processes" in text and "the study's other runs on 1" in text
+    assert "unmixed + gather: plain AdamW; retrieval negatives all-gathered" in text
+    assert "run.grad_accum=2" in text
+    # with nproc 2 the study's runs have as many: no such note
+    assert not any(note.startswith("every row trains on") for note in A.table_report("tab4", results, nproc=2).notes)
+    with_shared = {**results, "tab4/unmixed_gather": _fake_result(runs[2], metrics, "tab4/unmixed")}
+    assert "trained identically to tab4/unmixed" in A.table_report("tab4", with_shared).markdown
     saved = report.as_results()
     assert saved["rows"]["mixed"][1] == pytest.approx(10.0) and saved["reference"] == report.reference
     # Only some rows run: no reference, the others are left out; a missing run is named.
@@ -478,7 +546,9 @@ def test_saved_report_round_trip_full_model_and_runs_table(tmp_path, fake_traine
     assert A.full_model_result({"tab4/mixed": results["tab4/mixed"]}) is None
     table = A.runs_table(results)
     assert [row[0] for row in table["rows"]] == ["tab4/mixed", "tab4/unmixed_gather_mt_adamw"]
-    assert table["rows"][0][1] == "4 x 4" and "classification 1.5" in table["rows"][0][-1]
+    # two processes, each 16 // 2 iterations of 2 batches
+    assert table["rows"][0][1] == "8 x 2" and "classification 1.5" in table["rows"][0][-1]
+    assert results["tab4/mixed"]["nproc"] == 2 and fake_trainer.nprocs["mixed"] == 2
 
 
 # ---------------------------------------------------------------------------------------------- runs side by side
@@ -558,6 +628,7 @@ def launcher(monkeypatch, tmp_path):
         raise AssertionError("with parallel > 1 nothing trains in this process")
 
     monkeypatch.setattr(A, "_train_in_process", no_training_here)
+    monkeypatch.setattr(A, "_train_with_torchrun", no_training_here)
     return fake
 
 
@@ -589,6 +660,7 @@ def test_at_most_parallel_runs_at_once(tmp_path, launcher, parallel):
 def test_parallel_results_equal_the_sequential_ones(tmp_path, monkeypatch, launcher):
     fake = FakeTrainer()
     monkeypatch.setattr(A, "_train_in_process", fake)
+    monkeypatch.setattr(A, "_train_with_torchrun", lambda cfg, argv, nproc, threads: fake(cfg, argv, threads, nproc))
     # another study folder, the same data: the same keys
     sequential = A.run_ablations(DISTINCT, _settings(tmp_path / "a", data_root=tmp_path / "data"), log=None,
                                  progress=False)
@@ -602,17 +674,17 @@ def test_parallel_results_equal_the_sequential_ones(tmp_path, monkeypatch, launc
 
 
 def test_a_shared_training_waits_for_the_run_under_way(tmp_path, launcher):
-    # "unmixed" and "unmixed + gather" train identically with one process; Tab. 2's full model is Tab. 3's MoE row
+    # Tab. 2's full model is Tab. 3's MoE row; Tab. 4's rows (two processes, gathering acts) are four trainings
     runs = [*TAB4, _run("tab2/global_regional"), _run("tab3/all_tasks_w_moe")]
     results = A.run_ablations(runs, _settings(tmp_path, parallel=4), log=None, progress=False, poll_seconds=0)
     assert sorted(launcher.launched) == ["tab2/global_regional", "tab4/mixed", "tab4/unmixed",
-                                         "tab4/unmixed_gather_mt_adamw"]
-    assert results["tab4/unmixed_gather"]["shared_with"] == "tab4/unmixed"
+                                         "tab4/unmixed_gather", "tab4/unmixed_gather_mt_adamw"]
+    assert results["tab4/unmixed_gather"]["shared_with"] is None
     assert results["tab3/all_tasks_w_moe"]["shared_with"] == "tab2/global_regional"
     assert results["tab3/all_tasks_w_moe"]["metrics"] == results["tab2/global_regional"]["metrics"]
     # everything is reused the second time
     again = A.run_ablations(runs, _settings(tmp_path, parallel=4), log=None, progress=False, poll_seconds=0)
-    assert len(launcher.launched) == 4 and again == results
+    assert len(launcher.launched) == 5 and again == results
 
 
 @pytest.mark.parametrize("parallel,most", [(4, 4), (3, 2), (2, 2), (1, 2)])
@@ -629,6 +701,70 @@ def test_a_run_of_several_processes_takes_as_many_slots(tmp_path, launcher, monk
     # two processes each: 4 slots hold two runs, 3 slots one; a run larger than all slots runs alone
     assert launcher.most_live == most
     assert all(call["nproc"] == 2 for call in launcher.calls.values())
+
+
+class LiveAtLaunch(FakeLauncher):
+    """A FakeLauncher that also notes, at each launch, which runs are alive (the new one included)."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.alive_at_launch: list[list[str]] = []
+
+    def __call__(self, cfg, argv, nproc, threads, devices, log_path):
+        process = super().__call__(cfg, argv, nproc, threads, devices, log_path)
+        self.alive_at_launch.append(sorted(name for name, p in self.processes.items() if p.returncode is None))
+        return process
+
+
+# study nproc 1: Tab. 4's runs have two processes and take two slots each, Tab. 2's one
+@pytest.mark.parametrize("parallel,first_wave", [
+    (2, ["tab4/mixed"]),                          # both slots: nothing beside it
+    (3, ["tab2/global", "tab4/mixed"]),           # two slots and one
+    (4, ["tab2/global", "tab2/regional", "tab4/mixed"]),
+])
+def test_the_scheduler_counts_a_two_process_run_as_two_slots(tmp_path, monkeypatch, parallel, first_wave):
+    launcher = LiveAtLaunch(tmp_path / "runs" / "ablations")
+    monkeypatch.setattr(A, "_launch_training", launcher)
+    monkeypatch.setattr(A, "_ensure_data", lambda cfg: None)
+    runs = [_run(name) for name in ("tab4/mixed", "tab2/global", "tab2/regional", "tab4/unmixed")]
+    results = A.run_ablations(runs, _settings(tmp_path, parallel=parallel), log=None, progress=False, poll_seconds=0)
+    assert launcher.most_live == parallel                      # never more processes than slots
+    assert launcher.alive_at_launch[len(first_wave) - 1] == first_wave
+    assert {name: call["nproc"] for name, call in launcher.calls.items()} == {
+        "tab4/mixed": 2, "tab2/global": 1, "tab2/regional": 1, "tab4/unmixed": 2}
+    assert {name: (r["nproc"], r["grad_accum"]) for name, r in results.items()} == {
+        "tab4/mixed": (2, 2), "tab2/global": (1, 1), "tab2/regional": (1, 1), "tab4/unmixed": (2, 2)}
+    plan = json.loads((tmp_path / "runs" / "ablations" / "tab4" / "mixed" / A.PLAN_FILE).read_text())
+    assert plan["nproc"] == 2 and plan["key"] == results["tab4/mixed"]["key"]
+    # the keys the runner saved: Tab. 2's as before, Tab. 4's those of two processes
+    settings = _settings(tmp_path, parallel=parallel)
+    assert results["tab2/global"]["key"] == _old_key(_run("tab2/global"), settings)
+    assert results["tab4/mixed"]["key"] == _old_key(_run("tab4/mixed"), _settings(tmp_path, nproc=2))
+
+
+def test_a_two_process_run_with_one_slot_starts_alone(tmp_path, launcher, monkeypatch):
+    """parallel=1 trains from this process, one run after the other; a Tab. 4 run goes through torchrun with its
+    two processes (more than the one slot: it runs alone)."""
+    live, most, order = [0], [0], []
+
+    def train(nproc):
+        def fake(cfg, argv, *args):
+            live[0] += nproc
+            most[0] = max(most[0], live[0])
+            order.append((Path(cfg.run.output_dir).name, nproc))
+            FakeTrainer()(cfg, argv)
+            live[0] -= nproc
+        return fake
+
+    monkeypatch.setattr(A, "_train_in_process", train(1))
+    monkeypatch.setattr(A, "_train_with_torchrun", lambda cfg, argv, nproc, threads: train(nproc)(cfg, argv))
+    lines = []
+    runs = [_run("tab2/global"), _run("tab4/unmixed_gather")]
+    results = A.run_ablations(runs, _settings(tmp_path, parallel=1), log=lines.append, progress=False)
+    assert order == [("global", 1), ("unmixed_gather", 2)] and most[0] == 2
+    assert results["tab4/unmixed_gather"]["nproc"] == 2 and results["tab2/global"]["nproc"] == 1
+    assert any(line.startswith("tab4/unmixed_gather: training") and "2 process(es)" in line for line in lines)
+    assert launcher.launched == []
 
 
 def test_failures_are_named_after_the_others_finished(tmp_path, launcher):

@@ -15,7 +15,9 @@ agrees with the paper).
 
 Each run lives in ``<run_dir>/ablations/<table>/<row>/`` with the trainer's files and ``result.json``; a run whose
 result was written for the same configuration and process count (``run_key``) is not trained again, rows
-that are the same model share one run, and a run interrupted midway resumes from its last checkpoint. What each
+that are the same model share one run, and a run interrupted midway resumes from its last checkpoint. A run has
+``AblationSettings.nproc`` processes, or its table's ``min_nproc`` if that is more (``run_nproc``): every row of
+Tab. 4 trains on at least two, since its Gather Feature row gathers retrieval negatives across processes. What each
 table varies, and why Tab. 4 needs several sampling slots: docs/design.md, "Ablations".
 """
 
@@ -76,6 +78,7 @@ __all__ = [
     "run_ablation",
     "run_ablations",
     "run_key",
+    "run_nproc",
     "run_overrides",
     "runs_table",
     "table_report",
@@ -143,6 +146,10 @@ class AblationTable:
         paper_reference: the paper's row that corresponds to ``reference``.
         slots_per_iteration: minimum number of batch slots per iteration (nproc x grad_accum); > 1 for the
             table that compares mixed sampling.
+        min_nproc: minimum number of processes of every run of the table: its runs train with
+            ``max(AblationSettings.nproc, min_nproc)`` processes (:func:`run_nproc`; ``torchrun`` when > 1). 2 for
+            Tab. 4, whose Gather Feature row all-gathers retrieval negatives across processes and so does nothing
+            in one; all its rows get it, so that they stay comparable. 1 (the study's ``nproc``) elsewhere.
     """
 
     key: str
@@ -152,6 +159,11 @@ class AblationTable:
     paper_rows: Mapping[str, str | None]
     paper_reference: str
     slots_per_iteration: int = 1
+    min_nproc: int = 1
+
+    def __post_init__(self) -> None:
+        if self.min_nproc < 1:
+            raise ValueError(f"AblationTable {self.key}: min_nproc must be >= 1, got {self.min_nproc}")
 
     def row(self, name: str) -> AblationRow:
         for row in self.rows:
@@ -206,21 +218,37 @@ TAB3 = AblationTable(
     paper_reference="All Tasks",
 )
 
+# Processes of every Tab. 4 run, at least: Gather Feature needs more than one.
+_TAB4_NPROC = 2
+_TAB4_PROCESSES = f"{_TAB4_NPROC} processes, as every row of this table"
+
 TAB4 = AblationTable(
     key="tab4",
     title="Tab. 4: unmixed sampling, Gather Feature and MT-AdamW (Sec. 4.4)",
     rows=(
         AblationRow("mixed", ("run.sampling=mixed", "tasks.retrieval.gather=false", *_ADAMW),
-                    note="tasks mixed across the slots of one iteration; plain AdamW"),
-        AblationRow("unmixed", ("tasks.retrieval.gather=false", *_ADAMW), note="plain AdamW"),
-        AblationRow("unmixed + gather", _ADAMW, note="plain AdamW; gathering needs more than one process"),
-        AblationRow("unmixed + gather + MT-AdamW", note="the default"),
+                    note=f"tasks mixed across the slots of one iteration; plain AdamW; {_TAB4_PROCESSES}"),
+        AblationRow("unmixed", ("tasks.retrieval.gather=false", *_ADAMW),
+                    note=f"plain AdamW, each process contrasts its own retrieval batch; {_TAB4_PROCESSES}"),
+        AblationRow("unmixed + gather", _ADAMW,
+                    note=f"plain AdamW; retrieval negatives all-gathered across the processes, which needs more than "
+                         f"one: hence {_TAB4_PROCESSES}"),
+        AblationRow("unmixed + gather + MT-AdamW", note=f"the default; {_TAB4_PROCESSES}"),
     ),
     reference="unmixed + gather + MT-AdamW",
     paper_rows=_same_rows("mixed", "unmixed", "unmixed + gather", "unmixed + gather + MT-AdamW"),
     paper_reference="unmixed + gather + MT-AdamW",
     slots_per_iteration=len(ABLATION_TASKS),
+    min_nproc=_TAB4_NPROC,
 )
+"""Tab. 4, every row on at least two processes (``min_nproc``), whatever ``AblationSettings.nproc``. Gather Feature
+(``tasks.retrieval.gather``) all-gathers the retrieval negatives of every process, so in one process "unmixed +
+gather" would train exactly as "unmixed" (the same run, :func:`run_key`) and the table would measure nothing about
+gathering. All four rows get the same process count so that they stay comparable; each is a ``torchrun`` of two
+processes, each process with ``AblationSettings.threads`` torch threads on a CPU (one when runs go side by side;
+when unset and trained from this process, the cores split between the processes: ``_train_env``), and runs
+``ceil(4 / processes)`` batches per iteration (``run.grad_accum``) so that "mixed" has a slot per task to mix
+them in."""
 
 # Every row of Tab. 5 trains the text encoder (the tiny preset keeps it frozen for speed), as the paper tunes its
 # pre-trained encoders: the question is what an initialisation is worth once the encoder learns.
@@ -262,9 +290,10 @@ _SHORT_PLAN = {
 PROFILE_PLANS: dict[str, dict[str, tuple[str, ...]]] = {
     "smoke": _SHORT_PLAN,
     "quick": _SHORT_PLAN,
-    # On one process: the full model is shared by Tab. 2 and 3, "unmixed + gather" by "unmixed", Tab. 4 runs 4
-    # batches per iteration; plus the baseline at a second seed (AblationSettings.noise_seeds). Eight of these runs
-    # took 4436 s on one CPU core at 400 batches each (measured 2026-11-29); the ImageNet backbone costs about
+    # With nproc 1: the full model is shared by Tab. 2 and 3; Tab. 4's rows run on two processes (min_nproc) with
+    # 2 batches per iteration, "unmixed + gather" its own run; plus the baseline at a second seed
+    # (AblationSettings.noise_seeds). Eight of these runs took 4436 s on one CPU core at 400 batches each (measured
+    # 2026-11-29, when Tab. 4 ran on one process with 4 batches per iteration); the ImageNet backbone costs about
     # twice a tiny_convnet run per iteration. Tab. 3's leave-one-out and single-task rows (eight more runs) and
     # Tab. 5's random image backbone (no counterpart in the paper) are left to tables=[...]; Tab. 3's MoE question
     # ("All Tasks" vs "All Tasks w/ MoE") is here.
@@ -315,7 +344,8 @@ class AblationSettings:
         data_profile: the synthetic suite to generate if missing ("quick" / "small"); None for real data.
         iterations: batches per run (iterations of one batch each; a table with several slots per iteration
             runs ``iterations / grad_accum`` iterations of ``grad_accum`` batches).
-        nproc: processes per run (``torchrun`` when > 1).
+        nproc: processes per run (``torchrun`` when > 1); a table's ``min_nproc`` raises it for the runs of that
+            table (Tab. 4: at least 2), see :func:`run_nproc`.
         seed: ``run.seed`` of every run (``data.seed`` stays: it is the synthetic suite's generation seed).
         device: ``run.device``.
         scale: overrides applied to every run before the row's (e.g. :data:`QUICK_SCALE`).
@@ -323,8 +353,10 @@ class AblationSettings:
             CPU shared with other processes one thread is much faster: idle threads busy-wait for their peers, and
             with two other trainings on two cores a quick run took 9 s with one thread and 53 s with two.
         parallel: how many processes :func:`run_ablations` keeps busy at once (:func:`resolve_parallel`): each run
-            is a subprocess taking ``nproc`` of them. None: one per GPU on CUDA, ``cpu_count // threads`` on a CPU.
-            1 trains the runs one after the other in this process.
+            is a subprocess taking as many of them as it has processes (:func:`run_nproc`; a run of more processes
+            than ``parallel`` runs alone). None: one per GPU on CUDA, ``cpu_count // threads`` on a CPU. 1 trains
+            the runs one after the other from this process (in it, or through ``torchrun`` for a run of several
+            processes).
         noise_seeds: the seeds the baseline row (:data:`BASELINE`, the full default model) is trained with to
             measure the noise band (:func:`noise_runs`, :func:`noise_band`); () measures none.
     """
@@ -373,6 +405,7 @@ class AblationRun:
         task: for a single-task run, the task whose metrics the row takes; None = all.
         slots_per_iteration: the table's (see :class:`AblationTable`).
         seed: ``run.seed`` of this run (a run of :func:`noise_runs`); None = ``AblationSettings.seed``.
+        min_nproc: the table's (see :class:`AblationTable`): the run trains with at least this many processes.
     """
 
     table: str
@@ -382,6 +415,7 @@ class AblationRun:
     task: str | None = None
     slots_per_iteration: int = 1
     seed: int | None = None
+    min_nproc: int = 1
 
 
 def plan_runs(plan: Mapping[str, Sequence[str]], settings: AblationSettings | None = None) -> list[AblationRun]:
@@ -395,12 +429,12 @@ def plan_runs(plan: Mapping[str, Sequence[str]], settings: AblationSettings | No
             base = f"{key}/{row.slug}"
             if not row.single_task:
                 runs.append(AblationRun(key, row.name, base, row.overrides,
-                                        slots_per_iteration=table.slots_per_iteration))
+                                        slots_per_iteration=table.slots_per_iteration, min_nproc=table.min_nproc))
                 continue
             for task in ABLATION_TASKS:
                 others = tuple(f"tasks.{other}.enabled=false" for other in ABLATION_TASKS if other != task)
                 runs.append(AblationRun(key, row.name, f"{base}/{task}", row.overrides + others, task=task,
-                                        slots_per_iteration=table.slots_per_iteration))
+                                        slots_per_iteration=table.slots_per_iteration, min_nproc=table.min_nproc))
     if settings is not None:
         names = {run.name for run in runs}
         runs += [run for run in noise_runs(settings) if run.name not in names]
@@ -416,9 +450,17 @@ def noise_runs(settings: AblationSettings) -> list[AblationRun]:
             for seed in settings.noise_seeds]
 
 
+def run_nproc(run: AblationRun, settings: AblationSettings) -> int:
+    """The number of processes ``run`` trains with: ``settings.nproc``, or its table's ``min_nproc`` if that is more
+    (every run of Tab. 4 has at least 2, see :data:`TAB4`; the other tables' runs have ``settings.nproc``). Its
+    ``run.grad_accum``, :func:`run_key` and the ``nproc`` of its records are those of this count."""
+    return max(settings.nproc, run.min_nproc)
+
+
 def run_overrides(run: AblationRun, settings: AblationSettings) -> list[str]:
-    """Every override of ``run`` on top of ``settings.preset``, in the order they apply."""
-    grad_accum = math.ceil(run.slots_per_iteration / settings.nproc)
+    """Every override of ``run`` on top of ``settings.preset``, in the order they apply (``run.grad_accum``: the
+    table's slots per iteration over the run's processes, :func:`run_nproc`)."""
+    grad_accum = math.ceil(run.slots_per_iteration / run_nproc(run, settings))
     iterations = max(1, settings.iterations // grad_accum)
     preset = get_preset(settings.preset)
     data_root = Path(settings.data_root) if settings.data_root is not None else Path(preset.data.root)
@@ -444,7 +486,8 @@ def build_config(run: AblationRun, settings: AblationSettings) -> Config:
 
 
 def run_key(cfg: Config, nproc: int) -> str:
-    """A digest of what determines a run's result: the config without its output folder, and the process count.
+    """A digest of what determines a run's result: the config without its output folder, and the process count
+    (the runner passes the run's own, :func:`run_nproc`).
 
     ``tasks.retrieval.gather`` counts only where it acts (``tasks.retrieval``: unmixed sampling and more than one
     process), so runs that train identically get the same key and are trained once.
@@ -673,6 +716,7 @@ class _Job:
     key: str
     folder: Path
     argv: list[str]
+    nproc: int = 1       # its processes (run_nproc)
 
     @property
     def log_path(self) -> Path:
@@ -681,7 +725,7 @@ class _Job:
 
 def _base_record(run: AblationRun, cfg: Config, key: str, settings: AblationSettings) -> dict[str, Any]:
     return {"table": run.table, "row": run.row, "run": run.name, "task": run.task, "key": key,
-            "nproc": settings.nproc, "seed": cfg.run.seed, "iterations": cfg.run.iterations,
+            "nproc": run_nproc(run, settings), "seed": cfg.run.seed, "iterations": cfg.run.iterations,
             "grad_accum": cfg.run.grad_accum, "overrides": list(run.overrides)}
 
 
@@ -719,16 +763,17 @@ def _start(run: AblationRun, cfg: Config, key: str, settings: AblationSettings) 
     folder = settings.root / run.name
     folder.mkdir(parents=True, exist_ok=True)
     overrides = run_overrides(run, settings)
-    _write_json(folder / PLAN_FILE, {"key": key, "preset": settings.preset, "nproc": settings.nproc,
+    nproc = run_nproc(run, settings)
+    _write_json(folder / PLAN_FILE, {"key": key, "preset": settings.preset, "nproc": nproc,
                                      "overrides": overrides})
-    return _Job(run, cfg, key, folder, ["--config", settings.preset, *overrides])
+    return _Job(run, cfg, key, folder, ["--config", settings.preset, *overrides], nproc)
 
 
-def _describe(job: _Job, settings: AblationSettings) -> str:
+def _describe(job: _Job) -> str:
     start = _checkpoint_iteration(job.folder)
     what = f"resuming from iteration {start} of" if start is not None else "training"
     return (f"{job.run.name}: {what} {job.cfg.run.iterations} iterations x {job.cfg.run.grad_accum} batch(es), "
-            f"{settings.nproc} process(es), then evaluating {', '.join(job.cfg.tasks.names())}")
+            f"{job.nproc} process(es), then evaluating {', '.join(job.cfg.tasks.names())}")
 
 
 def _finish(job: _Job, settings: AblationSettings, keep_checkpoints: bool, wall_seconds: float) -> dict[str, Any]:
@@ -748,8 +793,8 @@ def _finish(job: _Job, settings: AblationSettings, keep_checkpoints: bool, wall_
 
 def run_ablation(run: AblationRun, settings: AblationSettings, keep_checkpoints: bool = True,
                  log: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Train and evaluate one run in this process (``torchrun`` when ``settings.nproc`` > 1) unless its result is
-    already there; returns its ``result.json`` content.
+    """Train and evaluate one run in this process (``torchrun`` when it has more than one process,
+    :func:`run_nproc`) unless its result is already there; returns its ``result.json`` content.
 
     Args:
         run: the run (from :func:`plan_runs`).
@@ -765,17 +810,17 @@ def run_ablation(run: AblationRun, settings: AblationSettings, keep_checkpoints:
     """
     say = log or (lambda message: None)
     cfg = build_config(run, settings)
-    key = run_key(cfg, settings.nproc)
+    key = run_key(cfg, run_nproc(run, settings))
     reused = _reuse(run, cfg, key, settings, say)
     if reused is not None:
         return reused
     job = _start(run, cfg, key, settings)
-    say(_describe(job, settings))
+    say(_describe(job))
     start = time.perf_counter()
-    if settings.nproc == 1:
+    if job.nproc == 1:
         _train_in_process(cfg, job.argv, settings.threads)
     else:
-        _train_with_torchrun(cfg, job.argv, settings.nproc, settings.threads)
+        _train_with_torchrun(cfg, job.argv, job.nproc, settings.threads)
     record = _finish(job, settings, keep_checkpoints, time.perf_counter() - start)
     say(f"{run.name}: done in {record['wall_seconds']:.0f} s")
     return record
@@ -843,7 +888,11 @@ def _exit_meaning(code: int) -> str:
 
 
 class _Scheduler:
-    """Trains the runs that need it, up to ``slots`` processes at a time (see :func:`run_ablations`)."""
+    """Trains the runs that need it, up to ``slots`` processes at a time (see :func:`run_ablations`).
+
+    A run of ``n`` processes (:func:`run_nproc`) takes ``n`` slots, so a two-process run of Tab. 4 counts twice. A
+    run never waits for more slots than exist: one of more processes than there are slots takes them all and
+    starts once nothing else runs (alone, so its processes are the only ones busy, though more than ``slots``)."""
 
     def __init__(self, runs: Sequence[AblationRun], settings: AblationSettings, slots: int, keep_checkpoints: bool,
                  say: Callable[[str], None], progress: bool, poll_seconds: float, in_process: bool):
@@ -857,7 +906,8 @@ class _Scheduler:
         self.in_process = in_process
         # every config first: a bad override fails here, before anything trains
         self.configs = {run.name: build_config(run, settings) for run in self.runs}
-        self.keys = {name: run_key(cfg, settings.nproc) for name, cfg in self.configs.items()}
+        self.nprocs = {run.name: run_nproc(run, settings) for run in self.runs}
+        self.keys = {name: run_key(cfg, self.nprocs[name]) for name, cfg in self.configs.items()}
         self._data_ready = False
 
     def run(self) -> dict[str, dict[str, Any]]:
@@ -887,7 +937,7 @@ class _Scheduler:
                             pending.remove(run)
                             results[run.name] = record
                             continue
-                        need = min(self.settings.nproc, self.slots)   # more processes than slots: runs alone
+                        need = min(self.nprocs[run.name], self.slots)   # more processes than slots: runs alone
                         if len(free) < need:
                             continue
                         taken, free = free[:need], free[need:]
@@ -936,7 +986,7 @@ class _Scheduler:
         return ordered
 
     def _launch(self, job: _Job, slots: list[int]) -> Any:
-        self.say(_describe(job, self.settings) + ("" if self.in_process else f"; log {job.log_path}"))
+        self.say(_describe(job) + ("" if self.in_process else f"; log {job.log_path}"))
         self.progress.start(job, slots[0])
         if self.in_process:
             return self._train_here(job)
@@ -948,7 +998,7 @@ class _Scheduler:
             gpus = _visible_gpus() or [0]
             devices = [gpus[slot % len(gpus)] for slot in slots]
         threads = self.settings.threads if self.settings.threads is not None else 1
-        return _launch_training(job.cfg, job.argv, self.settings.nproc, threads, devices, job.log_path)
+        return _launch_training(job.cfg, job.argv, job.nproc, threads, devices, job.log_path)
 
     def _train_here(self, job: _Job) -> _Done:
         """Train in this process (``parallel`` 1), the progress bar advanced by a watcher thread meanwhile."""
@@ -963,10 +1013,10 @@ class _Scheduler:
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         try:
-            if self.settings.nproc == 1:
+            if job.nproc == 1:
                 _train_in_process(job.cfg, job.argv, self.settings.threads)
             else:
-                _train_with_torchrun(job.cfg, job.argv, self.settings.nproc, self.settings.threads)
+                _train_with_torchrun(job.cfg, job.argv, job.nproc, self.settings.threads)
             return _Done(0)
         except Exception as error:   # noqa: BLE001 - reported with the run's name once the others are done
             return _Done(1, f"{type(error).__name__}: {error}")
@@ -1008,11 +1058,13 @@ def run_ablations(runs: Sequence[AblationRun], settings: AblationSettings, keep_
     ``result.json`` content of :func:`run_ablation`), in the order of ``runs``.
 
     Runs go side by side up to ``parallel`` processes (:func:`resolve_parallel`: the argument, else
-    ``settings.parallel``, else one per GPU or ``cpu_count // threads``); a run takes ``settings.nproc`` of them
-    (a run needing more than ``parallel`` runs alone). Each is a subprocess ``python -m uniperceiver_v2.train
-    --resume ...`` (``torchrun`` when ``nproc`` > 1) with ``OMP_NUM_THREADS=threads`` (1 unless set) and, on CUDA,
-    its own GPUs; its output goes to ``<run folder>/train.log``. With ``parallel`` 1 the runs train one after the
-    other in this process instead (:func:`run_ablation`); the results are the same either way.
+    ``settings.parallel``, else one per GPU or ``cpu_count // threads``); a run takes as many of them as it has
+    processes, :func:`run_nproc` (``settings.nproc``, at least 2 in Tab. 4), and a run of more processes than
+    ``parallel`` starts alone, once nothing else runs. Each is a subprocess ``python -m uniperceiver_v2.train
+    --resume ...`` (``torchrun`` when it has more than one process) with ``OMP_NUM_THREADS=threads`` (1 unless set)
+    per process and, on CUDA, its own GPUs; its output goes to ``<run folder>/train.log``. With ``parallel`` 1 the
+    runs train one after the other from this process instead (:func:`run_ablation`; a run of several processes
+    through ``torchrun``); the results are the same either way.
 
     * A finished run is reused (its ``result.json``); a run of the same key as a finished one shares its result,
       and one of the same key as a run under way waits for it and then shares it: nothing trains twice.
@@ -1159,8 +1211,12 @@ class TableReport:
 
 def table_report(key: str, results: Mapping[str, Mapping[str, Any]], rows: Sequence[str] | None = None,
                  nproc: int = 1) -> TableReport:
-    """Our table ``key`` (rows from ``results``, see :func:`table_rows`) next to the paper's, with notes."""
+    """Our table ``key`` (rows from ``results``, see :func:`table_rows`) next to the paper's, with notes.
+
+    ``nproc`` is the study's ``AblationSettings.nproc``; the table's runs had ``max(nproc, table.min_nproc)``
+    processes (:func:`run_nproc`), which the notes say where it is more."""
     table = _table(key)
+    study_nproc, nproc = nproc, max(nproc, table.min_nproc)
     ours = table_rows(key, results, rows)
     side_by_side = ours_vs_paper(ours, table.paper, {name: table.paper_rows.get(name) for name in ours})
     notes = [f"{name}: {table.row(name).note}" for name in ours if table.row(name).note]
@@ -1170,6 +1226,9 @@ def table_report(key: str, results: Mapping[str, Mapping[str, Any]], rows: Seque
     if key == "tab4" and nproc == 1 and {"unmixed", "unmixed + gather"} & set(ours):
         notes.append("with one process Gather Feature has nothing to gather: 'unmixed' and 'unmixed + gather' "
                      "train identically (run with nproc > 1 to measure it)")
+    if ours and nproc > study_nproc:
+        notes.append(f"every row trains on {nproc} processes (torchrun; this table's min_nproc), the study's "
+                     f"other runs on {study_nproc}")
     grad_accum = math.ceil(table.slots_per_iteration / nproc)
     if not ours:
         notes.append(f"not run in this profile (only the paper's numbers); tables=[{key!r}] runs it")
