@@ -150,8 +150,8 @@ def test_object_count_is_all_reduced_only_when_synchronized(monkeypatch):
     """Under mixed sampling another rank may run another task in the same micro-batch, so the count's all-reduce
     would pair with that rank's gradient all-reduce (a collective mismatch): the model then keeps counts local."""
     import torch.distributed as dist
-
     from helpers import tiny_config, tiny_model
+
     from uniperceiver_v2.modeling.proposal_criterion import num_objects_global
 
     reduced = []
