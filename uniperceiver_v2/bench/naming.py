@@ -75,13 +75,11 @@ def naming_rates(model, cfg, split: str, images: int, batch_size: int = 4, iou: 
 
 
 def _group(name: str) -> str:
-    if name.startswith("image_encoder.backbone"):
-        return "backbone"
-    if name.startswith("image_encoder.region_proposals"):
-        return "proposal network"
-    if name.startswith("decoder"):
-        return "unified decoder"
-    return "other"
+    """``bench gradients``' group of the parameter, its finer groups beyond these three folded into "other"."""
+    from uniperceiver_v2.bench.gradients import parameter_group
+
+    group = parameter_group(name)
+    return group if group in GRADIENT_GROUPS else "other"
 
 
 GRADIENT_GROUPS = ("backbone", "proposal network", "unified decoder", "other")
