@@ -84,3 +84,31 @@ def test_loss_table_averages_the_windows_of_each_side_and_reports_the_seed_sprea
     assert "0.750" in out.getvalue() and "0.500" in out.getvalue()       # new / old
     with pytest.raises(ValueError, match="no mlm record"):
         speed.loss_table(old_a, new, at=(100,), window=10, out=io.StringIO())
+
+
+def test_threads_option_gives_each_side_its_own_thread_count_and_restores_it(synthetic_root, monkeypatch):
+    seen: dict[str, list[int]] = {"tiny": [], "other": []}
+    build = speed.build_trainer
+
+    def recording_build(config, overrides, folder):
+        trainer = build(config if config == "tiny" else "tiny", overrides, folder)
+        step = trainer.train_step
+
+        def train_step(iteration):
+            seen[config].append(torch.get_num_threads())
+            return step(iteration)
+
+        trainer.train_step = train_step
+        return trainer
+
+    monkeypatch.setattr(speed, "build_trainer", recording_build)
+    before = torch.get_num_threads()
+    args = argparse.Namespace(old="tiny", new="other", iterations=2, warmup=0, threads=[2, 1],
+                              overrides=[f"data.root={synthetic_root}", *SMALL])
+    out = io.StringIO()
+    speed.run(args, out=out)
+    assert seen == {"tiny": [2, 2], "other": [1, 1]}
+    assert torch.get_num_threads() == before
+    assert "torch threads: old 2, new 1" in out.getvalue()
+    with pytest.raises(SystemExit):
+        speed.main(["--old", "tiny", "--new", "tiny", "--threads", "0", "1"])

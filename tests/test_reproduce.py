@@ -9,6 +9,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -235,3 +236,18 @@ def test_p_overrides_reach_the_notebook_through_papermill(tmp_path):
         assert _run(notebooks, tmp_path / "runs", "--only", "00", "-p", "iterations", "5", "-p", "quick", "false") == 0
     saved = json.loads((tmp_path / "runs" / "quick" / "results" / "00_parameters.json").read_text())
     assert saved["iterations"] == 5 and saved["total"] == 10 and saved["quick"] is False
+
+
+def test_kernel_threads_sets_omp_num_threads_only_while_a_kernel_starts_and_never_overrides_it(monkeypatch):
+    kernel_threads = reproduce.kernel_threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with kernel_threads(1):
+        assert os.environ["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in os.environ
+    with kernel_threads(None):
+        assert "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")         # the user's choice wins
+    with kernel_threads(1):
+        assert os.environ["OMP_NUM_THREADS"] == "4"
+    assert os.environ["OMP_NUM_THREADS"] == "4"
+    assert {p["threads"] for name, p in reproduce.PROFILES.items() if name != "paper"} == {1}

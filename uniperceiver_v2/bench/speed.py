@@ -14,6 +14,9 @@ decoder (summed over calls), the rest of the forward (losses, matching, target e
 step, and what is left (gradient norm, zero_grad, logging).
 
 Run it with one torch thread (``OMP_NUM_THREADS=1``, as the small reproduction trains) and nothing else on the core.
+``--threads OLD NEW`` instead gives each side its own number of torch threads (``torch.set_num_threads`` before each
+of its steps), e.g. ``--old tiny --new tiny --threads 2 1``: the same config with two threads against one, the
+question of how to use a small CPU.
 
     python -m uniperceiver_v2.bench speed --runs OLD_RUN[,OLD_RUN2] NEW_RUN[,NEW_RUN2] [--at 100 200 400]
         [--window 50] [--plot FILE]
@@ -132,6 +135,8 @@ def _parts(seconds: dict[str, float], total: float) -> dict[str, float]:
 def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, dict[str, float]]:
     """Time both configs; print and return {task or "mix": {"old_s", "new_s", "ratio"}} (plus the parts)."""
     labels = ("old", "new")
+    threads = None if getattr(args, "threads", None) is None else dict(zip(labels, args.threads))
+    previous_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as old_dir, tempfile.TemporaryDirectory() as new_dir:
         trainers = {"old": build_trainer(args.old, args.overrides, old_dir),
                      "new": build_trainer(args.new, args.overrides, new_dir)}
@@ -148,6 +153,8 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, dict[str, float]]
                 task = trainers["new"].plan(iteration)[0]
                 for label in labels:
                     stepping[0] = label
+                    if threads is not None:
+                        torch.set_num_threads(threads[label])
                     clocks[label].seconds = {}
                     tick = time.perf_counter()
                     trainers[label].train_step(iteration)
@@ -156,10 +163,13 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, dict[str, float]]
                         totals.setdefault(task, {"old": [], "new": []})[label].append(seconds)
                         parts.setdefault(task, {"old": [], "new": []})[label].append(
                             _parts(clocks[label].seconds, seconds))
+    torch.set_num_threads(previous_threads)
     rows: dict[str, dict[str, float]] = {}
     print(f"old: {args.old}   new: {args.new}   overrides: {' '.join(args.overrides) or '-'}", file=out)
-    print(f"{args.iterations} iterations timed after {args.warmup} warm-up, alternating old / new, "
-          f"{torch.get_num_threads()} torch thread(s)", file=out)
+    thread_note = (f"{torch.get_num_threads()} torch thread(s)" if threads is None
+                   else f"torch threads: old {threads['old']}, new {threads['new']}")
+    print(f"{args.iterations} iterations timed after {args.warmup} warm-up, alternating old / new, {thread_note}",
+          file=out)
     print(f"{'task':<16}{'iters':>6}{'old s/it':>10}{'new s/it':>10}{'old/new':>9}", file=out)
     for task in sorted(totals):
         old_s, new_s = (statistics.median(totals[task][label]) for label in labels)
@@ -277,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", help="with --runs: a PNG of both runs' per-task curves")
     parser.add_argument("--iterations", type=int, default=40, help="timed iterations (default 40)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
+    parser.add_argument("--threads", nargs=2, type=int, metavar=("OLD", "NEW"),
+                        help="torch threads of each side (default: both the process's, OMP_NUM_THREADS)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides applied to both configs")
     args = parser.parse_intermixed_args(argv)
     if args.runs:
@@ -288,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --old and --new (or --runs OLD_RUN NEW_RUN)")
     if args.iterations < 1 or args.warmup < 0:
         parser.error("--iterations must be >= 1 and --warmup >= 0")
+    if args.threads is not None and min(args.threads) < 1:
+        parser.error(f"--threads: expected two numbers >= 1, got {args.threads}")
     run(args)
     return 0
 

@@ -29,12 +29,16 @@ The hash covers the notebook itself only: after changing a notebook whose output
 (training in 06, evaluated in 07), rerun those with ``--force --only 07 ...``.
 
 The notebooks run in the kernel ``uniperceiver-v2``, which must start *this* interpreter; it is registered in
-``sys.prefix`` on first use (as ``python -m ipykernel install --sys-prefix --name uniperceiver-v2`` would).
+``sys.prefix`` on first use (as ``python -m ipykernel install --sys-prefix --name uniperceiver-v2`` would). Each
+kernel starts with ``OMP_NUM_THREADS`` set to the profile's ``threads`` (1 for the CPU profiles: the tiny model
+trains faster on one torch thread than on two) unless the environment already sets it; the trainers a notebook
+launches inherit it.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import csv
 import datetime as _dt
 import difflib
@@ -48,7 +52,7 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +78,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "ablation_data_profile": None,
         "nproc": 1,                       # processes (one per GPU with --gpus)
         "device": "auto",
+        "threads": 1,                     # torch threads of every notebook kernel and trainer (OMP_NUM_THREADS; a
+                                          # value already in the environment wins): the tiny model's small operators
+                                          # train faster on one thread than on two (docs/benchmarks.md)
         "seed": 0,
         "quick": True,                    # notebooks may shorten demonstrations (fewer samples, smaller grids)
     },
@@ -94,6 +101,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "ablation_data_profile": "quick",
         "nproc": 1,
         "device": "auto",
+        "threads": 1,
         "seed": 0,
         "quick": True,
     },
@@ -110,6 +118,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "ablation_data_profile": None,
         "nproc": 1,
         "device": "auto",
+        "threads": 1,
         "seed": 0,
         "quick": False,
     },
@@ -126,6 +135,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "ablation_data_profile": None,
         "nproc": 16,
         "device": "cuda",
+        "threads": None,                  # torch's default (one per core); the GPUs do the work
         "seed": 0,
         "quick": False,
     },
@@ -587,6 +597,20 @@ def _kernel_config():
     return Config({"KernelManager": {"transport_encryption": "auto"}}) if zmq.has("curve") else Config()
 
 
+@contextlib.contextmanager
+def kernel_threads(threads: int | None) -> Iterator[None]:
+    """``OMP_NUM_THREADS=threads`` in this process's environment while a kernel starts (it inherits it, and so do
+    the trainers it launches), unless the variable is already set or ``threads`` is None; restored afterwards."""
+    if threads is None or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        os.environ.pop("OMP_NUM_THREADS", None)
+
+
 def run_notebook(source: Path, executed: Path, parameters: dict[str, Any], parameters_index: int,
                  kernel_name: str) -> None:
     """Execute one notebook with papermill; raise :class:`NotebookFailed` naming the failing cell."""
@@ -743,7 +767,8 @@ def run_plan(plan: RunPlan, kernel_name: str, force: bool = False, command: str 
         state = update_state(layout, plan.profile, name, entry)
         tick = time.perf_counter()
         try:
-            run_notebook(source, executed, run.parameters, run.parameters_index, kernel_name)
+            with kernel_threads(plan.parameters.get("threads")):
+                run_notebook(source, executed, run.parameters, run.parameters_index, kernel_name)
             if results_path is not None and not results_path.is_file():
                 raise NotebookFailed(name, f"{source.name}: finished but did not write its results to "
                                            f"{results_path} (call save_results(results_path, {{...}}) at the end)")
