@@ -5,6 +5,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROFILE ?= quick
+# Notebooks at once (each its own process, after the notebooks it reads from): two cores run the quick profile's
+# lanes side by side; the small profile's notebook 09 already keeps both cores busy with its own runs.
+JOBS ?= $(if $(filter quick smoke,$(PROFILE)),2,1)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning costs up to 10x.
@@ -26,7 +29,7 @@ install: $(STAMP)
 
 reproduce: $(STAMP)
 	@echo "==> reproduction, profile '$(PROFILE)' (data, notebooks and tables under runs/$(PROFILE))"
-	$(PY) -m uniperceiver_v2.reproduce --profile $(PROFILE)
+	$(PY) -m uniperceiver_v2.reproduce --profile $(PROFILE) --jobs $(JOBS)
 
 test: $(STAMP)
 	@echo "==> running the test suite"

@@ -251,3 +251,58 @@ def test_kernel_threads_sets_omp_num_threads_only_while_a_kernel_starts_and_neve
         assert os.environ["OMP_NUM_THREADS"] == "4"
     assert os.environ["OMP_NUM_THREADS"] == "4"
     assert {p["threads"] for name, p in reproduce.PROFILES.items() if name != "paper"} == {1}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --jobs: notebooks at once, each in its own process, after the notebooks they read from
+# ---------------------------------------------------------------------------------------------------------------
+def test_execution_order_runs_each_notebook_after_what_it_reads_and_otherwise_in_series_order():
+    names = ["00_a", "01_b", "02_pools", "04_gates", "05_e", "06_train", "07_eval", "08_novel", "09_abl", "10_all"]
+    order = reproduce.execution_order(names)
+    assert order == ["00_a", "01_b", "05_e", "06_train", "02_pools", "04_gates", "07_eval", "08_novel", "09_abl",
+                     "10_all"]
+    assert reproduce.prerequisites("07_eval", names) == ["06_train"]
+    assert reproduce.prerequisites("10_all", names) == names[:-1]
+    assert reproduce.prerequisites("02_pools", ["02_pools", "03_x"]) == []     # 06 not selected: no wait
+    assert reproduce.execution_order(["00_a", "01_b", "02_c"]) == ["00_a", "01_b", "02_c"]
+
+
+def test_worker_command_passes_the_profile_output_and_only_the_overrides_its_notebook_declares(tmp_path):
+    notebooks = tmp_path / "notebooks"
+    shutil.copytree(FIXTURES, notebooks)
+    plan = reproduce.plan_run("quick", notebooks, tmp_path / "runs", ["00", "01"], None, {"iterations": 7})
+    commands = {run.source.stem: reproduce.worker_command(plan, run, True, notebooks) for run in plan.notebooks}
+    declares = {run.source.stem: "iterations" in run.parameters for run in plan.notebooks}
+    assert any(declares.values())
+    for name, command in commands.items():
+        assert command[1:3] == ["-m", "uniperceiver_v2.reproduce"]
+        assert command[command.index("--only") + 1] == name[:2]
+        assert command[command.index("--out") + 1] == str((tmp_path / "runs").resolve())
+        assert "--no-summary" in command and command[-1] == "--force"
+        passed = command[command.index("-p"):command.index("-p") + 3] if "-p" in command else []
+        assert passed == (["-p", "iterations", "7"] if declares[name] else [])
+
+
+def test_jobs_runs_notebooks_in_worker_processes_and_records_them_like_one_runner(tmp_path):
+    notebooks = tmp_path / "notebooks"
+    shutil.copytree(FIXTURES, notebooks)
+    out = tmp_path / "runs"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = _run(notebooks, out, "--jobs", "2")
+    assert code == 1                                    # 02 fails on purpose; 00 and 01 complete beside it
+    profile = out / "quick"
+    state = json.loads((profile / "state.json").read_text())["notebooks"]
+    assert state["00_parameters"]["status"] == state["01_numpy_results"]["status"] == "completed"
+    assert state["02_fails_on_purpose"]["status"] == "failed" and state["02_fails_on_purpose"]["cell_index"] == 3
+    assert "failing on purpose" in (profile / "logs" / "02_fails_on_purpose.log").read_text()
+    text = printed.getvalue()
+    assert "up to 2 at once" in text and "02_fails_on_purpose: FAILED" in text and "failing on purpose" in text
+    assert json.loads((profile / "results" / "00_parameters.json").read_text())["profile"] == "quick"
+    summary = (profile / "summary.md").read_text()
+    assert "00_parameters" in summary and "01_numpy_results" in summary
+    # a second run with --jobs skips what completed and retries only the failed notebook
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert _run(notebooks, out, "--jobs", "2", "--only", "00", "01") == 0
+    assert printed.getvalue().count("skipped") == 2

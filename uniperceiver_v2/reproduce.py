@@ -2,6 +2,7 @@
 
     python -m uniperceiver_v2.reproduce --profile small --only 06-08
     python -m uniperceiver_v2.reproduce --only 09 -p tables '["tab2"]' -p keep_checkpoints True
+    python -m uniperceiver_v2.reproduce --profile quick --jobs 2      # two notebooks at once, e.g. on two cores
 
 ``-p NAME VALUE`` (repeatable, as in papermill's command line) sets the notebook parameter ``NAME`` for every
 selected notebook whose cell tagged ``parameters`` assigns it, in place of the profile's value. ``VALUE`` is read
@@ -61,6 +62,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _jobs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of notebooks at once, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m uniperceiver_v2.reproduce",
@@ -80,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="runs", help="output root; results go to OUT/PROFILE (default: runs)")
     parser.add_argument("--notebooks", default="notebooks", help="folder with the NN_name.ipynb series")
     parser.add_argument("--force", action="store_true", help="rerun notebooks even when unchanged")
+    parser.add_argument("--jobs", type=_jobs, default=1,
+                        help="notebooks run at once, each in its own process, a notebook after those it reads from "
+                             "(07 and 08 after 06, ...; default 1: one after another). On a CPU each takes a core: "
+                             "`make reproduce` uses 2 for the quick profile")
+    parser.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)   # the --jobs workers
     return parser
 
 
@@ -91,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {name: parse_parameter_value(value) for name, value in args.parameter}
     try:
         return reproduce(args.profile, args.notebooks, args.out, args.only, args.gpus, args.force, command.strip(),
-                         overrides)
+                         overrides, jobs=args.jobs, summary=not args.no_summary)
     except RunSetupError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -50,10 +50,12 @@ import math
 import os
 import re
 import shlex
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -660,6 +662,8 @@ class RunPlan:
     parameters: dict[str, Any]          # the profile's, with --gpus and -p applied
     notebooks: list[NotebookRun]        # the selected ones, in series order
     series: list[str]                   # every notebook in the folder (the summary lists them all)
+    overrides: dict[str, Any] = field(default_factory=dict)   # the -p values, as given
+    gpus: int | None = None
 
     @property
     def uses_data(self) -> bool:
@@ -699,7 +703,7 @@ def plan_run(profile: str, notebook_dir: str | os.PathLike = "notebooks", out: s
         if name in undeclared:
             raise RunSetupError(_undeclared_override(name, [run.source for run in runs], series, offered))
     load_state(layout)   # a broken state.json is refused now, not after the first notebook
-    plan = RunPlan(profile, layout, offered, runs, [p.stem for p in series])
+    plan = RunPlan(profile, layout, offered, runs, [p.stem for p in series], overrides, gpus)
     if plan.uses_data:
         check_data(plan.parameters)
     return plan
@@ -727,9 +731,13 @@ def _undeclared_override(name: str, selected: Sequence[Path], series: Sequence[P
 
 def reproduce(profile: str, notebook_dir: str | os.PathLike = "notebooks", out: str | os.PathLike = "runs",
               only: Sequence[str] | None = None, gpus: int | None = None, force: bool = False,
-              command: str | None = None, overrides: Mapping[str, Any] | None = None) -> int:
+              command: str | None = None, overrides: Mapping[str, Any] | None = None, jobs: int = 1,
+              summary: bool = True) -> int:
     """Check the run (:func:`plan_run`), prepare the data and the kernel, run the selected notebooks and write the
-    summary. Returns the exit code: 0 = every selected notebook completed, 1 = one failed, 130 = interrupted."""
+    summary. Returns the exit code: 0 = every selected notebook completed, 1 = one failed, 130 = interrupted.
+
+    ``jobs`` > 1 runs that many notebooks at once, each in its own process (:func:`run_plan_parallel`);
+    ``summary=False`` leaves ``summary.md`` to the caller (the parallel runner's workers)."""
     plan = plan_run(profile, notebook_dir, out, only, gpus, overrides)
     try:
         kernel_name = ensure_kernel()
@@ -737,18 +745,50 @@ def reproduce(profile: str, notebook_dir: str | os.PathLike = "notebooks", out: 
         raise RunSetupError(str(exc)) from exc
     if plan.uses_data:
         prepare_data(profile, plan.parameters)
-    return run_plan(plan, kernel_name, force, command)
+    if jobs > 1:
+        return run_plan_parallel(plan, jobs, force, command, notebook_dir)
+    return run_plan(plan, kernel_name, force, command, summary)
 
 
-def run_plan(plan: RunPlan, kernel_name: str, force: bool = False, command: str | None = None) -> int:
-    """Run a checked plan's notebooks in order, skipping those unchanged since they completed; stop at the first
-    failure or at Ctrl-C (recorded as ``interrupted``). Returns the exit code as :func:`reproduce` does."""
+# Notebooks that read what another one leaves behind run after it when both are selected (NN -> the numbers it
+# waits for; "*" = every earlier one): 02 and 04 show the pools and gates of notebook 06's trained model, 07 and 08
+# evaluate it, 10 collects every result. The others only need the data, so they may run in any order or at once.
+RUNS_AFTER: dict[str, tuple[str, ...]] = {"02": ("06",), "04": ("06",), "07": ("06",), "08": ("06",), "10": ("*",)}
+
+
+def prerequisites(name: str, selected: Sequence[str]) -> list[str]:
+    """The selected notebooks (stems) that ``name`` runs after (:data:`RUNS_AFTER`)."""
+    needs = RUNS_AFTER.get(name[:2], ())
+    if "*" in needs:
+        return [other for other in selected if other[:2] < name[:2]]
+    return [other for other in selected if other[:2] in needs and other != name]
+
+
+def execution_order(names: Sequence[str]) -> list[str]:
+    """``names`` (stems, series order) in the order one runner executes them: each after its prerequisites,
+    otherwise in series order (so 02 and 04 follow 06 when 06 is selected)."""
+    order: list[str] = []
+    pending = list(names)
+    while pending:
+        ready = next(name for name in pending if all(p in order for p in prerequisites(name, names)))
+        order.append(ready)
+        pending.remove(ready)
+    return order
+
+
+def run_plan(plan: RunPlan, kernel_name: str, force: bool = False, command: str | None = None,
+             summary: bool = True) -> int:
+    """Run a checked plan's notebooks in :func:`execution_order`, skipping those unchanged since they completed;
+    stop at the first failure or at Ctrl-C (recorded as ``interrupted``). Returns the exit code as
+    :func:`reproduce` does."""
     layout = plan.layout
     state = load_state(layout)
     started = time.perf_counter()
     failure: NotebookFailed | None = None
     interrupted: str | None = None
-    for position, run in enumerate(plan.notebooks, start=1):
+    by_name = {run.source.stem: run for run in plan.notebooks}
+    ordered = [by_name[name] for name in execution_order(list(by_name))]
+    for position, run in enumerate(ordered, start=1):
         source, name, results_path = run.source, run.source.stem, run.results_path
         digest = notebook_hash(run.notebook, run.parameters)
         executed = layout.notebooks / source.name
@@ -792,15 +832,126 @@ def run_plan(plan: RunPlan, kernel_name: str, force: bool = False, command: str 
         print(f"{prefix}: done in {entry['elapsed_s']:.1f} s (elapsed {time.perf_counter() - started:.1f} s)",
               flush=True)
 
-    state = load_state(layout)   # with what other runs of this profile recorded meanwhile
-    md_path, csv_path = write_summary(layout, plan.profile, plan.parameters, state, plan.series, command)
-    print(f"summary: {md_path} and {csv_path}", flush=True)
+    if summary:
+        state = load_state(layout)   # with what other runs of this profile recorded meanwhile
+        md_path, csv_path = write_summary(layout, plan.profile, plan.parameters, state, plan.series, command)
+        print(f"summary: {md_path} and {csv_path}", flush=True)
     if failure is not None:
         print(f"stopped at {failure.notebook}; the notebooks before it are kept (rerun skips them)", flush=True)
         return 1
     if interrupted is not None:
         print(f"interrupted at {interrupted}; the notebooks completed before it are kept: the same command "
               f"skips them and reruns {interrupted}", flush=True)
+        return 130
+    return 0
+
+
+def worker_command(plan: RunPlan, run: NotebookRun, force: bool, notebook_dir: str | os.PathLike) -> list[str]:
+    """The command that runs one notebook of ``plan`` on its own: this runner for ``--only NN`` with the plan's
+    profile, output, ``--gpus`` and the ``-p`` values that notebook declares, and no summary of its own."""
+    command = [sys.executable, "-m", "uniperceiver_v2.reproduce", "--profile", plan.profile,
+               "--out", str(plan.layout.root.parent), "--notebooks", str(Path(notebook_dir).resolve()),
+               "--only", run.source.stem[:2], "--no-summary"]
+    if plan.gpus is not None:
+        command += ["--gpus", str(plan.gpus)]
+    for name, value in plan.overrides.items():
+        if name in run.parameters:
+            command += ["-p", name, repr(value)]     # repr: read back as the same Python literal
+    if force:
+        command.append("--force")
+    return command
+
+
+def run_plan_parallel(plan: RunPlan, jobs: int, force: bool = False, command: str | None = None,
+                      notebook_dir: str | os.PathLike = "notebooks", poll: float = 0.5) -> int:
+    """Run a checked plan's notebooks ``jobs`` at a time, each in its own process (:func:`worker_command`, its
+    output in ``<profile>/logs/NN_name.log``), a notebook starting once its prerequisites (:data:`RUNS_AFTER`) have
+    completed. After a failure or Ctrl-C no new notebook starts and the running ones finish (or, interrupted,
+    record where they stopped); the summary is written at the end. Returns the exit code as :func:`reproduce`."""
+    layout = plan.layout
+    logs = layout.root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    by_name = {run.source.stem: run for run in plan.notebooks}
+    names = list(by_name)
+    pending = execution_order(names)
+    running: dict[str, tuple[subprocess.Popen, float, Path]] = {}
+    completed: set[str] = set()
+    failed: list[str] = []
+    interrupted: list[str] = []
+    started = time.perf_counter()
+    total = len(names)
+    print(f"{total} notebook(s), up to {jobs} at once, one process each (output in {logs})", flush=True)
+
+    def launch_ready() -> None:
+        while pending and len(running) < jobs and not failed and not interrupted:
+            name = next((n for n in pending if all(p in completed for p in prerequisites(n, names))), None)
+            if name is None:
+                return
+            pending.remove(name)
+            run = by_name[name]
+            entry = load_state(layout)["notebooks"].get(name)
+            digest = notebook_hash(run.notebook, run.parameters)
+            if not force and _is_up_to_date(entry, digest, layout.notebooks / run.source.name, run.results_path):
+                print(f"[{total - len(pending)}/{total}] {name}: unchanged since {entry.get('finished')}, skipped",
+                      flush=True)
+                completed.add(name)
+                continue
+            log = logs / f"{name}.log"
+            with open(log, "w") as handle:
+                process = subprocess.Popen(worker_command(plan, run, force, notebook_dir), stdout=handle,
+                                           stderr=subprocess.STDOUT, cwd=os.getcwd())
+            running[name] = (process, time.perf_counter(), log)
+            print(f"[{total - len(pending)}/{total}] {name}: running ... (log {log})", flush=True)
+
+    def reap() -> None:
+        for name, (process, tick, log) in list(running.items()):
+            code = process.poll()
+            if code is None:
+                continue
+            del running[name]
+            seconds = time.perf_counter() - tick
+            if code == 0:
+                completed.add(name)
+                print(f"{name}: done in {seconds:.1f} s (elapsed {time.perf_counter() - started:.1f} s)",
+                      flush=True)
+            elif code in (130, -signal.SIGINT):
+                interrupted.append(name)
+                print(f"{name}: INTERRUPTED after {seconds:.1f} s (log {log})", flush=True)
+            else:
+                failed.append(name)
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-12:])
+                print(f"{name}: FAILED after {seconds:.1f} s (exit code {code}); the end of {log}:\n{tail}",
+                      flush=True)
+
+    try:
+        launch_ready()
+        while running:
+            time.sleep(poll)
+            reap()
+            launch_ready()
+    except KeyboardInterrupt:
+        for process, _, _ in running.values():      # in a terminal they have had the SIGINT already
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+        for name, (process, _, _) in list(running.items()):
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            interrupted.append(name)
+        running.clear()
+    state = load_state(layout)
+    md_path, csv_path = write_summary(layout, plan.profile, plan.parameters, state, plan.series, command)
+    print(f"summary: {md_path} and {csv_path}", flush=True)
+    not_run = [name for name in pending if name not in completed]
+    if failed:
+        print(f"stopped after {', '.join(failed)} failed" + (f"; not run: {', '.join(not_run)}" if not_run else "")
+              + "; completed notebooks are kept (rerun skips them)", flush=True)
+        return 1
+    if interrupted:
+        print(f"interrupted in {', '.join(interrupted)}; the notebooks completed before are kept: the same command "
+              "skips them and reruns the rest", flush=True)
         return 130
     return 0
 
