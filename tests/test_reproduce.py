@@ -306,3 +306,11 @@ def test_jobs_runs_notebooks_in_worker_processes_and_records_them_like_one_runne
     with contextlib.redirect_stdout(printed):
         assert _run(notebooks, out, "--jobs", "2", "--only", "00", "01") == 0
     assert printed.getvalue().count("skipped") == 2
+
+
+def test_the_notebooks_readme_states_each_profiles_training_length():
+    readme = (Path(__file__).parents[1] / "notebooks" / "README.md").read_text()
+    rows = {cells[1].strip(" `"): cells[4].strip() for cells in (line.split("|") for line in readme.splitlines())
+            if len(cells) > 7 and cells[1].strip(" `") in reproduce.PROFILES}
+    for name, parameters in reproduce.PROFILES.items():
+        assert int(rows[name].replace(" ", "")) == parameters["iterations"], name
