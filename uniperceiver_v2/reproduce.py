@@ -52,24 +52,19 @@ def parse_parameter_value(text: str) -> Any:
         return text
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of GPUs, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1 GPU, got {value}")
-    return value
+def _at_least_one(what: str):
+    """An argparse type: an integer >= 1, the error naming ``what`` it counts."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of {what}, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected at least 1 ({what}), got {value}")
+        return value
 
-def _jobs(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of notebooks at once, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
-    return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,11 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "value (repeatable). VALUE is read as papermill -p reads it: True/False/None, numbers, "
                              "Python literals such as [1, 2]; anything else is text. A NAME no selected notebook "
                              "declares, or a VALUE of another type than the notebook's default, is an error")
-    parser.add_argument("--gpus", type=_positive_int, help="processes = GPUs to use (sets nproc, device=cuda)")
+    parser.add_argument("--gpus", type=_at_least_one("GPUs"), help="processes = GPUs to use (sets nproc, device=cuda)")
     parser.add_argument("--out", default="runs", help="output root; results go to OUT/PROFILE (default: runs)")
     parser.add_argument("--notebooks", default="notebooks", help="folder with the NN_name.ipynb series")
     parser.add_argument("--force", action="store_true", help="rerun notebooks even when unchanged")
-    parser.add_argument("--jobs", type=_jobs, default=1,
+    parser.add_argument("--jobs", type=_at_least_one("notebooks at once"), default=1,
                         help="notebooks run at once, each in its own process, a notebook after those it reads from "
                              "(07 and 08 after 06, ...; default 1: one after another). On a CPU each takes a core: "
                              "`make reproduce` uses 2 for the quick profile")
