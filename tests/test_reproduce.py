@@ -314,3 +314,12 @@ def test_the_notebooks_readme_states_each_profiles_training_length():
             if len(cells) > 7 and cells[1].strip(" `") in reproduce.PROFILES}
     for name, parameters in reproduce.PROFILES.items():
         assert int(rows[name].replace(" ", "")) == parameters["iterations"], name
+
+
+def test_the_parallel_runner_starts_the_notebook_others_wait_for_first():
+    names = ["00_a", "01_b", "02_pools", "03_c", "04_gates", "06_train", "07_eval", "08_novel", "09_abl", "10_all"]
+    assert reproduce.dependents("06_train", names) == 5                 # 02, 04, 07, 08 and 10
+    assert reproduce.dependents("09_abl", names) == 1 and reproduce.dependents("10_all", names) == 0
+    order = reproduce.start_order(names)
+    assert order[0] == "06_train" and order[-1] == "10_all"
+    assert order.index("02_pools") > order.index("06_train") and order.index("00_a") < order.index("01_b")

@@ -776,6 +776,24 @@ def execution_order(names: Sequence[str]) -> list[str]:
     return order
 
 
+def dependents(name: str, names: Sequence[str]) -> int:
+    """How many of ``names`` wait for ``name``, directly or through others (06: 02, 04, 07, 08 and 10)."""
+    waiting, frontier = set(), {name}
+    while frontier:
+        frontier = {other for other in names
+                    if other not in waiting and frontier & set(prerequisites(other, names))}
+        waiting |= frontier
+    return len(waiting)
+
+
+def start_order(names: Sequence[str]) -> list[str]:
+    """The order in which the parallel runner considers starting notebooks: :func:`execution_order`, with the
+    notebooks that others wait for first (most waiting first), so the long chain (06, then 07 and 08) starts at once
+    and the independent notebooks fill the other lanes."""
+    order = execution_order(names)
+    return sorted(order, key=lambda name: (-dependents(name, names), order.index(name)))
+
+
 def run_plan(plan: RunPlan, kernel_name: str, force: bool = False, command: str | None = None,
              summary: bool = True) -> int:
     """Run a checked plan's notebooks in :func:`execution_order`, skipping those unchanged since they completed;
@@ -873,7 +891,7 @@ def run_plan_parallel(plan: RunPlan, jobs: int, force: bool = False, command: st
     logs.mkdir(parents=True, exist_ok=True)
     by_name = {run.source.stem: run for run in plan.notebooks}
     names = list(by_name)
-    pending = execution_order(names)
+    pending = start_order(names)
     running: dict[str, tuple[subprocess.Popen, float, Path]] = {}
     completed: set[str] = set()
     failed: list[str] = []
