@@ -851,9 +851,7 @@ def run_plan(plan: RunPlan, kernel_name: str, force: bool = False, command: str 
               flush=True)
 
     if summary:
-        state = load_state(layout)   # with what other runs of this profile recorded meanwhile
-        md_path, csv_path = write_summary(layout, plan.profile, plan.parameters, state, plan.series, command)
-        print(f"summary: {md_path} and {csv_path}", flush=True)
+        _summarise(plan, command)
     if failure is not None:
         print(f"stopped at {failure.notebook}; the notebooks before it are kept (rerun skips them)", flush=True)
         return 1
@@ -862,6 +860,14 @@ def run_plan(plan: RunPlan, kernel_name: str, force: bool = False, command: str 
               f"skips them and reruns {interrupted}", flush=True)
         return 130
     return 0
+
+
+def _summarise(plan: RunPlan, command: str | None) -> None:
+    """Write ``summary.md`` / ``summary.csv`` from the state as it is now (with what other runs of this profile
+    recorded meanwhile) and say where they are."""
+    state = load_state(plan.layout)
+    md_path, csv_path = write_summary(plan.layout, plan.profile, plan.parameters, state, plan.series, command)
+    print(f"summary: {md_path} and {csv_path}", flush=True)
 
 
 def worker_command(plan: RunPlan, run: NotebookRun, force: bool, notebook_dir: str | os.PathLike) -> list[str]:
@@ -959,9 +965,7 @@ def run_plan_parallel(plan: RunPlan, jobs: int, force: bool = False, command: st
                 process.wait()
             interrupted.append(name)
         running.clear()
-    state = load_state(layout)
-    md_path, csv_path = write_summary(layout, plan.profile, plan.parameters, state, plan.series, command)
-    print(f"summary: {md_path} and {csv_path}", flush=True)
+    _summarise(plan, command)
     not_run = [name for name in pending if name not in completed]
     if failed:
         print(f"stopped after {', '.join(failed)} failed" + (f"; not run: {', '.join(not_run)}" if not_run else "")
