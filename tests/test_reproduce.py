@@ -322,4 +322,8 @@ def test_the_parallel_runner_starts_the_notebook_others_wait_for_first():
     assert reproduce.dependents("09_abl", names) == 1 and reproduce.dependents("10_all", names) == 0
     order = reproduce.start_order(names)
     assert order[0] == "06_train" and order[-1] == "10_all"
-    assert order.index("02_pools") > order.index("06_train") and order.index("00_a") < order.index("01_b")
+    assert order.index("02_pools") > order.index("06_train")
+    # of the notebooks that wait for 06, the longer first: 07 (evaluation) before the short 02, 04 and 08; the
+    # independent ones in series order
+    assert order.index("07_eval") < min(order.index(n) for n in ("02_pools", "04_gates", "08_novel"))
+    assert order.index("00_a") < order.index("01_b") < order.index("03_c") < order.index("09_abl")

@@ -786,12 +786,24 @@ def dependents(name: str, names: Sequence[str]) -> int:
     return len(waiting)
 
 
+# Seconds each notebook took in the quick profile with two jobs (docs/benchmarks.md, "The quick profile with two
+# notebooks at once"): only their order matters, to start the longer of two ready notebooks first.
+TYPICAL_SECONDS: dict[str, float] = {"00": 31, "01": 99, "02": 44, "03": 34, "04": 50, "05": 49, "06": 1259,
+                                     "07": 204, "08": 62, "09": 228, "10": 24}
+
+
 def start_order(names: Sequence[str]) -> list[str]:
     """The order in which the parallel runner considers starting notebooks: :func:`execution_order`, with the
-    notebooks that others wait for first (most waiting first), so the long chain (06, then 07 and 08) starts at once
-    and the independent notebooks fill the other lanes."""
+    notebooks that others wait for first (most waiting first), so the long chain (06, then 07 and 08) starts at once.
+    Of the notebooks that wait for others (and so become ready together), the longer first (:data:`TYPICAL_SECONDS`):
+    after 06, notebook 07 starts at once while the short 02, 04 and 08 share the other lane, instead of 07 queueing
+    behind them. The independent ones keep the series order (09 last: it waits for 06's backbone pre-training)."""
     order = execution_order(names)
-    return sorted(order, key=lambda name: (-dependents(name, names), order.index(name)))
+
+    def length(name: str) -> float:
+        return TYPICAL_SECONDS.get(name[:2], 0.0) if prerequisites(name, names) else 0.0
+
+    return sorted(order, key=lambda name: (-dependents(name, names), -length(name), order.index(name)))
 
 
 def run_plan(plan: RunPlan, kernel_name: str, force: bool = False, command: str | None = None,

@@ -12,6 +12,7 @@ The run lives in ``{run_dir}/train`` (:func:`training_dir`), where notebooks 07 
 from __future__ import annotations
 
 import codecs
+import fcntl
 import math
 import os
 import re
@@ -60,17 +61,22 @@ def pretrained_backbone(preset: str, run_dir: str | os.PathLike, iterations: int
     out = project_path(run_dir) / "backbone" / "backbone.safetensors"
     summary_path = out.with_name(out.name + ".json")
     wanted = {"preset": str(preset), "seed": seed, "iterations": iterations}
-    if out.is_file() and summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        if {key: summary.get(key) for key in wanted} == wanted:
-            return out, summary
-    cfg = load_config(str(preset), [f"data.root={project_path(data_root)}", f"run.seed={seed}",
-                                    f"run.device={device}",
-                                    f"data.synthetic_profile={'null' if data_profile is None else data_profile}"])
-    summary = pretrain_backbone(cfg, out, iterations=iterations, progress=progress)
-    summary.update(wanted)
-    summary_path.write_text(json.dumps(summary, indent=1))
-    return out, summary
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Notebooks 06 and 09 both need it and may run at once (reproduce --jobs): the second waits for the first's
+    # pre-training and then reads its file instead of training a second copy over it.
+    with open(out.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.is_file() and summary_path.is_file():
+            summary = json.loads(summary_path.read_text())
+            if {key: summary.get(key) for key in wanted} == wanted:
+                return out, summary
+        cfg = load_config(str(preset), [f"data.root={project_path(data_root)}", f"run.seed={seed}",
+                                        f"run.device={device}",
+                                        f"data.synthetic_profile={'null' if data_profile is None else data_profile}"])
+        summary = pretrain_backbone(cfg, out, iterations=iterations, progress=progress)
+        summary.update(wanted)
+        summary_path.write_text(json.dumps(summary, indent=1))
+        return out, summary
 
 
 @dataclass
