@@ -202,14 +202,19 @@ def test_profile_plan():
     quick = A.profile_plan("quick")
     assert set(quick) == {"tab2", "tab4"} and all(len(rows) >= 2 for rows in quick.values())
     assert A.profile_plan("paper") == {key: tuple(r.name for r in t.rows) for key, t in A.TABLES.items()}
+    # the small profile: Tab. 2 and Tab. 3's MoE question, four distinct trainings (the full model shared), five
+    # with the baseline's second seed
     small = A.profile_plan("small")
-    assert set(small) == set(A.TABLES) and small["tab3"] == ("All Tasks", "All Tasks w/ MoE")
-    assert "ImageNet image backbone" in small["tab5"] and "random image backbone" not in small["tab5"]
-    # Eleven distinct trainings with nproc 1: the full model is shared by Tab. 2 and 3; Tab. 4's rows run on two
-    # processes (so "unmixed + gather" gathers and is its own run) with 2 batches per iteration, so its full model is
-    # its own, and Tab. 5's rows train the text encoder that the preset freezes, so its pre-trained row is its own too.
-    small_runs = A.plan_runs(small)
+    assert small == {"tab2": ("Global", "Regional", "Global + Regional"), "tab3": ("All Tasks", "All Tasks w/ MoE")}
     settings = _settings(Path("/tmp"))
+    assert len({_key(run, settings) for run in A.plan_runs(small, settings)}) == 5
+    # Adding Tab. 4 and 5 (tables=[...] or a plan like this one): eleven distinct trainings with nproc 1. The full
+    # model is shared by Tab. 2 and 3; Tab. 4's rows run on two processes (so "unmixed + gather" gathers and is its
+    # own run) with 2 batches per iteration, so its full model is its own, and Tab. 5's rows train the text encoder
+    # that the preset freezes, so its pre-trained row is its own too.
+    small = {**small, "tab4": tuple(row.name for row in A.TABLES["tab4"].rows),
+             "tab5": ("pre-trained text encoder", "random text encoder", "ImageNet image backbone")}
+    small_runs = A.plan_runs(small)
     assert len({_key(run, settings) for run in small_runs}) == 11
     assert len({_old_key(run, settings) for run in small_runs}) == 10     # before: "unmixed + gather" = "unmixed"
     # with the baseline at a second seed for the noise band: one more

@@ -290,18 +290,16 @@ _SHORT_PLAN = {
 PROFILE_PLANS: dict[str, dict[str, tuple[str, ...]]] = {
     "smoke": _SHORT_PLAN,
     "quick": _SHORT_PLAN,
-    # With nproc 1: the full model is shared by Tab. 2 and 3; Tab. 4's rows run on two processes (min_nproc) with
-    # 2 batches per iteration, "unmixed + gather" its own run; plus the baseline at a second seed
-    # (AblationSettings.noise_seeds). Eight of these runs took 4436 s on one CPU core at 400 batches each (measured
-    # 2026-11-29, when Tab. 4 ran on one process with 4 batches per iteration); the ImageNet backbone costs about
-    # twice a tiny_convnet run per iteration. Tab. 3's leave-one-out and single-task rows (eight more runs) and
-    # Tab. 5's random image backbone (no counterpart in the paper) are left to tables=[...]; Tab. 3's MoE question
-    # ("All Tasks" vs "All Tasks w/ MoE") is here.
+    # Length before breadth: five runs of the real tiny model, two at a time on two cores, each long enough for
+    # detection and captioning to start (ablation_iterations of the profile), fit notebook 09's 120 minutes: Tab. 2
+    # (global / regional / both), Tab. 3's MoE question ("All Tasks" without the MoE; "w/ MoE" is the full model,
+    # shared with Tab. 2) and the full model at a second seed for the noise band. Tab. 4's rows train on two processes
+    # each and Tab. 5's train the text encoder the preset freezes (~1.7x the time per batch), so each of those tables
+    # roughly doubles the study: tables=["tab2", "tab3", "tab4", "tab5"] adds them (docs/benchmarks.md, "Notebook 09
+    # in the small profile").
     "small": {
         "tab2": ("Global", "Regional", "Global + Regional"),
         "tab3": ("All Tasks", "All Tasks w/ MoE"),
-        "tab4": ("mixed", "unmixed", "unmixed + gather", "unmixed + gather + MT-AdamW"),
-        "tab5": ("pre-trained text encoder", "random text encoder", "ImageNet image backbone"),
     },
 }
 
