@@ -166,6 +166,9 @@ def test_gating_heat_map_follows_task_layer_and_token_kind(model, calls):
 def test_gating_static_figure_and_calls_without_inputs(model, calls):
     figure = explore.gating(model.decoder, calls, task="retrieval_t2i", layer=2, interactive=False)
     assert isinstance(figure, Figure) and "retrieval_t2i, layer 2" in figure.axes[0].get_title()
+    assert figure.get_suptitle() == "" and "mean gate value" in figure.axes[-1].get_ylabel()   # the colour bar
+    labelled = explore.gating(model.decoder, calls, interactive=False, model_label="the untrained model")
+    assert labelled.get_suptitle() == "gates of the untrained model"
     with gating.record_decoder_calls(model.decoder) as recorder:
         api.classify(model, [torch.rand(3, 32, 32)], CLASS_NAMES)
     with pytest.raises(ValueError, match="keep_inputs=True"):
@@ -217,6 +220,8 @@ def test_retrieval_in_both_directions(model, images):
     assert f"best image {best}" in explorer.summary
     marks = [ax.get_title()[-1] for ax in explorer.figure.axes]            # a caption: its image is known
     assert set(marks) <= {"\u2713", "\u2717"} and marks.count("\u2713") == int(0 in scores["t2i_ranking"][0, :3])
+    own_rank = 1 + int(sum(float(v) >= float(scores["t2i"][0, 0]) for v in scores["t2i"][0, 1:]))
+    assert f"its own image at rank {own_rank}" in explorer.figure.get_suptitle()
 
     explorer.controls["sentence"].value = "two shapes on a sofa"                     # no known image: no marks
     titles = [ax.get_title() for ax in explorer.figure.axes]
@@ -264,6 +269,15 @@ def test_curves_compare_runs_and_tasks(tmp_path):
     assert explorer.figure.axes[0].get_ylabel() == "lr"
     explorer.controls["runs"].value = ()
     assert shows_message(explorer, "select at least one run")
+
+    # the runs selected at first: those named that exist; none found -> every run
+    chosen = explore.curves(tmp_path, runs=["quick/train", "missing"])
+    assert chosen.controls["runs"].value == ("quick/train",) and len(chosen.controls["runs"].options) == 2
+    assert sorted(lines(chosen)) == ["quick/train \u00b7 captioning", "quick/train \u00b7 classification"]
+    static = explore.curves(tmp_path, runs=["quick/train"], interactive=False)
+    assert len(static.axes[0].get_lines()) == 2
+    assert explore.curves(tmp_path, runs=["missing"]).controls["runs"].value == explore.curves(tmp_path).controls[
+        "runs"].value
 
     with pytest.raises(ValueError, match="no metrics.jsonl"):
         explore.curves(tmp_path / "nothing", interactive=False)

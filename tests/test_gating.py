@@ -359,6 +359,19 @@ def test_reparameterisation_timings_call_the_benchmark(capsys):
                                                                            abs=0.0051), row
 
 
+def test_reparameterisation_timings_return_the_report_as_markdown(capsys):
+    cfg = DecoderConfig(width=16, depth=1, heads=2, ffn_dim=32)
+    case = gating.bench_case(cfg, "test", batch=2, num_image=3, num_words=2)
+    timings = gating.reparameterisation_timings(case, repeats=1, threads=1, num_experts=4, report=True)
+    assert capsys.readouterr().out == ""
+    blocks = timings["report"].split("\n\n")
+    assert blocks[0].startswith("**test: width 16") and blocks[0].endswith("**")
+    assert any(block.startswith("max |merged - unmerged|") for block in blocks)
+    table = blocks[-1].splitlines()
+    assert table[0].startswith("| variant |") and len(table) == 2 + 4          # header, rule, one row per variant
+    assert set(timings["median_ms"]) == {"dense", "attr-merged", "attr-unmerged", "token-unmerged"}
+
+
 # ---------------------------------------------------------------------------------------------------- tasks
 @dataclass
 class FakeConfig:

@@ -181,3 +181,42 @@ def test_main_results_table_puts_ours_above_the_paper():
     assert table["columns"][0] == "model" and len(table["rows"]) == 3
     assert table["rows"][0] == ["ours", 50.0, 25.0, 20.0, 10.0, 30.0, 40.0, 35.0]
     assert table["rows"][1] == ["(paper) Uni-Perceiver-v2 BASE", 86.3, 58.6, 50.6, 35.4, 116.9, 71.8, 55.6]
+
+
+def test_evaluation_scope_says_what_our_columns_measure():
+    metrics = {"classification": {"top1": 0.5, "num_images": 700}, "detection": {"bbox_AP": 0.1},
+               "captioning": {"BLEU-4": 0.1, "CIDEr": 0.2, "num_images": 500},
+               "retrieval": {"i2t_R@1": 0.1, "t2i_R@1": 0.1, "num_images": 500, "num_texts": 2500}}
+    scope = dict(zip([m.header for m in P.MAIN_COLUMNS], P.evaluation_scope(metrics, num_classes=14)))
+    assert scope["IN-1k Acc"] == "synthetic: 14 classes, 700 images"
+    assert scope["COCO Det. mAP"] == "synthetic scenes" and scope["COCO Seg. mAP"] is None   # no segm_AP
+    assert scope["COCO Caption CIDEr"] == "synthetic: 500 images"
+    assert scope["COCO TR R@1"] == "synthetic: 2500 candidate texts"
+    assert scope["COCO IR R@1"] == "synthetic: 500 candidate images"
+    assert P.evaluation_scope({"classification": {"top1": 0.5}})[0] == "synthetic"
+    assert P.evaluation_scope(None) == [None] * len(P.MAIN_COLUMNS)
+
+
+def test_encoder_initialisation_reads_the_run_config():
+    config = {"image_encoder": {"backbone": "tiny_convnet", "backbone_weights": "/runs/quick/backbone/b.safetensors"},
+              "text_encoder": {"name": "all-MiniLM-L6-v2", "pretrained": True, "freeze": True}}
+    text = P.encoder_initialisation(config)
+    assert "`tiny_convnet` pre-trained on the synthetic classification images (`b.safetensors`" in text
+    assert "`all-MiniLM-L6-v2` pre-trained and frozen" in text
+    random = P.encoder_initialisation({"image_encoder": {"backbone": "tiny_convnet", "backbone_weights": None},
+                                       "text_encoder": {"name": "x", "pretrained": False, "freeze": False}})
+    assert "`tiny_convnet` from random weights" in random and "`x` from random weights;" in random
+    assert "ImageNet weights" in P.encoder_initialisation({"image_encoder": {"backbone_weights": "imagenet"}})
+
+
+def test_paper_ticks_below_zero_are_the_paper_drops_larger_than_our_reference():
+    ours = {"Global": (None, 7.0, 5.0, 12.0, 0.0), "Global + Regional": (0.0, 7.0, 5.0, 6.0, 0.0)}
+    directions = {"rows": [["tab2", "Global", "COCO Det. mAP", None, None, 0.5, None, None],
+                           ["tab2", "Global", "IN-1k Acc", -0.1, 0.0, 0.5, "within noise", "paper flat"],
+                           ["tab2", "Global", "COCO I2T R@1", -5.0, 0.0, 0.5, "within noise", "within noise"],
+                           ["tab2", "Global", "COCO Caption B@4", -1.8, 0.0, 0.5, "within noise", "within noise"],
+                           ["tab4", "mixed", "COCO Caption B@4", -3.0, 0.0, 0.5, "within noise", "within noise"]]}
+    assert P.paper_ticks_below_zero(ours, "Global + Regional", directions, "tab2") == [
+        ("Global", "COCO Caption B@4", -1.8)]
+    assert len(P.paper_ticks_below_zero(ours, "Global + Regional", directions)) == 2
+    assert P.paper_ticks_below_zero(ours, None, directions) == []

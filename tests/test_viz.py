@@ -159,9 +159,58 @@ def test_draw_proposals_keeps_the_top_k_and_colours_the_best_brightest(image):
     assert len(_rectangles(viz.draw_proposals(image, boxes, objectness, top=10).axes[0])) == 4
 
 
+def test_draw_detections_fit_captions_keeps_captions_inside_the_image_and_apart(image):
+    boxes = np.array([[1, 0, 9, 8], [2, 1, 10, 9], [29, 10, 31, 14]], dtype=np.float64)   # top edge, twin, right
+    names = ["a long class name", "another long name", "a caption at the right edge"]
+    plain = viz.draw_detections(image, boxes, labels=[0, 1, 2], class_names=names)
+    assert [(t.get_va(), t.get_ha()) for t in plain.axes[0].texts] == [("bottom", "left")] * 3
+    fig = viz.draw_detections(image, boxes, labels=[0, 1, 2], class_names=names, fit_captions=True, title="t")
+    ax = fig.axes[0]
+    fig.draw_without_rendering()
+    frame = ax.get_window_extent()
+    extents = [t.get_window_extent() for t in ax.texts]
+    assert all(e.y1 <= frame.y1 + 1.0 and e.x1 <= frame.x1 + 1.0 for e in extents)
+    assert ax.texts[0].get_va() == "top"                        # no room above the box: inside it
+    assert not extents[0].overlaps(extents[1])                   # the twin box's caption moved off the first
+    assert ax.texts[2].get_ha() == "right"                      # aligned with its box's right edge
+    assert ax.get_title() == "t"
+
+
+def test_draw_proposals_labels_its_colour_bar(image):
+    boxes, _ = _scene()
+    fig = viz.draw_proposals(image, boxes, torch.rand(4), score_label="σ(objectness)")
+    assert fig.axes[-1].get_ylabel() == "σ(objectness)"
+    assert viz.draw_proposals(image, boxes, torch.rand(4)).axes[-1].get_ylabel() == "objectness"
+
+
+def test_show_captions_font_size(image):
+    fig = viz.show_captions([image, image], captions_gt=[["one", "two"], "three"], fontsize=10)
+    assert [ax.xaxis.label.get_fontsize() for ax in fig.axes[:2]] == [10, 10]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # attention
 # ---------------------------------------------------------------------------------------------------------------
+def test_draw_sampling_points_legend_inside_outside_or_none(image):
+    locations, weights = np.full((2, 3, 2), 0.5), np.full((2, 3), 1 / 6)
+    inside = viz.draw_sampling_points(image, [0.5, 0.5], locations, weights).axes[0].get_legend()
+    assert inside is not None and inside._loc == matplotlib.legend.Legend.codes["upper right"]
+    outside = viz.draw_sampling_points(image, [0.5, 0.5], locations, weights, legend="outside").axes[0]
+    assert outside.get_legend().get_bbox_to_anchor().x0 > outside.get_window_extent().x1 - 1
+    assert viz.draw_sampling_points(image, [0.5, 0.5], locations, weights, legend=False).axes[0].get_legend() is None
+    with pytest.raises(ValueError, match="legend"):
+        viz.draw_sampling_points(image, [0.5, 0.5], locations, weights, legend="below")
+
+
+def test_attention_heatmaps_can_draw_the_image_in_grey(image):
+    maps = torch.full((2, 3, 4), 1 / 12)
+    picture = _images(viz.attention_heatmaps(image, maps, relative=True, grey_image=True).axes[0])[0].get_array()
+    assert picture.shape == (H, W, 3)
+    np.testing.assert_allclose(picture[..., 0], picture[..., 2])
+    coloured = _images(viz.attention_heatmaps(image, maps, relative=True).axes[0])[0].get_array()
+    np.testing.assert_allclose(coloured, image.permute(1, 2, 0).numpy(), atol=1e-6)
+
+
 def test_draw_sampling_points_one_scatter_per_level_sized_by_weight(image):
     rng = np.random.default_rng(0)
     levels, points = 3, 4
@@ -263,6 +312,8 @@ def test_plot_gate_heatmap_shows_usage_with_values():
     np.testing.assert_allclose(ax.get_images()[0].get_array(), usage)
     assert len(ax.texts) == usage.size
     assert [t.get_text() for t in ax.get_yticklabels()] == rows
+    assert fig.axes[1].get_ylabel() == "usage"                                          # the colour bar
+    assert viz.plot_gate_heatmap(usage, rows, colorbar_label="mean G").axes[1].get_ylabel() == "mean G"
     with pytest.raises(ValueError, match="row_labels"):
         viz.plot_gate_heatmap(usage, rows[:2])
 

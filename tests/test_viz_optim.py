@@ -32,6 +32,20 @@ def test_task_sequence_draws_each_draw_and_its_frequency():
     assert tuple(bars.patches[1].get_facecolor()[:3]) == pytest.approx(task_color("b"))
 
 
+def test_task_sequence_can_draw_only_the_first_iterations():
+    unmixed = ["a", "b", "b", "c", "a", "b"]
+    mixed = [["a", "b"], ["b", "b"], ["c", "a"], ["b", "c"], ["a", "a"], ["b", "a"]]
+    fig = plot_task_sequence(unmixed, mixed, TASKS, {"a": 0.3, "b": 0.5, "c": 0.2}, shown=4)
+    top, bottom, bars = fig.axes
+    np.testing.assert_array_equal(top.images[0].get_array(), [[0, 1, 1, 2]])
+    assert bottom.images[0].get_array().shape == (2, 4) and "first 4 of 6" in top.get_title(loc="left")
+    np.testing.assert_allclose([patch.get_width() for patch in bars.patches][:3], [2 / 6, 3 / 6, 1 / 6])  # all six
+    assert plot_task_sequence(unmixed, mixed, TASKS, {"a": 0.3, "b": 0.5, "c": 0.2}, shown=10).axes[0].images[0] \
+        .get_array().shape == (1, 6)
+    with pytest.raises(ValueError, match="shown"):
+        plot_task_sequence(unmixed, mixed, TASKS, {"a": 0.3, "b": 0.5, "c": 0.2}, shown=0)
+
+
 def test_task_sequence_rejects_unknown_tasks_and_ragged_slots():
     with pytest.raises(ValueError, match="not in task_names"):
         plot_task_sequence(["a", "z"], [["a"], ["b"]], TASKS, {"a": 0.3, "b": 0.5, "c": 0.2})
@@ -84,6 +98,7 @@ def test_interference_scale_is_symmetric_and_ignores_the_diagonal():
     assert image.get_clim() == (-0.3, 0.3)
     assert np.ma.is_masked(image.get_array()[1, 1]) and image.get_array()[0, 1] == 0.3
     assert plot_interference(matrix, TASKS, limit=1.0).axes[0].images[0].get_clim() == (-1.0, 1.0)
+    assert len(fig.axes) == 2 and len(plot_interference(matrix, TASKS, colorbar=False).axes) == 1   # colour bar
     with pytest.raises(ValueError, match="square"):
         plot_interference(np.ones((2, 3)), TASKS)
     with pytest.raises(ValueError, match="expected 3 names"):

@@ -98,3 +98,5 @@ def test_plot_token_layout_one_cell_per_token_with_run_counts():
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["pooled", "flattened", "regional", "padding"]
     with pytest.raises(ValueError, match="token types \\[5\\]"):
         viz_regions.plot_token_layout({"x": ([5], None)}, {0: "pooled"})
+    larger = viz_regions.plot_token_layout({"x": ([0, 1], None)}, {0: "pooled", 1: "flattened"}, legend_fontsize=10)
+    assert {t.get_fontsize() for t in larger.axes[0].get_legend().get_texts()} == {10}

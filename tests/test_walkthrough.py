@@ -195,8 +195,8 @@ def test_lr_records_merge_groups_by_multiplier():
     records = [record(1, "mlm", lr=1e-4), record(2, "detection", lr=2e-4), record(2, "mlm", lr=2e-4),
                {"kind": "eval", "iteration": 2, "task": "mlm", "accuracy": 0.5}]
     rows = walkthrough.lr_records(records)
-    assert [(r["group"], r["iteration"]) for r in rows] == [("base lr x0.1", 1), ("base lr x0.1", 2),
-                                                            ("base lr x1", 1), ("base lr x1", 2)]
+    assert [(r["group"], r["iteration"]) for r in rows] == [("lr x0.1", 1), ("lr x0.1", 2),
+                                                            ("lr x1", 1), ("lr x1", 2)]
     assert [r["lr"] for r in rows] == pytest.approx([1e-5, 2e-5, 1e-4, 2e-4])
 
 
@@ -208,6 +208,23 @@ def test_task_sequence_from_records():
         walkthrough.task_sequence_from_records([record(1, "mlm"), record(3, "mlm")])
     with pytest.raises(ValueError, match="log_every=1"):
         walkthrough.task_sequence_from_records([record(2, "mlm", count=2)])
+
+
+def test_compare_logged_draws_checks_every_logging_window():
+    drawn = ["mlm", "detection", "mlm", "mlm", "detection"]
+    # one record per iteration (run.log_every=1)
+    assert walkthrough.compare_logged_draws([record(i + 1, task) for i, task in enumerate(drawn)], drawn) == 5
+    # windows of 2 iterations and a last window of 1; two batches per iteration (grad_accum x processes)
+    windowed = [record(2, "mlm", count=2), record(2, "detection", count=2), record(4, "mlm", count=4),
+                record(5, "detection", count=2), {"kind": "eval", "iteration": 5, "task": "mlm"}]
+    assert walkthrough.compare_logged_draws(windowed, drawn, batches_per_iteration=2) == 3
+    with pytest.raises(ValueError, match="iterations 3-4"):
+        walkthrough.compare_logged_draws([record(2, "mlm"), record(2, "detection"), record(4, "detection", count=2)],
+                                         drawn)
+    with pytest.raises(ValueError, match="the draws only"):
+        walkthrough.compare_logged_draws([record(9, "mlm")], drawn)
+    with pytest.raises(ValueError, match="no training records"):
+        walkthrough.compare_logged_draws([], drawn)
 
 
 def test_param_group_table_lists_every_parameter_once():
@@ -259,6 +276,30 @@ def test_retrieval_examples_rank_consistently():
     # texts: a -> 0 right, b -> 1 wrong, c -> 0 wrong -> t2i R@1 = 1/3.
     assert examples.recall_at(1) == pytest.approx({"i2t_R@1": 0.5, "t2i_R@1": 1 / 3})
     assert examples.recall_at(2) == pytest.approx({"i2t_R@2": 1.0, "t2i_R@2": 1.0})
+    # image 1's own text "c" (0.2) is behind "a" (0.8); texts b and c each have the other image first
+    ranks = examples.ranks()
+    assert ranks["i2t"].tolist() == [1, 2] and ranks["t2i"].tolist() == [1, 2, 2]
+    assert examples.ranking_summary() == pytest.approx({
+        "images": 2, "texts": 3, "i2t_median_rank": 1, "t2i_median_rank": 2, "i2t_random_rank": 4 / 2.5,
+        "t2i_random_rank": 1.5, "i2t_distinct_top1": 2, "i2t_largest_hub": 1, "t2i_distinct_top1": 2,
+        "t2i_largest_hub": 2})
+    tied = walkthrough.RetrievalExamples(texts=["a", "b"], text_image=torch.tensor([0, 1]), i2t=torch.zeros(2, 2),
+                                         t2i=torch.zeros(2, 2))
+    assert tied.ranks()["i2t"].tolist() == [2, 2] and tied.ranks()["t2i"].tolist() == [2, 2]   # ties count against
+
+
+def test_overlapping_detections_counts_duplicates():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30], [0, 0, 5, 10]])
+    assert walkthrough.overlapping_detections(boxes) == 2          # the first two; the fourth has IoU 0.5 exactly
+    assert walkthrough.overlapping_detections(boxes, threshold=0.4) == 3
+    assert walkthrough.overlapping_detections(boxes[:1]) == 0 and walkthrough.overlapping_detections([]) == 0
+
+
+def test_caption_repetition_counts_distinct_and_looping_captions():
+    captions = ["a green circle a a a a.", "A green circle a a a a.", "a red square.", "two two circles", ""]
+    assert walkthrough.caption_repetition(captions) == {"captions": 5, "distinct": 5, "looping": 2}
+    assert walkthrough.caption_repetition(captions, run=2)["looping"] == 3
+    assert walkthrough.caption_repetition(["a b", "a  b"])["distinct"] == 1
 
 
 @pytest.fixture(scope="module")
@@ -555,7 +596,44 @@ def test_anchor_size_deviation_is_zero_for_the_anchors_and_relative_to_the_neare
     assert anchor_size_deviation(boxes, num_levels=4).tolist() == pytest.approx([0.2, 0.25, 0.0])
 
 
+def test_anchor_size_deviation_against_each_box_s_own_anchor_and_the_level_of_each_position():
+    from uniperceiver_v2.walkthrough.rpn import anchor_size_deviation, position_levels
+
+    shapes = torch.tensor([[8, 8], [4, 4], [2, 2], [1, 1]])                 # S = 64 + 16 + 4 + 1
+    positions = torch.tensor([0, 63, 64, 79, 80, 83, 84])
+    assert position_levels(positions, shapes).tolist() == [0, 0, 1, 1, 2, 2, 3]
+    with pytest.raises(ValueError, match="positions"):
+        position_levels(torch.tensor([85]), shapes)
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2],        # twice the level-1 side: 100 % off its own anchor, ...
+                          [0.5, 0.5, 0.05, 0.15]])     # a level-0 box three times as high as its anchor
+    own = anchor_size_deviation(boxes, num_levels=4, levels=torch.tensor([1, 0]))
+    assert own.tolist() == pytest.approx([1.0, 2.0])
+    assert anchor_size_deviation(boxes, num_levels=4).tolist() == pytest.approx([0.0, 0.5])   # ... 0 to the nearest
+    with pytest.raises(ValueError, match="levels"):
+        anchor_size_deviation(boxes, num_levels=4, levels=torch.tensor([4, 0]))
+
+
 # ----------------------------------------------------------------------------------------------------- notebook 02
+def test_pool_similarity_compares_the_pools_deviations_from_the_uniform_share():
+    from uniperceiver_v2.walkthrough.pooling import mean_pairwise, pool_similarity
+
+    uniform = torch.full((4,), 0.25)
+    left = torch.tensor([0.4, 0.4, 0.1, 0.1])
+    sharper_left = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    right = torch.tensor([0.1, 0.1, 0.4, 0.4])
+    top = torch.tensor([0.4, 0.1, 0.4, 0.1])
+    similarity = pool_similarity(torch.stack([left, sharper_left, right, top, uniform]))
+    assert similarity.shape == (5, 5)
+    assert similarity[0, 1].item() == pytest.approx(1.0)        # the same pattern, whatever its strength
+    assert similarity[0, 2].item() == pytest.approx(-1.0)       # opposite cells
+    assert similarity[0, 3].item() == pytest.approx(0.0, abs=1e-6)   # unrelated patterns
+    assert similarity[4, :4].abs().max().item() < 1e-6          # a uniform pool has no pattern
+    assert mean_pairwise(similarity[:2, :2]) == pytest.approx(1.0)
+    assert mean_pairwise(torch.ones(1, 1)) != mean_pairwise(torch.ones(1, 1))   # nan for a single pool
+    with pytest.raises(ValueError, match="weights"):
+        pool_similarity(torch.rand(2, 3, 4))
+
+
 def test_pool_spread_counts_the_cells_a_pool_averages():
     from uniperceiver_v2.walkthrough.pooling import pool_spread
 
@@ -631,6 +709,26 @@ def test_gate_difference_is_zero_for_shared_gates_and_one_for_disjoint_experts()
                           [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]],      # layer 1: no expert shared
                           [[0.5, 0.5, 0.0, 0.0], [0.0, 0.5, 0.5, 0.0]]])     # layer 2: half the weight moved
     assert gate_difference(ExpertUsage([1, 2], ["a", "b"], usage, torch.ones(2))) == pytest.approx([0.0, 1.0, 0.5])
+
+
+def test_collapsed_layers_need_the_same_experts_and_nearly_the_same_weights():
+    from uniperceiver_v2.walkthrough.gates_training import collapsed_layers, describe_collapsed
+    from uniperceiver_v2.walkthrough.gating import ExpertUsage
+
+    usage = torch.tensor([[[0.6, 0.4, 0.0, 0.0], [0.55, 0.45, 0.0, 0.0], [0.65, 0.35, 0.0, 0.0]],   # collapsed
+                          [[0.9, 0.1, 0.0, 0.0], [0.1, 0.9, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]],     # same experts,
+                          [[0.6, 0.4, 0.0, 0.0], [0.6, 0.0, 0.4, 0.0], [0.6, 0.4, 0.0, 0.0]]])    # other weights;
+    rows = ExpertUsage([1, 2, 3], ["a", "b", "c"], usage, torch.ones(3))                         # another expert
+    found = collapsed_layers(rows)
+    assert [(c.layer, c.experts) for c in found] == [(0, [0, 1])]
+    assert found[0].largest_difference == pytest.approx(0.1)
+    assert [c.layer for c in collapsed_layers(rows, threshold=0.8)] == [0, 1]
+    assert collapsed_layers(ExpertUsage([1], ["a"], usage[:, :1], torch.ones(1))) == []
+
+    text = describe_collapsed({"untrained": [], "trained": found}, combinations=3)
+    assert "trained: layer 0 (experts E0, E1, largest difference 0.10)" in text
+    assert "No layer of untrained is collapsed." in text
+    assert describe_collapsed({"untrained": []}, combinations=3).startswith("**No collapsed layer**")
 
 
 # ----------------------------------------------------------------------------------------------------- notebook 05

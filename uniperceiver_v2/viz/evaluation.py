@@ -160,7 +160,7 @@ def plot_ranked_texts(texts: Sequence[str], scores: Sequence[float] | None = Non
 
 def plot_token_probabilities(tokens: Sequence[str], probabilities: Sequence[float],
                              alternatives: Sequence[tuple[str, float]] | None = None, title: str | None = None,
-                             ax: Axes | None = None) -> Figure:
+                             ax: Axes | None = None, fontsize: float = 7) -> Figure:
     """The probability of each chosen token of a generated sequence (bars), step by step, and at each step the most
     likely token that was *not* chosen (dot, named above it): where a beam kept a less likely word, the dot is
     above the bar.
@@ -169,6 +169,7 @@ def plot_token_probabilities(tokens: Sequence[str], probabilities: Sequence[floa
         tokens: the T chosen tokens (the x axis).
         probabilities: (T,) their probabilities at their step.
         alternatives: per step (token, probability) of the best other token, or None.
+        fontsize: of the best other tokens' names and the legend (the chosen tokens' ticks are one point larger).
     """
     values = np.asarray([float(p) for p in probabilities])
     n = len(tokens)
@@ -183,13 +184,13 @@ def plot_token_probabilities(tokens: Sequence[str], probabilities: Sequence[floa
         other = np.asarray([float(p) for _, p in alternatives])
         ax.scatter(x, other, color="tab:orange", s=18, zorder=3, label="best other token")
         for i, (token, probability) in enumerate(alternatives):
-            ax.text(i, float(probability), f" {token}", rotation=90, ha="center", va="bottom", fontsize=7,
+            ax.text(i, float(probability), f" {token}", rotation=90, ha="center", va="bottom", fontsize=fontsize,
                     color="tab:orange")
-    ax.set_xticks(x, list(tokens), rotation=45, ha="right", fontsize=8)
+    ax.set_xticks(x, list(tokens), rotation=45, ha="right", fontsize=fontsize + 1)
     ax.set_ylim(0.0, 1.25)
     ax.set_ylabel("probability")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right", frameon=False, ncol=2)
+    ax.legend(fontsize=fontsize, loc="upper right", frameon=False, ncol=2)
     if title:
         ax.set_title(title, fontsize=9)
     return fig

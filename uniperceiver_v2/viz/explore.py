@@ -428,8 +428,9 @@ class GatingView:
     """
 
     def __init__(self, decoder, calls: Sequence[DecoderCall], num_experts: int | None = None,
-                 sublayer: str = "ffn"):
+                 sublayer: str = "ffn", model_label: str | None = None):
         self.decoder = decoder
+        self.model_label = model_label
         self.calls = [call for call in calls if call.task_id is not None]
         if not self.calls:
             raise ValueError("no recorded decoder calls with a task id: record them with gating.run_tasks(..., "
@@ -535,8 +536,10 @@ class GatingView:
         values = usage.usage[layer, rows]                                                   # (rows, E)
         differences, merged_layers = self.differences(task)
         fig, axes = subplots(2, ncols=2, panel_size=(5.2, 1.6 + 0.45 * len(rows)))
-        plot_gate_heatmap(values, labels, ax=axes[0],
+        plot_gate_heatmap(values, labels, ax=axes[0], colorbar_label="mean gate value $G_e(x)$",
                           title=f"{task}, layer {layer}: mean $G_e(x)$ (tokens in brackets)")
+        if self.model_label:
+            fig.suptitle(f"gates of {self.model_label}", fontsize=10)
         gaps = {label.rsplit(" (", 1)[0]: float(differences[layer, r]) for label, r in zip(labels, rows)}
         plot_bars(gaps, logy=max(gaps.values()) > 0, ylabel="max |merged \u2212 routed|", ax=axes[1],
                   title=(f"hidden states after layer {layer}: merged vs routed" if merged_layers else
@@ -549,7 +552,8 @@ class GatingView:
 
 
 def gating(decoder, calls: Sequence[DecoderCall], *, task: str | None = None, layer: int = 0,
-           num_experts: int | None = None, sublayer: str = "ffn", interactive: bool = True) -> Explorer | Figure:
+           num_experts: int | None = None, sublayer: str = "ffn", interactive: bool = True,
+           model_label: str | None = None) -> Explorer | Figure:
     """Where the Conditional-MoE gates send a task's tokens: choose a task, a layer and a token kind.
 
     Args:
@@ -558,8 +562,10 @@ def gating(decoder, calls: Sequence[DecoderCall], *, task: str | None = None, la
         task: the initial task (default the first recorded); layer: the initial layer.
         num_experts: E (default ``decoder.moe.num_experts``); sublayer: "ffn" or "attn" (``decoder.moe.placement``).
         interactive: False returns the figure of the initial values (for a notebook run headless).
+        model_label: which model the decoder is (e.g. "notebook 06's model"), shown above the figure as
+            "gates of {model_label}"; None shows nothing.
     """
-    view = GatingView(decoder, calls, num_experts, sublayer)
+    view = GatingView(decoder, calls, num_experts, sublayer, model_label)
     values = {"task": task or view.tasks[0], "layer": int(layer), "kind": ALL_KINDS}
     if not interactive:
         return view.render(**values)[0]
@@ -642,7 +648,7 @@ class CaptionView:
                           ax=axes["beams"], title=f"beam search of width {beam_size}: the hypotheses it ends with "
                                                   f"(\u2264 {max_length} tokens; score = sum of log-probabilities)")
         plot_token_probabilities(steps["tokens"], steps["probabilities"], steps["alternatives"], ax=axes["steps"],
-                                 title="beam 1: probability of each token at its step")
+                                 title="beam 1: probability of each token at its step", fontsize=9)
         summary = f"{image}, width {beam_size}: \u201c{chosen['caption']}\u201d (score {chosen['score']:.3f})"
         return fig, summary
 
@@ -731,9 +737,15 @@ class RetrievalView:
             scores, order = self.sentence_scores(sentence).float().topk(min(top, len(self.names)))
             owners = {i for i, texts in enumerate(self.captions) if sentence in texts}
             correct = [i in owners for i in order.tolist()] if owners else None
+            rank = ""
+            if owners:             # 1 + the other images scoring at least as high as its best image (ties count)
+                every = self.sentence_scores(sentence).float()
+                best = max(float(every[i]) for i in owners)
+                others = sum(float(value) >= best for i, value in enumerate(every.tolist()) if i not in owners)
+                rank = f"; its own image at rank {others + 1}"
             fig = show_text_retrieval(sentence, [self.choices.tensor(self.names[i]) for i in order.tolist()], correct,
                                       scores.tolist(), title=f"text \u2192 image: best {len(order)} of "
-                                                             f"{len(self.names)} images")
+                                                             f"{len(self.names)} images{rank}")
             best = self.names[int(order[0])]
             return fig, f"\u201c{sentence}\u201d: best image {best} ({float(scores[0]):.3f})"
         if direction != IMAGE_TO_TEXT:
@@ -828,18 +840,22 @@ class CurvesView:
         return fig, f"{metric}: {len(runs)} run(s) \u00d7 {len(tasks)} task(s), up to iteration {last}"
 
 
-def curves(runs_dir: str | PathLike, *, metric: str = "loss", smooth: int = 0,
+def curves(runs_dir: str | PathLike, *, runs: Sequence[str] | None = None, metric: str = "loss", smooth: int = 0,
            interactive: bool = True) -> Explorer | Figure:
     """Training curves of the runs under ``runs_dir`` (every ``metrics.jsonl``): choose runs, tasks and a metric.
 
     Args:
         runs_dir: a folder of training runs, e.g. ``runs/quick`` (its ``train/`` run and the ablation runs).
+        runs: the runs selected at first, by their folder under ``runs_dir`` (e.g. ``["train"]``: one legend entry
+            per task instead of one per run and task); those not found are left out, and None, or none found,
+            selects every run. The others stay in the run menu.
         metric: the initial field to plot; smooth: the initial moving-average window (points).
-        interactive: False returns the figure of the initial values, every run and task (for a notebook run
-            headless).
+        interactive: False returns the figure of the initial values, the selected runs and every task (for a
+            notebook run headless).
     """
     view = CurvesView(runs_dir)
-    values = {"runs": tuple(view.runs), "tasks": tuple(view.tasks()), "metric": metric, "smooth": int(smooth),
+    selected = tuple(run for run in view.runs if runs is not None and run in set(runs)) or tuple(view.runs)
+    values = {"runs": selected, "tasks": tuple(view.tasks()), "metric": metric, "smooth": int(smooth),
               "logy": False}
     if not interactive:
         return view.render(**values)[0]

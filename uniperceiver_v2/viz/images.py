@@ -60,7 +60,8 @@ def image_grid(images: Sequence[Any], titles: Sequence[str] | None = None,
 def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any = None, masks: Any = None,
                     class_names: Sequence[str] | None = None, score_threshold: float = 0.0,
                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                    title: str | None = None, legend: bool = False, ax: Axes | None = None) -> Figure:
+                    title: str | None = None, legend: bool = False, fit_captions: bool = False,
+                    ax: Axes | None = None) -> Figure:
     """Boxes with "class score" captions and semi-transparent instance masks, one stable colour per class.
 
     Ground truth and predictions are drawn the same way; leave ``scores=None`` for ground truth.
@@ -74,6 +75,10 @@ def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any
         class_names: names indexed by class id, for the captions.
         legend: a legend of the classes among the drawn instances (needs ``labels``), one entry per class in
             order of class id; captions on small boxes overlap, the legend stays readable.
+        fit_captions: keep every caption whole inside the image and off the captions drawn before it, where one
+            of four places allows: above the box's left end, inside the box under its top edge (left or right end),
+            above its right end. False (default): each caption sits above its box's top-left corner, clipped at the
+            image's border.
     """
     picture = to_display_image(image, mean, std)
     height, width = picture.shape[:2]
@@ -102,15 +107,22 @@ def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any
             overlay[region, 3] = _MASK_ALPHA
         ax.imshow(overlay, extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="nearest")
 
+    ax.set_xlim(-0.5, width - 0.5)
+    ax.set_ylim(height - 0.5, -0.5)
+    placed = []                        # display-space extents of the captions drawn so far (fit_captions)
+    if fit_captions and title:
+        ax.set_title(title)            # the title takes its room before the captions are measured
+    if fit_captions:
+        ax.figure.draw_without_rendering()     # lay the figure out once, so that extents are final
     for i in np.flatnonzero(keep):
         x0, y0, x1, y1 = boxes[i]
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colors[i], linewidth=1.5))
         caption = _detection_caption(i, labels_np, scores_np, class_names)
         if caption:
-            ax.text(x0, y0, caption, fontsize=7, color="white", va="bottom", ha="left", clip_on=True,
-                    bbox=dict(facecolor=colors[i], alpha=0.8, pad=1.0, edgecolor="none"))
-    ax.set_xlim(-0.5, width - 0.5)
-    ax.set_ylim(height - 0.5, -0.5)
+            text = ax.text(x0, y0, caption, fontsize=7, color="white", va="bottom", ha="left", clip_on=True,
+                           bbox=dict(facecolor=colors[i], alpha=0.8, pad=1.0, edgecolor="none"))
+            if fit_captions:
+                placed.append(_fit_caption(ax, text, (x0, y0, x1, y1), placed))
     if legend:
         if labels_np is None:
             raise ValueError("legend: needs labels (one class per instance)")
@@ -122,6 +134,27 @@ def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any
     if title:
         ax.set_title(title)
     return fig
+
+
+def _fit_caption(ax: Axes, text: Any, box: tuple[float, float, float, float], placed: list) -> Any:
+    """Place a caption drawn above its box's top-left corner at the first of: above the box's left end, inside the
+    box under its top edge (left end, then right end), above the box's right end, that lies whole inside the image
+    and off the ``placed`` extents; inside at the left end when none does (see ``draw_detections(fit_captions=True)``).
+    Returns its final display-space extent."""
+    frame = ax.get_window_extent()
+    x0, y0, x1, _ = box
+    right = min(x1, ax.get_xlim()[1])
+    candidates = [(x0, "left", "bottom"), (x0, "left", "top"), (right, "right", "top"), (right, "right", "bottom")]
+    for x, ha, va in candidates + [candidates[1]]:
+        text.set_x(x)
+        text.set_ha(ha)
+        text.set_va(va)
+        bounds = text.get_window_extent()
+        inside = (bounds.x0 >= frame.x0 - 0.5 and bounds.x1 <= frame.x1 + 0.5 and bounds.y0 >= frame.y0 - 0.5
+                  and bounds.y1 <= frame.y1 + 0.5)
+        if inside and not any(bounds.overlaps(other) for other in placed):
+            break
+    return bounds
 
 
 def _detection_caption(i: int, labels: np.ndarray | None, scores: np.ndarray | None,
@@ -142,13 +175,14 @@ def _detection_caption(i: int, labels: np.ndarray | None, scores: np.ndarray | N
 
 def draw_proposals(image: Any, boxes: Any, objectness: Any, top: int = 20,
                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                   title: str | None = None, ax: Axes | None = None) -> Figure:
+                   title: str | None = None, ax: Axes | None = None, score_label: str = "objectness") -> Figure:
     """The ``top`` region proposals by objectness, coloured by their objectness (Sec. 4.1, query selection).
 
     Args:
         boxes: (N, 4) absolute pixel (x0, y0, x1, y1).
         objectness: (N,) any score that orders the proposals (logit or probability); the colour bar shows it
             as given.
+        score_label: the colour bar's label (e.g. "σ(objectness)" for probabilities).
     """
     if top < 1:
         raise ValueError(f"top: expected at least 1 proposal to draw, got {top}")
@@ -165,7 +199,7 @@ def draw_proposals(image: Any, boxes: Any, objectness: Any, top: int = 20,
             x0, y0, x1, y1 = boxes_np[i]
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=cmap(norm(score[i])),
                                    linewidth=1.2))
-        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.8, label="objectness")
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.8, label=score_label)
     h, w = picture.shape[:2]
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
@@ -176,7 +210,7 @@ def draw_proposals(image: Any, boxes: Any, objectness: Any, top: int = 20,
 def draw_sampling_points(image: Any, reference_point: Any, sampling_locations: Any, attention_weights: Any,
                          level_names: Sequence[str] | None = None, mean: Sequence[float] | None = None,
                          std: Sequence[float] | None = None, title: str | None = None,
-                         ax: Axes | None = None) -> Figure:
+                         ax: Axes | None = None, legend: bool | str = True) -> Figure:
     """Where one query of multi-scale deformable attention looks: its sampling points, one colour per feature
     level, each point's area proportional to its attention weight.
 
@@ -186,7 +220,11 @@ def draw_sampling_points(image: Any, reference_point: Any, sampling_locations: A
             (the layout of Deformable-DETR's ``sampling_locations`` for one query).
         attention_weights: (levels, points) or (heads, levels, points); softmax-normalised over levels x points.
         level_names: a name per level for the legend (e.g. "stride 8").
+        legend: True (default): the legend in the image's upper right corner; "outside": to the right of the
+            image, where it covers no point; False: none (e.g. on all but one panel of a row).
     """
+    if legend not in (True, False, "outside"):
+        raise ValueError(f"legend: expected True, False or 'outside', got {legend!r}")
     picture = to_display_image(image, mean, std)
     h, w = picture.shape[:2]
     locations = to_numpy(sampling_locations).astype(np.float64)
@@ -219,7 +257,10 @@ def draw_sampling_points(image: Any, reference_point: Any, sampling_locations: A
             markeredgecolor="white", linestyle="none", label="reference point")
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
-    ax.legend(loc="upper right", fontsize=7, markerscale=0.6, framealpha=0.8)
+    if legend == "outside":
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, markerscale=0.6, frameon=False)
+    elif legend:
+        ax.legend(loc="upper right", fontsize=7, markerscale=0.6, framealpha=0.8)
     if title:
         ax.set_title(title)
     return fig
@@ -227,7 +268,7 @@ def draw_sampling_points(image: Any, reference_point: Any, sampling_locations: A
 
 def attention_heatmaps(image: Any, maps: Any, titles: Sequence[str] | None = None, ncols: int = 5,
                        mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                       padding: Any = None, relative: bool = False) -> Figure:
+                       padding: Any = None, relative: bool = False, grey_image: bool = False) -> Figure:
     """Attention maps overlaid on the image, one panel per map (e.g. the M' attention poolings of v2 eq. (3)).
 
     Each map is drawn cell by cell (no interpolation: a cell of the feature grid is one block of the image), so a
@@ -243,8 +284,13 @@ def attention_heatmaps(image: Any, maps: Any, titles: Sequence[str] | None = Non
             weight relative to a uniform average, on one diverging scale shared by all panels (white = the
             uniform share, red = more, blue = less, symmetric in log and reaching the largest ratio of any panel),
             with a colour bar; a uniform map is then plain white.
+        grey_image: draw the image underneath in grey levels, so that its own colours cannot be read as weights.
     """
     picture = to_display_image(image, mean, std)
+    if grey_image:                                     # (H, W, C) floats in [0, 1]: luminance, kept as RGB
+        weights = np.array([0.299, 0.587, 0.114])[:picture.shape[-1]]
+        luminance = (picture @ (weights / weights.sum())).clip(0.0, 1.0)
+        picture = np.repeat(luminance[..., None], 3, axis=-1)
     heat = to_numpy(maps).astype(np.float64)
     if heat.ndim == 2:
         heat = heat[None]
@@ -299,13 +345,15 @@ def attention_heatmaps(image: Any, maps: Any, titles: Sequence[str] | None = Non
 
 def show_captions(images: Sequence[Any], captions_pred: Sequence[str] | None = None,
                   captions_gt: Sequence[str | Sequence[str]] | None = None, ncols: int = 4, width: int = 34,
-                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Figure:
+                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                  fontsize: float = 7) -> Figure:
     """Images with the predicted caption above (bold) and the reference caption(s) below (grey).
 
     Args:
         captions_pred: one string per image, or None.
         captions_gt: one string or a list of reference strings per image, or None.
         width: characters per line before wrapping.
+        fontsize: of the reference captions (the predicted caption is one point larger).
     """
     n = len(images)
     if captions_pred is None and captions_gt is None:
@@ -322,13 +370,13 @@ def show_captions(images: Sequence[Any], captions_pred: Sequence[str] | None = N
         ax.imshow(to_display_image(images[i], mean, std))
         _hide_frame(ax)
         if captions_pred is not None:
-            ax.set_title(textwrap.fill(captions_pred[i], width), fontsize=8, fontweight="bold")
+            ax.set_title(textwrap.fill(captions_pred[i], width), fontsize=fontsize + 1, fontweight="bold")
         if captions_gt is not None:
             refs = [captions_gt[i]] if isinstance(captions_gt[i], str) else list(captions_gt[i])
             # A dash in front of each reference keeps several wrapped references apart.
             text = "\n".join(textwrap.fill(r, width, initial_indent="- ", subsequent_indent="  ") for r in refs) \
                 if len(refs) > 1 else textwrap.fill(refs[0], width)
-            ax.set_xlabel(text, fontsize=7, color="dimgray")
+            ax.set_xlabel(text, fontsize=fontsize, color="dimgray")
     return fig
 
 

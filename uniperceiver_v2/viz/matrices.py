@@ -101,13 +101,14 @@ def plot_similarity_matrix(sim: Any, row_labels: Sequence[str] | None = None,
 
 def plot_gate_heatmap(usage: Any, row_labels: Sequence[str], title: str | None = None,
                       expert_labels: Sequence[str] | None = None, annotate: bool = True,
-                      ax: Axes | None = None) -> Figure:
+                      ax: Axes | None = None, colorbar_label: str = "usage") -> Figure:
     """Expert usage per condition (attribute combination, task, layer), as the MoE paper's Fig. 3.
 
     Args:
         usage: (rows, experts) fraction of tokens routed to each expert, or mean gate weights G_e(x).
         row_labels: one label per row.
         annotate: write each value in its cell (only drawn when there are at most 400 cells).
+        colorbar_label: the colour bar's label (e.g. "mean gate value $G_e(x)$" for mean gate weights).
     """
     values = to_numpy(usage).astype(np.float64)
     if values.ndim != 2:
@@ -119,7 +120,7 @@ def plot_gate_heatmap(usage: Any, row_labels: Sequence[str], title: str | None =
         raise ValueError(f"expert_labels: expected {experts} labels, got {len(expert_labels)}")
     fig, ax = _single_axes(ax, figsize=(1.5 + 0.55 * experts, 0.8 + 0.35 * rows))
     image = ax.imshow(values, cmap="Blues", aspect="auto", vmin=0.0, interpolation="nearest")
-    fig.colorbar(image, ax=ax, shrink=0.85, label="usage")
+    fig.colorbar(image, ax=ax, shrink=0.85, label=colorbar_label)
     if annotate and values.size <= 400:
         threshold = values.max() * 0.6
         for r in range(rows):

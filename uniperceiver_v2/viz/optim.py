@@ -44,7 +44,7 @@ def _task_indices(tasks: Sequence[str], task_names: Sequence[str], what: str) ->
 
 def plot_task_sequence(unmixed_tasks: Sequence[str], mixed_slots: Sequence[Sequence[str]],
                        task_names: Sequence[str], sampling_ratios: Mapping[str, float],
-                       title: str | None = None) -> Figure:
+                       title: str | None = None, shown: int | None = None) -> Figure:
     """The tasks drawn by unmixed and mixed sampling, iteration by iteration, and how often each was drawn.
 
     Args:
@@ -52,6 +52,8 @@ def plot_task_sequence(unmixed_tasks: Sequence[str], mixed_slots: Sequence[Seque
         mixed_slots: (T, S) the task of each slot of each iteration (`MixedTaskSampler.slots_for_iteration`).
         task_names: the tasks, fixing their colours and order.
         sampling_ratios: s_k of every task, drawn next to the observed frequencies.
+        shown: draw only the first ``shown`` iterations in the strips (thousands of one-pixel columns read as a
+            barcode); the frequencies are those of all T iterations. None: every iteration.
     """
     unmixed = _task_indices(list(unmixed_tasks), task_names, "unmixed_tasks")  # (T,)
     if not len(mixed_slots):
@@ -65,15 +67,21 @@ def plot_task_sequence(unmixed_tasks: Sequence[str], mixed_slots: Sequence[Seque
     if missing:
         raise ValueError(f"sampling_ratios: no s_k for task(s) {missing}")
 
+    if shown is not None and shown < 1:
+        raise ValueError(f"shown: expected at least 1 iteration, got {shown}")
+    drawn = len(unmixed) if shown is None else min(shown, len(unmixed))
+    first = "" if drawn == len(unmixed) else f" (the first {drawn} of {len(unmixed)} iterations)"
+
     fig = Figure(figsize=(13.0, 3.6), layout="constrained")
     grid = fig.add_gridspec(2, 2, width_ratios=[3.2, 1.0], height_ratios=[1.0, max(1.0, slots / 2)])
     cmap = ListedColormap([task_color(name) for name in task_names])
     top, bottom = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, 0])
-    top.imshow(unmixed[None, :], cmap=cmap, vmin=-0.5, vmax=len(task_names) - 0.5, aspect="auto",
+    top.imshow(unmixed[None, :drawn], cmap=cmap, vmin=-0.5, vmax=len(task_names) - 0.5, aspect="auto",
                interpolation="nearest")
     top.set_yticks([0], ["all GPUs"], fontsize=8)
-    top.set_title("unmixed: one task per iteration, the whole global batch", fontsize=9, loc="left")
-    bottom.imshow(mixed, cmap=cmap, vmin=-0.5, vmax=len(task_names) - 0.5, aspect="auto", interpolation="nearest")
+    top.set_title("unmixed: one task per iteration, the whole global batch" + first, fontsize=9, loc="left")
+    bottom.imshow(mixed[:, :drawn], cmap=cmap, vmin=-0.5, vmax=len(task_names) - 0.5, aspect="auto",
+                  interpolation="nearest")
     bottom.set_yticks(range(slots), [f"slot {s}" for s in range(slots)], fontsize=7)
     bottom.set_title(f"mixed: {slots} slots (per-GPU batches) per iteration, each with its own task", fontsize=9,
                      loc="left")
@@ -92,7 +100,7 @@ def plot_task_sequence(unmixed_tasks: Sequence[str], mixed_slots: Sequence[Seque
                  zorder=3, label="$s_k$")
     bars.set_yticks(positions, list(task_names), fontsize=8)
     bars.invert_yaxis()
-    bars.set_xlabel("fraction drawn")
+    bars.set_xlabel("fraction drawn" + ("" if drawn == len(unmixed) else f" (all {len(unmixed)} iterations)"))
     bars.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     bars.grid(axis="x", alpha=0.3)
     if title:
@@ -227,7 +235,7 @@ def plot_task_curves(curves: Mapping[str, Mapping[str, tuple[Any, Any, Any, Any]
 
 
 def plot_interference(matrix: Any, task_names: Sequence[str], title: str | None = None,
-                      limit: float | None = None, ax: Axes | None = None) -> Figure:
+                      limit: float | None = None, ax: Axes | None = None, colorbar: bool = True) -> Figure:
     """The task-interference matrix I(i -> j) (MoE paper Sec. 3.1; `walkthrough.interference`) as a heat map.
 
     Args:
@@ -236,6 +244,8 @@ def plot_interference(matrix: Any, task_names: Sequence[str], title: str | None 
         task_names: the K tasks.
         limit: the colour scale spans [-limit, limit]; default max |I(i -> j)| over i != j (at least 0.1).
             Pass the same limit to several panels to compare them.
+        colorbar: False draws no colour bar, for panels that share one (same ``limit``; the colour-scaled image
+            is ``ax.images[0]``, e.g. ``fig.colorbar(axes[0].images[0], ax=axes, label="I(i -> j)")``).
 
     The diagonal (1 by definition) is drawn in grey, so the colour scale, symmetric around 0 (red: helps,
     blue: hurts), is spent on the off-diagonal entries.
@@ -260,7 +270,8 @@ def plot_interference(matrix: Any, task_names: Sequence[str], title: str | None 
                       interpolation="nearest")
     ax.imshow(np.where(off_diagonal, np.nan, 1.0), cmap=ListedColormap([(0.85, 0.85, 0.85)]),
               interpolation="nearest")
-    fig.colorbar(image, ax=ax, shrink=0.85, label="I(i -> j)")
+    if colorbar:
+        fig.colorbar(image, ax=ax, shrink=0.85, label="I(i -> j)")
     for i in range(len(values)):
         for j in range(len(values)):
             strong = off_diagonal[i, j] and abs(values[i, j]) > 0.6 * limit

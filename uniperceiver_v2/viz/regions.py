@@ -201,12 +201,13 @@ def plot_bars(values: Mapping[str, Any], stacked_by: Sequence[str] | None = None
 
 
 def plot_token_layout(layouts: Mapping[str, tuple[Any, Any]], type_names: Mapping[int, str],
-                      title: str | None = None) -> Figure:
+                      title: str | None = None, legend_fontsize: float = 7) -> Figure:
     """Token sequences as strips, one row per sequence: a cell per token coloured by its type, padding hatched.
 
     Args:
         layouts: row name -> (token types (T,) ints, padding mask (T,) bool or None); rows may differ in length.
         type_names: type id -> name, for the legend and the counts written on each run of equal types.
+        legend_fontsize: of the legend above the strips (larger for a wide figure shown scaled down).
     """
     if not layouts:
         raise ValueError("layouts: expected at least one token sequence")
@@ -243,9 +244,9 @@ def plot_token_layout(layouts: Mapping[str, tuple[Any, Any]], type_names: Mappin
         ax.spines[side].set_visible(False)
     handles = [Patch(facecolor=colors[t], label=type_names[t]) for t in sorted(type_names)]
     handles.append(Patch(facecolor="lightgrey", hatch="////", label="padding"))
-    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=len(handles), fontsize=7,
-              frameon=False)
+    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=len(handles),
+              fontsize=legend_fontsize, frameon=False)
     if title:
-        ax.set_title(title, fontsize=10, pad=22)
+        ax.set_title(title, fontsize=max(10, legend_fontsize + 1), pad=22 + 2.5 * max(0.0, legend_fontsize - 7))
     return fig
 

@@ -18,15 +18,26 @@ The names of ``runs``, ``results`` and ``novel`` are re-exported here (``walkthr
 other modules by name (``from uniperceiver_v2.walkthrough import gating``).
 """
 
-from .novel import best_proposal_logits, category_exposure, novel_ap_table, novel_category_names, per_category_table
+from .novel import (
+    above_reference,
+    best_proposal_logits,
+    category_exposure,
+    images_with_novel_names,
+    novel_ap_table,
+    novel_category_names,
+    novel_naming,
+    per_category_table,
+)
 from .results import (
     RetrievalExamples,
+    caption_repetition,
     ceiling_table,
     chance_levels,
     distinct_detections,
     fill_mask_examples,
     mask_one_word,
     metrics_table,
+    overlapping_detections,
     representation_similarity,
     retrieval_examples,
 )
@@ -36,6 +47,7 @@ from .runs import (
     TrainingFailed,
     TrainingLaunch,
     TrainingStatus,
+    compare_logged_draws,
     config_of_command,
     default_log_every,
     longest_gaps,
@@ -57,11 +69,12 @@ from .runs import (
 )
 
 __all__ = [
-    "ceiling_table",
+    "ceiling_table", "above_reference", "images_with_novel_names", "novel_naming",
     "CONSOLE_LOG", "ProgressFilter", "RetrievalExamples", "TrainingFailed", "TrainingLaunch", "TrainingStatus",
-    "best_proposal_logits", "category_exposure", "chance_levels", "config_of_command", "default_log_every",
-    "distinct_detections", "fill_mask_examples", "longest_gaps", "loss_summary", "lr_records", "mask_one_word",
-    "metrics_table", "novel_ap_table", "novel_category_names", "param_group_table", "per_category_table",
+    "best_proposal_logits", "caption_repetition", "category_exposure", "chance_levels", "compare_logged_draws",
+    "config_of_command", "default_log_every", "distinct_detections", "fill_mask_examples", "longest_gaps",
+    "loss_summary", "lr_records", "mask_one_word", "metrics_table", "novel_ap_table", "novel_category_names",
+    "overlapping_detections", "param_group_table", "per_category_table",
     "pretrained_backbone", "representation_similarity", "require_checkpoint", "retrieval_examples", "run_training",
     "shell_command", "stream_command", "task_mixture_table", "task_sequence_from_records", "task_trends",
     "train_command", "training_dir", "training_status", "unmixed_sampler",

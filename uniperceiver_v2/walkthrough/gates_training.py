@@ -19,7 +19,7 @@ import dataclasses
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,8 @@ from ..modeling.unified_decoder import UnifiedDecoder
 from .gating import DecoderCall, ExpertUsage, replay
 from .runs import training_dir, training_status
 
-__all__ = ["GateTraining", "RunModel", "gate_difference", "model_of_run", "replayed_calls", "train_gates"]
+__all__ = ["CollapsedLayer", "GateTraining", "RunModel", "collapsed_layers", "describe_collapsed", "gate_difference",
+           "model_of_run", "replayed_calls", "train_gates"]
 
 
 @dataclass
@@ -141,6 +142,66 @@ def gate_difference(usage: ExpertUsage) -> list[float]:
         return [0.0] * gates.shape[0]
     distance = (gates[:, :, None, :] - gates[:, None, :, :]).abs().sum(-1) / 2         # (L, R, R), diagonal 0
     return (distance.sum((1, 2)) / (rows * (rows - 1))).tolist()
+
+
+@dataclass
+class CollapsedLayer:
+    """A layer found by :func:`collapsed_layers`.
+
+    Attributes:
+        layer: its index; experts: the experts every row takes there.
+        largest_difference: the largest difference between two rows' gate vectors (half the L1 distance, as in
+            :func:`gate_difference`).
+    """
+
+    layer: int
+    experts: list[int]
+    largest_difference: float
+
+
+def collapsed_layers(usage: ExpertUsage, threshold: float = 0.2) -> list[CollapsedLayer]:
+    """The layers in which every row of ``usage`` takes the same experts with nearly the same weights: the same
+    non-zero cells in every row, and at most ``threshold`` between any two rows' gate vectors (half the L1
+    distance, as in :func:`gate_difference`).
+
+    Such a layer computes nearly one function for every row (one attribute combination each): a dense FFN in all
+    but name. Attribute routing has no balance loss and no capacity, so nothing keeps its gates from collapsing.
+    With fewer than two rows there is nothing to compare and no layer is returned.
+    """
+    gates = usage.usage.to(torch.float64)                                              # (L, R, E)
+    if gates.shape[1] < 2:
+        return []
+    found = []
+    for layer, rows in enumerate(gates):                                               # rows: (R, E)
+        used = rows > 0
+        if not bool((used == used[0]).all()):
+            continue
+        largest = float(((rows[:, None, :] - rows[None, :, :]).abs().sum(-1) / 2).max())
+        if largest <= threshold:
+            found.append(CollapsedLayer(layer, used[0].nonzero().flatten().tolist(), largest))
+    return found
+
+
+def describe_collapsed(collapsed: Mapping[str, Sequence[CollapsedLayer]], combinations: int,
+                       threshold: float = 0.2) -> str:
+    """A markdown paragraph naming the collapsed layers of several models (``name -> collapsed_layers(...)``, the
+    same ``threshold``), for ``combinations`` rows (attribute combinations) each."""
+    definition = (f"all {combinations} attribute combinations take the same experts, with gate vectors at most "
+                  f"{threshold:g} apart (`gates_training.collapsed_layers`)")
+    named = {name: layers for name, layers in collapsed.items() if layers}
+    if not named:
+        return (f"**No collapsed layer**: in no layer of these gates do {definition}; in every layer at least two "
+                "combinations take different experts or clearly different weights. Nothing balances the experts "
+                "under attribute routing, though, so a longer training can still collapse a layer.")
+    listed = "; ".join(
+        f"{name}: " + ", ".join(f"layer {c.layer} (experts {', '.join(f'E{e}' for e in c.experts)}, largest "
+                                 f"difference {c.largest_difference:.2f})" for c in layers)
+        for name, layers in named.items())
+    others = [name for name in collapsed if name not in named]
+    return (f"**Collapsed layers**, where {definition}: {listed}. There every kind of token gets nearly the same "
+            "mixture of the same experts: the layer is nearly one dense FFN and has not specialised. Attribute "
+            "routing has no balance loss and no capacity, and nothing keeps a layer's gates from collapsing."
+            + (f" No layer of {' or '.join(others)} is collapsed." if others else ""))
 
 
 @dataclass

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import io
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -652,24 +653,45 @@ def bench_case(cfg: DecoderConfig, name: str, batch: int, num_image: int, num_wo
 
 
 def reparameterisation_timings(case: Case, repeats: int, threads: int = 1, num_experts: int = 8,
-                               top_k: int = 2) -> dict[str, dict[str, float]]:
+                               top_k: int = 2, report: bool = False) -> dict[str, Any]:
     """Median forward times of dense / merged / unmerged attribute-MoE / token-MoE decoders
     (``bench.moe.run_case``, which also prints its table and the merged-vs-unmerged difference).
 
     Args:
         case: sizes (``bench_case`` or ``bench.moe.CASES``); repeats: timed passes per variant.
         threads: torch intra-op threads during the measurement (restored afterwards).
+        report: True returns the benchmark's report as markdown under "report" instead of printing it (for
+            ``IPython.display.Markdown``).
 
     Returns:
-        {"median_ms": variant -> milliseconds, "ratio_to_dense": variant -> time / dense time}.
+        {"median_ms": variant -> milliseconds, "ratio_to_dense": variant -> time / dense time}, and with ``report``
+        also {"report": markdown text}.
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    printed = io.StringIO()
     try:
         with torch.random.fork_rng(devices=[]):       # run_case seeds the global generator
-            medians = run_case(case, num_experts, top_k, repeats)
+            with contextlib.redirect_stdout(printed) if report else contextlib.nullcontext():
+                medians = run_case(case, num_experts, top_k, repeats)
     finally:
         torch.set_num_threads(previous)
-    return {"median_ms": {name: 1e3 * t for name, t in medians.items()},
-            "ratio_to_dense": {name: t / medians["dense"] for name, t in medians.items()}}
+    result: dict[str, Any] = {"median_ms": {name: 1e3 * t for name, t in medians.items()},
+                              "ratio_to_dense": {name: t / medians["dense"] for name, t in medians.items()}}
+    if report:
+        result["report"] = _as_markdown(printed.getvalue())
+    return result
 
+
+def _as_markdown(text: str) -> str:
+    """Printed lines as markdown: each line its own paragraph, except that the lines of a table stay together; a
+    heading line ("### ...") becomes bold text, so that it adds no heading to the notebook's outline."""
+    blocks: list[str] = []
+    for line in text.strip().splitlines():
+        if line.startswith("|") and blocks and blocks[-1].startswith("|"):
+            blocks[-1] += "\n" + line
+        elif line.startswith("#"):
+            blocks.append(f"**{line.lstrip('#').strip()}**")
+        elif line.strip():
+            blocks.append(line)
+    return "\n\n".join(blocks)

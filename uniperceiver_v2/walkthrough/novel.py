@@ -5,7 +5,7 @@ the best proposal of each object."""
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -83,11 +83,79 @@ def novel_ap_table(rows: Sequence[tuple[str, str, NovelDetectionResult]]) -> dic
                      for model, candidates, r in rows]}
 
 
-def per_category_table(result: NovelDetectionResult) -> dict[str, list]:
-    """Box AP / AP50 (x100) and ground-truth instances of every novel category of one result."""
-    return {"columns": ["novel category", "instances", "AP", "AP50"],
-            "rows": [[name, values["instances"], _percent(values["AP"]), _percent(values["AP50"])]
-                     for name, values in result.per_category.items()]}
+def per_category_table(result: NovelDetectionResult, reference: NovelDetectionResult | None = None,
+                       reference_label: str = "untrained") -> dict[str, list]:
+    """Box AP / AP50 (x100) and ground-truth instances of every novel category of one result; with ``reference``
+    (e.g. the untrained model's result), its AP / AP50 of the same category next to them."""
+    columns = ["novel category", "instances", "AP", "AP50"]
+    if reference is not None:
+        columns += [f"{reference_label} AP", f"{reference_label} AP50"]
+    rows = []
+    for name, values in result.per_category.items():
+        row = [name, values["instances"], _percent(values["AP"]), _percent(values["AP50"])]
+        if reference is not None:
+            other = reference.per_category.get(name, {})
+            row += [_percent(other.get("AP")), _percent(other.get("AP50"))]
+        rows.append(row)
+    return {"columns": columns, "rows": rows}
+
+
+def above_reference(result: NovelDetectionResult, reference: NovelDetectionResult) -> dict[str, bool]:
+    """Per novel category: is the box AP of ``result`` above that of ``reference`` (e.g. the untrained model)? A
+    missing or undefined AP counts as 0."""
+    def ap(values) -> float:
+        value = _percent((values or {}).get("AP"))
+        return 0.0 if value is None else value
+
+    return {name: ap(values) > ap(reference.per_category.get(name)) for name, values in result.per_category.items()}
+
+
+def images_with_novel_names(records: Sequence[Mapping], novel_ids: Collection[int], count: int) -> list[int]:
+    """The images where a novel category is among the ``count`` best *distinct boxes* of COCO result records
+    (``NovelDetectionResult.records``): each box counted once, with its best-scoring name, as
+    ``walkthrough.distinct_detections`` keeps them for a figure. Image ids in increasing order."""
+    best: dict[int, dict[tuple[float, ...], int]] = {}
+    for record in sorted(records, key=lambda r: -r["score"]):
+        boxes = best.setdefault(record["image_id"], {})
+        key = tuple(record["bbox"])
+        if key not in boxes and len(boxes) < count:
+            boxes[key] = record["category_id"]
+    novel = set(novel_ids)
+    return sorted(image for image, boxes in best.items() if novel & set(boxes.values()))
+
+
+def novel_naming(shown: Sequence[Mapping], samples: Sequence, class_names: Sequence[str],
+                 novel_names: Collection[str], min_iou: float = 0.5) -> dict[str, int]:
+    """What a figure of detections shows of novel categories.
+
+    Args:
+        shown: per sample, the drawn detections (``distinct_detections`` of ``api.detect``: ``boxes`` xyxy in the
+            sample's pixels, ``labels`` indexing ``class_names``).
+        samples: the scenes (``boxes`` xyxy and ``labels`` indexing ``class_names``, same pixels).
+        class_names, novel_names: the candidates, and which of them are novel.
+        min_iou: the overlap with a ground-truth object of the same name that makes a detection right.
+
+    Returns:
+        ``{"shown": all detections, "novel": those with a novel name, "correct": those of them on a ground-truth
+        object of that name (IoU >= min_iou)}``.
+    """
+    from ..modeling.box_ops import box_iou
+
+    counts = {"shown": 0, "novel": 0, "correct": 0}
+    for found, sample in zip(shown, samples):
+        labels = [int(label) for label in found["labels"]]
+        counts["shown"] += len(labels)
+        for index, label in enumerate(labels):
+            if class_names[label] not in novel_names:
+                continue
+            counts["novel"] += 1
+            truth = [i for i, truth_label in enumerate(sample.labels.tolist())
+                     if truth_label == label]
+            if truth:
+                box = torch.as_tensor(found["boxes"][index]).detach().cpu().to(torch.float32)[None]
+                iou = box_iou(torch.as_tensor(sample.boxes)[truth].cpu().to(torch.float32), box)
+                counts["correct"] += int(iou.max().item() >= min_iou)
+    return counts
 
 
 def best_proposal_logits(model, sample, class_names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

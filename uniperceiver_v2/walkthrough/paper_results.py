@@ -49,11 +49,14 @@ __all__ = [
     "TAB3_PRINTED_GAPS",
     "TAB6_INCONSISTENT_GAINS",
     "TAB6_PRINTED_GAINS",
+    "encoder_initialisation",
+    "evaluation_scope",
     "find_eval_metrics",
     "main_results_table",
     "metric_value",
     "ours_vs_paper",
     "paper_table",
+    "paper_ticks_below_zero",
     "scale_table",
 ]
 
@@ -378,3 +381,87 @@ def scale_table(ours: Mapping[str, Any]) -> dict[str, list]:
         raise KeyError(f"scale_table: no value for {missing}; aspects are {list(PAPER_SCALE)}")
     return {"columns": ["", "paper", "ours"], "rows": [[aspect, PAPER_SCALE[aspect], ours[aspect]]
                                                        for aspect in PAPER_SCALE]}
+
+
+def evaluation_scope(metrics: Mapping[str, Any] | None, num_classes: int | None = None) -> list[str | None]:
+    """What each of :data:`MAIN_COLUMNS` measures in one of our ``evaluate()`` results, where the paper's header
+    (ImageNet-1k, COCO) would suggest otherwise: "synthetic", with the number of classes, images or candidates the
+    result records (``num_images``, ``num_texts``); None where the result has no value for the column.
+
+    Args:
+        metrics: ``evaluate()``'s result (task -> metrics).
+        num_classes: the classification candidates (class names), if known.
+    """
+    scope: list[str | None] = []
+    for metric in MAIN_COLUMNS:
+        task = (metrics or {}).get(metric.task)
+        if metric_value(metrics, metric) is None or not isinstance(task, Mapping):
+            scope.append(None)
+            continue
+        counts: list[str] = []
+        if metric.task == "classification":
+            counts += [f"{num_classes} classes"] if num_classes else []
+            counts += [f"{task['num_images']} images"] if task.get("num_images") else []
+        elif metric.task == "captioning" and task.get("num_images"):
+            counts.append(f"{task['num_images']} images")
+        elif metric.task == "retrieval":
+            # image-to-text (TR) ranks every text for an image; text-to-image (IR) every image for a text
+            key, noun = ("num_texts", "texts") if metric.key.startswith("i2t") else ("num_images", "images")
+            counts += [f"{task[key]} candidate {noun}"] if task.get(key) else []
+        elif metric.task == "detection":
+            scope.append("synthetic scenes")      # evaluate() records no image count for detection
+            continue
+        scope.append("synthetic" + (": " + ", ".join(counts) if counts else ""))
+    return scope
+
+
+def encoder_initialisation(config: Mapping[str, Any]) -> str:
+    """How a run's two encoders started, read from its configuration as a dict (a checkpoint's ``meta.json``
+    ``config``, or ``Config.to_dict()``): the image backbone from random weights, from a weights file (in this
+    series the one notebook 06 pre-trains as a classifier on the synthetic classification images) or with
+    ImageNet weights; the text encoder pre-trained or random, frozen or not. The rest of the model always starts
+    from random weights."""
+    image = config.get("image_encoder") or {}
+    text = config.get("text_encoder") or {}
+    weights = image.get("backbone_weights")
+    backbone = f"image backbone `{image.get('backbone', '?')}`"
+    if not weights:
+        backbone += " from random weights"
+    elif weights == "imagenet":
+        backbone += " with ImageNet weights"
+    else:
+        backbone += (f" pre-trained on the synthetic classification images (`{str(weights).split('/')[-1]}`, "
+                     f"notebook 06)")
+    encoder = f"text encoder `{text.get('name', '?')}` " + ("pre-trained" if text.get("pretrained", True)
+                                                             else "from random weights")
+    if text.get("freeze"):
+        encoder += " and frozen"
+    return f"{backbone}; {encoder}; the rest from random weights"
+
+
+def paper_ticks_below_zero(ours: Mapping[str, Sequence[Value]], reference: str | None,
+                           directions: Mapping[str, Sequence], table: str | None = None
+                           ) -> list[tuple[str, str, float]]:
+    """The cells whose "reference + the paper's gap" tick (``TableReport.band_figure``) lies below 0: the paper's
+    drop there is larger than our whole reference value, a value no percentage can take.
+
+    Args:
+        ours: our table, row -> one value per column of :data:`ABLATION_COLUMNS`.
+        reference: our reference row (None: no tick is drawn).
+        directions: ``ablations.gap_directions`` (rows ``[table, row, column, paper gap, ...]``).
+        table: only the cells of this table key.
+
+    Returns:
+        (row, column, tick value) per such cell, in the order of ``directions``.
+    """
+    if reference is None or reference not in ours:
+        return []
+    index = {metric.header: i for i, metric in enumerate(ABLATION_COLUMNS)}
+    below = []
+    for key, label, column, paper_gap, *_ in directions["rows"]:
+        if (table is not None and key != table) or paper_gap is None or column not in index:
+            continue
+        base = ours[reference][index[column]]
+        if base is not None and base + paper_gap < 0:
+            below.append((label, column, round(base + paper_gap, 2)))
+    return below

@@ -4,14 +4,16 @@ Untrained, every pool is an almost exact average of the map (its query starts sm
 the untrained pools shows nothing. Two ways to put trained pools on the page:
 
 * :func:`encoder_of_run`: the image encoder of notebook 06's run, when its checkpoint exists (the pools trained
-  by the generalist's own tasks, as in the paper; after a short run they have barely moved);
+  by the generalist's own tasks, as in the paper; how far they move from a uniform average depends on what those
+  losses ask of them: the decoder also reads every cell of F_L as a flattened token);
 * :func:`train_attention_pools`: a short training of the image encoder alone, seconds on a CPU, with a stand-in
   objective that needs the pools: name every category present in a detection scene (multi-label, binary
-  cross-entropy) from the M' pooled tokens only. A scene holds several objects at different places, so a pool that
-  averages everything loses them and pools that look at different cells gain.
+  cross-entropy) from the M' pooled tokens only. A scene holds several objects at different places, so a pool
+  that weights the cells holding objects can keep more of them than a plain average.
 
 :func:`pool_spread` measures how many cells a pool effectively averages, exp(entropy of its weights): h w for a
-uniform pool, 1 for a pool on a single cell.
+uniform pool, 1 for a pool on a single cell. :func:`pool_similarity` measures whether the pools look at the same
+cells: the cosine between two pools' deviations from the uniform share.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from ..data.transforms import detection_eval_transform
 from ..modeling import ImageEncoder
 from .runs import training_dir, training_status
 
-__all__ = ["PoolTraining", "RunEncoder", "encoder_of_run", "pool_spread", "train_attention_pools"]
+__all__ = ["PoolTraining", "RunEncoder", "encoder_of_run", "mean_pairwise", "pool_similarity", "pool_spread",
+           "train_attention_pools"]
 
 
 def pool_spread(weights: torch.Tensor) -> torch.Tensor:
@@ -48,6 +51,35 @@ def pool_spread(weights: torch.Tensor) -> torch.Tensor:
     """
     entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1)
     return entropy.exp()
+
+
+def pool_similarity(weights: torch.Tensor) -> torch.Tensor:
+    """How alike the pools' weight maps are: the cosine between the deviations of two pools' weights from the
+    uniform share 1/n, for every pair of pools.
+
+    Args:
+        weights: (M', n) weights of M' pools over the same n valid cells, each summing to 1 (leave padding cells
+            out: with weight 0 in every pool they would deviate alike in every pool and raise the cosines).
+
+    Returns:
+        (M', M') cosines in [-1, 1]: 1 where two pools favour and avoid the same cells in the same proportions, 0
+        where their patterns are unrelated, below 0 where one favours the cells the other avoids; a pool at exactly
+        the uniform share has no pattern and a cosine of 0 with every pool (1 with itself is not guaranteed then).
+    """
+    if weights.ndim != 2:
+        raise ValueError(f"weights: expected (M', n) weights of the pools over the same cells, got shape "
+                         f"{tuple(weights.shape)}")
+    centred = weights - 1.0 / weights.shape[-1]
+    return F.normalize(centred, dim=-1) @ F.normalize(centred, dim=-1).T
+
+
+def mean_pairwise(similarity: torch.Tensor) -> float:
+    """The mean of the off-diagonal entries of a square (M, M) matrix (nan for M < 2)."""
+    count = similarity.shape[0]
+    if count < 2:
+        return float("nan")
+    off_diagonal = ~torch.eye(count, dtype=torch.bool, device=similarity.device)
+    return float(similarity[off_diagonal].mean())
 
 
 @dataclass

@@ -122,6 +122,38 @@ def distinct_detections(detections: Mapping[str, Any], count: int) -> dict[str, 
             for key, value in detections.items()}
 
 
+def overlapping_detections(boxes: Any, threshold: float = 0.5) -> int:
+    """How many of the (N, 4) xyxy ``boxes`` overlap at least one *other* of them with IoU > ``threshold``: the
+    duplicates a detector without NMS keeps (two boxes on one object count as two)."""
+    from ..modeling.box_ops import box_iou
+
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    if boxes.shape[0] < 2:
+        return 0
+    iou = box_iou(boxes, boxes).fill_diagonal_(0.0)                     # (N, N), a box against the others
+    return int((iou > threshold).any(dim=1).sum())
+
+
+def caption_repetition(captions: Sequence[str], run: int = 3) -> dict[str, int]:
+    """How varied a set of generated captions is: how many are distinct, and how many repeat one word ``run`` or
+    more times in a row (a greedy decoder caught in a loop, e.g. "a circle a a a a.").
+
+    Returns:
+        ``{"captions": N, "distinct": D, "looping": L}``.
+    """
+    looping = 0
+    for caption in captions:
+        words = [word.strip(".,;:!?\"'").lower() for word in str(caption).split()]
+        words = [word for word in words if word]
+        longest = current = 0
+        for index, word in enumerate(words):
+            current = current + 1 if index and word == words[index - 1] else 1
+            longest = max(longest, current)
+        looping += longest >= run
+    return {"captions": len(captions), "distinct": len({" ".join(str(c).split()) for c in captions}),
+            "looping": looping}
+
+
 @dataclass
 class RetrievalExamples:
     """Image-text similarities of a set of images and all their captions, for drawing rankings.
@@ -154,6 +186,40 @@ class RetrievalExamples:
         top_images = self.t2i.topk(min(k, self.t2i.shape[1]), dim=1).indices                 # (T, k)
         t2i = (top_images == self.text_image[:, None]).any(dim=1)
         return {f"i2t_R@{k}": float(i2t.float().mean()), f"t2i_R@{k}": float(t2i.float().mean())}
+
+    def ranks(self) -> dict[str, torch.Tensor]:
+        """The rank (1 = first) of the correct item of every query, ties counted against the model as in
+        ``retrieval_recall``: ``"i2t"`` (I,) the best-ranked of each image's captions, ``"t2i"`` (T,) each caption's
+        own image."""
+        images = torch.arange(self.i2t.shape[0])
+        correct = self.text_image[None, :] == images[:, None]                               # (I, T)
+        best = self.i2t.masked_fill(~correct, float("-inf")).amax(dim=1, keepdim=True)      # (I, 1)
+        i2t = ((self.i2t >= best) & ~correct).sum(dim=1) + 1
+        own = self.t2i.gather(1, self.text_image[:, None])                                  # (T, 1)
+        others = torch.ones_like(self.t2i, dtype=torch.bool).scatter_(1, self.text_image[:, None], False)
+        t2i = ((self.t2i >= own) & others).sum(dim=1) + 1
+        return {"i2t": i2t, "t2i": t2i}
+
+    def ranking_summary(self) -> dict[str, float | int]:
+        """Where the correct items rank and how much the first places are shared (hubness).
+
+        Returns:
+            ``images``, ``texts``; ``i2t_median_rank`` and ``t2i_median_rank`` (1 = first; the lower median) with
+            ``i2t_random_rank`` = (T + 1) / (c + 1) and ``t2i_random_rank`` = (I + 1) / 2, the mean rank of the
+            first correct item under a random ranking (c = T / I captions per image); ``i2t_distinct_top1``: how
+            many different captions are some image's first, ``i2t_largest_hub``: the most images sharing one first
+            caption; ``t2i_distinct_top1`` and ``t2i_largest_hub`` the same for the images first for a caption.
+        """
+        ranks = self.ranks()
+        num_images, num_texts = self.i2t.shape
+        per_image = num_texts / max(num_images, 1)
+        first_texts = torch.bincount(self.i2t.argmax(dim=1), minlength=num_texts)
+        first_images = torch.bincount(self.t2i.argmax(dim=1), minlength=num_images)
+        return {"images": int(num_images), "texts": int(num_texts),
+                "i2t_median_rank": int(ranks["i2t"].median()), "t2i_median_rank": int(ranks["t2i"].median()),
+                "i2t_random_rank": (num_texts + 1) / (per_image + 1), "t2i_random_rank": (num_images + 1) / 2,
+                "i2t_distinct_top1": int((first_texts > 0).sum()), "i2t_largest_hub": int(first_texts.max()),
+                "t2i_distinct_top1": int((first_images > 0).sum()), "t2i_largest_hub": int(first_images.max())}
 
 
 def retrieval_examples(model, images: Sequence[Any], captions: Sequence[Sequence[str]]) -> RetrievalExamples:

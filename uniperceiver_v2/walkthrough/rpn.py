@@ -61,6 +61,7 @@ __all__ = [
     "fusion_gradient_norms",
     "loss_table",
     "matching_costs",
+    "position_levels",
     "predict_proposals",
     "proposal_recall",
     "trace_forward",
@@ -89,21 +90,51 @@ def boxes_to_pixels(boxes: torch.Tensor, size: Sequence[int] | torch.Tensor) -> 
     return box_cxcywh_to_xyxy(boxes) * boxes.new_tensor([width, height, width, height])
 
 
-def anchor_size_deviation(boxes: torch.Tensor, num_levels: int) -> torch.Tensor:
-    """How far each box's width and height are from the nearest query-selection anchor side
-    ``ANCHOR_BASE_SIZE * 2^l`` (``RegionProposalNetwork.anchors``), relative to that side: 0 for a bare anchor, as the
-    untrained box head (zero deltas) leaves the reference boxes.
+def anchor_size_deviation(boxes: torch.Tensor, num_levels: int, levels: torch.Tensor | None = None) -> torch.Tensor:
+    """How far each box's width and height are from a query-selection anchor side ``ANCHOR_BASE_SIZE * 2^l``
+    (``RegionProposalNetwork.anchors``), relative to that side: 0 for a bare anchor, as the untrained box head (zero
+    deltas) leaves the reference boxes.
 
     Args:
         boxes: (..., 4) normalised (cx, cy, w, h), e.g. ``ForwardTrace.query_boxes``.
         num_levels: the feature levels L (``image_encoder.num_feature_levels``).
+        levels: optional (...) level of each box's own anchor (``position_levels`` of the selected positions).
+            None (default): the nearest of the L anchor sides, which caps the deviation of a square box at about
+            1/3 (the sides are a factor 2 apart); given: the box's own anchor side, which the box head refines.
 
     Returns:
-        (...) min over l of max(|w - s_l|, |h - s_l|) / s_l.
+        (...) max(|w - s|, |h - s|) / s, with s the own anchor side or (min over l) the nearest one.
     """
     sides = ANCHOR_BASE_SIZE * 2.0 ** torch.arange(num_levels, dtype=boxes.dtype, device=boxes.device)   # (L,)
     sizes = boxes[..., None, 2:]                                                          # (..., 1, 2)
-    return ((sizes - sides[:, None]).abs().amax(-1) / sides).amin(-1)
+    deviation = (sizes - sides[:, None]).abs().amax(-1) / sides                           # (..., L)
+    if levels is None:
+        return deviation.amin(-1)
+    levels = torch.as_tensor(levels, device=boxes.device).long()
+    if levels.shape != deviation.shape[:-1]:
+        raise ValueError(f"levels: expected shape {tuple(deviation.shape[:-1])} (one per box), "
+                         f"got {tuple(levels.shape)}")
+    if levels.numel() and (levels.min() < 0 or levels.max() >= num_levels):
+        raise ValueError(f"levels: expected values in [0, {num_levels}), got {levels.min()}..{levels.max()}")
+    return deviation.gather(-1, levels[..., None])[..., 0]
+
+
+def position_levels(positions: torch.Tensor, spatial_shapes: torch.Tensor) -> torch.Tensor:
+    """The feature level of each flattened encoder position (levels stacked along S, row-major within a level),
+    e.g. of ``RegionProposals.selected_positions``.
+
+    Args:
+        positions: (...) indices into S = sum_l H_l W_l; spatial_shapes: (L, 2) (H_l, W_l).
+
+    Returns:
+        (...) int64 level indices l.
+    """
+    sizes = torch.as_tensor(spatial_shapes).long().prod(-1)                                 # (L,)
+    ends = sizes.cumsum(0).to(positions.device)                                            # (L,) exclusive ends
+    if positions.numel() and (positions.min() < 0 or positions.max() >= ends[-1]):
+        raise ValueError(f"positions: expected indices in [0, {int(ends[-1])}), got "
+                         f"{int(positions.min())}..{int(positions.max())}")
+    return torch.bucketize(positions.long(), ends, right=True)
 
 
 def _device(module: nn.Module) -> torch.device:

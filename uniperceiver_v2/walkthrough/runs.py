@@ -555,9 +555,9 @@ def lr_records(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The learning rates of a training log in long format, one record per (iteration, distinct multiplier).
 
     The trainer logs ``lr/<group>`` for every optimizer group; groups that differ only in weight decay share the
-    same learning rate, so the groups are merged by their multiplier of the base lr (``lr``):
-    ``{"iteration", "group": "base lr x0.1", "lr"}``. ``viz.plot_curves(records, keys=("lr",), by="group")`` draws
-    them.
+    same learning rate, so the groups are merged by their multiplier of the base lr (``lr``) and named as the
+    trainer names the groups, without the weight decay: ``{"iteration", "group": "lr x0.1", "lr"}``.
+    ``viz.plot_curves(records, keys=("lr",), by="group")`` draws them.
     """
     out: dict[tuple[int, str], dict[str, Any]] = {}
     multipliers: dict[str, float] = {}
@@ -571,7 +571,7 @@ def lr_records(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 multipliers[group] = lr / base
             if group not in multipliers:
                 continue   # an lr of 0 (first warm-up step) says nothing about the multiplier
-            label = f"base lr x{multipliers[group]:.3g}"
+            label = f"lr x{multipliers[group]:.3g}"
             out[(int(record["iteration"]), label)] = {"iteration": int(record["iteration"]), "group": label,
                                                      "lr": float(lr)}
     return sorted(out.values(), key=lambda r: (r["group"], r["iteration"]))
@@ -612,6 +612,49 @@ def task_sequence_from_records(records: Sequence[Mapping[str, Any]]) -> list[str
         raise ValueError(f"task_sequence_from_records: the log has no single record for iteration(s) "
                          f"{(missing + sorted(crowded))[:5]}...; it needs run.log_every=1")
     return [str(by_iteration[i][0]["task"]) for i in range(1, last + 1)]
+
+
+def compare_logged_draws(records: Sequence[Mapping[str, Any]], drawn: Sequence[str],
+                         batches_per_iteration: int = 1) -> int:
+    """Check a training log against a sampler's draws, for any ``run.log_every``.
+
+    The trainer writes one record per task at the end of each logging window (every ``run.log_every`` iterations,
+    and at every checkpoint), with ``count`` = the task's batches in the window: its iterations times
+    ``batches_per_iteration`` (``run.grad_accum`` x processes under unmixed sampling). A window runs from the
+    previous logged iteration to its own, so the draws of iterations [previous, this) (0-based) must give every
+    task exactly its logged count.
+
+    Args:
+        records: the records of ``metrics.jsonl`` (evaluation records are ignored).
+        drawn: the task of each iteration 0, 1, ... (``UnmixedTaskSampler.task_for_iteration``), at least as many
+            as the log covers.
+
+    Returns:
+        the number of logging windows compared.
+
+    Raises:
+        ValueError: the first window whose tasks or counts differ from the draws (another seed or task mixture).
+    """
+    windows: dict[int, dict[str, int]] = {}
+    for record in records:
+        if record.get("kind", "train") == "train" and "task" in record:
+            counts = windows.setdefault(int(record["iteration"]), {})
+            counts[str(record["task"])] = counts.get(str(record["task"]), 0) + int(record.get("count", 1))
+    if not windows:
+        raise ValueError("compare_logged_draws: no training records")
+    if max(windows) > len(drawn):
+        raise ValueError(f"compare_logged_draws: the log reaches iteration {max(windows)}, the draws only "
+                         f"{len(drawn)}")
+    previous = 0
+    for end in sorted(windows):
+        expected: dict[str, int] = {}
+        for task in drawn[previous:end]:
+            expected[task] = expected.get(task, 0) + batches_per_iteration
+        if expected != windows[end]:
+            raise ValueError(f"compare_logged_draws: iterations {previous + 1}-{end} logged {windows[end]}, the "
+                             f"sampler drew {expected}; was the run started with another seed or task mixture?")
+        previous = end
+    return len(windows)
 
 
 def param_group_table(model: torch.nn.Module, optimizer: torch.optim.Optimizer, depth: int = 2
