@@ -994,3 +994,20 @@ def test_a_real_run_stopped_midway_resumes_from_its_checkpoint(synthetic_root, t
     assert f"resuming from iteration {stopped_at}" in (folder / A.LOG_FILE).read_text()
     assert result["iterations"] == 8 and 0.0 <= result["metrics"]["classification"]["top1"] <= 1.0
     assert result["train_seconds"] > 0
+
+
+def test_progress_bar_closes_at_the_iteration_the_run_reached(tmp_path):
+    """A run that finishes between two refreshes of its bar closes it at its last logged iteration, not at 0 %."""
+    from types import SimpleNamespace
+
+    folder = tmp_path / "tab2" / "global"
+    folder.mkdir(parents=True)
+    job = SimpleNamespace(cfg=SimpleNamespace(run=SimpleNamespace(iterations=16)), folder=folder,
+                          run=SimpleNamespace(name="tab2/global"))
+    progress = A._Progress(enabled=True)
+    progress.start(job, position=0)
+    bar = progress._bars["tab2/global"][0]
+    assert bar.n == 0
+    (folder / "metrics.jsonl").write_text(json.dumps({"kind": "train", "iteration": 16, "loss": 1.0}) + "\n")
+    progress.stop("tab2/global")
+    assert bar.n == 16 and "tab2/global" not in progress._bars

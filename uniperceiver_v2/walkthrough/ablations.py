@@ -842,16 +842,24 @@ class _Progress:
                    unit="it", dynamic_ncols=True, mininterval=1.0)
         self._bars[job.run.name] = (bar, job.folder / "metrics.jsonl")
 
+    @staticmethod
+    def _advance(bar: Any, path: Path) -> None:
+        iteration = _last_iteration(path)
+        if iteration is not None and iteration > bar.n:
+            bar.update(min(iteration, bar.total) - bar.n)
+
     def poll(self) -> None:
         for bar, path in list(self._bars.values()):
-            iteration = _last_iteration(path)
-            if iteration is not None and iteration > bar.n:
-                bar.update(min(iteration, bar.total) - bar.n)
+            self._advance(bar, path)
 
     def stop(self, name: str) -> None:
+        """Close the run's bar at the iteration it reached (a run shorter than the bar's refresh interval would
+        otherwise leave a bar at 0 % in a saved notebook)."""
         entry = self._bars.pop(name, None)
         if entry is not None:
-            entry[0].close()
+            bar, path = entry
+            self._advance(bar, path)
+            bar.close()
 
     def close(self) -> None:
         for name in list(self._bars):
