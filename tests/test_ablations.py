@@ -199,8 +199,9 @@ def test_keys_of_the_other_tables_did_not_change(tmp_path, nproc):
 
 
 def test_profile_plan():
-    quick = A.profile_plan("quick")
-    assert set(quick) == {"tab2", "tab4"} and all(len(rows) >= 2 for rows in quick.values())
+    smoke = A.profile_plan("smoke")
+    assert set(smoke) == {"tab2", "tab4"} and all(len(rows) >= 2 for rows in smoke.values())
+    assert A.profile_plan("quick") == {"tab2": smoke["tab2"]}      # beside notebook 06: no two-process runs
     assert A.profile_plan("paper") == {key: tuple(r.name for r in t.rows) for key, t in A.TABLES.items()}
     # the small profile: Tab. 2 and Tab. 3's MoE question, four distinct trainings (the full model shared), five
     # with the baseline's second seed
