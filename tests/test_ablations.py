@@ -1012,3 +1012,31 @@ def test_progress_bar_closes_at_the_iteration_the_run_reached(tmp_path):
     (folder / "metrics.jsonl").write_text(json.dumps({"kind": "train", "iteration": 16, "loss": 1.0}) + "\n")
     progress.stop("tab2/global")
     assert bar.n == 16 and "tab2/global" not in progress._bars
+
+
+def test_a_notebook_progress_bar_becomes_a_line_of_text_when_its_run_stops(tmp_path, monkeypatch):
+    """A saved notebook keeps a widget's first text (``0%``) as its plain-text output: the bar's display is
+    replaced by the iterations its run reached."""
+    from types import SimpleNamespace
+
+    import IPython.display
+    import tqdm.auto
+    import tqdm.notebook
+
+    updates = []
+
+    class Handle:
+        def update(self, obj, raw=False):
+            updates.append((obj, raw))
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", tqdm.notebook.tqdm)
+    monkeypatch.setattr(IPython.display, "display", lambda *args, **kwargs: Handle())
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "train", "iteration": 16, "loss": 1.0}) + "\n")
+    job = SimpleNamespace(folder=tmp_path, cfg=SimpleNamespace(run=SimpleNamespace(iterations=16)),
+                          run=SimpleNamespace(name="tab2/global"))
+    progress = A._Progress(True)
+    progress.start(job, 0)
+    progress.stop("tab2/global")
+    assert updates == [({"text/plain": "tab2/global: 16/16 iterations"}, True)]
+    progress.stop("tab2/global")                                       # stopped once: nothing more
+    assert len(updates) == 1

@@ -239,6 +239,26 @@ def test_retrieval_in_both_directions(model, images):
     assert all(CAPTIONS[t] in drawn for t in ranked)
 
 
+def test_retrieval_reuses_precomputed_examples(model, images, monkeypatch):
+    from uniperceiver_v2 import walkthrough
+
+    pictures = list(images.values())
+    captions = [[text] for text in CAPTIONS]
+    fresh = explore.retrieval(model, pictures, captions, names=list(images), top=3)
+    examples = walkthrough.retrieval_examples(model, pictures, captions)
+    monkeypatch.setattr(api, "retrieve", lambda *a, **k: pytest.fail("encoded again"))
+    reused = explore.retrieval(model, pictures, captions, names=list(images), top=3, examples=examples)
+    assert reused.error is None and reused.summary.split(" (")[0] == fresh.summary.split(" (")[0]
+    assert reused.figure.get_suptitle() == fresh.figure.get_suptitle()
+    assert [ax.get_title() for ax in reused.figure.axes] == [ax.get_title() for ax in fresh.figure.axes]
+    reused.set(direction=explore.IMAGE_TO_TEXT, image=1)                         # the examples' scores, not encoded
+    assert reused.error is None and reused.summary.startswith("scene 1: best caption")
+    static = explore.retrieval(model, pictures, captions, top=3, interactive=False, examples=examples)
+    assert static.get_suptitle() == fresh.figure.get_suptitle()
+    with pytest.raises(ValueError, match="examples were not computed on these"):
+        explore.retrieval(model, pictures[:3], captions[:3], examples=examples)
+
+
 # ---------------------------------------------------------------------------------------------------------- curves
 def write_run(folder: Path, tasks: list[str], slope: float) -> None:
     folder.mkdir(parents=True)
@@ -276,6 +296,15 @@ def test_curves_compare_runs_and_tasks(tmp_path):
     assert sorted(lines(chosen)) == ["quick/train \u00b7 captioning", "quick/train \u00b7 classification"]
     static = explore.curves(tmp_path, runs=["quick/train"], interactive=False)
     assert len(static.axes[0].get_lines()) == 2
+    # one run: each task in its colour of the series (viz.task_color), in the legend too
+    from matplotlib.colors import to_rgb
+
+    from uniperceiver_v2.viz import task_color
+    for line in static.axes[0].get_lines():
+        assert to_rgb(line.get_color()) == pytest.approx(task_color(line.get_label().split(" \u00b7 ")[-1]))
+    legend = static.axes[0].get_legend()
+    assert [to_rgb(handle.get_color()) for handle in legend.get_lines()] == [
+        pytest.approx(task_color(text.get_text().split(" \u00b7 ")[-1])) for text in legend.get_texts()]
     assert explore.curves(tmp_path, runs=["missing"]).controls["runs"].value == explore.curves(tmp_path).controls[
         "runs"].value
 

@@ -35,6 +35,8 @@ def test_images_with_novel_names_count_each_box_once_with_its_best_name():
     assert walkthrough.images_with_novel_names(records, {7}, count=2) == [2]
     assert walkthrough.images_with_novel_names(records, {7}, count=3) == [1, 2]
     assert walkthrough.images_with_novel_names([], {7}, count=3) == []
+    suppressed = records + [{"image_id": 3, "bbox": box_a, "category_id": 7, "score": 0.0}]   # nms_threshold
+    assert walkthrough.images_with_novel_names(suppressed, {7}, count=3) == [1, 2]
 
 
 def test_novel_naming_counts_novel_names_and_those_on_an_object_of_that_name():

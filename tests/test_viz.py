@@ -174,6 +174,12 @@ def test_draw_detections_fit_captions_keeps_captions_inside_the_image_and_apart(
     assert not extents[0].overlaps(extents[1])                   # the twin box's caption moved off the first
     assert ax.texts[2].get_ha() == "right"                      # aligned with its box's right edge
     assert ax.get_title() == "t"
+    # No place is free: a box running off the right border keeps its caption inside the image all the same.
+    crowded = viz.draw_detections(image, np.array([[20, 0, 40, 5], [22, 0, 40, 5]], dtype=np.float64),
+                                  labels=[0, 1], class_names=names[:2], fit_captions=True)
+    crowded.draw_without_rendering()
+    frame = crowded.axes[0].get_window_extent()
+    assert all(t.get_window_extent().x1 <= frame.x1 + 1.0 for t in crowded.axes[0].texts)
 
 
 def test_draw_proposals_labels_its_colour_bar(image):
@@ -198,6 +204,10 @@ def test_draw_sampling_points_legend_inside_outside_or_none(image):
     outside = viz.draw_sampling_points(image, [0.5, 0.5], locations, weights, legend="outside").axes[0]
     assert outside.get_legend().get_bbox_to_anchor().x0 > outside.get_window_extent().x1 - 1
     assert viz.draw_sampling_points(image, [0.5, 0.5], locations, weights, legend=False).axes[0].get_legend() is None
+    uneven = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]) / 1.0          # level 1's first point has weight 0
+    legend = viz.draw_sampling_points(image, [0.5, 0.5], locations, uneven).axes[0].get_legend()
+    sizes = [h.get_sizes()[0] for h in legend.legend_handles if hasattr(h, "get_sizes")]
+    assert len(sizes) == 2 and sizes[0] == sizes[1]                  # a level's marker does not show a weight
     with pytest.raises(ValueError, match="legend"):
         viz.draw_sampling_points(image, [0.5, 0.5], locations, weights, legend="below")
 

@@ -55,6 +55,9 @@ def test_draw_denoising_boxes_draws_three_boxes_per_object():
     assert ax.get_title() == "group 1"
     with pytest.raises(ValueError, match="one positive and one negative"):
         viz_regions.draw_denoising_boxes(IMAGE, gt, gt[:1], gt)
+    assert ax.get_legend() is not None
+    bare = viz_regions.draw_denoising_boxes(IMAGE, gt, gt + 2, gt - 3, legend=False)      # one legend per grid
+    assert bare.axes[0].get_legend() is None
 
 
 def test_plot_cost_matrices_marks_the_assignment_and_the_row_minima():
@@ -75,6 +78,7 @@ def test_plot_bars_plain_stacked_and_log():
     ax = fig.axes[0]
     assert [round(p.get_height(), 6) for p in _rectangles(ax)] == [1.0, 0.0, 3.0]
     assert [t.get_text() for t in ax.texts] == ["1", "0", "3"]
+    assert ax.get_ylim()[1] > 3.0                     # room above the tallest bar for its value
     stacked = viz_regions.plot_bars({"enc": [1, 2], "dec0": [3, 4]}, stacked_by=["focal", "giou"])
     bars = _rectangles(stacked.axes[0])
     assert len(bars) == 4

@@ -512,6 +512,24 @@ def test_distinct_detections_keep_one_box_per_proposal():
     assert kept["labels"].tolist() == [3, 2] and kept["names"] == ["d", "c"]
     assert torch.equal(kept["boxes"], boxes[[0, 2]]) and kept["masks"][:, 0, 0].tolist() == [0, 2]
     assert walkthrough.distinct_detections(detections, 10)["scores"].tolist() == pytest.approx([0.9, 0.7, 0.5])
+    # a pair scoring 0 is a proposal nms_threshold suppressed: no detection; count 0 keeps nothing
+    suppressed = dict(detections, scores=torch.tensor([0.9, 0.8, 0.7, 0.0, 0.0]))
+    assert walkthrough.distinct_detections(suppressed, 10)["scores"].tolist() == pytest.approx([0.9, 0.7])
+    assert walkthrough.distinct_detections(detections, 0)["boxes"].shape == (0, 4)
+
+
+def test_detection_verdicts_tell_right_misnamed_and_off_detections():
+    from types import SimpleNamespace
+
+    sample = SimpleNamespace(boxes=torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]]),
+                             labels=torch.tensor([1, 0, 2]))
+    found = {"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 31], [0, 0, 10, 11], [60, 60, 70, 70]]),
+             "labels": torch.tensor([1, 2, 1, 1])}        # right, misnamed, a second right on object 0, off
+    verdicts = walkthrough.detection_verdicts(found, sample)
+    assert verdicts == {"verdicts": ["right", "misnamed", "right", "off"], "right": 2, "misnamed": 1, "off": 1,
+                        "objects": 3, "found": 1}
+    empty = walkthrough.detection_verdicts({"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}, sample)
+    assert empty["verdicts"] == [] and empty["found"] == 0 and empty["objects"] == 3
 
 
 def test_representation_similarity_measures_how_alike_different_inputs_are(model):
@@ -528,6 +546,25 @@ def test_representation_similarity_measures_how_alike_different_inputs_are(model
     assert spread["images_min"] == pytest.approx(float(min(pairs)), abs=1e-5)
     same = walkthrough.representation_similarity(model, [images[0]] * 2, [CAPTIONS[0]] * 2)
     assert same["images_mean"] == pytest.approx(1.0, abs=1e-5) and same["texts_min"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_representation_similarity_reuses_the_representations_of_retrieval_examples(model, monkeypatch):
+    images = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    captions = [CAPTIONS[:2], CAPTIONS[2:3], CAPTIONS[3:]]
+    examples = walkthrough.retrieval_examples(model, images, captions)
+    assert examples.image_queries.shape == (3, model.width) and examples.text_queries.shape == (4, model.width)
+    encoded = walkthrough.representation_similarity(model, images, [texts[0] for texts in captions])
+    monkeypatch.setattr(type(model), "encode_images", lambda *a, **k: pytest.fail("encoded the images again"))
+    monkeypatch.setattr(type(model), "encode_texts", lambda *a, **k: pytest.fail("encoded the texts again"))
+    reused = walkthrough.representation_similarity(examples=examples)       # each image's first caption
+    assert reused == pytest.approx(encoded, abs=1e-5)
+    with pytest.raises(ValueError, match="either"):
+        walkthrough.representation_similarity(model, images, CAPTIONS[:3], examples=examples)
+    bare = walkthrough.RetrievalExamples(examples.texts, examples.text_image, examples.i2t, examples.t2i)
+    with pytest.raises(ValueError, match="kept no representations"):
+        walkthrough.representation_similarity(examples=bare)
+    with pytest.raises(ValueError, match="pass model"):
+        walkthrough.representation_similarity(model, images)
 
 
 def test_shell_command_puts_each_override_on_its_own_line():
@@ -645,6 +682,20 @@ def test_pool_spread_counts_the_cells_a_pool_averages():
     assert torch.allclose(pool_spread(torch.stack([one_cell, half])), torch.tensor([1.0, 8.0]))
 
 
+def test_query_lengths_are_the_norms_of_the_pools_queries():
+    from uniperceiver_v2.config import get_preset
+    from uniperceiver_v2.modeling import ImageEncoder
+    from uniperceiver_v2.walkthrough.pooling import query_lengths
+
+    encoder = ImageEncoder(get_preset("tiny").image_encoder)
+    pools = encoder.global_representations.pools
+    lengths = query_lengths(encoder)
+    assert lengths.shape == (pools.num_pools,)
+    with torch.no_grad():
+        pools.query.mul_(3.0)
+    assert torch.allclose(query_lengths(encoder), 3.0 * lengths)
+
+
 def test_a_short_training_sharpens_the_pools_and_no_run_means_no_run_encoder(synthetic_root, tmp_path):
     from uniperceiver_v2.walkthrough.pooling import encoder_of_run, train_attention_pools
 
@@ -730,6 +781,22 @@ def test_collapsed_layers_need_the_same_experts_and_nearly_the_same_weights():
     assert "No layer of untrained is collapsed." in text
     assert describe_collapsed({"untrained": []}, combinations=3).startswith("**No collapsed layer**")
 
+
+
+def test_describe_fig3_reads_each_combinations_heaviest_expert():
+    from uniperceiver_v2.walkthrough.gates_training import describe_fig3
+    from uniperceiver_v2.walkthrough.gating import ExpertUsage
+
+    codes = [1 + 8 + 16 + 128, 2 + 4 + 16, 1 + 2 + 8 + 32 + 64 + 128, 1 + 8 + 32]   # I→T image, T→I image,
+    one_hot = torch.eye(4)                                                         # causal caption text, I→T text
+    usage = torch.stack([one_hot[[0, 0, 1, 2]], one_hot[[0, 1, 0, 0]]])            # (L=2, R=4, E=4)
+    text = describe_fig3(ExpertUsage(codes, ["a", "b", "c", "d"], usage, torch.ones(4)), "these gates")
+    assert "heaviest experts are 3, 2 distinct ones (of 4) in layers 0, 1 " in text
+    assert "the image tokens of all 2 task shapes share their heaviest expert in layer 0;" in text
+    assert "non-causal text" not in text                                           # one task shape only
+    assert text.endswith("taken by no non-causal combination in layer 0.")
+    shared = ExpertUsage(codes, ["a", "b", "c", "d"], usage[1:], torch.ones(4))      # layer 1 alone: c shares E0
+    assert describe_fig3(shared, "x").endswith("has the same heaviest expert as a causal one.")
 
 # ----------------------------------------------------------------------------------------------------- notebook 05
 def test_gaps_between_toy_variants_and_their_sentence():

@@ -50,7 +50,7 @@ from ..tasks.captioning import CaptioningTask
 from ..tasks.vocabulary import end_token_id, start_token_id
 from ..walkthrough.gating import DecoderCall, TokenGroup, attribute_label, expert_usage, replay, token_groups
 from ..walkthrough.results import distinct_detections, retrieval_examples
-from .base import subplots
+from .base import subplots, task_color
 from .curves import plot_curves
 from .evaluation import plot_ranked_texts, plot_token_probabilities, show_text_retrieval
 from .images import draw_detections, draw_proposals, show_image, show_retrieval
@@ -538,12 +538,17 @@ class GatingView:
         fig, axes = subplots(2, ncols=2, panel_size=(5.2, 1.6 + 0.45 * len(rows)))
         plot_gate_heatmap(values, labels, ax=axes[0], colorbar_label="mean gate value $G_e(x)$",
                           title=f"{task}, layer {layer}: mean $G_e(x)$ (tokens in brackets)")
+        axes[0].title.set_fontsize(10)                       # as the right panel's title
         if self.model_label:
             fig.suptitle(f"gates of {self.model_label}", fontsize=10)
+        fig.get_layout_engine().set(wspace=0.12)             # the colour bar's label apart from the bars' y label
         gaps = {label.rsplit(" (", 1)[0]: float(differences[layer, r]) for label, r in zip(labels, rows)}
-        plot_bars(gaps, logy=max(gaps.values()) > 0, ylabel="max |merged \u2212 routed|", ax=axes[1],
+        largest = max(gaps.values())
+        plot_bars(gaps, logy=largest > 0, ylabel="max |merged \u2212 routed|", ax=axes[1],
                   title=(f"hidden states after layer {layer}: merged vs routed" if merged_layers else
                          f"{self.decoder.cfg.moe.routing} routing depends on the token: nothing to merge"))
+        if largest > 0:                                      # room above the tallest bar for its value
+            axes[1].set_ylim(top=largest * 3)
         top = values.argmax(dim=1).tolist()
         summary = (f"{task}, layer {layer}: {len(rows)} attribute combination(s); heaviest expert per row "
                    f"{', '.join(f'E{e}' for e in top)}; max |merged \u2212 routed| "
@@ -696,13 +701,14 @@ def check_sentence(text: str) -> str:
 class RetrievalView:
     """``api.retrieve`` over a set of images and their captions, in both directions.
 
-    Cached: the scores of every image against every caption (image -> text, computed when the widget is built) and
-    the scores of each typed sentence against every image (text -> image), so top k, the image and going back to a
-    sentence only redraw.
+    Cached: the scores of every image against every caption (image -> text, computed when the widget is built, or
+    given as ``examples``, a ``walkthrough.retrieval_examples`` of the same images and captions) and the scores of
+    each typed sentence against every image (text -> image; a sentence that is one of the captions reads its row of
+    ``examples``), so top k, the image and going back to a sentence only redraw.
     """
 
     def __init__(self, model, images: Sequence[Any], captions: Sequence[Sequence[str]],
-                 names: Sequence[str] | None = None):
+                 names: Sequence[str] | None = None, examples=None):
         if not images:
             raise ValueError("retrieval: no images")
         if len(images) != len(captions):
@@ -712,7 +718,11 @@ class RetrievalView:
         if len(self.choices.names) != len(images):
             raise ValueError("retrieval: the image names are not unique")
         self.captions = [[str(text) for text in per_image] for per_image in captions]
-        self._examples = None
+        if examples is not None and (tuple(examples.i2t.shape) != (len(images), sum(map(len, self.captions)))
+                                     or list(examples.texts) != [text for texts in self.captions for text in texts]):
+            raise ValueError("retrieval: examples were not computed on these images and captions "
+                             f"({tuple(examples.i2t.shape)} scores for {len(images)} images)")
+        self._examples = examples
         self._sentences = _Cache(64)
 
     @property
@@ -729,6 +739,8 @@ class RetrievalView:
 
     def sentence_scores(self, sentence: str) -> torch.Tensor:
         """(I,) logits of every image for ``sentence`` (v2 eq. (6), text -> image)."""
+        if self._examples is not None and sentence in self._examples.texts:      # one of the captions: computed
+            return self._examples.t2i[self._examples.texts.index(sentence)]
         return self._sentences.get(sentence, lambda: api.retrieve(self.model, self._pixels(), [sentence])["t2i"][0])
 
     def render(self, direction: str, sentence: str, image: int, top: int) -> Drawing:
@@ -761,7 +773,7 @@ class RetrievalView:
 
 def retrieval(model, images: Sequence[Any], captions: Sequence[Sequence[str]], *,
               names: Sequence[str] | None = None, sentence: str | None = None, top: int = 5,
-              interactive: bool = True) -> Explorer | Figure:
+              interactive: bool = True, examples=None) -> Explorer | Figure:
     """Image-text retrieval: type a sentence and see the best images; or choose an image and see the best captions.
 
     Args:
@@ -770,8 +782,10 @@ def retrieval(model, images: Sequence[Any], captions: Sequence[Sequence[str]], *
         names: one name per image for the image menu (default "image 0", ...).
         sentence: the initial sentence (default the first image's first caption); top: how many results to show.
         interactive: False returns the figure of the initial values, text -> image (for a notebook run headless).
+        examples: ``walkthrough.retrieval_examples(model, images, captions)`` if already computed: the explorer
+            then encodes neither the images nor the captions again (a sentence typed that is no caption still is).
     """
-    view = RetrievalView(model, images, captions, names)
+    view = RetrievalView(model, images, captions, names, examples)
     first = next((texts[0] for texts in view.captions if texts), "a red circle")
     values = {"direction": TEXT_TO_IMAGE, "sentence": sentence or first, "image": 0, "top": int(top)}
     if not interactive:
@@ -836,6 +850,12 @@ class CurvesView:
         if not any(record.get(metric) is not None for record in records):
             raise ValueError(f"the selected runs have no '{metric}' records of the tasks {', '.join(tasks)}")
         fig = plot_curves(records, keys=(metric,), by="series", smooth=smooth, logy=logy)
+        if len(runs) == 1:     # one line per task: each in its task's colour of the series (viz.task_color)
+            ax = fig.axes[0]
+            for line in ax.get_lines():
+                line.set_color(task_color(line.get_label().rsplit(" \u00b7 ", 1)[-1]))
+            if ax.get_legend() is not None:
+                ax.legend(fontsize=7)
         last = max(int(record["iteration"]) for record in records)
         return fig, f"{metric}: {len(runs)} run(s) \u00d7 {len(tasks)} task(s), up to iteration {last}"
 

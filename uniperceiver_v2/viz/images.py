@@ -12,6 +12,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.transforms import Bbox
 
 from .base import (
     _LEVEL_CMAP,
@@ -139,22 +140,47 @@ def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any
 def _fit_caption(ax: Axes, text: Any, box: tuple[float, float, float, float], placed: list) -> Any:
     """Place a caption drawn above its box's top-left corner at the first of: above the box's left end, inside the
     box under its top edge (left end, then right end), above the box's right end, that lies whole inside the image
-    and off the ``placed`` extents; inside at the left end when none does (see ``draw_detections(fit_captions=True)``).
-    Returns its final display-space extent."""
+    and off the ``placed`` extents. When none does, the place inside the image that overlaps the placed captions
+    least, a caption that would cross the image's left or right border being pushed back inside it (see
+    ``draw_detections(fit_captions=True)``). Returns its final display-space extent."""
     frame = ax.get_window_extent()
+    margin = 2.0 * ax.figure.dpi / 72      # display pixels: the caption's bbox pad (1 pt) and a glyph's overhang
+    frame = Bbox.from_extents(frame.x0 + margin, frame.y0, frame.x1 - margin, frame.y1)     # at the side borders
     x0, y0, x1, _ = box
-    right = min(x1, ax.get_xlim()[1])
+    left_edge, right_edge = ax.get_xlim()
+    inset = margin * (right_edge - left_edge) / max(ax.get_window_extent().width, 1.0)     # the same in data units
+    left_edge, right_edge = left_edge + inset, right_edge - inset
+    right = min(x1, right_edge)
     candidates = [(x0, "left", "bottom"), (x0, "left", "top"), (right, "right", "top"), (right, "right", "bottom")]
-    for x, ha, va in candidates + [candidates[1]]:
+
+    def place(x, ha, va):
         text.set_x(x)
         text.set_ha(ha)
         text.set_va(va)
-        bounds = text.get_window_extent()
-        inside = (bounds.x0 >= frame.x0 - 0.5 and bounds.x1 <= frame.x1 + 0.5 and bounds.y0 >= frame.y0 - 0.5
-                  and bounds.y1 <= frame.y1 + 0.5)
-        if inside and not any(bounds.overlaps(other) for other in placed):
-            break
-    return bounds
+        return text.get_window_extent()
+
+    best, best_cost = candidates[1], None
+    for pushed in (False, True):            # second round: each place pushed back inside the image's side borders
+        for x, ha, va in candidates:
+            bounds = place(x, ha, va)
+            if pushed:
+                if bounds.x1 > frame.x1 + 0.5:
+                    x, ha = right_edge, "right"
+                elif bounds.x0 < frame.x0 - 0.5:
+                    x, ha = left_edge, "left"
+                else:
+                    continue
+                bounds = place(x, ha, va)
+            inside = (bounds.x0 >= frame.x0 - 0.5 and bounds.x1 <= frame.x1 + 0.5
+                      and bounds.y0 >= frame.y0 - 0.5 and bounds.y1 <= frame.y1 + 0.5)
+            overlap = sum(max(0.0, min(bounds.x1, o.x1) - max(bounds.x0, o.x0))
+                          * max(0.0, min(bounds.y1, o.y1) - max(bounds.y0, o.y0)) for o in placed)
+            if inside and overlap == 0:
+                return bounds
+            cost = (not inside, overlap)
+            if best_cost is None or cost < best_cost:
+                best, best_cost = (x, ha, va), cost
+    return place(*best)
 
 
 def _detection_caption(i: int, labels: np.ndarray | None, scores: np.ndarray | None,
@@ -257,10 +283,12 @@ def draw_sampling_points(image: Any, reference_point: Any, sampling_locations: A
             markeredgecolor="white", linestyle="none", label="reference point")
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
-    if legend == "outside":
-        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, markerscale=0.6, frameon=False)
-    elif legend:
-        ax.legend(loc="upper right", fontsize=7, markerscale=0.6, framealpha=0.8)
+    if legend:
+        drawn = (ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+                 if legend == "outside" else ax.legend(loc="upper right", fontsize=7, framealpha=0.8))
+        for handle in getattr(drawn, "legend_handles", getattr(drawn, "legendHandles", [])):
+            if hasattr(handle, "set_sizes"):      # a level's marker: one size for all, not its first point's weight
+                handle.set_sizes([40.0])
     if title:
         ax.set_title(title)
     return fig

@@ -78,12 +78,14 @@ def plot_level_maps(image: Any, maps: Sequence[Any], titles: Sequence[str] | Non
 
 def draw_denoising_boxes(image: Any, gt_boxes: Any, positive_boxes: Any, negative_boxes: Any,
                          title: str | None = None, mean: Sequence[float] | None = None,
-                         std: Sequence[float] | None = None, ax: Axes | None = None) -> Figure:
+                         std: Sequence[float] | None = None, ax: Axes | None = None,
+                         legend: bool = True) -> Figure:
     """Contrastive denoising queries of one group: each ground-truth box (white) with its positive (solid, in the
     object's colour) and negative (dashed, same colour) noised copies.
 
     Args:
         gt_boxes, positive_boxes, negative_boxes: (K, 4) absolute pixel xyxy; row k of each belongs to object k.
+        legend: draw the legend of the three box styles (e.g. False on all but one panel of a grid).
     """
     picture = to_display_image(image, mean, std)
     gt = _as_boxes(gt_boxes, "gt_boxes")
@@ -106,7 +108,8 @@ def draw_denoising_boxes(image: Any, gt_boxes: Any, positive_boxes: Any, negativ
     handles = [Patch(facecolor="none", edgecolor="white", linewidth=2, label="ground truth"),
                Patch(facecolor="none", edgecolor="grey", label="positive (objectness 1)"),
                Patch(facecolor="none", edgecolor="grey", linestyle="--", label="negative (objectness 0)")]
-    ax.legend(handles=handles, loc="lower left", fontsize=6, framealpha=0.8)
+    if legend:
+        ax.legend(handles=handles, loc="lower left", fontsize=8, framealpha=0.8)
     if title:
         ax.set_title(title, fontsize=9)
     return fig
@@ -185,6 +188,9 @@ def plot_bars(values: Mapping[str, Any], stacked_by: Sequence[str] | None = None
         positive = bottom[bottom > 0]
         floor = positive.min() / 10 if len(positive) else 1e-3
         ax.set_ylim(bottom=floor)
+    if bottom.max() > 0:       # room above the tallest bar for its value
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high * (high / low) ** 0.08 if logy else high * 1.06)
     for i, total in enumerate(bottom):
         text, y = (f"{total:.3g}", total) if total > 0 else ("0", ax.get_ylim()[0])
         ax.text(i, y, text, ha="center", va="bottom", fontsize=7)

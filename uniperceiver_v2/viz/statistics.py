@@ -93,14 +93,14 @@ def plot_instance_statistics(objects_per_image: Sequence[int], box_sizes: Sequen
     edges = (0.0, *COCO_SIZE_LIMITS, right)
     for name, low, high in zip(("small", "medium", "large"), edges[:-1], edges[1:]):
         ax.text((low + high) / 2, 0.98, name, transform=ax.get_xaxis_transform(), ha="center", va="top",
-                fontsize=7, color="dimgray")
+                fontsize=9, color="dimgray")
     ax.set_xlabel("object size sqrt(area) [px]")
     ax.set_ylabel("objects")
     ax = axes[0, 2]
     names = list(category_counts)
     ax.bar(range(len(names)), [category_counts[n] for n in names],
            color=[class_color(i) for i in range(len(names))])
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", rotation_mode="anchor", fontsize=9)
     ax.set_ylabel("instances")
     if title:
         fig.suptitle(title)

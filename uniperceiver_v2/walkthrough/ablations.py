@@ -827,6 +827,15 @@ def run_ablation(run: AblationRun, settings: AblationSettings, keep_checkpoints:
     return record
 
 
+def _is_notebook_bar(bar_class: type) -> bool:
+    """Whether ``tqdm.auto`` chose the notebook widget (a kernel with ipywidgets) rather than a text bar."""
+    try:
+        from tqdm.notebook import tqdm as notebook_tqdm
+    except ImportError:
+        return False
+    return issubclass(bar_class, notebook_tqdm)
+
+
 class _Progress:
     """One tqdm bar per running run (``tqdm.auto``: a widget in a notebook, a line in a terminal at ``position``),
     advanced from the last ``iteration`` of the run's ``metrics.jsonl`` whenever :meth:`poll` is called."""
@@ -834,6 +843,7 @@ class _Progress:
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self._bars: dict[str, tuple[Any, Path]] = {}
+        self._handles: dict[str, Any] = {}      # a notebook bar's display, replaced by a line of text when it stops
 
     def start(self, job: _Job, position: int) -> None:
         if not self.enabled:
@@ -841,8 +851,16 @@ class _Progress:
         from tqdm.auto import tqdm
 
         initial = min(_checkpoint_iteration(job.folder) or 0, job.cfg.run.iterations)
-        bar = tqdm(total=job.cfg.run.iterations, initial=initial, desc=job.run.name, position=position, leave=False,
-                   unit="it", dynamic_ncols=True, mininterval=1.0)
+        options = dict(total=job.cfg.run.iterations, initial=initial, desc=job.run.name, position=position,
+                       leave=False, unit="it", dynamic_ncols=True, mininterval=1.0)
+        if _is_notebook_bar(tqdm):
+            # displayed here, so that stop() can replace it: a saved notebook keeps a widget's first text (0 %)
+            from IPython.display import display
+
+            bar = tqdm(display=False, **options)
+            self._handles[job.run.name] = display(bar.container, display_id=True)
+        else:
+            bar = tqdm(**options)
         self._bars[job.run.name] = (bar, job.folder / "metrics.jsonl")
 
     @staticmethod
@@ -863,6 +881,9 @@ class _Progress:
             bar, path = entry
             self._advance(bar, path)
             bar.close()
+            handle = self._handles.pop(name, None)
+            if handle is not None:
+                handle.update({"text/plain": f"{name}: {bar.n}/{bar.total} iterations"}, raw=True)
 
     def close(self) -> None:
         for name in list(self._bars):

@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from ..modeling.attributes import attribute_codes
 from ..modeling.moe import is_gate_parameter
 from ..modeling.unified_decoder import UnifiedDecoder
-from .gating import DecoderCall, ExpertUsage, replay
+from .gating import DecoderCall, ExpertUsage, attribute_bits, replay
 from .runs import training_dir, training_status
 
-__all__ = ["CollapsedLayer", "GateTraining", "RunModel", "collapsed_layers", "describe_collapsed", "gate_difference",
-           "model_of_run", "replayed_calls", "train_gates"]
+__all__ = ["CollapsedLayer", "GateTraining", "RunModel", "collapsed_layers", "describe_collapsed", "describe_fig3",
+           "gate_difference", "model_of_run", "replayed_calls", "train_gates"]
 
 
 @dataclass
@@ -202,6 +202,47 @@ def describe_collapsed(collapsed: Mapping[str, Sequence[CollapsedLayer]], combin
             "mixture of the same experts: the layer is nearly one dense FFN and has not specialised. Attribute "
             "routing has no balance loss and no capacity, and nothing keeps a layer's gates from collapsing."
             + (f" No layer of {' or '.join(others)} is collapsed." if others else ""))
+
+
+def _layers_text(layers: Sequence[int]) -> str:
+    if not layers:
+        return "in no layer"
+    return f"in layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
+
+
+def describe_fig3(usage: ExpertUsage, name: str) -> str:
+    """A markdown paragraph asking the three questions of the MoE paper's Fig. 3 of the gates in ``usage`` (rows:
+    attribute codes, ``gating.expert_usage(..., by="attribute")``), from each row's heaviest expert per layer:
+    do different kinds of token take different experts, do the tokens of one modality share experts across task
+    shapes (bits 0-3), and do the causal tokens (bit 6) take experts of their own?"""
+    bits = torch.stack([attribute_bits(int(code)) for code in usage.keys]).bool()          # (R, 8)
+    top = usage.usage.argmax(dim=-1)                                                       # (L, R)
+    layers, rows, experts = usage.usage.shape
+    distinct = [len(set(top[layer].tolist())) for layer in range(layers)]
+    lines = [f"**The MoE paper's Fig. 3, asked of {name}** (the heaviest expert of each of the {rows} attribute "
+             "combinations, layer by layer):\n",
+             f"* *different kinds of token, different experts*: the combinations' heaviest experts are "
+             f"{', '.join(map(str, distinct))} distinct ones (of {experts}) in layers "
+             f"{', '.join(map(str, range(layers)))} (1 would mean that every combination leans on the same expert);"]
+    shared = []
+    for kind, where in (("image", bits[:, 4]), ("non-causal text", bits[:, 5] & ~bits[:, 6])):
+        shapes = {tuple(row[:4].tolist()) for row in bits[where]}
+        if len(shapes) < 2:
+            continue
+        same = [layer for layer in range(layers) if len(set(top[layer, where].tolist())) == 1]
+        shared.append(f"the {kind} tokens of all {len(shapes)} task shapes share their heaviest expert "
+                      f"{_layers_text(same)}")
+    if shared:
+        lines.append("* *one modality across tasks*: " + "; ".join(shared) + ";")
+    causal = bits[:, 6]
+    if bool(causal.any()) and bool((~causal).any()):
+        own = [layer for layer in range(layers)
+               if not set(top[layer, causal].tolist()) & set(top[layer, ~causal].tolist())]
+        lines.append(f"* *the causal bit*: the causal tokens' heaviest experts are taken by no non-causal combination "
+                     f"{_layers_text(own)};" if own else "* *the causal bit*: in every layer, some non-causal "
+                     "combination has the same heaviest expert as a causal one;")
+    lines[-1] = lines[-1][:-1] + "."
+    return "\n".join(lines)
 
 
 @dataclass

@@ -113,9 +113,12 @@ def above_reference(result: NovelDetectionResult, reference: NovelDetectionResul
 def images_with_novel_names(records: Sequence[Mapping], novel_ids: Collection[int], count: int) -> list[int]:
     """The images where a novel category is among the ``count`` best *distinct boxes* of COCO result records
     (``NovelDetectionResult.records``): each box counted once, with its best-scoring name, as
-    ``walkthrough.distinct_detections`` keeps them for a figure. Image ids in increasing order."""
+    ``walkthrough.distinct_detections`` keeps them for a figure (so a record scoring 0, a suppressed proposal, counts
+    for none). Image ids in increasing order."""
     best: dict[int, dict[tuple[float, ...], int]] = {}
     for record in sorted(records, key=lambda r: -r["score"]):
+        if record["score"] <= 0.0:
+            break
         boxes = best.setdefault(record["image_id"], {})
         key = tuple(record["bbox"])
         if key not in boxes and len(boxes) < count:

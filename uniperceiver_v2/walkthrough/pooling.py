@@ -73,6 +73,13 @@ def pool_similarity(weights: torch.Tensor) -> torch.Tensor:
     return F.normalize(centred, dim=-1) @ F.normalize(centred, dim=-1).T
 
 
+def query_lengths(encoder: ImageEncoder) -> torch.Tensor:
+    """(M',) the length of each pool's learned query q_i: scaling q_i by beta multiplies the pool's logits by beta,
+    so the length acts as an inverse softmax temperature (longer: sharper pools)."""
+    pools = encoder.global_representations.pools
+    return pools.query.detach().reshape(pools.num_pools, -1).norm(dim=-1)
+
+
 def mean_pairwise(similarity: torch.Tensor) -> float:
     """The mean of the off-diagonal entries of a square (M, M) matrix (nan for M < 2)."""
     count = similarity.shape[0]

@@ -98,6 +98,8 @@ def distinct_detections(detections: Mapping[str, Any], count: int) -> dict[str, 
 
     ``api.detect`` ranks (proposal, class) pairs, so one proposal can appear several times with different classes
     (DETR-style evaluation); for a picture, one box per proposal is clearer. Proposals are told apart by their box.
+    A pair scoring 0 is left out: it is a proposal that ``tasks.detection.nms_threshold`` suppressed (its objectness
+    set to 0), ranked last but no detection.
 
     Args:
         detections: one image's result of ``api.detect``: ``boxes`` (K, 4), ``scores`` (K,) sorted best first,
@@ -110,13 +112,16 @@ def distinct_detections(detections: Mapping[str, Any], count: int) -> dict[str, 
     boxes = detections["boxes"]
     keep: list[int] = []
     seen: set[tuple[float, ...]] = set()
+    scores = detections["scores"]
     for index in range(boxes.shape[0]):
+        if len(keep) >= count:
+            break
+        if float(scores[index]) <= 0.0:              # suppressed (nms_threshold): every later pair scores 0 too
+            break
         key = tuple(boxes[index].tolist())
         if key not in seen:
             seen.add(key)
             keep.append(index)
-        if len(keep) == count:
-            break
     rows = torch.tensor(keep, dtype=torch.long)
     return {key: [value[i] for i in keep] if isinstance(value, list) else value[rows]
             for key, value in detections.items()}
@@ -132,6 +137,33 @@ def overlapping_detections(boxes: Any, threshold: float = 0.5) -> int:
         return 0
     iou = box_iou(boxes, boxes).fill_diagonal_(0.0)                     # (N, N), a box against the others
     return int((iou > threshold).any(dim=1).sum())
+
+
+def detection_verdicts(found: Mapping[str, Any], sample: Any, min_iou: float = 0.5) -> dict[str, Any]:
+    """What each drawn detection of one image is, against its ground truth: ``"right"`` (IoU >= ``min_iou`` with
+    an object of its class), ``"misnamed"`` (IoU >= ``min_iou`` with an object, none of its class) or ``"off"``
+    (no object overlapped that much), as AP50 would see it one detection at a time.
+
+    Args:
+        found: the drawn detections (``distinct_detections`` of ``api.detect``: ``boxes`` (K, 4) xyxy, ``labels``).
+        sample: the image's ground truth: ``boxes`` (N, 4) xyxy in the same pixels, ``labels`` (N,).
+
+    Returns:
+        ``{"verdicts": K strings, "right", "misnamed", "off": their counts, "objects": N, "found": how many objects
+        have a right detection}``.
+    """
+    from ..modeling.box_ops import box_iou
+
+    boxes = torch.as_tensor(found["boxes"], dtype=torch.float32).reshape(-1, 4).cpu()
+    labels = torch.as_tensor(found["labels"], dtype=torch.long).reshape(-1).cpu()
+    truth_boxes = torch.as_tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4).cpu()
+    truth_labels = torch.as_tensor(sample.labels, dtype=torch.long).reshape(-1).cpu()
+    iou = box_iou(boxes, truth_boxes) if len(boxes) and len(truth_boxes) else torch.zeros(len(boxes), len(truth_boxes))
+    covers = iou >= min_iou                                                    # (K, N)
+    same = covers & (labels[:, None] == truth_labels[None, :])                 # (K, N)
+    verdicts = ["right" if same[k].any() else "misnamed" if covers[k].any() else "off" for k in range(len(boxes))]
+    return {"verdicts": verdicts, **{name: verdicts.count(name) for name in ("right", "misnamed", "off")},
+            "objects": len(truth_boxes), "found": int(same.any(dim=0).sum())}
 
 
 def caption_repetition(captions: Sequence[str], run: int = 3) -> dict[str, int]:
@@ -161,12 +193,18 @@ class RetrievalExamples:
     Attributes:
         texts: the T captions; text_image: (T,) the image index of each caption.
         i2t: (I, T) logits ranking the texts for each image; t2i: (T, I) ranking the images for each text.
+        image_queries: (I, d) the images' ``<SPE>`` representations as image-to-text queries, text_queries: (T, d)
+            the captions' as text-to-image queries (``retrieval_examples`` keeps them, so that
+            ``representation_similarity(examples=...)`` and ``explore.retrieval(..., examples=...)`` encode nothing
+            again); None when not kept.
     """
 
     texts: list[str]
     text_image: torch.Tensor
     i2t: torch.Tensor
     t2i: torch.Tensor
+    image_queries: torch.Tensor | None = None
+    text_queries: torch.Tensor | None = None
 
     def texts_for_image(self, image: int, top: int = 5) -> tuple[list[str], list[bool], list[float]]:
         """The ``top`` best texts for image ``image``: (texts, whether each is one of its captions, logits)."""
@@ -223,20 +261,34 @@ class RetrievalExamples:
 
 
 def retrieval_examples(model, images: Sequence[Any], captions: Sequence[Sequence[str]]) -> RetrievalExamples:
-    """Score ``images`` against all their captions with ``api.retrieve`` (v2 eq. (6) in both directions).
+    """Score ``images`` against all their captions as ``api.retrieve`` does (v2 eq. (6) in both directions), and keep
+    the query representations (``image_queries``, ``text_queries``) for ``representation_similarity``.
 
     Args:
         images: I images (PIL or (3, H, W) tensors); captions: per image its reference captions.
     """
+    from .. import api_checks as checks
+    from ..api import prepare_whole_images
+    from ..tasks import RetrievalTask
+
     if len(images) != len(captions):
         raise ValueError(f"retrieval_examples: {len(images)} images but {len(captions)} caption lists")
-    texts = [text for per_image in captions for text in per_image]
+    texts = checks.text_list([text for per_image in captions for text in per_image], "texts")
     text_image = torch.tensor([i for i, per_image in enumerate(captions) for _ in per_image], dtype=torch.long)
-    scores = api.retrieve(model, list(images), texts)
-    return RetrievalExamples(texts, text_image, scores["i2t"].float(), scores["t2i"].float())
+    # what api.retrieve computes, keeping the query representations for representation_similarity
+    task = RetrievalTask(model.config.tasks.retrieval)
+    with evaluation_mode(model):
+        pixels, padding_mask = prepare_whole_images(model, list(images), "retrieval")
+        image_queries, image_candidates, _ = task.embed_images(model, pixels, padding_mask)
+        text_queries, text_candidates, _ = task.embed_texts(model, texts)
+        i2t = model.similarity(image_queries, text_candidates, "retrieval_i2t").cpu()
+        t2i = model.similarity(text_queries, image_candidates, "retrieval_t2i").cpu()
+    return RetrievalExamples(texts, text_image, i2t.float(), t2i.float(),
+                             image_queries.detach().float().cpu(), text_queries.detach().float().cpu())
 
 
-def representation_similarity(model, images: Sequence[Any], texts: Sequence[str]) -> dict[str, float]:
+def representation_similarity(model=None, images: Sequence[Any] | None = None, texts: Sequence[str] | None = None,
+                              *, examples: RetrievalExamples | None = None) -> dict[str, float]:
     """How alike the model's ``<SPE>`` representations g(f(.)) of *different* inputs are: the mean and the minimum
     cosine similarity over all pairs of ``images`` (as image-to-text queries) and over all pairs of ``texts`` (as
     text-to-image queries).
@@ -244,19 +296,36 @@ def representation_similarity(model, images: Sequence[Any], texts: Sequence[str]
     A healthy model spreads different inputs apart; values near 1 mean the representations have collapsed (every
     input gives nearly the same vector, so every candidate gets the same score and the gradients of v2 eq. (7) vanish).
 
+    Either ``model, images, texts`` (encodes them), or ``examples=``, the result of ``retrieval_examples``: its
+    images and the first caption of each image, from the representations it kept (nothing is encoded again).
+
     Returns:
         ``{"images_mean", "images_min", "texts_mean", "texts_min"}``.
     """
     from ..api import prepare_whole_images
     from ..tasks import RetrievalTask
 
-    if len(images) < 2 or len(texts) < 2:
-        raise ValueError("representation_similarity: needs at least two images and two texts")
-    task = RetrievalTask(model.config.tasks.retrieval)
-    with evaluation_mode(model):
-        pixels, padding_mask = prepare_whole_images(model, list(images), "retrieval")
-        image_queries = task.embed_images(model, pixels, padding_mask)[0]
-        text_queries = task.embed_texts(model, list(texts))[0]
+    if examples is not None:
+        if model is not None or images is not None or texts is not None:
+            raise ValueError("representation_similarity: pass either model, images and texts, or examples=")
+        if examples.image_queries is None or examples.text_queries is None:
+            raise ValueError("representation_similarity: these examples kept no representations "
+                             "(make them with retrieval_examples)")
+        image_queries = examples.image_queries
+        first = [int((examples.text_image == i).nonzero()[0]) for i in examples.text_image.unique().tolist()]
+        text_queries = examples.text_queries[first]                                # the first caption of each image
+        if len(image_queries) < 2 or len(text_queries) < 2:
+            raise ValueError("representation_similarity: needs at least two images and two texts")
+    else:
+        if model is None or images is None or texts is None:
+            raise ValueError("representation_similarity: pass model, images and texts, or examples=")
+        if len(images) < 2 or len(texts) < 2:
+            raise ValueError("representation_similarity: needs at least two images and two texts")
+        task = RetrievalTask(model.config.tasks.retrieval)
+        with evaluation_mode(model):
+            pixels, padding_mask = prepare_whole_images(model, list(images), "retrieval")
+            image_queries = task.embed_images(model, pixels, padding_mask)[0]
+            text_queries = task.embed_texts(model, list(texts))[0]
     out = {}
     for name, vectors in (("images", image_queries), ("texts", text_queries)):
         unit = torch.nn.functional.normalize(vectors.float(), dim=1)
