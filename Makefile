@@ -20,11 +20,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# --no-compile: Python compiles a module when it is first imported instead of pip compiling every file of every
-# package (torch has thousands): the install takes about half as long (48 s against 88 s on the 2-core machine).
 $(STAMP): pyproject.toml | $(PY)
 	@echo "==> installing uniperceiver-v2 and its dependencies into $(VENV) (first time: a few minutes)"
-	$(PY) -m pip install -q --no-compile -e ".[test]"
+	$(PY) -m pip install -q -e ".[test]"
 	@touch $(STAMP)
 
 install: $(STAMP)
