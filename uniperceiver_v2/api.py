@@ -63,6 +63,7 @@ __all__ = [
     "load_weights",
     "prepare_detection_images",
     "prepare_whole_images",
+    "retrieval_representations",
     "retrieve",
     "to_image_tensor",
 ]
@@ -241,6 +242,20 @@ def retrieve(model: UniPerceiverV2, images, texts: Sequence[str]) -> dict[str, t
         ``i2t`` (I, T) logits cos / tau ranking the texts for each image, ``t2i`` (T, I) ranking the images for each
         text, and ``i2t_ranking`` (I, T) / ``t2i_ranking`` (T, I) long: candidate indices, best first.
     """
+    scores = retrieval_representations(model, images, texts)
+    i2t, t2i = scores["i2t"], scores["t2i"]
+    return {"i2t": i2t, "t2i": t2i, "i2t_ranking": i2t.argsort(dim=1, descending=True),
+            "t2i_ranking": t2i.argsort(dim=1, descending=True)}
+
+
+def retrieval_representations(model: UniPerceiverV2, images, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """What ``retrieve`` scores with: the ``<SPE>`` representations of the images and texts as queries, and the
+    logits of both directions (v2 eq. (6)).
+
+    Returns:
+        ``image_queries`` (I, d) and ``text_queries`` (T, d), detached, on the CPU; ``i2t`` (I, T) and ``t2i`` (T, I)
+        logits as ``retrieve`` returns them.
+    """
     texts = checks.text_list(texts, "texts")
     task = RetrievalTask(model.config.tasks.retrieval)
     with evaluation_mode(model):
@@ -249,8 +264,8 @@ def retrieve(model: UniPerceiverV2, images, texts: Sequence[str]) -> dict[str, t
         text_queries, text_candidates, _ = task.embed_texts(model, texts)
         i2t = model.similarity(image_queries, text_candidates, "retrieval_i2t").cpu()
         t2i = model.similarity(text_queries, image_candidates, "retrieval_t2i").cpu()
-    return {"i2t": i2t, "t2i": t2i, "i2t_ranking": i2t.argsort(dim=1, descending=True),
-            "t2i_ranking": t2i.argsort(dim=1, descending=True)}
+    return {"image_queries": image_queries.detach().cpu(), "text_queries": text_queries.detach().cpu(),
+            "i2t": i2t, "t2i": t2i}
 
 
 def fill_mask(model: UniPerceiverV2, texts: str | Sequence[str], top_k: int = 5) -> list[dict]:

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 from .. import api
-from ..engine.runtime import evaluation_mode
 
 # --------------------------------------------------------------------------------------------------------------
 # Evaluation results
@@ -267,24 +266,13 @@ def retrieval_examples(model, images: Sequence[Any], captions: Sequence[Sequence
     Args:
         images: I images (PIL or (3, H, W) tensors); captions: per image its reference captions.
     """
-    from .. import api_checks as checks
-    from ..api import prepare_whole_images
-    from ..tasks import RetrievalTask
-
     if len(images) != len(captions):
         raise ValueError(f"retrieval_examples: {len(images)} images but {len(captions)} caption lists")
-    texts = checks.text_list([text for per_image in captions for text in per_image], "texts")
+    texts = [text for per_image in captions for text in per_image]
     text_image = torch.tensor([i for i, per_image in enumerate(captions) for _ in per_image], dtype=torch.long)
-    # what api.retrieve computes, keeping the query representations for representation_similarity
-    task = RetrievalTask(model.config.tasks.retrieval)
-    with evaluation_mode(model):
-        pixels, padding_mask = prepare_whole_images(model, list(images), "retrieval")
-        image_queries, image_candidates, _ = task.embed_images(model, pixels, padding_mask)
-        text_queries, text_candidates, _ = task.embed_texts(model, texts)
-        i2t = model.similarity(image_queries, text_candidates, "retrieval_i2t").cpu()
-        t2i = model.similarity(text_queries, image_candidates, "retrieval_t2i").cpu()
-    return RetrievalExamples(texts, text_image, i2t.float(), t2i.float(),
-                             image_queries.detach().float().cpu(), text_queries.detach().float().cpu())
+    scores = api.retrieval_representations(model, list(images), texts)
+    return RetrievalExamples(texts, text_image, scores["i2t"].float(), scores["t2i"].float(),
+                             scores["image_queries"].float(), scores["text_queries"].float())
 
 
 def representation_similarity(model=None, images: Sequence[Any] | None = None, texts: Sequence[str] | None = None,
@@ -302,9 +290,6 @@ def representation_similarity(model=None, images: Sequence[Any] | None = None, t
     Returns:
         ``{"images_mean", "images_min", "texts_mean", "texts_min"}``.
     """
-    from ..api import prepare_whole_images
-    from ..tasks import RetrievalTask
-
     if examples is not None:
         if model is not None or images is not None or texts is not None:
             raise ValueError("representation_similarity: pass either model, images and texts, or examples=")
@@ -321,11 +306,8 @@ def representation_similarity(model=None, images: Sequence[Any] | None = None, t
             raise ValueError("representation_similarity: pass model, images and texts, or examples=")
         if len(images) < 2 or len(texts) < 2:
             raise ValueError("representation_similarity: needs at least two images and two texts")
-        task = RetrievalTask(model.config.tasks.retrieval)
-        with evaluation_mode(model):
-            pixels, padding_mask = prepare_whole_images(model, list(images), "retrieval")
-            image_queries = task.embed_images(model, pixels, padding_mask)[0]
-            text_queries = task.embed_texts(model, list(texts))[0]
+        scores = api.retrieval_representations(model, list(images), list(texts))
+        image_queries, text_queries = scores["image_queries"], scores["text_queries"]
     out = {}
     for name, vectors in (("images", image_queries), ("texts", text_queries)):
         unit = torch.nn.functional.normalize(vectors.float(), dim=1)
