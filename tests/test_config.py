@@ -75,6 +75,12 @@ def test_bad_values_name_their_key(override, key):
     assert str(err.value).startswith(key), str(err.value)
 
 
+def test_task_moments_need_unmixed_mt_adamw():
+    assert apply_overrides(get_preset("tiny"), ["optim.task_moments=true"]).optim.task_moments
+    with pytest.raises(ConfigError, match="^optim.task_moments"):
+        apply_overrides(get_preset("tiny"), ["optim.task_moments=true", "run.sampling=mixed"])
+
+
 def test_bad_yaml_file_names_the_file(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("decoder: [unclosed\n")

@@ -239,3 +239,33 @@ def test_build_param_groups_multipliers_and_no_decay():
 def test_build_param_groups_rejects_unmatched_prefix():
     with pytest.raises(ValueError, match="image_encodr"):
         build_param_groups(_Toy(), lr=1e-4, weight_decay=0.0, lr_multipliers={"image_encodr": 0.1})
+
+
+def test_task_moments_equal_one_torch_adamw_per_task_on_shared_parameters():
+    """task_moments=True: each task keeps its own Adam moments and step count. Reference: one torch.optim.AdamW per
+    task over the same parameter tensors, each stepped only on its task's iterations (compensation must be off:
+    the sampling ratios passed below must change nothing)."""
+    ours_model = _mlp(seed=7)
+    ref_model = copy.deepcopy(ours_model)
+    ours = MTAdamW(_groups(ours_model), betas=(0.85, 0.995), eps=1e-7, normalize=False, compensate=True,
+                   task_moments=True)
+    refs = {task: torch.optim.AdamW(_groups(ref_model), betas=(0.85, 0.995), eps=1e-7, foreach=False)
+            for task in ("a", "b")}
+    tasks = ["a", "a", "b", "a", "b", "b", "b", "a"] * 6
+    for step, task in enumerate(tasks):
+        for model in (ours_model, ref_model):
+            model.zero_grad()
+            _loss(model, step + (0 if task == "a" else 500)).backward()
+        ours.step(sampling_ratio=0.3 if task == "a" else 0.7, task=task)
+        refs[task].step()
+    for p_ours, p_ref in zip(ours_model.parameters(), ref_model.parameters()):
+        assert torch.allclose(p_ours, p_ref, rtol=0, atol=1e-6), (p_ours - p_ref).abs().max()
+    state = ours.state[next(ours_model.parameters())]
+    assert state["step/a"] == tasks.count("a") and state["step/b"] == tasks.count("b")
+
+
+def test_task_moments_need_the_task():
+    p = nn.Parameter(torch.randn(2))
+    p.grad = torch.randn(2)
+    with pytest.raises(ValueError, match="task_moments"):
+        MTAdamW([p], task_moments=True).step(sampling_ratio=0.5)

@@ -182,6 +182,24 @@ def test_draw_detections_fit_captions_keeps_captions_inside_the_image_and_apart(
     assert all(t.get_window_extent().x1 <= frame.x1 + 1.0 for t in crowded.axes[0].texts)
 
 
+def test_draw_detections_fit_captions_uses_the_room_under_crowded_boxes():
+    # Four identical boxes in the middle of a large image: the four places at the top edge hold two captions side
+    # by side at most, so the others must go under the box or inside it over its bottom edge, all apart.
+    picture = torch.rand(3, 120, 120, generator=torch.Generator().manual_seed(1))
+    boxes = np.array([[30, 40, 90, 80]] * 4, dtype=np.float64)
+    names = [f"a class name too long for two side by side, number {i}" for i in range(4)]
+    fig = viz.draw_detections(picture, boxes, labels=[0, 1, 2, 3], class_names=names, fit_captions=True)
+    fig.draw_without_rendering()
+    ax = fig.axes[0]
+    extents = [t.get_window_extent() for t in ax.texts]
+
+    def area(a, b):   # overlap in display pixels (captions that only touch do not count)
+        return max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
+
+    assert all(area(a, b) < 1.0 for i, a in enumerate(extents) for b in extents[i + 1:])
+    assert [t.get_position()[1] for t in ax.texts] == [40, 40, 80, 80]   # two at the top edge, two at the bottom
+
+
 def test_draw_proposals_labels_its_colour_bar(image):
     boxes, _ = _scene()
     fig = viz.draw_proposals(image, boxes, torch.rand(4), score_label="σ(objectness)")

@@ -73,6 +73,9 @@ def test_expert_load_marks_what_each_capacity_drops():
     over = [(b.get_x() + b.get_width() / 2, b.get_y(), b.get_height()) for b in bars[4:]]
     assert over == [(1, 16, 14), (2, 16, 4)]               # the parts above C = 16; nothing exceeds C = 32
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["uniform (16)", "factor 1.0 (C = 16)", "factor 2.0 (C = 32)"]
+    # the uniform line coincides with factor 1.0's C: drawn last, on top, and its label says so
+    assert labels == ["factor 1.0 (C = 16)", "factor 2.0 (C = 32)", "uniform (16), on the line of factor 1.0"]
+    uniform_line = [line for line in ax.get_lines() if line.get_label().startswith("uniform")][0]
+    assert uniform_line.get_zorder() > max(line.get_zorder() for line in ax.get_lines() if line is not uniform_line)
     with pytest.raises(ValueError, match="one count per expert"):
         viz_decoder.plot_expert_load([])

@@ -305,6 +305,7 @@ class OptimConfig:
     eps: float = 1e-8
     normalize: bool = True                     # MT-AdamW: g = w_k * grad / ||grad||
     compensate: bool = True                    # MT-AdamW: 1 / s_k on both moments
+    task_moments: bool = False                 # MT-AdamW: Adam's moments kept per task (not the paper's; an experiment)
     encoder_lr_mult: float = 0.1               # image backbone and text encoder
     grad_clip: float = 0.0                     # max global grad norm; 0 = off
     warmup_iters: int = 0
@@ -662,6 +663,9 @@ def validate(cfg: Config) -> None:
                  f"the first decay (at {o.decay_at[0]} x run.iterations={r.iterations} = iteration {first_decay}) "
                  f"falls inside the warm-up optim.warmup_iters={o.warmup_iters}")
     _require(r.sampling in SAMPLINGS, "run.sampling", f"{r.sampling!r} not in {SAMPLINGS}")
+    if o.task_moments:
+        _require(o.name == "mt_adamw" and r.sampling == "unmixed", "optim.task_moments",
+                 "moments per task need optim.name=mt_adamw and run.sampling=unmixed (one task per step)")
     _require(r.precision in PRECISIONS, "run.precision", f"{r.precision!r} not in {PRECISIONS}")
     _require(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"), "run.device",
              f"{r.device!r}: expected auto, cpu or cuda[:N]")

@@ -118,6 +118,7 @@ class MTAdamW(torch.optim.Optimizer):
         weight_decay: float = 1e-4,
         normalize: bool = True,
         compensate: bool = True,
+        task_moments: bool = False,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"MTAdamW: lr must be >= 0, got {lr}")
@@ -131,6 +132,7 @@ class MTAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.normalize = normalize
         self.compensate = compensate
+        self.task_moments = task_moments
         self.last_grad_norm: torch.Tensor | None = None
 
     @torch.no_grad()
@@ -139,6 +141,7 @@ class MTAdamW(torch.optim.Optimizer):
         closure: Callable[[], torch.Tensor] | None = None,
         sampling_ratio: float = 1.0,
         task_weight: float = 1.0,
+        task: str | None = None,
     ) -> torch.Tensor | None:
         """Update all parameters that have a gradient.
 
@@ -146,6 +149,7 @@ class MTAdamW(torch.optim.Optimizer):
             closure: re-evaluates the model and returns the loss (optional, as in torch optimizers).
             sampling_ratio: s_k of the task sampled for this step, in (0, 1]. Ignored if compensate=False.
             task_weight: w_k (omega_k) of that task, >= 0.
+            task: the sampled task's name; required with task_moments=True (it selects the moments), else ignored.
 
         Returns:
             The closure's loss, or None.
@@ -154,6 +158,8 @@ class MTAdamW(torch.optim.Optimizer):
             raise ValueError(f"MTAdamW.step: sampling_ratio must be in (0, 1], got {sampling_ratio}")
         if not (task_weight >= 0.0 and math.isfinite(task_weight)):
             raise ValueError(f"MTAdamW.step: task_weight must be finite and >= 0, got {task_weight}")
+        if self.task_moments and not task:
+            raise ValueError("MTAdamW.step: task_moments=True keeps moments per task; pass task=<the sampled task>")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -173,7 +179,10 @@ class MTAdamW(torch.optim.Optimizer):
         else:
             self.last_grad_norm = global_grad_norm(grads)
             scale = None
-        compensation = 1.0 / sampling_ratio if self.compensate else 1.0
+        # With moments per task, each task's moments average only its own steps: there is no mixture to compensate.
+        compensation = 1.0 / sampling_ratio if self.compensate and not self.task_moments else 1.0
+        suffix = f"/{task}" if self.task_moments else ""
+        step_key, avg_key, sq_key = "step" + suffix, "exp_avg" + suffix, "exp_avg_sq" + suffix
 
         # One fused (torch._foreach_*) update per parameter group; the operations, in this order, are the
         # formulas above applied to every parameter that has a gradient.
@@ -185,16 +194,16 @@ class MTAdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
+                if step_key not in state:
+                    state[step_key] = 0
+                    state[avg_key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state[sq_key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[step_key] += 1
                 params.append(p)
                 group_grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
+                exp_avgs.append(state[avg_key])
+                exp_avg_sqs.append(state[sq_key])
+                steps.append(state[step_key])
             if not params:
                 continue
             if scale is not None:

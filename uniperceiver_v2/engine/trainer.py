@@ -136,7 +136,7 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     groups.sort(key=lambda g: (g["lr"] != o.lr, g["weight_decay"] == 0))
     if o.name == "mt_adamw":
         return MTAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                       normalize=o.normalize, compensate=o.compensate)
+                       normalize=o.normalize, compensate=o.compensate, task_moments=o.task_moments)
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
 
@@ -430,7 +430,10 @@ class Trainer:
             return {}
         task = self.sampler.task_for_iteration(iteration)
         task_weight = self.task_configs[task].loss_weight if self.optimizer.normalize else 1.0
-        return {"sampling_ratio": self.sampler.sampling_ratio(task), "task_weight": task_weight}
+        kwargs: dict[str, Any] = {"sampling_ratio": self.sampler.sampling_ratio(task), "task_weight": task_weight}
+        if self.optimizer.task_moments:
+            kwargs["task"] = task
+        return kwargs
 
     # ------------------------------------------------------------------------------------------------ one step
     def train_step(self, iteration: int) -> list[tuple[str, dict[str, float], int]]:

@@ -182,7 +182,8 @@ def set_log_scale(ax: Axes, axis: str = "y") -> None:
         return _plain_number(value) if mantissa in keep else ""
 
     target.set_minor_formatter(FuncFormatter(minor_label))
-    ax.tick_params(axis=axis, which="minor", labelsize=7)
+    # one size for every label: decade labels larger than the ones between read as two different scales
+    ax.tick_params(axis=axis, which="both", labelsize=8)
 
 
 def _figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | None = None,

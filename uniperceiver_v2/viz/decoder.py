@@ -118,13 +118,17 @@ def plot_expert_load(assignments: Any, capacities: Mapping[str, float] | None = 
     x = np.arange(experts)
     uniform = counts.sum() / experts
     ax.bar(x, counts, color="tab:blue", width=0.7)
-    ax.axhline(uniform, color="grey", linewidth=1.0, linestyle=":", label=f"uniform ({uniform:.0f})")
+    # Capacity factor 1.0 gives C = ceil(k N / E), the uniform load itself: the uniform line is drawn last, on top,
+    # and says which capacity lines it covers, so neither hides the other.
+    covered = [label for label, capacity in (capacities or {}).items() if abs(capacity - uniform) < 1.0]
+    uniform_label = f"uniform ({uniform:.0f})" + (f", on the line of {', '.join(covered)}" if covered else "")
     for i, (label, capacity) in enumerate((capacities or {}).items()):
         color = class_color(i + 1)
         ax.axhline(capacity, color=color, linewidth=1.2, linestyle="--", label=f"{label} (C = {capacity:.0f})")
         over = counts > capacity
         ax.bar(x[over], counts[over] - capacity, bottom=capacity, color="none", edgecolor=color, hatch="///",
                width=0.7)
+    ax.axhline(uniform, color="black", linewidth=1.4, linestyle=":", label=uniform_label, zorder=4)
     ax.set_xticks(x, [f"E{e}" for e in range(experts)], fontsize=8)
     ax.set_xlabel("expert")
     ax.set_ylabel("assignments")

@@ -139,30 +139,34 @@ def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any
 
 def _fit_caption(ax: Axes, text: Any, box: tuple[float, float, float, float], placed: list) -> Any:
     """Place a caption drawn above its box's top-left corner at the first of: above the box's left end, inside the
-    box under its top edge (left end, then right end), above the box's right end, that lies whole inside the image
-    and off the ``placed`` extents. When none does, the place inside the image that overlaps the placed captions
+    box under its top edge (left end, then right end), above the box's right end, under the box (left end, then
+    right end), inside the box over its bottom edge (left end), that lies whole inside the image and off the
+    ``placed`` extents. When none does, the place inside the image that overlaps the placed captions
     least, a caption that would cross the image's left or right border being pushed back inside it (see
     ``draw_detections(fit_captions=True)``). Returns its final display-space extent."""
     frame = ax.get_window_extent()
     margin = 2.0 * ax.figure.dpi / 72      # display pixels: the caption's bbox pad (1 pt) and a glyph's overhang
     frame = Bbox.from_extents(frame.x0 + margin, frame.y0, frame.x1 - margin, frame.y1)     # at the side borders
-    x0, y0, x1, _ = box
+    x0, y0, x1, y1 = box
     left_edge, right_edge = ax.get_xlim()
     inset = margin * (right_edge - left_edge) / max(ax.get_window_extent().width, 1.0)     # the same in data units
     left_edge, right_edge = left_edge + inset, right_edge - inset
     right = min(x1, right_edge)
-    candidates = [(x0, "left", "bottom"), (x0, "left", "top"), (right, "right", "top"), (right, "right", "bottom")]
+    # (x, y, ha, va) in data units; the y axis points down, so va="bottom" at y0 is above the box
+    candidates = [(x0, y0, "left", "bottom"), (x0, y0, "left", "top"), (right, y0, "right", "top"),
+                  (right, y0, "right", "bottom"), (x0, y1, "left", "top"), (right, y1, "right", "top"),
+                  (x0, y1, "left", "bottom")]
 
-    def place(x, ha, va):
-        text.set_x(x)
+    def place(x, y, ha, va):
+        text.set_position((x, y))
         text.set_ha(ha)
         text.set_va(va)
         return text.get_window_extent()
 
     best, best_cost = candidates[1], None
     for pushed in (False, True):            # second round: each place pushed back inside the image's side borders
-        for x, ha, va in candidates:
-            bounds = place(x, ha, va)
+        for x, y, ha, va in candidates:
+            bounds = place(x, y, ha, va)
             if pushed:
                 if bounds.x1 > frame.x1 + 0.5:
                     x, ha = right_edge, "right"
@@ -170,7 +174,7 @@ def _fit_caption(ax: Axes, text: Any, box: tuple[float, float, float, float], pl
                     x, ha = left_edge, "left"
                 else:
                     continue
-                bounds = place(x, ha, va)
+                bounds = place(x, y, ha, va)
             inside = (bounds.x0 >= frame.x0 - 0.5 and bounds.x1 <= frame.x1 + 0.5
                       and bounds.y0 >= frame.y0 - 0.5 and bounds.y1 <= frame.y1 + 0.5)
             overlap = sum(max(0.0, min(bounds.x1, o.x1) - max(bounds.x0, o.x0))
@@ -179,7 +183,7 @@ def _fit_caption(ax: Axes, text: Any, box: tuple[float, float, float, float], pl
                 return bounds
             cost = (not inside, overlap)
             if best_cost is None or cost < best_cost:
-                best, best_cost = (x, ha, va), cost
+                best, best_cost = (x, y, ha, va), cost
     return place(*best)
 
 
