@@ -102,6 +102,8 @@ class MTAdamW(torch.optim.Optimizer):
         weight_decay: decoupled weight decay (paper: 1e-4).
         normalize: divide the step's gradient by its global L2 norm.
         compensate: multiply the moment updates by 1 / s_k.
+        task_moments: keep m, v and the step count per task (state keys "exp_avg/<task>", ...); `step` then needs
+            `task=`, and 1 / s_k is not applied (each task's moments average only its own steps). Not the paper's.
 
     Attributes:
         last_grad_norm: 0-d tensor, the global gradient norm N of the latest step (before normalisation and

@@ -424,7 +424,7 @@ class Trainer:
         slots = self.sampler.slots_for_iteration(iteration)
         return [slots[m * self.world_size + self.rank] for m in range(self.cfg.run.grad_accum)]
 
-    def optimizer_kwargs(self, iteration: int) -> dict[str, float]:
+    def optimizer_kwargs(self, iteration: int) -> dict[str, Any]:
         """What ``optimizer.step`` receives at ``iteration`` (see "Where the loss weight w_k goes")."""
         if not isinstance(self.optimizer, MTAdamW) or not isinstance(self.sampler, UnmixedTaskSampler):
             return {}
