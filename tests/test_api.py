@@ -141,6 +141,24 @@ def test_build_model_from_a_safetensors_file_and_from_a_checkpoint_folder(model,
         api.build_model("tiny", checkpoint=tmp_path / "run" / "iter_0000005" / "training_state.pt")
 
 
+def test_a_checkpoint_does_not_need_the_backbone_weights_its_run_started_from(model, tmp_path, monkeypatch):
+    """A run trained with image_encoder.backbone_weights=RELATIVE/PATH is evaluated from another folder (notebook 07
+    runs in notebooks/): the checkpoint holds the backbone's weights, so that file is not needed, and the config
+    still records it."""
+    config = model.config.to_dict()
+    config["image_encoder"]["backbone_weights"] = "runs/elsewhere/backbone.safetensors"     # no such file
+    from uniperceiver_v2.config import config_from_dict
+
+    save_checkpoint(tmp_path / "run", 7, model, optimizer=None, config=config_from_dict(config))
+    monkeypatch.chdir(tmp_path)
+    loaded = api.build_model(None, checkpoint=tmp_path / "run")
+    assert loaded.config.image_encoder.backbone_weights == "runs/elsewhere/backbone.safetensors"
+    for (name, a), (_, b) in zip(loaded.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(FileNotFoundError, match="backbone_weights: file runs/elsewhere"):   # without a checkpoint
+        api.build_model(config_from_dict(config))
+
+
 def test_build_model_from_a_training_run_folder(model, tmp_path):
     """The trainer keeps checkpoints in <output_dir>/checkpoints; the run folder itself is accepted."""
     save_checkpoint(tmp_path / "run" / "checkpoints", 3, model, optimizer=None, config=model.config)

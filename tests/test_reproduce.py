@@ -327,3 +327,29 @@ def test_the_parallel_runner_starts_the_notebook_others_wait_for_first():
     # independent ones in series order
     assert order.index("07_eval") < min(order.index(n) for n in ("02_pools", "04_gates", "08_novel"))
     assert order.index("00_a") < order.index("01_b") < order.index("03_c") < order.index("09_abl")
+
+
+def test_a_profile_can_give_one_notebook_its_own_values(tmp_path):
+    """The quick profile trains notebook 06 on two processes with split batches; 09 keeps the common nproc, and
+    -p or --gpus win over the notebook's own values."""
+    notebooks = Path(__file__).parents[1] / "notebooks"
+    plan = reproduce.plan_run("quick", notebooks, tmp_path / "runs", ["06", "09"])
+    by_number = {run.source.stem[:2]: run.parameters for run in plan.notebooks}
+    own = reproduce.PROFILES["quick"]["notebook_parameters"]["06"]
+    assert by_number["06"]["nproc"] == own["nproc"] == 2 and by_number["06"]["split_batches"] is True
+    assert by_number["09"]["nproc"] == reproduce.PROFILES["quick"]["nproc"] == 1
+    overridden = reproduce.plan_run("quick", notebooks, tmp_path / "runs", ["06"], overrides={"nproc": 1})
+    assert overridden.notebooks[0].parameters["nproc"] == 1 and overridden.notebooks[0].parameters["split_batches"]
+    with_gpus = reproduce.plan_run("quick", notebooks, tmp_path / "runs", ["06"], gpus=4)
+    assert with_gpus.notebooks[0].parameters["nproc"] == 4
+    # the small profile keeps one process for 06 (its second core trains notebook 09's ablations meanwhile)
+    small = reproduce.plan_run("small", notebooks, tmp_path / "runs", ["06"])
+    assert small.notebooks[0].parameters["nproc"] == 1 and "split_batches" not in small.notebooks[0].parameters
+
+
+def test_a_notebook_value_the_notebook_does_not_declare_is_refused(monkeypatch):
+    monkeypatch.setitem(reproduce.PROFILES, "quick", {**reproduce.PROFILES["quick"],
+                                                      "notebook_parameters": {"06": {"nproc": 2, "npoc": 3}}})
+    with pytest.raises(reproduce.RunSetupError, match=r"notebook_parameters for 06_x name \['npoc'\]"):
+        reproduce.notebook_parameters("quick", "06_x", {"nproc": 1}, {})
+    assert reproduce.notebook_parameters("quick", "07_y", {"nproc": 1}, {}) == {}

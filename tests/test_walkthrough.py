@@ -63,6 +63,27 @@ def test_train_command_with_several_processes_is_a_torchrun_command():
         walkthrough.train_command("tiny", "out", 50, data_root="d", data_profile="quick", nproc=0)
 
 
+def test_split_batches_keep_the_global_batch_of_one_process():
+    command = walkthrough.train_command("tiny", "out", 50, data_root="d", data_profile="quick", nproc=2,
+                                        split_batches=True, overrides=["tasks.detection.batch_size=6",
+                                                                       "tasks.mlm.enabled=false"])
+    cfg = load_config("tiny", train.parse_args(command[command.index("uniperceiver_v2.train") + 1:]).overrides)
+    preset = load_config("tiny")
+    assert cfg.tasks.detection.batch_size == 3 and not cfg.tasks.mlm.enabled
+    for name in ("classification", "captioning", "retrieval"):
+        assert 2 * cfg.tasks.get(name).batch_size == preset.tasks.get(name).batch_size, name
+    # one process, or split_batches off: the batches are the preset's
+    for kept in (walkthrough.train_command("tiny", "out", 50, data_root="d", data_profile="quick", nproc=1,
+                                           split_batches=True),
+                 walkthrough.train_command("tiny", "out", 50, data_root="d", data_profile="quick", nproc=2)):
+        assert not any(a.startswith("tasks.") for a in kept)
+    with pytest.raises(ValueError, match=r"tasks\.detection\.batch_size: 5 does not split evenly over 2"):
+        walkthrough.split_batch_overrides("tiny", 2, ["tasks.detection.batch_size=5"])
+    assert walkthrough.split_batch_overrides("tiny", 4, ["tasks.detection.enabled=false"]) == [
+        f"tasks.{name}.batch_size={preset.tasks.get(name).batch_size // 4}"
+        for name in ("classification", "captioning", "mlm", "retrieval")]
+
+
 def test_default_log_every():
     assert walkthrough.default_log_every(60) == 1 and walkthrough.default_log_every(3000) is None
 
@@ -428,7 +449,9 @@ def test_config_of_command_and_the_task_mixture():
     assert shares["detection"] == pytest.approx(0.6 / (0.2 + 0.6 + 0.2 + 0.2), abs=1e-4)
     assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
     detection = next(row for row in table["rows"] if row[0] == "detection")
-    assert detection[2:] == [1.0, 4, round(50 * detection[1], 1), round(50 * detection[1] * 4)]
+    assert detection[2:] == [1.0, 4, 4, round(50 * detection[1], 1), round(50 * detection[1] * 4)]
+    two = next(row for row in walkthrough.task_mixture_table(cfg, 50, nproc=2)["rows"] if row[0] == "detection")
+    assert two[3:5] == [4, 8] and two[6] == round(50 * detection[1] * 8)
     with pytest.raises(ValueError, match="uniperceiver_v2.train"):
         walkthrough.config_of_command(["python", "-c", "pass"])
     cfg.run.sampling = "mixed"

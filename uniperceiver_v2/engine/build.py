@@ -10,6 +10,7 @@ that would catch, e.g., a flipped exponent bit.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -51,7 +52,15 @@ def build_model(config: str | Path | Config | None = "tiny", checkpoint: str | P
         cfg = config
     else:
         cfg = load_config(config)
-    model = UniPerceiverV2(cfg)
+    if checkpoint is not None and cfg.image_encoder.backbone_weights is not None:
+        # The checkpoint brings every weight, the backbone's included: the backbone's initial weights (a file the
+        # run started from, perhaps by a path relative to another folder) are not read. The config keeps the record.
+        start = copy.deepcopy(cfg)
+        start.image_encoder.backbone_weights = None
+        model = UniPerceiverV2(start)
+        model.config = cfg
+    else:
+        model = UniPerceiverV2(cfg)
     if vocabulary_texts is not None:
         from ..tasks.vocabulary import build_vocabulary
 

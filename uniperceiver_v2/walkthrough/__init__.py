@@ -59,6 +59,7 @@ from .runs import (
     require_checkpoint,
     run_training,
     shell_command,
+    split_batch_overrides,
     stream_command,
     task_mixture_table,
     task_sequence_from_records,
@@ -77,6 +78,6 @@ __all__ = [
     "longest_gaps", "loss_summary", "lr_records", "mask_one_word", "metrics_table", "novel_ap_table",
     "novel_category_names", "overlapping_detections", "param_group_table", "per_category_table",
     "pretrained_backbone", "representation_similarity", "require_checkpoint", "retrieval_examples", "run_training",
-    "shell_command", "stream_command", "task_mixture_table", "task_sequence_from_records", "task_trends",
-    "train_command", "training_dir", "training_status", "unmixed_sampler",
+    "shell_command", "split_batch_overrides", "stream_command", "task_mixture_table", "task_sequence_from_records",
+    "task_trends", "train_command", "training_dir", "training_status", "unmixed_sampler",
 ]

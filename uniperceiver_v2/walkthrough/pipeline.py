@@ -85,6 +85,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                                           # train faster on one thread than on two (docs/benchmarks.md)
         "seed": 0,
         "quick": True,                    # notebooks may shorten demonstrations (fewer samples, smaller grids)
+        "notebook_parameters": {},        # per notebook number, values for that notebook only, over the above
     },
     # The default of ``make reproduce``: minutes of training on the small suite, enough for the notebooks' figures
     # to show a model that classifies and detects (docs/benchmarks.md, "The quick profile").
@@ -106,6 +107,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "threads": 1,
         "seed": 0,
         "quick": True,
+        # Notebook 06 trains on both cores, two processes of one thread with half of every task's batch each (the
+        # one-process run's global batch): the other lane has nothing to run while 06 trains, and two processes
+        # make an iteration 1.2x faster (docs/benchmarks.md, "The quick profile on both cores")
+        "notebook_parameters": {"06": {"nproc": 2, "split_batches": True}},
     },
     "small": {
         "profile": "small",
@@ -124,6 +129,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "threads": 1,
         "seed": 0,
         "quick": False,
+        "notebook_parameters": {},
     },
     "paper": {
         "profile": "paper",
@@ -141,6 +147,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "threads": None,                  # torch's default (one per core); the GPUs do the work
         "seed": 0,
         "quick": False,
+        "notebook_parameters": {},
     },
 }
 PATH_PARAMETERS = ("data_root", "ablation_data_root", "run_dir", "results_path")
@@ -693,6 +700,7 @@ def plan_run(profile: str, notebook_dir: str | os.PathLike = "notebooks", out: s
         declared_parameters(source)      # papermill must read every assignment the cell makes
         defaults = parameter_defaults(notebook, str(source))
         parameters = {k: v for k, v in offered.items() if k in defaults}
+        parameters.update(notebook_parameters(profile, source.stem, defaults, overrides, gpus))
         results_path = layout.results / f"{source.stem}.json" if "results_path" in defaults else None
         if results_path is not None:
             parameters["results_path"] = str(results_path)
@@ -708,6 +716,21 @@ def plan_run(profile: str, notebook_dir: str | os.PathLike = "notebooks", out: s
     if plan.uses_data:
         check_data(plan.parameters)
     return plan
+
+
+def notebook_parameters(profile: str, stem: str, declared: Mapping[str, Any], overrides: Mapping[str, Any],
+                        gpus: int | None = None) -> dict[str, Any]:
+    """The values the profile gives notebook ``stem`` alone (``PROFILES[profile]["notebook_parameters"]`` under its
+    number), over the profile's common ones: those the notebook declares, except a name ``-p`` sets (the command
+    line wins) and ``nproc`` / ``device`` with ``--gpus``. A name the notebook does not declare is refused: it
+    would be silently ignored otherwise."""
+    own = PROFILES[profile].get("notebook_parameters", {}).get(stem[:2], {})
+    unknown = sorted(set(own) - set(declared))
+    if unknown:
+        raise RunSetupError(f"profile {profile!r}: notebook_parameters for {stem} name {unknown}, which its "
+                            "parameters cell does not declare")
+    return {name: value for name, value in own.items()
+            if name not in overrides and not (gpus is not None and name in ("nproc", "device"))}
 
 
 def _undeclared_override(name: str, selected: Sequence[Path], series: Sequence[Path],

@@ -142,7 +142,8 @@ def default_log_every(iterations: int) -> int | None:
 def train_command(preset: str, output_dir: str | os.PathLike, iterations: int, *, data_root: str | os.PathLike,
                   data_profile: str | None, nproc: int = 1, device: str = "auto", seed: int = 0,
                   log_every: int | None = None, overrides: Sequence[str] = (), resume: bool = True,
-                  new_schedule: bool = True, evaluate: bool = False, python: str | None = None) -> list[str]:
+                  new_schedule: bool = True, evaluate: bool = False, split_batches: bool = False,
+                  python: str | None = None) -> list[str]:
     """The command line that trains ``preset`` into ``output_dir``.
 
     One process: ``python -m uniperceiver_v2.train ...``; several: ``python -m torch.distributed.run --standalone
@@ -165,6 +166,11 @@ def train_command(preset: str, output_dir: str | os.PathLike, iterations: int, *
             checkpoint on, so rerunning with a larger ``iterations`` extends the run properly (with the same
             ``iterations`` it is the saved schedule); False keeps the schedule saved in the checkpoint.
         evaluate: False adds ``--no-eval`` (notebook 07 evaluates the checkpoint).
+        split_batches: with ``nproc`` > 1, each process takes ``1/nproc`` of every enabled task's batch (overrides
+            ``tasks.<name>.batch_size=B/nproc`` after ``overrides``, B the batch of the preset with ``overrides``),
+            so the global batch, and with it the optimisation, is the one-process run's: what two processes on
+            two CPU cores need to train the same model faster (:func:`split_batch_overrides`). False keeps B per
+            process, the paper's per-GPU batches (the global batch grows with ``nproc``).
         python: the interpreter; default this one.
 
     Returns:
@@ -195,7 +201,27 @@ def train_command(preset: str, output_dir: str | os.PathLike, iterations: int, *
     ]
     if log_every is not None:
         settings.append(f"run.log_every={log_every}")
-    return launcher + flags + settings + list(overrides)
+    split = split_batch_overrides(preset, nproc, overrides) if split_batches and nproc > 1 else []
+    return launcher + flags + settings + list(overrides) + split
+
+
+def split_batch_overrides(preset: str, nproc: int, overrides: Sequence[str] = ()) -> list[str]:
+    """``tasks.<name>.batch_size=B/nproc`` for every enabled task of ``preset`` with ``overrides`` (B its batch), so
+    that ``nproc`` processes together take the batch one process takes. A batch that ``nproc`` does not divide is
+    refused with the task's key: rounding would change the optimisation the split is meant to keep."""
+    from ..config import load_config
+
+    if nproc < 1:
+        raise ValueError(f"nproc: expected at least 1 process, got {nproc}")
+    cfg = load_config(preset, list(overrides))
+    split = []
+    for name in cfg.tasks.names():
+        batch = cfg.tasks.get(name).batch_size
+        if batch % nproc:
+            raise ValueError(f"tasks.{name}.batch_size: {batch} does not split evenly over {nproc} processes; "
+                             f"give a multiple of {nproc} or run without split_batches")
+        split.append(f"tasks.{name}.batch_size={batch // nproc}")
+    return split
 
 
 def shell_command(command: Sequence[str]) -> str:
@@ -233,17 +259,19 @@ def unmixed_sampler(cfg):
                               seed=cfg.run.seed)
 
 
-def task_mixture_table(cfg, iterations: int) -> dict[str, list]:
-    """The run's task mixture (v2 eq. (7), Tab. 8): per task s_k, w_k, the batch size per process and the
-    iterations and samples it gets in expectation over ``iterations`` unmixed iterations."""
+def task_mixture_table(cfg, iterations: int, nproc: int = 1) -> dict[str, list]:
+    """The run's task mixture (v2 eq. (7), Tab. 8): per task s_k, w_k, the batch size per process and over the
+    ``nproc`` processes (an optimizer step's batch), and the iterations and samples it gets in expectation over
+    ``iterations`` unmixed iterations (samples over all processes)."""
     sampler = unmixed_sampler(cfg)
     rows = []
     for name in sampler.task_names:
         task = cfg.tasks.get(name)
         share = sampler.sampling_ratio(name)
-        rows.append([name, round(share, 4), task.loss_weight, task.batch_size, round(share * iterations, 1),
-                     round(share * iterations * task.batch_size)])
-    return {"columns": ["task", "s_k", "w_k", "batch / process", "expected iterations", "expected samples / process"],
+        rows.append([name, round(share, 4), task.loss_weight, task.batch_size, task.batch_size * nproc,
+                     round(share * iterations, 1), round(share * iterations * task.batch_size * nproc)])
+    return {"columns": ["task", "s_k", "w_k", "batch / process", f"batch of a step ({nproc} process(es))",
+                        "expected iterations", "expected samples"],
             "rows": rows}
 
 
