@@ -452,6 +452,9 @@ def test_config_of_command_and_the_task_mixture():
     assert detection[2:] == [1.0, 4, 4, round(50 * detection[1], 1), round(50 * detection[1] * 4)]
     two = next(row for row in walkthrough.task_mixture_table(cfg, 50, nproc=2)["rows"] if row[0] == "detection")
     assert two[3:5] == [4, 8] and two[6] == round(50 * detection[1] * 8)
+    cfg.run.grad_accum = 3                              # three micro-batches per process and step
+    three = next(row for row in walkthrough.task_mixture_table(cfg, 50, nproc=2)["rows"] if row[0] == "detection")
+    assert three[3:5] == [4, 24]
     with pytest.raises(ValueError, match="uniperceiver_v2.train"):
         walkthrough.config_of_command(["python", "-c", "pass"])
     cfg.run.sampling = "mixed"

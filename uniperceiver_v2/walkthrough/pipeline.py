@@ -110,7 +110,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "quick": True,
         # Notebook 06 trains on both cores, two processes of one thread with half of every task's batch each (the
         # one-process run's global batch): the other lane has nothing to run while 06 trains, and two processes
-        # make an iteration 1.2x faster (docs/benchmarks.md, "The quick profile on both cores")
+        # make an iteration about 1.25x faster (docs/benchmarks.md, "The quick profile on both cores")
         "notebook_parameters": {"06": {"nproc": 2, "split_batches": True}},
     },
     "small": {

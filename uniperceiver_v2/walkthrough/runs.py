@@ -260,17 +260,18 @@ def unmixed_sampler(cfg):
 
 
 def task_mixture_table(cfg, iterations: int, nproc: int = 1) -> dict[str, list]:
-    """The run's task mixture (v2 eq. (7), Tab. 8): per task s_k, w_k, the batch size per process and over the
-    ``nproc`` processes (an optimizer step's batch), and the iterations and samples it gets in expectation over
-    ``iterations`` unmixed iterations (samples over all processes)."""
+    """The run's task mixture (v2 eq. (7), Tab. 8): per task s_k, w_k, the batch size per process and of an
+    optimizer step (over the ``nproc`` processes and ``run.grad_accum`` micro-batches), and the iterations and
+    samples it gets in expectation over ``iterations`` unmixed iterations (samples of all processes)."""
     sampler = unmixed_sampler(cfg)
+    per_step = nproc * cfg.run.grad_accum               # micro-batches of one optimizer step
     rows = []
     for name in sampler.task_names:
         task = cfg.tasks.get(name)
         share = sampler.sampling_ratio(name)
-        rows.append([name, round(share, 4), task.loss_weight, task.batch_size, task.batch_size * nproc,
-                     round(share * iterations, 1), round(share * iterations * task.batch_size * nproc)])
-    return {"columns": ["task", "s_k", "w_k", "batch / process", f"batch of a step ({nproc} process(es))",
+        rows.append([name, round(share, 4), task.loss_weight, task.batch_size, task.batch_size * per_step,
+                     round(share * iterations, 1), round(share * iterations * task.batch_size * per_step)])
+    return {"columns": ["task", "s_k", "w_k", "batch / process", f"batch of a step ({per_step} micro-batch(es))",
                         "expected iterations", "expected samples"],
             "rows": rows}
 
