@@ -168,8 +168,10 @@ def train_command(preset: str, output_dir: str | os.PathLike, iterations: int, *
         evaluate: False adds ``--no-eval`` (notebook 07 evaluates the checkpoint).
         split_batches: with ``nproc`` > 1, each process takes ``1/nproc`` of every enabled task's batch (overrides
             ``tasks.<name>.batch_size=B/nproc`` after ``overrides``, B the batch of the preset with ``overrides``),
-            so the global batch, and with it the optimisation, is the one-process run's: what two processes on
-            two CPU cores need to train the same model faster (:func:`split_batch_overrides`). False keeps B per
+            so a step averages its gradient over as many samples as the one-process run's and retrieval gathers
+            its negatives from all of them; only which samples each process draws differs, so the run is the same
+            recipe, not the same numbers. This is what two processes on two CPU cores need to train the preset's
+            recipe faster (:func:`split_batch_overrides`). False keeps B per
             process, the paper's per-GPU batches (the global batch grows with ``nproc``).
         python: the interpreter; default this one.
 
