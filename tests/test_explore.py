@@ -313,6 +313,17 @@ def test_curves_compare_runs_and_tasks(tmp_path):
     assert shows_message(explore.curves(tmp_path / "nothing"), "no metrics.jsonl")
 
 
+def test_curves_find_a_run_linked_into_the_folder_once_even_through_a_loop(tmp_path):
+    write_run(tmp_path / "elsewhere" / "train", ["mlm"], 0.3)          # kept on another disk, say
+    runs = tmp_path / "runs"
+    (runs / "small").mkdir(parents=True)
+    (runs / "small" / "train").symlink_to(tmp_path / "elsewhere" / "train", target_is_directory=True)
+    (runs / "small" / "loop").symlink_to(runs, target_is_directory=True)   # a link back up: walked once
+    explorer = explore.curves(runs)
+    assert explorer.controls["runs"].options == ("small/train",)
+    assert lines(explorer) == ["small/train \u00b7 mlm"]
+
+
 # ---------------------------------------------------------------------------------------------- static and notebooks
 def test_every_explorer_draws_one_static_figure_without_widgets(model, images, tmp_path):
     write_run(tmp_path / "run", ["mlm"], 0.3)

@@ -197,6 +197,40 @@ def test_training_status_and_require_checkpoint(tmp_path):
     assert walkthrough.require_checkpoint(run_dir) == latest
 
 
+def test_resolve_backbone_weights_finds_the_runs_backbone_file_from_notebooks(tmp_path, monkeypatch):
+    """A run started from ``runs/backbone.safetensors`` (relative to the checkout, as the README's commands give it)
+    can be rebuilt from ``notebooks/``: the path is taken from the checkout, not the working folder."""
+    from safetensors.torch import save_file
+
+    from uniperceiver_v2.modeling.backbone import build_backbone_from_config
+
+    checkout = tmp_path / "checkout"                       # the nearest folder holding uniperceiver_v2/__init__.py
+    (checkout / "uniperceiver_v2").mkdir(parents=True)
+    (checkout / "uniperceiver_v2" / "__init__.py").write_text("")
+    (checkout / "notebooks").mkdir()
+    (checkout / "runs").mkdir()
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    trained = build_backbone_from_config(cfg.image_encoder)
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, checkout / "runs" / "backbone.safetensors")
+    cfg.image_encoder.backbone_weights = "runs/backbone.safetensors"
+    monkeypatch.chdir(checkout / "notebooks")
+
+    with pytest.raises(FileNotFoundError, match="image_encoder.backbone_weights"):
+        build_backbone_from_config(cfg.image_encoder)      # from notebooks/ the relative path names nothing
+    resolved = walkthrough.resolve_backbone_weights(cfg)
+    assert resolved.image_encoder.backbone_weights == str(checkout / "runs" / "backbone.safetensors")
+    assert cfg.image_encoder.backbone_weights == "runs/backbone.safetensors"        # the run's config is a copy
+    torch.manual_seed(1)                                   # another random start: the weights must come from the file
+    rebuilt = build_backbone_from_config(resolved.image_encoder)
+    for name, value in trained.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[name], value), name
+
+    for kept in (None, "imagenet", str(tmp_path / "absolute.safetensors")):
+        cfg.image_encoder.backbone_weights = kept
+        assert walkthrough.resolve_backbone_weights(cfg).image_encoder.backbone_weights == kept
+
+
 def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import html
 import io
+import os
 import textwrap
 import time
 from collections import OrderedDict
@@ -805,13 +806,28 @@ def retrieval(model, images: Sequence[Any], captions: Sequence[Sequence[str]], *
 # --------------------------------------------------------------------------------------------------------------
 # Training curves
 # --------------------------------------------------------------------------------------------------------------
+def _metrics_files(root: Path) -> list[Path]:
+    """Every ``metrics.jsonl`` under ``root``, through symbolic links too (a run kept on another disk and linked
+    into the runs folder is a run of it; ``Path.rglob`` does not enter linked folders), each real folder once."""
+    found, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:                      # a link back up the tree: do not walk it again
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        if "metrics.jsonl" in names:
+            found.append(Path(folder) / "metrics.jsonl")
+    return found
+
+
 class CurvesView:
     """The training records of every ``metrics.jsonl`` under a folder (one run per file, named by its folder),
     read again when the file changed (a run still training)."""
 
     def __init__(self, runs_dir: str | PathLike):
         self.root = Path(runs_dir)
-        files = sorted(self.root.rglob("metrics.jsonl")) if self.root.is_dir() else []
+        files = sorted(_metrics_files(self.root)) if self.root.is_dir() else []
         self.files = {str(path.parent.relative_to(self.root)): path for path in files}
         self._records: dict[str, tuple[tuple[int, int], list[dict]]] = {}
 

@@ -57,6 +57,7 @@ from .runs import (
     param_group_table,
     pretrained_backbone,
     require_checkpoint,
+    resolve_backbone_weights,
     run_training,
     shell_command,
     split_batch_overrides,
@@ -77,7 +78,8 @@ __all__ = [
     "config_of_command", "default_log_every", "detection_verdicts", "distinct_detections", "fill_mask_examples",
     "longest_gaps", "loss_summary", "lr_records", "mask_one_word", "metrics_table", "novel_ap_table",
     "novel_category_names", "overlapping_detections", "param_group_table", "per_category_table",
-    "pretrained_backbone", "representation_similarity", "require_checkpoint", "retrieval_examples", "run_training",
+    "pretrained_backbone", "representation_similarity", "require_checkpoint", "resolve_backbone_weights",
+    "retrieval_examples", "run_training",
     "shell_command", "split_batch_overrides", "stream_command", "task_mixture_table", "task_sequence_from_records",
     "task_trends", "train_command", "training_dir", "training_status", "unmixed_sampler",
 ]

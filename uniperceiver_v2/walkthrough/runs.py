@@ -12,6 +12,7 @@ The run lives in ``{run_dir}/train`` (:func:`training_dir`), where notebooks 07 
 from __future__ import annotations
 
 import codecs
+import copy
 import fcntl
 import math
 import os
@@ -24,11 +25,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .pipeline import project_path
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 # The trainer's console output, appended by :func:`run_training` next to its own files.
 CONSOLE_LOG = "console.log"
@@ -126,6 +130,25 @@ def require_checkpoint(run_dir: str | os.PathLike) -> Path:
             f"with the same run_dir (python -m uniperceiver_v2.reproduce --profile <profile> --only 06 runs it); "
             f"this notebook evaluates a checkpoint and does not train one")
     return status.checkpoint
+
+
+def resolve_backbone_weights(cfg: Config) -> Config:
+    """A copy of a run's configuration whose ``image_encoder.backbone_weights`` file is found from a notebook.
+
+    A run records the backbone file it started from as it was given, e.g. ``runs/backbone.safetensors`` relative
+    to the folder the training command ran in (the repository root, in the README's commands). A notebook runs in
+    ``notebooks/``, where that path names nothing, so rebuilding the run's starting point (notebook 08's untrained
+    reference) would fail. A relative path is taken relative to the checkout (:func:`project_path`), as data roots
+    are; an absolute path, ``"imagenet"`` (the packaged weights) and None are kept. A file that is not there still
+    raises when the model is built, naming ``image_encoder.backbone_weights``.
+    """
+    from ..config import IMAGENET_WEIGHTS
+
+    resolved = copy.deepcopy(cfg)
+    weights = resolved.image_encoder.backbone_weights
+    if weights is not None and weights != IMAGENET_WEIGHTS:
+        resolved.image_encoder.backbone_weights = str(project_path(weights))
+    return resolved
 
 
 
