@@ -1,0 +1,108 @@
+"""``bench words``: the choice among an attribute's values, checked on hand-made distributions and a hand recount of
+a tiny model's teacher-forced probabilities."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import tiny_config, tiny_model
+
+from uniperceiver_v2.bench import words
+from uniperceiver_v2.tasks.losses import IGNORE_INDEX
+
+# a vocabulary of 6 tokens: 0 "red", 1 "crimson" (also red), 2 "blue", 3 "a", 4 "circle", 5 "."
+COLOURS = words.AttributeWords(values=["red", "blue"], token_value={0: 0, 1: 0, 2: 1})
+
+
+def test_values_sum_over_their_tokens_and_other_positions_are_ignored():
+    probabilities = torch.tensor([
+        [0.30, 0.30, 0.40, 0.00, 0.00, 0.00],   # reference "red":     P(red) = 0.6 > P(blue) = 0.4 -> right
+        [0.20, 0.00, 0.30, 0.50, 0.00, 0.00],   # reference "crimson": P(red) = 0.2 < 0.3          -> wrong, red->blue
+        [0.10, 0.10, 0.00, 0.80, 0.00, 0.00],   # reference "blue":    P(blue) = 0 < 0.2            -> wrong, blue->red
+        [0.50, 0.50, 0.00, 0.00, 0.00, 0.00],   # reference "a": no colour, ignored
+        [0.50, 0.50, 0.00, 0.00, 0.00, 0.00],   # padding, ignored
+    ])
+    targets = torch.tensor([0, 1, 2, 3, IGNORE_INDEX])
+    result = words.attribute_choices(probabilities, targets, COLOURS)
+    assert result["positions"] == 3 and result["right"] == 1
+    assert result["counts"] == [2, 1]
+    assert result["confusions"] == {("red", "blue"): 1, ("blue", "red"): 1}
+    assert result["mass"] == pytest.approx(1.0 + 0.5 + 0.2)
+    assert result["share"] == pytest.approx(0.6 / 1.0 + 0.2 / 0.5 + 0.0 / 0.2)
+
+
+def test_a_token_shared_by_two_values_is_dropped(tokenizer_and_vocabulary):
+    tokenizer, vocabulary = tokenizer_and_vocabulary
+    mapped = words.attribute_words(tokenizer, vocabulary, {"red": ["red", "dark"], "black": ["black", "dark"]})
+    red, black, dark = (vocabulary.tolist().index(tokenizer(w, add_special_tokens=False)["input_ids"][0])
+                        for w in ("red", "black", "dark"))
+    assert mapped.token_value == {red: 0, black: 1}
+    assert len(mapped.dropped) == 2 and all("shared" in reason for reason in mapped.dropped)
+    absent = words.attribute_words(tokenizer, vocabulary, {"x": ["xylophone"]})
+    assert absent.token_value == {} and "not in the vocabulary" in absent.dropped[0]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_and_vocabulary():
+    model = tiny_model(tiny_config())
+    tokenizer = model.text_encoder.tokenizer
+    ids = sorted({i for w in ("red", "black", "dark", "a", "circle") for i in
+                  tokenizer(w, add_special_tokens=False)["input_ids"]})
+    return tokenizer, torch.tensor(ids)
+
+
+@pytest.fixture(scope="module")
+def model_and_config(synthetic_root):
+    cfg = tiny_config()
+    cfg.data.root = str(synthetic_root)
+    cfg.data.synthetic_profile = None
+    return tiny_model(cfg).eval(), cfg
+
+
+def test_word_grounding_recounts_the_teacher_forced_probabilities(model_and_config):
+    """The totals over a split equal a direct recount from the task's own logits, image by image."""
+    from uniperceiver_v2.engine.data_setup import build_task_dataset
+    from uniperceiver_v2.tasks import TASKS
+
+    model, cfg = model_and_config
+    result = words.word_grounding(model, cfg, "val", images=3, batch_size=2)
+    dataset = build_task_dataset(cfg, "captioning", "val", train=False)
+    task = TASKS["captioning"].from_dataset(cfg.tasks.captioning, dataset)
+    colour = words.attribute_words(model.text_encoder.tokenizer, model.vocabulary, attribute="colour")
+    right = positions = 0
+    with torch.no_grad():
+        for i in range(3):
+            batch = task.collate([dataset[i]])
+            image = model.encode_images(batch.images, batch.padding_mask)
+            tokens = model.tokenize(batch.captions)
+            logits, targets, _ = task.teacher_forced_logits(model, image, batch.caption_image_index,
+                                                            tokens["input_ids"], tokens["attention_mask"])
+            probabilities = logits.softmax(-1)
+            for n, t in zip(*torch.nonzero(targets >= 0, as_tuple=True)):
+                value = colour.token_value.get(int(targets[n, t]))
+                if value is None:
+                    continue
+                sums = [sum(float(probabilities[n, t, k]) for k, v in colour.token_value.items() if v == j)
+                        for j in range(len(colour.values))]
+                positions += 1
+                right += int(max(range(len(sums)), key=sums.__getitem__) == value)
+    assert result["captions"] == 15 and result["colour"]["positions"] == positions > 0
+    assert result["colour"]["right"] == right
+    assert result["colour"]["chance"] == pytest.approx(1 / 10)
+    assert sum(result["colour"]["counts"]) == positions
+    assert 0 < result["colour"]["majority"] <= 1 and 0 <= result["colour"]["mass"] <= 1
+
+
+def test_main_prints_the_table_and_writes_json(model_and_config, monkeypatch, capsys, tmp_path):
+    model, cfg = model_and_config
+    from uniperceiver_v2 import bench
+
+    monkeypatch.setattr(bench, "model_of_checkpoint", lambda checkpoint, overrides: (model, cfg))
+    out = tmp_path / "words.json"
+    assert words.main(["--checkpoint", "unused", "--split", "val", "--images", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| colour (10 values) |" in printed and "| size (3 values) |" in printed
+    saved = json.loads(out.read_text())
+    assert saved["images"] == 2 and set(words.ATTRIBUTES) <= set(saved)
