@@ -362,6 +362,41 @@ def test_region_appearance_reaches_the_pixel_embedding_but_not_the_box():
         fusion(semantic, boxes, masks, valid)
 
 
+def test_region_appearance_from_the_backbone_reads_its_stride_4_map():
+    """``region_appearance_source="backbone"``: A RoI-aligns the backbone's F_0 (its width, not d), so the regional
+    tokens see the pixels' own features (an object's colour), and the mask head's embedding is no longer read."""
+    from torchvision.ops import roi_align
+
+    torch.manual_seed(0)
+    model = ImageEncoder(tiny_cfg(mask_pooling="box", region_appearance_size=2,
+                                  region_appearance_source="backbone")).eval()
+    rpn = model.region_proposals
+    assert rpn.fusion.appearance_proj.in_features == model.backbone.channels[0] * 2 * 2
+    seen = {}
+    rpn.fusion.register_forward_hook(lambda module, args, out: seen.update(map=args[4], boxes=args[1], out=out))
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model(images, torch.zeros(1, 64, 64, dtype=torch.bool))
+        f0 = model.backbone(images)[0]
+        assert torch.equal(seen["map"], f0)                               # F_0 itself, not the pixel embedding
+        # A of the first token by hand: roi_align of F_0 in the box's stride-4 cells, through the Linear
+        box = seen["boxes"][0, 0]
+        h, w = f0.shape[-2:]
+        x0, y0, x1, y1 = ((box[0] - box[2] / 2) * w, (box[1] - box[3] / 2) * h,
+                          (box[0] + box[2] / 2) * w, (box[1] + box[3] / 2) * h)
+        cells = roi_align(f0, torch.tensor([[0.0, x0, y0, x1, y1]]), 2, sampling_ratio=2, aligned=True)
+        by_hand = rpn.fusion.appearance_proj(cells.flatten(1))[0]
+        without = seen["out"][0, 0] - rpn.fusion.appearance(f0, seen["boxes"], [(h, w)])[0, 0]
+        assert torch.allclose(without + by_hand, seen["out"][0, 0], atol=1e-5)
+        assert torch.equal(out.tokens[0, out.num_global], seen["out"][0, 0])
+    model.train()
+    images, padding, targets = _batch()
+    out = model(images, padding, targets)
+    out.tokens[:, out.num_global:].square().sum().backward()
+    assert _grad_norm(rpn.fusion.appearance_proj) > 0
+    assert _grad_norm(rpn.mask_head.lateral) == 0                         # the embedding is not read by the tokens
+
+
 def test_fusion_options_in_the_image_encoder_and_the_config():
     from uniperceiver_v2.config import ConfigError, load_config
 
@@ -379,5 +414,7 @@ def test_fusion_options_in_the_image_encoder_and_the_config():
         load_config("tiny", ["image_encoder.mask_pooling=boxes"])
     with pytest.raises(ConfigError, match="image_encoder.region_appearance_size"):
         load_config("tiny", ["image_encoder.region_appearance_size=-1"])
+    with pytest.raises(ConfigError, match="image_encoder.region_appearance_source"):
+        load_config("tiny", ["image_encoder.region_appearance_source=pixels"])
     with pytest.raises(ConfigError, match="tasks.detection.proposal_loss_weight"):
         load_config("tiny", ["tasks.detection.proposal_loss_weight=0"])

@@ -43,6 +43,7 @@ class ConfigError(ValueError):
 # (modeling/backbone.py IMAGENET_PACKAGES says which package).
 IMAGENET_WEIGHTS = "imagenet"
 MASK_POOLINGS = ("image", "box")   # image_encoder.mask_pooling: where M of v2 eq. (9) pools the mask
+APPEARANCE_SOURCES = ("pixel_embedding", "backbone")   # image_encoder.region_appearance_source
 IMAGENET_BACKBONES = ("efficientnet_lite0",)
 
 
@@ -100,6 +101,9 @@ class ImageEncoderConfig:
     # 0 (the paper): q^proposal = q^sem + B(box) + M(mask). r > 0 adds A(appearance): the mask head's per-pixel
     # embedding RoI-aligned to r x r inside the detached box, flattened, through a Linear (our addition)
     region_appearance_size: int = 0
+    # where A reads the region's appearance: "pixel_embedding" (the mask head's, trained by the mask loss) or
+    # "backbone" (the backbone's stride-4 map F_0, which keeps an object's colour; docs/benchmarks.md, "Colour")
+    region_appearance_source: str = "pixel_embedding"
     num_global_pools: int = 10                 # M' attention poolings
     use_global: bool = True                    # Tab. 2 ablation: global representations on/off
     use_regional: bool = True                  # Tab. 2 ablation: regional representations on/off
@@ -564,6 +568,8 @@ def validate(cfg: Config) -> None:
     _require(ie.mask_pooling in MASK_POOLINGS, "image_encoder.mask_pooling",
              f"{ie.mask_pooling!r} not one of {list(MASK_POOLINGS)}")
     _require(ie.region_appearance_size >= 0, "image_encoder.region_appearance_size", "must be >= 0 (0 = off)")
+    _require(ie.region_appearance_source in APPEARANCE_SOURCES, "image_encoder.region_appearance_source",
+             f"{ie.region_appearance_source!r} not one of {list(APPEARANCE_SOURCES)}")
     _require(ie.use_global or ie.use_regional, "image_encoder.use_global",
              "use_global and use_regional cannot both be false")
     _require(0.0 <= ie.dropout < 1.0, "image_encoder.dropout", "must be in [0, 1)")

@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["LABELS", "load_backbone", "main", "object_features", "probe_accuracy", "linear_probe"]
+__all__ = ["LABELS", "TOKEN_SOURCES", "load_backbone", "main", "object_features", "probe_accuracy", "linear_probe",
+           "token_features", "token_probe"]
 
 LABELS = ("colour", "category")
 
@@ -114,6 +115,43 @@ def _scene_objects(ann_file: Path) -> tuple[list[dict], dict[int, list[tuple[lis
     return [records[i] for i in sorted(objects)], objects
 
 
+def _scene_batches(cfg, split: str, scenes: int, batch_size: int, device):
+    """(images (B, 3, H, W), [boxes (G_b, 4) xyxy pixels], [[(colour, category)]]) of the first ``scenes`` detection
+    scenes of ``split`` with an object; consecutive scenes of one size form a batch (no padding, which would change
+    the features)."""
+    from uniperceiver_v2.data.images import read_image
+    from uniperceiver_v2.data.transforms import Normalize
+
+    d = cfg.data
+    ann_file, image_dir = d.path(d.detection_annotations, split), d.path(d.detection_images, split)
+    records, objects = _scene_objects(ann_file)
+    records = records[:scenes]
+    normalize = Normalize()
+    start = 0
+    while start < len(records):
+        size = (records[start]["height"], records[start]["width"])
+        stop = start
+        while (stop < len(records) and stop - start < batch_size
+               and (records[stop]["height"], records[stop]["width"]) == size):
+            stop += 1
+        chunk = records[start:stop]
+        images = torch.stack([normalize(read_image(image_dir / r["file_name"], f"image id={r['id']} in {ann_file}"))
+                              for r in chunk]).to(device)
+        boxes = [torch.tensor([box for box, _, _ in objects[int(r["id"])]], dtype=torch.float32, device=device)
+                 for r in chunk]
+        labels = [[(colour, category) for _, colour, category in objects[int(r["id"])]] for r in chunk]
+        yield images, boxes, labels
+        start = stop
+
+
+def _roi_cells(maps, boxes, image_width: int, levels: int) -> torch.Tensor:
+    """2 x 2 RoI-aligned cells of each of the first ``levels`` maps, concatenated: (objects, D)."""
+    from torchvision.ops import roi_align
+
+    return torch.cat([roi_align(m.float(), boxes, output_size=2, spatial_scale=m.shape[-1] / image_width,
+                                aligned=True).flatten(1) for m in list(maps)[:levels]], dim=1)
+
+
 @torch.no_grad()
 def object_features(backbone, cfg, split: str, scenes: int, levels: int = 3, batch_size: int = 16
                     ) -> tuple[np.ndarray, dict[str, list[str]]]:
@@ -126,48 +164,83 @@ def object_features(backbone, cfg, split: str, scenes: int, levels: int = 3, bat
     Raises:
         DataError: a missing file, or annotations without ``attributes.colour`` (named).
     """
-    from torchvision.ops import roi_align
-
-    from uniperceiver_v2.data.images import read_image
-    from uniperceiver_v2.data.transforms import Normalize
-
-    d = cfg.data
-    ann_file, image_dir = d.path(d.detection_annotations, split), d.path(d.detection_images, split)
-    records, objects = _scene_objects(ann_file)
-    records = records[:scenes]
-    normalize = Normalize()
     was_training = backbone.training
     backbone.eval()
     features: list[torch.Tensor] = []
     labels: dict[str, list[str]] = {"colour": [], "category": []}
     device = next(backbone.parameters()).device
     try:
-        start = 0
-        while start < len(records):
-            # consecutive scenes of one size form a batch (no padding, which would change the features)
-            size = (records[start]["height"], records[start]["width"])
-            stop = start
-            while (stop < len(records) and stop - start < batch_size
-                   and (records[stop]["height"], records[stop]["width"]) == size):
-                stop += 1
-            chunk = records[start:stop]
-            images = torch.stack([
-                normalize(read_image(image_dir / r["file_name"], f"image id={r['id']} in {ann_file}"))
-                for r in chunk]).to(device)
-            boxes = [torch.tensor([box for box, _, _ in objects[int(r["id"])]], dtype=torch.float32, device=device)
-                     for r in chunk]
-            maps = backbone(images)
-            cells = [roi_align(m.float(), boxes, output_size=2, spatial_scale=m.shape[-1] / images.shape[-1],
-                               aligned=True).flatten(1) for m in list(maps)[:levels]]
-            features.append(torch.cat(cells, dim=1).cpu())
-            for r in chunk:
-                for _, colour, category in objects[int(r["id"])]:
+        for images, boxes, scene_labels in _scene_batches(cfg, split, scenes, batch_size, device):
+            features.append(_roi_cells(backbone(images), boxes, images.shape[-1], levels).cpu())
+            for objects in scene_labels:
+                for colour, category in objects:
                     labels["colour"].append(colour)
                     labels["category"].append(category)
-            start = stop
     finally:
         backbone.train(was_training)
     return (torch.cat(features).numpy() if features else np.zeros((0, 0), np.float32)), labels
+
+
+TOKEN_SOURCES = ("backbone", "regional token", "global token")
+
+
+@torch.no_grad()
+def token_features(model, cfg, split: str, scenes: int, iou: float = 0.5, levels: int = 3, batch_size: int = 16
+                   ) -> tuple[dict[str, np.ndarray], dict[str, list[str]], int]:
+    """What the unified decoder is given about each object, next to what the backbone has.
+
+    For every annotated object that a kept proposal covers with IoU >= ``iou`` (the proposal of highest IoU is
+    taken): its backbone features as :func:`object_features` computes them, the regional token of that proposal
+    (v2 eq. (9), what detection names and what captioning and retrieval read per object) and the flattened global
+    token of the cell of ``F_L`` that holds the box's centre. The model runs in evaluation mode on the scenes at
+    their stored size.
+
+    Returns:
+        ({source: (found, D) features} for ``TOKEN_SOURCES``, {"colour", "category"} labels of the found objects,
+        the number of annotated objects).
+    """
+    from uniperceiver_v2.engine.runtime import evaluation_mode
+    from uniperceiver_v2.modeling import TOKEN_TYPES
+    from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy, box_iou
+
+    features: dict[str, list[torch.Tensor]] = {name: [] for name in TOKEN_SOURCES}
+    labels: dict[str, list[str]] = {"colour": [], "category": []}
+    objects = 0
+    with evaluation_mode(model):
+        for images, boxes, scene_labels in _scene_batches(cfg, split, scenes, batch_size, model.device):
+            padding = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+            backbone_maps = model.image_encoder.backbone(images)
+            encoded = model.encode_images(images, padding)
+            if encoded.boxes is None or encoded.num_global == 0:
+                raise ValueError("bench probe --tokens: the model needs both global and regional tokens")
+            height, width = images.shape[-2:]
+            scale = torch.tensor([width, height, width, height], dtype=encoded.boxes.dtype, device=images.device)
+            proposals = box_cxcywh_to_xyxy(encoded.boxes) * scale                                  # (B, O, 4)
+            flat = encoded.token_types[0] == TOKEN_TYPES["global_flattened"]
+            first_cell = int(torch.nonzero(flat)[0])
+            rows, cols = encoded.global_map_size
+            for b, (gt, found_labels) in enumerate(zip(boxes, scene_labels)):
+                objects += len(found_labels)
+                overlaps = box_iou(gt.to(proposals.dtype), proposals[b])                          # (G, O)
+                best_iou, best = overlaps.max(dim=1)
+                keep = best_iou >= iou
+                if not bool(keep.any()):
+                    continue
+                kept_boxes = gt[keep]
+                features["backbone"].append(_roi_cells([m[b:b + 1] for m in backbone_maps], [kept_boxes],
+                                                       images.shape[-1], levels).cpu())
+                features["regional token"].append(encoded.tokens[b, encoded.num_global + best[keep]].float().cpu())
+                centre_x = ((kept_boxes[:, 0] + kept_boxes[:, 2]) / 2 / width * cols).long().clamp(0, cols - 1)
+                centre_y = ((kept_boxes[:, 1] + kept_boxes[:, 3]) / 2 / height * rows).long().clamp(0, rows - 1)
+                features["global token"].append(
+                    encoded.tokens[b, first_cell + centre_y * cols + centre_x].float().cpu())
+                for (colour, category), kept in zip(found_labels, keep.tolist()):
+                    if kept:
+                        labels["colour"].append(colour)
+                        labels["category"].append(category)
+    arrays = {name: (torch.cat(parts).numpy() if parts else np.zeros((0, 0), np.float32))
+              for name, parts in features.items()}
+    return arrays, labels, objects
 
 
 def linear_probe(backbone, cfg, split: str = "val", scenes: int = 300) -> dict[str, dict]:
@@ -232,10 +305,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed of --random (default 0)")
     parser.add_argument("--split", default="val", help="data split (default val)")
     parser.add_argument("--scenes", type=int, default=300, help="scenes to take the objects of (default 300)")
+    parser.add_argument("--tokens", action="store_true",
+                        help="with --checkpoint: also probe the regional and global tokens the unified decoder is "
+                             "given, on the objects a proposal covers")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. data.root=...")
     args = parser.parse_intermixed_args(argv)
     if args.scenes < 1:
         parser.error(f"--scenes: expected at least 1, got {args.scenes}")
+    if args.tokens and args.checkpoint is None:
+        parser.error("--tokens needs --checkpoint (the tokens come from a trained model's image encoder)")
+    if args.tokens:
+        return _main_tokens(args)
 
     from uniperceiver_v2.config import ConfigError
     from uniperceiver_v2.data.summary import DataError
@@ -257,6 +337,46 @@ def main(argv: list[str] | None = None) -> int:
         note = "" if r["converged"] else "  (not converged in 500 iterations)"
         print(f"{name:<9} accuracy {r['accuracy']:.3f}  classes {r['classes']:>3}  majority {r['majority']:.3f}  "
               f"objects {r['objects']}{note}")
+    return 0
+
+
+def token_probe(model, cfg, split: str = "val", scenes: int = 300) -> tuple[dict[str, dict[str, dict]], int]:
+    """``({source: {label: probe_accuracy(...)}}, annotated objects)`` for the sources of :func:`token_features`,
+    all on the same objects (those a proposal covers)."""
+    from uniperceiver_v2.data.summary import DataError
+
+    features, labels, objects = token_features(model, cfg, split, scenes)
+    found = len(labels["colour"])
+    if found < 2:
+        raise DataError(f"{cfg.data.path(cfg.data.detection_annotations, split)}: {found} of {objects} objects in "
+                        f"the first {scenes} scenes are covered by a proposal; the probe needs at least 2")
+    return {source: {name: probe_accuracy(features[source], labels[name]) for name in LABELS}
+            for source in TOKEN_SOURCES}, objects
+
+
+def _main_tokens(args) -> int:
+    from uniperceiver_v2.bench import model_of_checkpoint
+    from uniperceiver_v2.config import ConfigError
+    from uniperceiver_v2.data.summary import DataError
+
+    try:
+        model, cfg = model_of_checkpoint(args.checkpoint, args.overrides)
+        results, objects = token_probe(model, cfg, args.split, args.scenes)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    found = results[TOKEN_SOURCES[0]][LABELS[0]]["objects"]
+    print(f"{args.checkpoint}, split {args.split} of {cfg.data.root}, first {args.scenes} scenes: {found} of "
+          f"{objects} objects covered by a proposal (IoU >= 0.5); probe trained on the first {found // 2}, scored "
+          f"on the other {found - found // 2}")
+    print("| features | " + " | ".join(f"{name} accuracy (majority)" for name in LABELS) + " |")
+    print("| --- | " + " | ".join("---" for _ in LABELS) + " |")
+    for source in TOKEN_SOURCES:
+        cells = [f"{results[source][name]['accuracy']:.3f} ({results[source][name]['majority']:.3f})"
+                 + ("" if results[source][name]["converged"] else " *") for name in LABELS]
+        print(f"| {source} | " + " | ".join(cells) + " |")
+    print("backbone: RoI-align 2x2 of feature levels 1-3; regional token: the covering proposal's (v2 eq. (9)); "
+          "global token: the flattened F_L cell of the box centre; * = not converged in 500 iterations")
     return 0
 
 

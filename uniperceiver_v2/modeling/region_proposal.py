@@ -102,14 +102,17 @@ class ProposalFusion(nn.Module):
     * ``mask_pooling="box"``: M pools the mask probabilities inside the proposal's (detached) box, RoI-aligned to
       ``mask_pool_size`` squared, instead of over the whole image; the pooled cells then draw the object's shape
       at any object size (the whole-image pooling also says where the object is, which B already says).
-    * ``appearance_size=r > 0`` adds A(appearance): the mask head's per-pixel embedding (stride 4, F_0 plus the
-      encoder's stride-8 map) RoI-aligned to r x r inside the detached box, flattened, through a Linear. The
-      embedding is not detached, so the naming loss reaches the backbone through what the region looks like and
-      not only through q^sem's sampled points.
+    * ``appearance_size=r > 0`` adds A(appearance): a stride-4 map RoI-aligned to r x r inside the detached box,
+      flattened, through a Linear. The map is the mask head's per-pixel embedding (F_0 plus the encoder's stride-8
+      map; ``region_appearance_source="pixel_embedding"``) or the backbone's F_0 itself (``"backbone"``, with
+      ``appearance_channels`` its width): the mask loss trains the embedding to tell an object from its
+      background, which it does without its colour, while F_0 keeps the colour. The map is not detached, so the
+      naming, captioning and retrieval losses reach the backbone through what the region looks like and not only
+      through q^sem's sampled points.
     """
 
     def __init__(self, hidden_dim: int, mask_pool_size: int, mask_pooling: str = "image",
-                 appearance_size: int = 0):
+                 appearance_size: int = 0, appearance_channels: int | None = None):
         super().__init__()
         if mask_pooling not in ("image", "box"):
             raise ValueError(f"ProposalFusion: mask_pooling={mask_pooling!r}, expected 'image' or 'box'")
@@ -119,7 +122,8 @@ class ProposalFusion(nn.Module):
         self.appearance_size = appearance_size
         self.box_proj = nn.Linear(2 * hidden_dim, hidden_dim)                  # after the sine embedding (4 * d/2)
         self.mask_proj = nn.Linear(mask_pool_size * mask_pool_size, hidden_dim)
-        self.appearance_proj = (nn.Linear(hidden_dim * appearance_size * appearance_size, hidden_dim)
+        channels = hidden_dim if appearance_channels is None else appearance_channels
+        self.appearance_proj = (nn.Linear(channels * appearance_size * appearance_size, hidden_dim)
                                 if appearance_size > 0 else None)
 
     def pool_masks(self, masks: torch.Tensor, valid_sizes: list[tuple[int, int]]) -> torch.Tensor:
@@ -148,7 +152,8 @@ class ProposalFusion(nn.Module):
 
     def appearance(self, pixel_embedding: torch.Tensor, boxes: torch.Tensor,
                    valid_sizes: list[tuple[int, int]]) -> torch.Tensor:
-        """pixel_embedding (B, d, Hm, Wm) -> (B, O, d): A of the RoI-aligned r x r embedding in each box."""
+        """pixel_embedding (B, C, Hm, Wm), the stride-4 appearance map -> (B, O, d): A of its RoI-aligned r x r
+        cells in each box."""
         batch, num = boxes.shape[:2]
         pixels = _roi_dtype(pixel_embedding)
         index = torch.arange(batch, device=boxes.device, dtype=pixels.dtype).repeat_interleave(num)[:, None]
@@ -162,7 +167,8 @@ class ProposalFusion(nn.Module):
         Args:
             semantic: (B, O, d) q^sem; boxes: (B, O, 4) cxcywh; masks: (B, O, Hm, Wm) logits;
             valid_sizes: per image (rows, cols) of the mask map covering the unpadded image;
-            pixel_embedding: (B, d, Hm, Wm) the mask head's per-pixel embedding (needed with ``appearance_size``).
+            pixel_embedding: (B, C, Hm, Wm) the stride-4 map A reads (needed with ``appearance_size``): the mask
+                head's per-pixel embedding, or the backbone's F_0 (see the class docstring).
 
         Returns:
             (B, O, d) regional representations.
@@ -207,7 +213,8 @@ class RegionProposalNetwork(nn.Module):
         self.mask_head = MaskHead(backbone_channels[0], d)
         self.query_embed = nn.Embedding(cfg.num_queries, d)
         self.denoising_content = nn.Embedding(2, d) if cfg.use_denoising and cfg.dn_num_queries > 0 else None
-        self.fusion = ProposalFusion(d, cfg.mask_pool_size, cfg.mask_pooling, cfg.region_appearance_size)
+        self.fusion = ProposalFusion(d, cfg.mask_pool_size, cfg.mask_pooling, cfg.region_appearance_size,
+                                     backbone_channels[0] if cfg.region_appearance_source == "backbone" else None)
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -339,7 +346,8 @@ class RegionProposalNetwork(nn.Module):
         mask_padding = F.interpolate(padding_mask[:, None].float(), size=kept_masks.shape[-2:],
                                      mode="nearest")[:, 0].bool()
         valid_sizes = [(max(int((~m[:, 0]).sum()), 1), max(int((~m[0, :]).sum()), 1)) for m in mask_padding]
-        tokens = self.fusion(_gather(semantic, kept), kept_boxes, kept_masks, valid_sizes, pixel_embedding)
+        appearance_map = features[0] if cfg.region_appearance_source == "backbone" else pixel_embedding
+        tokens = self.fusion(_gather(semantic, kept), kept_boxes, kept_masks, valid_sizes, appearance_map)
 
         enc_maps = [m.view(-1, h, w) for m, (h, w) in
                     zip(enc_objectness.detach().split((shapes[:, 0] * shapes[:, 1]).tolist(), dim=1),
