@@ -20,6 +20,14 @@ colour and a low category accuracy say the backbone's features keep the colour o
         data.root=data/synthetic_small
     python -m uniperceiver_v2.bench probe --random [--seed 0] [--split val] [--scenes 300] data.root=...
 
+``--tokens`` (with ``--checkpoint``) asks the same of what the unified decoder is given: for every object a kept
+proposal covers (IoU >= 0.5, the proposal of highest IoU), the probe reads its colour and category from the
+backbone's RoI-aligned features (as above), from the regional token of that proposal and from the flattened global
+token of the ``F_L`` cell at the box's centre, all on the same objects. A colour the backbone keeps and the tokens
+lose is one no task can name.
+
+    python -m uniperceiver_v2.bench probe --checkpoint runs/small/train --tokens data.root=data/synthetic_small
+
 ``--backbone-weights`` and ``--random`` build the backbone ``image_encoder.backbone`` of ``--config`` (default the
 tiny preset); with ``--backbone-weights FILE`` the backbone and its widths are those ``FILE.json`` records when
 ``pretrain_backbone`` wrote one next to it.
