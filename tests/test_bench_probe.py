@@ -98,3 +98,54 @@ def test_annotations_without_colour_are_an_error_naming_the_file(quick_config, s
         probe.object_features(None, cfg, "val", scenes=4)
     assert probe.main(["--random", f"data.root={tmp_path}", "data.synthetic_profile=null"]) == 2
     assert str(ann_file) in capsys.readouterr().err
+
+
+def test_token_features_are_the_covering_proposals_tokens(quick_config, synthetic_root, capsys, monkeypatch):
+    """``--tokens``: per covered object, the regional token of the proposal of highest IoU and the global token of
+    the F_L cell at the box centre, recounted here from the image encoder's own output."""
+    import torch
+    from helpers import tiny_model
+    from torchvision.ops import box_iou
+
+    from uniperceiver_v2.modeling import TOKEN_TYPES
+    from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy
+
+    model = tiny_model(quick_config).eval()
+    # an untrained proposal network covers few objects at IoU 0.5: a lower threshold gives the recount objects
+    features, labels, objects = probe.token_features(model, quick_config, "val", scenes=6, iou=0.1)
+    found = len(labels["colour"])
+    assert 0 < found <= objects and len(labels["category"]) == found
+    width = model.image_encoder.cfg.hidden_dim
+    assert features["regional token"].shape == features["global token"].shape == (found, width)
+    assert features["backbone"].shape[0] == found
+
+    batches = probe._scene_batches(quick_config, "val", 6, 16, model.device)
+    regional, global_tokens = [], []
+    with torch.no_grad():
+        for images, boxes, _ in batches:
+            encoded = model.encode_images(images, torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool))
+            h, w = images.shape[-2:]
+            proposals = box_cxcywh_to_xyxy(encoded.boxes) * torch.tensor([w, h, w, h])
+            first = int(torch.nonzero(encoded.token_types[0] == TOKEN_TYPES["global_flattened"])[0])
+            rows, cols = encoded.global_map_size
+            for b, gt in enumerate(boxes):
+                for box in gt:
+                    overlap = box_iou(box[None], proposals[b])[0]
+                    if overlap.max() < 0.1:
+                        continue
+                    regional.append(encoded.tokens[b, encoded.num_global + int(overlap.argmax())])
+                    cx, cy = float(box[0] + box[2]) / 2, float(box[1] + box[3]) / 2
+                    global_tokens.append(encoded.tokens[b, first + int(cy / h * rows) * cols + int(cx / w * cols)])
+    assert np.allclose(features["regional token"], torch.stack(regional).numpy(), atol=1e-5)
+    assert np.allclose(features["global token"], torch.stack(global_tokens).numpy(), atol=1e-5)
+
+    from uniperceiver_v2 import bench
+
+    monkeypatch.setattr(bench, "model_of_checkpoint", lambda checkpoint, overrides: (model, quick_config))
+    at_iou_01 = probe.token_features
+    monkeypatch.setattr(probe, "token_features", lambda *args, **kwargs: at_iou_01(*args, **kwargs, iou=0.1))
+    assert probe.main(["--checkpoint", "unused", "--tokens", "--scenes", "12"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"| {source} |" in printed for source in probe.TOKEN_SOURCES)
+    with pytest.raises(SystemExit):
+        probe.main(["--random", "--tokens"])

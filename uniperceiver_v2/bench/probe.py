@@ -132,24 +132,28 @@ def _scene_batches(cfg, split: str, scenes: int, batch_size: int, device):
 
     d = cfg.data
     ann_file, image_dir = d.path(d.detection_annotations, split), d.path(d.detection_images, split)
-    records, objects = _scene_objects(ann_file)
+    records, objects = _scene_objects(ann_file)         # read now: a bad file is an error before any model runs
     records = records[:scenes]
     normalize = Normalize()
-    start = 0
-    while start < len(records):
-        size = (records[start]["height"], records[start]["width"])
-        stop = start
-        while (stop < len(records) and stop - start < batch_size
-               and (records[stop]["height"], records[stop]["width"]) == size):
-            stop += 1
-        chunk = records[start:stop]
-        images = torch.stack([normalize(read_image(image_dir / r["file_name"], f"image id={r['id']} in {ann_file}"))
-                              for r in chunk]).to(device)
-        boxes = [torch.tensor([box for box, _, _ in objects[int(r["id"])]], dtype=torch.float32, device=device)
-                 for r in chunk]
-        labels = [[(colour, category) for _, colour, category in objects[int(r["id"])]] for r in chunk]
-        yield images, boxes, labels
-        start = stop
+
+    def batches():
+        start = 0
+        while start < len(records):
+            size = (records[start]["height"], records[start]["width"])
+            stop = start
+            while (stop < len(records) and stop - start < batch_size
+                   and (records[stop]["height"], records[stop]["width"]) == size):
+                stop += 1
+            chunk = records[start:stop]
+            images = torch.stack([normalize(read_image(image_dir / r["file_name"], f"image id={r['id']} in {ann_file}"))
+                                  for r in chunk]).to(device)
+            boxes = [torch.tensor([box for box, _, _ in objects[int(r["id"])]], dtype=torch.float32, device=device)
+                     for r in chunk]
+            labels = [[(colour, category) for _, colour, category in objects[int(r["id"])]] for r in chunk]
+            yield images, boxes, labels
+            start = stop
+
+    return batches()
 
 
 def _roi_cells(maps, boxes, image_width: int, levels: int) -> torch.Tensor:
@@ -172,13 +176,14 @@ def object_features(backbone, cfg, split: str, scenes: int, levels: int = 3, bat
     Raises:
         DataError: a missing file, or annotations without ``attributes.colour`` (named).
     """
+    device = next(backbone.parameters()).device if backbone is not None else torch.device("cpu")
+    scene_batches = _scene_batches(cfg, split, scenes, batch_size, device)
     was_training = backbone.training
     backbone.eval()
     features: list[torch.Tensor] = []
     labels: dict[str, list[str]] = {"colour": [], "category": []}
-    device = next(backbone.parameters()).device
     try:
-        for images, boxes, scene_labels in _scene_batches(cfg, split, scenes, batch_size, device):
+        for images, boxes, scene_labels in scene_batches:
             features.append(_roi_cells(backbone(images), boxes, images.shape[-1], levels).cpu())
             for objects in scene_labels:
                 for colour, category in objects:
