@@ -28,3 +28,14 @@ def synthetic_root(pytestconfig, tmp_path_factory):
     root = cache.mkdir("synthetic_quick") if cache is not None else tmp_path_factory.mktemp("synthetic_quick")
     ensure_synthetic(root, "quick")
     return Path(root)
+
+
+@pytest.fixture(scope="module")
+def quick_suite_model(synthetic_root):
+    """(an untrained tiny model in evaluation mode, its config reading the quick synthetic suite)."""
+    from helpers import tiny_config, tiny_model
+
+    cfg = tiny_config()
+    cfg.data.root = str(synthetic_root)
+    cfg.data.synthetic_profile = None
+    return tiny_model(cfg).eval(), cfg

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_config, tiny_model
 
 from uniperceiver_v2.bench import naming
 
 
 @pytest.fixture(scope="module")
-def model_and_config(synthetic_root):
-    cfg = tiny_config()
-    cfg.data.root = str(synthetic_root)
-    cfg.data.synthetic_profile = None
-    return tiny_model(cfg).eval(), cfg
+def model_and_config(quick_suite_model):
+    return quick_suite_model
 
 
 def test_rates_are_consistent_and_every_miss_named_is_a_confusion(model_and_config):

@@ -54,11 +54,8 @@ def tokenizer_and_vocabulary():
 
 
 @pytest.fixture(scope="module")
-def model_and_config(synthetic_root):
-    cfg = tiny_config()
-    cfg.data.root = str(synthetic_root)
-    cfg.data.synthetic_profile = None
-    return tiny_model(cfg).eval(), cfg
+def model_and_config(quick_suite_model):
+    return quick_suite_model
 
 
 def test_word_grounding_recounts_the_teacher_forced_probabilities(model_and_config):

@@ -25,6 +25,29 @@ def build_trainer(config, overrides: list[str], output_dir: str):
     return Trainer(cfg, model, tasks, datasets, progress=False, tensorboard=False)
 
 
+def checkpoint_parser(name: str, description: str, split: str, images: int, what: str):
+    """The command line of a benchmark that reads a trained checkpoint on the first ``--images`` items of a split:
+    ``--checkpoint``, ``--split``, ``--images``, ``--top`` and config overrides; the caller adds its own options and
+    calls :func:`parse_checkpoint_args`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m uniperceiver_v2.bench {name}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="run folder, checkpoints folder or checkpoint")
+    parser.add_argument("--split", default=split, help=f"data split (default {split})")
+    parser.add_argument("--images", type=int, default=images, help=f"{what} (default {images})")
+    return parser
+
+
+def parse_checkpoint_args(parser, argv: list[str] | None):
+    """Parse, with config overrides last; ``--images`` must be at least 1."""
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. data.root=...")
+    args = parser.parse_args(argv)
+    if args.images < 1:
+        parser.error(f"--images: expected at least 1, got {args.images}")
+    return args
+
+
 def model_of_checkpoint(checkpoint, overrides: list[str] | None = None):
     """The model of a checkpoint (run folder, checkpoints folder or checkpoint) in evaluation mode, and its recorded
     config with ``overrides`` applied (e.g. ``data.root=...`` when the suite has moved)."""

@@ -18,7 +18,6 @@ share of a detection step that goes to naming.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import sys
 
@@ -126,21 +125,14 @@ def gradient_split(model, cfg, split: str = "train", batches: int = 4, batch_siz
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m uniperceiver_v2.bench naming", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="run folder, checkpoints folder or checkpoint")
-    parser.add_argument("--split", default="val", help="data split (default val)")
-    parser.add_argument("--images", type=int, default=120, help="scenes to look at (default 120)")
+    from uniperceiver_v2.bench import checkpoint_parser, model_of_checkpoint, parse_checkpoint_args
+
+    parser = checkpoint_parser("naming", __doc__, split="val", images=120, what="scenes to look at")
     parser.add_argument("--top", type=int, default=8, help="confusions to list (default 8)")
     parser.add_argument("--gradients", type=int, default=0, metavar="BATCHES",
                         help="also print the gradient norms of the class-name and proposal losses over this many "
                              "training batches (default 0: no)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. data.root=...")
-    args = parser.parse_args(argv)
-    if args.images < 1:
-        parser.error(f"--images: expected at least 1, got {args.images}")
-
-    from uniperceiver_v2.bench import model_of_checkpoint
+    args = parse_checkpoint_args(parser, argv)
 
     model, cfg = model_of_checkpoint(args.checkpoint, args.overrides)
     result = naming_rates(model, cfg, args.split, args.images)

@@ -26,7 +26,6 @@ Attributes and their words: ``colour`` (10 values, ``grammar.COLOUR_WORDS``), ``
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -198,19 +197,12 @@ def _table(result: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m uniperceiver_v2.bench words", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="run folder, checkpoints folder or checkpoint")
-    parser.add_argument("--split", default="test", help="data split (default test)")
-    parser.add_argument("--images", type=int, default=500, help="images whose references are read (default 500)")
+    from uniperceiver_v2.bench import checkpoint_parser, model_of_checkpoint, parse_checkpoint_args
+
+    parser = checkpoint_parser("words", __doc__, split="test", images=500, what="images whose references are read")
     parser.add_argument("--top", type=int, default=5, help="confusions to list per attribute (default 5)")
     parser.add_argument("--json", default=None, help="also write the result to this JSON file")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. data.root=...")
-    args = parser.parse_args(argv)
-    if args.images < 1:
-        parser.error(f"--images: expected at least 1, got {args.images}")
-
-    from uniperceiver_v2.bench import model_of_checkpoint
+    args = parse_checkpoint_args(parser, argv)
 
     model, cfg = model_of_checkpoint(args.checkpoint, args.overrides)
     result = word_grounding(model, cfg, args.split, args.images)
