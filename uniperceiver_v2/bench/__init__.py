@@ -27,8 +27,8 @@ def build_trainer(config, overrides: list[str], output_dir: str):
 
 def checkpoint_parser(name: str, description: str, split: str, images: int, what: str):
     """The command line of a benchmark that reads a trained checkpoint on the first ``--images`` items of a split:
-    ``--checkpoint``, ``--split``, ``--images``, ``--top`` and config overrides; the caller adds its own options and
-    calls :func:`parse_checkpoint_args`."""
+    ``--checkpoint``, ``--split`` and ``--images`` (config overrides come with :func:`parse_checkpoint_args`); the
+    caller adds its own options, then parses."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=f"python -m uniperceiver_v2.bench {name}", description=description,
