@@ -33,6 +33,47 @@ def test_values_sum_over_their_tokens_and_other_positions_are_ignored():
     assert result["share"] == pytest.approx(0.6 / 1.0 + 0.2 / 0.5 + 0.0 / 0.2)
 
 
+def test_in_image_counts_the_chosen_and_the_reference_values_found_in_the_image():
+    probabilities = torch.tensor([
+        [0.60, 0.00, 0.40, 0.00, 0.00, 0.00],   # reference red, chooses red; the image has blue only
+        [0.00, 0.00, 0.90, 0.10, 0.00, 0.00],   # reference red, chooses blue; the image has red and blue
+        [0.00, 0.00, 0.00, 1.00, 0.00, 0.00],   # no colour here: ignored whatever the image has
+        [0.70, 0.00, 0.30, 0.00, 0.00, 0.00],   # reference blue, chooses red; the image has blue only
+    ])
+    targets = torch.tensor([0, 1, 3, 2])
+    present = torch.tensor([[False, True], [True, True], [True, True], [False, True]])
+    result = words.attribute_choices(probabilities, targets, COLOURS, present)
+    assert result["positions"] == 3 and result["right"] == 1
+    assert result["in_image"] == 1                  # only the second choice (blue) is in its image
+    assert result["reference_in_image"] == 2        # the first reference (red) is not in its image
+    assert result["present_counts"] == [1, 3]
+    with pytest.raises(ValueError, match="present must be"):
+        words.attribute_choices(probabilities, targets, COLOURS, present[:, :1])
+
+
+def test_image_values_reads_colour_size_and_shape_and_names_a_bad_annotation(tmp_path):
+    from uniperceiver_v2.data.summary import DataError
+
+    data = {"images": [{"id": 1}, {"id": 2}],
+            "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "digit two"}],
+            "annotations": [
+                {"id": 10, "image_id": 1, "category_id": 1, "attributes": {"colour": "red", "size": "small"}},
+                {"id": 11, "image_id": 1, "category_id": 2, "attributes": {"colour": "blue", "size": "large"}}]}
+    path = tmp_path / "instances_val.json"
+    path.write_text(json.dumps(data))
+    values = words.image_values(path)
+    assert values[1] == {"colour": {"red", "blue"}, "size": {"small", "large"}, "shape": {"circle"}}
+    assert values[2] == {"colour": set(), "size": set(), "shape": set()}
+    del data["annotations"][1]["attributes"]["size"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"instances_val.json.*id=11.*attributes.size"):
+        words.image_values(path)
+    data["annotations"][1]["image_id"] = 7
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="unknown image 7"):
+        words.image_values(path)
+
+
 def test_a_token_shared_by_two_values_is_dropped(tokenizer_and_vocabulary):
     tokenizer, vocabulary = tokenizer_and_vocabulary
     mapped = words.attribute_words(tokenizer, vocabulary, {"red": ["red", "dark"], "black": ["black", "dark"]})
@@ -44,11 +85,23 @@ def test_a_token_shared_by_two_values_is_dropped(tokenizer_and_vocabulary):
     assert absent.token_value == {} and "not in the vocabulary" in absent.dropped[0]
 
 
+def test_a_word_whose_first_token_is_a_number_word_is_dropped(tokenizer_and_vocabulary):
+    """"five-pointed star" starts with the token "five", which a reference uses far more often as the number."""
+    tokenizer, vocabulary = tokenizer_and_vocabulary
+    mapped = words.attribute_words(tokenizer, vocabulary, {"star": ["star", "five-pointed star"], "circle": ["circle"]})
+    star, five = (vocabulary.tolist().index(tokenizer(w, add_special_tokens=False)["input_ids"][0])
+                  for w in ("star", "five"))
+    assert mapped.token_value[star] == 0 and five not in mapped.token_value
+    assert mapped.dropped == ["'five-pointed star' (first token 'five' is also a word of its own)"]
+    kept = words.attribute_words(tokenizer, vocabulary, {"star": ["five-pointed star"]}, other_words=set())
+    assert kept.token_value == {five: 0}
+
+
 @pytest.fixture(scope="module")
 def tokenizer_and_vocabulary():
     model = tiny_model(tiny_config())
     tokenizer = model.text_encoder.tokenizer
-    ids = sorted({i for w in ("red", "black", "dark", "a", "circle") for i in
+    ids = sorted({i for w in ("red", "black", "dark", "a", "circle", "star", "five") for i in
                   tokenizer(w, add_special_tokens=False)["input_ids"]})
     return tokenizer, torch.tensor(ids)
 
@@ -92,6 +145,42 @@ def test_word_grounding_recounts_the_teacher_forced_probabilities(model_and_conf
     assert 0 < result["colour"]["majority"] <= 1 and 0 <= result["colour"]["mass"] <= 1
 
 
+def test_in_image_rates_recount_from_the_annotations(model_and_config):
+    """On the synthetic suite the in-image rates equal a recount of the chosen values against the instances file;
+    every reference colour is one of its image's objects."""
+    from uniperceiver_v2.data.suite import SyntheticSuite
+    from uniperceiver_v2.engine.data_setup import build_task_dataset
+    from uniperceiver_v2.tasks import TASKS
+
+    model, cfg = model_and_config
+    result = words.word_grounding(model, cfg, "val", images=3, batch_size=3)
+    values = words.image_values(SyntheticSuite(cfg.data.root).instances_file("val"))
+    dataset = build_task_dataset(cfg, "captioning", "val", train=False)
+    task = TASKS["captioning"].from_dataset(cfg.tasks.captioning, dataset)
+    colour = words.attribute_words(model.text_encoder.tokenizer, model.vocabulary, attribute="colour")
+    chosen_in_image = positions = 0
+    with torch.no_grad():
+        batch = task.collate([dataset[i] for i in range(3)])
+        image = model.encode_images(batch.images, batch.padding_mask)
+        tokens = model.tokenize(batch.captions)
+        logits, targets, _ = task.teacher_forced_logits(model, image, batch.caption_image_index,
+                                                        tokens["input_ids"], tokens["attention_mask"])
+        probabilities = logits.softmax(-1)
+        for n, t in zip(*torch.nonzero(targets >= 0, as_tuple=True)):
+            if int(targets[n, t]) not in colour.token_value:
+                continue
+            sums = [sum(float(probabilities[n, t, k]) for k, v in colour.token_value.items() if v == j)
+                    for j in range(len(colour.values))]
+            picked = colour.values[max(range(len(sums)), key=sums.__getitem__)]
+            image_id = batch.image_ids[int(batch.caption_image_index[n])]
+            positions += 1
+            chosen_in_image += int(picked in values[image_id]["colour"])
+    assert result["colour"]["positions"] == positions > 0
+    assert result["colour"]["in_image"] == pytest.approx(chosen_in_image / positions)
+    assert result["colour"]["reference_in_image"] == 1.0
+    assert 0 < result["colour"]["in_image_majority"] <= 1
+
+
 def test_main_prints_the_table_and_writes_json(model_and_config, monkeypatch, capsys, tmp_path):
     model, cfg = model_and_config
     from uniperceiver_v2 import bench
@@ -101,5 +190,6 @@ def test_main_prints_the_table_and_writes_json(model_and_config, monkeypatch, ca
     assert words.main(["--checkpoint", "unused", "--split", "val", "--images", "2", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| colour (10 values) |" in printed and "| size (3 values) |" in printed
+    assert "chosen value in the image" in printed and "references' own values found in the image" in printed
     saved = json.loads(out.read_text())
     assert saved["images"] == 2 and set(words.ATTRIBUTES) <= set(saved)

@@ -15,6 +15,13 @@ part of the caption only the image can decide. Next to it, the *class mass* (the
 attribute at that position: whether the model knows that a colour comes here) and two chance levels: 1 / values
 and the *majority* rate (always naming the value most frequent at these positions).
 
+A wrong choice can still be read from the image: the captioner may name the colour of another object than the one
+the reference describes (the grammar picks which objects a caption mentions). On a synthetic suite, whose
+annotations carry each object's colour, size and category, the *in image* rate counts the choices that are a value
+of some object of the image, beside the same rate for always naming the majority value; a captioner that reads
+colours but does not bind them to the object the words so far describe has an in-image rate well above that floor
+and a right rate near chance.
+
 Attributes and their words: ``colour`` (10 values, ``grammar.COLOUR_WORDS``), ``size`` (small / medium / large,
 ``grammar.SIZE_WORDS``; "medium-sized" by its first token) and ``shape`` (the eight shape categories by the nouns of
 ``grammar.SHAPE_NOUNS``: "disc" and "circle" are both circle). Only words that are one token of the model's tokenizer
@@ -33,7 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ATTRIBUTES", "AttributeWords", "attribute_choices", "attribute_words", "main", "word_grounding"]
+__all__ = ["ATTRIBUTES", "AttributeWords", "attribute_choices", "attribute_words", "image_values", "main",
+           "word_grounding"]
 
 
 def _grammar_words() -> dict[str, dict[str, list[str]]]:
@@ -47,6 +55,14 @@ def _grammar_words() -> dict[str, dict[str, list[str]]]:
 
 
 ATTRIBUTES = ("colour", "size", "shape")
+
+
+def _other_grammar_words() -> set[str]:
+    """Whole words the grammar uses with another meaning: the number words ("five objects") and the digits' names."""
+    from uniperceiver_v2.data import grammar
+    from uniperceiver_v2.data.render import DIGIT_WORDS
+
+    return set(grammar.NUMBER_WORDS.values()) | set(DIGIT_WORDS.values())
 
 
 @dataclass
@@ -65,16 +81,21 @@ class AttributeWords:
 
 
 def attribute_words(tokenizer, vocabulary: torch.Tensor, words: Mapping[str, Sequence[str]] | None = None,
-                    attribute: str = "colour") -> AttributeWords:
+                    attribute: str = "colour", other_words: set[str] | None = None) -> AttributeWords:
     """Map each value's words to vocabulary indices by their first token.
+
+    A word of several tokens whose first token is a whole word of ``other_words`` is dropped: "five-pointed star"
+    begins with the token "five", and a reference "five" is far more often the number ("five objects").
 
     Args:
         tokenizer: the text encoder's tokenizer (a Hugging Face tokenizer).
         vocabulary: (V,) the model's vocabulary as tokenizer ids (``model.vocabulary``).
         words: {value: [words]}; default the grammar's words of ``attribute``.
         attribute: one of ``ATTRIBUTES`` (used when ``words`` is None).
+        other_words: words used with another meaning; default the grammar's number words and digit names.
     """
     words = _grammar_words()[attribute] if words is None else words
+    other_words = _other_grammar_words() if other_words is None else other_words
     index_of = {int(token): i for i, token in enumerate(vocabulary.tolist())}
     first: dict[int, set[int]] = {}
     names: dict[int, list[str]] = {}
@@ -85,6 +106,10 @@ def attribute_words(tokenizer, vocabulary: torch.Tensor, words: Mapping[str, Seq
             ids = tokenizer(word, add_special_tokens=False)["input_ids"]
             if not ids or ids[0] not in index_of:
                 dropped.append(f"{word!r} (not in the vocabulary)")
+                continue
+            first_word = tokenizer.decode([ids[0]]).strip()
+            if len(ids) > 1 and first_word in other_words:
+                dropped.append(f"{word!r} (first token {first_word!r} is also a word of its own)")
                 continue
             first.setdefault(index_of[ids[0]], set()).add(value_index)
             names.setdefault(index_of[ids[0]], []).append(word)
@@ -97,7 +122,8 @@ def attribute_words(tokenizer, vocabulary: torch.Tensor, words: Mapping[str, Seq
     return AttributeWords(values, token_value, dropped)
 
 
-def attribute_choices(probabilities: torch.Tensor, targets: torch.Tensor, words: AttributeWords) -> dict:
+def attribute_choices(probabilities: torch.Tensor, targets: torch.Tensor, words: AttributeWords,
+                      present: torch.Tensor | None = None) -> dict:
     """Score the choice among an attribute's values at the positions whose target names one.
 
     Args:
@@ -105,11 +131,14 @@ def attribute_choices(probabilities: torch.Tensor, targets: torch.Tensor, words:
         targets: (P,) the reference's vocabulary index at each position (any value; positions whose target names
             no value of this attribute are ignored).
         words: from :func:`attribute_words`.
+        present: optional (P, values) bool, which values some object of the position's image has.
 
     Returns:
         ``{"positions", "right", "mass" (sum over the positions of P(any word of the attribute)), "share" (sum of
         the reference value's share of that mass), "counts" (positions per reference value), "confusions"
-        ((reference value, chosen value) -> positions, wrong choices only)}``.
+        ((reference value, chosen value) -> positions, wrong choices only)}``; with ``present`` also "in_image"
+        (positions whose chosen value is in the image), "reference_in_image" (the same for the reference's value)
+        and "present_counts" (positions per value present in the image).
     """
     num_values = len(words.values)
     tokens = torch.tensor(sorted(words.token_value), dtype=torch.long)
@@ -131,9 +160,55 @@ def attribute_choices(probabilities: torch.Tensor, targets: torch.Tensor, words:
         if true != picked:
             key = (words.values[true], words.values[picked])
             confusions[key] = confusions.get(key, 0) + 1
-    return {"positions": int(keep.sum()), "right": int((chosen == reference).sum()), "mass": float(mass.sum()),
-            "share": float(share.sum()),
-            "counts": torch.bincount(reference, minlength=num_values).tolist(), "confusions": confusions}
+    result = {"positions": int(keep.sum()), "right": int((chosen == reference).sum()), "mass": float(mass.sum()),
+              "share": float(share.sum()),
+              "counts": torch.bincount(reference, minlength=num_values).tolist(), "confusions": confusions}
+    if present is not None:
+        if present.shape != (targets.shape[0], num_values):
+            raise ValueError(f"present must be (positions, values) = {(targets.shape[0], num_values)}, "
+                             f"got {tuple(present.shape)}")
+        present = present[keep].bool()
+        result["in_image"] = int(present.gather(1, chosen[:, None]).sum())
+        result["reference_in_image"] = int(present.gather(1, reference[:, None]).sum())
+        result["present_counts"] = present.sum(dim=0).tolist()
+    return result
+
+
+def image_values(ann_file, attributes: Sequence[str] = ATTRIBUTES) -> dict[int, dict[str, set[str]]]:
+    """{image id: {attribute: the values its objects have}} from a COCO instances file of the synthetic suite.
+
+    ``colour`` and ``size`` are the annotations' ``attributes``; ``shape`` is the category name when it is one of
+    the grammar's shapes (a digit has no shape value).
+
+    Raises:
+        DataError: a missing or malformed file, or an annotation without ``attributes.colour`` / ``size`` (named).
+    """
+    from uniperceiver_v2.data.coco import load_json, require_keys
+    from uniperceiver_v2.data.summary import DataError
+
+    data = load_json(ann_file)
+    require_keys(data, ("images", "annotations", "categories"), ann_file, "top level")
+    names = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+    shapes = set(_grammar_words()["shape"])
+    values: dict[int, dict[str, set[str]]] = {int(r["id"]): {name: set() for name in attributes}
+                                              for r in data["images"]}
+    for annotation in data["annotations"]:
+        image = values.get(int(annotation["image_id"]))
+        if image is None:
+            raise DataError(f"{ann_file}: annotation id={annotation.get('id')} refers to the unknown image "
+                            f"{annotation['image_id']}")
+        found = dict(annotation.get("attributes") or {})
+        found["shape"] = names.get(int(annotation["category_id"]))
+        for name in attributes:
+            if name == "shape":
+                if found["shape"] in shapes:
+                    image[name].add(found["shape"])
+            elif name not in found:
+                raise DataError(f"{ann_file}: annotation id={annotation.get('id')} has no attributes.{name}; the "
+                                f"in-image rate needs the synthetic suite's annotations")
+            else:
+                image[name].add(str(found[name]))
+    return values
 
 
 @torch.no_grad()
@@ -142,8 +217,11 @@ def word_grounding(model, cfg, split: str = "test", images: int = 500, batch_siz
 
     Returns:
         {attribute: {"values", "positions", "right", "accuracy", "mass", "share", "chance" (1 / values),
-        "majority", "counts", "confusions", "dropped"}, "images", "captions"}.
+        "majority", "counts", "confusions", "dropped"}, "images", "captions"}; on a synthetic suite each attribute
+        also has "in_image" (rate of choices that are a value of some object of the image), "in_image_majority"
+        (that rate for always naming the majority value) and "reference_in_image" (for the reference's value).
     """
+    from uniperceiver_v2.data.suite import SyntheticSuite, written_by_generator
     from uniperceiver_v2.engine.data_setup import build_task_dataset
     from uniperceiver_v2.engine.runtime import evaluation_mode
     from uniperceiver_v2.tasks import TASKS
@@ -153,8 +231,11 @@ def word_grounding(model, cfg, split: str = "test", images: int = 500, batch_siz
     tokenizer = model.text_encoder.tokenizer
     vocabulary = model.vocabulary.cpu()
     words = {name: attribute_words(tokenizer, vocabulary, attribute=name) for name in ATTRIBUTES}
+    values_of = (image_values(SyntheticSuite(cfg.data.root).instances_file(split))
+                 if written_by_generator(cfg.data.root) else None)
     totals = {name: {"positions": 0, "right": 0, "mass": 0.0, "share": 0.0, "counts": [0] * len(w.values),
-                     "confusions": {}} for name, w in words.items()}
+                     "confusions": {}, "in_image": 0, "reference_in_image": 0, "present_counts": [0] * len(w.values)}
+              for name, w in words.items()}
     count = min(images, len(dataset))
     captions = 0
     with evaluation_mode(model):
@@ -166,33 +247,55 @@ def word_grounding(model, cfg, split: str = "test", images: int = 500, batch_siz
             logits, targets, _ = task.teacher_forced_logits(model, image, batch.caption_image_index,
                                                             tokens["input_ids"], tokens["attention_mask"])
             probabilities = logits.float().softmax(dim=-1).flatten(0, 1).cpu()
+            rows = (torch.arange(len(batch.captions)) if batch.caption_image_index is None
+                    else batch.caption_image_index.cpu())
             targets = targets.flatten().cpu()
             captions += len(batch.captions)
             for name, w in words.items():
-                part = attribute_choices(probabilities, targets, w)
+                present = None
+                if values_of is not None:
+                    per_caption = torch.tensor([[value in values_of[int(batch.image_ids[row])][name]
+                                                 for value in w.values] for row in rows.tolist()])
+                    present = per_caption.repeat_interleave(logits.shape[1], dim=0)
+                part = attribute_choices(probabilities, targets, w, present)
                 total = totals[name]
-                for key in ("positions", "right", "mass", "share"):
-                    total[key] += part[key]
-                total["counts"] = [a + b for a, b in zip(total["counts"], part["counts"])]
+                for key in ("positions", "right", "mass", "share", "in_image", "reference_in_image"):
+                    total[key] += part.get(key, 0)
+                for key in ("counts", "present_counts"):
+                    total[key] = [a + b for a, b in zip(total[key], part.get(key, [0] * len(w.values)))]
                 for key, n in part["confusions"].items():
                     total["confusions"][key] = total["confusions"].get(key, 0) + n
     result: dict = {"images": count, "captions": captions}
     for name, total in totals.items():
         positions = max(total["positions"], 1)
-        result[name] = {"values": words[name].values, **total, "accuracy": total["right"] / positions,
-                        "mass": total["mass"] / positions, "share": total["share"] / positions,
-                        "chance": 1 / len(words[name].values), "majority": max(total["counts"]) / positions,
-                        "dropped": words[name].dropped}
+        majority = max(range(len(total["counts"])), key=total["counts"].__getitem__)
+        entry = {"values": words[name].values, **{k: v for k, v in total.items() if k not in
+                                                  ("in_image", "reference_in_image", "present_counts")},
+                 "accuracy": total["right"] / positions, "mass": total["mass"] / positions,
+                 "share": total["share"] / positions, "chance": 1 / len(words[name].values),
+                 "majority": total["counts"][majority] / positions, "dropped": words[name].dropped}
+        if values_of is not None:
+            entry.update(in_image=total["in_image"] / positions,
+                         in_image_majority=total["present_counts"][majority] / positions,
+                         reference_in_image=total["reference_in_image"] / positions)
+        result[name] = entry
     return result
 
 
 def _table(result: dict) -> list[str]:
-    lines = ["| attribute | positions | right (arg max among its values) | majority | 1 / values | mean share of the "
-             "reference's value | mean mass of the attribute's words |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    in_image = all("in_image" in result[name] for name in ATTRIBUTES)
+    columns = ["attribute", "positions", "right (arg max among its values)", "majority", "1 / values",
+               "mean share of the reference's value", "mean mass of the attribute's words"]
+    if in_image:
+        columns += ["chosen value in the image", "majority value in the image"]
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
     for name in ATTRIBUTES:
         r = result[name]
-        lines.append(f"| {name} ({len(r['values'])} values) | {r['positions']} | {r['accuracy']:.3f} | "
-                     f"{r['majority']:.3f} | {r['chance']:.3f} | {r['share']:.3f} | {r['mass']:.3f} |")
+        cells = [f"{name} ({len(r['values'])} values)", str(r["positions"]), f"{r['accuracy']:.3f}",
+                 f"{r['majority']:.3f}", f"{r['chance']:.3f}", f"{r['share']:.3f}", f"{r['mass']:.3f}"]
+        if in_image:
+            cells += [f"{r['in_image']:.3f}", f"{r['in_image_majority']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -209,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.checkpoint}, split {args.split}: {result['captions']} reference captions of {result['images']} "
           "images, teacher-forced")
     print("\n".join(_table(result)))
+    if all("reference_in_image" in result[name] for name in ATTRIBUTES):
+        print("the references' own values found in the image's annotations: " + ", ".join(
+            f"{name} {result[name]['reference_in_image']:.3f}" for name in ATTRIBUTES))
     for name in ATTRIBUTES:
         r = result[name]
         confusions = sorted(r["confusions"].items(), key=lambda item: -item[1])[:args.top]
