@@ -92,31 +92,6 @@ def test_eval_caches_candidates_until_the_mode_changes(model):
     model.eval()
 
 
-def test_detached_vocabulary_targets_are_the_same_values_without_gradient():
-    """decoder.detach_vocabulary_targets: the targets do not change, the language losses no longer reach the
-    decoder through them (only through the inputs' side)."""
-    from helpers import tiny_config
-
-    cfg = tiny_config()
-    trained, detached = tiny_model(cfg, seed=3), tiny_model(tiny_config(), seed=3)
-    detached.config.decoder.detach_vocabulary_targets = True
-    trained.train(), detached.train()
-    for task in ("captioning", "mlm"):
-        torch.manual_seed(0)                       # the same gate noise (training mode) for both
-        a = trained.vocabulary_embeddings(task)
-        torch.manual_seed(0)
-        b = detached.vocabulary_embeddings(task)
-        assert a.requires_grad and not b.requires_grad
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    hidden = torch.randn(4, trained.width, requires_grad=True)
-    for m in (trained, detached):
-        m.zero_grad()
-        m.similarity(hidden, m.vocabulary_embeddings("mlm"), "mlm").logsumexp(dim=1).sum().backward()
-    spe_grad = detached.decoder.spe_token.grad
-    assert trained.decoder.spe_token.grad.abs().sum() > 0 and (spe_grad is None or not spe_grad.any())
-    assert detached.logit_scales["mlm"].log_scale.grad.abs() > 0     # the temperature still learns
-
-
 def test_forward_is_the_task_loss(model):
     task = ClassificationTask(model.config.tasks.classification, CLASS_NAMES)
     batch = task.collate(classification_samples(2))

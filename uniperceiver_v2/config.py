@@ -163,11 +163,6 @@ class DecoderConfig:
     max_positions: int = 512
     temperature_init: float = 0.07             # tau; the learnable logit scale starts at 1 / 0.07 ...
     logit_scale_max: float = 100.0             # ... and is clipped at 100
-    # The vocabulary's targets g(f(w)) (captioning, MLM) without gradient: the decoder still computes them, but
-    # the language losses do not pull the words' targets together. Our option, off in the paper presets: from
-    # scratch, the trained targets of the ten colour words reach cosine 0.997 with each other within 250
-    # iterations (docs/benchmarks.md, "The colour words' targets collapse").
-    detach_vocabulary_targets: bool = False
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 

@@ -282,17 +282,12 @@ class UniPerceiverV2(nn.Module):
         return self._cached((task, "class_names", names), compute)
 
     def vocabulary_embeddings(self, task: str) -> torch.Tensor:
-        """g(f(w)) of every word w of ``self.vocabulary`` for captioning or MLM; (V, d), row i = vocabulary[i].
-
-        Without gradient when ``decoder.detach_vocabulary_targets`` is set (the losses then move only the inputs'
-        side and the logit scale).
-        """
+        """g(f(w)) of every word w of ``self.vocabulary`` for captioning or MLM; (V, d), row i = vocabulary[i]."""
 
         def compute() -> torch.Tensor:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.decoder.detach_vocabulary_targets):
-                return encode_sharded(lambda idx: self.word_representations(self.vocabulary[idx], task),
-                                      self.vocabulary.numel(), self._shard_targets(), self.width,
-                                      self.decoder.spe_token)
+            return encode_sharded(lambda idx: self.word_representations(self.vocabulary[idx], task),
+                                  self.vocabulary.numel(), self._shard_targets(), self.width,
+                                  self.decoder.spe_token)
 
         return self._cached((task, "vocabulary"), compute)
 
