@@ -45,6 +45,28 @@ def test_loss_is_finite_and_decreases_when_overfitting_one_batch():
     assert sum(losses[-5:]) / 5 < 0.75 * losses[0], losses
 
 
+def test_vocabulary_uniformity_adds_its_weighted_term_to_the_captioning_and_mlm_losses():
+    """decoder.vocabulary_uniformity = w adds w * uniformity_loss(the vocabulary's targets) to both language losses
+    (inside the task's loss weight); 0 adds nothing."""
+    from uniperceiver_v2.tasks.losses import uniformity_loss
+    from uniperceiver_v2.tasks.mlm import MaskedLanguageModelingTask
+
+    model = tiny_model()
+    model.config.decoder.vocabulary_uniformity = 0.5
+    model.eval()                          # no gate noise: the targets are the same in the loss and here
+    captioning = CaptioningTask(model.config.tasks.captioning)
+    mlm = MaskedLanguageModelingTask(model.config.tasks.mlm)
+    for task, batch in ((captioning, captioning.collate(caption_samples(2))), (mlm, mlm.collate(CAPTIONS[:4]))):
+        torch.manual_seed(0)
+        out = task.loss(model, batch)
+        expected = 0.5 * uniformity_loss(model.vocabulary_embeddings(task.name))
+        assert out["loss_uniformity"].item() == pytest.approx(expected.item(), rel=1e-5)
+        terms = sum(value for key, value in out.items() if key.startswith("loss_"))
+        assert out["loss"].item() == pytest.approx(task.config.loss_weight * terms.item(), rel=1e-6)
+    model.config.decoder.vocabulary_uniformity = 0.0
+    assert "loss_uniformity" not in captioning.loss(model, captioning.collate(caption_samples(2)))
+
+
 def test_teacher_forced_logits_equal_step_by_step_decoding(model, task, encoded):
     batch, image, input_ids, attention_mask = encoded
     with torch.no_grad():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from uniperceiver_v2.tasks.losses import IGNORE_INDEX, contrastive_loss, unified_loss
+from uniperceiver_v2.tasks.losses import IGNORE_INDEX, contrastive_loss, unified_loss, uniformity_loss
 from uniperceiver_v2.tasks.retrieval import symmetric_retrieval_loss
 
 
@@ -78,3 +78,27 @@ def test_symmetric_retrieval_loss_on_a_fixed_similarity_matrix():
     assert out["loss_i2t"].item() == pytest.approx(ce(rows), rel=1e-12)
     assert out["loss_t2i"].item() == pytest.approx(ce(columns), rel=1e-12)
     assert out["loss_retrieval"].item() == pytest.approx(0.5 * (ce(rows) + ce(columns)), rel=1e-12)
+
+
+def test_uniformity_loss_closed_forms_and_a_slow_reference():
+    """0 when all targets coincide, -2 t for mutually orthogonal ones, and the pairwise formula written out."""
+    assert uniformity_loss(torch.ones(5, 3) * torch.tensor([1.0, 2.0, 3.0])).item() == pytest.approx(0.0, abs=1e-6)
+    for t in (1.0, 2.0):
+        assert uniformity_loss(torch.eye(4) * 3.0, t=t).item() == pytest.approx(-2 * t, abs=1e-6)
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    unit = [row / row.norm() for row in z]
+    terms = [math.exp(-2.0 * float(((unit[i] - unit[j]) ** 2).sum())) for i in range(6) for j in range(6) if i != j]
+    assert uniformity_loss(z).item() == pytest.approx(math.log(sum(terms) / len(terms)), rel=1e-12)
+    # two clusters are less uniform than the same points spread out
+    clustered = torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [0.01, 1.0]])
+    spread = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    assert uniformity_loss(spread) < uniformity_loss(clustered)
+
+
+def test_uniformity_loss_gradient_and_bad_shapes():
+    z = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(uniformity_loss, (z,))
+    for bad in (torch.zeros(1, 3), torch.zeros(4)):
+        with pytest.raises(ValueError, match="uniformity_loss"):
+            uniformity_loss(bad)

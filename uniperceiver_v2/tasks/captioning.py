@@ -42,7 +42,7 @@ from uniperceiver_v2.modeling.attention_masks import autoregressive_mask
 from uniperceiver_v2.modeling.decoder_inputs import Segment, build_sequence, image_segment, spe_segment, text_segment
 from uniperceiver_v2.modeling.image_encoder import ImageEncoderOutput
 from uniperceiver_v2.tasks.base import Task
-from uniperceiver_v2.tasks.losses import IGNORE_INDEX, unified_loss
+from uniperceiver_v2.tasks.losses import IGNORE_INDEX, unified_loss, uniformity_loss
 from uniperceiver_v2.tasks.vocabulary import end_token_id, start_token_id, vocabulary_lookup
 
 __all__ = ["CaptioningTask", "CaptioningTaskBatch"]
@@ -103,7 +103,8 @@ class CaptioningTask(Task):
         return int(where[0])
 
     def teacher_forced_logits(self, model, image: ImageEncoderOutput, rows: torch.Tensor | None,
-                              input_ids: torch.Tensor, attention_mask: torch.Tensor
+                              input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              vocabulary: torch.Tensor | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All next-word logits of N captions in one pass (training layout).
 
@@ -111,6 +112,8 @@ class CaptioningTask(Task):
             image: f_image of the B images.
             rows: (N,) long image row of each caption (None: caption n belongs to image n).
             input_ids, attention_mask: (N, L) tokenised captions, [start, w_1 .. w_n, end, padding].
+            vocabulary: (V, d) the vocabulary's targets when already computed (default
+                ``model.vocabulary_embeddings``).
 
         Returns:
             logits (N, T, V) with T = L - 1 (row i predicts x_{i+1} = input_ids[:, i + 1]), targets (N, T) long
@@ -128,7 +131,8 @@ class CaptioningTask(Task):
         mask = autoregressive_mask(num_prefix, num_words).to(input_ids.device)
         out = build_sequence(prefix + [words, spes], self.name, is_input=True, attn_mask=mask).run(decoder)
         hidden = out.hidden[:, num_prefix + num_words:]                                       # (N, T, d)
-        vocabulary = model.vocabulary_embeddings(self.name)                                   # (V, d)
+        if vocabulary is None:
+            vocabulary = model.vocabulary_embeddings(self.name)                               # (V, d)
         logits = model.similarity(hidden.flatten(0, 1), vocabulary, self.name).view(*hidden.shape[:2], -1)
         lookup = vocabulary_lookup(model.vocabulary, model.text_encoder.vocab_size)
         targets = lookup[input_ids[:, 1:]].masked_fill(~word_mask, IGNORE_INDEX)
@@ -167,12 +171,15 @@ class CaptioningTask(Task):
             raise ValueError("CaptioningTask.loss: the batch has no captions")
         image = model.encode_images(batch.images, batch.padding_mask)
         tokens = model.tokenize(batch.captions)
+        vocabulary = model.vocabulary_embeddings(self.name)
         logits, targets, aux = self.teacher_forced_logits(model, image, batch.caption_image_index,
-                                                          tokens["input_ids"], tokens["attention_mask"])
+                                                          tokens["input_ids"], tokens["attention_mask"], vocabulary)
         logits, targets = logits.flatten(0, 1), targets.flatten()
         valid = targets != IGNORE_INDEX
         terms = {"loss_caption": unified_loss(logits[valid], targets[valid], self.config.label_smoothing),
                  "loss_moe_aux": aux}
+        if model.config.decoder.vocabulary_uniformity > 0:
+            terms["loss_uniformity"] = model.config.decoder.vocabulary_uniformity * uniformity_loss(vocabulary)
         accuracy = (logits[valid].argmax(1) == targets[valid]).float().mean().detach()
         return {**terms, "accuracy": accuracy, "loss": self.weighted_total(terms)}
 

@@ -13,10 +13,12 @@ target is replaced by (1 - eps) * one_hot + eps / |Y_k|, torch's convention.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IGNORE_INDEX", "contrastive_loss", "unified_loss"]
+__all__ = ["IGNORE_INDEX", "contrastive_loss", "unified_loss", "uniformity_loss"]
 
 # Targets equal to this index contribute neither to the loss nor to its mean (torch's default ignore_index).
 IGNORE_INDEX = -100
@@ -81,3 +83,25 @@ def contrastive_loss(
         raise ValueError(f"contrastive_loss: query rows {rows} have no positive candidate")
     target = positives.to(logits.dtype) / counts.to(logits.dtype)
     return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+
+
+def uniformity_loss(embeddings: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """Wang & Isola's (2020) uniformity of candidate targets on the unit sphere (lower = more spread out):
+
+        L_uniform = log mean_{i != j} exp(-t * || z_i / |z_i| - z_j / |z_j| ||^2)
+
+    It is 0 when all targets coincide and -2 t when every pair is orthogonal.
+
+    Args:
+        embeddings: (M, d) targets, M >= 2 (normalised here).
+        t: the kernel's sharpness (2, as in the paper).
+
+    Returns:
+        0-d tensor.
+    """
+    if embeddings.dim() != 2 or embeddings.shape[0] < 2:
+        raise ValueError(f"uniformity_loss: expected (M >= 2, d) embeddings, got {tuple(embeddings.shape)}")
+    z = F.normalize(embeddings if embeddings.dtype == torch.float64 else embeddings.float(), dim=1)
+    squared = (2 - 2 * z @ z.T).clamp_min(0)                       # |z_i - z_j|^2 of unit vectors
+    off_diagonal = ~torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+    return torch.logsumexp(-t * squared[off_diagonal], dim=0) - math.log(int(off_diagonal.sum()))

@@ -33,7 +33,7 @@ from uniperceiver_v2.data.collate import collate_text
 from uniperceiver_v2.modeling.attributes import MODALITY_IDS
 from uniperceiver_v2.modeling.decoder_inputs import Segment, build_sequence, spe_segment, text_segment
 from uniperceiver_v2.tasks.base import Task
-from uniperceiver_v2.tasks.losses import IGNORE_INDEX, unified_loss
+from uniperceiver_v2.tasks.losses import IGNORE_INDEX, unified_loss, uniformity_loss
 from uniperceiver_v2.tasks.vocabulary import vocabulary_lookup
 
 __all__ = ["MLMTaskBatch", "MaskedLanguageModelingTask", "choose_masked_positions", "sentence_draws"]
@@ -132,8 +132,9 @@ class MaskedLanguageModelingTask(Task):
         return out.hidden[:, 1:][masked], out.aux_loss
 
     def _forward(self, model, texts: Sequence[str], fixed_masks: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits (M, V) at the masked positions, their token ids (M,), their vocabulary targets (M,), aux loss.
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits (M, V) at the masked positions, their token ids (M,), their vocabulary targets (M,), aux loss, the
+        vocabulary's target embeddings (V, d).
 
         ``fixed_masks``: each sentence's masks are a function of the sentence (evaluation); else a fresh draw from
         torch's global generator (training)."""
@@ -143,14 +144,17 @@ class MaskedLanguageModelingTask(Task):
         masked = choose_masked_positions(input_ids, attention_mask, model.text_encoder.special_token_ids,
                                          self.config.mask_prob, draws=draws)
         hidden, aux = self.masked_representations(model, input_ids, attention_mask, masked)
-        logits = model.similarity(hidden, model.vocabulary_embeddings(self.name), self.name)
+        vocabulary = model.vocabulary_embeddings(self.name)
+        logits = model.similarity(hidden, vocabulary, self.name)
         token_ids = input_ids[masked]
         targets = vocabulary_lookup(model.vocabulary, model.text_encoder.vocab_size)[token_ids]
-        return logits, token_ids, targets, aux
+        return logits, token_ids, targets, aux, vocabulary
 
     def loss(self, model, batch: MLMTaskBatch) -> dict[str, torch.Tensor]:
-        logits, _, targets, aux = self._forward(model, batch.texts, fixed_masks=False)
+        logits, _, targets, aux, vocabulary = self._forward(model, batch.texts, fixed_masks=False)
         terms = {"loss_mlm": unified_loss(logits, targets, self.config.label_smoothing), "loss_moe_aux": aux}
+        if model.config.decoder.vocabulary_uniformity > 0:
+            terms["loss_uniformity"] = model.config.decoder.vocabulary_uniformity * uniformity_loss(vocabulary)
         accuracy = ((logits.argmax(1) == targets) & (targets != IGNORE_INDEX)).float().mean().detach()
         return {**terms, "accuracy": accuracy, "loss": self.weighted_total(terms)}
 
@@ -162,6 +166,6 @@ class MaskedLanguageModelingTask(Task):
         Returns:
             {"predicted": (M,) token ids, "target": (M,) the masked token ids, "accuracy": scalar}.
         """
-        logits, token_ids, _, _ = self._forward(model, batch.texts, fixed_masks=True)
+        logits, token_ids, _, _, _ = self._forward(model, batch.texts, fixed_masks=True)
         predicted = model.vocabulary[logits.argmax(1)]
         return {"predicted": predicted, "target": token_ids, "accuracy": (predicted == token_ids).float().mean()}
