@@ -4,6 +4,7 @@ a tiny model's teacher-forced probabilities."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -31,6 +32,16 @@ def test_values_sum_over_their_tokens_and_other_positions_are_ignored():
     assert result["confusions"] == {("red", "blue"): 1, ("blue", "red"): 1}
     assert result["mass"] == pytest.approx(1.0 + 0.5 + 0.2)
     assert result["share"] == pytest.approx(0.6 / 1.0 + 0.2 / 0.5 + 0.0 / 0.2)
+
+
+def test_target_cosine_averages_over_pairs_of_different_values_only():
+    targets = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0], [5.0, 5.0], [1.0, 1.0], [0.0, 1.0]])
+    # red = tokens 0 and 1 (the same direction: their cosine of 1 is a pair of one value and does not count)
+    assert words.target_cosine(targets, COLOURS) == pytest.approx(0.0, abs=1e-12)
+    blue_diagonal = words.AttributeWords(values=["red", "blue"], token_value={0: 0, 1: 0, 3: 1})
+    assert words.target_cosine(targets, blue_diagonal) == pytest.approx(2 ** -0.5)
+    one_value = words.AttributeWords(values=["red", "blue"], token_value={0: 0, 1: 0})
+    assert math.isnan(words.target_cosine(targets, one_value))
 
 
 def test_in_image_counts_the_chosen_and_the_reference_values_found_in_the_image():
@@ -143,6 +154,9 @@ def test_word_grounding_recounts_the_teacher_forced_probabilities(model_and_conf
     assert result["colour"]["chance"] == pytest.approx(1 / 10)
     assert sum(result["colour"]["counts"]) == positions
     assert 0 < result["colour"]["majority"] <= 1 and 0 <= result["colour"]["mass"] <= 1
+    model.eval()
+    expected = words.target_cosine(model.vocabulary_embeddings("captioning"), colour)
+    assert result["colour"]["target_cosine"] == pytest.approx(expected)
 
 
 def test_in_image_rates_recount_from_the_annotations(model_and_config):
@@ -190,6 +204,7 @@ def test_main_prints_the_table_and_writes_json(model_and_config, monkeypatch, ca
     assert words.main(["--checkpoint", "unused", "--split", "val", "--images", "2", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| colour (10 values) |" in printed and "| size (3 values) |" in printed
+    assert "chosen value in the image" in printed and "cosine between the values' targets" in printed
     assert "chosen value in the image" in printed and "references' own values found in the image" in printed
     saved = json.loads(out.read_text())
     assert saved["images"] == 2 and set(words.ATTRIBUTES) <= set(saved)

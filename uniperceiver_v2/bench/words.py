@@ -22,6 +22,10 @@ of some object of the image, beside the same rate for always naming the majority
 colours but does not bind them to the object the words so far describe has an in-image rate well above that floor
 and a right rate near chance.
 
+Last, the *cosine between the values' targets*: the mean cosine between the captioning targets g(f(w)) of two words
+that name different values. The logits are cos(input, target) / tau, so values whose targets coincide get the same
+probability whatever the input, and the captioner cannot name them however well the image tokens carry them.
+
 Attributes and their words: ``colour`` (10 values, ``grammar.COLOUR_WORDS``), ``size`` (small / medium / large,
 ``grammar.SIZE_WORDS``; "medium-sized" by its first token) and ``shape`` (the eight shape categories by the nouns of
 ``grammar.SHAPE_NOUNS``: "disc" and "circle" are both circle). Only words that are one token of the model's tokenizer
@@ -41,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["ATTRIBUTES", "AttributeWords", "attribute_choices", "attribute_words", "image_values", "main",
-           "word_grounding"]
+           "target_cosine", "word_grounding"]
 
 
 def _grammar_words() -> dict[str, dict[str, list[str]]]:
@@ -174,6 +178,25 @@ def attribute_choices(probabilities: torch.Tensor, targets: torch.Tensor, words:
     return result
 
 
+def target_cosine(targets: torch.Tensor, words: AttributeWords) -> float:
+    """Mean cosine between the targets of two words that name different values of the attribute.
+
+    Args:
+        targets: (V, d) the vocabulary's candidate targets g(f(w)) (``model.vocabulary_embeddings``).
+        words: from :func:`attribute_words`.
+
+    Near 1, the values' words are one point for the softmax: no input can make one of them more likely than the other.
+    NaN when the vocabulary holds the words of fewer than two values.
+    """
+    tokens = sorted(words.token_value)
+    owner = torch.tensor([words.token_value[t] for t in tokens], dtype=torch.long)
+    if len(set(owner.tolist())) < 2:
+        return float("nan")
+    z = torch.nn.functional.normalize(targets[tokens].double(), dim=1)
+    different = owner[:, None] != owner[None, :]
+    return float((z @ z.T)[different].mean())
+
+
 def image_values(ann_file, attributes: Sequence[str] = ATTRIBUTES) -> dict[int, dict[str, set[str]]]:
     """{image id: {attribute: the values its objects have}} from a COCO instances file of the synthetic suite.
 
@@ -219,7 +242,8 @@ def word_grounding(model, cfg, split: str = "test", images: int = 500, batch_siz
         {attribute: {"values", "positions", "right", "accuracy", "mass", "share", "chance" (1 / values),
         "majority", "counts", "confusions", "dropped"}, "images", "captions"}; on a synthetic suite each attribute
         also has "in_image" (rate of choices that are a value of some object of the image), "in_image_majority"
-        (that rate for always naming the majority value) and "reference_in_image" (for the reference's value).
+        (that rate for always naming the majority value) and "reference_in_image" (for the reference's value);
+        "target_cosine" is :func:`target_cosine` of the captioning targets.
     """
     from uniperceiver_v2.data.suite import SyntheticSuite, written_by_generator
     from uniperceiver_v2.engine.data_setup import build_task_dataset
@@ -239,6 +263,7 @@ def word_grounding(model, cfg, split: str = "test", images: int = 500, batch_siz
     count = min(images, len(dataset))
     captions = 0
     with evaluation_mode(model):
+        vocabulary_targets = model.vocabulary_embeddings("captioning").cpu()
         for start in range(0, count, batch_size):
             batch = task.collate([dataset[i] for i in range(start, min(start + batch_size, count))])
             batch = batch.to(model.device)
@@ -273,7 +298,8 @@ def word_grounding(model, cfg, split: str = "test", images: int = 500, batch_siz
                                                   ("in_image", "reference_in_image", "present_counts")},
                  "accuracy": total["right"] / positions, "mass": total["mass"] / positions,
                  "share": total["share"] / positions, "chance": 1 / len(words[name].values),
-                 "majority": total["counts"][majority] / positions, "dropped": words[name].dropped}
+                 "majority": total["counts"][majority] / positions, "dropped": words[name].dropped,
+                 "target_cosine": target_cosine(vocabulary_targets, words[name])}
         if values_of is not None:
             entry.update(in_image=total["in_image"] / positions,
                          in_image_majority=total["present_counts"][majority] / positions,
@@ -285,14 +311,16 @@ def word_grounding(model, cfg, split: str = "test", images: int = 500, batch_siz
 def _table(result: dict) -> list[str]:
     in_image = all("in_image" in result[name] for name in ATTRIBUTES)
     columns = ["attribute", "positions", "right (arg max among its values)", "majority", "1 / values",
-               "mean share of the reference's value", "mean mass of the attribute's words"]
+               "mean share of the reference's value", "mean mass of the attribute's words",
+               "cosine between the values' targets"]
     if in_image:
         columns += ["chosen value in the image", "majority value in the image"]
     lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
     for name in ATTRIBUTES:
         r = result[name]
         cells = [f"{name} ({len(r['values'])} values)", str(r["positions"]), f"{r['accuracy']:.3f}",
-                 f"{r['majority']:.3f}", f"{r['chance']:.3f}", f"{r['share']:.3f}", f"{r['mass']:.3f}"]
+                 f"{r['majority']:.3f}", f"{r['chance']:.3f}", f"{r['share']:.3f}", f"{r['mass']:.3f}",
+                 f"{r['target_cosine']:.3f}"]
         if in_image:
             cells += [f"{r['in_image']:.3f}", f"{r['in_image_majority']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
