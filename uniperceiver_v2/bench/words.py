@@ -23,8 +23,9 @@ colours but does not bind them to the object the words so far describe has an in
 and a right rate near chance.
 
 Last, the *cosine between the values' targets*: the mean cosine between the captioning targets g(f(w)) of two words
-that name different values. The logits are cos(input, target) / tau, so values whose targets coincide get the same
-probability whatever the input, and the captioner cannot name them however well the image tokens carry them.
+that name different values. The logits are cos(input, target) / tau, so values whose targets nearly coincide get
+nearly the same probability whatever the input (the gap is at most sqrt(2 - 2 cosine) / tau), however well the
+image tokens carry them.
 
 Attributes and their words: ``colour`` (10 values, ``grammar.COLOUR_WORDS``), ``size`` (small / medium / large,
 ``grammar.SIZE_WORDS``; "medium-sized" by its first token) and ``shape`` (the eight shape categories by the nouns of
@@ -185,8 +186,9 @@ def target_cosine(targets: torch.Tensor, words: AttributeWords) -> float:
         targets: (V, d) the vocabulary's candidate targets g(f(w)) (``model.vocabulary_embeddings``).
         words: from :func:`attribute_words`.
 
-    Near 1, the values' words are one point for the softmax: no input can make one of them more likely than the other.
-    NaN when the vocabulary holds the words of fewer than two values.
+    Near 1, no input opens a large gap between the values' logits: for any h, |cos(h, a) - cos(h, b)| <=
+    sqrt(2 - 2 cos(a, b)), times the logit scale 1 / tau. NaN when the vocabulary holds the words of fewer than two
+    values.
     """
     tokens = sorted(words.token_value)
     owner = torch.tensor([words.token_value[t] for t in tokens], dtype=torch.long)
