@@ -165,9 +165,8 @@ class DecoderConfig:
     logit_scale_max: float = 100.0             # ... and is clipped at 100
     # Weight of a uniformity term (Wang & Isola 2020, tasks.losses.uniformity_loss) on the vocabulary's targets
     # g(f(w)), added to the captioning and MLM losses; 0 = off (the paper has none). Our option: from scratch the
-    # trained targets of the ten colour words reach cosine 0.997 with each other within 250 iterations, and a
-    # captioner whose colour targets coincide cannot name a colour (docs/benchmarks.md, "The colour words'
-    # targets collapse").
+    # trained targets of the ten colour words reach cosine 0.997 with each other within 250 iterations, and the
+    # captioner then names colours at chance (docs/benchmarks.md, "The colour words' targets collapse").
     vocabulary_uniformity: float = 0.0
     moe: MoEConfig = field(default_factory=MoEConfig)
 
