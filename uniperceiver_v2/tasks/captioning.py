@@ -102,21 +102,18 @@ class CaptioningTask(Task):
                              f"tasks.vocabulary.build_vocabulary, which adds it")
         return int(where[0])
 
-    def teacher_forced_logits(self, model, image: ImageEncoderOutput, rows: torch.Tensor | None,
-                              input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                              vocabulary: torch.Tensor | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """All next-word logits of N captions in one pass (training layout).
+    def teacher_forced_outputs(self, model, image: ImageEncoderOutput, rows: torch.Tensor | None,
+                               input_ids: torch.Tensor, attention_mask: torch.Tensor
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The predicting ``<SPE>`` outputs of N captions in one pass (training layout).
 
         Args:
             image: f_image of the B images.
             rows: (N,) long image row of each caption (None: caption n belongs to image n).
             input_ids, attention_mask: (N, L) tokenised captions, [start, w_1 .. w_n, end, padding].
-            vocabulary: (V, d) the vocabulary's targets when already computed (default
-                ``model.vocabulary_embeddings``).
 
         Returns:
-            logits (N, T, V) with T = L - 1 (row i predicts x_{i+1} = input_ids[:, i + 1]), targets (N, T) long
+            hidden (N, T, d) with T = L - 1 (row i predicts x_{i+1} = input_ids[:, i + 1]), targets (N, T) long
             vocabulary indices (``IGNORE_INDEX`` at padding and at words outside the vocabulary), MoE aux loss.
         """
         decoder = model.decoder
@@ -131,12 +128,21 @@ class CaptioningTask(Task):
         mask = autoregressive_mask(num_prefix, num_words).to(input_ids.device)
         out = build_sequence(prefix + [words, spes], self.name, is_input=True, attn_mask=mask).run(decoder)
         hidden = out.hidden[:, num_prefix + num_words:]                                       # (N, T, d)
-        if vocabulary is None:
-            vocabulary = model.vocabulary_embeddings(self.name)                               # (V, d)
-        logits = model.similarity(hidden.flatten(0, 1), vocabulary, self.name).view(*hidden.shape[:2], -1)
         lookup = vocabulary_lookup(model.vocabulary, model.text_encoder.vocab_size)
         targets = lookup[input_ids[:, 1:]].masked_fill(~word_mask, IGNORE_INDEX)
-        return logits, targets, out.aux_loss
+        return hidden, targets, out.aux_loss
+
+    def word_logits(self, model, hidden: torch.Tensor, vocabulary: torch.Tensor) -> torch.Tensor:
+        """v2 eq. (6) logits (N, T, V) of the outputs ``hidden`` (N, T, d) against the vocabulary's targets (V, d)."""
+        return model.similarity(hidden.flatten(0, 1), vocabulary, self.name).view(*hidden.shape[:2], -1)
+
+    def teacher_forced_logits(self, model, image: ImageEncoderOutput, rows: torch.Tensor | None,
+                              input_ids: torch.Tensor, attention_mask: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All next-word logits (N, T, V) of N captions in one pass, their targets (N, T) and the MoE aux loss
+        (:meth:`teacher_forced_outputs` against ``model.vocabulary_embeddings``)."""
+        hidden, targets, aux = self.teacher_forced_outputs(model, image, rows, input_ids, attention_mask)
+        return self.word_logits(model, hidden, model.vocabulary_embeddings(self.name)), targets, aux
 
     def next_word_logits(self, model, image: ImageEncoderOutput, rows: torch.Tensor | None,
                          generated: torch.Tensor) -> torch.Tensor:
@@ -171,10 +177,10 @@ class CaptioningTask(Task):
             raise ValueError("CaptioningTask.loss: the batch has no captions")
         image = model.encode_images(batch.images, batch.padding_mask)
         tokens = model.tokenize(batch.captions)
-        vocabulary = model.vocabulary_embeddings(self.name)
-        logits, targets, aux = self.teacher_forced_logits(model, image, batch.caption_image_index,
-                                                          tokens["input_ids"], tokens["attention_mask"], vocabulary)
-        logits, targets = logits.flatten(0, 1), targets.flatten()
+        hidden, targets, aux = self.teacher_forced_outputs(model, image, batch.caption_image_index,
+                                                           tokens["input_ids"], tokens["attention_mask"])
+        vocabulary = model.vocabulary_embeddings(self.name)                                   # (V, d)
+        logits, targets = self.word_logits(model, hidden, vocabulary).flatten(0, 1), targets.flatten()
         valid = targets != IGNORE_INDEX
         terms = {"loss_caption": unified_loss(logits[valid], targets[valid], self.config.label_smoothing),
                  "loss_moe_aux": aux}
