@@ -122,33 +122,43 @@ def model_and_config(quick_suite_model):
     return quick_suite_model
 
 
-def test_word_grounding_recounts_the_teacher_forced_probabilities(model_and_config):
-    """The totals over a split equal a direct recount from the task's own logits, image by image."""
+def _colour_choices_by_hand(model, task, batch, colour):
+    """[(reference value, chosen value, image id)] at every colour position of one batch, recounted from the task's
+    teacher-forced logits word by word (the slow path the benchmark is checked against)."""
+    with torch.no_grad():
+        image = model.encode_images(batch.images, batch.padding_mask)
+        tokens = model.tokenize(batch.captions)
+        logits, targets, _ = task.teacher_forced_logits(model, image, batch.caption_image_index,
+                                                        tokens["input_ids"], tokens["attention_mask"])
+    probabilities = logits.softmax(-1)
+    choices = []
+    for n, t in zip(*torch.nonzero(targets >= 0, as_tuple=True)):
+        value = colour.token_value.get(int(targets[n, t]))
+        if value is None:
+            continue
+        sums = [sum(float(probabilities[n, t, k]) for k, v in colour.token_value.items() if v == j)
+                for j in range(len(colour.values))]
+        picked = max(range(len(sums)), key=sums.__getitem__)
+        choices.append((value, picked, batch.image_ids[int(batch.caption_image_index[n])]))
+    return choices
+
+
+def _captioning_val(model, cfg):
     from uniperceiver_v2.engine.data_setup import build_task_dataset
     from uniperceiver_v2.tasks import TASKS
 
+    dataset = build_task_dataset(cfg, "captioning", "val", train=False)
+    colour = words.attribute_words(model.text_encoder.tokenizer, model.vocabulary, attribute="colour")
+    return dataset, TASKS["captioning"].from_dataset(cfg.tasks.captioning, dataset), colour
+
+
+def test_word_grounding_recounts_the_teacher_forced_probabilities(model_and_config):
+    """The totals over a split equal a direct recount from the task's own logits, image by image."""
     model, cfg = model_and_config
     result = words.word_grounding(model, cfg, "val", images=3, batch_size=2)
-    dataset = build_task_dataset(cfg, "captioning", "val", train=False)
-    task = TASKS["captioning"].from_dataset(cfg.tasks.captioning, dataset)
-    colour = words.attribute_words(model.text_encoder.tokenizer, model.vocabulary, attribute="colour")
-    right = positions = 0
-    with torch.no_grad():
-        for i in range(3):
-            batch = task.collate([dataset[i]])
-            image = model.encode_images(batch.images, batch.padding_mask)
-            tokens = model.tokenize(batch.captions)
-            logits, targets, _ = task.teacher_forced_logits(model, image, batch.caption_image_index,
-                                                            tokens["input_ids"], tokens["attention_mask"])
-            probabilities = logits.softmax(-1)
-            for n, t in zip(*torch.nonzero(targets >= 0, as_tuple=True)):
-                value = colour.token_value.get(int(targets[n, t]))
-                if value is None:
-                    continue
-                sums = [sum(float(probabilities[n, t, k]) for k, v in colour.token_value.items() if v == j)
-                        for j in range(len(colour.values))]
-                positions += 1
-                right += int(max(range(len(sums)), key=sums.__getitem__) == value)
+    dataset, task, colour = _captioning_val(model, cfg)
+    choices = [c for i in range(3) for c in _colour_choices_by_hand(model, task, task.collate([dataset[i]]), colour)]
+    positions, right = len(choices), sum(value == picked for value, picked, _ in choices)
     assert result["captions"] == 15 and result["colour"]["positions"] == positions > 0
     assert result["colour"]["right"] == right
     assert result["colour"]["chance"] == pytest.approx(1 / 10)
@@ -163,34 +173,15 @@ def test_in_image_rates_recount_from_the_annotations(model_and_config):
     """On the synthetic suite the in-image rates equal a recount of the chosen values against the instances file;
     every reference colour is one of its image's objects."""
     from uniperceiver_v2.data.suite import SyntheticSuite
-    from uniperceiver_v2.engine.data_setup import build_task_dataset
-    from uniperceiver_v2.tasks import TASKS
 
     model, cfg = model_and_config
     result = words.word_grounding(model, cfg, "val", images=3, batch_size=3)
     values = words.image_values(SyntheticSuite(cfg.data.root).instances_file("val"))
-    dataset = build_task_dataset(cfg, "captioning", "val", train=False)
-    task = TASKS["captioning"].from_dataset(cfg.tasks.captioning, dataset)
-    colour = words.attribute_words(model.text_encoder.tokenizer, model.vocabulary, attribute="colour")
-    chosen_in_image = positions = 0
-    with torch.no_grad():
-        batch = task.collate([dataset[i] for i in range(3)])
-        image = model.encode_images(batch.images, batch.padding_mask)
-        tokens = model.tokenize(batch.captions)
-        logits, targets, _ = task.teacher_forced_logits(model, image, batch.caption_image_index,
-                                                        tokens["input_ids"], tokens["attention_mask"])
-        probabilities = logits.softmax(-1)
-        for n, t in zip(*torch.nonzero(targets >= 0, as_tuple=True)):
-            if int(targets[n, t]) not in colour.token_value:
-                continue
-            sums = [sum(float(probabilities[n, t, k]) for k, v in colour.token_value.items() if v == j)
-                    for j in range(len(colour.values))]
-            picked = colour.values[max(range(len(sums)), key=sums.__getitem__)]
-            image_id = batch.image_ids[int(batch.caption_image_index[n])]
-            positions += 1
-            chosen_in_image += int(picked in values[image_id]["colour"])
-    assert result["colour"]["positions"] == positions > 0
-    assert result["colour"]["in_image"] == pytest.approx(chosen_in_image / positions)
+    dataset, task, colour = _captioning_val(model, cfg)
+    choices = _colour_choices_by_hand(model, task, task.collate([dataset[i] for i in range(3)]), colour)
+    chosen_in_image = sum(colour.values[picked] in values[image_id]["colour"] for _, picked, image_id in choices)
+    assert result["colour"]["positions"] == len(choices) > 0
+    assert result["colour"]["in_image"] == pytest.approx(chosen_in_image / len(choices))
     assert result["colour"]["reference_in_image"] == 1.0
     assert 0 < result["colour"]["in_image_majority"] <= 1
 
