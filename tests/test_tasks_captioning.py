@@ -36,11 +36,11 @@ def test_loss_is_finite_and_decreases_when_overfitting_one_batch():
     task = CaptioningTask(model.config.tasks.captioning)
     batch = task.collate(caption_samples(4))
     out = task.loss(model, batch)
-    assert set(out) >= {"loss", "loss_caption", "loss_moe_aux", "accuracy"}
+    assert set(out) >= {"loss", "loss_caption", "loss_moe_aux", "loss_uniformity", "accuracy"}   # the tiny preset's
     assert torch.isfinite(out["loss"])
-    # eq. (7) weighting: loss = w_k * (caption term + MoE aux)
-    assert out["loss"].item() == pytest.approx(
-        model.config.tasks.captioning.loss_weight * (out["loss_caption"] + out["loss_moe_aux"]).item(), rel=1e-6)
+    # eq. (7) weighting: loss = w_k * (caption term + MoE aux + the vocabulary's uniformity term)
+    assert out["loss"].item() == pytest.approx(model.config.tasks.captioning.loss_weight * (
+        out["loss_caption"] + out["loss_moe_aux"] + out["loss_uniformity"]).item(), rel=1e-6)
     losses = overfit(model, task, batch, steps=30, lr=3e-4)
     assert sum(losses[-5:]) / 5 < 0.75 * losses[0], losses
 

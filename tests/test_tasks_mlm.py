@@ -65,7 +65,9 @@ def test_loss_is_finite_and_decreases_with_a_fixed_mask():
     task = MaskedLanguageModelingTask(model.config.tasks.mlm)
     batch = task.collate(CAPTIONS)
     out = task.loss(model, batch)
-    assert set(out) == {"loss", "loss_mlm", "loss_moe_aux", "accuracy"} and torch.isfinite(out["loss"])
+    assert set(out) == {"loss", "loss_mlm", "loss_moe_aux", "loss_uniformity", "accuracy"}   # the tiny preset's
+    assert torch.isfinite(out["loss"])
+    model.config.decoder.vocabulary_uniformity = 0.0    # below: the MLM term alone (the uniformity term is negative)
 
     class FixedMask:                       # the same masked positions at every step: a truly fixed batch
         def loss(self, model, batch):
