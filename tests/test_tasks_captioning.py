@@ -46,8 +46,8 @@ def test_loss_is_finite_and_decreases_when_overfitting_one_batch():
 
 
 def test_vocabulary_uniformity_adds_its_weighted_term_to_the_captioning_and_mlm_losses():
-    """decoder.vocabulary_uniformity = w adds w * uniformity_loss(the vocabulary's targets) to both language losses
-    (inside the task's loss weight); 0 adds nothing."""
+    """decoder.vocabulary_uniformity = w adds w * (uniformity_loss(the vocabulary's targets) minus its lower bound)
+    to both language losses (inside the task's loss weight), so the term is >= 0; 0 adds nothing."""
     from uniperceiver_v2.tasks.losses import uniformity_loss
     from uniperceiver_v2.tasks.mlm import MaskedLanguageModelingTask
 
@@ -59,8 +59,11 @@ def test_vocabulary_uniformity_adds_its_weighted_term_to_the_captioning_and_mlm_
     for task, batch in ((captioning, captioning.collate(caption_samples(2))), (mlm, mlm.collate(CAPTIONS[:4]))):
         torch.manual_seed(0)
         out = task.loss(model, batch)
-        expected = 0.5 * uniformity_loss(model.vocabulary_embeddings(task.name))
+        vocabulary = model.vocabulary_embeddings(task.name)
+        count = vocabulary.shape[0]
+        expected = 0.5 * (uniformity_loss(vocabulary) + 2.0 * 2 * count / (count - 1))   # bound: -t 2M/(M-1)
         assert out["loss_uniformity"].item() == pytest.approx(expected.item(), rel=1e-5)
+        assert out["loss_uniformity"].item() > 0
         terms = sum(value for key, value in out.items() if key.startswith("loss_"))
         assert out["loss"].item() == pytest.approx(task.config.loss_weight * terms.item(), rel=1e-6)
     model.config.decoder.vocabulary_uniformity = 0.0

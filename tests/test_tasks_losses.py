@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from uniperceiver_v2.tasks.losses import IGNORE_INDEX, contrastive_loss, unified_loss, uniformity_loss
+from uniperceiver_v2.tasks.losses import (
+    IGNORE_INDEX,
+    contrastive_loss,
+    unified_loss,
+    uniformity_loss,
+    uniformity_lower_bound,
+    vocabulary_uniformity_term,
+)
 from uniperceiver_v2.tasks.retrieval import symmetric_retrieval_loss
 
 
@@ -94,6 +101,25 @@ def test_uniformity_loss_closed_forms_and_a_slow_reference():
     clustered = torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [0.01, 1.0]])
     spread = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
     assert uniformity_loss(spread) < uniformity_loss(clustered)
+
+
+def test_uniformity_lower_bound_holds_and_a_centred_simplex_attains_it():
+    """-t 2M/(M-1) bounds the uniformity from below (Jensen); the M vertices of a regular simplex centred on the
+    origin (e_i - 1/M, in M dimensions) meet it to rounding. The vocabulary's term is the loss above that bound."""
+    generator = torch.Generator().manual_seed(1)
+    for count, dim in ((2, 3), (5, 4), (40, 8), (40, 64)):
+        for t in (1.0, 2.0):
+            z = torch.randn(count, dim, generator=generator, dtype=torch.float64)
+            assert uniformity_loss(z, t).item() >= uniformity_lower_bound(count, t) - 1e-12
+            assert vocabulary_uniformity_term(z, 0.5, t).item() >= 0
+    for count in (2, 3, 7):
+        simplex = torch.eye(count, dtype=torch.float64) - 1.0 / count
+        assert uniformity_loss(simplex).item() == pytest.approx(uniformity_lower_bound(count), rel=1e-12)
+        assert vocabulary_uniformity_term(simplex, 3.0).item() == pytest.approx(0.0, abs=1e-10)
+    coinciding = torch.ones(4, 3, dtype=torch.float64)
+    assert vocabulary_uniformity_term(coinciding, 0.5).item() == pytest.approx(0.5 * 2.0 * 2 * 4 / 3, rel=1e-12)
+    with pytest.raises(ValueError, match="uniformity_lower_bound"):
+        uniformity_lower_bound(1)
 
 
 def test_uniformity_loss_gradient_and_bad_shapes():

@@ -67,7 +67,7 @@ def test_loss_is_finite_and_decreases_with_a_fixed_mask():
     out = task.loss(model, batch)
     assert set(out) == {"loss", "loss_mlm", "loss_moe_aux", "loss_uniformity", "accuracy"}   # the tiny preset's
     assert torch.isfinite(out["loss"])
-    model.config.decoder.vocabulary_uniformity = 0.0    # below: the MLM term alone (the uniformity term is negative)
+    model.config.decoder.vocabulary_uniformity = 0.0    # below: the MLM term alone (the targets move with the weights)
 
     class FixedMask:                       # the same masked positions at every step: a truly fixed batch
         def loss(self, model, batch):

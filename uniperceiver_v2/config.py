@@ -166,7 +166,8 @@ class DecoderConfig:
     # Weight of a uniformity term (Wang & Isola 2020, tasks.losses.uniformity_loss) on the vocabulary's targets
     # g(f(w)), added to the captioning and MLM losses; 0 = off (the paper has none). Our option: from scratch the
     # trained targets of the ten colour words reach cosine 0.997 with each other within 250 iterations, and the
-    # captioner then names colours at chance (docs/benchmarks.md, "The colour words' targets collapse").
+    # captioner then names colours at chance (docs/benchmarks.md, "The colour words' targets collapse"). The term
+    # is logged above its lower bound, so it is >= 0 (tasks.losses.vocabulary_uniformity_term).
     vocabulary_uniformity: float = 0.0
     moe: MoEConfig = field(default_factory=MoEConfig)
 

@@ -18,7 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IGNORE_INDEX", "contrastive_loss", "unified_loss", "uniformity_loss"]
+__all__ = ["IGNORE_INDEX", "contrastive_loss", "unified_loss", "uniformity_loss", "uniformity_lower_bound",
+           "vocabulary_uniformity_term"]
 
 # Targets equal to this index contribute neither to the loss nor to its mean (torch's default ignore_index).
 IGNORE_INDEX = -100
@@ -105,3 +106,23 @@ def uniformity_loss(embeddings: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     squared = (2 - 2 * z @ z.T).clamp_min(0)                       # |z_i - z_j|^2 of unit vectors
     off_diagonal = ~torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
     return torch.logsumexp(-t * squared[off_diagonal], dim=0) - math.log(int(off_diagonal.sum()))
+
+
+def uniformity_lower_bound(count: int, t: float = 2.0) -> float:
+    """The smallest value :func:`uniformity_loss` can take for ``count`` unit vectors: -t * 2 M / (M - 1).
+
+    By Jensen, log mean exp(-t d^2) >= -t mean d^2, and over the pairs i != j of M unit vectors
+    mean |z_i - z_j|^2 = (2 M^2 - 2 |sum_i z_i|^2) / (M (M - 1)) <= 2 M / (M - 1); both hold with equality for the
+    vertices of a regular simplex centred on the origin (M <= d + 1).
+    """
+    if count < 2:
+        raise ValueError(f"uniformity_lower_bound: expected at least 2 vectors, got {count}")
+    return -t * 2 * count / (count - 1)
+
+
+def vocabulary_uniformity_term(vocabulary: torch.Tensor, weight: float, t: float = 2.0) -> torch.Tensor:
+    """``decoder.vocabulary_uniformity``'s term of the captioning and MLM losses: ``weight`` times the uniformity
+    of the vocabulary's targets above its lower bound (:func:`uniformity_lower_bound`). The shift is a constant, so
+    the gradient is :func:`uniformity_loss`'s; it keeps the term, and so the logged language losses, >= 0 (0 only
+    for targets on a regular simplex), which their logarithmic curves need."""
+    return weight * (uniformity_loss(vocabulary, t) - uniformity_lower_bound(vocabulary.shape[0], t))
