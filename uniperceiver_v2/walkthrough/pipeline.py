@@ -96,8 +96,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "preset": "tiny",
         "iterations": 2700,               # box AP50 0.30: ~2000 with the mask head's embedding as appearance map
                                           # (0.295-0.322 in three runs); with the backbone's F_0 and the uniformity
-                                          # term 0.264 after 2100 and 0.298 after 2500 (docs/benchmarks.md, "The
-                                          # quick profile on both cores", "The quick profile with colour")
+                                          # term 0.264 after 2100, 0.298 after 2500 and 0.335 after 2700, 24.0
+                                          # minutes in all (docs/benchmarks.md, "The quick profile on both cores",
+                                          # "The quick profile with colour")
         "rpn_iterations": 300,
         "backbone_iterations": 800,       # 300 left classification at top-1 0.64 after 1000 iterations; 800: 0.94
         "ablation_iterations": None,
@@ -120,8 +121,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data_profile": "small",
         "data_root": "data/synthetic_small",   # its own folder: switching profiles must not regenerate
         "preset": "tiny",
-        "iterations": 10000,              # with the backbone's pre-training, an hour on the idle 2-core machine
-                                          # (two processes, below; ~0.32 s per iteration)
+        "iterations": 10000,              # with the backbone's pre-training, notebook 06 took 55 minutes on the
+                                          # idle 2-core machine (two processes, below; 0.30 s per iteration;
+                                          # docs/benchmarks.md, "The small profile as `make reproduce
+                                          # PROFILE=small` runs it")
         "rpn_iterations": 2000,
         "backbone_iterations": 800,
         "ablation_iterations": 3500,      # notebook 09: batches per ablation run (rows: ablations.PROFILE_PLANS):
