@@ -400,7 +400,9 @@ def test_region_appearance_from_the_backbone_reads_its_stride_4_map():
 def test_fusion_options_in_the_image_encoder_and_the_config():
     from uniperceiver_v2.config import ConfigError, load_config
 
-    model = ImageEncoder(tiny_cfg(mask_pooling="box", region_appearance_size=3)).train()
+    # the appearance term on the mask head's per-pixel embedding (the tiny preset reads F_0, tested above)
+    model = ImageEncoder(tiny_cfg(mask_pooling="box", region_appearance_size=3,
+                                  region_appearance_source="pixel_embedding")).train()
     images, padding, targets = _batch()
     out = model(images, padding, targets)
     out.tokens[:, out.num_global:].square().sum().backward()

@@ -271,12 +271,17 @@ def test_fusion_gradients_skip_box_mask_and_objectness_parts():
     # Only through q^sem: the box, mask and objectness heads produce detached or top-k-selected values.
     for part in ("box_head", "mask_head", "objectness_head", "enc_output", "enc_output_norm"):
         assert norms[f"region_proposals.{part}"] == 0.0, part
-    # With the appearance term (the tiny preset) the mask head's per-pixel embedding is read by the tokens, so it
-    # gets a gradient; the other heads still get none.
-    appearance = fusion_gradient_norms(micro_encoder(region_appearance_size=2).eval(), torch.randn(1, 3, 64, 64))
+    # With the appearance term on the mask head's per-pixel embedding, the tokens read that embedding, so the mask
+    # head gets a gradient; the other heads still get none. On F_0 (the tiny preset) the mask head gets none.
+    appearance = fusion_gradient_norms(
+        micro_encoder(region_appearance_size=2, region_appearance_source="pixel_embedding").eval(),
+        torch.randn(1, 3, 64, 64))
     assert appearance["region_proposals.mask_head"] > 0.0
     for part in ("box_head", "objectness_head", "enc_output", "enc_output_norm"):
         assert appearance[f"region_proposals.{part}"] == 0.0, part
+    on_f0 = fusion_gradient_norms(micro_encoder(region_appearance_size=2, region_appearance_source="backbone").eval(),
+                                  torch.randn(1, 3, 64, 64))
+    assert on_f0["region_proposals.mask_head"] == 0.0 and on_f0["backbone"] > 0.0
     assert norms["global_representations"] == 0.0                 # the global tokens are not in the loss
     for part in ("region_proposals.fusion", "region_proposals.decoder", "region_proposals.encoder",
                  "region_proposals.query_embed", "backbone"):
