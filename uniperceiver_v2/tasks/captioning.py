@@ -42,7 +42,7 @@ from uniperceiver_v2.modeling.attention_masks import autoregressive_mask
 from uniperceiver_v2.modeling.decoder_inputs import Segment, build_sequence, image_segment, spe_segment, text_segment
 from uniperceiver_v2.modeling.image_encoder import ImageEncoderOutput
 from uniperceiver_v2.tasks.base import Task
-from uniperceiver_v2.tasks.losses import IGNORE_INDEX, unified_loss, vocabulary_uniformity_term
+from uniperceiver_v2.tasks.losses import IGNORE_INDEX, unified_loss, vocabulary_uniformity_terms
 from uniperceiver_v2.tasks.vocabulary import end_token_id, start_token_id, vocabulary_lookup
 
 __all__ = ["CaptioningTask", "CaptioningTaskBatch"]
@@ -184,9 +184,7 @@ class CaptioningTask(Task):
         valid = targets != IGNORE_INDEX
         terms = {"loss_caption": unified_loss(logits[valid], targets[valid], self.config.label_smoothing),
                  "loss_moe_aux": aux}
-        uniformity = model.config.decoder.vocabulary_uniformity
-        if uniformity > 0:
-            terms["loss_uniformity"] = vocabulary_uniformity_term(vocabulary, uniformity)
+        terms.update(vocabulary_uniformity_terms(vocabulary, model.config.decoder.vocabulary_uniformity))
         accuracy = (logits[valid].argmax(1) == targets[valid]).float().mean().detach()
         return {**terms, "accuracy": accuracy, "loss": self.weighted_total(terms)}
 

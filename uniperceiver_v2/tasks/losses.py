@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["IGNORE_INDEX", "contrastive_loss", "unified_loss", "uniformity_loss", "uniformity_lower_bound",
-           "vocabulary_uniformity_term"]
+           "vocabulary_uniformity_term", "vocabulary_uniformity_terms"]
 
 # Targets equal to this index contribute neither to the loss nor to its mean (torch's default ignore_index).
 IGNORE_INDEX = -100
@@ -126,3 +126,9 @@ def vocabulary_uniformity_term(vocabulary: torch.Tensor, weight: float, t: float
     the gradient is :func:`uniformity_loss`'s; it keeps the term, and so the logged language losses, >= 0 (0 only
     for targets on a regular simplex), which their logarithmic curves need."""
     return weight * (uniformity_loss(vocabulary, t) - uniformity_lower_bound(vocabulary.shape[0], t))
+
+
+def vocabulary_uniformity_terms(vocabulary: torch.Tensor, weight: float) -> dict[str, torch.Tensor]:
+    """The language tasks' ``loss_uniformity`` entry: ``{"loss_uniformity": vocabulary_uniformity_term(...)}``, or
+    no entry when ``weight`` (``decoder.vocabulary_uniformity``) is 0."""
+    return {"loss_uniformity": vocabulary_uniformity_term(vocabulary, weight)} if weight > 0 else {}

@@ -33,7 +33,7 @@ from uniperceiver_v2.data.collate import collate_text
 from uniperceiver_v2.modeling.attributes import MODALITY_IDS
 from uniperceiver_v2.modeling.decoder_inputs import Segment, build_sequence, spe_segment, text_segment
 from uniperceiver_v2.tasks.base import Task
-from uniperceiver_v2.tasks.losses import IGNORE_INDEX, unified_loss, vocabulary_uniformity_term
+from uniperceiver_v2.tasks.losses import IGNORE_INDEX, unified_loss, vocabulary_uniformity_terms
 from uniperceiver_v2.tasks.vocabulary import vocabulary_lookup
 
 __all__ = ["MLMTaskBatch", "MaskedLanguageModelingTask", "choose_masked_positions", "sentence_draws"]
@@ -153,9 +153,7 @@ class MaskedLanguageModelingTask(Task):
     def loss(self, model, batch: MLMTaskBatch) -> dict[str, torch.Tensor]:
         logits, _, targets, aux, vocabulary = self._forward(model, batch.texts, fixed_masks=False)
         terms = {"loss_mlm": unified_loss(logits, targets, self.config.label_smoothing), "loss_moe_aux": aux}
-        uniformity = model.config.decoder.vocabulary_uniformity
-        if uniformity > 0:
-            terms["loss_uniformity"] = vocabulary_uniformity_term(vocabulary, uniformity)
+        terms.update(vocabulary_uniformity_terms(vocabulary, model.config.decoder.vocabulary_uniformity))
         accuracy = ((logits.argmax(1) == targets) & (targets != IGNORE_INDEX)).float().mean().detach()
         return {**terms, "accuracy": accuracy, "loss": self.weighted_total(terms)}
 
