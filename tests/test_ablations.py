@@ -203,12 +203,14 @@ def test_profile_plan():
     assert set(smoke) == {"tab2", "tab4"} and all(len(rows) >= 2 for rows in smoke.values())
     assert A.profile_plan("quick") == {"tab2": smoke["tab2"]}      # beside notebook 06: no two-process runs
     assert A.profile_plan("paper") == {key: tuple(r.name for r in t.rows) for key, t in A.TABLES.items()}
-    # the small profile: Tab. 2 and Tab. 3's MoE question, four distinct trainings (the full model shared), five
-    # with the baseline's second seed
+    # the small profile: Tab. 2, Tab. 3's MoE question and "w/o Classification": five distinct trainings (the full
+    # model shared), six with the baseline's second seed: three rounds of two on two cores
     small = A.profile_plan("small")
-    assert small == {"tab2": ("Global", "Regional", "Global + Regional"), "tab3": ("All Tasks", "All Tasks w/ MoE")}
+    assert small == {"tab2": ("Global", "Regional", "Global + Regional"),
+                     "tab3": ("All Tasks", "w/o Classification", "All Tasks w/ MoE")}
     settings = _settings(Path("/tmp"))
-    assert len({_key(run, settings) for run in A.plan_runs(small, settings)}) == 5
+    assert len({_key(run, settings) for run in A.plan_runs(small, settings)}) == 6
+    small = {**small, "tab3": ("All Tasks", "All Tasks w/ MoE")}
     # Adding Tab. 4 and 5 (tables=[...] or a plan like this one): eleven distinct trainings with nproc 1. The full
     # model is shared by Tab. 2 and 3; Tab. 4's rows run on two processes (so "unmixed + gather" gathers and is its
     # own run) with 2 batches per iteration, so its full model is its own, and Tab. 5's rows train the text encoder

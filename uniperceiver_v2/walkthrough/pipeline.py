@@ -128,7 +128,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "rpn_iterations": 2000,
         "backbone_iterations": 800,
         "ablation_iterations": 3500,      # notebook 09: batches per ablation run (rows: ablations.PROFILE_PLANS):
-                                          # five runs, two at a time, in under 120 minutes on two cores
+                                          # six runs, two at a time, in under 120 minutes on two cores
         "ablation_data_root": None,
         "ablation_data_profile": None,
         "nproc": 1,
