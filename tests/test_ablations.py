@@ -1042,3 +1042,94 @@ def test_a_notebook_progress_bar_becomes_a_line_of_text_when_its_run_stops(tmp_p
     assert updates == [({"text/plain": "tab2/global: 16/16 iterations"}, True)]
     progress.stop("tab2/global")                                       # stopped once: nothing more
     assert len(updates) == 1
+
+
+# ------------------------------------------------------------------------------------------ task interference
+def test_interference_is_measured_on_runs_of_several_tasks_and_shared(tmp_path, fake_trainer, monkeypatch):
+    calls = []
+
+    def fake_interference(checkpoint, num_batches, threads=None):
+        calls.append((Path(checkpoint).parent.name, num_batches, threads))
+        assert (Path(checkpoint) / "iter_1").is_dir()       # measured before the checkpoints are deleted
+        return {"tasks": ["a", "b"], "matrix": [[1.0, -0.5], [0.25, 1.0]], "parameters": ["decoder"],
+                "num_batches": num_batches, "split": "train"}
+
+    monkeypatch.setattr(A, "run_interference", fake_interference)
+    settings = _settings(tmp_path, interference_batches=4, threads=1)
+    runs = [_run("tab2/global_regional"), _run("tab3/all_tasks_w_moe"), _run("tab3/single_task/classification")]
+    results = A.run_ablations(runs, settings, keep_checkpoints=False, log=None)
+    assert calls == [("global_regional", 4, 1)]        # one task: no interference; the shared row is not re-measured
+    assert results["tab3/all_tasks_w_moe"]["interference"] == results["tab2/global_regional"]["interference"]
+    assert "interference" not in results["tab3/single_task/classification"]
+    assert not (settings.root / "tab2" / "global_regional" / "checkpoints").exists()
+    # the table lists the run that trained it once, with the mean over the ordered pairs: (-0.5 + 0.25) / 2
+    table = A.interference_table(results)
+    assert [row[0] for row in table["rows"]] == ["tab2/global_regional"]
+    assert table["rows"][0][2] == -0.125 and table["rows"][0][3] == "a -> b (-0.50)"
+    assert table["rows"][0][4] == "b -> a (+0.25)"
+    figure = A.interference_figure(results, ["tab3/all_tasks", "tab3/all_tasks_w_moe"])
+    assert len(figure.axes) == 2                          # one matrix and the shared colour bar
+    assert A.interference_figure(results, ["tab3/all_tasks"]) is None
+    # interference does not change what is trained: the run keys are those without it
+    assert A.run_key(A.build_config(runs[0], settings), 1) == A.run_key(
+        A.build_config(runs[0], _settings(tmp_path, threads=1)), 1)
+
+
+def test_interference_settings_and_summaries():
+    with pytest.raises(ValueError, match="interference_batches"):
+        A.AblationSettings(run_dir="/tmp", interference_batches=1)
+    assert A.mean_interference({"matrix": [[1.0, 0.2, -0.4], [0.0, 1.0, 0.6], [0.3, 0.5, 1.0]]}) == pytest.approx(
+        (0.2 - 0.4 + 0.0 + 0.6 + 0.3 + 0.5) / 6)
+    assert A.mean_interference({"error": "no gradient", "num_batches": 2}) is None
+    table = A.interference_table({"r": {"shared_with": None, "interference": {"error": "zero gradient",
+                                                                              "num_batches": 2}}})
+    assert table["rows"] == [["r", 2, None, None, None, "not measured: zero gradient"]]
+
+
+@pytest.mark.slow
+def test_run_interference_matches_a_float64_slow_path(synthetic_root, tmp_path):
+    """run_interference on a real (2-iteration) checkpoint against MoE eq. (2) computed pair by pair in float64
+    from the same batches: I(i -> j) = mean over batch pairs of g_j . d_i over mean over pairs n != m of
+    g_j^n . d_j^m."""
+    from uniperceiver_v2.bench import model_of_checkpoint
+    from uniperceiver_v2.engine.data_setup import TaskStream, build_task_dataset
+    from uniperceiver_v2.engine.runtime import move_to_device
+    from uniperceiver_v2.tasks import TASKS
+
+    settings = A.AblationSettings(run_dir=tmp_path, data_root=synthetic_root, data_profile="quick", iterations=2,
+                                  scale=A.QUICK_SCALE, threads=1, parallel=1, interference_batches=3)
+    result = A.run_ablation(_run("tab2/global"), settings, keep_checkpoints=True, log=None)
+    measured = result["interference"]
+    assert measured["tasks"] == ["classification", "captioning", "retrieval"] and measured["num_batches"] == 3
+    checkpoints = settings.root / "tab2" / "global" / "checkpoints"
+    again = A.run_interference(checkpoints, 3, threads=1)
+    assert again == measured                              # same batches, same seed: the same matrix
+
+    model, cfg = model_of_checkpoint(checkpoints)
+    params = [p for name, p in model.named_parameters() if p.requires_grad and name.startswith("decoder.")]
+    streams = {}
+    for name in measured["tasks"]:
+        dataset = build_task_dataset(cfg, name, "train", train=True)
+        task = TASKS[name].from_dataset(cfg.tasks.get(name), dataset)
+        streams[name] = (task, TaskStream(name, dataset, task.collate, cfg.tasks.get(name).batch_size,
+                                          seed=cfg.run.seed))
+    model.train()
+    torch.manual_seed(cfg.run.seed)
+    grads = {name: [] for name in measured["tasks"]}
+    for _ in range(3):
+        for name, (task, stream) in streams.items():
+            loss = task.loss(model, move_to_device(next(stream), model.device))["loss"]
+            flat = torch.autograd.grad(loss, params, allow_unused=True)
+            grads[name].append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+                                          for g, p in zip(flat, params)]))
+    names = measured["tasks"]
+    for i, source in enumerate(names):
+        for j, target in enumerate(names):
+            if i == j:
+                assert measured["matrix"][i][j] == 1.0
+                continue
+            cross = [g @ (d / d.norm()) for g in grads[target] for d in grads[source]]
+            own = [g @ (d / d.norm()) for n, g in enumerate(grads[target]) for m, d in enumerate(grads[target])
+                   if n != m]
+            expected = float(sum(cross) / len(cross) / (sum(own) / len(own)))
+            assert measured["matrix"][i][j] == pytest.approx(expected, rel=1e-3, abs=1e-3)

@@ -49,6 +49,7 @@ __all__ = [
     "AGREEMENT_GOAL",
     "BASELINE",
     "FULL_MODEL_ROWS",
+    "INTERFERENCE_PARAMETERS",
     "MARKS",
     "NOISE_FLOOR",
     "NOTABLE_GAP",
@@ -69,7 +70,10 @@ __all__ = [
     "full_model_result",
     "gap_agreement",
     "gap_directions",
+    "interference_figure",
+    "interference_table",
     "load_result",
+    "mean_interference",
     "noise_band",
     "noise_runs",
     "plan_runs",
@@ -77,6 +81,7 @@ __all__ = [
     "resolve_parallel",
     "run_ablation",
     "run_ablations",
+    "run_interference",
     "run_key",
     "run_nproc",
     "run_overrides",
@@ -361,6 +366,9 @@ class AblationSettings:
             processes).
         noise_seeds: the seeds the baseline row (:data:`BASELINE`, the full default model) is trained with to
             measure the noise band (:func:`noise_runs`, :func:`noise_band`); () measures none.
+        interference_batches: N of the MoE paper's task-interference metric, measured on every finished run of
+            two tasks or more before its checkpoints go (:func:`run_interference`, stored as the result's
+            ``interference``); 0 measures nothing. It does not change the training (not part of :func:`run_key`).
     """
 
     run_dir: str | os.PathLike
@@ -375,6 +383,7 @@ class AblationSettings:
     threads: int | None = None
     parallel: int | None = None
     noise_seeds: tuple[int, ...] = (0, 1)
+    interference_batches: int = 0
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -385,6 +394,9 @@ class AblationSettings:
             raise ValueError(f"AblationSettings.threads: must be >= 1 or None, got {self.threads}")
         if self.parallel is not None and self.parallel < 1:
             raise ValueError(f"AblationSettings.parallel: must be >= 1 or None, got {self.parallel}")
+        if self.interference_batches == 1 or self.interference_batches < 0:
+            raise ValueError(f"AblationSettings.interference_batches: must be 0 (off) or >= 2 (the diagonal needs two "
+                             f"batches), got {self.interference_batches}")
         seeds = tuple(self.noise_seeds)
         if len(set(seeds)) != len(seeds) or not all(isinstance(seed, int) for seed in seeds):
             raise ValueError(f"AblationSettings.noise_seeds: distinct integers expected, got {self.noise_seeds}")
@@ -755,6 +767,8 @@ def _reuse(run: AblationRun, cfg: Config, key: str, settings: AblationSettings,
     record = _base_record(run, cfg, key, settings)
     record.update({k: source[k] for k in ("metrics", "final_losses", "train_seconds", "wall_seconds")},
                   finished=_now(), shared_with=source["run"])
+    if "interference" in source:
+        record["interference"] = source["interference"]
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / RESULT_FILE, record)
     return record
@@ -787,10 +801,90 @@ def _finish(job: _Job, settings: AblationSettings, keep_checkpoints: bool, wall_
     record = _base_record(job.run, job.cfg, job.key, settings)
     record.update(metrics=json.loads(eval_path.read_text())["results"], final_losses=losses, train_seconds=seconds,
                   wall_seconds=round(wall_seconds, 2), finished=_now(), shared_with=None)
+    if settings.interference_batches and len(job.cfg.tasks.names()) >= 2:
+        record["interference"] = run_interference(job.folder / "checkpoints", settings.interference_batches,
+                                                  threads=settings.threads)
     _write_json(job.folder / RESULT_FILE, record)
     if not keep_checkpoints:
         shutil.rmtree(job.folder / "checkpoints", ignore_errors=True)
     return record
+
+
+# The parameters the task-interference metric is taken on: the unified decoder, the part every task shares and the
+# MoE replaces (the MoE paper measures single FFN blocks of its shared encoder).
+INTERFERENCE_PARAMETERS: tuple[str, ...] = ("decoder",)
+
+
+def run_interference(checkpoint: str | os.PathLike, num_batches: int, split: str = "train",
+                     parameters: Sequence[str] = INTERFERENCE_PARAMETERS, threads: int | None = None,
+                     overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The MoE paper's task-interference matrix I(i -> j) (its Sec. 3.1, :func:`~.interference.task_interference`)
+    of a trained run, between the tasks its config enables.
+
+    Each task draws ``num_batches`` fresh training batches from its own stream (the trainer's ``TaskStream``,
+    seeded with ``run.seed``, the training transforms), the model in training mode as the trainer runs it; the
+    gradients are taken on ``parameters`` only and the model is not changed.
+
+    Args:
+        checkpoint: a run folder, its ``checkpoints`` folder or one checkpoint.
+        num_batches: N batches per task (the MoE paper: 100); at least 2.
+        split: the data split the batches come from.
+        parameters: parameter-name prefixes (default: the unified decoder).
+        threads: torch threads for the measurement (None: leave torch's setting).
+        overrides: config overrides (e.g. ``data.root=...`` when the suite has moved).
+
+    Returns:
+        ``{"tasks": [K names], "matrix": K x K list (row i = the task trained, column j = the task affected),
+        "parameters": [...], "num_batches": N, "split": split}``, or, when the metric is undefined for this model
+        (a task with no gradient on the parameters, or whose own gradients disagree across batches, so that the
+        normaliser of the MoE paper's ratio is not positive), ``{"error": the reason, ...}`` with the same other keys
+        and no matrix.
+    """
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    from ..bench import model_of_checkpoint
+    from ..engine.data_setup import TaskStream, build_task_dataset
+    from ..engine.runtime import move_to_device
+    from ..tasks import TASKS
+    from .interference import task_interference
+
+    if num_batches < 2:
+        raise ValueError(f"run_interference: num_batches must be >= 2, got {num_batches}")
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    bar_was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()      # the text encoder's "Loading weights" bar, in a notebook
+    try:
+        model, cfg = model_of_checkpoint(checkpoint, list(overrides))
+        names = list(cfg.tasks.names())
+        losses = {}
+        for name in names:
+            task_cfg = cfg.tasks.get(name)
+            dataset = build_task_dataset(cfg, name, split, train=True)
+            task = TASKS[name].from_dataset(task_cfg, dataset)
+            stream = TaskStream(name, dataset, task.collate, task_cfg.batch_size, seed=cfg.run.seed)
+
+            def loss(task=task, stream=stream):
+                return task.loss(model, move_to_device(next(stream), model.device))["loss"]
+
+            losses[name] = loss
+        record: dict[str, Any] = {"tasks": names, "parameters": list(parameters), "num_batches": num_batches,
+                                  "split": split}
+        model.train()
+        torch.manual_seed(cfg.run.seed)
+        try:
+            measured = task_interference(model, losses, list(parameters), num_batches)
+        except ValueError as error:
+            record["error"] = str(error)
+        else:
+            record["matrix"] = [[round(float(v), 4) for v in row] for row in measured.matrix.tolist()]
+        return record
+    finally:
+        torch.set_num_threads(previous_threads)
+        if bar_was_enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def run_ablation(run: AblationRun, settings: AblationSettings, keep_checkpoints: bool = True,
@@ -1485,3 +1579,61 @@ def full_model_result(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any
         if name in results:
             return dict(results[name])
     return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Task interference of the trained runs
+# --------------------------------------------------------------------------------------------------------------
+def mean_interference(measured: Mapping[str, Any]) -> float | None:
+    """The mean of I(i -> j) over the ordered pairs i != j of one run's :func:`run_interference` record (None when
+    it holds no matrix): > 0, the tasks on average help each other on the measured parameters; < 0, they hurt."""
+    matrix = measured.get("matrix")
+    if not matrix or len(matrix) < 2:
+        return None
+    values = [value for i, row in enumerate(matrix) for j, value in enumerate(row) if i != j]
+    return sum(values) / len(values)
+
+
+def interference_table(results: Mapping[str, Mapping[str, Any]]) -> dict[str, list]:
+    """One line per run whose result holds a task-interference measurement (:func:`run_interference`): N, the mean
+    I(i -> j) over pairs, the pair that hurts most and the pair that helps most, or why it could not be measured.
+    Runs that share a training appear once, under the run that trained it."""
+    rows = []
+    for name, result in results.items():
+        measured = result.get("interference")
+        if measured is None or result.get("shared_with"):
+            continue
+        if "matrix" not in measured:
+            rows.append([name, measured["num_batches"], None, None, None, f"not measured: {measured.get('error')}"])
+            continue
+        tasks, matrix = measured["tasks"], measured["matrix"]
+        pairs = [(matrix[i][j], f"{tasks[i]} -> {tasks[j]}") for i in range(len(tasks)) for j in range(len(tasks))
+                 if i != j]
+        worst, best = min(pairs), max(pairs)
+        rows.append([name, measured["num_batches"], round(mean_interference(measured), 3),
+                     f"{worst[1]} ({worst[0]:+.2f})", f"{best[1]} ({best[0]:+.2f})", ""])
+    return {"columns": ["run", "N", "mean I(i -> j), i != j", "most negative", "most positive", "note"],
+            "rows": rows}
+
+
+def interference_figure(results: Mapping[str, Mapping[str, Any]], runs: Sequence[str]):
+    """The interference matrices of ``runs`` (those among ``results`` that hold one) side by side on one colour
+    scale (``viz.plot_interference``); None when none of them does."""
+    from matplotlib.figure import Figure
+
+    from ..viz.optim import plot_interference
+
+    shown = [(name, results[name]["interference"]) for name in runs
+             if name in results and "matrix" in (results[name].get("interference") or {})]
+    if not shown:
+        return None
+    limit = max(0.1, *(abs(value) for _, measured in shown for i, row in enumerate(measured["matrix"])
+                       for j, value in enumerate(row) if i != j))
+    size = 1.8 + 0.75 * max(len(measured["tasks"]) for _, measured in shown)
+    figure = Figure(figsize=(size * len(shown) + 1.4, size), layout="constrained")
+    axes = figure.subplots(1, len(shown), squeeze=False)[0]
+    for ax, (name, measured) in zip(axes, shown):
+        plot_interference(measured["matrix"], measured["tasks"], title=f"{name} (N = {measured['num_batches']})",
+                          limit=limit, ax=ax, colorbar=False)
+    figure.colorbar(axes[0].images[0], ax=list(axes), shrink=0.85, label="I(i -> j)")
+    return figure
