@@ -3,8 +3,9 @@ two processes, the other tables' the study's, whose keys did not change), the ru
 (finished runs are skipped, identical trainings shared, stale folders cleared, interrupted runs resumed), the
 parallel scheduler on fake trainings (never more processes than slots, a two-process run counted as two, shared
 keys trained once, failures named),
-the noise band and the three-way marks on hand-made results, and the table builder on fake results. Two slow tests
-train real (tiny) runs: one in this process, one as a subprocess that is stopped midway and resumed."""
+the noise band and the three-way marks on hand-made results, the table builder on fake results, and the task
+interference of the trained runs. Three slow tests train real (tiny) runs: one in this process, one as a subprocess
+that is stopped midway and resumed, one whose interference matrix is checked against a float64 slow path."""
 
 from __future__ import annotations
 
@@ -1084,6 +1085,14 @@ def test_interference_settings_and_summaries():
     table = A.interference_table({"r": {"shared_with": None, "interference": {"error": "zero gradient",
                                                                               "num_batches": 2}}})
     assert table["rows"] == [["r", 2, None, None, None, "not measured: zero gradient"]]
+    # a task whose own gradients disagree across batches: its column is None, left out of the mean and the pairs
+    measured = {"tasks": ["a", "b", "c"], "matrix": [[1.0, None, 0.5], [0.2, None, -0.1], [0.4, None, 1.0]],
+                "undefined": ["b"], "num_batches": 16}
+    assert A.mean_interference(measured) == pytest.approx((0.5 + 0.2 - 0.1 + 0.4) / 4)
+    (row,) = A.interference_table({"r": {"shared_with": None, "interference": measured}})["rows"]
+    assert row[3] == "b -> c (-0.10)" and row[4] == "a -> c (+0.50)" and "column(s) b undefined" in row[5]
+    figure = A.interference_figure({"r": {"interference": measured}}, ["r"])
+    assert [text.get_text() for text in figure.axes[0].texts].count("n/a") == 3
 
 
 @pytest.mark.slow
@@ -1101,6 +1110,7 @@ def test_run_interference_matches_a_float64_slow_path(synthetic_root, tmp_path):
     result = A.run_ablation(_run("tab2/global"), settings, keep_checkpoints=True, log=None)
     measured = result["interference"]
     assert measured["tasks"] == ["classification", "captioning", "retrieval"] and measured["num_batches"] == 3
+    assert measured["undefined"] == [], measured        # a run of two iterations: every task's gradients agree
     checkpoints = settings.root / "tab2" / "global" / "checkpoints"
     again = A.run_interference(checkpoints, 3, threads=1)
     assert again == measured                              # same batches, same seed: the same matrix

@@ -139,3 +139,24 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="does not require grad"):
         task_interference(model, {"t": no_grad_loss}, num_batches=2)
     assert math.isfinite(task_interference(model, closures, num_batches=2).matrix.item())
+
+
+def test_a_task_whose_gradients_disagree_leaves_only_its_column_undefined():
+    """Task "noisy" has no mean gradient (pure noise of norm 1 along +-e_2), so its normaliser E[g . d'] is <= 0;
+    with undefined="nan" its column is NaN and the other entries keep their closed form."""
+    model = LinearTasks(3)
+    a = torch.tensor([1.0, 0.0, 0.0])
+    b = torch.tensor([1.0, 1.0, 0.0]) / math.sqrt(2.0)
+    signs = iter([1.0, -1.0] * 4)
+    closures = {"a": lambda: a @ model.theta, "b": lambda: b @ model.theta,
+                "noisy": lambda: next(signs) * model.theta[2]}
+    with pytest.raises(ValueError, match="task 'noisy'"):
+        task_interference(model, closures, parameters="theta", num_batches=2)
+    signs = iter([1.0, -1.0] * 4)
+    result = task_interference(model, closures, parameters="theta", num_batches=2, undefined="nan")
+    assert torch.isnan(result.matrix[:, 2]).all()
+    # I(a -> b) = b . a / (b . b) = cos = 1 / sqrt(2); I(b -> a) = a . b / |b| / (a . a) = 1 / sqrt(2)
+    assert result["a", "b"] == pytest.approx(1 / math.sqrt(2)) and result["b", "a"] == pytest.approx(1 / math.sqrt(2))
+    assert result["noisy", "a"] == pytest.approx(0.0, abs=1e-12)       # its row stays defined: orthogonal to a
+    with pytest.raises(ValueError, match="undefined"):
+        task_interference(model, closures, parameters="theta", num_batches=2, undefined="skip")

@@ -248,7 +248,8 @@ def plot_interference(matrix: Any, task_names: Sequence[str], title: str | None 
             is ``ax.images[0]``, e.g. ``fig.colorbar(axes[0].images[0], ax=axes, label="I(i -> j)")``).
 
     The diagonal (1 by definition) is drawn in grey, so the colour scale, symmetric around 0 (red: helps,
-    blue: hurts), is spent on the off-diagonal entries.
+    blue: hurts), is spent on the off-diagonal entries. A NaN entry (a task whose column is undefined,
+    ``task_interference(..., undefined="nan")``) is left blank and labelled "n/a".
     """
     values = to_numpy(matrix).astype(np.float64)
     if values.ndim != 2 or values.shape[0] != values.shape[1]:
@@ -275,8 +276,8 @@ def plot_interference(matrix: Any, task_names: Sequence[str], title: str | None 
     for i in range(len(values)):
         for j in range(len(values)):
             strong = off_diagonal[i, j] and abs(values[i, j]) > 0.6 * limit
-            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if strong else "black")
+            label = f"{values[i, j]:.2f}" if np.isfinite(values[i, j]) else "n/a"
+            ax.text(j, i, label, ha="center", va="center", fontsize=8, color="white" if strong else "black")
     ax.set_xticks(range(len(values)), list(task_names), rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(values)), list(task_names), fontsize=8)
     ax.set_xlabel("task j (affected)")

@@ -835,10 +835,10 @@ def run_interference(checkpoint: str | os.PathLike, num_batches: int, split: str
 
     Returns:
         ``{"tasks": [K names], "matrix": K x K list (row i = the task trained, column j = the task affected),
-        "parameters": [...], "num_batches": N, "split": split}``, or, when the metric is undefined for this model
-        (a task with no gradient on the parameters, or whose own gradients disagree across batches, so that the
-        normaliser of the MoE paper's ratio is not positive), ``{"error": the reason, ...}`` with the same other keys
-        and no matrix.
+        "undefined": [tasks], "parameters": [...], "num_batches": N, "split": split}``. A task in ``undefined`` has
+        gradients that disagree from batch to batch (the normaliser of the MoE paper's ratio, E[g_j . d_j'], is
+        not positive), so its column holds None; its row, its effect on the others, is measured. When a task has no
+        gradient on the parameters at all, ``{"error": the reason, ...}`` with the other keys and no matrix.
     """
     import torch
     from transformers.utils import logging as transformers_logging
@@ -875,11 +875,13 @@ def run_interference(checkpoint: str | os.PathLike, num_batches: int, split: str
         model.train()
         torch.manual_seed(cfg.run.seed)
         try:
-            measured = task_interference(model, losses, list(parameters), num_batches)
+            measured = task_interference(model, losses, list(parameters), num_batches, undefined="nan")
         except ValueError as error:
             record["error"] = str(error)
         else:
-            record["matrix"] = [[round(float(v), 4) for v in row] for row in measured.matrix.tolist()]
+            record["matrix"] = [[round(v, 4) if math.isfinite(v) else None for v in row]
+                                for row in measured.matrix.tolist()]
+            record["undefined"] = [name for k, name in enumerate(names) if record["matrix"][k][k] is None]
         return record
     finally:
         torch.set_num_threads(previous_threads)
@@ -1586,12 +1588,13 @@ def full_model_result(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any
 # --------------------------------------------------------------------------------------------------------------
 def mean_interference(measured: Mapping[str, Any]) -> float | None:
     """The mean of I(i -> j) over the ordered pairs i != j of one run's :func:`run_interference` record (None when
-    it holds no matrix): > 0, the tasks on average help each other on the measured parameters; < 0, they hurt."""
+    it holds no matrix): > 0, the tasks on average help each other on the measured parameters; < 0, they hurt.
+    Pairs whose target task is undefined (None) are left out."""
     matrix = measured.get("matrix")
     if not matrix or len(matrix) < 2:
         return None
-    values = [value for i, row in enumerate(matrix) for j, value in enumerate(row) if i != j]
-    return sum(values) / len(values)
+    values = [value for i, row in enumerate(matrix) for j, value in enumerate(row) if i != j and value is not None]
+    return sum(values) / len(values) if values else None
 
 
 def interference_table(results: Mapping[str, Mapping[str, Any]]) -> dict[str, list]:
@@ -1608,10 +1611,16 @@ def interference_table(results: Mapping[str, Mapping[str, Any]]) -> dict[str, li
             continue
         tasks, matrix = measured["tasks"], measured["matrix"]
         pairs = [(matrix[i][j], f"{tasks[i]} -> {tasks[j]}") for i in range(len(tasks)) for j in range(len(tasks))
-                 if i != j]
+                 if i != j and matrix[i][j] is not None]
+        undefined = measured.get("undefined") or []
+        note = (f"column(s) {', '.join(undefined)} undefined: those tasks' own gradients disagree across batches"
+                if undefined else "")
+        if not pairs:
+            rows.append([name, measured["num_batches"], None, None, None, note])
+            continue
         worst, best = min(pairs), max(pairs)
         rows.append([name, measured["num_batches"], round(mean_interference(measured), 3),
-                     f"{worst[1]} ({worst[0]:+.2f})", f"{best[1]} ({best[0]:+.2f})", ""])
+                     f"{worst[1]} ({worst[0]:+.2f})", f"{best[1]} ({best[0]:+.2f})", note])
     return {"columns": ["run", "N", "mean I(i -> j), i != j", "most negative", "most positive", "note"],
             "rows": rows}
 
@@ -1628,12 +1637,13 @@ def interference_figure(results: Mapping[str, Mapping[str, Any]], runs: Sequence
     if not shown:
         return None
     limit = max(0.1, *(abs(value) for _, measured in shown for i, row in enumerate(measured["matrix"])
-                       for j, value in enumerate(row) if i != j))
+                       for j, value in enumerate(row) if i != j and value is not None))
     size = 1.8 + 0.75 * max(len(measured["tasks"]) for _, measured in shown)
     figure = Figure(figsize=(size * len(shown) + 1.4, size), layout="constrained")
     axes = figure.subplots(1, len(shown), squeeze=False)[0]
     for ax, (name, measured) in zip(axes, shown):
-        plot_interference(measured["matrix"], measured["tasks"], title=f"{name} (N = {measured['num_batches']})",
+        matrix = [[float("nan") if value is None else value for value in row] for row in measured["matrix"]]
+        plot_interference(matrix, measured["tasks"], title=f"{name} (N = {measured['num_batches']})",
                           limit=limit, ax=ax, colorbar=False)
     figure.colorbar(axes[0].images[0], ax=list(axes), shrink=0.85, label="I(i -> j)")
     return figure

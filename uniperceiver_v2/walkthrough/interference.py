@@ -76,6 +76,7 @@ def task_interference(
     task_losses: Mapping[str, Callable[[], torch.Tensor]],
     parameters: str | Sequence[str] | None = None,
     num_batches: int = 100,
+    undefined: str = "raise",
 ) -> TaskInterference:
     """Estimate the K x K task-interference matrix I(i -> j) on a subset of the model's parameters.
 
@@ -89,15 +90,20 @@ def task_interference(
         parameters: parameter-name prefix(es), e.g. "decoder.layers.3.ffn" for one FFN block; default all
             trainable parameters.
         num_batches: N, batches drawn per task (the MoE paper: 100); at least 2.
+        undefined: what to do when a task j's denominator E[g_j . d_j'] is not positive (task j's own gradients
+            disagree from batch to batch, e.g. a nearly converged task, so the ratio has no meaning): "raise" a
+            ValueError, or "nan": fill column j (every I(i -> j), its diagonal too) with NaN and keep the others;
+            row j, task j's effect on the other tasks, stays defined.
 
     Returns:
         TaskInterference with matrix[i, j] = I(i -> j).
 
     Raises:
         ValueError: if a task's gradient on the selected parameters is zero (the task does not use them, so
-            its direction d_i is undefined), or its denominator E[g_j . d_j'] is not positive (task j's own
-            gradients disagree from batch to batch, so the ratio has no meaning).
+            its direction d_i is undefined), or, with ``undefined="raise"``, its denominator is not positive.
     """
+    if undefined not in ("raise", "nan"):
+        raise ValueError(f"task_interference: undefined must be 'raise' or 'nan', got {undefined!r}")
     if num_batches < 2:
         raise ValueError(
             f"task_interference: num_batches must be >= 2 (the diagonal needs two batches), got {num_batches}"
@@ -143,12 +149,14 @@ def task_interference(
     cross = mean_direction @ mean_grad.T  # (K, K)
     # Same task: only pairs of different batches, i.e. remove the N terms g_j^n . d_j^n = ||g_j^n||.
     self_change = (n * n * cross.diagonal() - sum_norm) / (n * (n - 1))  # (K,)
+    defined = self_change > 0
     for k, task in enumerate(task_names):
-        if not self_change[k] > 0:
+        if not defined[k] and undefined == "raise":
             raise ValueError(
                 f"task {task!r}: E[g . d'] over different batches is {self_change[k].item():.3g} <= 0; its "
                 "gradients do not agree across batches, so I(i -> j) cannot be normalised by it"
             )
     matrix = cross / self_change.unsqueeze(0)
     matrix.diagonal().fill_(1.0)
+    matrix[:, ~defined] = float("nan")
     return TaskInterference(task_names=task_names, matrix=matrix.cpu(), parameter_names=names, num_batches=n)
