@@ -535,9 +535,14 @@ def test_band_figure_draws_the_band_and_colours_bars_by_verdict():
     # classification: Global's +2.0 against the paper's -0.1 is "paper flat"; the paper's gap is marked as a line
     assert bars(cls)[0].get_facecolor() == to_rgba(VERDICT_COLORS["paper flat"])
     assert any(list(line.get_ydata()) == pytest.approx([49.9, 49.9]) for line in cls.get_lines())
+    from uniperceiver_v2.viz.ablation_bands import plot_ablation_band
+
     with pytest.raises(ValueError, match="band widths"):
-        from uniperceiver_v2.viz.ablation_bands import plot_ablation_band
         plot_ablation_band(["a", "b"], {"x": (1.0, 2.0)}, "x", [0.5])
+    # a band wider than the reference value stops at 0 (a percentage): 8 +- 21 is drawn from 0 to 29
+    (ax,) = plot_ablation_band(["R@1"], {"ref": (8.0,), "row": (22.0,)}, "ref", [21.0]).axes
+    (span,) = [p for p in ax.patches if p.get_facecolor()[:3] == to_rgba(BAND_COLOR)[:3]]
+    assert span.get_y() == pytest.approx(0.0) and span.get_height() == pytest.approx(29.0)
 
 
 def test_saved_report_round_trip_full_model_and_runs_table(tmp_path, fake_trainer):

@@ -79,9 +79,11 @@ def plot_ablation_band(columns: Sequence[str], ours: Mapping[str, Sequence[Value
         base = ours[reference][index] if reference is not None else None
         if base is not None:
             width = float(widths[index])
-            ax.axhspan(base - width, base + width, color=BAND_COLOR, alpha=0.35, linewidth=0)
+            # every metric here is a non-negative percentage: the band is not drawn below 0, where no value can be
+            low = max(0.0, base - width) if base >= 0 else base - width
+            ax.axhspan(low, base + width, color=BAND_COLOR, alpha=0.35, linewidth=0)
             ax.axhline(base, color=REFERENCE_COLOR, linewidth=0.8, linestyle="--")
-            drawn += [base - width, base + width]
+            drawn += [low, base + width]
         for position, label in zip(x, labels):
             value = ours[label][index]
             if value is None or math.isnan(value):
