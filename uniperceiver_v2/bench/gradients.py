@@ -35,7 +35,7 @@ import sys
 
 import torch
 
-__all__ = ["GRADIENT_GROUPS", "main", "parameter_group", "task_gradients"]
+__all__ = ["GRADIENT_GROUPS", "main", "parameter_group", "task_gradients", "training_batches", "training_stream"]
 
 # The groups in the order the table prints them; the first, second and fourth are also ``bench naming``'s.
 GRADIENT_GROUPS = ("backbone", "proposal network", "image encoder rest", "unified decoder", "logit scales",
@@ -59,15 +59,21 @@ def parameter_group(name: str) -> str:
     return "other"
 
 
-def training_batches(cfg, task_name: str, split: str, count: int):
-    """(task, [the first ``count`` batches of the task's training stream on ``split``])."""
+def training_stream(cfg, task_name: str, split: str):
+    """(task, the task's training stream on ``split``): the trainer's ``TaskStream`` (shuffled, the training
+    transforms, batch size ``tasks.<task>.batch_size``, seeded from ``run.seed``), as a run from scratch draws it."""
     from uniperceiver_v2.engine.data_setup import TaskStream, build_task_dataset
     from uniperceiver_v2.tasks import TASKS
 
     task_cfg = cfg.tasks.get(task_name)
     dataset = build_task_dataset(cfg, task_name, split, train=True)
     task = TASKS[task_name].from_dataset(task_cfg, dataset)
-    stream = TaskStream(task_name, dataset, task.collate, task_cfg.batch_size, seed=cfg.run.seed)
+    return task, TaskStream(task_name, dataset, task.collate, task_cfg.batch_size, seed=cfg.run.seed)
+
+
+def training_batches(cfg, task_name: str, split: str, count: int):
+    """(task, [the first ``count`` batches of the task's training stream on ``split``])."""
+    task, stream = training_stream(cfg, task_name, split)
     return task, [next(stream) for _ in range(count)]
 
 

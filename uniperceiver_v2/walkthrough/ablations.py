@@ -844,9 +844,8 @@ def run_interference(checkpoint: str | os.PathLike, num_batches: int, split: str
     from transformers.utils import logging as transformers_logging
 
     from ..bench import model_of_checkpoint
-    from ..engine.data_setup import TaskStream, build_task_dataset
+    from ..bench.gradients import training_stream
     from ..engine.runtime import move_to_device
-    from ..tasks import TASKS
     from .interference import task_interference
 
     if num_batches < 2:
@@ -861,10 +860,7 @@ def run_interference(checkpoint: str | os.PathLike, num_batches: int, split: str
         names = list(cfg.tasks.names())
         losses = {}
         for name in names:
-            task_cfg = cfg.tasks.get(name)
-            dataset = build_task_dataset(cfg, name, split, train=True)
-            task = TASKS[name].from_dataset(task_cfg, dataset)
-            stream = TaskStream(name, dataset, task.collate, task_cfg.batch_size, seed=cfg.run.seed)
+            task, stream = training_stream(cfg, name, split)
 
             def loss(task=task, stream=stream):
                 return task.loss(model, move_to_device(next(stream), model.device))["loss"]
