@@ -278,6 +278,11 @@ def test_plot_attention_mask_shows_the_mask_and_its_segments():
     np.testing.assert_array_equal(ax.get_images()[0].get_array(), mask.numpy())
     assert len(ax.lines) == 2 * 2   # one horizontal and one vertical line per inner boundary
     assert [t.get_text() for t in ax.get_xticklabels()] == ["<SPE>", "image", "words"]
+    assert ax.get_title() == "attention mask (dark = may attend)"
+    titled = viz.plot_attention_mask(mask, title="causal").axes[0].get_title()
+    assert titled == "causal\n(dark = may attend)"                    # a custom title keeps the colour key
+    keyed = "self-attention (dark = may attend)"
+    assert viz.plot_attention_mask(mask, title=keyed).axes[0].get_title() == keyed   # not said twice
     with pytest.raises(ValueError, match="'words'"):
         viz.plot_attention_mask(mask, [("words", 5, 11)])
     with pytest.raises(ValueError, match="square"):
@@ -330,6 +335,12 @@ def test_plot_similarity_matrix_marks_the_arg_max_of_every_row():
     target_marks, argmax_marks = [c for c in ax.collections if isinstance(c, PathCollection)]
     np.testing.assert_array_equal(target_marks.get_offsets()[:, 0], targets)
     np.testing.assert_array_equal(argmax_marks.get_offsets()[:, 0], sim.argmax(axis=1))
+    hit = sim.argmax(axis=1) == targets
+    np.testing.assert_allclose(argmax_marks.get_facecolors()[:, :3],
+                               [to_rgb("limegreen") if h else to_rgb("red") for h in hit])
+    legend = ax.get_legend()                                   # both dot colours are explained
+    assert [t.get_text() for t in legend.get_texts()] == ["target", "arg max (v2 eq. (5)), correct", "arg max, wrong"]
+    assert [to_rgb(h.get_color()) for h in legend.legend_handles[1:]] == [to_rgb("limegreen"), to_rgb("red")]
 
 
 def test_plot_gate_heatmap_shows_usage_with_values():
@@ -479,9 +490,10 @@ def test_coco_instance_statistics_agree_with_pycocotools(tmp_path):
         "images": [{"id": i, "file_name": f"{i}.png", "height": 50, "width": 60} for i in (1, 2, 3)],
         "categories": [{"id": 7, "name": "star"}, {"id": 3, "name": "disk"}, {"id": 9, "name": "never"}],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 4, 9], "area": 36, "iscrowd": 0},
-            {"id": 2, "image_id": 1, "category_id": 7, "bbox": [5, 5, 10, 10], "area": 100, "iscrowd": 0},
-            {"id": 3, "image_id": 2, "category_id": 7, "bbox": [1, 1, 2, 8], "area": 16, "iscrowd": 0},
+            # a mask's area is smaller than its box's (36, 100 and 16 here)
+            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 4, 9], "area": 20, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 7, "bbox": [5, 5, 10, 10], "area": 64, "iscrowd": 0},
+            {"id": 3, "image_id": 2, "category_id": 7, "bbox": [1, 1, 2, 8], "area": 9, "iscrowd": 0},
             {"id": 4, "image_id": 2, "category_id": 3, "bbox": [0, 0, 30, 30], "area": 900, "iscrowd": 1},
         ],
     }
@@ -493,8 +505,15 @@ def test_coco_instance_statistics_agree_with_pycocotools(tmp_path):
     names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
     assert list(stats["category_counts"]) == [names[i] for i in sorted(names)]
     assert stats["category_counts"] == {names[i]: len(coco.getAnnIds(catIds=[i], iscrowd=False)) for i in names}
-    expected_sizes = [np.sqrt(a["bbox"][2] * a["bbox"][3]) for a in coco.loadAnns(coco.getAnnIds(iscrowd=False))]
-    np.testing.assert_allclose(sorted(stats["box_sizes"]), sorted(expected_sizes))
+    # COCOeval sorts objects into AP_S / AP_M / AP_L by the annotation's "area" (a mask's), not by its box.
+    expected_sizes = [np.sqrt(a["area"]) for a in coco.loadAnns(coco.getAnnIds(iscrowd=False))]
+    np.testing.assert_allclose(sorted(stats["object_sizes"]), sorted(expected_sizes))
+    assert sorted(stats["object_sizes"]) != pytest.approx(
+        sorted(np.sqrt(a["bbox"][2] * a["bbox"][3]) for a in coco.loadAnns(coco.getAnnIds(iscrowd=False))))
+
+    del data["annotations"][0]["area"]                       # no "area": the box's area stands in
+    path.write_text(json.dumps(data))
+    assert sorted(viz.coco_instance_statistics(path)["object_sizes"]) == pytest.approx(sorted([6.0, 8.0, 3.0]))
 
 
 def test_plot_curves_keeps_one_kind_of_record():

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from .base import (
     _as_vector,
@@ -24,6 +25,8 @@ def plot_attention_mask(mask: Any, segment_labels: Sequence[tuple[str, int, int]
         mask: (T, T) bool, ``mask[i, j] = True`` where query token i may attend to key token j (dark cells).
             PyTorch's boolean ``attn_mask`` means the opposite (True = blocked): pass ``~attn_mask``.
         segment_labels: ``(name, start, end)`` per segment, ``end`` exclusive, in token positions.
+        title: the axes' title; the colour key "(dark = may attend)" is added on a second line unless the title
+            already says "may attend".
     """
     allowed = to_numpy(mask)
     if allowed.ndim != 2 or allowed.shape[0] != allowed.shape[1]:
@@ -50,7 +53,12 @@ def plot_attention_mask(mask: Any, segment_labels: Sequence[tuple[str, int, int]
         ax.set_yticks(centers, names, fontsize=8)
     ax.set_xlabel("key (attended to)")
     ax.set_ylabel("query (attending)")
-    ax.set_title(title if title else "attention mask (dark = may attend)")
+    key = "(dark = may attend)"
+    if not title:
+        title = f"attention mask {key}"
+    elif "may attend" not in title:
+        title = f"{title}\n{key}"                     # a custom title keeps the colour key
+    ax.set_title(title)
     return fig
 
 
@@ -77,23 +85,27 @@ def plot_similarity_matrix(sim: Any, row_labels: Sequence[str] | None = None,
     image = ax.imshow(values, cmap="magma", aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, shrink=0.85, label=value_label)
     predicted = values.argmax(axis=1)
+    dot = {"marker": "o", "linestyle": "", "markersize": 4}       # the legend's dots, drawn as the scatter's
     if targets is not None:
         target = _as_vector(targets, rows, "targets").astype(np.int64)
-        ax.scatter(target, np.arange(rows), marker="s", s=60, facecolors="none", edgecolors="deepskyblue",
-                   linewidths=1.5, label="target")
+        handles = [ax.scatter(target, np.arange(rows), marker="s", s=60, facecolors="none",
+                              edgecolors="deepskyblue", linewidths=1.5, label="target")]
         hit = predicted == target
+        # One entry per dot colour: a single scatter's legend entry would show the first row's colour only.
+        handles += [Line2D([], [], color="limegreen", label="arg max (v2 eq. (5)), correct", **dot),
+                    Line2D([], [], color="red", label="arg max, wrong", **dot)]
     else:
         hit = np.ones(rows, dtype=bool)
-    ax.scatter(predicted, np.arange(rows), marker="o", s=14, c=np.where(hit, "limegreen", "red"),
-               label="arg max (v2 eq. (5))")
+        handles = [Line2D([], [], color="limegreen", label="arg max (v2 eq. (5))", **dot)]
+    ax.scatter(predicted, np.arange(rows), marker="o", s=14, c=np.where(hit, "limegreen", "red"))
     if row_labels is not None:
         ax.set_yticks(range(rows), row_labels, fontsize=7)
     if col_labels is not None:
         ax.set_xticks(range(cols), col_labels, rotation=60, ha="right", fontsize=7)
     ax.set_xlabel("candidate target y")
     ax.set_ylabel("input x")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 if col_labels is None else -0.3), ncol=2,
-              fontsize=7, frameon=False)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12 if col_labels is None else -0.3),
+              ncol=len(handles), fontsize=8, frameon=False)
     if title:
         ax.set_title(title)
     return fig

@@ -1,4 +1,4 @@
-"""Statistics of a COCO instances file: objects per image, box sizes, instances per category."""
+"""Statistics of a COCO instances file: objects per image, object sizes, instances per category."""
 
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ def coco_instance_statistics(ann_file: str | Path) -> dict[str, Any]:
     """What :func:`plot_instance_statistics` draws, read from a COCO instances file (crowd regions left out).
 
     Returns:
-        ``objects_per_image`` (one count per image, images without objects included), ``box_sizes``
-        (sqrt of each box's area in pixels) and ``category_counts`` (instances per category name, in id order).
+        ``objects_per_image`` (one count per image, images without objects included), ``object_sizes``
+        (sqrt of each object's COCO ``area`` in pixels: the mask's area in an instances file, which is what
+        COCOeval sorts into AP_S / AP_M / AP_L; the box's area when an annotation has no ``area``) and
+        ``category_counts`` (instances per category name, in id order).
     """
     with open(ann_file) as handle:
         data = json.load(handle)
@@ -44,37 +46,41 @@ def coco_instance_statistics(ann_file: str | Path) -> dict[str, Any]:
             raise ValueError(f"{ann_file}: annotations[{index}] refers to an unknown image or category")
         per_image[annotation["image_id"]] += 1
         counts[names[annotation["category_id"]]] += 1
-        width, height = annotation["bbox"][2], annotation["bbox"][3]
-        sizes.append(math.sqrt(max(width, 0.0) * max(height, 0.0)))
-    return {"objects_per_image": list(per_image.values()), "box_sizes": sizes, "category_counts": counts}
+        area = annotation.get("area")
+        if area is None:                                  # COCOeval's size classes read "area"; a box is a fallback
+            width, height = annotation["bbox"][2], annotation["bbox"][3]
+            area = max(width, 0.0) * max(height, 0.0)
+        sizes.append(math.sqrt(max(area, 0.0)))
+    return {"objects_per_image": list(per_image.values()), "object_sizes": sizes, "category_counts": counts}
 
 
-def coco_size_counts(box_sizes: Sequence[float]) -> dict[str, int]:
-    """How many objects fall in each of COCO's size classes, from sqrt(box area) in pixels.
+def coco_size_counts(object_sizes: Sequence[float]) -> dict[str, int]:
+    """How many objects fall in each of COCO's size classes, from sqrt(area) in pixels (``object_sizes``).
 
     Returns:
         ``{"small": n, "medium": n, "large": n}``: small below 32 px, large at 96 px and above (COCO's
         ``areaRng``: area < 32^2, 32^2 <= area < 96^2, area >= 96^2).
     """
-    sizes = np.asarray(box_sizes, dtype=np.float64)
+    sizes = np.asarray(object_sizes, dtype=np.float64)
     small, large = COCO_SIZE_LIMITS
     return {"small": int((sizes < small).sum()), "medium": int(((sizes >= small) & (sizes < large)).sum()),
             "large": int((sizes >= large).sum())}
 
 
-def plot_instance_statistics(objects_per_image: Sequence[int], box_sizes: Sequence[float],
+def plot_instance_statistics(objects_per_image: Sequence[int], object_sizes: Sequence[float],
                              category_counts: Mapping[str, int], title: str | None = None) -> Figure:
     """Three panels describing a detection set: objects per image, object sizes, instances per category.
 
     Args:
         objects_per_image: number of annotated objects of each image.
-        box_sizes: sqrt(box area) in pixels of each object; COCO's small / medium / large limits (32, 96) are
-            dashed lines, always inside the axis, with the size class of each side written above.
+        object_sizes: sqrt(area) in pixels of each object (:func:`coco_instance_statistics`: the COCO ``area``,
+            a mask's area); COCO's small / medium / large limits (32, 96) are dashed lines, always inside the
+            axis, with the size class of each side written above.
         category_counts: instances per category name.
     """
     fig, axes = _figure(1, 3, figsize=(13.0, 3.4), width_ratios=[1.0, 1.0, 1.6])
     per_image = np.asarray(objects_per_image, dtype=np.int64)
-    sizes = np.asarray(box_sizes, dtype=np.float64)
+    sizes = np.asarray(object_sizes, dtype=np.float64)
     ax = axes[0, 0]
     if len(per_image):
         ax.hist(per_image, bins=np.arange(per_image.max() + 2) - 0.5, color="tab:blue", rwidth=0.85)
@@ -94,7 +100,7 @@ def plot_instance_statistics(objects_per_image: Sequence[int], box_sizes: Sequen
     for name, low, high in zip(("small", "medium", "large"), edges[:-1], edges[1:]):
         ax.text((low + high) / 2, 0.98, name, transform=ax.get_xaxis_transform(), ha="center", va="top",
                 fontsize=9, color="dimgray")
-    ax.set_xlabel("object size sqrt(area) [px]")
+    ax.set_xlabel("object size sqrt(COCO area) [px]")
     ax.set_ylabel("objects")
     ax = axes[0, 2]
     names = list(category_counts)
