@@ -156,11 +156,28 @@ def test_suppress_duplicates_matches_greedy_nms():
     for threshold in (0.3, 0.5, 0.7):
         out = suppress_duplicates(boxes, objectness, threshold)
         for b in range(2):
-            expected = _greedy_nms_reference(box_cxcywh_to_xyxy(boxes[b]).tolist(), objectness[b].tolist(), threshold)
+            clipped = box_cxcywh_to_xyxy(boxes[b]).clamp(0.0, 1.0)                  # the boxes as evaluated
+            expected = _greedy_nms_reference(clipped.tolist(), objectness[b].tolist(), threshold)
             kept = set(torch.nonzero(out[b]).flatten().tolist())
             assert kept == expected, (threshold, b)
             assert torch.equal(out[b, sorted(kept)], objectness[b, sorted(kept)])       # kept scores unchanged
             assert len(kept) < 12                                                       # the duplicates went
+
+
+def test_suppress_duplicates_compares_the_boxes_clipped_to_the_image():
+    """Two proposals that reach past the right edge: IoU 0.48 as predicted, 0.87 once clipped to the image (as
+    postprocess returns them and COCO scores them), so NMS at 0.5 must drop the lower one."""
+    from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy, box_iou
+    from uniperceiver_v2.tasks.detection import suppress_duplicates
+
+    boxes = torch.tensor([[[0.98, 0.5, 1.0, 0.4],         # x 0.48 .. 1.48: half of it past the edge
+                           [0.70, 0.5, 0.6, 0.4],         # x 0.40 .. 1.00
+                           [0.20, 0.2, 0.2, 0.2]]])       # elsewhere
+    objectness = torch.tensor([[0.9, 0.8, 0.7]])
+    xyxy = box_cxcywh_to_xyxy(boxes[0])
+    assert box_iou(xyxy[:1], xyxy[1:2]).item() < 0.5 < box_iou(xyxy[:1].clamp(0, 1), xyxy[1:2].clamp(0, 1)).item()
+    assert torch.equal(suppress_duplicates(boxes, objectness, 0.5), torch.tensor([[0.9, 0.0, 0.7]]))
+    assert torch.equal(suppress_duplicates(boxes, objectness, 0.9), objectness)            # 0.87 < 0.9: both stay
 
 
 def test_nms_threshold_in_detect_and_config(monkeypatch):

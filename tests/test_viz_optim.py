@@ -129,3 +129,33 @@ def test_task_curves_take_variant_colours_and_title_each_panel_in_its_task_colou
     ax = fig.axes[0]
     assert ax.title.get_color() == task_color("detection")
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+
+
+def test_short_log_ticks_are_nice_values_spread_over_the_axis():
+    from uniperceiver_v2.viz.optim import short_log_ticks
+
+    assert short_log_ticks(1.15, 3.4) == [1.2, 1.5, 2.0, 2.5, 3.0]          # the digits alone would give 2 and 3
+    assert short_log_ticks(0.33, 1.6) == [0.4, 0.5, 0.7, 1.0, 1.5]
+    ticks = short_log_ticks(2.6, 2.9)
+    assert ticks == [2.6, 2.7, 2.8, 2.9]
+    with pytest.raises(ValueError, match="low < high"):
+        short_log_ticks(2.0, 1.0)
+
+
+def test_task_curves_label_a_short_log_axis_down_to_where_the_curves_end():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    x = np.arange(5)
+    short = (x, np.array([3.4, 2.5, 1.8, 1.4, 1.2]), np.array([3.3, 2.4, 1.7, 1.3, 1.15]),
+             np.array([3.45, 2.6, 1.9, 1.5, 1.25]))                        # less than one decade, all above 1
+    long = (x, np.array([300.0, 30.0, 3.0, 0.3, 0.03]), np.full(5, 0.02), np.full(5, 400.0))
+    fig = plot_task_curves({"v": {"a": short, "b": long}}, ["a", "b"], ncols=2, logy=True)
+    FigureCanvasAgg(fig).draw()
+    short_ax, long_ax = fig.axes[:2]
+    low, high = short_ax.get_ylim()
+    labelled = [float(t.get_text()) for t in short_ax.yaxis.get_minorticklabels() if t.get_text()
+                and low <= t.get_position()[1] <= high]
+    assert min(labelled) < 1.5 and max(labelled) >= 3.0 and len(labelled) >= 4
+    assert min(labelled) / low < 1.1                                       # the labels reach the lowest curve
+    # over more than a decade the axis keeps set_log_scale's labels (decades, no crowded minor labels)
+    assert not any(t.get_text() for t in long_ax.yaxis.get_minorticklabels())

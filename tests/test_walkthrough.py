@@ -842,6 +842,54 @@ def test_collapsed_layers_need_the_same_experts_and_nearly_the_same_weights():
     assert describe_collapsed({"untrained": []}, combinations=3).startswith("**No collapsed layer**")
 
 
+def test_nearly_collapsed_layers_share_their_experts_and_are_named_apart():
+    from uniperceiver_v2.walkthrough.gates_training import collapsed_layers, describe_collapsed, shared_expert_layers
+    from uniperceiver_v2.walkthrough.gating import ExpertUsage
+
+    usage = torch.tensor([[[0.6, 0.4, 0.0, 0.0], [0.55, 0.45, 0.0, 0.0], [0.65, 0.35, 0.0, 0.0]],   # collapsed
+                          [[0.9, 0.1, 0.0, 0.0], [0.6, 0.4, 0.0, 0.0], [0.7, 0.3, 0.0, 0.0]],     # same experts,
+                          [[0.6, 0.4, 0.0, 0.0], [0.6, 0.0, 0.4, 0.0], [0.6, 0.4, 0.0, 0.0]]])    # weights 0.3 apart
+    rows = ExpertUsage([1, 2, 3], ["a", "b", "c"], usage, torch.ones(3))
+    nearly = shared_expert_layers(rows)
+    assert [(c.layer, c.experts) for c in nearly] == [(1, [0, 1])]                # layer 2: another expert
+    assert nearly[0].largest_difference == pytest.approx(0.3)
+    assert shared_expert_layers(rows, threshold=0.5) == [] and len(collapsed_layers(rows, threshold=0.5)) == 2
+    assert shared_expert_layers(ExpertUsage([1], ["a"], usage[:, :1], torch.ones(1))) == []
+
+    # no collapsed layer, one nearly collapsed: the bold heading must not say the gates are fine
+    text = describe_collapsed({"run": []}, combinations=3, nearly={"run": nearly})
+    assert text.startswith("**No collapsed layer, but a nearly collapsed one**")
+    assert ("run: layer 1 is nearly collapsed: all 3 combinations take the same experts (E0, E1), only their "
+            "weights differ (by at most 0.30") in text
+    assert "at least two combinations take different experts" not in text
+    # both kinds, and a model with neither
+    both = describe_collapsed({"run": collapsed_layers(rows), "untrained": []}, combinations=3,
+                              nearly={"run": nearly, "untrained": []})
+    assert both.startswith("**Collapsed layers**") and "layer 1 is nearly collapsed" in both
+    assert both.endswith("No layer of untrained is collapsed or nearly collapsed.")
+    # looked for and none found: every layer has two combinations on different experts
+    assert describe_collapsed({"run": []}, combinations=3, nearly={"run": []}).startswith(
+        "**No collapsed layer**: in no layer of these gates do all 3 attribute combinations take the same experts")
+    assert "different experts. Nothing" in describe_collapsed({"run": []}, combinations=3, nearly={"run": []})
+    assert "nothing to compare" in describe_collapsed({"run": []}, combinations=1, nearly={"run": []})
+
+
+def test_a_layer_on_one_expert_is_collapsed_whatever_its_negligible_second_experts():
+    """Top-2 gates that put 0.998 on E1 everywhere and 0.002 on varying second experts act as one top-1 gate."""
+    from uniperceiver_v2.walkthrough.gates_training import collapsed_layers, describe_collapsed, shared_expert_layers
+    from uniperceiver_v2.walkthrough.gating import ExpertUsage
+
+    usage = torch.tensor([[[0.002, 0.998, 0.0, 0.0], [0.0, 0.998, 0.002, 0.0], [0.0, 0.997, 0.0, 0.003]],
+                          [[0.05, 0.95, 0.0, 0.0], [0.0, 0.95, 0.05, 0.0], [0.0, 0.95, 0.0, 0.05]]])   # 5 %: counted
+    rows = ExpertUsage([1, 2, 3], ["a", "b", "c"], usage, torch.ones(3))
+    found = collapsed_layers(rows)
+    assert [(c.layer, c.experts) for c in found] == [(0, [1])] and found[0].largest_difference < 0.01
+    assert shared_expert_layers(rows) == []                                        # layer 1 draws on 4 experts
+    assert describe_collapsed({"short training": found}, combinations=3, nearly={"short training": []}).startswith(
+        "**Collapsed layers**, where all 3 attribute combinations take the same experts, with gate vectors at most "
+        "0.2 apart (`gates_training.collapsed_layers`): short training: layer 0 (experts E1, largest difference")
+
+
 
 def test_describe_fig3_reads_each_combinations_heaviest_expert():
     from uniperceiver_v2.walkthrough.gates_training import describe_fig3
@@ -855,8 +903,16 @@ def test_describe_fig3_reads_each_combinations_heaviest_expert():
     assert "the image tokens of all 2 task shapes share their heaviest expert in layer 0;" in text
     assert "non-causal text" not in text                                           # one task shape only
     assert text.endswith("taken by no non-causal combination in layer 0.")
+    assert "not counted" not in text                                               # no layer leans on one expert
     shared = ExpertUsage(codes, ["a", "b", "c", "d"], usage[1:], torch.ones(4))      # layer 1 alone: c shares E0
     assert describe_fig3(shared, "x").endswith("has the same heaviest expert as a causal one.")
+    # a layer where every combination leans on E3: the image tokens share it, but so does everything else
+    uniform = torch.cat([usage, one_hot[[3, 3, 3, 3]][None]])                        # (L=3, R=4, E=4)
+    text = describe_fig3(ExpertUsage(codes, ["a", "b", "c", "d"], uniform, torch.ones(4)), "these gates")
+    assert "heaviest experts are 3, 2, 1 distinct ones (of 4) in layers 0, 1, 2 " in text
+    assert ("*one modality across tasks* (not counted: layer 2, where every combination leans on the same expert, "
+            "so sharing there is not specific to a modality): the image tokens of all 2 task shapes share their "
+            "heaviest expert in layer 0;") in text
 
 # ----------------------------------------------------------------------------------------------------- notebook 05
 def test_gaps_between_toy_variants_and_their_sentence():

@@ -110,15 +110,20 @@ def assign_proposal_labels(proposal_boxes: torch.Tensor, gt_boxes: torch.Tensor,
 def suppress_duplicates(boxes: torch.Tensor, objectness: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """Class-agnostic non-maximum suppression of proposals (``tasks.detection.nms_threshold``).
 
+    The overlaps are those of the boxes clipped to the image, as ``modeling.image_encoder.postprocess`` returns
+    them and the evaluator scores them: two proposals that reach past an edge can overlap more once clipped than
+    before. The boxes are normalised to the unpadded image, so clipping to [0, 1] is clipping to the image, and IoU
+    does not change when each axis is scaled to pixels.
+
     Args:
-        boxes: (B, O, 4) cxcywh; objectness: (B, O) probabilities; iou_threshold: a proposal overlapping a
-            higher-scoring one with IoU above it is suppressed.
+        boxes: (B, O, 4) cxcywh normalised to the unpadded image; objectness: (B, O) probabilities;
+            iou_threshold: a proposal overlapping a higher-scoring one with IoU above it is suppressed.
 
     Returns:
         (B, O) objectness with the suppressed proposals' set to 0 (they drop to the bottom of the ranking).
     """
     kept = torch.zeros_like(objectness)
-    xyxy = box_cxcywh_to_xyxy(boxes.float())
+    xyxy = box_cxcywh_to_xyxy(boxes.float()).clamp(0.0, 1.0)                        # clipped to the image
     for b in range(boxes.shape[0]):
         keep = nms(xyxy[b], objectness[b].float(), iou_threshold)
         kept[b, keep] = objectness[b, keep]

@@ -9,6 +9,7 @@ series.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedLocator, FuncFormatter
 
 from .base import set_log_scale, task_color, to_numpy
 
@@ -183,6 +185,43 @@ def plot_grad_norms(runs: Mapping[str, tuple[Sequence[str], Sequence[float]]], t
     return fig
 
 
+# Mantissas of the ticks a short log axis may get, nicest first: 1, then 2 and 5, the other digits, the halves, then
+# the tenths (1.2 ... 1.9, 2.2, ...). See _label_short_log_axis.
+_TICK_MANTISSAS = ([1.0], [2.0, 5.0], [3.0, 4.0, 6.0, 7.0, 8.0, 9.0], [1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5, 9.5],
+                   [round(1.0 + i / 10, 1) for i in range(1, 90) if i % 5])
+
+
+def short_log_ticks(low: float, high: float, parts: int = 8) -> list[float]:
+    """Tick values for a log axis from ``low`` to ``high`` (> 0) that spans at most one decade: the nicest values
+    first (1, 2 and 5, the other digits, the halves, the tenths, times a power of ten), each kept only if it lies at
+    least 1 / ``parts`` of the axis' log range from every value kept before, so the labels do not collide and
+    reach close to both ends of the axis."""
+    if not 0 < low < high:
+        raise ValueError(f"short_log_ticks: expected 0 < low < high, got {low}, {high}")
+    span = math.log10(high / low)
+    gap = span / parts
+    exponents = range(math.floor(math.log10(low)), math.floor(math.log10(high)) + 1)
+    kept: list[float] = []
+    for level in _TICK_MANTISSAS:
+        for mantissa in level:
+            for exponent in exponents:
+                value = float(f"{mantissa * 10.0 ** exponent:.12g}")
+                if low <= value <= high and all(abs(math.log10(value / other)) >= gap for other in kept):
+                    kept.append(value)
+    return sorted(kept)
+
+
+def _label_short_log_axis(ax: Axes) -> None:
+    """Label a log y axis that spans at most one decade at :func:`short_log_ticks` (minor ticks; a decade keeps its
+    major label). ``set_log_scale`` labels only the digits 1-9 there, and over a short range (losses between 1.2 and
+    3.4, say) those are two labels that stop above where the curves end."""
+    low, high = sorted(ax.get_ylim())
+    if not 0 < low < high or math.log10(high / low) > 1.0:
+        return
+    ax.yaxis.set_minor_locator(FixedLocator(short_log_ticks(low, high)))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _position=None: f"{value:g}"))
+
+
 def plot_task_curves(curves: Mapping[str, Mapping[str, tuple[Any, Any, Any, Any]]], task_names: Sequence[str],
                      xlabel: str = "iteration", ylabel: str = "held-out loss", logx: bool = False,
                      logy: bool = False, ncols: int = 3, title: str | None = None) -> Figure:
@@ -194,7 +233,8 @@ def plot_task_curves(curves: Mapping[str, Mapping[str, tuple[Any, Any, Any, Any]
             high (e.g. min and max over seeds) is shaded.
         task_names: the panels, in order.
         xlabel, ylabel: axis labels of every panel.
-        logx, logy: logarithmic axes.
+        logx, logy: logarithmic axes; a logarithmic y axis that spans at most one decade is labelled at
+            :func:`short_log_ticks`, so that its labels reach the values where the curves end.
         ncols: panels per row.
     """
     if not curves:
@@ -223,6 +263,7 @@ def plot_task_curves(curves: Mapping[str, Mapping[str, tuple[Any, Any, Any, Any]
             set_log_scale(ax, "x")
         if logy:
             set_log_scale(ax, "y")
+            _label_short_log_axis(ax)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     if len(task_names) < len(axes):

@@ -9,7 +9,8 @@ the untrained gates shows nothing specialised. Two ways to put trained gates on 
   by ``gating.run_tasks(..., keep_inputs=True)``), seconds on a CPU, with a stand-in objective that one shared FFN
   cannot fit: every attribute combination must map its tokens by its own random rotation.
   The decoder sees the attribute bits nowhere but in its gates (the task's shape, bits 0-3, is in no token's
-  value), so the loss falls as different combinations take different experts.
+  value), so the loss can fall as the gates separate the combinations that need different maps (whether they do,
+  layer by layer, is :func:`gate_difference`'s to say).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from ..modeling.unified_decoder import UnifiedDecoder
 from .gating import DecoderCall, ExpertUsage, attribute_bits, replay
 from .runs import training_dir, training_status
 
-__all__ = ["CollapsedLayer", "GateTraining", "RunModel", "collapsed_layers", "describe_collapsed", "describe_fig3",
-           "gate_difference", "model_of_run", "replayed_calls", "train_gates"]
+__all__ = ["NEGLIGIBLE_WEIGHT", "CollapsedLayer", "GateTraining", "RunModel", "collapsed_layers", "describe_collapsed",
+           "describe_fig3", "gate_difference", "model_of_run", "replayed_calls", "shared_expert_layers", "train_gates"]
 
 
 @dataclass
@@ -65,7 +66,8 @@ def train_gates(decoder: UnifiedDecoder, calls: Sequence[DecoderCall], iteration
     combination u must match LN(x R_u), x its embedded input. One dense FFN cannot compute as many different
     rotations at once: the conflicting targets are a small model of task interference, and experts that
     specialise by combination remove it. The gates see the combination (MoE eq. (9)), the token's value does not
-    say it, so the loss falls as the gates send different combinations to different experts.
+    say it, so the loss can fall as the gates send different combinations to different experts (it can also fall
+    by the shared weights fitting an average map: :func:`gate_difference` measures which happened).
 
     Each step replays one recorded call (drawn at random) through the decoder in training mode (gate noise on).
     The gates' parameters get no weight decay, as in the trainer's parameter groups.
@@ -146,10 +148,10 @@ def gate_difference(usage: ExpertUsage) -> list[float]:
 
 @dataclass
 class CollapsedLayer:
-    """A layer found by :func:`collapsed_layers`.
+    """A layer found by :func:`collapsed_layers` or :func:`shared_expert_layers`.
 
     Attributes:
-        layer: its index; experts: the experts every row takes there.
+        layer: its index; experts: the experts the rows take there (weights above ``NEGLIGIBLE_WEIGHT``).
         largest_difference: the largest difference between two rows' gate vectors (half the L1 distance, as in
             :func:`gate_difference`).
     """
@@ -159,49 +161,97 @@ class CollapsedLayer:
     largest_difference: float
 
 
-def collapsed_layers(usage: ExpertUsage, threshold: float = 0.2) -> list[CollapsedLayer]:
-    """The layers in which every row of ``usage`` takes the same experts with nearly the same weights: the same
-    non-zero cells in every row, and at most ``threshold`` between any two rows' gate vectors (half the L1
-    distance, as in :func:`gate_difference`).
+NEGLIGIBLE_WEIGHT = 0.01      # a gate weight below it hardly changes a row's mixture: the expert is not counted
 
-    Such a layer computes nearly one function for every row (one attribute combination each): a dense FFN in all
-    but name. Attribute routing has no balance loss and no capacity, so nothing keeps its gates from collapsing.
-    With fewer than two rows there is nothing to compare and no layer is returned.
+
+def _same_expert_layers(usage: ExpertUsage, negligible: float = NEGLIGIBLE_WEIGHT) -> list[CollapsedLayer]:
+    """Every layer in which all rows of ``usage`` draw on the same k experts, with the largest difference between
+    two rows' gate vectors; none with fewer than two rows.
+
+    A row's experts are those with more than ``negligible`` of its weight (a top-k gate whose second expert gets
+    0.001 is in effect a top-1 gate); the layer counts when these experts, over all rows together, are at most k,
+    the largest number of experts a row takes (with attribute routing every row has exactly k non-zero cells).
     """
     gates = usage.usage.to(torch.float64)                                              # (L, R, E)
     if gates.shape[1] < 2:
         return []
     found = []
     for layer, rows in enumerate(gates):                                               # rows: (R, E)
-        used = rows > 0
-        if not bool((used == used[0]).all()):
+        experts = (rows > negligible).any(dim=0)                                       # (E,): over all rows
+        k = int((rows > 0).sum(dim=-1).max())
+        if int(experts.sum()) > k:
             continue
         largest = float(((rows[:, None, :] - rows[None, :, :]).abs().sum(-1) / 2).max())
-        if largest <= threshold:
-            found.append(CollapsedLayer(layer, used[0].nonzero().flatten().tolist(), largest))
+        found.append(CollapsedLayer(layer, experts.nonzero().flatten().tolist(), largest))
     return found
 
 
+def collapsed_layers(usage: ExpertUsage, threshold: float = 0.2) -> list[CollapsedLayer]:
+    """The layers in which every row of ``usage`` takes the same experts with nearly the same weights: all rows
+    draw on the same k experts (ignoring weights of at most ``NEGLIGIBLE_WEIGHT``), and at most ``threshold``
+    between any two rows' gate vectors (half the L1 distance, as in :func:`gate_difference`).
+
+    Such a layer computes nearly one function for every row (one attribute combination each): a dense FFN in all
+    but name. Attribute routing has no balance loss and no capacity, so nothing keeps its gates from collapsing.
+    With fewer than two rows there is nothing to compare and no layer is returned.
+    """
+    return [layer for layer in _same_expert_layers(usage) if layer.largest_difference <= threshold]
+
+
+def shared_expert_layers(usage: ExpertUsage, threshold: float = 0.2) -> list[CollapsedLayer]:
+    """The *nearly collapsed* layers: every row of ``usage`` draws on the same k experts (as in
+    :func:`collapsed_layers`), but two rows' gate vectors differ by more than ``threshold`` (so
+    :func:`collapsed_layers` does not name the layer).
+
+    Every kind of token is processed by the same few experts there; only the weights that mix them depend on the
+    kind (by at most ``largest_difference``), so the layer specialises far less than one whose rows take
+    different experts. With fewer than two rows no layer is returned.
+    """
+    return [layer for layer in _same_expert_layers(usage) if layer.largest_difference > threshold]
+
+
+def _experts_text(layer: CollapsedLayer) -> str:
+    return ", ".join(f"E{e}" for e in layer.experts)
+
+
 def describe_collapsed(collapsed: Mapping[str, Sequence[CollapsedLayer]], combinations: int,
-                       threshold: float = 0.2) -> str:
+                       threshold: float = 0.2, nearly: Mapping[str, Sequence[CollapsedLayer]] | None = None) -> str:
     """A markdown paragraph naming the collapsed layers of several models (``name -> collapsed_layers(...)``, the
-    same ``threshold``), for ``combinations`` rows (attribute combinations) each."""
+    same ``threshold``), for ``combinations`` rows (attribute combinations) each, and their nearly collapsed layers
+    (``nearly``: ``name -> shared_expert_layers(...)``, the same ``threshold``; None: not looked for)."""
     definition = (f"all {combinations} attribute combinations take the same experts, with gate vectors at most "
                   f"{threshold:g} apart (`gates_training.collapsed_layers`)")
     named = {name: layers for name, layers in collapsed.items() if layers}
-    if not named:
+    near = {name: layers for name, layers in (nearly or {}).items() if layers}
+    near_text = " ".join(
+        f"{name}: layer {c.layer} is nearly collapsed: all {combinations} combinations take the same experts "
+        f"({_experts_text(c)}), only their weights differ (by at most {c.largest_difference:.2f}, "
+        "`gates_training.shared_expert_layers`)." for name, layers in near.items() for c in layers)
+    if near:
+        near_text += (" There every kind of token is processed by the same experts and only the mixture depends on "
+                      "it: far less specialised than a layer whose combinations take different experts.")
+    if combinations < 2:
+        return "With one attribute combination there is nothing to compare: no layer can be called collapsed."
+    if not named and not near:
         return (f"**No collapsed layer**: in no layer of these gates do {definition}; in every layer at least two "
-                "combinations take different experts or clearly different weights. Nothing balances the experts "
-                "under attribute routing, though, so a longer training can still collapse a layer.")
+                "combinations take different experts"
+                + (" or clearly different weights" if nearly is None else "")
+                + ". Nothing balances the experts under attribute routing, though, so a longer training can still "
+                "collapse a layer.")
+    if not named:
+        heading = "a nearly collapsed one" if sum(map(len, near.values())) == 1 else "nearly collapsed ones"
+        return f"**No collapsed layer, but {heading}**: in no layer of these gates do {definition}. {near_text}"
     listed = "; ".join(
-        f"{name}: " + ", ".join(f"layer {c.layer} (experts {', '.join(f'E{e}' for e in c.experts)}, largest "
+        f"{name}: " + ", ".join(f"layer {c.layer} (experts {_experts_text(c)}, largest "
                                  f"difference {c.largest_difference:.2f})" for c in layers)
         for name, layers in named.items())
-    others = [name for name in collapsed if name not in named]
+    others = [name for name in collapsed if name not in named and name not in near]
     return (f"**Collapsed layers**, where {definition}: {listed}. There every kind of token gets nearly the same "
             "mixture of the same experts: the layer is nearly one dense FFN and has not specialised. Attribute "
             "routing has no balance loss and no capacity, and nothing keeps a layer's gates from collapsing."
-            + (f" No layer of {' or '.join(others)} is collapsed." if others else ""))
+            + (f" {near_text}" if near else "")
+            + (f" No layer of {' or '.join(others)} is collapsed"
+               + (" or nearly collapsed." if nearly is not None else ".") if others else ""))
 
 
 def _layers_text(layers: Sequence[int]) -> str:
@@ -214,7 +264,11 @@ def describe_fig3(usage: ExpertUsage, name: str) -> str:
     """A markdown paragraph asking the three questions of the MoE paper's Fig. 3 of the gates in ``usage`` (rows:
     attribute codes, ``gating.expert_usage(..., by="attribute")``), from each row's heaviest expert per layer:
     do different kinds of token take different experts, do the tokens of one modality share experts across task
-    shapes (bits 0-3), and do the causal tokens (bit 6) take experts of their own?"""
+    shapes (bits 0-3), and do the causal tokens (bit 6) take experts of their own?
+
+    A modality's tokens sharing their heaviest expert counts only in a layer where the combinations' heaviest
+    experts are not all one: where every combination leans on the same expert, the sharing says nothing about
+    the modality (such layers are named apart)."""
     bits = torch.stack([attribute_bits(int(code)) for code in usage.keys]).bool()          # (R, 8)
     top = usage.usage.argmax(dim=-1)                                                       # (L, R)
     layers, rows, experts = usage.usage.shape
@@ -225,15 +279,20 @@ def describe_fig3(usage: ExpertUsage, name: str) -> str:
              f"{', '.join(map(str, distinct))} distinct ones (of {experts}) in layers "
              f"{', '.join(map(str, range(layers)))} (1 would mean that every combination leans on the same expert);"]
     shared = []
+    uniform = [layer for layer in range(layers) if distinct[layer] == 1]       # one heaviest expert for every row
     for kind, where in (("image", bits[:, 4]), ("non-causal text", bits[:, 5] & ~bits[:, 6])):
         shapes = {tuple(row[:4].tolist()) for row in bits[where]}
         if len(shapes) < 2:
             continue
-        same = [layer for layer in range(layers) if len(set(top[layer, where].tolist())) == 1]
+        same = [layer for layer in range(layers)
+                if len(set(top[layer, where].tolist())) == 1 and distinct[layer] > 1]
         shared.append(f"the {kind} tokens of all {len(shapes)} task shapes share their heaviest expert "
                       f"{_layers_text(same)}")
     if shared:
-        lines.append("* *one modality across tasks*: " + "; ".join(shared) + ";")
+        excluded = (f" (not counted: layer{'s' if len(uniform) > 1 else ''} {', '.join(map(str, uniform))}, where "
+                    "every combination leans on the same expert, so sharing there is not specific to a modality)"
+                    if uniform else "")
+        lines.append(f"* *one modality across tasks*{excluded}: " + "; ".join(shared) + ";")
     causal = bits[:, 6]
     if bool(causal.any()) and bool((~causal).any()):
         own = [layer for layer in range(layers)
