@@ -565,6 +565,29 @@ def test_saved_report_round_trip_full_model_and_runs_table(tmp_path, fake_traine
     assert results["tab4/mixed"]["nproc"] == 2 and fake_trainer.nprocs["mixed"] == 2
 
 
+def _tick_labels(figure) -> list[str]:
+    return [tick.get_text() for tick in figure.axes[0].get_xticklabels()]
+
+
+def test_figure_labels_a_paper_row_with_ours_only_where_ours_ran():
+    """Tab. 5's paper rows have other names than ours: a paper row is drawn under our name only where our row of it
+    ran (as the side-by-side table does), so a table of which nothing ran shows the paper's rows under their own
+    names, not as if ours had been measured."""
+    paper = A.TABLES["tab5"].paper
+    nothing = A.table_report("tab5", {}, ())
+    assert nothing.ours == {} and _tick_labels(nothing.figure()) == list(paper.rows)
+    headers = [metric.header for metric in ABLATION_COLUMNS]
+    partial = A.TableReport.from_results("tab5", {
+        "columns": headers, "reference": "pre-trained text encoder",
+        "rows": {"pre-trained text encoder": [1.0] * len(headers), "random text encoder": [0.5] * len(headers)}})
+    labels = _tick_labels(partial.figure())
+    assert labels[:2] == ["pre-trained text encoder", "random text encoder"]
+    # the paper's "IN-1k & COCO" stands under our reference's name; "IN-1k" keeps its own (our row did not run)
+    assert "Supervised (IN-1k & COCO)" not in labels and "Supervised (IN-1k)" in labels
+    assert "ImageNet image backbone" not in labels
+    assert sorted(labels[2:]) == sorted(set(paper.rows) - {"Supervised (IN-1k & COCO)"})
+
+
 # ---------------------------------------------------------------------------------------------- runs side by side
 class FakeProcess:
     """A training subprocess that takes ``polls`` looks to finish: meanwhile it logs a first iteration, at the end
@@ -1070,6 +1093,7 @@ def test_interference_is_measured_on_runs_of_several_tasks_and_shared(tmp_path, 
     assert not (settings.root / "tab2" / "global_regional" / "checkpoints").exists()
     # the table lists the run that trained it once, with the mean over the ordered pairs: (-0.5 + 0.25) / 2
     table = A.interference_table(results)
+    assert table["columns"][3:5] == ["lowest I(i -> j)", "highest I(i -> j)"]   # the lowest need not be negative
     assert [row[0] for row in table["rows"]] == ["tab2/global_regional"]
     assert table["rows"][0][2] == -0.125 and table["rows"][0][3] == "a -> b (-0.50)"
     assert table["rows"][0][4] == "b -> a (+0.25)"
@@ -1096,6 +1120,10 @@ def test_interference_settings_and_summaries():
     assert A.mean_interference(measured) == pytest.approx((0.5 + 0.2 - 0.1 + 0.4) / 4)
     (row,) = A.interference_table({"r": {"shared_with": None, "interference": measured}})["rows"]
     assert row[3] == "b -> c (-0.10)" and row[4] == "a -> c (+0.50)" and "column(s) b undefined" in row[5]
+    # every pair helps: the lowest I is positive, and the column does not call it negative
+    helping = {"tasks": ["a", "b"], "matrix": [[1.0, 0.06], [0.3, 1.0]], "num_batches": 2}
+    table = A.interference_table({"r": {"shared_with": None, "interference": helping}})
+    assert table["rows"][0][3] == "a -> b (+0.06)" and "negative" not in table["columns"][3]
     figure = A.interference_figure({"r": {"interference": measured}}, ["r"])
     assert [text.get_text() for text in figure.axes[0].texts].count("n/a") == 3
 

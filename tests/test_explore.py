@@ -101,6 +101,20 @@ def test_detections_follow_the_threshold_the_class_names_and_the_proposals_toggl
     assert explorer.summary.startswith("scene 1") and bytes(explorer.image.value).startswith(b"\x89PNG")
 
 
+def test_detection_captions_stay_whole_inside_the_image(model, images):
+    """The explorer places its captions as notebook 08's figures do (``fit_captions``): none is cut by the image's
+    border (drawn at a box's top-left corner, the caption of a box at the top edge would stick out of the image)."""
+    for name in images:
+        figure = explore.detections(model, {name: images[name]}, ["circle", "square"], boxes=8, interactive=False)
+        ax = figure.axes[0]
+        figure.draw_without_rendering()
+        frame = ax.get_window_extent()
+        extents = [text.get_window_extent() for text in ax.texts]
+        assert len(extents) == 8, name
+        assert all(frame.x0 - 1 <= e.x0 and e.x1 <= frame.x1 + 1 and frame.y0 - 1 <= e.y0 and e.y1 <= frame.y1 + 1
+                   for e in extents), name
+
+
 def test_detections_report_bad_input_and_take_uploads_of_any_size_and_mode(model, images):
     explorer = explore.detections(model, images, ["circle"])
     explorer.controls["classes"].value = " ,  , "

@@ -54,6 +54,22 @@ def test_ablation_rows_without_counterpart_follow_ours_and_absolute_mode():
     assert [t.get_text() for t in fig.axes[1].texts].count("reference") == 2
 
 
+def _reference_marks(ax) -> list[tuple[str, float]]:
+    """(vertical alignment, vertical offset in points) of every "reference" mark of ``ax``."""
+    return [(t.get_verticalalignment(), t.xyann[1]) for t in ax.texts if t.get_text() == "reference"]
+
+
+def test_reference_mark_stays_off_the_tick_labels():
+    """The "reference" mark goes under the zero line only where a negative bar made room there; in a panel of
+    positive gaps zero is the bottom of the axes, and the mark goes above it instead of onto the tick labels."""
+    ours = {"a": (1.0, 5.0), "full": (2.0, 4.0)}
+    paper = {"a": (40.0, 80.0), "full": (50.0, 75.0)}
+    fig = viz_tables.plot_ablation(COLUMNS, ours, paper, ours_reference="full", paper_reference="full")
+    det, cls = fig.axes[:2]
+    assert _reference_marks(det) == [("top", -2)] and det.get_ylim()[0] < 0     # gaps -1 and -10: room below 0
+    assert _reference_marks(cls) == [("bottom", 2)] and cls.get_ylim()[0] == 0  # gaps +1 and +5: 0 is the bottom
+
+
 def test_ablation_refuses_bad_input():
     with pytest.raises(ValueError, match=r"ours\['a'\]: expected 2 values"):
         viz_tables.plot_ablation(COLUMNS, {"a": (1.0,)})

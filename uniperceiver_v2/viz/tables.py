@@ -102,7 +102,8 @@ def plot_ablation(columns: Sequence[str], ours: Mapping[str, Sequence[Value]],
             after ours.
         ours_reference, paper_reference: the rows the gaps are measured to (in points); both None draws absolute
             values. With a reference for one side only, that side is drawn as gaps and the other is left out.
-            The reference rows get a "reference" mark instead of zero-height bars.
+            The reference rows get a "reference" mark instead of zero-height bars, under the zero line when
+            the panel has a negative bar, else above it (below, it would fall on the tick labels).
         title: the figure title.
     """
     _check_rows("ours", ours, len(columns))
@@ -136,9 +137,13 @@ def plot_ablation(columns: Sequence[str], ours: Mapping[str, Sequence[Value]],
         grouped_bars(ax, categories, series, colors={"ours": OURS_COLOR, "paper": PAPER_COLOR})
         ax.set_title(column, fontsize=9)
         references = {reference for reference in (ours_reference, paper_reference) if reference is not None}
+        # Under the zero line only where a negative bar made room there; else above it, off the tick labels.
+        below = min((v for values in series.values() for v in values if v is not None and not math.isnan(v)),
+                    default=0.0) < 0
         for reference in references:
-            ax.annotate("reference", (categories.index(reference), 0.0), fontsize=6, ha="center", va="top",
-                        xytext=(0, -2), textcoords="offset points", color="dimgray")
+            ax.annotate("reference", (categories.index(reference), 0.0), fontsize=6, ha="center",
+                        va="top" if below else "bottom", xytext=(0, -2 if below else 2), textcoords="offset points",
+                        color="dimgray")
         if index == 0:
             ax.set_ylabel("gap to the reference row [points]" if gaps else "value [%]")
             ax.legend(fontsize=7)

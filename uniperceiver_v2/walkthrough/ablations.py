@@ -211,7 +211,8 @@ TAB3 = AblationTable(
         AblationRow("All Tasks", (_NO_MOE,)),
         AblationRow("w/o Detection", (_NO_MOE, "tasks.detection.enabled=false"),
                     note="the proposal network gets no box or mask supervision (the paper's backbone was COCO "
-                         "pre-trained, ours starts from scratch)"),
+                         "pre-trained; ours is pre-trained as a classifier only, if at all, and the proposal "
+                         "network starts from random weights)"),
         AblationRow("w/o Classification", (_NO_MOE, "tasks.classification.enabled=false")),
         AblationRow("w/o Retrieval", (_NO_MOE, "tasks.retrieval.enabled=false")),
         AblationRow("w/o Captioning", (_NO_MOE, "tasks.captioning.enabled=false")),
@@ -1287,12 +1288,14 @@ class TableReport:
 
     def figure(self):
         """Our rows and the paper's as gaps to the reference rows, one panel per column
-        (``viz_tables.plot_ablation``); the paper's rows carry our labels where they have a counterpart.
+        (``viz_tables.plot_ablation``); a paper row carries our label where our counterpart of it ran, as in
+        :attr:`side_by_side`, and keeps the paper's own name otherwise (every row when none of ours ran).
         Without our reference row (not run) only the paper's gaps are drawn."""
         from ..viz.tables import plot_ablation
 
         table = _table(self.key)
-        ours_label = {paper: ours for ours, paper in table.paper_rows.items() if paper is not None}
+        ours_label = {paper: ours for ours, paper in table.paper_rows.items()
+                      if paper is not None and ours in self.ours}
         paper = {ours_label.get(label, label): values for label, values in table.paper.rows.items()}
         paper_reference = ours_label.get(table.paper_reference, table.paper_reference)
         return plot_ablation([m.header for m in ABLATION_COLUMNS], self.ours, paper, self.reference,
@@ -1595,8 +1598,9 @@ def mean_interference(measured: Mapping[str, Any]) -> float | None:
 
 def interference_table(results: Mapping[str, Mapping[str, Any]]) -> dict[str, list]:
     """One line per run whose result holds a task-interference measurement (:func:`run_interference`): N, the mean
-    I(i -> j) over pairs, the pair that hurts most and the pair that helps most, or why it could not be measured.
-    Runs that share a training appear once, under the run that trained it."""
+    I(i -> j) over pairs, the pair of the lowest I (the one that hurts most, or helps least when every pair helps:
+    it need not be negative) and that of the highest, or why it could not be measured. Runs that share a training
+    appear once, under the run that trained it."""
     rows = []
     for name, result in results.items():
         measured = result.get("interference")
@@ -1617,7 +1621,7 @@ def interference_table(results: Mapping[str, Mapping[str, Any]]) -> dict[str, li
         worst, best = min(pairs), max(pairs)
         rows.append([name, measured["num_batches"], round(mean_interference(measured), 3),
                      f"{worst[1]} ({worst[0]:+.2f})", f"{best[1]} ({best[0]:+.2f})", note])
-    return {"columns": ["run", "N", "mean I(i -> j), i != j", "most negative", "most positive", "note"],
+    return {"columns": ["run", "N", "mean I(i -> j), i != j", "lowest I(i -> j)", "highest I(i -> j)", "note"],
             "rows": rows}
 
 
