@@ -334,6 +334,17 @@ def _fake_result(run: A.AblationRun, metrics: dict, shared_with: str | None = No
             "shared_with": shared_with, "seed": seed}
 
 
+def test_a_single_task_run_trains_its_task_from_the_first_iteration():
+    """A profile may let a task join late (tasks.<name>.start_iteration); alone it has nothing to wait for."""
+    settings = A.AblationSettings(run_dir="/tmp/x", iterations=100,
+                                  scale=("tasks.classification.start_iteration=1000",))
+    single = [run for run in A.plan_runs({"tab3": ("Single Task",)}, settings) if run.task == "classification"][0]
+    cfg = A.build_config(single, settings)
+    assert cfg.tasks.names() == ["classification"] and cfg.tasks.classification.start_iteration == 0
+    full = A.build_config(A.plan_runs({"tab3": ("All Tasks",)}, settings)[0], settings)
+    assert full.tasks.classification.start_iteration == 1000
+
+
 def test_table_rows_take_single_task_columns_from_their_own_run():
     full = {"detection": {"bbox_AP": 0.1}, "classification": {"top1": 0.2}, "retrieval": {"i2t_R@1": 0.3,
             "t2i_R@1": 0.4}, "captioning": {"BLEU-4": 0.05}}

@@ -68,11 +68,24 @@ def test_load_config_accepts_a_preset_or_a_file(tmp_path):
     ("decoder.width=102", "decoder.width"),                             # not divisible by heads
     ("data.det_min_size=500", "data.det_min_size"),
     ("preset=r51", "preset"),
+    ("tasks.classification.start_iteration=-3", "tasks.classification.start_iteration"),
+    ("tasks.classification.start_iteration=2.5", "tasks.classification.start_iteration"),
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as err:
         apply_overrides(get_preset("tiny"), [override])
     assert str(err.value).startswith(key), str(err.value)
+
+
+def test_some_task_must_start_at_iteration_zero():
+    late = [f"tasks.{name}.start_iteration=5" for name in ("classification", "detection", "mlm", "captioning",
+                                                             "retrieval")]
+    with pytest.raises(ConfigError, match="^tasks: no enabled task .* starts at iteration 0"):
+        apply_overrides(get_preset("tiny"), late)
+    # a late task is fine while another one runs from the start; a disabled task's start does not count
+    assert apply_overrides(get_preset("tiny"), late[1:] + ["tasks.classification.start_iteration=0"])
+    with pytest.raises(ConfigError, match="^tasks: no enabled task"):
+        apply_overrides(get_preset("tiny"), late[:4] + ["tasks.retrieval.enabled=false"])
 
 
 def test_task_moments_need_unmixed_mt_adamw():

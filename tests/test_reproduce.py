@@ -347,6 +347,10 @@ def test_a_profile_can_give_one_notebook_its_own_values(tmp_path):
     small_by_number = {run.source.stem[:2]: run.parameters for run in small.notebooks}
     assert small_by_number["06"]["nproc"] == 2 and small_by_number["06"]["split_batches"] is True
     assert small_by_number["09"]["nproc"] == 1
+    # the small profile's recipe reaches both the generalist's run and every ablation run; quick keeps the preset's
+    late = ["tasks.classification.start_iteration=1000"]
+    assert small_by_number["06"]["train_overrides"] == small_by_number["09"]["train_overrides"] == late
+    assert by_number["06"]["train_overrides"] == by_number["09"]["train_overrides"] == []
 
 
 def test_a_notebook_value_the_notebook_does_not_declare_is_refused(monkeypatch):

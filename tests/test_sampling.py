@@ -125,3 +125,66 @@ def test_mixed_sampler_is_deterministic_in_seed_and_iteration():
     forward = [a.slots_for_iteration(i) for i in range(100)]
     backward = [b.slots_for_iteration(i) for i in reversed(range(100))]  # order of queries must not matter
     assert forward == backward[::-1]
+
+
+# --- tasks that join late (tasks.<name>.start_iteration) ------------------------------------------------------------
+def test_a_late_task_is_never_drawn_before_its_start_and_the_others_share_its_probability():
+    sampler = UnmixedTaskSampler(TASKS, WEIGHTS, seed=3, start_iterations={"classification": 4000})
+    before = Counter(sampler.task_for_iteration(i) for i in range(4000))
+    assert before["classification"] == 0
+    rest = sum(v for t, v in WEIGHTS.items() if t != "classification")
+    others = [t for t in TASKS if t != "classification"]
+    assert chisquare([before[t] for t in others], [4000 * WEIGHTS[t] / rest for t in others]).pvalue > 1e-3
+    after = Counter(sampler.task_for_iteration(i) for i in range(4000, 24_000))
+    assert chisquare([after[t] for t in TASKS],
+                     [20_000 * WEIGHTS[t] / sum(WEIGHTS.values()) for t in TASKS]).pvalue > 1e-3
+    # s_k is the long-run share throughout (what MT-AdamW's compensation reads)
+    assert sampler.sampling_ratio("classification") == pytest.approx(0.1)
+    assert sampler.active_ratios(0)["classification"] == 0.0
+    assert sampler.active_ratios(0)["retrieval"] == pytest.approx(0.3 / 0.9)
+    assert sampler.active_ratios(4000) == pytest.approx(sampler.sampling_ratios)
+
+
+def test_start_zero_everywhere_draws_exactly_as_without_start_iterations():
+    plain = UnmixedTaskSampler(TASKS, WEIGHTS, seed=9)
+    zeros = UnmixedTaskSampler(TASKS, WEIGHTS, seed=9, start_iterations={t: 0 for t in TASKS})
+    assert [plain.task_for_iteration(i) for i in range(500)] == [zeros.task_for_iteration(i) for i in range(500)]
+    # after every start the draws are those of the plain sampler again: the draw is a function of (seed, iteration)
+    late = UnmixedTaskSampler(TASKS, WEIGHTS, seed=9, start_iterations={"captioning": 100})
+    assert [late.task_for_iteration(i) for i in range(100, 500)] == [plain.task_for_iteration(i)
+                                                                      for i in range(100, 500)]
+
+
+def test_expected_iterations_against_the_closed_form_and_counts():
+    sampler = UnmixedTaskSampler(TASKS, WEIGHTS, seed=1, start_iterations={"classification": 1000, "mlm": 300})
+    # classification: 0.1 from 1000 on; mlm: 0 before 300, then 0.05 / 0.9 until 1000, then 0.05
+    assert sampler.expected_iterations("classification", 3000) == pytest.approx(0.1 * 2000)
+    assert sampler.expected_iterations("mlm", 3000) == pytest.approx(700 * 0.05 / 0.9 + 2000 * 0.05)
+    assert sampler.expected_iterations("retrieval", 3000) == pytest.approx(
+        300 * 0.3 / 0.85 + 700 * 0.3 / 0.9 + 2000 * 0.3)
+    assert sum(sampler.expected_iterations(t, 3000) for t in TASKS) == pytest.approx(3000)
+    assert sampler.expected_iterations("classification", 500) == 0.0
+    counts = Counter(sampler.task_for_iteration(i) for i in range(3000))
+    for t in TASKS:
+        e = sampler.expected_iterations(t, 3000)
+        assert abs(counts[t] - e) < 5 * math.sqrt(e) + 1
+
+
+def test_mixed_sampler_respects_start_iterations_and_resumes():
+    sampler = MixedTaskSampler(TASKS, WEIGHTS, seed=2, num_slots=4, start_iterations={"retrieval": 50})
+    assert all("retrieval" not in sampler.slots_for_iteration(i) for i in range(50))
+    assert any("retrieval" in sampler.slots_for_iteration(i) for i in range(50, 100))
+    again = MixedTaskSampler(TASKS, WEIGHTS, seed=2, num_slots=4, start_iterations={"retrieval": 50})
+    assert [again.slots_for_iteration(i) for i in range(30, 80)] == [sampler.slots_for_iteration(i)
+                                                                     for i in range(30, 80)]
+
+
+@pytest.mark.parametrize("starts, message", [
+    ({"unknown": 3}, "unknown task 'unknown'"),
+    ({"mlm": -1}, "task 'mlm': start iteration must be a non-negative integer"),
+    ({"mlm": 1.5}, "task 'mlm': start iteration must be a non-negative integer"),
+    ({t: 10 for t in TASKS}, "no task with a positive sampling weight starts at iteration 0"),
+])
+def test_bad_start_iterations_raise(starts, message):
+    with pytest.raises(ValueError, match=message):
+        UnmixedTaskSampler(TASKS, WEIGHTS, seed=0, start_iterations=starts)

@@ -475,3 +475,19 @@ def test_fp16_on_cpu_and_missing_task_are_config_errors(tmp_path):
 def test_fail_fast_reraises_in_a_single_process():
     with pytest.raises(ValueError, match="boom"), fail_fast():
         raise ValueError("boom")
+
+
+def test_a_task_that_joins_late_trains_only_from_its_start_iteration(tmp_path):
+    """tasks.classification.start_iteration=5: iterations 0-4 draw only the other tasks (the logged records say
+    which task trained when), later ones draw it too, as the sampler predicts; the MT-AdamW s_k stays the preset's."""
+    cfg = toy_config(tmp_path, **{"run.iterations": 40, "run.ckpt_every": 40,
+                                  "tasks.classification.start_iteration": 5,
+                                  "tasks.classification.sampling_weight": 0.6})
+    trainer = make_trainer(cfg)
+    trainer.train()
+    trained = train_losses(tmp_path / "run")
+    assert [task for iteration, task, _ in trained] == [trainer.sampler.task_for_iteration(i) for i in range(40)]
+    assert all(task != "classification" for iteration, task, _ in trained if iteration <= 5)
+    assert any(task == "classification" for iteration, task, _ in trained if iteration > 5)
+    assert trainer.sampler.start_iterations == {"classification": 5, "mlm": 0, "retrieval": 0}
+    assert trainer.sampler.sampling_ratio("classification") == pytest.approx(0.6 / (0.6 + 0.1 + 0.2))

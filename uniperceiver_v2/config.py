@@ -179,6 +179,9 @@ class DecoderConfig:
 class TaskConfig:
     enabled: bool = True
     sampling_weight: float = 1.0               # s_k (normalised over enabled tasks)
+    # the first iteration the task is drawn at (our addition; 0 = from the start, as in the paper): before it the
+    # tasks already running share its s_k in proportion (engine/sampling.py)
+    start_iteration: int = 0
     loss_weight: float = 1.0                   # w_k (omega_k, the MT-AdamW scaling factor)
     batch_size: int = 8                        # per process
     label_smoothing: float = 0.1               # "label smoothing 0.1 for non-language-modelling tasks"
@@ -623,6 +626,9 @@ def validate(cfg: Config) -> None:
     for name in names:
         task = cfg.tasks.get(name)
         _require(task.sampling_weight >= 0, f"tasks.{name}.sampling_weight", f"{task.sampling_weight} < 0")
+        _require(isinstance(task.start_iteration, int) and not isinstance(task.start_iteration, bool)
+                 and task.start_iteration >= 0, f"tasks.{name}.start_iteration",
+                 f"{task.start_iteration!r} is not an integer >= 0")
         _require(task.loss_weight >= 0, f"tasks.{name}.loss_weight", f"{task.loss_weight} < 0")
         _require(task.batch_size >= 1, f"tasks.{name}.batch_size", "must be >= 1")
         _require(0.0 <= task.label_smoothing < 1.0, f"tasks.{name}.label_smoothing", "must be in [0, 1)")
@@ -630,6 +636,8 @@ def validate(cfg: Config) -> None:
     _require(len(enabled) > 0, "tasks", "at least one task must be enabled")
     _require(sum(cfg.tasks.get(n).sampling_weight for n in enabled) > 0, "tasks",
              "the enabled tasks' sampling weights sum to 0")
+    _require(any(cfg.tasks.get(n).sampling_weight > 0 and cfg.tasks.get(n).start_iteration == 0 for n in enabled),
+             "tasks", "no enabled task with a sampling weight > 0 starts at iteration 0 (tasks.<name>.start_iteration)")
     _require(0.0 < cfg.tasks.mlm.mask_prob < 1.0, "tasks.mlm.mask_prob", "must be in (0, 1)")
     _require(cfg.tasks.captioning.max_length >= 1, "tasks.captioning.max_length", "must be >= 1")
     _require(cfg.tasks.captioning.beam_size >= 1, "tasks.captioning.beam_size", "must be >= 1")

@@ -65,6 +65,8 @@ def run(args: argparse.Namespace, output_dir: str, out=sys.stdout) -> list[dict]
     from uniperceiver_v2.engine.data_setup import build_task_dataset
 
     disabled = [f"tasks.{name}.enabled=false" for name in TASK_NAMES if name not in args.tasks]
+    # every task asked for trains from the first iteration (a preset may let one join late: start_iteration)
+    disabled += [f"tasks.{name}.start_iteration=0" for name in args.tasks]
     # The schedule spans --iterations unless the overrides say otherwise (run.iterations=... sets a longer one).
     trainer = build_trainer(args.config, [f"run.iterations={max(args.iterations, 1)}", *args.overrides, *disabled],
                             output_dir)

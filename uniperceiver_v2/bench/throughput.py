@@ -38,7 +38,8 @@ def _worker(args: argparse.Namespace) -> int:
     from uniperceiver_v2.engine.distributed import barrier, destroy_distributed, get_rank, init_distributed
 
     task = args.worker
-    disabled = [f"tasks.{name}.enabled=false" for name in TASK_NAMES if name != task]
+    disabled = [f"tasks.{name}.enabled=false" for name in TASK_NAMES if name != task] + [
+        f"tasks.{task}.start_iteration=0"]     # the one task trains from the first iteration
     with tempfile.TemporaryDirectory() as output_dir:
         # No warm-up or decay: the lr does not change the time of an iteration, and the tiny preset's 20
         # warm-up iterations would not fit into a short benchmark.

@@ -9,6 +9,10 @@ by s_k, so every task still receives a fraction s_k of the data in expectation, 
 Both samplers are stateless: the draw of iteration i is a pure function of (seed, i), computed with a
 numpy generator seeded by the pair. All ranks given the same seed agree without communicating, and a
 resumed run continues the same sequence from any iteration without replaying or saving sampler state.
+
+A task can join late (``start_iterations``, our addition, not the paper's): before its start iteration it is never
+drawn and the tasks already running share its probability in proportion to their s_k; from then on every task is
+drawn with its s_k. ``sampling_ratio`` stays s_k throughout (MT-AdamW's compensation uses the long-run share).
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ class _SeededTaskDraws:
     """Shared part of both samplers: validated ratios and a generator per (seed, iteration)."""
 
     def __init__(
-        self, task_names: Sequence[str], weights: Mapping[str, float] | Sequence[float], seed: int
+        self, task_names: Sequence[str], weights: Mapping[str, float] | Sequence[float], seed: int,
+        start_iterations: Mapping[str, int] | None = None,
     ) -> None:
         task_names = list(task_names)
         if not task_names:
@@ -95,6 +100,38 @@ class _SeededTaskDraws:
         self.sampling_ratios: dict[str, float] = normalize_weights(weight_map)
         self.seed = int(seed)
         self._cumulative = np.cumsum([self.sampling_ratios[name] for name in task_names])
+        starts = dict(start_iterations or {})
+        unknown = [name for name in starts if name not in task_names]
+        if unknown:
+            raise ValueError(f"start iteration given for unknown task {unknown[0]!r}; tasks: {task_names}")
+        for name, start in starts.items():
+            if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+                raise ValueError(f"task {name!r}: start iteration must be a non-negative integer, got {start!r}")
+        self.start_iterations: dict[str, int] = {name: int(starts.get(name, 0)) for name in task_names}
+        if not any(self.sampling_ratios[name] > 0 for name in task_names if self.start_iterations[name] == 0):
+            raise ValueError("task sampler: no task with a positive sampling weight starts at iteration 0 "
+                             f"(start iterations {self.start_iterations})")
+        self._last_start = max(self.start_iterations.values())
+
+    def active_ratios(self, iteration: int) -> dict[str, float]:
+        """The probability of each task at `iteration`: s_k over the tasks that have started, renormalised."""
+        if iteration < 0:
+            raise ValueError(f"iteration must be >= 0, got {iteration}")
+        return dict(zip(self.task_names, np.diff(self._cumulative_at(iteration), prepend=0.0)
+                        / self._cumulative_at(iteration)[-1]))
+
+    def expected_iterations(self, task: str, iterations: int) -> float:
+        """How many of iterations 0 .. `iterations` - 1 draw `task` in expectation (slots: times num_slots)."""
+        if task not in self.sampling_ratios:
+            raise ValueError(f"unknown task {task!r}; tasks: {self.task_names}")
+        bounds = sorted({0, iterations, *(s for s in self.start_iterations.values() if s < iterations)})
+        return math.fsum(self.active_ratios(lo)[task] * (hi - lo) for lo, hi in zip(bounds, bounds[1:]))
+
+    def _cumulative_at(self, iteration: int) -> np.ndarray:
+        if iteration >= self._last_start:
+            return self._cumulative
+        return np.cumsum([self.sampling_ratios[name] if self.start_iterations[name] <= iteration else 0.0
+                          for name in self.task_names])
 
     def sampling_ratio(self, task: str) -> float:
         """s_k of `task` (what MTAdamW.step needs as `sampling_ratio`)."""
@@ -108,8 +145,10 @@ class _SeededTaskDraws:
         rng = np.random.default_rng([self.seed, int(iteration)])
         uniforms = rng.random(count)
         # Inverse-CDF draw; the total is scaled by the last cumulative value so rounding in the sum can never
-        # push a uniform past the end. A zero-weight task has an empty interval and is never drawn.
-        indices = np.searchsorted(self._cumulative, uniforms * self._cumulative[-1], side="right")
+        # push a uniform past the end. A zero-weight task (or one that has not started) has an empty interval and
+        # is never drawn.
+        cumulative = self._cumulative_at(iteration)
+        indices = np.searchsorted(cumulative, uniforms * cumulative[-1], side="right")
         return [self.task_names[i] for i in np.minimum(indices, len(self.task_names) - 1)]
 
 
@@ -120,6 +159,8 @@ class UnmixedTaskSampler(_SeededTaskDraws):
         task_names: the tasks (or task/dataset pairs of Tab. 8), in a fixed order.
         weights: name -> weight, or one weight per name; normalised to s_k.
         seed: the same on every rank.
+        start_iterations: name -> the first iteration the task may be drawn at (missing names: 0); at least one
+            task with a positive weight must start at 0.
 
     Example:
         sampler = UnmixedTaskSampler(["cls", "det"], {"cls": 0.1, "det": 0.25}, seed=0)
@@ -142,7 +183,7 @@ class MixedTaskSampler(_SeededTaskDraws):
     iteration's batch; in expectation that is s_k, the same data share as with unmixed sampling.
 
     Args:
-        task_names, weights, seed: as for UnmixedTaskSampler.
+        task_names, weights, seed, start_iterations: as for UnmixedTaskSampler.
         num_slots: per-GPU batches per iteration.
     """
 
@@ -152,8 +193,9 @@ class MixedTaskSampler(_SeededTaskDraws):
         weights: Mapping[str, float] | Sequence[float],
         seed: int,
         num_slots: int,
+        start_iterations: Mapping[str, int] | None = None,
     ) -> None:
-        super().__init__(task_names, weights, seed)
+        super().__init__(task_names, weights, seed, start_iterations)
         if not isinstance(num_slots, int) or num_slots < 1:
             raise ValueError(f"MixedTaskSampler: num_slots must be a positive integer, got {num_slots!r}")
         self.num_slots = num_slots

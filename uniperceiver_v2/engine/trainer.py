@@ -371,12 +371,13 @@ class Trainer:
         self.tasks = {name: tasks[name] for name in self.task_names}
         self.task_configs = {name: cfg.tasks.get(name) for name in self.task_names}
         weights = {name: self.task_configs[name].sampling_weight for name in self.task_names}
+        starts = {name: self.task_configs[name].start_iteration for name in self.task_names}
         if run.sampling == "unmixed":
             self.sampler: UnmixedTaskSampler | MixedTaskSampler = UnmixedTaskSampler(
-                self.task_names, weights, seed=run.seed)
+                self.task_names, weights, seed=run.seed, start_iterations=starts)
         else:
             self.sampler = MixedTaskSampler(self.task_names, weights, seed=run.seed,
-                                            num_slots=self.world_size * run.grad_accum)
+                                            num_slots=self.world_size * run.grad_accum, start_iterations=starts)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_lr_scheduler(self.optimizer, self._config_schedule())
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]

@@ -46,14 +46,16 @@ def _task_indices(tasks: Sequence[str], task_names: Sequence[str], what: str) ->
 
 def plot_task_sequence(unmixed_tasks: Sequence[str], mixed_slots: Sequence[Sequence[str]],
                        task_names: Sequence[str], sampling_ratios: Mapping[str, float],
-                       title: str | None = None, shown: int | None = None) -> Figure:
+                       title: str | None = None, shown: int | None = None,
+                       ratios_label: str = "$s_k$") -> Figure:
     """The tasks drawn by unmixed and mixed sampling, iteration by iteration, and how often each was drawn.
 
     Args:
         unmixed_tasks: (T,) the task of each iteration (`UnmixedTaskSampler.task_for_iteration`).
         mixed_slots: (T, S) the task of each slot of each iteration (`MixedTaskSampler.slots_for_iteration`).
         task_names: the tasks, fixing their colours and order.
-        sampling_ratios: s_k of every task, drawn next to the observed frequencies.
+        sampling_ratios: s_k of every task, drawn next to the observed frequencies (or any expected share, e.g.
+            ``UnmixedTaskSampler.expected_iterations`` / T when a task joins late, with ``ratios_label`` saying so).
         shown: draw only the first ``shown`` iterations in the strips (thousands of one-pixel columns read as a
             barcode); the frequencies are those of all T iterations. None: every iteration.
     """
@@ -99,7 +101,7 @@ def plot_task_sequence(unmixed_tasks: Sequence[str], mixed_slots: Sequence[Seque
     bars.barh(positions + 0.2, mixed_freq, height=0.38, color=colors, alpha=0.45, hatch="//",
               label="mixed (slots)")
     bars.scatter([sampling_ratios[name] for name in task_names], positions, marker="|", s=300, color="black",
-                 zorder=3, label="$s_k$")
+                 zorder=3, label=ratios_label)
     bars.set_yticks(positions, list(task_names), fontsize=8)
     bars.invert_yaxis()
     bars.set_xlabel("fraction drawn" + ("" if drawn == len(unmixed) else f" (all {len(unmixed)} iterations)"))

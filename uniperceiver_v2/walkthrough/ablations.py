@@ -447,7 +447,10 @@ def plan_runs(plan: Mapping[str, Sequence[str]], settings: AblationSettings | No
                                         slots_per_iteration=table.slots_per_iteration, min_nproc=table.min_nproc))
                 continue
             for task in ABLATION_TASKS:
-                others = tuple(f"tasks.{other}.enabled=false" for other in ABLATION_TASKS if other != task)
+                # the other tasks off; the one left trains from the first iteration (start_iteration=0: a task the
+                # preset lets join late has no other task to wait for)
+                others = tuple(f"tasks.{other}.enabled=false" for other in ABLATION_TASKS if other != task) + (
+                    f"tasks.{task}.start_iteration=0",)
                 runs.append(AblationRun(key, row.name, f"{base}/{task}", row.overrides + others, task=task,
                                         slots_per_iteration=table.slots_per_iteration, min_nproc=table.min_nproc))
     if settings is not None:

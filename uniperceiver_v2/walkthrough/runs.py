@@ -274,14 +274,16 @@ def config_of_command(command: Sequence[str]):
 
 def unmixed_sampler(cfg):
     """The task sampler of a run with unmixed sampling, built as ``engine.trainer.Trainer`` builds it: the enabled
-    tasks in config order, weights ``tasks.<name>.sampling_weight`` (normalised to s_k), seed ``run.seed``."""
+    tasks in config order, weights ``tasks.<name>.sampling_weight`` (normalised to s_k), seed ``run.seed``, start
+    iterations ``tasks.<name>.start_iteration``."""
     from ..engine.sampling import UnmixedTaskSampler
 
     if cfg.run.sampling != "unmixed":
         raise ValueError(f"run.sampling is {cfg.run.sampling!r}; unmixed_sampler describes unmixed runs only")
     names = cfg.tasks.names()
     return UnmixedTaskSampler(names, {name: cfg.tasks.get(name).sampling_weight for name in names},
-                              seed=cfg.run.seed)
+                              seed=cfg.run.seed,
+                              start_iterations={name: cfg.tasks.get(name).start_iteration for name in names})
 
 
 def task_mixture_table(cfg, iterations: int, nproc: int = 1) -> dict[str, list]:
@@ -294,8 +296,9 @@ def task_mixture_table(cfg, iterations: int, nproc: int = 1) -> dict[str, list]:
     for name in sampler.task_names:
         task = cfg.tasks.get(name)
         share = sampler.sampling_ratio(name)
+        expected = sampler.expected_iterations(name, iterations)
         rows.append([name, round(share, 4), task.loss_weight, task.batch_size, task.batch_size * per_step,
-                     round(share * iterations, 1), round(share * iterations * task.batch_size * per_step)])
+                     round(expected, 1), round(expected * task.batch_size * per_step)])
     return {"columns": ["task", "s_k", "w_k", "batch / process", f"batch of a step ({per_step} micro-batch(es))",
                         "expected iterations", "expected samples"],
             "rows": rows}
