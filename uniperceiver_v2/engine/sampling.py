@@ -117,8 +117,8 @@ class _SeededTaskDraws:
         """The probability of each task at `iteration`: s_k over the tasks that have started, renormalised."""
         if iteration < 0:
             raise ValueError(f"iteration must be >= 0, got {iteration}")
-        return dict(zip(self.task_names, np.diff(self._cumulative_at(iteration), prepend=0.0)
-                        / self._cumulative_at(iteration)[-1]))
+        cumulative = self._cumulative_at(iteration)
+        return dict(zip(self.task_names, np.diff(cumulative, prepend=0.0) / cumulative[-1]))
 
     def expected_iterations(self, task: str, iterations: int) -> float:
         """How many of iterations 0 .. `iterations` - 1 draw `task` in expectation (slots: times num_slots)."""
