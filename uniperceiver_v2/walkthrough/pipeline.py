@@ -130,8 +130,10 @@ PROFILES: dict[str, dict[str, Any]] = {
                                           # PROFILE=small` runs it")
         "rpn_iterations": 2000,
         "backbone_iterations": 800,
-        "ablation_iterations": 3500,      # notebook 09: batches per ablation run (rows: ablations.PROFILE_PLANS):
-                                          # six runs, two at a time, in under 120 minutes on two cores
+        "ablation_iterations": 5000,      # notebook 09: batches per ablation run (rows: ablations.PROFILE_PLANS):
+                                          # six runs, two at a time, on two cores; at 3500 the baseline's box AP
+                                          # stayed under 0.2 (docs/benchmarks.md, "Notebook 09 in the small
+                                          # profile with classification joining at iteration 1000")
         "ablation_data_root": None,
         "ablation_data_profile": None,
         "nproc": 1,
