@@ -1187,3 +1187,44 @@ def test_run_interference_matches_a_float64_slow_path(synthetic_root, tmp_path):
                    if n != m]
             expected = float(sum(cross) / len(cross) / (sum(own) / len(own)))
             assert measured["matrix"][i][j] == pytest.approx(expected, rel=1e-3, abs=1e-3)
+
+
+def test_interference_comparison_against_the_seed_spread():
+    def record(matrix, tasks=("a", "b", "c")):
+        return {"tasks": list(tasks), "matrix": matrix, "num_batches": 16}
+
+    # a's column undefined in the second seed: every mean is taken over the four pairs defined everywhere
+    dense = record([[1.0, 0.1, 0.1], [0.0, 1.0, 0.2], [0.0, 0.3, 1.0]])
+    moe = record([[1.0, 0.5, 0.3], [0.9, 1.0, 0.4], [0.9, 0.1, 1.0]])
+    seed1 = record([[None, 0.2, 0.2], [None, 1.0, 0.3], [None, 0.1, 1.0]])
+    results = {
+        "tab3/all_tasks": {"table": "tab3", "row": "All Tasks", "seed": 0, "interference": dense},
+        "tab3/all_tasks_w_moe": {"table": "tab3", "row": "All Tasks w/ MoE", "seed": 0, "interference": moe},
+        "tab2/global_regional": {"table": "tab2", "row": "Global + Regional", "seed": 0, "interference": moe},
+        "tab2/global_regional@seed1": {"table": "tab2", "row": "Global + Regional", "seed": 1,
+                                       "interference": seed1},
+    }
+    found = A.interference_comparison(results)
+    assert found["pairs"] == ["a -> b", "a -> c", "b -> c", "c -> b"]
+    assert found["without"] == pytest.approx((0.1 + 0.1 + 0.2 + 0.3) / 4)
+    assert found["with"] == pytest.approx((0.5 + 0.3 + 0.4 + 0.1) / 4)
+    assert found["seeds"] == {0: pytest.approx(0.325), 1: pytest.approx((0.2 + 0.2 + 0.3 + 0.1) / 4)}
+    assert found["spread"] == pytest.approx(0.125)
+    # the MoE's gain (0.15) is above the seeds' spread (0.125)
+    assert found["difference"] == pytest.approx(0.15) and found["verdict"] == "less interference with the MoE"
+    # a second seed far from the first: the same gain is within the spread
+    results["tab2/global_regional@seed1"]["interference"] = record([[1.0, -0.5, 0.0], [0.0, 1.0, 0.0],
+                                                                    [0.0, 0.0, 1.0]])
+    assert A.interference_comparison(results)["verdict"] == "within the seeds' spread"
+    # one seed only: no spread, the sign decides
+    del results["tab2/global_regional@seed1"]
+    found = A.interference_comparison(results)
+    assert found["spread"] is None and found["seeds"] == {0: pytest.approx(found["with"])}
+    assert found["verdict"] == "less interference with the MoE"
+    results["tab3/all_tasks"]["interference"] = moe
+    results["tab3/all_tasks_w_moe"]["interference"] = dense
+    assert A.interference_comparison(results)["verdict"] == "more interference with the MoE"
+    # a run not measured: nothing to compare
+    results["tab3/all_tasks"]["interference"] = {"error": "zero gradient", "num_batches": 2}
+    assert A.interference_comparison(results) is None
+    assert A.interference_comparison({}) is None

@@ -1599,6 +1599,58 @@ def mean_interference(measured: Mapping[str, Any]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _pair_values(measured: Mapping[str, Any]) -> dict[tuple[str, str], float]:
+    """I(i -> j) of one run's record by task names, for the ordered pairs i != j that are defined."""
+    tasks, matrix = measured.get("tasks") or [], measured.get("matrix") or []
+    return {(tasks[i], tasks[j]): value for i, row in enumerate(matrix) for j, value in enumerate(row)
+            if i != j and value is not None}
+
+
+def interference_comparison(results: Mapping[str, Mapping[str, Any]],
+                            without: str = "tab3/all_tasks", with_moe: str = "tab3/all_tasks_w_moe") -> dict | None:
+    """Tab. 3's question asked of the interference metric (MoE eq. (2)): is the mean I(i -> j) of the run with the
+    attribute MoE (``with_moe``) above that of the run without it (``without``), by more than the seed alone moves
+    it? The seed's effect is the spread of the same mean over the baseline's runs at its noise seeds (the full
+    model, :data:`BASELINE`: the MoE run at other seeds), when two or more of them were measured.
+
+    Every mean is taken over the same task pairs: those defined in every matrix compared (a task whose own gradients
+    disagree across batches has no column in one run, and leaving it out of that run only would compare different
+    averages).
+
+    Returns:
+        None when the two runs are not both measured; else ``{"pairs": [...], "without": m, "with": m,
+        "difference": with - without, "seeds": {seed: m}, "spread": max - min over the seeds or None,
+        "verdict": "less interference with the MoE" | "more interference with the MoE" | "within the seeds' spread"}``
+        (I > 0 helps, so "less interference" is a higher mean).
+    """
+    measured = {name: results[name].get("interference") or {} for name in (without, with_moe) if name in results}
+    if len(measured) < 2 or any("matrix" not in value for value in measured.values()):
+        return None
+    key, row = BASELINE
+    seeds = {int(result["seed"]): result["interference"] for result in results.values()
+             if result.get("table") == key and result.get("row") == row and result.get("seed") is not None
+             and "matrix" in (result.get("interference") or {})}
+    tables = {name: _pair_values(value) for name, value in measured.items()}
+    seed_tables = {seed: _pair_values(value) for seed, value in sorted(seeds.items())}
+    pairs = sorted(set.intersection(*(set(table) for table in [*tables.values(), *seed_tables.values()])))
+    if not pairs:
+        return None
+
+    def mean(table: Mapping[tuple[str, str], float]) -> float:
+        return sum(table[pair] for pair in pairs) / len(pairs)
+
+    means = {name: mean(table) for name, table in tables.items()}
+    seed_means = {seed: mean(table) for seed, table in seed_tables.items()}
+    spread = max(seed_means.values()) - min(seed_means.values()) if len(seed_means) > 1 else None
+    difference = means[with_moe] - means[without]
+    if spread is not None and abs(difference) <= spread:
+        verdict = "within the seeds' spread"
+    else:
+        verdict = "less interference with the MoE" if difference > 0 else "more interference with the MoE"
+    return {"pairs": [f"{a} -> {b}" for a, b in pairs], "without": means[without], "with": means[with_moe],
+            "difference": difference, "seeds": seed_means, "spread": spread, "verdict": verdict}
+
+
 def interference_table(results: Mapping[str, Mapping[str, Any]]) -> dict[str, list]:
     """One line per run whose result holds a task-interference measurement (:func:`run_interference`): N, the mean
     I(i -> j) over pairs, the pair of the lowest I (the one that hurts most, or helps least when every pair helps:
