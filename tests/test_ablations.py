@@ -1193,7 +1193,7 @@ def test_interference_comparison_against_the_seed_spread():
     def record(matrix, tasks=("a", "b", "c")):
         return {"tasks": list(tasks), "matrix": matrix, "num_batches": 16}
 
-    # a's column undefined in the second seed: every mean is taken over the four pairs defined everywhere
+    # a's column undefined in the second seed: every summary is taken over the four pairs defined everywhere
     dense = record([[1.0, 0.1, 0.1], [0.0, 1.0, 0.2], [0.0, 0.3, 1.0]])
     moe = record([[1.0, 0.5, 0.3], [0.9, 1.0, 0.4], [0.9, 0.1, 1.0]])
     seed1 = record([[None, 0.2, 0.2], [None, 1.0, 0.3], [None, 0.1, 1.0]])
@@ -1206,12 +1206,21 @@ def test_interference_comparison_against_the_seed_spread():
     }
     found = A.interference_comparison(results)
     assert found["pairs"] == ["a -> b", "a -> c", "b -> c", "c -> b"]
-    assert found["without"] == pytest.approx((0.1 + 0.1 + 0.2 + 0.3) / 4)
-    assert found["with"] == pytest.approx((0.5 + 0.3 + 0.4 + 0.1) / 4)
-    assert found["seeds"] == {0: pytest.approx(0.325), 1: pytest.approx((0.2 + 0.2 + 0.3 + 0.1) / 4)}
-    assert found["spread"] == pytest.approx(0.125)
-    # the MoE's gain (0.15) is above the seeds' spread (0.125)
-    assert found["difference"] == pytest.approx(0.15) and found["verdict"] == "less interference with the MoE"
+    # medians of four values: the mean of the middle two
+    assert found["without"] == pytest.approx((0.1 + 0.2) / 2)
+    assert found["with"] == pytest.approx((0.3 + 0.4) / 2)
+    assert found["seeds"] == {0: pytest.approx(0.35), 1: pytest.approx(0.2)}
+    assert found["means"]["tab3/all_tasks"] == pytest.approx((0.1 + 0.1 + 0.2 + 0.3) / 4)
+    assert found["means"]["seed 1"] == pytest.approx((0.2 + 0.2 + 0.3 + 0.1) / 4)
+    # the MoE's gain (0.20) is above the seeds' spread (0.15)
+    assert found["spread"] == pytest.approx(0.15)
+    assert found["difference"] == pytest.approx(0.2) and found["verdict"] == "less interference with the MoE"
+    # one column near a zero denominator (b's, in the hundreds) moves the second seed's mean, not its median
+    results["tab2/global_regional@seed1"]["interference"] = record([[None, 900.0, 0.2], [None, 1.0, 0.3],
+                                                                    [None, 0.1, 1.0]])
+    found = A.interference_comparison(results)
+    assert found["means"]["seed 1"] > 200 and found["seeds"][1] == pytest.approx(0.25)
+    assert found["verdict"] == "less interference with the MoE"
     # a second seed far from the first: the same gain is within the spread
     results["tab2/global_regional@seed1"]["interference"] = record([[1.0, -0.5, 0.0], [0.0, 1.0, 0.0],
                                                                     [0.0, 0.0, 1.0]])

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -1608,20 +1609,23 @@ def _pair_values(measured: Mapping[str, Any]) -> dict[tuple[str, str], float]:
 
 def interference_comparison(results: Mapping[str, Mapping[str, Any]],
                             without: str = "tab3/all_tasks", with_moe: str = "tab3/all_tasks_w_moe") -> dict | None:
-    """Tab. 3's question asked of the interference metric (MoE eq. (2)): is the mean I(i -> j) of the run with the
-    attribute MoE (``with_moe``) above that of the run without it (``without``), by more than the seed alone moves
-    it? The seed's effect is the spread of the same mean over the baseline's runs at its noise seeds (the full
-    model, :data:`BASELINE`: the MoE run at other seeds), when two or more of them were measured.
+    """Tab. 3's question asked of the interference metric (MoE eq. (2)): is I(i -> j) over the task pairs of the run
+    with the attribute MoE (``with_moe``) above that of the run without it (``without``), by more than the seed alone
+    moves it? The seed's effect is the spread of the same summary over the baseline's runs at its noise seeds (the
+    full model, :data:`BASELINE`: the MoE run at other seeds), when two or more of them were measured.
 
-    Every mean is taken over the same task pairs: those defined in every matrix compared (a task whose own gradients
-    disagree across batches has no column in one run, and leaving it out of that run only would compare different
-    averages).
+    The summary of a matrix is the *median* of I(i -> j) over the pairs i != j: a task whose own gradients barely
+    agree across batches has a denominator just above 0, and its whole column then runs into the hundreds (seen on
+    detection in trained runs), which moves a mean by any amount but a median by one rank. The means are returned
+    too. Every summary is taken over the same task pairs: those defined in every matrix compared (a task whose
+    denominator is not positive has no column in one run, and leaving it out of that run only would compare
+    different sets).
 
     Returns:
-        None when the two runs are not both measured; else ``{"pairs": [...], "without": m, "with": m,
-        "difference": with - without, "seeds": {seed: m}, "spread": max - min over the seeds or None,
-        "verdict": "less interference with the MoE" | "more interference with the MoE" | "within the seeds' spread"}``
-        (I > 0 helps, so "less interference" is a higher mean).
+        None when the two runs are not both measured; else ``{"pairs": [...], "without": median, "with": median,
+        "difference": with - without, "seeds": {seed: median}, "spread": max - min over the seeds or None,
+        "means": {run or "seed <s>": mean}, "verdict": "less interference with the MoE" | "more interference with
+        the MoE" | "within the seeds' spread"}`` (I > 0 helps, so "less interference" is a higher median).
     """
     measured = {name: results[name].get("interference") or {} for name in (without, with_moe) if name in results}
     if len(measured) < 2 or any("matrix" not in value for value in measured.values()):
@@ -1636,19 +1640,24 @@ def interference_comparison(results: Mapping[str, Mapping[str, Any]],
     if not pairs:
         return None
 
+    def median(table: Mapping[tuple[str, str], float]) -> float:
+        return statistics.median(table[pair] for pair in pairs)
+
     def mean(table: Mapping[tuple[str, str], float]) -> float:
         return sum(table[pair] for pair in pairs) / len(pairs)
 
-    means = {name: mean(table) for name, table in tables.items()}
-    seed_means = {seed: mean(table) for seed, table in seed_tables.items()}
-    spread = max(seed_means.values()) - min(seed_means.values()) if len(seed_means) > 1 else None
-    difference = means[with_moe] - means[without]
+    medians = {name: median(table) for name, table in tables.items()}
+    seed_medians = {seed: median(table) for seed, table in seed_tables.items()}
+    spread = max(seed_medians.values()) - min(seed_medians.values()) if len(seed_medians) > 1 else None
+    difference = medians[with_moe] - medians[without]
     if spread is not None and abs(difference) <= spread:
         verdict = "within the seeds' spread"
     else:
         verdict = "less interference with the MoE" if difference > 0 else "more interference with the MoE"
-    return {"pairs": [f"{a} -> {b}" for a, b in pairs], "without": means[without], "with": means[with_moe],
-            "difference": difference, "seeds": seed_means, "spread": spread, "verdict": verdict}
+    means = {**{name: mean(table) for name, table in tables.items()},
+             **{f"seed {seed}": mean(table) for seed, table in seed_tables.items()}}
+    return {"pairs": [f"{a} -> {b}" for a, b in pairs], "without": medians[without], "with": medians[with_moe],
+            "difference": difference, "seeds": seed_medians, "spread": spread, "means": means, "verdict": verdict}
 
 
 def interference_table(results: Mapping[str, Mapping[str, Any]]) -> dict[str, list]:
