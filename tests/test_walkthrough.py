@@ -855,6 +855,10 @@ def test_nearly_collapsed_layers_share_their_experts_and_are_named_apart():
     assert nearly[0].largest_difference == pytest.approx(0.3)
     assert shared_expert_layers(rows, threshold=0.5) == [] and len(collapsed_layers(rows, threshold=0.5)) == 2
     assert shared_expert_layers(ExpertUsage([1], ["a"], usage[:, :1], torch.ones(1))) == []
+    # two rows on the two experts of one top-2 layer, each with all but a negligible weight on its own one: they take
+    # different experts, the layer is neither collapsed nor nearly collapsed
+    apart = ExpertUsage([1, 2], ["a", "b"], torch.tensor([[[0.996, 0.0, 0.004], [0.003, 0.0, 0.997]]]), torch.ones(2))
+    assert shared_expert_layers(apart) == [] and collapsed_layers(apart, threshold=1.0) == []
 
     # no collapsed layer, one nearly collapsed: the bold heading must not say the gates are fine
     text = describe_collapsed({"run": []}, combinations=3, nearly={"run": nearly})

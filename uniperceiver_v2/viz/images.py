@@ -368,7 +368,9 @@ def attention_heatmaps(image: Any, maps: Any, titles: Sequence[str] | None = Non
                                        edgecolor="grey", hatch="////", linewidth=0.0, alpha=0.85))
         ax.set_title(titles[i] if titles is not None else f"pool {i + 1}", fontsize=8)
     if relative and image_artist is not None:
-        bar = fig.colorbar(image_artist, ax=list(axes.flat), shrink=0.8, label="weight / uniform weight")
+        clipped = bool((ratio[:, ~pad] < 1.0 / spread).any())          # cells below the scale: the arrow's blue
+        bar = fig.colorbar(image_artist, ax=list(axes.flat), shrink=0.8, extend="min" if clipped else "neither",
+                           label="weight / uniform weight")
         ticks = [2.0 ** k for k in range(-8, 9) if 1.0 / spread <= 2.0 ** k <= spread]
         bar.set_ticks(ticks, labels=[f"{t:g}" if t >= 1 else f"1/{1 / t:g}" for t in ticks])
         bar.minorticks_off()

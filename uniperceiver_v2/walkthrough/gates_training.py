@@ -169,18 +169,19 @@ def _same_expert_layers(usage: ExpertUsage, negligible: float = NEGLIGIBLE_WEIGH
     two rows' gate vectors; none with fewer than two rows.
 
     A row's experts are those with more than ``negligible`` of its weight (a top-k gate whose second expert gets
-    0.001 is in effect a top-1 gate); the layer counts when these experts, over all rows together, are at most k,
-    the largest number of experts a row takes (with attribute routing every row has exactly k non-zero cells).
+    0.001 is in effect a top-1 gate); the layer counts when every row has the same set of them. Rows that each put
+    nearly all their weight on a different one of the same two experts (E0 for some, E4 for the others, the other
+    weight under ``negligible``) take different experts: the layer does not count.
     """
     gates = usage.usage.to(torch.float64)                                              # (L, R, E)
     if gates.shape[1] < 2:
         return []
     found = []
     for layer, rows in enumerate(gates):                                               # rows: (R, E)
-        experts = (rows > negligible).any(dim=0)                                       # (E,): over all rows
-        k = int((rows > 0).sum(dim=-1).max())
-        if int(experts.sum()) > k:
+        taken = rows > negligible                                                      # (R, E): each row's
+        if not bool((taken == taken[0]).all()):
             continue
+        experts = taken[0]
         largest = float(((rows[:, None, :] - rows[None, :, :]).abs().sum(-1) / 2).max())
         found.append(CollapsedLayer(layer, experts.nonzero().flatten().tolist(), largest))
     return found
