@@ -859,6 +859,11 @@ def test_nearly_collapsed_layers_share_their_experts_and_are_named_apart():
     # different experts, the layer is neither collapsed nor nearly collapsed
     apart = ExpertUsage([1, 2], ["a", "b"], torch.tensor([[[0.996, 0.0, 0.004], [0.003, 0.0, 0.997]]]), torch.ones(2))
     assert shared_expert_layers(apart) == [] and collapsed_layers(apart, threshold=1.0) == []
+    # the same two experts for both rows, mixed 0.95 / 0.05 and 0.05 / 0.95: specialised by the weights, not named
+    mixed = ExpertUsage([1, 2], ["a", "b"], torch.tensor([[[0.95, 0.05, 0.0], [0.05, 0.95, 0.0]]]), torch.ones(2))
+    assert shared_expert_layers(mixed) == [] and len(shared_expert_layers(mixed, most=1.0)) == 1
+    assert "or weights more than 0.5 apart" in describe_collapsed({"run": []}, combinations=2,
+                                                                  nearly={"run": shared_expert_layers(mixed)})
 
     # no collapsed layer, one nearly collapsed: the bold heading must not say the gates are fine
     text = describe_collapsed({"run": []}, combinations=3, nearly={"run": nearly})
@@ -874,7 +879,8 @@ def test_nearly_collapsed_layers_share_their_experts_and_are_named_apart():
     # looked for and none found: every layer has two combinations on different experts
     assert describe_collapsed({"run": []}, combinations=3, nearly={"run": []}).startswith(
         "**No collapsed layer**: in no layer of these gates do all 3 attribute combinations take the same experts")
-    assert "different experts. Nothing" in describe_collapsed({"run": []}, combinations=3, nearly={"run": []})
+    assert "different experts or weights more than 0.5 apart. Nothing" in describe_collapsed(
+        {"run": []}, combinations=3, nearly={"run": []})
     assert "nothing to compare" in describe_collapsed({"run": []}, combinations=1, nearly={"run": []})
 
 

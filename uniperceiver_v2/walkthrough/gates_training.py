@@ -199,16 +199,21 @@ def collapsed_layers(usage: ExpertUsage, threshold: float = 0.2) -> list[Collaps
     return [layer for layer in _same_expert_layers(usage) if layer.largest_difference <= threshold]
 
 
-def shared_expert_layers(usage: ExpertUsage, threshold: float = 0.2) -> list[CollapsedLayer]:
-    """The *nearly collapsed* layers: every row of ``usage`` draws on the same k experts (as in
-    :func:`collapsed_layers`), but two rows' gate vectors differ by more than ``threshold`` (so
-    :func:`collapsed_layers` does not name the layer).
+NEARLY_COLLAPSED_MOST = 0.5   # gate vectors further apart than this mix the same experts in clearly different ways
 
-    Every kind of token is processed by the same few experts there; only the weights that mix them depend on the
-    kind (by at most ``largest_difference``), so the layer specialises far less than one whose rows take
-    different experts. With fewer than two rows no layer is returned.
+
+def shared_expert_layers(usage: ExpertUsage, threshold: float = 0.2,
+                         most: float = NEARLY_COLLAPSED_MOST) -> list[CollapsedLayer]:
+    """The *nearly collapsed* layers: every row of ``usage`` draws on the same k experts (as in
+    :func:`collapsed_layers`), and two rows' gate vectors differ by more than ``threshold`` (so
+    :func:`collapsed_layers` does not name the layer) but by at most ``most``.
+
+    Every kind of token is processed by the same few experts there, and the weights that mix them depend on the kind
+    only a little (by at most ``largest_difference``), so the layer specialises far less than one whose rows take
+    different experts. Rows on the same two experts with weights 0.95 / 0.05 and 0.05 / 0.95 (a difference of 0.9)
+    are specialised by their weights: such a layer is not named. With fewer than two rows no layer is returned.
     """
-    return [layer for layer in _same_expert_layers(usage) if layer.largest_difference > threshold]
+    return [layer for layer in _same_expert_layers(usage) if threshold < layer.largest_difference <= most]
 
 
 def _experts_text(layer: CollapsedLayer) -> str:
@@ -236,7 +241,8 @@ def describe_collapsed(collapsed: Mapping[str, Sequence[CollapsedLayer]], combin
     if not named and not near:
         return (f"**No collapsed layer**: in no layer of these gates do {definition}; in every layer at least two "
                 "combinations take different experts"
-                + (" or clearly different weights" if nearly is None else "")
+                + (" or clearly different weights" if nearly is None else
+                   f" or weights more than {NEARLY_COLLAPSED_MOST:g} apart")
                 + ". Nothing balances the experts under attribute routing, though, so a longer training can still "
                 "collapse a layer.")
     if not named:
