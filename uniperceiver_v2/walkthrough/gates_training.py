@@ -221,10 +221,12 @@ def _experts_text(layer: CollapsedLayer) -> str:
 
 
 def describe_collapsed(collapsed: Mapping[str, Sequence[CollapsedLayer]], combinations: int,
-                       threshold: float = 0.2, nearly: Mapping[str, Sequence[CollapsedLayer]] | None = None) -> str:
+                       threshold: float = 0.2, nearly: Mapping[str, Sequence[CollapsedLayer]] | None = None,
+                       most: float = NEARLY_COLLAPSED_MOST) -> str:
     """A markdown paragraph naming the collapsed layers of several models (``name -> collapsed_layers(...)``, the
     same ``threshold``), for ``combinations`` rows (attribute combinations) each, and their nearly collapsed layers
-    (``nearly``: ``name -> shared_expert_layers(...)``, the same ``threshold``; None: not looked for)."""
+    (``nearly``: ``name -> shared_expert_layers(...)``, the same ``threshold`` and ``most``; None: not looked
+    for)."""
     definition = (f"all {combinations} attribute combinations take the same experts, with gate vectors at most "
                   f"{threshold:g} apart (`gates_training.collapsed_layers`)")
     named = {name: layers for name, layers in collapsed.items() if layers}
@@ -242,7 +244,7 @@ def describe_collapsed(collapsed: Mapping[str, Sequence[CollapsedLayer]], combin
         return (f"**No collapsed layer**: in no layer of these gates do {definition}; in every layer at least two "
                 "combinations take different experts"
                 + (" or clearly different weights" if nearly is None else
-                   f" or weights more than {NEARLY_COLLAPSED_MOST:g} apart")
+                   f" or weights more than {most:g} apart")
                 + ". Nothing balances the experts under attribute routing, though, so a longer training can still "
                 "collapse a layer.")
     if not named:
