@@ -45,8 +45,13 @@ WORKER = textwrap.dedent('''
             trainer = real_retrieval_trainer(cfg)
         else:
             trainer = make_trainer(cfg, fail_at=args.get("fail_at", {}))
+        if args.get("step_seconds"):
+            from test_trainer import StepClock
+            StepClock(trainer, args["step_seconds"][get_rank()])
         trainer.train()
         torch.save(trainer.model.state_dict(), f"{out}/params_rank{get_rank()}.pt")
+        with open(f"{out}/length_rank{get_rank()}.json", "w") as file:
+            json.dump(trainer.total_iterations, file)
         if hasattr(trainer.model, "candidate_counts"):
             with open(f"{out}/candidates_rank{get_rank()}.json", "w") as file:
                 json.dump(trainer.model.candidate_counts, file)
@@ -185,6 +190,21 @@ def test_mixed_sampling_keeps_ranks_identical_and_resumes_exactly(tmp_path):
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     for iteration in range(1, 7):
         assert sum(r["count"] for r in records if r["iteration"] == iteration) == 4
+
+
+def test_ranks_follow_rank_zeros_time_budget_decision(tmp_path):
+    """A time budget decided from rank 0's clock (0.5 s per iteration: 30 s -> 60 iterations) while rank 1's
+    clock says 2 s per iteration (it alone would stop at 22): both ranks train 60 iterations and stay identical."""
+    config = {"run.iterations": 400, "run.time_budget_minutes": 0.5, "run.budget_check_at": 10,
+              "run.ckpt_every": 4, "run.log_every": 1, "optim.decay_at": [0.75]}
+    result = launch(tmp_path, {"config": config, "step_seconds": [0.5, 2.0]})
+    assert result.returncode == 0, result.stdout[-3000:]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"length_rank{rank}.json").read_text()) == 60
+    rank0, rank1 = load(tmp_path / "params_rank0.pt"), load(tmp_path / "params_rank1.pt")
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    assert max(r["iteration"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")) == 60
 
 
 def test_a_failing_rank_ends_the_whole_job_with_its_error(tmp_path):

@@ -313,7 +313,11 @@ def test_the_notebooks_readme_states_each_profiles_training_length():
     rows = {cells[1].strip(" `"): cells[4].strip() for cells in (line.split("|") for line in readme.splitlines())
             if len(cells) > 7 and cells[1].strip(" `") in reproduce.PROFILES}
     for name, parameters in reproduce.PROFILES.items():
-        assert int(rows[name].replace(" ", "")) == parameters["iterations"], name
+        if parameters["time_budget_minutes"]:          # "what 50 minutes of its loop allow, at most 20000"
+            assert f"{parameters['time_budget_minutes']} minutes" in rows[name], name
+            assert f"at most {parameters['iterations']}" in rows[name], name
+        else:
+            assert int(rows[name].replace(" ", "")) == parameters["iterations"], name
 
 
 def test_the_parallel_runner_starts_the_notebook_others_wait_for_first():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 
 import pytest
@@ -491,3 +492,117 @@ def test_a_task_that_joins_late_trains_only_from_its_start_iteration(tmp_path):
     assert any(task == "classification" for iteration, task, _ in trained if iteration > 5)
     assert trainer.sampler.start_iterations == {"classification": 5, "mlm": 0, "retrieval": 0}
     assert trainer.sampler.sampling_ratio("classification") == pytest.approx(0.6 / (0.6 + 0.1 + 0.2))
+
+
+# ------------------------------------------------------------------------------------------------ time budget
+def test_fit_to_budget_closed_form():
+    from uniperceiver_v2.engine.trainer import fit_to_budget
+
+    # 100 iterations in 50 s, 0.5 s each from here: 250 s more = 500 iterations -> 600; a multiple of 100 already
+    assert fit_to_budget(300.0, 50.0, 0.5, at=100, cap=10_000, multiple=100) == 600
+    assert fit_to_budget(300.0, 50.0, 0.5, at=100, cap=10_000, multiple=1) == 600
+    assert fit_to_budget(330.0, 50.0, 0.5, at=100, cap=10_000, multiple=100) == 600      # 660 rounded down
+    assert fit_to_budget(330.0, 50.0, 0.5, at=100, cap=10_000, multiple=7) == 658        # 660 -> 94 x 7
+    assert fit_to_budget(330.0, 50.0, 0.5, at=100, cap=650, multiple=100) == 650         # the cap, not rounded
+    assert fit_to_budget(40.0, 50.0, 0.5, at=100, cap=10_000, multiple=100) == 100       # spent: end now
+    assert fit_to_budget(52.0, 50.0, 0.5, at=100, cap=10_000, multiple=100) == 100       # 104 rounded down to at
+    assert fit_to_budget(52.0, 50.0, 0.5, at=101, cap=10_000, multiple=100) == 105       # never below at: unrounded
+    # the lr schedule's condition: the first decay (at 0.5 x length) must not fall inside a warm-up of 20
+    assert fit_to_budget(1.0, 0.0, 0.5, at=10, cap=1000, warmup=20, first_decay=0.5) == 39   # round(19.5) = 20
+    with pytest.raises(ValueError, match="seconds_per_iteration"):
+        fit_to_budget(1.0, 0.0, 0.0, at=1, cap=10)
+
+
+class StepClock:
+    """A fake clock that advances ``seconds`` whenever the trainer runs a step: every iteration takes exactly
+    ``seconds`` of the loop's time, whatever the machine does."""
+
+    def __init__(self, trainer: Trainer, seconds: float) -> None:
+        self.now, self.seconds = 0.0, seconds
+        step = trainer.train_step
+
+        def timed_step(iteration):
+            self.now += self.seconds
+            return step(iteration)
+
+        trainer.train_step = timed_step
+        trainer.clock = lambda: self.now
+
+
+def budget_config(tmp_path, **overrides):
+    # a cap of 400 iterations, a budget of 30 s decided at iteration 10; every iteration takes 0.5 s
+    settings = {"run.iterations": 400, "run.time_budget_minutes": 0.5, "run.budget_check_at": 10,
+                "run.ckpt_every": 4, "run.log_every": 1, "optim.decay_at": [0.75]}
+    settings.update(overrides)
+    return toy_config(tmp_path, **settings)
+
+
+def test_a_time_budget_sets_the_runs_length_and_its_lr_schedule(tmp_path):
+    """30 s at 0.5 s per iteration: 60 iterations (5 s spent at the decision, 25 s = 50 more), the lr decayed
+    from 45 = 0.75 x 60 on (not from 300, the cap's), the decision in time_budget.json for the notebooks."""
+    from uniperceiver_v2.walkthrough import time_budget_decision, training_status
+
+    cfg = budget_config(tmp_path)
+    trainer = make_trainer(cfg)
+    StepClock(trainer, 0.5)
+    result = trainer.train()
+    assert result.iteration == trainer.total_iterations == 60
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert max(r["iteration"] for r in records) == 60
+    schedule = WarmupStepSchedule(60, 2, (0.75,), 0.1)
+    for r in records:   # a record's lr is the one the next iteration uses: factor(iteration)
+        assert r["lr"] == pytest.approx(cfg.optim.lr * schedule.lr_factor(r["iteration"])), r["iteration"]
+    decision = time_budget_decision(tmp_path / "run")
+    assert decision["iterations"] == 60 and decision["cap"] == 400 and decision["decided_at"] == 10
+    assert decision["seconds_per_iteration"] == pytest.approx(0.5)
+    assert decision["measured_iterations"] == 10 and decision["spent_seconds"] == pytest.approx(4.5 + 0.5)
+    status = training_status(tmp_path / "run", 400)
+    assert status.finished and status.target == 60 and status.iteration == 60
+    assert not training_status(tmp_path / "run", 800).finished          # another cap: not this decision's
+
+
+def test_a_run_stopped_after_the_budgets_decision_resumes_to_the_same_length_and_losses(tmp_path):
+    """Stopped at iteration 20 (after the decision at 10), resumed on a machine twice as slow: the length stays 60,
+    the losses equal the uninterrupted run's. Resumed with another budget, the decision is taken anew."""
+    full = make_trainer(budget_config(tmp_path / "full"))
+    StepClock(full, 0.5)
+    full.train()
+    expected = train_losses(tmp_path / "full" / "run")
+
+    cfg = budget_config(tmp_path / "split")
+    first = make_trainer(cfg)
+    clock = StepClock(first, 0.5)
+    step = first.train_step
+
+    def step_with_sigterm(iteration):
+        if iteration == 19:
+            signal.raise_signal(signal.SIGTERM)
+        return step(iteration)
+
+    first.train_step = step_with_sigterm
+    assert first.train().iteration == 20 and first.total_iterations == 60 and clock.now == 10.0
+    shutil.copytree(tmp_path / "split" / "run", tmp_path / "other" / "run")
+    second = make_trainer(cfg)
+    StepClock(second, 1.0)
+    assert second.resume() and second.total_iterations == 60 and second.budget["decided_at"] == 10
+    assert second.loop_seconds == pytest.approx(9.5)     # the 20th iteration's own time is after its checkpoint
+    assert second.train().iteration == 60
+    assert train_losses(tmp_path / "split" / "run") == expected
+
+    # a budget of 60 s instead: the checkpoint's decision does not hold; the new attempt measures 1.0 s per
+    # iteration over its first 10 (iterations 20-30: a window of min(200, budget_check_at) of its own) and
+    # decides at 30 with 9.5 + 10 s spent: 30 + floor(40.5 / 1.0) = 70, rounded down to 68 (ckpt_every 4)
+    other = make_trainer(budget_config(tmp_path / "other", **{"run.time_budget_minutes": 1.0}))
+    assert other.resume() and other.iteration == 20
+    assert other.budget is None and other.total_iterations == 400
+    StepClock(other, 1.0)
+    assert other.train().iteration == 68 and other.budget["decided_at"] == 30
+
+
+def test_time_budget_config_checks(tmp_path):
+    from uniperceiver_v2.config import ConfigError
+
+    with pytest.raises(ConfigError, match="run.time_budget_minutes"):
+        budget_config(tmp_path, **{"run.time_budget_minutes": -1})
+    with pytest.raises(ConfigError, match="run.budget_check_at"):
+        budget_config(tmp_path, **{"run.budget_check_at": 400})

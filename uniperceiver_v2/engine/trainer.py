@@ -21,6 +21,12 @@ bit for bit on the CPU. SIGTERM / SIGINT save a checkpoint after the current ite
 failing rank at once so that torchrun stops the others. Where w_k goes under each optimizer and sampling mode,
 the mixed-sampling slot layout, and why resume is exact: docs/design.md, "Training loop".
 
+A time budget (``run.time_budget_minutes``) replaces a fixed length by the wall time of the training loop: at
+iteration ``run.budget_check_at`` the trainer measures the seconds per iteration of the last ``BUDGET_WINDOW``
+iterations and ends the run where the budget runs out (``fit_to_budget``; ``run.iterations`` is then the most it
+trains). The decision is written to ``time_budget.json`` and saved in every later checkpoint, so a resumed run
+keeps its length and its lr schedule; a run stopped before the decision decides from its new attempt's clock.
+
 Every start of ``train`` is an attempt: it cuts the run's records back to the iteration it starts from (0 from
 scratch), moving later ``metrics.jsonl`` records to ``metrics.jsonl.discarded`` and later
 ``eval_<split>_<iteration>.json`` files to ``<name>.discarded``, and adds itself to ``run_info.json``, which keeps
@@ -29,6 +35,7 @@ every earlier attempt and how each ended.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import json
@@ -66,10 +73,13 @@ from .sampling import MixedTaskSampler, UnmixedTaskSampler
 from .schedule import WarmupStepSchedule, build_lr_scheduler
 
 __all__ = [
+    "BUDGET_FILE",
     "Trainer",
     "TrainResult",
+    "budget_check_iteration",
     "build_optimizer",
     "fail_fast",
+    "fit_to_budget",
     "no_weight_decay",
     "record_run_end",
     "seed_iteration",
@@ -83,6 +93,7 @@ TEXT_ENCODER_PREFIX = "text_encoder"
 
 EvaluateFn = Callable[[nn.Module, Config, Mapping[str, Any], str], dict]
 
+BUDGET_FILE = "time_budget.json"   # the time budget's decision, written by rank 0 when it is taken
 EVAL_FILE = re.compile(r"^eval_(.+)_(\d{7,})\.json$")   # eval_<split>_<iteration:07d>.json
 
 
@@ -99,6 +110,38 @@ def seed_iteration(seed: int, rank: int, iteration: int) -> None:
     random.seed(int(state[1]))
 
 
+
+
+BUDGET_WINDOW = 200   # iterations whose wall time sets the seconds per iteration of a time budget's decision
+
+
+def budget_check_iteration(run: Any) -> int:
+    """The iteration at which a time budget is turned into a length: ``run.budget_check_at``, or a tenth of
+    ``run.iterations`` (at least 1) when that is 0."""
+    return run.budget_check_at if run.budget_check_at > 0 else max(1, round(0.1 * run.iterations))
+
+
+def fit_to_budget(budget_seconds: float, spent_seconds: float, seconds_per_iteration: float, at: int, cap: int,
+                  multiple: int = 1, warmup: int = 0, first_decay: float | None = None) -> int:
+    """The run's length when ``at`` iterations took ``spent_seconds`` and each further one takes
+    ``seconds_per_iteration``: the last iteration the budget reaches,
+
+        length = at + floor((budget_seconds - spent_seconds) / seconds_per_iteration)
+
+    then at most ``cap``, rounded down to a multiple of ``multiple`` (the checkpoint interval, so the last checkpoint
+    is the run's end) unless that falls below ``at``, and at least ``at`` (an exhausted budget ends the run now) and
+    long enough for the lr schedule (warm-up, then the first decay at ``first_decay`` x length, not inside it).
+    """
+    if not seconds_per_iteration > 0:
+        raise ValueError(f"fit_to_budget: seconds_per_iteration must be > 0, got {seconds_per_iteration}")
+    length = at + max(0, math.floor((budget_seconds - spent_seconds) / seconds_per_iteration))
+    length = min(length, cap)
+    if length < cap and multiple > 1 and length - length % multiple >= at:
+        length -= length % multiple
+    length = max(length, at, warmup, 1)
+    while first_decay is not None and round(first_decay * length) < warmup:
+        length += 1
+    return length
 
 
 def no_weight_decay(model: nn.Module) -> Callable[[str, nn.Parameter], bool]:
@@ -378,6 +421,7 @@ class Trainer:
         else:
             self.sampler = MixedTaskSampler(self.task_names, weights, seed=run.seed,
                                             num_slots=self.world_size * run.grad_accum, start_iterations=starts)
+        self.total_iterations = run.iterations    # the run's length: run.iterations, or the time budget's
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_lr_scheduler(self.optimizer, self._config_schedule())
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -399,6 +443,9 @@ class Trainer:
 
         self.iteration = 0
         self.elapsed = 0.0
+        self.clock: Callable[[], float] = time.perf_counter   # the loop's clock (a test gives it a fake one)
+        self.loop_seconds = 0.0                   # wall time of the training loop over all attempts (time budget)
+        self.budget: dict[str, Any] | None = None  # the time budget's decision once taken (saved in checkpoints)
         self.resumed_from: int | None = None
         self._stop_signal: int | None = None
         self._writer: MetricWriter | None = None
@@ -408,11 +455,37 @@ class Trainer:
         the object it holds with the saved ones, so a fresh one is built whenever the config's is wanted)."""
         run, optim = self.cfg.run, self.cfg.optim
         try:
-            return WarmupStepSchedule(total_iterations=run.iterations, warmup_iterations=optim.warmup_iters,
+            return WarmupStepSchedule(total_iterations=self.total_iterations, warmup_iterations=optim.warmup_iters,
                                       decay_fractions=tuple(optim.decay_at), decay_factor=optim.decay_factor)
         except ValueError as error:
             raise ConfigError(f"optim.warmup_iters / optim.decay_at with run.iterations={run.iterations}: "
                               f"{error}") from None
+
+    def _decide_budget(self, recent_seconds: list[float]) -> None:
+        """Turn ``run.time_budget_minutes`` into the run's length at this iteration (rank 0 decides from its clock,
+        every rank follows), and make the lr schedule follow it."""
+        run, optim = self.cfg.run, self.cfg.optim
+        rate = sum(recent_seconds) / len(recent_seconds)
+        length = fit_to_budget(run.time_budget_minutes * 60.0, self.loop_seconds, rate, self.iteration,
+                               run.iterations, multiple=run.ckpt_every, warmup=optim.warmup_iters,
+                               first_decay=optim.decay_at[0] if optim.decay_at else None)
+        if self.world_size > 1:
+            agreed = torch.tensor([length], dtype=torch.int64,
+                                  device=self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.broadcast(agreed, src=0)
+            length = int(agreed.item())
+        self.total_iterations = length
+        self.budget = {"minutes": run.time_budget_minutes, "cap": run.iterations, "iterations": length,
+                       "decided_at": self.iteration, "seconds_per_iteration": rate,
+                       "measured_iterations": len(recent_seconds), "spent_seconds": self.loop_seconds}
+        schedule = self._config_schedule()
+        self.scheduler.lr_lambdas = [schedule] * len(self.optimizer.param_groups)
+        if self.rank == 0:
+            write_text_atomic(self.output_dir / BUDGET_FILE, json.dumps(json_safe(self.budget), indent=2) + "\n")
+            print(f"\ntime budget {run.time_budget_minutes:g} min: {rate:.3f} s per iteration over iterations "
+                  f"{self.iteration - len(recent_seconds)}-{self.iteration}, {self.loop_seconds / 60:.1f} min spent; "
+                  f"the run ends at iteration {length} (at most {run.iterations}), the lr decays at "
+                  f"{', '.join(str(m) for m in schedule.milestones) or 'none'}", file=sys.stderr)
 
     # ------------------------------------------------------------------------------------------------ plan
     def plan(self, iteration: int) -> list[str]:
@@ -502,6 +575,8 @@ class Trainer:
             "sampler": {"kind": self.cfg.run.sampling, "seed": self.cfg.run.seed},
             "grad_scaler": self.scaler.state_dict(),
             "elapsed_seconds": self.elapsed,
+            "loop_seconds": self.loop_seconds,
+            "time_budget": self.budget,
             "world_size": self.world_size,
         }
 
@@ -543,6 +618,10 @@ class Trainer:
         if extra.get("grad_scaler"):
             self.scaler.load_state_dict(extra["grad_scaler"])
         self.iteration = int(meta["iteration"])
+        budget = extra.get("time_budget")
+        run = self.cfg.run
+        if budget is not None and budget["minutes"] == run.time_budget_minutes and budget["cap"] == run.iterations:
+            self.budget, self.total_iterations = budget, int(budget["iterations"])   # the length decided before
         if new_schedule:
             schedule = self._config_schedule()
             self.scheduler.lr_lambdas = [schedule] * len(self.optimizer.param_groups)
@@ -551,6 +630,7 @@ class Trainer:
                 group["lr"] = group["initial_lr"] * factor
             self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self.elapsed = float(extra.get("elapsed_seconds", 0.0))
+        self.loop_seconds = float(extra.get("loop_seconds", self.elapsed))
         self.resumed_from = self.iteration
         return True
 
@@ -603,6 +683,8 @@ class Trainer:
                 print(f"warning: starting from scratch in {self.output_dir}, which holds checkpoints of an earlier "
                       f"run ({', '.join(old)}); resume them with --resume, or they are replaced as this run saves",
                       file=sys.stderr)
+        if self.budget is None:            # a decision of an earlier run or attempt that does not hold any more
+            (self.output_dir / BUDGET_FILE).unlink(missing_ok=True)
         self._writer = MetricWriter(self.output_dir, tensorboard=self.tensorboard, start_iteration=start)
         eval_files = set_aside_evaluations(self.output_dir, start)
         discarded = None
@@ -621,8 +703,14 @@ class Trainer:
             print(f"warning: could not record the end of this attempt in run_info.json: {error}", file=sys.stderr)
 
     def train(self) -> TrainResult:
-        """Train from ``self.iteration`` to ``run.iterations`` (see the module docstring)."""
+        """Train from ``self.iteration`` to ``run.iterations``, or to the length the time budget sets (see the
+        module docstring and ``fit_to_budget``)."""
         run = self.cfg.run
+        decide_at = None                          # the iteration after which the time budget is decided
+        if run.time_budget_minutes > 0 and self.budget is None:
+            check = budget_check_iteration(run)
+            decide_at = max(check, self.iteration + min(BUDGET_WINDOW, check))
+        recent: collections.deque[float] = collections.deque(maxlen=BUDGET_WINDOW)
         if self.rank == 0:
             self._start_attempt()
         previous_handlers = self._install_signal_handlers()
@@ -633,15 +721,15 @@ class Trainer:
         if self.progress and self.rank == 0:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=run.iterations, initial=self.iteration, desc="train", dynamic_ncols=True)
+            bar = tqdm(total=self.total_iterations, initial=self.iteration, desc="train", dynamic_ncols=True)
         try:
-            while self.iteration < run.iterations:
-                start = time.perf_counter()
+            while self.iteration < self.total_iterations:
+                start = self.clock()
                 records = self.train_step(self.iteration)
                 self.iteration += 1
                 for task, values, count in records:
                     window.add(task, values, count)
-                seconds = time.perf_counter() - start
+                seconds = self.clock() - start
                 self.elapsed += seconds
                 window.add_time(seconds)
                 if bar is not None:
@@ -649,7 +737,15 @@ class Trainer:
                     bar.update(1)
 
                 stop = self._agreed_stop()
-                done = self.iteration == run.iterations
+                if self.iteration == decide_at and stop is None:
+                    recent.append(self.clock() - start)
+                    self.loop_seconds += recent[-1]
+                    start = self.clock()
+                    self._decide_budget(list(recent))
+                    if bar is not None:
+                        bar.total = self.total_iterations
+                        bar.refresh()
+                done = self.iteration == self.total_iterations
                 checkpoint_now = done or stop is not None or (
                     run.ckpt_every > 0 and self.iteration % run.ckpt_every == 0)
                 if done or checkpoint_now or (run.log_every > 0 and self.iteration % run.log_every == 0):
@@ -669,6 +765,8 @@ class Trainer:
                     break
                 if run.eval_every > 0 and self.iteration % run.eval_every == 0 and not done:
                     result.eval_results[self.cfg.data.val_split] = self.evaluate(self.cfg.data.val_split)
+                recent.append(self.clock() - start)       # the whole iteration: step, log, checkpoint
+                self.loop_seconds += recent[-1]
             if result.interrupted_by is None and self.evaluate_fn is not None:
                 result.eval_results[self.cfg.data.val_split] = self.evaluate(self.cfg.data.val_split)
             end = {"status": "finished"} if result.interrupted_by is None else {

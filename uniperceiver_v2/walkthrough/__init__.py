@@ -65,6 +65,7 @@ from .runs import (
     task_mixture_table,
     task_sequence_from_records,
     task_trends,
+    time_budget_decision,
     train_command,
     training_dir,
     training_status,
@@ -81,5 +82,5 @@ __all__ = [
     "pretrained_backbone", "representation_similarity", "require_checkpoint", "resolve_backbone_weights",
     "retrieval_examples", "run_training",
     "shell_command", "split_batch_overrides", "stream_command", "task_mixture_table", "task_sequence_from_records",
-    "task_trends", "train_command", "training_dir", "training_status", "unmixed_sampler",
+    "task_trends", "time_budget_decision", "train_command", "training_dir", "training_status", "unmixed_sampler",
 ]

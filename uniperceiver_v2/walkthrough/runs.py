@@ -14,6 +14,7 @@ from __future__ import annotations
 import codecs
 import copy
 import fcntl
+import json
 import math
 import os
 import re
@@ -106,14 +107,36 @@ class TrainingStatus:
 
 
 def training_status(output_dir: str | os.PathLike, iterations: int) -> TrainingStatus:
-    """The newest checkpoint under ``<output_dir>/checkpoints`` and whether it has reached ``iterations``."""
+    """The newest checkpoint under ``<output_dir>/checkpoints`` and whether it has reached ``iterations``, or the
+    shorter length a time budget decided for the run (``time_budget.json`` with ``iterations`` as its cap)."""
     from ..engine.checkpoint import find_latest, read_checkpoint_meta
 
     output_dir = Path(output_dir)
     checkpoints = output_dir / "checkpoints"
     checkpoint = find_latest(checkpoints) if checkpoints.is_dir() else None
     iteration = int(read_checkpoint_meta(checkpoint)["iteration"]) if checkpoint is not None else 0
-    return TrainingStatus(output_dir, checkpoint, iteration, iterations)
+    budget = time_budget_decision(output_dir)
+    target = budget["iterations"] if budget is not None and budget.get("cap") == iterations else iterations
+    return TrainingStatus(output_dir, checkpoint, iteration, target)
+
+
+def time_budget_decision(output_dir: str | os.PathLike) -> dict | None:
+    """The time budget's decision of the run in ``output_dir`` (``time_budget.json``: the length it set, the
+    seconds per iteration it measured, where), or None when the run has no budget or has not decided yet."""
+    from ..engine.trainer import BUDGET_FILE
+
+    path = Path(output_dir) / BUDGET_FILE
+    if not path.is_file():
+        return None
+    try:
+        decision = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); delete it to let the run decide again") from None
+    missing = [key for key in ("iterations", "cap", "minutes", "decided_at", "seconds_per_iteration")
+               if key not in decision]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
+    return decision
 
 
 def require_checkpoint(run_dir: str | os.PathLike) -> Path:
