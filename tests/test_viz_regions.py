@@ -98,7 +98,9 @@ def test_plot_token_layout_one_cell_per_token_with_run_counts():
     assert len(cells) == 9 + 3
     assert sum(cell.get_hatch() == "////" for cell in cells) == 2
     texts = [t.get_text() for t in ax.texts]
-    assert texts == ["2", "4", "3", "T = 9", "3", "T = 3"]
+    # the flattened run counts its 2 real tokens and, apart, its 2 padded ones (dark text on the pale hatching)
+    assert texts == ["2", "2", "2", "3", "T = 9", "3", "T = 3"]
+    assert [t.get_color() for t in ax.texts[:4]] == ["white", "white", "black", "white"]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["pooled", "flattened", "regional", "padding"]
     with pytest.raises(ValueError, match="token types \\[5\\]"):
         viz_regions.plot_token_layout({"x": ([5], None)}, {0: "pooled"})

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from .base import _figure, _single_axes, class_color, to_numpy
 
@@ -132,7 +133,11 @@ def plot_expert_load(assignments: Any, capacities: Mapping[str, float] | None = 
     ax.set_xticks(x, [f"E{e}" for e in range(experts)], fontsize=8)
     ax.set_xlabel("expert")
     ax.set_ylabel("assignments")
-    ax.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)
+    handles, labels = ax.get_legend_handles_labels()
+    if any((counts > capacity).any() for capacity in (capacities or {}).values()):
+        handles.append(Patch(facecolor="none", edgecolor="grey", hatch="///"))
+        labels.append("hatched: above a capacity line, dropped at that capacity (line's colour)")
+    ax.legend(handles, labels, fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)
     if title:
         ax.set_title(title, fontsize=9)
     return fig

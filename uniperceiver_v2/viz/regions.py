@@ -236,10 +236,10 @@ def plot_token_layout(layouts: Mapping[str, tuple[Any, Any]], type_names: Mappin
             ax.add_patch(Rectangle((t, r - 0.4), 1.0, 0.8, facecolor=colors[kind], edgecolor="white", linewidth=0.4,
                                    hatch="////" if padded else None, alpha=0.45 if padded else 1.0))
         start = 0
-        for end in range(1, len(types) + 1):       # write the count in the middle of each run of one type
-            if end == len(types) or types[end] != types[start]:
+        for end in range(1, len(types) + 1):       # the count in the middle of each run of one type and padding state
+            if end == len(types) or (types[end], padding[end]) != (types[start], padding[start]):
                 ax.text((start + end) / 2, r, str(end - start), ha="center", va="center", fontsize=7,
-                        color="white", fontweight="bold")
+                        color="black" if padding[start] else "white", fontweight="bold")
                 start = end
         ax.text(len(types) + 0.5, r, f"T = {len(types)}", va="center", fontsize=8)
     ax.set_xlim(-0.5, longest + max(4.0, 0.12 * longest))
