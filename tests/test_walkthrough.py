@@ -336,8 +336,8 @@ def test_retrieval_examples_rank_consistently():
     assert ranks["i2t"].tolist() == [1, 2] and ranks["t2i"].tolist() == [1, 2, 2]
     assert examples.ranking_summary() == pytest.approx({
         "images": 2, "texts": 3, "i2t_median_rank": 1, "t2i_median_rank": 2, "i2t_random_rank": 4 / 2.5,
-        "t2i_random_rank": 1.5, "i2t_distinct_top1": 2, "i2t_largest_hub": 1, "t2i_distinct_top1": 2,
-        "t2i_largest_hub": 2})
+        "t2i_random_rank": 1.5, "i2t_random_median_rank": 1, "t2i_random_median_rank": 1, "i2t_distinct_top1": 2,
+        "i2t_largest_hub": 1, "t2i_distinct_top1": 2, "t2i_largest_hub": 2})
     tied = walkthrough.RetrievalExamples(texts=["a", "b"], text_image=torch.tensor([0, 1]), i2t=torch.zeros(2, 2),
                                          t2i=torch.zeros(2, 2))
     assert tied.ranks()["i2t"].tolist() == [2, 2] and tied.ranks()["t2i"].tolist() == [2, 2]   # ties count against
@@ -961,3 +961,19 @@ def test_task_trends_show_a_level_loss_with_a_vanishing_gradient():
 def test_longest_gaps_count_the_iterations_without_each_task():
     drawn = ["a", "b", "b", "c", "b", "a", "b"]
     assert walkthrough.longest_gaps(drawn, ["a", "b", "c", "d"]) == {"a": 4, "b": 1, "c": 3, "d": 7}
+
+
+def test_random_first_rank_median_closed_form_and_simulation():
+    from uniperceiver_v2.walkthrough.results import random_first_rank_median
+
+    assert random_first_rank_median(3, 1) == 2               # P(first <= m) = m / 3 reaches 1/2 at m = 2
+    assert random_first_rank_median(5, 2) == 2               # 1 - (3/5)(2/4) = 0.7 at m = 2; 0.4 at m = 1
+    assert random_first_rank_median(7, 7) == 1
+    # 5 correct of 2500 (the small suite's test split, image -> text): about 2500 (1 - 0.5 ** (1/5)) = 324
+    assert abs(random_first_rank_median(2500, 5) - 2500 * (1 - 0.5 ** 0.2)) < 2
+    generator = torch.Generator().manual_seed(0)
+    firsts = [int(torch.randperm(60, generator=generator)[:4].min()) + 1 for _ in range(20000)]   # 4 correct of 60
+    simulated = sorted(firsts)[len(firsts) // 2 - 1]         # the lower median, as the helper's smallest m
+    assert abs(random_first_rank_median(60, 4) - simulated) <= 1
+    with pytest.raises(ValueError, match="correct"):
+        random_first_rank_median(3, 0)

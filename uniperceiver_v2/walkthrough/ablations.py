@@ -1685,7 +1685,8 @@ def interference_table(results: Mapping[str, Mapping[str, Any]]) -> dict[str, li
         worst, best = min(pairs), max(pairs)
         rows.append([name, measured["num_batches"], round(mean_interference(measured), 3),
                      f"{worst[1]} ({worst[0]:+.2f})", f"{best[1]} ({best[0]:+.2f})", note])
-    return {"columns": ["run", "N", "mean I(i -> j), i != j", "lowest I(i -> j)", "highest I(i -> j)", "note"],
+    return {"columns": ["run", "batches per task (N)", "mean I(i -> j), i != j", "lowest I(i -> j)",
+                        "highest I(i -> j)", "note"],
             "rows": rows}
 
 

@@ -165,6 +165,20 @@ def detection_verdicts(found: Mapping[str, Any], sample: Any, min_iou: float = 0
             "objects": len(truth_boxes), "found": int(same.any(dim=0).sum())}
 
 
+def random_first_rank_median(total: int, correct: int) -> int:
+    """The median rank of the first correct item when ``correct`` of ``total`` candidates are ranked at random: the
+    smallest m with P(first correct <= m) >= 1/2, where P(first correct > m) = C(total - correct, m) / C(total, m)
+    (the first m places all hold wrong candidates)."""
+    if not 1 <= correct <= total:
+        raise ValueError(f"random_first_rank_median: expected 1 <= correct <= total, got {correct} of {total}")
+    none_yet = 1.0                                  # P(first correct > m), for m = 0, 1, ...
+    for m in range(1, total + 1):
+        none_yet *= (total - correct - (m - 1)) / (total - (m - 1))
+        if none_yet <= 0.5:
+            return m
+    return total
+
+
 def caption_repetition(captions: Sequence[str], run: int = 3) -> dict[str, int]:
     """How varied a set of generated captions is: how many are distinct, and how many repeat one word ``run`` or
     more times in a row (a greedy decoder caught in a loop, e.g. "a circle a a a a.").
@@ -243,7 +257,9 @@ class RetrievalExamples:
         Returns:
             ``images``, ``texts``; ``i2t_median_rank`` and ``t2i_median_rank`` (1 = first; the lower median) with
             ``i2t_random_rank`` = (T + 1) / (c + 1) and ``t2i_random_rank`` = (I + 1) / 2, the mean rank of the
-            first correct item under a random ranking (c = T / I captions per image); ``i2t_distinct_top1``: how
+            first correct item under a random ranking (c = T / I captions per image), and
+            ``i2t_random_median_rank`` / ``t2i_random_median_rank`` its median (:func:`random_first_rank_median`),
+            the one to read a median rank against; ``i2t_distinct_top1``: how
             many different captions are some image's first, ``i2t_largest_hub``: the most images sharing one first
             caption; ``t2i_distinct_top1`` and ``t2i_largest_hub`` the same for the images first for a caption.
         """
@@ -255,6 +271,8 @@ class RetrievalExamples:
         return {"images": int(num_images), "texts": int(num_texts),
                 "i2t_median_rank": int(ranks["i2t"].median()), "t2i_median_rank": int(ranks["t2i"].median()),
                 "i2t_random_rank": (num_texts + 1) / (per_image + 1), "t2i_random_rank": (num_images + 1) / 2,
+                "i2t_random_median_rank": random_first_rank_median(num_texts, max(1, round(per_image))),
+                "t2i_random_median_rank": random_first_rank_median(num_images, 1),
                 "i2t_distinct_top1": int((first_texts > 0).sum()), "i2t_largest_hub": int(first_texts.max()),
                 "t2i_distinct_top1": int((first_images > 0).sum()), "t2i_largest_hub": int(first_images.max())}
 
