@@ -977,3 +977,20 @@ def test_random_first_rank_median_closed_form_and_simulation():
     assert abs(random_first_rank_median(60, 4) - simulated) <= 1
     with pytest.raises(ValueError, match="correct"):
         random_first_rank_median(3, 0)
+
+
+def test_json_records_of_runs_name_the_file_and_the_remedy(tmp_path):
+    """time_budget.json (notebook 06's run) and an ablation run's result.json go through one reader: absent ->
+    None; broken JSON or a missing key -> an error naming the file, the key and what to do."""
+    from uniperceiver_v2.walkthrough import ablations, time_budget_decision
+
+    assert time_budget_decision(tmp_path) is None and ablations.load_result(tmp_path) is None
+    (tmp_path / "time_budget.json").write_text('{"iterations": 60, "cap": 400')
+    with pytest.raises(ValueError, match=r"time_budget\.json: not valid JSON .*let the run decide again"):
+        time_budget_decision(tmp_path)
+    (tmp_path / "time_budget.json").write_text(json.dumps({"iterations": 60, "cap": 400, "minutes": 0.5}))
+    with pytest.raises(ValueError, match=r"missing key\(s\) 'decided_at', 'seconds_per_iteration'"):
+        time_budget_decision(tmp_path)
+    (tmp_path / "result.json").write_text(json.dumps({"key": "abc"}))
+    with pytest.raises(ValueError, match=r"result\.json: missing key\(s\) 'metrics'; delete it to rerun"):
+        ablations.load_result(tmp_path)

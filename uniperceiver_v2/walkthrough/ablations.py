@@ -43,6 +43,7 @@ from typing import Any
 
 from ..config import Config, ConfigError, apply_overrides, get_preset
 from .paper_results import ABLATION_COLUMNS, PaperTable, metric_value, ours_vs_paper, paper_table
+from .pipeline import read_json_record
 
 __all__ = [
     "ABLATION_BASE",
@@ -524,17 +525,7 @@ def run_key(cfg: Config, nproc: int) -> str:
 # --------------------------------------------------------------------------------------------------------------
 def load_result(folder: str | os.PathLike) -> dict[str, Any] | None:
     """The ``result.json`` of a run folder, or None if the run has not finished."""
-    path = Path(folder) / RESULT_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg}); delete it to rerun this ablation run") from exc
-    for key in ("key", "metrics"):
-        if key not in data:
-            raise ValueError(f"{path}: no {key!r}; delete it to rerun this ablation run")
-    return data
+    return read_json_record(Path(folder) / RESULT_FILE, ("key", "metrics"), "delete it to rerun this ablation run")
 
 
 def _write_json(path: Path, data: Any) -> None:

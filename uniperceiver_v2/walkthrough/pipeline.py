@@ -192,6 +192,26 @@ class RunSetupError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 # Helpers notebooks call
 # --------------------------------------------------------------------------------------------------------------
+def read_json_record(path: str | os.PathLike, required: Sequence[str], remedy: str) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when the file does not exist.
+
+    Raises:
+        ValueError: the file is not valid JSON or lacks one of the ``required`` keys; the message names the file,
+            what is wrong and ``remedy`` (e.g. "delete it to rerun this ablation run").
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg}); {remedy}") from None
+    missing = [key for key in required if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {', '.join(repr(key) for key in missing)}; {remedy}")
+    return data
+
+
 def project_path(path: str | os.PathLike) -> Path:
     """``path`` as an absolute path; a relative one is taken relative to the project checkout.
 

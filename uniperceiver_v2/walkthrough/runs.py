@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .pipeline import project_path
+from .pipeline import project_path, read_json_record
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -58,7 +58,6 @@ def pretrained_backbone(preset: str, run_dir: str | os.PathLike, iterations: int
     Returns:
         (path of the weights, the summary written next to them: validation top-1, loss history, seconds).
     """
-    import json
 
     from ..config import load_config
     from ..engine.backbone_pretraining import pretrain_backbone
@@ -125,18 +124,9 @@ def time_budget_decision(output_dir: str | os.PathLike) -> dict | None:
     seconds per iteration it measured, where), or None when the run has no budget or has not decided yet."""
     from ..engine.trainer import BUDGET_FILE
 
-    path = Path(output_dir) / BUDGET_FILE
-    if not path.is_file():
-        return None
-    try:
-        decision = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error}); delete it to let the run decide again") from None
-    missing = [key for key in ("iterations", "cap", "minutes", "decided_at", "seconds_per_iteration")
-               if key not in decision]
-    if missing:
-        raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
-    return decision
+    return read_json_record(Path(output_dir) / BUDGET_FILE,
+                            ("iterations", "cap", "minutes", "decided_at", "seconds_per_iteration"),
+                            "delete it to let the run decide again")
 
 
 def require_checkpoint(run_dir: str | os.PathLike) -> Path:
