@@ -461,12 +461,13 @@ class Trainer:
             raise ConfigError(f"optim.warmup_iters / optim.decay_at with run.iterations={run.iterations}: "
                               f"{error}") from None
 
-    def _decide_budget(self, recent_seconds: list[float]) -> None:
+    def _decide_budget(self, recent_seconds: list[float], spent_seconds: float) -> None:
         """Turn ``run.time_budget_minutes`` into the run's length at this iteration (rank 0 decides from its clock,
-        every rank follows), and make the lr schedule follow it."""
+        every rank follows), and make the lr schedule follow it: ``recent_seconds`` are the loop's last iterations,
+        ``spent_seconds`` its time over all attempts so far."""
         run, optim = self.cfg.run, self.cfg.optim
         rate = sum(recent_seconds) / len(recent_seconds)
-        length = fit_to_budget(run.time_budget_minutes * 60.0, self.loop_seconds, rate, self.iteration,
+        length = fit_to_budget(run.time_budget_minutes * 60.0, spent_seconds, rate, self.iteration,
                                run.iterations, multiple=run.ckpt_every, warmup=optim.warmup_iters,
                                first_decay=optim.decay_at[0] if optim.decay_at else None)
         if self.world_size > 1:
@@ -477,13 +478,13 @@ class Trainer:
         self.total_iterations = length
         self.budget = {"minutes": run.time_budget_minutes, "cap": run.iterations, "iterations": length,
                        "decided_at": self.iteration, "seconds_per_iteration": rate,
-                       "measured_iterations": len(recent_seconds), "spent_seconds": self.loop_seconds}
+                       "measured_iterations": len(recent_seconds), "spent_seconds": spent_seconds}
         schedule = self._config_schedule()
         self.scheduler.lr_lambdas = [schedule] * len(self.optimizer.param_groups)
         if self.rank == 0:
             write_text_atomic(self.output_dir / BUDGET_FILE, json.dumps(json_safe(self.budget), indent=2) + "\n")
             print(f"\ntime budget {run.time_budget_minutes:g} min: {rate:.3f} s per iteration over iterations "
-                  f"{self.iteration - len(recent_seconds)}-{self.iteration}, {self.loop_seconds / 60:.1f} min spent; "
+                  f"{self.iteration - len(recent_seconds)}-{self.iteration}, {spent_seconds / 60:.1f} min spent; "
                   f"the run ends at iteration {length} (at most {run.iterations}), the lr decays at "
                   f"{', '.join(str(m) for m in schedule.milestones) or 'none'}", file=sys.stderr)
 
@@ -738,10 +739,8 @@ class Trainer:
 
                 stop = self._agreed_stop()
                 if self.iteration == decide_at and stop is None:
-                    recent.append(self.clock() - start)
-                    self.loop_seconds += recent[-1]
-                    start = self.clock()
-                    self._decide_budget(list(recent))
+                    so_far = self.clock() - start                 # this iteration up to here
+                    self._decide_budget([*recent, so_far][-BUDGET_WINDOW:], self.loop_seconds + so_far)
                     if bar is not None:
                         bar.total = self.total_iterations
                         bar.refresh()

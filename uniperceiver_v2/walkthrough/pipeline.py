@@ -130,7 +130,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "iterations": 20000,              # the most notebook 06 trains: its length is the time budget's
         "rpn_iterations": 2000,
         "backbone_iterations": 800,
-        # Notebook 06's training loop gets 50 minutes, its backbone's pre-training and its figures about 4 more, so
+        # Notebook 06's training loop gets 50 minutes, its backbone's pre-training and its figures 2.2 more, so
         # the notebook fits the hour on a fast day and on a slow one: the same 10000 iterations took 0.20 s each
         # on 2026-12-06 and 0.30 s on 2026-12-05 (docs/benchmarks.md, "The small profile as `make reproduce
         # PROFILE=small` runs it"); the length is decided at iteration 2000, a tenth of the most, by when

@@ -115,7 +115,7 @@ def training_status(output_dir: str | os.PathLike, iterations: int) -> TrainingS
     checkpoint = find_latest(checkpoints) if checkpoints.is_dir() else None
     iteration = int(read_checkpoint_meta(checkpoint)["iteration"]) if checkpoint is not None else 0
     budget = time_budget_decision(output_dir)
-    target = budget["iterations"] if budget is not None and budget.get("cap") == iterations else iterations
+    target = budget["iterations"] if budget is not None and budget["cap"] == iterations else iterations
     return TrainingStatus(output_dir, checkpoint, iteration, target)
 
 
