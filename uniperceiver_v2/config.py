@@ -189,7 +189,10 @@ class TaskConfig:
 
 @dataclass
 class ClassificationTaskConfig(TaskConfig):
-    pass
+    # Weight of the region-naming term (our addition; 0 = off, as the paper): the detection path names the proposals
+    # of the classification images, weighted by their objectness, against the image's label, so the detector learns
+    # the names of categories that have no boxes (tasks/classification.py, "Region naming from image labels").
+    region_name_weight: float = 0.0
 
 
 @dataclass
@@ -587,6 +590,10 @@ def validate(cfg: Config) -> None:
              f"{ie.mask_pooling!r} not one of {list(MASK_POOLINGS)}")
     _require(ie.region_appearance_size >= 0, "image_encoder.region_appearance_size", "must be >= 0 (0 = off)")
     _require(cfg.decoder.vocabulary_uniformity >= 0, "decoder.vocabulary_uniformity", "must be >= 0")
+    _require(cfg.tasks.classification.region_name_weight >= 0, "tasks.classification.region_name_weight",
+             "must be >= 0 (0 = off)")
+    _require(cfg.tasks.classification.region_name_weight == 0 or ie.use_regional,
+             "tasks.classification.region_name_weight", "needs image_encoder.use_regional=true (it names proposals)")
     _require(ie.region_appearance_source in APPEARANCE_SOURCES, "image_encoder.region_appearance_source",
              f"{ie.region_appearance_source!r} not one of {list(APPEARANCE_SOURCES)}")
     _require(ie.use_global or ie.use_regional, "image_encoder.use_global",
@@ -782,7 +789,10 @@ def _tiny() -> Config:
         decoder=DecoderConfig(width=128, depth=3, heads=4, ffn_dim=256, drop_path=0.0, max_positions=256,
                               vocabulary_uniformity=1.0),
         tasks=TasksConfig(
-            classification=ClassificationTaskConfig(sampling_weight=0.2, loss_weight=1.0, batch_size=32),
+            # region_name_weight: the detector learns the names of the categories that only classification has
+            # (docs/benchmarks.md, "Naming novel categories")
+            classification=ClassificationTaskConfig(sampling_weight=0.2, loss_weight=1.0, batch_size=32,
+                                                    region_name_weight=0.5),
             # proposal losses x0.05: under MT-AdamW the class-name loss then gets about half of the normalised
             # gradient instead of 5 %; NMS at 0.5: the short runs' objectness has not learnt to score duplicates low
             # (both: docs/benchmarks.md, "Why detection names its objects slowly", "Duplicates and NMS")

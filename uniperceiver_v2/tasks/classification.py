@@ -8,6 +8,20 @@
 The class names are text, so any list of names works at inference without retraining (zero-shot): the
 candidates are whatever names the batch carries. In training the embeddings of all classes of the batch's dataset
 are computed once per step and shared by the batch (``UniPerceiverV2.class_name_embeddings``).
+
+Region naming from image labels (our addition, ``tasks.classification.region_name_weight``; 0 = off, as the paper).
+Detection trains the regional tokens to name only the categories that have boxes, so a category that only
+classification knows (the synthetic suite's "novel" ones) is named at chance by the detector even when
+classification recognises it. With the term on, the classification images' proposals are named too, through the
+detection task's own path (``detection.region_logits``), as a multiple-instance problem (the image label says that
+some proposal shows the class, not which one):
+
+    s_c = sum_j w_j softmax_c(logits_j),   w = softmax_j(objectness logits) (no gradient),   loss = -log s_label
+
+the probability that a proposal drawn by its objectness is named with the image's label (``region_label_loss``).
+Detic (Zhou et al. 2022) trains detectors on image labels in the same spirit, with the largest proposal instead of
+the objectness-weighted mixture (measured here: the proposal network finds the large centred object of a
+classification image poorly, so no single proposal is reliable).
 """
 
 from __future__ import annotations
@@ -22,7 +36,28 @@ from uniperceiver_v2.data.samples import ClassificationSample
 from uniperceiver_v2.tasks.base import Task
 from uniperceiver_v2.tasks.losses import unified_loss
 
-__all__ = ["ClassificationTask", "ClassificationTaskBatch"]
+__all__ = ["ClassificationTask", "ClassificationTaskBatch", "region_label_loss"]
+
+
+def region_label_loss(logits: torch.Tensor, objectness: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Multiple-instance naming loss of the proposals of images that carry one label each (see the module text).
+
+    Args:
+        logits: (B, O, C) naming logits of the O proposals of each image.
+        objectness: (B, O) objectness logits; their softmax over the proposals weighs them (no gradient).
+        labels: (B,) long, the class of each image.
+
+    Returns:
+        0-d: mean over images of -log sum_j w_j softmax(logits_j)[label], computed in float32.
+    """
+    if logits.dim() != 3 or objectness.shape != logits.shape[:2] or labels.shape != logits.shape[:1]:
+        raise ValueError(f"region_label_loss: expected logits (B, O, C), objectness (B, O), labels (B,); got "
+                         f"{tuple(logits.shape)}, {tuple(objectness.shape)}, {tuple(labels.shape)}")
+    log_weights = objectness.detach().float().log_softmax(dim=1)                           # (B, O)
+    log_names = logits.float().log_softmax(dim=-1)                                          # (B, O, C)
+    index = labels.view(-1, 1, 1).expand(-1, logits.shape[1], 1)
+    log_label = log_names.gather(2, index).squeeze(2)                                       # (B, O)
+    return -(log_weights + log_label).logsumexp(dim=1).mean()
 
 
 @dataclass
@@ -72,9 +107,11 @@ class ClassificationTask(Task):
                              f"{len(self.class_names)} class names")
         return ClassificationTaskBatch(batch.images, batch.padding_mask, batch.labels, self.class_names)
 
-    def logits(self, model, batch: ClassificationTaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """v2 eq. (6) logits (B, C) of every image against every class name, and the MoE auxiliary loss."""
-        image = model.encode_images(batch.images, batch.padding_mask)
+    def logits(self, model, batch: ClassificationTaskBatch, image=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """v2 eq. (6) logits (B, C) of every image against every class name, and the MoE auxiliary loss.
+        ``image``: the batch's ``model.encode_images`` output when the caller already has it."""
+        if image is None:
+            image = model.encode_images(batch.images, batch.padding_mask)
         inputs, aux = model.image_representations(image, self.name, is_input=True)         # (B, d)
         targets = model.class_name_embeddings(batch.class_names, self.name)                # (C, d)
         return model.similarity(inputs, targets, self.name), aux
@@ -82,11 +119,27 @@ class ClassificationTask(Task):
     def loss(self, model, batch: ClassificationTaskBatch) -> dict[str, torch.Tensor]:
         if batch.labels is None:
             raise ValueError("ClassificationTask.loss: the batch has no labels")
-        logits, aux = self.logits(model, batch)
+        image = model.encode_images(batch.images, batch.padding_mask)
+        logits, aux = self.logits(model, batch, image)
         terms = {"loss_cls": unified_loss(logits, batch.labels, self.config.label_smoothing),
                  "loss_moe_aux": aux}
-        accuracy = (logits.argmax(1) == batch.labels).float().mean().detach()
-        return {**terms, "accuracy": accuracy, "loss": self.weighted_total(terms)}
+        metrics = {"accuracy": (logits.argmax(1) == batch.labels).float().mean().detach()}
+        weighted = dict(terms)
+        if self.config.region_name_weight > 0:
+            from uniperceiver_v2.tasks.detection import region_logits
+
+            if image.boxes is None:
+                raise ValueError("tasks.classification.region_name_weight > 0 needs regional tokens: "
+                                 "image_encoder.use_regional=true")
+            names, region_aux = region_logits(model, image, batch.class_names)                # (B, O, C)
+            terms["loss_region_name"] = region_label_loss(names, image.objectness, batch.labels)
+            terms["loss_moe_aux"] = aux + region_aux
+            weighted = {**terms, "loss_region_name": self.config.region_name_weight * terms["loss_region_name"]}
+            # how often the most objectness-weighted proposal's name is the image's label (a training-time gauge)
+            best = image.objectness.argmax(dim=1)
+            named = names[torch.arange(len(best), device=best.device), best].argmax(-1)
+            metrics["region_accuracy"] = (named == batch.labels).float().mean().detach()
+        return {**terms, **metrics, "loss": self.weighted_total(weighted)}
 
     @torch.no_grad()
     def predict(self, model, batch: ClassificationTaskBatch, top_k: int = 5) -> dict[str, torch.Tensor]:

@@ -44,8 +44,8 @@ from uniperceiver_v2.modeling.image_encoder import ImageEncoderOutput, postproce
 from uniperceiver_v2.tasks.base import Task
 from uniperceiver_v2.tasks.losses import IGNORE_INDEX, unified_loss
 
-__all__ = ["IOU_THRESHOLD", "DetectionTask", "DetectionTaskBatch", "assign_proposal_labels", "suppress_duplicates",
-           "to_coco_results"]
+__all__ = ["IOU_THRESHOLD", "DetectionTask", "DetectionTaskBatch", "assign_proposal_labels", "region_logits",
+           "suppress_duplicates", "to_coco_results"]
 
 IOU_THRESHOLD = 0.5
 
@@ -130,6 +130,23 @@ def suppress_duplicates(boxes: torch.Tensor, objectness: torch.Tensor, iou_thres
     return kept
 
 
+def region_logits(model, image: ImageEncoderOutput, class_names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The detection task's naming of proposals: v2 eq. (6) logits (B, O, C) of every kept proposal's regional token
+    (decoded as ``[<SPE>, image tokens]`` with the detection task's attributes) against every class name's
+    ``g(f(name))`` under the detection task, and the decoder's MoE auxiliary loss. Shared by ``DetectionTask`` and
+    by the classification task's region-naming term (``tasks.classification.region_name_weight``)."""
+    if image.boxes is None:
+        raise ValueError("detection needs regional representations: image_encoder.use_regional=true")
+    segments = [spe_segment(model.decoder, image.tokens.shape[0]),
+                image_segment(model.decoder, image.tokens, image.token_types, image.token_padding_mask)]
+    out = build_sequence(segments, DetectionTask.name, is_input=True).run(model.decoder)
+    num_proposals = image.boxes.shape[1]
+    regional = out.hidden[:, -num_proposals:]                                 # the regional tokens are the last O
+    classes = model.class_name_embeddings(class_names, DetectionTask.name)   # (C, d)
+    logits = model.similarity(regional.flatten(0, 1), classes, DetectionTask.name)
+    return logits.view(*regional.shape[:2], -1), out.aux_loss
+
+
 def to_coco_results(predictions: Sequence[dict], image_ids: Sequence[int], category_ids: Sequence[int]
                     ) -> list[dict]:
     """Per-image predictions (``DetectionTask.predict``) -> COCO result records.
@@ -196,16 +213,7 @@ class DetectionTask(Task):
     def region_logits(self, model, image: ImageEncoderOutput, class_names: Sequence[str]
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """v2 eq. (6) logits (B, O, C) of every kept proposal against every class name, and the MoE aux loss."""
-        if image.boxes is None:
-            raise ValueError("detection needs regional representations: image_encoder.use_regional=true")
-        segments = [spe_segment(model.decoder, image.tokens.shape[0]),
-                    image_segment(model.decoder, image.tokens, image.token_types, image.token_padding_mask)]
-        out = build_sequence(segments, self.name, is_input=True).run(model.decoder)
-        num_proposals = image.boxes.shape[1]
-        regional = out.hidden[:, -num_proposals:]                        # the regional tokens are the last O
-        classes = model.class_name_embeddings(class_names, self.name)    # (C, d)
-        logits = model.similarity(regional.flatten(0, 1), classes, self.name)
-        return logits.view(*regional.shape[:2], -1), out.aux_loss
+        return region_logits(model, image, class_names)
 
     def loss(self, model, batch: DetectionTaskBatch) -> dict[str, torch.Tensor]:
         if batch.boxes is None or batch.labels is None:
