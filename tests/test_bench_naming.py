@@ -21,11 +21,8 @@ def test_rates_are_consistent_and_every_miss_named_is_a_confusion(model_and_conf
     assert all(true != predicted for true, predicted in result["confusions"])
 
 
-def test_a_model_that_names_every_proposal_right_names_every_found_object(model_and_config, monkeypatch):
-    # Replace the logits by the ground truth: every found object is then named right, and the found rate is
-    # unchanged (naming does not move the proposals).
-    model, cfg = model_and_config
-    before = naming.naming_rates(model, cfg, "val", images=6)
+def _name_every_proposal_after_its_object(monkeypatch):
+    """Replace the detection logits by the ground truth: each proposal names the object it overlaps most."""
     from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy, box_iou
     from uniperceiver_v2.tasks.detection import DetectionTask
 
@@ -53,11 +50,34 @@ def test_a_model_that_names_every_proposal_right_names_every_found_object(model_
 
     monkeypatch.setattr(DetectionTask, "region_logits", oracle_logits)
     monkeypatch.setattr(DetectionTask, "collate", remembering_collate)
+
+
+def test_a_model_that_names_every_proposal_right_names_every_found_object(model_and_config, monkeypatch):
+    # With the ground truth as logits every found object is named right, and the found rate is unchanged (naming
+    # does not move the proposals).
+    model, cfg = model_and_config
+    before = naming.naming_rates(model, cfg, "val", images=6)
+    _name_every_proposal_after_its_object(monkeypatch)
     after = naming.naming_rates(model, cfg, "val", images=6)
     assert after["found"] == before["found"] and after["objects"] == before["objects"]
     # the oracle names a proposal after the object it overlaps most; a found object's proposal overlaps it with
     # IoU >= 0.5, so it is named right unless another object overlaps that proposal even more (not so in these scenes)
     assert after["named"] == after["found"]
+
+
+def test_novel_scenes_count_seen_and_novel_objects_apart(model_and_config, monkeypatch):
+    model, cfg = model_and_config
+    result = naming.naming_rates(model, cfg, "novel", images=8)
+    seen, novel = result["groups"]["seen"], result["groups"]["novel"]
+    for key in ("objects", "found", "named"):
+        assert seen[key] + novel[key] == result[key]
+    assert novel["objects"] > 0 and novel["novel_names"] == 4
+    # the label beats every name, so it beats the novel names: named among all <= named among the novel ones
+    assert novel["named"] <= novel["named_among_novel"] <= novel["found"]
+    _name_every_proposal_after_its_object(monkeypatch)
+    oracle = naming.naming_rates(model, cfg, "novel", images=8)["groups"]["novel"]
+    assert oracle["named"] == oracle["named_among_novel"] == oracle["found"] == novel["found"]
+    assert naming.naming_rates(model, cfg, "val", images=2)["groups"] == {}
 
 
 def test_main_prints_both_rates(model_and_config, monkeypatch, capsys, synthetic_root):

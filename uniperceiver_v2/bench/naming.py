@@ -8,6 +8,9 @@ benchmark separates them on the first ``--images`` scenes of a split. For every 
   category names of the v2 eq. (6) logits, the ones detection scores with)?
 
 and prints the two rates with the most frequent confusions (true -> predicted). Chance naming is 1 / C.
+``--split novel`` looks at the novel-category scenes (``data.novel_annotations``) against all their category names
+and reports seen and novel objects apart, the novel ones also named among the novel names only (chance
+1 / number of novel names): a detector that never learnt a novel name can still find the object.
 ``--gradients N`` adds the norms of the gradients of the class-name loss and of the proposal losses over N
 training batches, per parameter group: MT-AdamW normalises the task's gradient as a whole, so their ratio is the
 share of a detection step that goes to naming.
@@ -27,19 +30,28 @@ __all__ = ["NamingResult", "main", "naming_rates"]
 
 
 class NamingResult(dict):
-    """{"objects", "found", "named", "classes", "confusions": Counter((true, predicted))}."""
+    """{"objects", "found", "named", "classes", "confusions": Counter((true, predicted)), "groups"}.
+
+    ``groups`` (``--split novel`` only): {"seen" / "novel": {"objects", "found", "named"}}, the novel group also with
+    "named_among_novel" and "novel_names" (how many).
+    """
 
 
 @torch.no_grad()
 def naming_rates(model, cfg, split: str, images: int, batch_size: int = 4, iou: float = 0.5) -> NamingResult:
     """Found and named rates of the detection task on the first ``images`` scenes of ``split``."""
-    from uniperceiver_v2.engine.data_setup import build_task_dataset
+    from uniperceiver_v2.engine.data_setup import build_task_dataset, novel_detection_dataset
     from uniperceiver_v2.engine.runtime import evaluation_mode
     from uniperceiver_v2.modeling.box_ops import box_cxcywh_to_xyxy, box_iou
     from uniperceiver_v2.tasks import TASKS
 
-    dataset = build_task_dataset(cfg, "detection", split, train=False)
+    dataset = (novel_detection_dataset(cfg) if split == "novel"
+               else build_task_dataset(cfg, "detection", split, train=False))
     task = TASKS["detection"].from_dataset(cfg.tasks.detection, dataset)
+    novel_by_name = {category.name: bool(getattr(category, "novel", False)) for category in dataset.categories}
+    is_novel = torch.tensor([novel_by_name.get(name, False) for name in task.class_names])             # (C,)
+    groups = {group: dict.fromkeys(("objects", "found", "named"), 0) for group in ("seen", "novel")}
+    groups["novel"].update(named_among_novel=0, novel_names=int(is_novel.sum()))
     count = min(images, len(dataset))
     objects = found = named = 0
     confusions: collections.Counter = collections.Counter()
@@ -58,19 +70,27 @@ def naming_rates(model, cfg, split: str, images: int, batch_size: int = 4, iou: 
                 overlaps = box_iou(boxes.to(proposals.dtype), proposals[b])                       # (G, O)
                 objectness = encoded.objectness[b].float()
                 for g, label in enumerate(labels.tolist()):
+                    group = groups["novel" if bool(is_novel[label]) else "seen"]
                     objects += 1
+                    group["objects"] += 1
                     hits = overlaps[g] >= iou
                     if not bool(hits.any()):
                         continue
                     found += 1
+                    group["found"] += 1
                     best = objectness.masked_fill(~hits, float("-inf")).argmax()
-                    predicted = int(logits[b, best].argmax())
+                    row = logits[b, best].float()
+                    predicted = int(row.argmax())
                     if predicted == label:
                         named += 1
+                        group["named"] += 1
                     else:
                         confusions[(batch.class_names[label], batch.class_names[predicted])] += 1
+                    if bool(is_novel[label]):
+                        among = int(row.masked_fill(~is_novel.to(row.device), float("-inf")).argmax())
+                        group["named_among_novel"] += int(among == label)
     return NamingResult(objects=objects, found=found, named=named, classes=len(task.class_names),
-                        confusions=confusions)
+                        confusions=confusions, groups=groups if split == "novel" else {})
 
 
 def _group(name: str) -> str:
@@ -142,6 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"found (a proposal with IoU >= 0.5): {found} = {found / max(objects, 1):.3f} of the objects")
     print(f"named right (the found proposal of highest objectness): {named} = {named / max(found, 1):.3f} of the "
           "found objects")
+    for group, counts in result["groups"].items():
+        line = (f"  {group} objects: {counts['objects']}, found {counts['found'] / max(counts['objects'], 1):.3f}, "
+                f"named right {counts['named'] / max(counts['found'], 1):.3f} of the found")
+        if group == "novel":
+            line += (f", among the {counts['novel_names']} novel names only "
+                     f"{counts['named_among_novel'] / max(counts['found'], 1):.3f} (chance "
+                     f"{1 / max(counts['novel_names'], 1):.3f})")
+        print(line)
     if result["confusions"]:
         listed = ", ".join(f"{true} -> {predicted} ({n})" for (true, predicted), n in
                            result["confusions"].most_common(args.top))
