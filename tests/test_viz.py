@@ -117,6 +117,22 @@ def test_draw_detections_draws_only_instances_above_threshold(image):
     np.testing.assert_array_equal(overlay[..., 3] > 0, masks[kept].any(axis=0))
 
 
+def test_draw_detections_outlines_masks_without_tinting_the_image(image):
+    boxes, masks = _scene()
+    scores = np.array([0.9, 0.3, 0.75, 0.5])
+    fig = viz.draw_detections(image, boxes, labels=[1, 2, 1, 0], scores=scores, masks=masks, score_threshold=0.5,
+                              mask_style="outline")
+    ax = fig.axes[0]
+    assert len(ax.images) == 1                              # the picture alone: no tinted overlay
+    contours = [c for c in ax.collections if c.get_paths() and any(len(p.vertices) for p in c.get_paths())]
+    assert len(contours) == (scores >= 0.5).sum()           # one contour per kept mask
+    colours = sorted(tuple(np.round(c.get_edgecolor()[0][:3], 6)) for c in contours)
+    expected = sorted(tuple(np.round(viz.class_color(label), 6)) for label in (1, 1, 0))
+    assert colours == expected
+    with pytest.raises(ValueError, match="mask_style"):
+        viz.draw_detections(image, boxes, masks=masks, mask_style="dotted")
+
+
 def test_draw_detections_gives_a_class_the_same_colour_everywhere(image):
     boxes, _ = _scene()
     fig = viz.draw_detections(image, boxes, labels=[3, 3, 7, 3])

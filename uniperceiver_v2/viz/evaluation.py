@@ -187,7 +187,8 @@ def plot_token_probabilities(tokens: Sequence[str], probabilities: Sequence[floa
             ax.text(i, float(probability), f" {token}", rotation=90, ha="center", va="bottom", fontsize=fontsize,
                     color="tab:orange")
     ax.set_xticks(x, list(tokens), rotation=45, ha="right", fontsize=fontsize + 1)
-    ax.set_ylim(0.0, 1.25)
+    ax.set_ylim(0.0, 1.25)                       # room above 1 for the rotated names and the legend ...
+    ax.set_yticks([0.0, 0.25, 0.5, 0.75, 1.0])   # ... but a probability's axis stops at 1
     ax.set_ylabel("probability")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=fontsize, loc="upper right", frameon=False, ncol=2)

@@ -62,7 +62,7 @@ def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any
                     class_names: Sequence[str] | None = None, score_threshold: float = 0.0,
                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                     title: str | None = None, legend: bool = False, fit_captions: bool = False,
-                    ax: Axes | None = None) -> Figure:
+                    mask_style: str = "fill", ax: Axes | None = None) -> Figure:
     """Boxes with "class score" captions and semi-transparent instance masks, one stable colour per class.
 
     Ground truth and predictions are drawn the same way; leave ``scores=None`` for ground truth.
@@ -80,7 +80,11 @@ def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any
             of four places allows: above the box's left end, inside the box under its top edge (left or right end),
             above its right end. False (default): each caption sits above its box's top-left corner, clipped at the
             image's border.
+        mask_style: "fill" (default) tints each mask with its class colour; "outline" draws only its contour, so
+            the object keeps its own colour (for figures whose reader compares colours, e.g. with captions).
     """
+    if mask_style not in ("fill", "outline"):
+        raise ValueError(f"mask_style: expected 'fill' or 'outline', got {mask_style!r}")
     picture = to_display_image(image, mean, std)
     height, width = picture.shape[:2]
     boxes = _as_boxes(boxes_xyxy, "boxes_xyxy")
@@ -104,9 +108,14 @@ def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any
             if not keep[i]:
                 continue
             region = masks_np[i] > 0.5
+            if mask_style == "outline":
+                if region.any() and not region.all():
+                    ax.contour(region.astype(np.float32), levels=[0.5], colors=[colors[i]], linewidths=1.2)
+                continue
             overlay[region, :3] = colors[i]
             overlay[region, 3] = _MASK_ALPHA
-        ax.imshow(overlay, extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="nearest")
+        if mask_style == "fill":
+            ax.imshow(overlay, extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="nearest")
 
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)
