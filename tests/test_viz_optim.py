@@ -129,6 +129,9 @@ def test_task_curves_take_variant_colours_and_title_each_panel_in_its_task_colou
     ax = fig.axes[0]
     assert ax.title.get_color() == task_color("detection")
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    # a few swept values: one labelled tick at each (a decade-only axis would leave 0.003 unlabelled)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.001", "0.003", "0.01"]
+    np.testing.assert_allclose(ax.get_xticks(), x)
 
 
 def test_short_log_ticks_are_nice_values_spread_over_the_axis():

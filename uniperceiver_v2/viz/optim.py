@@ -246,12 +246,14 @@ def plot_task_curves(curves: Mapping[str, Mapping[str, tuple[Any, Any, Any, Any]
     axes = list(fig.subplots(rows, ncols, squeeze=False).flat)
     for ax in axes[len(task_names):]:
         ax.set_axis_off()
+    x_values: set[float] = set()
     for index, (label, per_task) in enumerate(curves.items()):
         color = _VARIANT_COLORS(index)
         for ax, task in zip(axes, task_names):
             if task not in per_task:
                 raise ValueError(f"curves[{label!r}]: no curve for task {task!r}")
             x, mean, low, high = (to_numpy(a).astype(np.float64).reshape(-1) for a in per_task[task])
+            x_values.update(x.tolist())
             if not len(x) == len(mean) == len(low) == len(high):
                 raise ValueError(f"curves[{label!r}][{task!r}]: x, mean, low and high differ in length")
             ax.plot(x, mean, color=color, linewidth=1.3, marker="o" if len(x) <= 8 else None, markersize=3,
@@ -263,6 +265,10 @@ def plot_task_curves(curves: Mapping[str, Mapping[str, tuple[Any, Any, Any, Any]
         ax.set_ylabel(ylabel)
         if logx:
             set_log_scale(ax, "x")
+            if 0 < len(x_values) <= 8 and min(x_values) > 0:
+                # a few swept values (e.g. learning rates): a tick at each, so 0.003 is read, not guessed
+                ax.xaxis.set_minor_locator(FixedLocator([]))
+                ax.set_xticks(sorted(x_values), [f"{value:g}" for value in sorted(x_values)])
         if logy:
             set_log_scale(ax, "y")
             _label_short_log_axis(ax)
