@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from helpers import CLASS_NAMES, classification_samples, overfit, single_thread, tiny_config, tiny_model  # noqa: F401
 
 from uniperceiver_v2.tasks import TASKS
-from uniperceiver_v2.tasks.classification import ClassificationTask, region_label_loss
+from uniperceiver_v2.tasks.classification import ClassificationTask, region_label_loss, regional_only
 from uniperceiver_v2.tasks.detection import region_logits
 
 
@@ -125,7 +125,12 @@ def test_region_naming_term_names_the_proposals_through_the_detection_path():
     with torch.no_grad():
         terms = task.loss(model, batch)
         image = model.encode_images(batch.images, batch.padding_mask)
-        names, _ = region_logits(model, image, CLASS_NAMES)
+        names, _ = region_logits(model, regional_only(image), CLASS_NAMES)
+        with_global, _ = region_logits(model, image, CLASS_NAMES)
+    # the global tokens are left out of this term's sequence: its names differ from detection's full sequence's
+    assert not torch.allclose(names, with_global, atol=1e-3)
+    kept = regional_only(image)
+    assert kept.tokens.shape[1] == image.boxes.shape[1] and bool((kept.token_types == 2).all())
     assert set(terms) == {"loss", "loss_cls", "loss_moe_aux", "loss_region_name", "accuracy", "region_accuracy"}
     torch.testing.assert_close(terms["loss_region_name"],
                                _region_label_loss_float64(names, image.objectness, batch.labels).float(),

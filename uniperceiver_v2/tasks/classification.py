@@ -21,7 +21,11 @@ some proposal shows the class, not which one):
 the probability that a proposal drawn by its objectness is named with the image's label (``region_label_loss``).
 Detic (Zhou et al. 2022) trains detectors on image labels in the same spirit, with the largest proposal instead of
 the objectness-weighted mixture (measured here: the proposal network finds the large centred object of a
-classification image poorly, so no single proposal is reliable).
+classification image poorly, so no single proposal is reliable). The sequence this term decodes is
+``[<SPE>, regional tokens]``, without the global tokens (``regional_only``): with them, the regional tokens of a
+one-object image learnt to copy its class from the global tokens (on the test images, named right 0.969 of the time
+with the global tokens in the sequence and 0.135 without, chance 0.071) and named the novel objects of multi-object
+scenes no better than before.
 """
 
 from __future__ import annotations
@@ -36,7 +40,17 @@ from uniperceiver_v2.data.samples import ClassificationSample
 from uniperceiver_v2.tasks.base import Task
 from uniperceiver_v2.tasks.losses import unified_loss
 
-__all__ = ["ClassificationTask", "ClassificationTaskBatch", "region_label_loss"]
+__all__ = ["ClassificationTask", "ClassificationTaskBatch", "region_label_loss", "regional_only"]
+
+
+def regional_only(image):
+    """``image`` (an ``ImageEncoderOutput``) with its global tokens left out: the tokens the region-naming term
+    decodes. With the global tokens in the sequence, the regional tokens of a one-object classification image learn
+    to copy the image's class from them instead of reading their own region (see the module text)."""
+    num_proposals = image.boxes.shape[1]
+    padding = image.token_padding_mask
+    return replace(image, tokens=image.tokens[:, -num_proposals:], token_types=image.token_types[:, -num_proposals:],
+                   token_padding_mask=None if padding is None else padding[:, -num_proposals:])
 
 
 def region_label_loss(logits: torch.Tensor, objectness: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -131,7 +145,7 @@ class ClassificationTask(Task):
             if image.boxes is None:
                 raise ValueError("tasks.classification.region_name_weight > 0 needs regional tokens: "
                                  "image_encoder.use_regional=true")
-            names, region_aux = region_logits(model, image, batch.class_names)                # (B, O, C)
+            names, region_aux = region_logits(model, regional_only(image), batch.class_names)  # (B, O, C)
             terms["loss_region_name"] = region_label_loss(names, image.objectness, batch.labels)
             terms["loss_moe_aux"] = aux + region_aux
             weighted = {**terms, "loss_region_name": self.config.region_name_weight * terms["loss_region_name"]}
