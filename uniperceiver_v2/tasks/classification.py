@@ -23,11 +23,12 @@ Detic (Zhou et al. 2022) trains detectors on image labels in the same spirit, wi
 the objectness-weighted mixture (here the proposal network, trained on scenes of small objects, returns
 fragments of the large centred object of a classification image, so no single proposal is reliable). The
 sequence this term decodes is ``[<SPE>, regional tokens]``, without the global tokens (``regional_only``): with
-them, the regional tokens of a one-object image learnt to copy its class from the global tokens (on 192 test images, named right 0.969 of the time
-with the global tokens in the sequence and 0.135 without, chance 0.071) and named the novel objects of multi-object
-scenes no better than before. With the regional tokens alone the detector of the small profile tells the novel
-objects apart among the novel names 0.40 of the time (chance 0.25, and 0.24 without the term), but a seen category
-that looks alike still outscores the novel name (docs/benchmarks.md, "Naming novel categories").
+them, the regional tokens of a one-object image learnt to copy its class from the global tokens (on 192 test
+images, named right 0.969 of the time with the global tokens in the sequence and 0.135 without, chance 0.071) and
+named the novel objects of multi-object scenes no better than before. With the regional tokens alone the detector
+of the small profile tells the novel objects apart among the novel names 0.40 of the time (chance 0.25, and 0.24
+without the term), but a seen category that looks alike still outscores the novel name
+(docs/benchmarks.md, "Naming novel categories").
 """
 
 from __future__ import annotations
