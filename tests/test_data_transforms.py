@@ -33,8 +33,10 @@ from uniperceiver_v2.data.transforms import (
     RandomHorizontalFlip,
     RandomResizedCrop,
     RandomResizeShorterSide,
+    RandomZoomOut,
     ResizeCenterCrop,
     ResizeShorterSide,
+    classification_train_transform,
     crop_detection,
     denormalize,
     detection_eval_transform,
@@ -269,6 +271,41 @@ def test_random_resized_crop_respects_scale_and_ratio():
     assert crop(torch.rand(3, 120, 160)).shape == (3, 32, 32)
     # Impossible scale: falls back to the central crop with the nearest allowed aspect ratio.
     assert RandomResizedCrop(32, scale=(2.0, 3.0)).crop_box(100, 300) == (0, 83, 100, 133)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_zoom_out_matches_an_edge_padded_reference(seed):
+    image = torch.rand(3, 40, 40)
+    torch.manual_seed(seed)
+    out = RandomZoomOut(p=1.0, min_scale=0.3)(image)
+    # Replay the draws (p, scale, top, left) and build the canvas with numpy's edge padding.
+    torch.manual_seed(seed)
+    torch.rand(())
+    scale = 0.3 + 0.7 * float(torch.rand(()).item())
+    side = round(40 * scale)
+    top, left = int(torch.randint(0, 40 - side + 1, (1,)).item()), int(torch.randint(0, 40 - side + 1, (1,)).item())
+    small = TF.resize(image, [side, side], antialias=True).numpy()
+    reference = np.pad(small, ((0, 0), (top, 40 - side - top), (left, 40 - side - left)), mode="edge")
+    assert out.shape == (3, 40, 40) and side < 40
+    np.testing.assert_allclose(out.numpy(), reference, atol=1e-5)
+
+
+def test_random_zoom_out_probability_and_identity():
+    image = torch.rand(3, 24, 24)
+    torch.manual_seed(0)
+    assert torch.equal(RandomZoomOut(p=1.0, min_scale=1.0)(image), image)     # scale 1: the image itself
+    state = torch.get_rng_state()
+    assert torch.equal(RandomZoomOut(p=0.0, min_scale=0.25)(image), image)    # p 0: no draw at all
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(0)
+    changed = sum(not torch.equal(RandomZoomOut(p=0.5, min_scale=0.25)(image), image) for _ in range(400))
+    assert 160 <= changed <= 240
+    with pytest.raises(ValueError, match="min_scale"):
+        RandomZoomOut(p=0.5, min_scale=0.0)
+    with pytest.raises(ValueError, match="p="):
+        RandomZoomOut(p=2.0, min_scale=0.5)
+    assert "RandomZoomOut" in repr(classification_train_transform(32, 0.5, zoom_out_prob=0.5))
+    assert "RandomZoomOut" not in repr(classification_train_transform(32, 0.5))
 
 
 def test_resize_center_crop_matches_torchvision():

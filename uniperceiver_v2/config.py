@@ -289,6 +289,10 @@ class DataConfig:
     # classification training: random resized crop of at least this fraction of the image area (0.08 as on
     # ImageNet); the synthetic classification images show one centred object, which small crops cut away
     crop_min_scale: float = 0.08
+    # classification training: with this probability the crop is shrunk by a factor in [zoom_out_min_scale, 1] onto
+    # a canvas of its size (data.transforms.RandomZoomOut), so its object appears at the scale of scene objects
+    zoom_out_prob: float = 0.0
+    zoom_out_min_scale: float = 0.25
     # localization tasks: random resize of the shorter side, then a fixed crop (training); fixed resize (evaluation)
     det_min_size: int = 96
     det_max_size: int = 160
@@ -672,6 +676,8 @@ def validate(cfg: Config) -> None:
     _require(d.det_max_size <= d.det_max_long, "data.det_max_size", f"> data.det_max_long={d.det_max_long}")
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(0.0 < d.crop_min_scale <= 1.0, "data.crop_min_scale", f"{d.crop_min_scale} not in (0, 1]")
+    _require(0.0 <= d.zoom_out_prob <= 1.0, "data.zoom_out_prob", f"{d.zoom_out_prob} not in [0, 1]")
+    _require(0.0 < d.zoom_out_min_scale <= 1.0, "data.zoom_out_min_scale", f"{d.zoom_out_min_scale} not in (0, 1]")
 
     o = cfg.optim
     _require(o.name in OPTIMIZERS, "optim.name", f"{o.name!r} not in {OPTIMIZERS}")

@@ -212,9 +212,45 @@ class ResizeCenterCrop:
         return f"ResizeCenterCrop(size={self.size}, crop_fraction={self.crop_fraction})"
 
 
-def classification_train_transform(image_size: int, min_scale: float = 0.08) -> Compose:
-    """Random resized crop, horizontal flip, ImageNet normalisation; output (3, image_size, image_size)."""
-    return Compose([RandomResizedCrop(image_size, scale=(min_scale, 1.0)), RandomHorizontalFlip(), Normalize()])
+class RandomZoomOut:
+    """With probability ``p``, shrink the (C, size, size) image by a factor s ~ U[min_scale, 1] and place it at a
+    random position of a size x size canvas whose margins repeat the shrunk image's border pixels.
+
+    Our addition for classification images whose objects fill the frame: the regions of a shrunk image show the
+    object at the scale of the objects in detection scenes, so a term that names the proposals of classification
+    images (``tasks.classification.region_name_weight``) teaches names at the scale they are detected at.
+    """
+
+    def __init__(self, p: float, min_scale: float):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"RandomZoomOut: p={p} not in [0, 1]")
+        if not 0.0 < min_scale <= 1.0:
+            raise ValueError(f"RandomZoomOut: min_scale={min_scale} not in (0, 1]")
+        self.p, self.min_scale = p, min_scale
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or float(torch.rand(()).item()) >= self.p:
+            return image
+        height, width = image.shape[-2:]
+        scale = _uniform(self.min_scale, 1.0)
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        small = resize_image(image, (new_h, new_w))
+        top, left = _randint(0, height - new_h), _randint(0, width - new_w)
+        # replicate padding: (left, right, top, bottom) of the last two dimensions
+        return F.pad(small[None], (left, width - new_w - left, top, height - new_h - top), mode="replicate")[0]
+
+    def __repr__(self) -> str:
+        return f"RandomZoomOut(p={self.p}, min_scale={self.min_scale})"
+
+
+def classification_train_transform(image_size: int, min_scale: float = 0.08, zoom_out_prob: float = 0.0,
+                                   zoom_out_min_scale: float = 0.25) -> Compose:
+    """Random resized crop, then (with probability ``zoom_out_prob``) :class:`RandomZoomOut`, horizontal flip,
+    ImageNet normalisation; output (3, image_size, image_size)."""
+    steps = [RandomResizedCrop(image_size, scale=(min_scale, 1.0))]
+    if zoom_out_prob > 0:
+        steps.append(RandomZoomOut(zoom_out_prob, zoom_out_min_scale))
+    return Compose([*steps, RandomHorizontalFlip(), Normalize()])
 
 
 def classification_eval_transform(image_size: int, crop_fraction: float = 0.875) -> Compose:

@@ -377,7 +377,8 @@ def _read_task_dataset(cfg: Config, task: str, split: str, train: bool) -> Datas
 
     d = cfg.data
     if task == "classification":
-        transform = (T.classification_train_transform(d.image_size, d.crop_min_scale) if train
+        transform = (T.classification_train_transform(d.image_size, d.crop_min_scale, d.zoom_out_prob,
+                                                       d.zoom_out_min_scale) if train
                      else T.whole_image_eval_transform("classification", d.image_size))
         return ImageFolderClassification(d.path(d.classification_root, split), transform=transform,
                                          on_invalid=d.on_invalid)
