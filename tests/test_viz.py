@@ -467,6 +467,27 @@ def test_log_axes_are_labelled_with_plain_numbers():
         viz.set_log_scale(ax, "z")
 
 
+def test_learning_rate_steps_are_the_ticks_of_their_axis_written_alike():
+    """A step schedule's levels label the axis ("3e-4", "3e-5", "3e-6"), not decades in two styles ("0.0001",
+    "1e-05"); the warm-up ramp's points are too few to be levels."""
+    records = []
+    for iteration in range(0, 1000, 10):
+        factor = min(1.0, 0.001 + iteration / 50) * (0.1 if iteration >= 900 else 1.0)
+        records += [{"iteration": iteration, "group": "lr x1", "lr": 3e-4 * factor},
+                    {"iteration": iteration, "group": "lr x0.1", "lr": 3e-5 * factor}]
+    assert viz.plateau_values([r["lr"] for r in records if r["group"] == "lr x1"]) == [3e-5, 3e-4]
+    fig = viz.plot_curves(records, keys=("lr",), by="group", logy=True, label_plateaus=True)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels(which="both") if t.get_text()]
+    assert labels == ["3e-6", "3e-5", "3e-4"], labels
+    assert viz.plateau_values([0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.1]) == [0.25, 0.5]
+    fig = viz.plot_curves([{"iteration": i, "lr": v} for i, v in enumerate([0.5] * 5 + [0.05] * 5)], keys=("lr",),
+                          by=None, label_plateaus=True)
+    fig.canvas.draw()
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels() if t.get_text()] == ["0.05", "0.5"]
+
+
 def test_plot_curves_colour_a_task_line_by_the_task_palette():
     fig = viz.plot_curves(_log_records(), keys=("loss",))
     for line in fig.axes[0].lines:
