@@ -21,7 +21,13 @@ from uniperceiver_v2 import api, train, walkthrough
 from uniperceiver_v2.config import load_config
 from uniperceiver_v2.data.coco import Category
 from uniperceiver_v2.engine.checkpoint import save_checkpoint
-from uniperceiver_v2.engine.evaluation import NovelDetectionResult, evaluate_novel_detection, novel_metrics
+from uniperceiver_v2.engine.evaluation import (
+    NovelDetectionResult,
+    calibrated_novel_detection,
+    choose_on_other_folds,
+    evaluate_novel_detection,
+    novel_metrics,
+)
 from uniperceiver_v2.engine.runtime import resolve_device
 from uniperceiver_v2.tasks import DetectionTask
 
@@ -447,6 +453,66 @@ def test_evaluate_novel_detection_on_a_model_matches_pycocotools(model, tmp_path
     # A candidate list without the novel name: nothing can be called "hexagon", so its AP is 0 by construction.
     seen_only = evaluate_novel_detection(model, cfg, class_names=["circle", "square", "balloon"])
     assert {r["category_id"] for r in seen_only.records} <= {5, 9} and seen_only.metrics["novel"]["bbox"]["AP"] == 0.0
+
+
+def test_choose_on_other_folds_takes_the_best_elsewhere_and_the_smaller_on_ties():
+    assert choose_on_other_folds([[0.1, 0.3, 0.2], [0.4, 0.2, 0.5]], [0.0, 2.0, 8.0]) == [8.0, 2.0]
+    assert choose_on_other_folds([[0.2, 0.2], [0.3, 0.3]], [4.0, 1.0]) == [1.0, 1.0]      # ties: the smaller gamma
+    # three folds: each fold sums the two others
+    assert choose_on_other_folds([[1, 0], [0, 1], [0, 1]], [0.0, 1.0]) == [1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="2 folds"):
+        choose_on_other_folds([[0.1, 0.2]], [0.0, 1.0])
+    with pytest.raises(ValueError, match="a score per candidate"):
+        choose_on_other_folds([[0.1], [0.2, 0.3]], [0.0, 1.0])
+
+
+def test_seen_penalty_shifts_the_logits_of_the_seen_names_before_the_softmax(model):
+    from dataclasses import replace
+
+    from uniperceiver_v2.tasks.detection import region_logits
+
+    config = replace(tiny_config().tasks.detection, nms_threshold=0.0, segmentation=False, max_detections=7)
+    names, gamma = ["circle", "square", "hexagon"], 1.5
+    task = DetectionTask(config, names, seen_names=["circle", "square"], seen_penalty=gamma)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    sizes = torch.tensor([[64, 64], [64, 64]])
+    with torch.no_grad():
+        found = task.detect(model, images, None, sizes, names)
+        image = model.encode_images(images, None)
+        logits = region_logits(model, image, names)[0].double()
+        logits[..., :2] -= gamma                                     # by hand: the two seen names
+        scores = image.objectness.double().sigmoid()[..., None] * logits.softmax(-1)
+        expected = scores.flatten(1).topk(7, dim=1)
+    for b in range(2):
+        torch.testing.assert_close(found[b]["scores"].double(), expected.values[b], rtol=1e-4, atol=1e-6)
+        assert found[b]["labels"].tolist() == (expected.indices[b] % 3).tolist()
+    with pytest.raises(ValueError, match="seen_penalty"):
+        DetectionTask(config, names, seen_penalty=-1.0)
+
+
+def test_calibrated_novel_detection_scores_each_half_with_the_gamma_of_the_other(model, tmp_path):
+    path = write_novel_set(tmp_path)
+    cfg = tiny_config()
+    cfg.data.root = str(tmp_path)
+    plain = evaluate_novel_detection(model, cfg)
+    # One candidate, gamma 0: the plain evaluation.
+    single = calibrated_novel_detection(model, cfg, penalties=[0.0])
+    assert single.chosen == [0.0, 0.0] and single.folds == [[1], [2]]
+    assert single.metrics["novel"]["bbox"]["AP50"] == pytest.approx(plain.metrics["novel"]["bbox"]["AP50"])
+    assert sorted(map(json.dumps, single.records)) == sorted(map(json.dumps, plain.records))
+    # Two candidates: each half keeps the records of the gamma that was best on the other half.
+    penalties = [0.0, 30.0]
+    result = calibrated_novel_detection(model, cfg, penalties=penalties)
+    assert result.chosen == choose_on_other_folds(result.fold_ap50, penalties)
+    for half, gamma in zip(result.folds, result.chosen):
+        alone = evaluate_novel_detection(model, cfg, seen_penalty=gamma)
+        expected = sorted(json.dumps(r) for r in alone.records if r["image_id"] in half)
+        assert sorted(json.dumps(r) for r in result.records if r["image_id"] in half) == expected
+    expected_ap = cocoeval_boxes(path, result.records, [11]) if result.records else (0.0, 0.0)
+    assert (result.metrics["novel"]["bbox"]["AP"], result.metrics["novel"]["bbox"]["AP50"]) == \
+        pytest.approx(expected_ap)
+    with pytest.raises(ValueError, match="penalties"):
+        calibrated_novel_detection(model, cfg, penalties=[])
 
 
 def test_best_proposal_logits_take_the_proposal_that_overlaps_each_object_most(model):

@@ -208,6 +208,11 @@ class DetectionTaskConfig(TaskConfig):
     # suppresses): 0 = none, as the paper (one-to-one matching teaches the objectness to score duplicates low,
     # which takes far longer than a CPU run trains; docs/benchmarks.md, "Duplicates and NMS").
     nms_threshold: float = 0.0
+    # Calibrated stacking on the novel-category scenes (Chao et al., ECCV 2016; our addition, evaluation only):
+    # candidate values of gamma, subtracted from the v2 eq. (6) logits of the names detection trained on. Each half
+    # of the scenes is scored with the gamma that gave the best novel box AP50 on the other half
+    # (engine.evaluation.calibrated_novel_detection); [] = not evaluated.
+    seen_penalties: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -594,6 +599,8 @@ def validate(cfg: Config) -> None:
              f"{ie.mask_pooling!r} not one of {list(MASK_POOLINGS)}")
     _require(ie.region_appearance_size >= 0, "image_encoder.region_appearance_size", "must be >= 0 (0 = off)")
     _require(cfg.decoder.vocabulary_uniformity >= 0, "decoder.vocabulary_uniformity", "must be >= 0")
+    _require(all(g >= 0 for g in cfg.tasks.detection.seen_penalties), "tasks.detection.seen_penalties",
+             f"{cfg.tasks.detection.seen_penalties}: every value must be >= 0")
     _require(cfg.tasks.classification.region_name_weight >= 0, "tasks.classification.region_name_weight",
              "must be >= 0 (0 = off)")
     _require(cfg.tasks.classification.region_name_weight == 0 or ie.use_regional,

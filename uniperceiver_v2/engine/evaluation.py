@@ -7,7 +7,9 @@ Metrics (``evaluate``), per task, as fractions in [0, 1] (the paper reports x100
 | classification | ``top1``, ``top5`` (``metrics.classification``)                                            |
 | detection      | COCO ``bbox_AP``, ``bbox_AP50``, ... and ``segm_*`` (``metrics.coco``); class-agnostic      |
 |                | ``agnostic_bbox_AP`` / ``AP50``; on the novel-category scenes, restricted to the novel      |
-|                | categories, ``novel_bbox_AP``, ... (:func:`evaluate_novel_detection`)                       |
+|                | categories, ``novel_bbox_AP``, ... (:func:`evaluate_novel_detection`); with                 |
+|                | ``tasks.detection.seen_penalties``, ``novel_calibrated_bbox_*`` and the gamma of each half  |
+|                | (:func:`calibrated_novel_detection`)                                                        |
 | captioning     | ``BLEU-4`` (and 1-3), ``CIDEr`` (``metrics.captioning``)                                   |
 | retrieval      | ``i2t_R@1/5/10``, ``t2i_R@1/5/10`` over the whole split (``metrics.retrieval``)            |
 | mlm            | ``accuracy`` of the masked tokens (fixed masks, ``MaskedLanguageModelingTask.predict``)    |
@@ -36,8 +38,8 @@ from .data_setup import EvalBatches, build_task_dataset, novel_detection_dataset
 from .distributed import get_rank, get_world_size, is_distributed
 from .runtime import evaluation_mode, move_to_device
 
-__all__ = ["EVALUATORS", "NovelDetectionResult", "evaluate", "evaluate_novel_detection", "evaluate_task",
-           "novel_metrics"]
+__all__ = ["EVALUATORS", "CalibratedNovelResult", "NovelDetectionResult", "calibrated_novel_detection",
+           "choose_on_other_folds", "evaluate", "evaluate_novel_detection", "evaluate_task", "novel_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +128,12 @@ def _detection(model, cfg: Config, split: str) -> dict[str, float]:
         if get_rank() == 0:
             results.update({f"novel_{iou}_{name}": value for iou in iou_types
                             for name, value in novel.metrics["novel"][iou].items()})
+        if cfg.tasks.detection.seen_penalties:
+            calibrated = calibrated_novel_detection(model, cfg)
+            if get_rank() == 0:
+                results.update({f"novel_calibrated_bbox_{name}": value
+                                for name, value in calibrated.metrics["novel"]["bbox"].items()})
+                results.update({f"novel_calibrated_gamma_half{f}": gamma for f, gamma in enumerate(calibrated.chosen)})
     return results
 
 
@@ -267,7 +275,7 @@ class NovelDetectionResult:
 
 
 def evaluate_novel_detection(model: nn.Module, cfg: Config, class_names: Sequence[str] | None = None,
-                             iou_types: Sequence[str] = ("bbox",)) -> NovelDetectionResult:
+                             iou_types: Sequence[str] = ("bbox",), seen_penalty: float = 0.0) -> NovelDetectionResult:
     """Detect on ``data.novel_images`` and compute AP restricted to the novel categories (appendix C, Fig. 4).
 
     The candidate set is ``class_names`` (default: every category of ``data.novel_annotations``, seen and novel, as
@@ -275,6 +283,7 @@ def evaluate_novel_detection(model: nn.Module, cfg: Config, class_names: Sequenc
     categories of the file cannot be evaluated and are dropped. AP over the novel categories is COCO's
     (``cat_ids``): a detection counts only for its own category, so a novel object named as a seen category is a
     miss for the novel category (and a false positive for the seen one). ``iou_types`` adds "segm" for mask AP.
+    ``seen_penalty`` > 0 scores with calibrated stacking: gamma subtracted from the logits of the file's seen names.
     """
     from ..tasks import DetectionTask
 
@@ -286,7 +295,9 @@ def evaluate_novel_detection(model: nn.Module, cfg: Config, class_names: Sequenc
         raise ValueError(f"{dataset.ann_file}: no category is marked \"novel\": true")
     # A name that is not a category of the file gets the id -1; its detections are dropped below.
     task = DetectionTask(replace(cfg.tasks.detection, segmentation="segm" in iou_types), names,
-                         category_ids=[id_of.get(name, -1) for name in names])
+                         category_ids=[id_of.get(name, -1) for name in names],
+                         seen_names=[category.name for category in dataset.categories if not category.novel],
+                         seen_penalty=seen_penalty)
     with evaluation_mode(model):
         records = _coco_records(model, cfg, task, dataset)
     records = [record for record in records if record["category_id"] != -1]
@@ -295,6 +306,90 @@ def evaluate_novel_detection(model: nn.Module, cfg: Config, class_names: Sequenc
     if get_rank() == 0:
         metrics, per_category = novel_metrics(dataset.ann_file, records, dataset.categories, iou_types)
     return NovelDetectionResult(names, [category.name for category in novel], records, metrics, per_category)
+
+
+@dataclass
+class CalibratedNovelResult:
+    """Novel-category detection with calibrated stacking, gamma chosen on the other half of the scenes.
+
+    Attributes:
+        penalties: the candidate gammas (``tasks.detection.seen_penalties``).
+        folds: the image ids of each half (scenes alternate between the halves in file order).
+        fold_ap50: fold_ap50[f][i]: novel box AP50 of half f scored with penalties[i].
+        chosen: chosen[f]: the gamma half f is scored with, the best on the other half (ties: the smaller).
+        metrics: novel_metrics of the pooled records (``{"novel": {"bbox": ...}, "base": ...}``).
+        records: the pooled records, each half's from its chosen gamma.
+    """
+
+    penalties: list[float]
+    folds: list[list[int]]
+    fold_ap50: list[list[float]]
+    chosen: list[float]
+    metrics: dict[str, dict[str, dict[str, float]]]
+    records: list[dict]
+
+
+def choose_on_other_folds(scores: Sequence[Sequence[float]], candidates: Sequence[float]) -> list[float]:
+    """For each fold f, the candidate with the best summed score on the folds other than f (ties: the smaller).
+
+    Args:
+        scores: scores[f][i], the score of candidate i on fold f (higher is better).
+        candidates: the candidate values, one per column.
+    """
+    if len(scores) < 2:
+        raise ValueError(f"choose_on_other_folds: need at least 2 folds, got {len(scores)}")
+    if any(len(row) != len(candidates) for row in scores):
+        raise ValueError("choose_on_other_folds: every fold needs a score per candidate")
+    chosen = []
+    for fold in range(len(scores)):
+        totals = [sum(scores[other][i] for other in range(len(scores)) if other != fold)
+                  for i in range(len(candidates))]
+        best = max(totals)
+        chosen.append(min(candidates[i] for i, total in enumerate(totals) if total == best))
+    return chosen
+
+
+def calibrated_novel_detection(model: nn.Module, cfg: Config, penalties: Sequence[float] | None = None,
+                               folds: int = 2) -> CalibratedNovelResult:
+    """Box AP on the novel-category scenes with calibrated stacking, no scene scored with a gamma chosen on itself.
+
+    The scenes are split into ``folds`` halves (alternating in file order); every candidate gamma of ``penalties``
+    (default ``tasks.detection.seen_penalties``) scores all of them (``evaluate_novel_detection(seen_penalty=)``);
+    each half then keeps the records of the gamma that gave the best novel box AP50 on the other halves, and the
+    pooled records are evaluated as ``evaluate_novel_detection`` does. Boxes only (rank 0 holds the metrics).
+    """
+    from ..metrics.coco import load_coco_ground_truth
+
+    penalties = [float(g) for g in (cfg.tasks.detection.seen_penalties if penalties is None else penalties)]
+    if not penalties or any(g < 0 for g in penalties):
+        raise ValueError(f"calibrated_novel_detection: penalties must be a non-empty list of values >= 0, "
+                         f"got {penalties}")
+    dataset = novel_detection_dataset(cfg)
+    image_ids = list(dataset.image_ids)
+    if len(image_ids) < folds:
+        raise ValueError(f"{dataset.ann_file}: {len(image_ids)} scenes cannot be split into {folds} halves")
+    halves = [image_ids[f::folds] for f in range(folds)]
+    runs = [evaluate_novel_detection(model, cfg, seen_penalty=gamma) for gamma in penalties]
+    if get_rank() != 0:
+        return CalibratedNovelResult(penalties, halves, [], [], {}, [])
+    ground_truth = load_coco_ground_truth(dataset.ann_file)
+    novel_ids = [category.id for category in dataset.categories if category.novel]
+    fold_ap50 = []
+    for half in halves:
+        members = set(half)
+        row = []
+        for run in runs:
+            records = [record for record in run.records if record["image_id"] in members]
+            row.append(_coco_metrics(ground_truth, records, ("bbox",), "", cat_ids=novel_ids,
+                                     img_ids=half).get("bbox_AP50", 0.0) if records else 0.0)
+        fold_ap50.append(row)
+    chosen = choose_on_other_folds(fold_ap50, penalties)
+    pooled = []
+    for half, gamma in zip(halves, chosen):
+        members = set(half)
+        pooled += [record for record in runs[penalties.index(gamma)].records if record["image_id"] in members]
+    metrics, _ = novel_metrics(ground_truth, pooled, dataset.categories, ("bbox",))
+    return CalibratedNovelResult(penalties, halves, fold_ap50, chosen, metrics, pooled)
 
 
 def novel_metrics(ground_truth, records: Sequence[Mapping[str, Any]], categories: Sequence[Any],

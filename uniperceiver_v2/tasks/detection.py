@@ -24,6 +24,10 @@ Score of a detection (proposal j, class c): sigmoid(objectness_j) * softmax_c(lo
 an object times the probability that it is a c. The ``max_detections`` best (j, c) pairs of an image are kept
 (a proposal may appear with more than one class, as in DETR-style evaluation; no NMS: duplicates have low
 objectness).
+
+Calibrated stacking (Chao et al., ECCV 2016; evaluation only, our addition): a detector trained on seen names only
+gives them higher logits than the names it never trained on, whatever the object. ``seen_penalty`` gamma is
+subtracted from the logits of ``seen_names`` before the softmax, so a novel object's novel name can win.
 """
 
 from __future__ import annotations
@@ -186,12 +190,18 @@ class DetectionTask(Task):
         class_names: the dataset's class names (``CocoInstances.class_names``), label order.
         category_ids: the dataset's category id of each class (``CocoInstances.label_to_category_id``); default
             the label index itself.
+        seen_names, seen_penalty: calibrated stacking at inference: ``detect`` subtracts ``seen_penalty`` from the
+            logits of the candidate names in ``seen_names`` (the names detection trained on); 0 = plain scores.
     """
 
     name = "detection"
 
-    def __init__(self, config, class_names: Sequence[str] = (), category_ids: Sequence[int] | None = None):
+    def __init__(self, config, class_names: Sequence[str] = (), category_ids: Sequence[int] | None = None,
+                 seen_names: Sequence[str] = (), seen_penalty: float = 0.0):
         super().__init__(config)
+        if seen_penalty < 0:
+            raise ValueError(f"DetectionTask: seen_penalty must be >= 0, got {seen_penalty}")
+        self.seen_names, self.seen_penalty = frozenset(seen_names), float(seen_penalty)
         self.class_names = tuple(class_names)
         self.category_ids = tuple(range(len(class_names)) if category_ids is None else category_ids)
         if len(self.category_ids) != len(self.class_names):
@@ -265,6 +275,9 @@ class DetectionTask(Task):
         """
         image = model.encode_images(images, padding_mask)
         logits, _ = self.region_logits(model, image, class_names)
+        if self.seen_penalty and self.seen_names:
+            seen = torch.tensor([name in self.seen_names for name in class_names], device=logits.device)
+            logits = logits - self.seen_penalty * seen.to(logits.dtype)                      # calibrated stacking
         num_classes = logits.shape[-1]
         objectness = image.objectness.sigmoid()                                               # (B, O)
         if self.config.nms_threshold > 0:
