@@ -69,6 +69,7 @@ def test_load_config_accepts_a_preset_or_a_file(tmp_path):
     ("data.det_min_size=500", "data.det_min_size"),
     ("data.zoom_out_prob=1.5", "data.zoom_out_prob"),
     ("tasks.detection.seen_penalties=[2, -1]", "tasks.detection.seen_penalties"),
+    ("tasks.detection.mask_box_iou=1.5", "tasks.detection.mask_box_iou"),
     ("data.zoom_out_min_scale=0", "data.zoom_out_min_scale"),
     ("preset=r51", "preset"),
     ("tasks.classification.start_iteration=-3", "tasks.classification.start_iteration"),

@@ -8,7 +8,7 @@ import torch
 from helpers import detection_samples, overfit, single_thread, tiny_config, tiny_model  # noqa: F401
 from pycocotools.coco import COCO
 
-from uniperceiver_v2.tasks.detection import DetectionTask, assign_proposal_labels, to_coco_results
+from uniperceiver_v2.tasks.detection import DetectionTask, assign_proposal_labels, mask_tight_box, to_coco_results
 from uniperceiver_v2.tasks.losses import IGNORE_INDEX
 
 NAMES = ["square", "rectangle"]
@@ -125,6 +125,51 @@ def test_zero_shot_class_names_and_no_masks_without_segmentation():
     assert predicted[0]["boxes"].shape == (7, 4) and int(predicted[0]["labels"].max()) < len(unseen)
     results = to_coco_results(predicted, batch.image_ids, range(len(unseen)))
     assert all("segmentation" not in r for r in results)
+
+
+def test_mask_tight_box_matches_pycocotools():
+    import numpy as np
+    import pycocotools.mask as mask_utils
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        mask = torch.zeros(30, 40, dtype=torch.bool)
+        y0, x0 = (int(v) for v in torch.randint(0, 25, (2,), generator=generator))
+        mask[y0:y0 + int(torch.randint(1, 6, (1,), generator=generator)),
+             x0:x0 + int(torch.randint(1, 15, (1,), generator=generator))] = True
+        mask &= torch.rand(30, 40, generator=generator) < 0.9          # holes do not change the tight box
+        if not mask.any():
+            continue
+        x, y, w, h = mask_utils.toBbox(mask_utils.encode(np.asfortranarray(mask.numpy().astype(np.uint8))))
+        assert mask_tight_box(mask).tolist() == [x, y, x + w, y + h]
+    assert mask_tight_box(torch.zeros(5, 5, dtype=torch.bool)) is None
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.7])
+def test_mask_box_iou_replaces_a_box_by_its_masks_tight_box_when_they_overlap(predictions, threshold):
+    """Reference: the plain detections (boxes and masks), each box replaced by hand by its mask's tight box where
+    the two overlap with IoU >= threshold; with segmentation off the boxes are the same and no mask is returned."""
+    from torchvision.ops import box_iou
+
+    model, task, batch, predicted = predictions
+    refined = DetectionTask(replace(task.config, mask_box_iou=threshold), NAMES, CATEGORY_IDS).predict(model, batch)
+    changed = 0
+    for plain, new in zip(predicted, refined):
+        expected = plain["boxes"].clone()
+        for k, mask in enumerate(plain["masks"]):
+            tight = mask_tight_box(mask)
+            if tight is not None and box_iou(tight[None], plain["boxes"][k:k + 1].float())[0, 0] >= threshold:
+                expected[k] = tight
+                changed += int(not torch.allclose(tight, plain["boxes"][k].float()))
+        torch.testing.assert_close(new["boxes"], expected)
+        torch.testing.assert_close(new["scores"], plain["scores"])
+        assert torch.equal(new["masks"], plain["masks"])
+    # the untrained masks cover the whole image: at 0.1 some boxes (IoU 0.16 with it) are replaced, at 0.7 none
+    assert (changed > 0) == (threshold == 0.1)
+    no_masks = DetectionTask(replace(task.config, mask_box_iou=threshold, segmentation=False), NAMES, CATEGORY_IDS)
+    boxes_only = no_masks.predict(model, batch)
+    assert "masks" not in boxes_only[0]
+    torch.testing.assert_close(boxes_only[0]["boxes"], refined[0]["boxes"])
 
 
 def _greedy_nms_reference(boxes_xyxy, scores, threshold):

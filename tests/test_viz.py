@@ -558,3 +558,16 @@ def test_plot_curves_keeps_one_kind_of_record():
     records += [{"kind": "eval", "iteration": 4, "task": "t", "loss": 0.9}]
     lines = viz.plot_curves(records, kind="train").axes[0].lines
     assert len(lines) == 1 and len(lines[0].get_xdata()) == 5
+
+
+def test_plot_calibration_marks_each_halfs_gamma_and_the_pooled_value():
+    fig = viz.plot_calibration([0.0, 2.0, 8.0], [[0.10, 0.14, 0.15], [0.09, 0.16, 0.12]], [2.0, 8.0], pooled_ap50=0.14)
+    ax = fig.axes[0]
+    stars = [line for line in ax.lines if line.get_marker() == "*"]
+    assert [(float(line.get_xdata()[0]), float(line.get_ydata()[0])) for line in stars] == [(1.0, 0.14), (2.0, 0.12)]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "2", "8"]
+    assert any("0.140" in t.get_text() for t in ax.get_legend().get_texts())
+    with pytest.raises(ValueError, match="one AP50 per gamma"):
+        viz.plot_calibration([0.0, 2.0], [[0.1]], [0.0])
+    with pytest.raises(ValueError, match="chosen"):
+        viz.plot_calibration([0.0], [[0.1], [0.2]], [0.0])

@@ -30,7 +30,13 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .base import TASK_COLORS, class_color, set_log_scale, subplots, task_color, to_display_image, to_numpy
 from .curves import plateau_values, plot_curves
 from .decoder import plot_attribute_bits, plot_expert_load, plot_expert_usage
-from .evaluation import plot_ranked_texts, plot_token_probabilities, plot_topk_predictions, show_text_retrieval
+from .evaluation import (
+    plot_calibration,
+    plot_ranked_texts,
+    plot_token_probabilities,
+    plot_topk_predictions,
+    show_text_retrieval,
+)
 from .images import (
     attention_heatmaps,
     draw_detections,
@@ -51,7 +57,8 @@ __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "attention_heatmaps", "class_color", "coco_instance_statistics",
     "coco_size_counts",
     "draw_denoising_boxes", "draw_detections", "draw_proposals", "draw_sampling_points", "grouped_bars",
-    "image_grid", "plot_ablation", "plot_attention_mask", "plot_attribute_bits", "plot_bars", "plot_cost_matrices",
+    "image_grid", "plot_ablation", "plot_attention_mask", "plot_attribute_bits", "plot_bars", "plot_calibration",
+    "plot_cost_matrices",
     "plateau_values", "plot_curves", "plot_expert_load", "plot_expert_usage", "plot_gate_heatmap", "plot_grad_norms",
     "plot_instance_statistics", "plot_interference", "plot_level_maps", "plot_metrics_vs_paper",
     "plot_ranked_texts", "plot_sampling_weights", "plot_similarity_matrix", "plot_task_curves",

@@ -1,6 +1,6 @@
 """Figures of the evaluation notebooks (07, 08) that ``viz`` does not have: top-k classification predictions next
-to their images, text-to-image retrieval rankings, ranked texts (caption beams) and a caption's per-step token
-probabilities.
+to their images, text-to-image retrieval rankings, ranked texts (caption beams), a caption's per-step token
+probabilities and the choice of calibrated stacking's gamma on halves of the novel-category scenes.
 
 Same conventions as ``uniperceiver_v2.viz``: plain inputs (tensors, arrays, PIL images via ``viz.to_display_image``),
 no pyplot state, every function returns its :class:`matplotlib.figure.Figure`.
@@ -18,7 +18,8 @@ from matplotlib.figure import Figure
 
 from .base import _single_axes, to_display_image
 
-__all__ = ["plot_ranked_texts", "plot_token_probabilities", "plot_topk_predictions", "show_text_retrieval"]
+__all__ = ["plot_calibration", "plot_ranked_texts", "plot_token_probabilities", "plot_topk_predictions",
+           "show_text_retrieval"]
 
 _RIGHT, _WRONG, _OTHER = "forestgreen", "firebrick", "silver"
 
@@ -194,4 +195,31 @@ def plot_token_probabilities(tokens: Sequence[str], probabilities: Sequence[floa
     ax.legend(fontsize=fontsize, loc="upper right", frameon=False, ncol=2)
     if title:
         ax.set_title(title, fontsize=9)
+    return fig
+
+
+def plot_calibration(penalties: Sequence[float], fold_ap50: Sequence[Sequence[float]], chosen: Sequence[float],
+                     pooled_ap50: float | None = None, ax: Axes | None = None) -> Figure:
+    """Novel box AP50 of each half of the novel-category scenes against calibrated stacking's gamma
+    (``engine.evaluation.CalibratedNovelResult``): one line per half, a star where each half was scored (the gamma
+    chosen on the other half), and the pooled AP50 as a dashed line when given."""
+    if any(len(row) != len(penalties) for row in fold_ap50):
+        raise ValueError("plot_calibration: every half needs one AP50 per gamma")
+    if len(chosen) != len(fold_ap50):
+        raise ValueError(f"plot_calibration: {len(chosen)} chosen gammas for {len(fold_ap50)} halves")
+    fig, ax = _single_axes(ax, figsize=(4.8, 3.4))
+    positions = np.arange(len(penalties))            # evenly spaced: the candidates are usually 0, 2, 4, 8, ...
+    for half, (row, gamma) in enumerate(zip(fold_ap50, chosen)):
+        line, = ax.plot(positions, row, marker="o", markersize=3, label=f"half {half + 1}")
+        at = list(penalties).index(gamma)
+        ax.plot(positions[at], row[at], marker="*", markersize=13, color=line.get_color(), linestyle="none",
+                label=f"half {half + 1} scored at gamma {gamma:g} (best on the other half)")
+    if pooled_ap50 is not None:
+        ax.axhline(pooled_ap50, color="black", linestyle="--", linewidth=1,
+                   label=f"both halves, each at its gamma: {pooled_ap50:.3f}")
+    ax.set_xticks(positions, [f"{g:g}" for g in penalties])
+    ax.set_xlabel("gamma subtracted from the seen names' logits")
+    ax.set_ylabel("novel box AP50")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     return fig
