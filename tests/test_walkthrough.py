@@ -304,13 +304,14 @@ def test_param_group_table_lists_every_parameter_once():
 def test_metrics_table_scales_skips_and_blanks():
     results = {"classification": {"top1": 0.5, "top5": 0.875, "num_images": 8},
                "detection": {"bbox_AP": 0.1234, "bbox_AP50": None, "segm_AP": float("nan"), "segm_AP50": 0.2,
-                             "agnostic_bbox_AP": 0.25},
+                             "agnostic_bbox_AP": 0.25, "novel_calibrated_bbox_AP50": 0.5},
                "mlm": {"skipped": "no corpus for split test"}}
     rows = walkthrough.metrics_table(results, "test")["rows"]
     assert rows == [["classification", "test", "top1", 50.0], ["classification", "test", "top5", 87.5],
                     ["detection", "test", "bbox_AP", 12.34], ["detection", "test", "bbox_AP50", None],
                     ["detection", "test", "segm_AP", None], ["detection", "test", "segm_AP50", 20.0],
                     ["detection", "test", "agnostic_bbox_AP", 25.0], ["detection", "test", "agnostic_bbox_AP50", None],
+                    ["detection", "test", "novel_calibrated_bbox_AP50", 50.0],   # optional: shown when present
                     ["mlm", "test", "skipped", "no corpus for split test"]]
 
 

@@ -25,6 +25,11 @@ HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
     "retrieval": ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"),
     "mlm": ("accuracy",),
 }
+# Shown after the headline metrics when the results have them: the novel-category scenes exist only in data that
+# marks novel categories (the synthetic suite), the calibrated value only with tasks.detection.seen_penalties.
+OPTIONAL_METRICS: dict[str, tuple[str, ...]] = {
+    "detection": ("novel_bbox_AP50", "novel_calibrated_bbox_AP50"),
+}
 
 
 def _percent(value: float | None) -> float | None:
@@ -67,7 +72,9 @@ def metrics_table(results: Mapping[str, Mapping[str, Any]], split: str,
                   chance: Mapping[tuple[str, str], float] | None = None) -> dict[str, list]:
     """``evaluate``'s results as a table with one row per (task, metric), values x100 as the paper reports them.
 
-    A task reported as ``{"skipped": reason}`` gets one row with the reason; a metric that is None or NaN (COCO's
+    With the default ``metrics``, the :data:`OPTIONAL_METRICS` a task's results hold follow its headline rows (the
+    novel-category box AP50, plain and calibrated). A task reported as ``{"skipped": reason}`` gets one row with the
+    reason; a metric that is None or NaN (COCO's
     "no ground truth in this setting") is shown as None. With ``chance`` (:func:`chance_levels`) a column gives
     each metric's random-ranking level where it has one.
 
@@ -81,7 +88,9 @@ def metrics_table(results: Mapping[str, Mapping[str, Any]], split: str,
         if "skipped" in values:
             rows.append([task, split, "skipped", str(values["skipped"])] + ([None] if chance is not None else []))
             continue
-        for name in metrics.get(task, ()):
+        optional = [name for name in OPTIONAL_METRICS.get(task, ()) if name in values] if metrics is HEADLINE_METRICS \
+            else []
+        for name in [*metrics.get(task, ()), *optional]:
             row = [task, split, name, _percent(values.get(name))]
             if chance is not None:
                 row.append(_percent(chance.get((task, name))))
