@@ -87,7 +87,7 @@ def plot_ablation_band(columns: Sequence[str], ours: Mapping[str, Sequence[Value
         for position, label in zip(x, labels):
             value = ours[label][index]
             if value is None or math.isnan(value):
-                ax.text(position, 0.0, "n/a", ha="center", va="bottom", fontsize=6, color="gray", rotation=90)
+                ax.text(position, 0.0, "n/a", ha="center", va="bottom", fontsize=7, color="gray", rotation=90)
                 continue
             if label == reference:
                 color = REFERENCE_COLOR

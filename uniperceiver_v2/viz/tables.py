@@ -56,7 +56,7 @@ def grouped_bars(ax: Axes, categories: Sequence[str], series: Mapping[str, Seque
         drawn = False
         for position, value in zip(offsets, values):
             if value is None:
-                ax.text(position, 0.0, "n/a", ha="center", va="bottom", fontsize=6, color="gray", rotation=90)
+                ax.text(position, 0.0, "n/a", ha="center", va="bottom", fontsize=7, color="gray", rotation=90)
                 continue
             if math.isnan(value):
                 continue
@@ -74,14 +74,14 @@ def grouped_bars(ax: Axes, categories: Sequence[str], series: Mapping[str, Seque
 def label_bar(ax, position: float, value: float, text: str) -> None:
     """Write ``text`` just beyond the end of the bar at ``position`` (above a positive bar, below a negative one)."""
     above = value >= 0
-    ax.annotate(text, (position, value), ha="center", fontsize=6, va="bottom" if above else "top",
+    ax.annotate(text, (position, value), ha="center", fontsize=7.5, va="bottom" if above else "top",
                 xytext=(0, 1 if above else -1), textcoords="offset points")
 
 
 def finish_bar_axes(ax, categories: Sequence[str], values: Sequence[float]) -> None:
     """Tick labels, a zero line, a grid, and room for the value labels beyond the highest and lowest of ``values``
     (bars pin autoscaling at 0)."""
-    ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right", fontsize=7)
+    ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right", fontsize=8)
     ax.set_xlim(-0.5, len(categories) - 0.5)
     low, high = min(values), max(values)
     pad = 0.12 * (high - low) or 1.0
@@ -127,7 +127,7 @@ def plot_ablation(columns: Sequence[str], ours: Mapping[str, Sequence[Value]],
 
     ours_values, paper_values = relative(ours, ours_reference), relative(paper, paper_reference)
     categories = list(ours_values) + [label for label in paper_values if label not in ours_values]
-    fig, axes = _figure(1, len(columns), figsize=(max(3.2 * len(columns), 6.0), 3.6))
+    fig, axes = _figure(1, len(columns), figsize=(max(4.0 * len(columns), 6.0), 4.0))
     for index, (ax, column) in enumerate(zip(axes[0], columns)):
         series = {}
         if ours_values:
@@ -141,7 +141,7 @@ def plot_ablation(columns: Sequence[str], ours: Mapping[str, Sequence[Value]],
         below = min((v for values in series.values() for v in values if v is not None and not math.isnan(v)),
                     default=0.0) < 0
         for reference in references:
-            ax.annotate("reference", (categories.index(reference), 0.0), fontsize=6, ha="center",
+            ax.annotate("reference", (categories.index(reference), 0.0), fontsize=7, ha="center",
                         va="top" if below else "bottom", xytext=(0, -2 if below else 2), textcoords="offset points",
                         color="dimgray")
         if index == 0:
