@@ -353,7 +353,9 @@ def test_a_profile_can_give_one_notebook_its_own_values(tmp_path):
     assert small_by_number["09"]["nproc"] == 1
     # the small profile's recipe reaches both the generalist's run and every ablation run; quick keeps the preset's
     late = ["tasks.classification.start_iteration=1000"]
-    assert small_by_number["06"]["train_overrides"] == small_by_number["09"]["train_overrides"] == late
+    assert small_by_number["06"]["train_overrides"] == [*late, "tasks.classification.region_name_weight=0.5",
+                                                        "data.zoom_out_prob=0.5", "data.zoom_out_min_scale=0.25"]
+    assert small_by_number["09"]["train_overrides"] == late      # the ablations leave the region-naming term out
     assert by_number["06"]["train_overrides"] == by_number["09"]["train_overrides"] == []
 
 

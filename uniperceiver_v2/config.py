@@ -807,9 +807,9 @@ def _tiny() -> Config:
         decoder=DecoderConfig(width=128, depth=3, heads=4, ffn_dim=256, drop_path=0.0, max_positions=256,
                               vocabulary_uniformity=1.0),
         tasks=TasksConfig(
-            # region_name_weight stays 0: at 0.5 the small profile's detector told the novel shapes apart 0.40 of the
-            # time (chance 0.25 without) but novel AP50 rose by 0.009 only, and the quick profile's box AP50 fell from
-            # 0.335 to 0.188 (docs/benchmarks.md, "Naming novel categories")
+            # region_name_weight stays 0 here: in the quick profile's 2700 iterations it cost box AP50 0.335 -> 0.188
+            # (docs/benchmarks.md, "Naming novel categories"). The small profile turns it on with data.zoom_out_prob
+            # (walkthrough.pipeline; docs/benchmarks.md, "Novel names at the scenes' scale")
             classification=ClassificationTaskConfig(sampling_weight=0.2, loss_weight=1.0, batch_size=32),
             # proposal losses x0.05: under MT-AdamW the class-name loss then gets about half of the normalised
             # gradient instead of 5 %; NMS at 0.5: the short runs' objectness has not learnt to score duplicates low
