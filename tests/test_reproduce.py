@@ -354,7 +354,9 @@ def test_a_profile_can_give_one_notebook_its_own_values(tmp_path):
     # the small profile's recipe reaches both the generalist's run and every ablation run; quick keeps the preset's
     late = ["tasks.classification.start_iteration=1000"]
     assert small_by_number["06"]["train_overrides"] == [*late, "tasks.classification.region_name_weight=0.5",
-                                                        "data.zoom_out_prob=0.5", "data.zoom_out_min_scale=0.25"]
+                                                        "data.zoom_out_prob=0.5", "data.zoom_out_min_scale=0.25",
+                                                        "tasks.mlm.sampling_weight=0.13",
+                                                        "tasks.retrieval.sampling_weight=0.17"]
     assert small_by_number["09"]["train_overrides"] == late      # the ablations leave the region-naming term out
     assert by_number["06"]["train_overrides"] == by_number["09"]["train_overrides"] == []
 
