@@ -491,6 +491,31 @@ def test_seen_penalty_shifts_the_logits_of_the_seen_names_before_the_softmax(mod
         DetectionTask(config, names, seen_penalty=-1.0)
 
 
+def test_detect_penalised_equals_detect_with_each_gamma_from_one_forward_pass(model, monkeypatch):
+    from dataclasses import replace
+
+    # boxes from masks on (mask_box_iou), NMS on: the selection detect does after the network, per gamma
+    config = replace(tiny_config().tasks.detection, segmentation=False, mask_box_iou=0.3, max_detections=9)
+    names, penalties = ["circle", "square", "hexagon"], [0.0, 1.5, 6.0]
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    sizes = torch.tensor([[64, 64], [48, 80]])
+    calls = []
+    encode = model.encode_images
+    monkeypatch.setattr(model, "encode_images", lambda *args: calls.append(1) or encode(*args))
+    task = DetectionTask(config, names, seen_names=["circle", "square"])
+    by_gamma = task.detect_penalised(model, images, None, sizes, names, penalties)
+    assert len(calls) == 1 and list(by_gamma) == penalties
+    for gamma in penalties:
+        alone = DetectionTask(config, names, seen_names=["circle", "square"], seen_penalty=gamma).detect(
+            model, images, None, sizes, names)
+        for b in range(2):
+            for key in ("boxes", "scores", "labels"):
+                torch.testing.assert_close(by_gamma[gamma][b][key], alone[b][key], rtol=0, atol=0)
+    assert len(calls) == 1 + len(penalties)
+    with pytest.raises(ValueError, match="penalties must be >= 0"):
+        task.detect_penalised(model, images, None, sizes, names, [0.0, -2.0])
+
+
 def test_calibrated_novel_detection_scores_each_half_with_the_gamma_of_the_other(model, tmp_path):
     path = write_novel_set(tmp_path)
     cfg = tiny_config()

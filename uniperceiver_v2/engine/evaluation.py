@@ -90,6 +90,22 @@ def _coco_records(model, cfg: Config, task, dataset) -> list[dict]:
     return _gather(records)
 
 
+def _coco_records_penalised(model, cfg: Config, task, dataset, penalties: Sequence[float]) -> dict[float, list[dict]]:
+    """``_coco_records`` of ``task`` with each calibrated-stacking gamma of ``penalties``, one forward pass per batch
+    (``DetectionTask.detect_penalised``); boxes only."""
+    from ..tasks import to_coco_results
+
+    records: dict[float, list[dict]] = {float(gamma): [] for gamma in penalties}
+    for _, batch, filler in _batches(task, dataset, cfg, "detection"):
+        batch = move_to_device(batch, _device(model))
+        by_gamma = task.detect_penalised(model, batch.images, batch.padding_mask, batch.orig_sizes, batch.class_names,
+                                         penalties)
+        if not filler:
+            for gamma, predictions in by_gamma.items():
+                records[gamma] += to_coco_results(predictions, batch.image_ids, batch.category_ids)
+    return {gamma: _gather(found) for gamma, found in records.items()}
+
+
 def _coco_metrics(ground_truth: Path, records: list[dict], iou_types: tuple[str, ...], prefix: str,
                   cat_ids: list[int] | None = None, class_agnostic: bool = False,
                   img_ids: list[int] | None = None) -> dict[str, float]:
@@ -354,11 +370,13 @@ def calibrated_novel_detection(model: nn.Module, cfg: Config, penalties: Sequenc
     """Box AP on the novel-category scenes with calibrated stacking, no scene scored with a gamma chosen on itself.
 
     The scenes are split into ``folds`` halves (alternating in file order); every candidate gamma of ``penalties``
-    (default ``tasks.detection.seen_penalties``) scores all of them (``evaluate_novel_detection(seen_penalty=)``);
-    each half then keeps the records of the gamma that gave the best novel box AP50 on the other halves, and the
-    pooled records are evaluated as ``evaluate_novel_detection`` does. Boxes only (rank 0 holds the metrics).
+    (default ``tasks.detection.seen_penalties``) scores all of them (the records ``evaluate_novel_detection(
+    seen_penalty=)`` gives, from one forward pass per batch for all gammas); each half then keeps the records of the
+    gamma that gave the best novel box AP50 on the other halves, and the pooled records are evaluated as
+    ``evaluate_novel_detection`` does. Boxes only (rank 0 holds the metrics).
     """
     from ..metrics.coco import load_coco_ground_truth
+    from ..tasks import DetectionTask
 
     penalties = [float(g) for g in (cfg.tasks.detection.seen_penalties if penalties is None else penalties)]
     if not penalties or any(g < 0 for g in penalties):
@@ -369,7 +387,14 @@ def calibrated_novel_detection(model: nn.Module, cfg: Config, penalties: Sequenc
     if len(image_ids) < folds:
         raise ValueError(f"{dataset.ann_file}: {len(image_ids)} scenes cannot be split into {folds} halves")
     halves = [image_ids[f::folds] for f in range(folds)]
-    runs = [evaluate_novel_detection(model, cfg, seen_penalty=gamma) for gamma in penalties]
+    id_of = {category.name: category.id for category in dataset.categories}
+    names = list(dataset.class_names)
+    task = DetectionTask(replace(cfg.tasks.detection, segmentation=False), names,
+                         category_ids=[id_of.get(name, -1) for name in names],
+                         seen_names=[category.name for category in dataset.categories if not category.novel])
+    with evaluation_mode(model):
+        by_gamma = _coco_records_penalised(model, cfg, task, dataset, penalties)
+    runs = [[record for record in by_gamma[gamma] if record["category_id"] != -1] for gamma in penalties]
     if get_rank() != 0:
         return CalibratedNovelResult(penalties, halves, [], [], {}, [])
     ground_truth = load_coco_ground_truth(dataset.ann_file)
@@ -379,7 +404,7 @@ def calibrated_novel_detection(model: nn.Module, cfg: Config, penalties: Sequenc
         members = set(half)
         row = []
         for run in runs:
-            records = [record for record in run.records if record["image_id"] in members]
+            records = [record for record in run if record["image_id"] in members]
             row.append(_coco_metrics(ground_truth, records, ("bbox",), "", cat_ids=novel_ids,
                                      img_ids=half).get("bbox_AP50", 0.0) if records else 0.0)
         fold_ap50.append(row)
@@ -387,7 +412,7 @@ def calibrated_novel_detection(model: nn.Module, cfg: Config, penalties: Sequenc
     pooled = []
     for half, gamma in zip(halves, chosen):
         members = set(half)
-        pooled += [record for record in runs[penalties.index(gamma)].records if record["image_id"] in members]
+        pooled += [record for record in runs[penalties.index(gamma)] if record["image_id"] in members]
     metrics, _ = novel_metrics(ground_truth, pooled, dataset.categories, ("bbox",))
     return CalibratedNovelResult(penalties, halves, fold_ap50, chosen, metrics, pooled)
 

@@ -290,9 +290,41 @@ class DetectionTask(Task):
         """
         image = model.encode_images(images, padding_mask)
         logits, _ = self.region_logits(model, image, class_names)
-        if self.seen_penalty and self.seen_names:
+        return self.select_detections(image, logits, orig_sizes, class_names, self.seen_penalty, score_threshold,
+                                      encode_mask, self.config.segmentation, {})
+
+    @torch.no_grad()
+    def detect_penalised(self, model, images: torch.Tensor, padding_mask: torch.Tensor | None,
+                         orig_sizes: torch.Tensor, class_names: Sequence[str],
+                         penalties: Sequence[float]) -> dict[float, list[dict]]:
+        """``detect``'s boxes once per calibrated-stacking gamma of ``penalties``, from one forward pass.
+
+        The penalty acts on the logits after the network (``seen_penalty``), so the image encoder and the region
+        logits are computed once and only the selection (softmax, top-k, boxes from masks) is repeated; a proposal's
+        box-from-mask is computed once for all gammas. Boxes, scores and labels only (no masks).
+
+        Returns:
+            {gamma: per-image results as ``detect`` returns them with ``seen_penalty=gamma``}.
+        """
+        if any(float(gamma) < 0 for gamma in penalties):
+            raise ValueError(f"DetectionTask.detect_penalised: penalties must be >= 0, got {list(penalties)}")
+        image = model.encode_images(images, padding_mask)
+        logits, _ = self.region_logits(model, image, class_names)
+        tight_boxes: dict[tuple[int, int], torch.Tensor | None] = {}
+        return {float(gamma): self.select_detections(image, logits, orig_sizes, class_names, float(gamma), 0.0, None,
+                                                     False, tight_boxes)
+                for gamma in penalties}
+
+    def select_detections(self, image, logits: torch.Tensor, orig_sizes: torch.Tensor, class_names: Sequence[str],
+                          seen_penalty: float, score_threshold: float, encode_mask, segmentation: bool,
+                          tight_boxes: dict[tuple[int, int], torch.Tensor | None]) -> list[dict]:
+        """The detections of an encoded batch (``image``, the image encoder's output) from its region logits
+        (B, O, C): what ``detect`` does after the network (calibrated stacking with ``seen_penalty``, v2 eq. (5)'s
+        softmax times objectness, top-k, boxes from masks, masks when ``segmentation``). ``tight_boxes`` caches each
+        proposal's box-from-mask by (image, proposal) across calls on the same batch."""
+        if seen_penalty and self.seen_names:
             seen = torch.tensor([name in self.seen_names for name in class_names], device=logits.device)
-            logits = logits - self.seen_penalty * seen.to(logits.dtype)                      # calibrated stacking
+            logits = logits - seen_penalty * seen.to(logits.dtype)                           # calibrated stacking
         num_classes = logits.shape[-1]
         objectness = image.objectness.sigmoid()                                               # (B, O)
         if self.config.nms_threshold > 0:
@@ -303,31 +335,35 @@ class DetectionTask(Task):
         labels = flat % num_classes
         boxes = torch.gather(image.boxes, 1, proposal[..., None].expand(-1, -1, 4))          # (B, K, 4) cxcywh
         located = postprocess(boxes, None, image.image_sizes, orig_sizes)
+        mask_boxes = self.config.mask_box_iou > 0 and image.masks is not None
         results = []
         for b, place in enumerate(located):
             keep = top_scores[b] >= score_threshold                                          # (K,), a prefix
             result = {"boxes": place["boxes"][keep], "scores": top_scores[b][keep], "labels": labels[b][keep]}
-            mask_boxes = self.config.mask_box_iou > 0 and image.masks is not None
-            if self.config.segmentation or mask_boxes:
+            if segmentation or mask_boxes:
                 kept = proposal[b][keep]                                                     # (K',)
                 height, width = (int(v) for v in orig_sizes[b].tolist())
-                masks = (torch.zeros(len(kept), height, width, dtype=torch.bool, device=images.device)
-                         if encode_mask is None else [None] * len(kept))
+                masks = ([None] * len(kept) if encode_mask is not None or not segmentation else
+                         torch.zeros(len(kept), height, width, dtype=torch.bool, device=logits.device))
                 for j in kept.unique().tolist():
                     rows = (kept == j).nonzero().flatten().tolist()
-                    mask = postprocess(image.boxes[b:b + 1, j:j + 1], image.masks[b:b + 1, j:j + 1],
-                                       image.image_sizes[b:b + 1], orig_sizes[b:b + 1])[0]["masks"][0]  # (H0, W0)
+                    mask = None
+                    if segmentation or (b, j) not in tight_boxes:
+                        mask = postprocess(image.boxes[b:b + 1, j:j + 1], image.masks[b:b + 1, j:j + 1],
+                                           image.image_sizes[b:b + 1], orig_sizes[b:b + 1])[0]["masks"][0]  # (H0, W0)
                     if mask_boxes:
-                        tight = mask_tight_box(mask)
+                        if (b, j) not in tight_boxes:
+                            tight_boxes[(b, j)] = mask_tight_box(mask)
+                        tight = tight_boxes[(b, j)]
                         box = result["boxes"][rows[0]]
                         if tight is not None and box_iou(tight[None], box[None].to(tight.dtype))[0, 0] >= \
                                 self.config.mask_box_iou:
                             result["boxes"][rows] = tight.to(result["boxes"].dtype)
-                    if self.config.segmentation:
+                    if segmentation:
                         encoded = mask if encode_mask is None else encode_mask(mask)
                         for row in rows:
                             masks[row] = encoded
-                if self.config.segmentation:
+                if segmentation:
                     result["masks"] = masks
             results.append(result)
         return results
