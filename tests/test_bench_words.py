@@ -199,3 +199,55 @@ def test_main_prints_the_table_and_writes_json(model_and_config, monkeypatch, ca
     assert "chosen value in the image" in printed and "references' own values found in the image" in printed
     saved = json.loads(out.read_text())
     assert saved["images"] == 2 and set(words.ATTRIBUTES) <= set(saved)
+
+
+def test_word_classes_take_the_grammar_words_by_their_first_token(tokenizer_and_vocabulary):
+    tokenizer, _ = tokenizer_and_vocabulary
+    classes = words.word_classes(tokenizer)
+    first = {w: tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in
+             ("red", "turquoise", "large", "circle", "stars", "three", "five", "the", "corner")}
+    assert [classes.get(first[w], "other") for w in first] == [
+        "colour", "colour", "size", "shape", "shape", "number", "number", "other", "other"]
+
+
+def test_mlm_by_word_class_counts_the_evaluations_positions_by_the_masked_words_class(model_and_config, monkeypatch):
+    from uniperceiver_v2.bench.ceiling import mlm_context_counts
+    from uniperceiver_v2.engine.evaluation import evaluate_task
+    from uniperceiver_v2.tasks.mlm import MaskedLanguageModelingTask as MLMTask
+
+    model, cfg = model_and_config
+    plain = words.mlm_by_word_class(model, cfg, "val")
+    assert plain["all"]["model"] == pytest.approx(evaluate_task(model, cfg, "mlm", "val")["accuracy"])
+    reference = mlm_context_counts(cfg, "val")
+    assert plain["all"]["positions"] == reference["masked"]
+    assert plain["all"]["context_counts"] == pytest.approx(reference["accuracy"])
+    assert sum(row["positions"] for name, row in plain.items() if name != "all") == reference["masked"]
+    assert {"colour", "shape", "other"} <= set(plain) and set(plain) <= {*words.WORD_CLASSES, "all"}
+    # A model right on exactly the colour words: 1 there, 0 elsewhere, whatever the network.
+    colour = torch.tensor(sorted(t for t, name in words.word_classes(model.text_encoder.tokenizer).items()
+                                 if name == "colour"))
+    predict = MLMTask.predict
+
+    def right_on_colours(self, model, batch):
+        out = predict(self, model, batch)
+        on_colour = torch.isin(out["target"], colour)
+        return {**out, "predicted": torch.where(on_colour, out["target"], torch.full_like(out["target"], -1))}
+
+    monkeypatch.setattr(MLMTask, "predict", right_on_colours)
+    oracle = words.mlm_by_word_class(model, cfg, "val")
+    assert oracle["colour"]["model"] == 1.0
+    assert all(row["model"] == 0.0 for name, row in oracle.items() if name not in ("colour", "all"))
+    assert oracle["all"]["model"] == pytest.approx(oracle["colour"]["share"])
+    assert oracle["colour"]["context_counts"] == plain["colour"]["context_counts"]
+
+
+def test_main_mlm_prints_the_class_table(model_and_config, monkeypatch, capsys, tmp_path):
+    model, cfg = model_and_config
+    from uniperceiver_v2 import bench
+
+    monkeypatch.setattr(bench, "model_of_checkpoint", lambda checkpoint, overrides: (model, cfg))
+    out = tmp_path / "mlm.json"
+    assert words.main(["--mlm", "--checkpoint", "unused", "--split", "val", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| masked word | positions | share | model | context counts |" in printed and "| colour |" in printed
+    assert json.loads(out.read_text())["all"]["share"] == 1.0

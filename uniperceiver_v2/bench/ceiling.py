@@ -61,7 +61,7 @@ import json
 import math
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import product
 from pathlib import Path
@@ -377,16 +377,22 @@ class ContextCounts:
 
 
 def score_masked(counts: ContextCounts, sequences: Iterable[Sequence[Hashable]],
-                 masked: Iterable[Sequence[bool]]) -> dict[str, Any]:
+                 masked: Iterable[Sequence[bool]], classes: Mapping[Hashable, str] | None = None) -> dict[str, Any]:
     """Predict every masked position of ``sequences`` (``masked``: one flag per token), each sentence's masked
     tokens read as ``MASKED``.
 
+    Args:
+        classes: optionally a word class per token (a token not in it is "other"): the positions are also counted
+            by the class of their true token.
+
     Returns:
         {"accuracy" (correct / masked, NaN without any), "masked" (positions), "backoff" ({level of
-        ``BACKOFF_LEVELS``: positions predicted there})}.
+        ``BACKOFF_LEVELS``: positions predicted there})}, and with ``classes`` "by_class" ({class: [correct,
+        positions]}).
     """
     correct = 0
     backoff = dict.fromkeys(BACKOFF_LEVELS, 0)
+    by_class: dict[str, list[int]] = {}
     for sequence, flags in zip(sequences, masked):
         seen = [MASKED if flag else token for token, flag in zip(sequence, flags)]
         for i, flag in enumerate(flags):
@@ -394,8 +400,15 @@ def score_masked(counts: ContextCounts, sequences: Iterable[Sequence[Hashable]],
                 prediction, level = counts.predict(seen, i)
                 correct += prediction == sequence[i]
                 backoff[level] += 1
+                if classes is not None:
+                    tally = by_class.setdefault(classes.get(sequence[i], "other"), [0, 0])
+                    tally[0] += prediction == sequence[i]
+                    tally[1] += 1
     total = sum(backoff.values())
-    return {"accuracy": correct / total if total else math.nan, "masked": total, "backoff": backoff}
+    result = {"accuracy": correct / total if total else math.nan, "masked": total, "backoff": backoff}
+    if classes is not None:
+        result["by_class"] = by_class
+    return result
 
 
 def tokenize_and_mask(tokenizer, texts: Sequence[str], max_length: int, special_ids: Sequence[int],
@@ -447,7 +460,7 @@ def _read_corpus(path: Path, on_invalid: str) -> list[str]:
     return [corpus[i] for i in range(len(corpus))]
 
 
-def mlm_context_counts(root_or_cfg, split: str) -> dict[str, Any]:
+def mlm_context_counts(root_or_cfg, split: str, classes: Mapping[Hashable, str] | None = None) -> dict[str, Any]:
     """The context-count predictor of the module docstring on the corpus of ``split``, with counts from the
     training corpus (``data.corpus`` of ``data.train_split``). ``root_or_cfg``: a ``Config``, or a ``data.root`` /
     ``DataConfig`` (then with the tiny preset's text encoder and ``tasks.mlm``). Only the tokenizer is loaded.
@@ -455,7 +468,8 @@ def mlm_context_counts(root_or_cfg, split: str) -> dict[str, Any]:
     Returns:
         {"accuracy", "masked" (masked positions), "backoff" ({level: positions predicted there}, levels of
         ``BACKOFF_LEVELS``), "corpus" (the file scored), "corpus_split" (its split: the validation one when
-        ``split`` has no corpus), "train_corpus"}.
+        ``split`` has no corpus), "train_corpus"}; with ``classes`` ({token id: word class}) also "by_class"
+        (``score_masked``).
 
     Raises:
         DataError: a corpus is missing or empty.
@@ -480,7 +494,7 @@ def mlm_context_counts(root_or_cfg, split: str) -> dict[str, Any]:
     except ValueError as error:
         raise DataError(f"{train_path}: no word token to count") from error
     sequences, masked = tokenize_and_mask(tokenizer, eval_texts, max_length, special_ids, cfg.tasks.mlm.mask_prob)
-    return {**score_masked(counts, sequences, masked), "corpus": str(eval_path), "corpus_split": eval_split,
+    return {**score_masked(counts, sequences, masked, classes), "corpus": str(eval_path), "corpus_split": eval_split,
             "train_corpus": str(train_path)}
 
 
