@@ -353,16 +353,12 @@ def mlm_by_word_class(model, cfg, split: str = "val") -> dict[str, dict[str, flo
         {class of ``WORD_CLASSES`` (those with positions) and "all": {"positions", "share" (of all masked
         positions), "model" (accuracy), "context_counts" (accuracy)}}.
     """
-    from transformers import AutoTokenizer
-
     from uniperceiver_v2.bench.ceiling import mlm_context_counts
     from uniperceiver_v2.engine.data_setup import EvalBatches, build_task_dataset
     from uniperceiver_v2.engine.runtime import evaluation_mode, move_to_device
-    from uniperceiver_v2.modeling.text_encoder import resolve_model_path
     from uniperceiver_v2.tasks import TASKS
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.text_encoder), local_files_only=True)
-    classes = word_classes(tokenizer)
+    classes = word_classes(model.text_encoder.tokenizer)
     dataset = build_task_dataset(cfg, "mlm", split, train=False)
     task = TASKS["mlm"].from_dataset(cfg.tasks.mlm, dataset)
     tally: dict[str, list[int]] = {}

@@ -290,6 +290,19 @@ class NovelDetectionResult:
     per_category: dict[str, dict[str, float]]
 
 
+def _novel_task(cfg: Config, dataset, names: Sequence[str], segmentation: bool, seen_penalty: float = 0.0):
+    """The detection task of the novel-category scenes against ``names``: the file's seen categories are the seen
+    names of calibrated stacking; a name that is not a category of the file gets the id -1 (its detections are
+    dropped by the caller)."""
+    from ..tasks import DetectionTask
+
+    id_of = {category.name: category.id for category in dataset.categories}
+    return DetectionTask(replace(cfg.tasks.detection, segmentation=segmentation), names,
+                         category_ids=[id_of.get(name, -1) for name in names],
+                         seen_names=[category.name for category in dataset.categories if not category.novel],
+                         seen_penalty=seen_penalty)
+
+
 def evaluate_novel_detection(model: nn.Module, cfg: Config, class_names: Sequence[str] | None = None,
                              iou_types: Sequence[str] = ("bbox",), seen_penalty: float = 0.0) -> NovelDetectionResult:
     """Detect on ``data.novel_images`` and compute AP restricted to the novel categories (appendix C, Fig. 4).
@@ -301,19 +314,13 @@ def evaluate_novel_detection(model: nn.Module, cfg: Config, class_names: Sequenc
     miss for the novel category (and a false positive for the seen one). ``iou_types`` adds "segm" for mask AP.
     ``seen_penalty`` > 0 scores with calibrated stacking: gamma subtracted from the logits of the file's seen names.
     """
-    from ..tasks import DetectionTask
 
     dataset = novel_detection_dataset(cfg)
-    names = list(dataset.class_names) if class_names is None else [str(name) for name in class_names]
-    id_of = {category.name: category.id for category in dataset.categories}
     novel = [category for category in dataset.categories if category.novel]
     if not novel:
         raise ValueError(f"{dataset.ann_file}: no category is marked \"novel\": true")
-    # A name that is not a category of the file gets the id -1; its detections are dropped below.
-    task = DetectionTask(replace(cfg.tasks.detection, segmentation="segm" in iou_types), names,
-                         category_ids=[id_of.get(name, -1) for name in names],
-                         seen_names=[category.name for category in dataset.categories if not category.novel],
-                         seen_penalty=seen_penalty)
+    names = list(dataset.class_names) if class_names is None else [str(name) for name in class_names]
+    task = _novel_task(cfg, dataset, names, "segm" in iou_types, seen_penalty)
     with evaluation_mode(model):
         records = _coco_records(model, cfg, task, dataset)
     records = [record for record in records if record["category_id"] != -1]
@@ -376,7 +383,6 @@ def calibrated_novel_detection(model: nn.Module, cfg: Config, penalties: Sequenc
     ``evaluate_novel_detection`` does. Boxes only (rank 0 holds the metrics).
     """
     from ..metrics.coco import load_coco_ground_truth
-    from ..tasks import DetectionTask
 
     penalties = [float(g) for g in (cfg.tasks.detection.seen_penalties if penalties is None else penalties)]
     if not penalties or any(g < 0 for g in penalties):
@@ -387,11 +393,7 @@ def calibrated_novel_detection(model: nn.Module, cfg: Config, penalties: Sequenc
     if len(image_ids) < folds:
         raise ValueError(f"{dataset.ann_file}: {len(image_ids)} scenes cannot be split into {folds} halves")
     halves = [image_ids[f::folds] for f in range(folds)]
-    id_of = {category.name: category.id for category in dataset.categories}
-    names = list(dataset.class_names)
-    task = DetectionTask(replace(cfg.tasks.detection, segmentation=False), names,
-                         category_ids=[id_of.get(name, -1) for name in names],
-                         seen_names=[category.name for category in dataset.categories if not category.novel])
+    task = _novel_task(cfg, dataset, list(dataset.class_names), segmentation=False)
     with evaluation_mode(model):
         by_gamma = _coco_records_penalised(model, cfg, task, dataset, penalties)
     runs = [[record for record in by_gamma[gamma] if record["category_id"] != -1] for gamma in penalties]
