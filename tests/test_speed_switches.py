@@ -6,7 +6,7 @@ import tempfile
 import pytest
 import torch
 
-from uniperceiver_v2.config import get_preset, load_config
+from uniperceiver_v2.config import ConfigError, get_preset, load_config
 from uniperceiver_v2.engine import runtime
 from uniperceiver_v2.engine.build import build_training
 from uniperceiver_v2.engine.runtime import resolve_precision
@@ -115,3 +115,60 @@ def test_a_trained_text_encoder_keeps_nothing(synthetic_root):
     model = build_model(load_config("tiny", [f"data.root={synthetic_root}", "text_encoder.freeze=false"])).train()
     features = model.text_encoder.encode_tokens(torch.tensor([1037, 4937]))
     assert features.requires_grad and model.text_encoder._target_features == {}
+
+
+def test_text_encoder_tuned_by_mlm_changes_on_mlm_steps_only(synthetic_root):
+    """text_encoder.tuned_by=[mlm] with its two lowest layers frozen: a classification step leaves every text-encoder
+    weight as it was (no gradient, and the class names' features are kept), an MLM step changes the top layers
+    only and the kept features go."""
+    tuned = ["text_encoder.freeze=false", "text_encoder.frozen_layers=2", "text_encoder.tuned_by=[mlm]",
+             "run.precision=fp32"]
+    with tempfile.TemporaryDirectory() as folder:
+        run = trainer(synthetic_root, folder, *tuned)
+        encoder = run.model.text_encoder
+        text = dict(encoder.named_parameters())
+        tasks = [run.sampler.task_for_iteration(i) for i in range(12)]
+        assert {"classification", "mlm"} <= set(tasks)
+        for iteration, task in enumerate(tasks):
+            before = {name: p.detach().clone() for name, p in text.items()}
+            run.train_step(iteration)
+            changed = {name for name, p in text.items() if not torch.equal(p, before[name])}
+            if task == "mlm":
+                assert changed and all(name.startswith(("model.encoder.layer.2.", "model.encoder.layer.3.",
+                                                        "model.encoder.layer.4.", "model.encoder.layer.5."))
+                                       for name in changed), sorted(changed)
+                assert encoder._target_features == {}
+            else:
+                assert not changed
+                assert encoder._target_features                      # the class names' features, kept
+        assert encoder.tuning and encoder.model.training             # the step left the encoder as it found it
+        assert all(p.grad is None for p in text.values())
+
+
+def test_text_encoder_tuned_outside_a_tuning_step_gives_the_frozen_features_without_gradient(synthetic_root):
+    from uniperceiver_v2.engine.build import build_model
+
+    model = build_model(load_config("tiny", [f"data.root={synthetic_root}", "text_encoder.freeze=false"])).train()
+    encoder = model.text_encoder
+    batch = encoder.tokenize(["a red circle left of a blue square"])
+    with encoder.tuned(False):
+        first, second = encoder(**batch), encoder(**batch)           # no dropout: the same twice
+        assert not first.requires_grad and not encoder.model.training
+        words = encoder.encode_tokens(torch.tensor([1037, 4937]))
+        assert len(encoder._target_features) == 1 and not words.requires_grad
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert encoder.model.training and encoder(**batch).requires_grad
+    encoder.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(**batch), first, rtol=0, atol=0)
+    encoder.weights_changed()
+    assert encoder._target_features == {}
+
+
+def test_text_encoder_tuned_by_names_tasks_and_needs_an_unfrozen_encoder():
+    with pytest.raises(ConfigError, match=r"text_encoder.tuned_by: unknown task\(s\) \['mlmx'\]"):
+        load_config("tiny", ["text_encoder.freeze=false", "text_encoder.tuned_by=[mlmx]"])
+    with pytest.raises(ConfigError, match="text_encoder.tuned_by: .*freeze=true"):
+        load_config("tiny", ["text_encoder.tuned_by=[mlm]"])
+    with pytest.raises(ConfigError, match="text_encoder.frozen_layers"):
+        load_config("tiny", ["text_encoder.frozen_layers=-1"])

@@ -113,3 +113,28 @@ def test_freeze(small):
 def test_default_path_is_the_embedded_package():
     path = default_model_path()
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def test_frozen_layers_freeze_the_embeddings_and_bottom_layers_only(small):
+    """text_encoder.frozen_layers=1 of 2: the embeddings and layer 0 get no gradient and no dropout, layer 1 trains,
+    and the output equals the full model's (the freezing changes training, not the function)."""
+    hf_config = small.model.config
+    part = TextEncoder.from_hf_config(hf_config, small.tokenizer, TextEncoderConfig(max_length=16, frozen_layers=1))
+    part.model.load_state_dict(small.model.state_dict())
+    part.train()
+    assert not part.model.embeddings.training and not part.model.encoder.layer[0].training
+    assert part.model.encoder.layer[1].training
+    batch = part.tokenize(["a cat on a mat", "two red squares"])
+    part(**batch).sum().backward()
+    for name, p in part.named_parameters():
+        tuned = name.startswith("model.encoder.layer.1.")
+        assert p.requires_grad == tuned, name
+        assert (p.grad is not None) == tuned, name
+    part.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(part(**batch), small(**batch))
+
+
+def test_frozen_layers_beyond_the_depth_name_the_key(small):
+    with pytest.raises(ValueError, match=r"text_encoder.frozen_layers=3: .* has 2 layers"):
+        TextEncoder.from_hf_config(small.model.config, small.tokenizer, TextEncoderConfig(frozen_layers=3))

@@ -122,6 +122,15 @@ class TextEncoderConfig:
     pretrained: bool = True                    # False: same architecture, random init (Tab. 5 ablation)
     lr_mult: float = 0.1                       # "the learning rate of modality-specific encoders is multiplied by 0.1"
     freeze: bool = False
+    # without freeze: the token embeddings (``freeze_embeddings``, or any ``frozen_layers``) and the first
+    # ``frozen_layers`` Transformer layers get no gradients, no optimizer state and no dropout (no backward through
+    # them), as detection codebases freeze a backbone's early stages; the layers above them are tuned
+    freeze_embeddings: bool = False
+    frozen_layers: int = 0
+    # without freeze: the tasks whose steps tune the text encoder; on the other tasks' steps it runs as if frozen (no
+    # gradient, no dropout, cached candidate targets until the next tuning step changes it). None: every task, the
+    # paper's setting
+    tuned_by: list[str] | None = None
     # with freeze: keep the features of fixed candidate targets (class names, vocabulary words), which a frozen
     # encoder always computes the same, instead of encoding them again at every step
     cache_targets: bool = True
@@ -634,6 +643,13 @@ def validate(cfg: Config) -> None:
 
     _require(cfg.text_encoder.max_length >= 4, "text_encoder.max_length", "must be >= 4")
     _require(cfg.text_encoder.lr_mult >= 0, "text_encoder.lr_mult", "must be >= 0")
+    _require(cfg.text_encoder.frozen_layers >= 0, "text_encoder.frozen_layers", "must be >= 0")
+    if cfg.text_encoder.tuned_by is not None:
+        tasks = cfg.tasks.names(enabled_only=False)
+        unknown = sorted(set(cfg.text_encoder.tuned_by) - set(tasks))
+        _require(not unknown, "text_encoder.tuned_by", f"unknown task(s) {unknown}; tasks are {tasks}")
+        _require(not cfg.text_encoder.freeze, "text_encoder.tuned_by",
+                 "names the tasks that tune the text encoder, which text_encoder.freeze=true freezes")
 
     for name in ("width", "depth", "heads", "ffn_dim", "max_positions"):
         _require(getattr(dec, name) > 0, f"decoder.{name}", "must be > 0")

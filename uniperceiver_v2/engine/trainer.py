@@ -411,6 +411,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         self.model = model.to(self.device)
+        # the tasks whose steps tune the text encoder (None: all, or it is frozen)
+        tuned_by = cfg.text_encoder.tuned_by
+        self.text_tuned_by = None if tuned_by is None or cfg.text_encoder.freeze else set(tuned_by)
+        if self.text_tuned_by is not None and not hasattr(self.model, "text_encoder"):
+            raise ConfigError("text_encoder.tuned_by: the model has no text_encoder")
         self.tasks = {name: tasks[name] for name in self.task_names}
         self.task_configs = {name: cfg.tasks.get(name) for name in self.task_names}
         weights = {name: self.task_configs[name].sampling_weight for name in self.task_names}
@@ -499,6 +504,18 @@ class Trainer:
         slots = self.sampler.slots_for_iteration(iteration)
         return [slots[m * self.world_size + self.rank] for m in range(self.cfg.run.grad_accum)]
 
+    def _iteration_tasks(self, iteration: int) -> set[str]:
+        """The tasks of ``iteration`` on every rank and micro-batch."""
+        if isinstance(self.sampler, UnmixedTaskSampler):
+            return {self.sampler.task_for_iteration(iteration)}
+        return set(self.sampler.slots_for_iteration(iteration))
+
+    def _text_tuning(self, task: str) -> contextlib.AbstractContextManager:
+        """``text_encoder.tuned_by``: the text encoder is tuned on this task's step, or runs as if frozen."""
+        if self.text_tuned_by is None:
+            return contextlib.nullcontext()
+        return self.model.text_encoder.tuned(task in self.text_tuned_by)
+
     def optimizer_kwargs(self, iteration: int) -> dict[str, Any]:
         """What ``optimizer.step`` receives at ``iteration`` (see "Where the loss weight w_k goes")."""
         if not isinstance(self.optimizer, MTAdamW) or not isinstance(self.sampler, UnmixedTaskSampler):
@@ -529,7 +546,7 @@ class Trainer:
             sync = contextlib.nullcontext() if last or self.world_size == 1 else self.loss_module.no_sync()
             with sync:
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                    enabled=self.autocast_dtype is not None):
+                                    enabled=self.autocast_dtype is not None), self._text_tuning(task):
                     losses = self.loss_module(task, batch)
                 if "loss" not in losses:
                     raise KeyError(f"task {task!r}: loss() returned {sorted(losses)} without the key 'loss'")
@@ -558,6 +575,8 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.text_tuned_by is not None and self.text_tuned_by & self._iteration_tasks(iteration):
+            self.model.text_encoder.weights_changed()
         grad_norm = float(grad_norm)
         return [(task, {**{k: v / counts[task] for k, v in sums.items()}, "grad_norm": grad_norm}, counts[task])
                 for task, sums in per_task.items()]

@@ -11,7 +11,8 @@ the user provides. ``text_encoder.pretrained=false`` keeps the architecture and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -80,7 +81,8 @@ class TextEncoder(nn.Module):
             ``cfg.path`` and ``cfg.pretrained`` are not used. ``from_hf_config`` builds them from a transformers
             config (e.g. a small random ``BertConfig`` in tests).
 
-    With ``cfg.freeze`` the language model gets no gradients and stays in eval mode (no dropout), and with
+    With ``cfg.freeze`` the language model gets no gradients and stays in eval mode (no dropout); without it,
+    ``cfg.freeze_embeddings`` and ``cfg.frozen_layers`` do that to the embeddings and the bottom layers only. With
     ``cfg.cache_targets`` the features of candidate targets are kept (:meth:`target_features`).
     """
 
@@ -102,17 +104,43 @@ class TextEncoder(nn.Module):
         if cfg.freeze:
             self.model.requires_grad_(False)
             self.model.eval()
+        self._frozen_modules = [] if cfg.freeze else self._bottom_modules(cfg.frozen_layers, cfg.freeze_embeddings)
+        for module in self._frozen_modules:
+            module.requires_grad_(False)
+            module.eval()
+        self.tuning = True    # False: this step does not tune the encoder (``tuned``, text_encoder.tuned_by)
         self._target_features: dict[tuple, torch.Tensor] = {}
-        self.register_load_state_dict_post_hook(lambda module, _: module._target_features.clear())
+        self.register_load_state_dict_post_hook(lambda module, _: module.weights_changed())
+
+    def weights_changed(self) -> None:
+        """Forget the cached target features (the weights were loaded, or a tuning step changed them)."""
+        self._target_features.clear()
+
+    @contextlib.contextmanager
+    def tuned(self, enabled: bool) -> Iterator[None]:
+        """Within the block, the encoder is tuned (``enabled``) or runs as if frozen: no gradient, no dropout, and
+        the features of fixed candidate targets cached (``cfg.cache_targets``) until ``weights_changed``. The
+        trainer opens it around every step with ``enabled = task in text_encoder.tuned_by``."""
+        previous, was_training = self.tuning, self.model.training
+        self.tuning = enabled
+        if not enabled:
+            self.model.eval()
+        try:
+            yield
+        finally:
+            self.tuning = previous
+            if not enabled and was_training:
+                self.train(True)
 
     def target_features(self, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``compute()``, the features of fixed candidate targets (class names, vocabulary words) named by ``key``.
 
-        A frozen encoder (``cfg.freeze``) always gives the same features for the same texts, so with
+        A frozen encoder (``cfg.freeze``, or outside a tuning step: ``tuned``) gives the same features for the same
+        texts until its weights change, so with
         ``cfg.cache_targets`` they are computed once per device and autocast dtype and kept (cleared when weights
         are loaded); otherwise ``compute()`` runs every time, with gradients where the encoder trains.
         """
-        if not (self.cfg.freeze and self.cfg.cache_targets):
+        if not ((self.cfg.freeze or not self.tuning) and self.cfg.cache_targets):
             return compute()
         device = next(self.model.parameters()).device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
@@ -129,10 +157,37 @@ class TextEncoder(nn.Module):
         return cls(cfg or TextEncoderConfig(), language_model=_build_language_model(hf_config, None),
                    tokenizer=tokenizer)
 
+    def _bottom_modules(self, num_layers: int, embeddings: bool) -> list[nn.Module]:
+        """The token embeddings (if ``embeddings`` or ``num_layers`` > 0) and the first ``num_layers`` Transformer
+        layers.
+
+        The layers are the model's ``nn.ModuleList`` of ``config.num_hidden_layers`` blocks (``encoder.layer`` in
+        BERT and RoBERTa), in the order they run.
+
+        Raises:
+            ValueError: ``num_layers`` exceeds the model's layers, or the model has no such list.
+        """
+        if num_layers == 0 and not embeddings:
+            return []
+        depth = self.model.config.num_hidden_layers
+        if num_layers > depth:
+            raise ValueError(f"text_encoder.frozen_layers={num_layers}: {self.cfg.name} has {depth} layers "
+                             f"(text_encoder.freeze=true freezes all of it)")
+        layers = [m for m in self.model.modules() if isinstance(m, nn.ModuleList) and len(m) == depth]
+        word_embeddings = self.model.get_input_embeddings()
+        owner = next((m for m in self.model.modules() if m is not self.model and word_embeddings in m.children()),
+                     None)
+        if not layers or owner is None:
+            raise ValueError(f"text_encoder.frozen_layers: {type(self.model).__name__} has no list of {depth} "
+                             f"layers or no embedding module to freeze")
+        return [owner, *layers[0][:num_layers]]
+
     def train(self, mode: bool = True) -> TextEncoder:
         super().train(mode)
         if self.cfg.freeze:
             self.model.eval()
+        for module in self._frozen_modules:
+            module.eval()
         return self
 
     # -- properties ----------------------------------------------------------------------------------------------
@@ -191,7 +246,8 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """v2 eq. (4). input_ids, attention_mask: (B, L) long. Returns (B, L, hidden_size) last hidden states."""
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        with contextlib.nullcontext() if self.tuning else torch.no_grad():
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def encode_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Encode every token id on its own, as the sequence ``[CLS] token [SEP]``: the feature of a vocabulary word
