@@ -47,3 +47,29 @@ def test_novel_naming_counts_novel_names_and_those_on_an_object_of_that_name():
     assert walkthrough.novel_naming([shown], [sample], names, ["hexagon", "ring"]) == {
         "shown": 4, "novel": 3, "correct": 1}
     assert walkthrough.novel_naming([], [], names, ["ring"]) == {"shown": 0, "novel": 0, "correct": 0}
+
+
+def test_novel_objects_named_takes_the_best_detection_on_each_novel_object(tmp_path):
+    """Three novel objects: one found and named right, one found under a seen name (its best detection wins over a
+    lower-scored right name), one with no detection of IoU >= 0.5; seen and crowd objects are not counted."""
+    import json
+
+    categories = [{"id": 1, "name": "circle"}, {"id": 7, "name": "hexagon", "novel": True}]
+    annotations = [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [0, 0, 10, 10], "iscrowd": 0},
+                   {"id": 2, "image_id": 1, "category_id": 7, "bbox": [20, 20, 10, 10], "iscrowd": 0},
+                   {"id": 3, "image_id": 2, "category_id": 7, "bbox": [0, 0, 10, 10], "iscrowd": 0},
+                   {"id": 4, "image_id": 2, "category_id": 1, "bbox": [20, 20, 10, 10], "iscrowd": 0},
+                   {"id": 5, "image_id": 2, "category_id": 7, "bbox": [40, 40, 10, 10], "iscrowd": 1}]
+    (tmp_path / "novel.json").write_text(json.dumps({"images": [{"id": 1}, {"id": 2}], "categories": categories,
+                                                     "annotations": annotations}))
+    records = [{"image_id": 1, "bbox": [1, 1, 10, 10], "category_id": 7, "score": 0.6},   # IoU 0.68, right
+               {"image_id": 1, "bbox": [0, 0, 10, 10], "category_id": 1, "score": 0.5},   # lower score
+               {"image_id": 1, "bbox": [20, 20, 10, 10], "category_id": 1, "score": 0.9},  # wrong name wins
+               {"image_id": 1, "bbox": [21, 21, 10, 10], "category_id": 7, "score": 0.3},
+               {"image_id": 2, "bbox": [5, 5, 10, 10], "category_id": 7, "score": 0.9},    # IoU 0.14: misses
+               {"image_id": 2, "bbox": [20, 20, 10, 10], "category_id": 1, "score": 0.9},  # a seen object
+               {"image_id": 2, "bbox": [40, 40, 10, 10], "category_id": 7, "score": 0.9}]  # on the crowd box
+    cfg = SimpleNamespace(data=SimpleNamespace(root=str(tmp_path), novel_annotations="novel.json"))
+    assert walkthrough.novel_objects_named(records, cfg) == {"objects": 3, "found": 2, "named": 1}
+    assert walkthrough.novel_objects_named(records, cfg, min_iou=0.1) == {"objects": 3, "found": 3, "named": 2}
+    assert walkthrough.novel_objects_named([], cfg) == {"objects": 3, "found": 0, "named": 0}

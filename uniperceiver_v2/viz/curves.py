@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
+from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullFormatter
 
 from ..engine.logging import read_metrics
 from .base import _figure, set_log_scale, task_color
@@ -100,6 +100,7 @@ def plot_curves(log_path_or_records: str | Path | Sequence[Mapping[str, Any]], k
                 ax.yaxis.set_major_locator(FixedLocator(levels))
                 ax.yaxis.set_major_formatter(FixedFormatter([_same_style(levels, level) for level in levels]))
                 ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))   # iterations to 5 digits stay apart
         ax.set_xlabel("iteration")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)

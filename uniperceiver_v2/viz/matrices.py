@@ -65,12 +65,14 @@ def plot_attention_mask(mask: Any, segment_labels: Sequence[tuple[str, int, int]
 def plot_similarity_matrix(sim: Any, row_labels: Sequence[str] | None = None,
                            col_labels: Sequence[str] | None = None, targets: Any = None,
                            title: str | None = None, ax: Axes | None = None,
-                           value_label: str = "similarity") -> Figure:
+                           value_label: str = "similarity", row_title: str = "input x",
+                           col_title: str = "candidate target y") -> Figure:
     """Input-candidate similarities (v2 eq. (6)) with the chosen candidate of every row marked (v2 eq. (5)).
 
     Args:
         sim: (inputs, candidates) cosine similarities or logits, or the softmax probabilities of v2 eq. (6).
         value_label: what the values are, written on the colour bar ("cosine", "probability", ...).
+        row_title, col_title: the axes' titles (what the rows and the columns are).
         targets: (inputs,) index of the correct candidate per row, drawn as a square; the arg-max of each row
             (the prediction of v2 eq. (5)) is drawn as a dot, green where it hits the target.
     """
@@ -102,8 +104,8 @@ def plot_similarity_matrix(sim: Any, row_labels: Sequence[str] | None = None,
         ax.set_yticks(range(rows), row_labels, fontsize=7)
     if col_labels is not None:
         ax.set_xticks(range(cols), col_labels, rotation=60, ha="right", fontsize=7)
-    ax.set_xlabel("candidate target y")
-    ax.set_ylabel("input x")
+    ax.set_xlabel(col_title)
+    ax.set_ylabel(row_title)
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12 if col_labels is None else -0.3),
               ncol=len(handles), fontsize=8, frameon=False)
     if title:

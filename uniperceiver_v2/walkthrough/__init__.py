@@ -26,6 +26,7 @@ from .novel import (
     novel_ap_table,
     novel_category_names,
     novel_naming,
+    novel_objects_named,
     per_category_table,
 )
 from .results import (
@@ -74,6 +75,7 @@ from .runs import (
 
 __all__ = [
     "ceiling_table", "above_reference", "images_with_novel_names", "novel_naming",
+    "novel_objects_named",
     "CONSOLE_LOG", "ProgressFilter", "RetrievalExamples", "TrainingFailed", "TrainingLaunch", "TrainingStatus",
     "best_proposal_logits", "caption_repetition", "category_exposure", "chance_levels", "compare_logged_draws",
     "config_of_command", "default_log_every", "detection_verdicts", "distinct_detections", "fill_mask_examples",

@@ -161,6 +161,45 @@ def novel_naming(shown: Sequence[Mapping], samples: Sequence, class_names: Seque
     return counts
 
 
+def novel_objects_named(records: Sequence[Mapping], cfg, min_iou: float = 0.5) -> dict[str, int]:
+    """How the detections of COCO result records (``NovelDetectionResult.records``) name the novel objects of the
+    novel scenes, over every scene: for each ground-truth object of a novel category (``data.novel_annotations``),
+    the best-scoring detection with box IoU >= ``min_iou`` is the one that finds it, and its name is right when it
+    is the object's category. Unlike a figure of scenes picked for their novel names, this counts them all.
+
+    Returns:
+        ``{"objects": novel objects, "found": those with a detection on them, "named": those named right}``.
+    """
+    from ..data.coco import load_json
+    from ..modeling.box_ops import box_iou
+
+    path = Path(cfg.data.root) / cfg.data.novel_annotations
+    data = load_json(path)
+    novel_ids = {category["id"] for category in data["categories"] if category.get("novel")}
+    by_image: dict[int, list[Mapping]] = {}
+    for record in records:
+        by_image.setdefault(record["image_id"], []).append(record)
+
+    def xyxy(boxes: list[list[float]]) -> torch.Tensor:
+        boxes = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+        return torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
+
+    counts = {"objects": 0, "found": 0, "named": 0}
+    for annotation in data["annotations"]:
+        if annotation["category_id"] not in novel_ids or annotation.get("iscrowd", 0):
+            continue
+        counts["objects"] += 1
+        found = by_image.get(annotation["image_id"], [])
+        if not found:
+            continue
+        iou = box_iou(xyxy([r["bbox"] for r in found]), xyxy([annotation["bbox"]]))[:, 0]
+        on_it = [(r["score"], r["category_id"]) for r, overlap in zip(found, iou.tolist()) if overlap >= min_iou]
+        if on_it:
+            counts["found"] += 1
+            counts["named"] += int(max(on_it)[1] == annotation["category_id"])
+    return counts
+
+
 def best_proposal_logits(model, sample, class_names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """For every ground-truth object of one scene, the v2 eq. (6) logits of its best-overlapping proposal.
 
