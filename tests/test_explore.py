@@ -374,6 +374,8 @@ def test_the_figures_added_for_the_explorers_check_their_inputs():
     with pytest.raises(ValueError, match="highlight"):
         viz.plot_ranked_texts(["one", "two"], highlight=2)
     figure = viz.plot_ranked_texts(["x" * 100], [1.0], width=20)
-    assert figure.axes[0].texts[0].get_text() == "1. " + "x" * 17 + "...  (1.000)"
+    assert figure.axes[0].texts[0].get_text() == "1. " + "x" * 20 + "\n" + "x" * 17 + "...  (1.000)"
+    figure = viz.plot_ranked_texts(["a b c d e f g", "a b c d e f h"], width=8)    # they differ in the last word
+    assert [text.get_text() for text in figure.axes[0].texts] == ["1. a b c d\ne f g", "2. a b c d\ne f h"]
     figure = viz.show_text_retrieval("a query", [picture, picture], None, [0.5, 0.25])
     assert [ax.get_title() for ax in figure.axes] == ["1.", "2."]

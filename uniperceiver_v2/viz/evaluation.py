@@ -137,7 +137,8 @@ def plot_ranked_texts(texts: Sequence[str], scores: Sequence[float] | None = Non
         scores: one value per text, written after it.
         labels: one short label per text written before it (default "1.", "2.", ...).
         highlight: index of the text to set in bold (e.g. the one the other panels show).
-        width: characters per text before it is cut (a caption of sub-words can be one long word).
+        width: characters per line; a longer text wraps onto a second line, and is cut at the end of that one
+            (a caption of sub-words can be one long word), so two hypotheses that differ late still read apart.
     """
     n = len(texts)
     for name, values in (("scores", scores), ("labels", labels)):
@@ -150,8 +151,10 @@ def plot_ranked_texts(texts: Sequence[str], scores: Sequence[float] | None = Non
     for row in range(n):
         label = labels[row] if labels is not None else f"{row + 1}."
         score = f"  ({float(scores[row]):.3f})" if scores is not None else ""
-        line = " ".join(str(texts[row]).split()) or "(empty)"
-        line = line if len(line) <= width else line[:width - 3] + "..."
+        lines = textwrap.wrap(" ".join(str(texts[row]).split()), width) or ["(empty)"]
+        if len(lines) > 2:
+            lines = [lines[0], lines[1][:width - 3] + "..."]
+        line = "\n".join(lines)
         ax.text(0.0, 1.0 - (row + 0.5) / max(n, 1), f"{label} {line}{score}", transform=ax.transAxes,
                 va="center", ha="left", fontsize=9, fontweight="bold" if row == highlight else "normal")
     if title:
