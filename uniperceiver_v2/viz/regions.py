@@ -137,7 +137,7 @@ def plot_cost_matrices(costs: Mapping[str, Any], assignment: tuple[Any, Any] | N
                                                     * len(matrices)))
     for ax, (name, matrix) in zip(axes[:, 0], matrices.items()):
         shown = ax.imshow(matrix, cmap="viridis_r", aspect="auto", interpolation="nearest")
-        fig.colorbar(shown, ax=ax, pad=0.01, fraction=0.03)
+        fig.colorbar(shown, ax=ax, pad=0.01, fraction=0.03).set_label(f"cost: {name}", fontsize=7)
         ax.scatter(matrix.argmin(axis=1), np.arange(num_gt), s=12, color="white", edgecolors="black",
                    linewidths=0.5, label="cheapest prediction")
         if assignment is not None:
