@@ -554,6 +554,11 @@ def test_band_figure_draws_the_band_and_colours_bars_by_verdict():
     (ax,) = plot_ablation_band(["R@1"], {"ref": (8.0,), "row": (22.0,)}, "ref", [21.0]).axes
     (span,) = [p for p in ax.patches if p.get_facecolor()[:3] == to_rgba(BAND_COLOR)[:3]]
     assert span.get_y() == pytest.approx(0.0) and span.get_height() == pytest.approx(29.0)
+    # a bar of height 0 shows its verdict's colour as a marker at 0
+    (ax,) = plot_ablation_band(["B@4"], {"ref": (3.0,), "row": (0.0,)}, "ref", [0.5],
+                               verdicts={("row", 0): "opposite"}).axes
+    (marker,) = [line for line in ax.get_lines() if line.get_marker() == "s"]
+    assert list(marker.get_ydata()) == [0.0] and marker.get_color() == VERDICT_COLORS["opposite"]
 
 
 def test_saved_report_round_trip_full_model_and_runs_table(tmp_path, fake_trainer):

@@ -96,6 +96,9 @@ def plot_ablation_band(columns: Sequence[str], ours: Mapping[str, Sequence[Value
                 used.add(verdict)
                 color = VERDICT_COLORS.get(verdict, VERDICT_COLORS[None])
             ax.bar(position, value, width=0.7, color=color, edgecolor="black", linewidth=0.4)
+            if value == 0:      # a bar of no height: its verdict colour as a marker on the axis
+                ax.plot(position, 0.0, marker="s", markersize=7, color=color, markeredgecolor="black",
+                        markeredgewidth=0.4, clip_on=False, zorder=3)
             label_bar(ax, position, value, f"{value:.1f}")
             drawn.append(value)
             gap = paper_gaps.get((label, index))
