@@ -1107,7 +1107,7 @@ def test_interference_is_measured_on_runs_of_several_tasks_and_shared(tmp_path, 
     assert results["tab3/all_tasks_w_moe"]["interference"] == results["tab2/global_regional"]["interference"]
     assert "interference" not in results["tab3/single_task/classification"]
     assert not (settings.root / "tab2" / "global_regional" / "checkpoints").exists()
-    # the table lists the run that trained it once, with the mean over the ordered pairs: (-0.5 + 0.25) / 2
+    # the table lists the run that trained it once, with the median over the ordered pairs: (-0.5 + 0.25) / 2
     table = A.interference_table(results)
     assert table["columns"][3:5] == ["lowest I(i -> j)", "highest I(i -> j)"]   # the lowest need not be negative
     assert [row[0] for row in table["rows"]] == ["tab2/global_regional"]
@@ -1142,6 +1142,15 @@ def test_interference_settings_and_summaries():
     assert table["rows"][0][3] == "a -> b (+0.06)" and "negative" not in table["columns"][3]
     figure = A.interference_figure({"r": {"interference": measured}}, ["r"])
     assert [text.get_text() for text in figure.axes[0].texts].count("n/a") == 3
+    # a column of ratios of small numbers: the median ignores it, the note names it, the colours saturate
+    noisy = {"tasks": ["a", "b", "c"], "matrix": [[1.0, 0.1, -900.0], [0.2, 1.0, 1200.0], [0.3, 0.4, 1.0]],
+             "num_batches": 16}
+    (row,) = A.interference_table({"r": {"shared_with": None, "interference": noisy}})["rows"]
+    assert row[2] == pytest.approx(0.25) and row[3] == "a -> c (-900.00)"
+    assert "column(s) c beyond +-2" in row[5]
+    figure = A.interference_figure({"r": {"interference": noisy}}, ["r"])
+    assert figure.axes[0].images[0].get_clim() == (-A.LARGE_INTERFERENCE, A.LARGE_INTERFERENCE)
+    assert "1200.00" in [text.get_text() for text in figure.axes[0].texts]
 
 
 @pytest.mark.slow

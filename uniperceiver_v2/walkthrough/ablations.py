@@ -1654,11 +1654,17 @@ def interference_comparison(results: Mapping[str, Mapping[str, Any]],
             "difference": difference, "seeds": seed_medians, "spread": spread, "means": means, "verdict": verdict}
 
 
+# |I(i -> j)| above this: task j's own step barely lowers its loss on another batch (the denominator of MoE eq. (2)
+# is near 0), and its column is a ratio of small numbers, noted in the table and saturated in the figure
+LARGE_INTERFERENCE = 2.0
+
+
 def interference_table(results: Mapping[str, Mapping[str, Any]]) -> dict[str, list]:
-    """One line per run whose result holds a task-interference measurement (:func:`run_interference`): N, the mean
-    I(i -> j) over pairs, the pair of the lowest I (the one that hurts most, or helps least when every pair helps:
-    it need not be negative) and that of the highest, or why it could not be measured. Runs that share a training
-    appear once, under the run that trained it."""
+    """One line per run whose result holds a task-interference measurement (:func:`run_interference`): N, the
+    median of I(i -> j) over pairs (robust to a column of ratios of small numbers, see ``LARGE_INTERFERENCE``), the
+    pair of the lowest I (the one that hurts most, or helps least when every pair helps: it need not be negative)
+    and that of the highest, or why it could not be measured. Runs that share a training appear once, under the run
+    that trained it."""
     rows = []
     for name, result in results.items():
         measured = result.get("interference")
@@ -1671,15 +1677,21 @@ def interference_table(results: Mapping[str, Mapping[str, Any]]) -> dict[str, li
         pairs = [(matrix[i][j], f"{tasks[i]} -> {tasks[j]}") for i in range(len(tasks)) for j in range(len(tasks))
                  if i != j and matrix[i][j] is not None]
         undefined = measured.get("undefined") or []
-        note = (f"column(s) {', '.join(undefined)} undefined: those tasks' own gradients disagree across batches"
-                if undefined else "")
+        notes = [f"column(s) {', '.join(undefined)} undefined: those tasks' own gradients disagree across batches"
+                 ] if undefined else []
+        large = sorted({tasks[j] for i in range(len(tasks)) for j in range(len(tasks))
+                        if i != j and matrix[i][j] is not None and abs(matrix[i][j]) > LARGE_INTERFERENCE})
+        if large:
+            notes.append(f"column(s) {', '.join(large)} beyond +-{LARGE_INTERFERENCE:g}: those tasks' own steps barely "
+                         f"lower their loss on other batches, so I is a ratio of small numbers there")
+        note = "; ".join(notes)
         if not pairs:
             rows.append([name, measured["num_batches"], None, None, None, note])
             continue
         worst, best = min(pairs), max(pairs)
-        rows.append([name, measured["num_batches"], round(mean_interference(measured), 3),
+        rows.append([name, measured["num_batches"], round(statistics.median(value for value, _ in pairs), 3),
                      f"{worst[1]} ({worst[0]:+.2f})", f"{best[1]} ({best[0]:+.2f})", note])
-    return {"columns": ["run", "batches per task (N)", "mean I(i -> j), i != j", "lowest I(i -> j)",
+    return {"columns": ["run", "batches per task (N)", "median I(i -> j), i != j", "lowest I(i -> j)",
                         "highest I(i -> j)", "note"],
             "rows": rows}
 
@@ -1695,8 +1707,10 @@ def interference_figure(results: Mapping[str, Mapping[str, Any]], runs: Sequence
              if name in results and "matrix" in (results[name].get("interference") or {})]
     if not shown:
         return None
-    limit = max(0.1, *(abs(value) for _, measured in shown for i, row in enumerate(measured["matrix"])
-                       for j, value in enumerate(row) if i != j and value is not None))
+    # one colour scale for every panel, saturated at LARGE_INTERFERENCE (the numbers in the cells stay exact)
+    limit = min(LARGE_INTERFERENCE, max(0.1, *(abs(value) for _, measured in shown
+                                               for i, row in enumerate(measured["matrix"])
+                                               for j, value in enumerate(row) if i != j and value is not None)))
     size = 1.8 + 0.75 * max(len(measured["tasks"]) for _, measured in shown)
     figure = Figure(figsize=(size * len(shown) + 1.4, size), layout="constrained")
     axes = figure.subplots(1, len(shown), squeeze=False)[0]
