@@ -411,9 +411,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         self.model = model.to(self.device)
-        # the tasks whose steps tune the text encoder (None: all, or it is frozen)
+        # the tasks whose steps tune the text encoder (None: all; config validation keeps it off a frozen one)
         tuned_by = cfg.text_encoder.tuned_by
-        self.text_tuned_by = None if tuned_by is None or cfg.text_encoder.freeze else set(tuned_by)
+        self.text_tuned_by = None if tuned_by is None else set(tuned_by)
         if self.text_tuned_by is not None and not hasattr(self.model, "text_encoder"):
             raise ConfigError("text_encoder.tuned_by: the model has no text_encoder")
         self.tasks = {name: tasks[name] for name in self.task_names}

@@ -170,19 +170,19 @@ def novel_objects_named(records: Sequence[Mapping], cfg, min_iou: float = 0.5) -
     Returns:
         ``{"objects": novel objects, "found": those with a detection on them, "named": those named right}``.
     """
-    from ..data.coco import load_json
-    from ..modeling.box_ops import box_iou
+    from torchvision.ops import box_convert, box_iou
+
+    from ..data.coco import load_json, parse_categories
 
     path = Path(cfg.data.root) / cfg.data.novel_annotations
     data = load_json(path)
-    novel_ids = {category["id"] for category in data["categories"] if category.get("novel")}
+    novel_ids = {category.id for category in parse_categories(data, path) if category.novel}
     by_image: dict[int, list[Mapping]] = {}
     for record in records:
         by_image.setdefault(record["image_id"], []).append(record)
 
     def xyxy(boxes: list[list[float]]) -> torch.Tensor:
-        boxes = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
-        return torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
+        return box_convert(torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4), "xywh", "xyxy")
 
     counts = {"objects": 0, "found": 0, "named": 0}
     for annotation in data["annotations"]:

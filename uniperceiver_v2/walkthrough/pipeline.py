@@ -161,8 +161,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         # MLM gets 0.13 of the draws and retrieval 0.17 (the preset's 0.1 / 0.2), tried because MLM ended at
         # 0.638-0.645 in four hours at 0.1 while retrieval passed both its goals with room. 38 % more MLM steps gave
         # 0.634 against 0.639: steps are not what limits MLM, the frozen text encoder is (MLM alone: 0.646 after 2200
-        # steps frozen, 0.684 after 1800 fine-tuned); the record was measured with these shares, retrieval came out
-        # at 0.484 / 0.296 (docs/benchmarks.md, "More MLM steps in the hour").
+        # steps frozen, 0.684 after 1800 fine-tuned; its top four layers alone give that gain but, tuned by MLM's
+        # steps only, cost 13 % of every iteration: docs/benchmarks.md, "Which layers of the text encoder MLM
+        # needs"); the record was measured with these shares, retrieval came out at 0.484 / 0.296
+        # (docs/benchmarks.md, "More MLM steps in the hour").
         "train_overrides": ["tasks.classification.start_iteration=1000", "tasks.classification.region_name_weight=0.5",
                             "data.zoom_out_prob=0.5", "data.zoom_out_min_scale=0.25",
                             "tasks.mlm.sampling_weight=0.13", "tasks.retrieval.sampling_weight=0.17"],
