@@ -592,6 +592,7 @@ def test_figure_labels_a_paper_row_with_ours_only_where_ours_ran():
     paper = A.TABLES["tab5"].paper
     nothing = A.table_report("tab5", {}, ())
     assert nothing.ours == {} and _tick_labels(nothing.figure()) == list(paper.rows)
+    assert "not run in this profile" in nothing.figure()._suptitle.get_text()
     headers = [metric.header for metric in ABLATION_COLUMNS]
     partial = A.TableReport.from_results("tab5", {
         "columns": headers, "reference": "pre-trained text encoder",
@@ -1140,6 +1141,10 @@ def test_interference_settings_and_summaries():
     helping = {"tasks": ["a", "b"], "matrix": [[1.0, 0.06], [0.3, 1.0]], "num_batches": 2}
     table = A.interference_table({"r": {"shared_with": None, "interference": helping}})
     assert table["rows"][0][3] == "a -> b (+0.06)" and "negative" not in table["columns"][3]
+    # a batch with a zero gradient was replaced: the note says which task's and how many
+    redrawn = {**helping, "redrawn": {"b": 1}}
+    (row,) = A.interference_table({"r": {"shared_with": None, "interference": redrawn}})["rows"]
+    assert row[5] == "redrawn for a zero gradient: b 1 batch"
     figure = A.interference_figure({"r": {"interference": measured}}, ["r"])
     assert [text.get_text() for text in figure.axes[0].texts].count("n/a") == 3
     # a column of ratios of small numbers: the median ignores it, the note names it, the colours saturate
@@ -1251,3 +1256,19 @@ def test_interference_comparison_against_the_seed_spread():
     results["tab3/all_tasks"]["interference"] = {"error": "zero gradient", "num_batches": 2}
     assert A.interference_comparison(results) is None
     assert A.interference_comparison({}) is None
+
+
+def test_a_gap_that_ties_the_band_is_within_noise():
+    """A row at seed 0 that scores what the baseline scored at seed 1 has a gap equal to the baseline's spread: the
+    gap and the band are compared as shown, both to 0.01 point, so a rounding of one of them cannot push the gap
+    outside the band (5 of 70 images against 6 of 70: 1.428571... points either way)."""
+    results = _tab2_results()
+    low, high = 100 * 5 / 70, 100 * 6 / 70
+    results["tab2/global_regional"]["metrics"]["classification"]["top1"] = high / 100
+    results["tab2/global_regional@seed1"]["metrics"]["classification"]["top1"] = low / 100
+    results["tab2/regional"]["metrics"]["classification"]["top1"] = low / 100
+    band = A.noise_band(results)
+    directions = A.gap_directions(A.table_report("tab2", results), noise=band)
+    row = {(r[1], r[2]): r for r in directions["rows"]}[("Regional", ABLATION_COLUMNS[1].header)]
+    assert row[4] == -1.43 and row[5] == 1.43 and band.widths[1] == pytest.approx(high - low, abs=1e-6)
+    assert row[6] == "within noise"

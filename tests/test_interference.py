@@ -124,6 +124,26 @@ def test_task_that_does_not_use_the_parameters_is_an_error():
         task_interference(model, closures, parameters="theta", num_batches=2)
 
 
+def test_a_batch_with_zero_gradient_is_redrawn():
+    """One batch of a task that gives no gradient (nothing in it for the loss) is replaced by a fresh batch: the
+    matrix equals the one measured on the same non-zero batches alone, and the redraw is counted."""
+    model = LinearTasks(3)
+    draws = {"a": [torch.tensor([1.0, 0.0, 0.0]), torch.tensor([1.0, 1.0, 0.0]), torch.tensor([2.0, 0.0, 1.0])],
+             "b": [torch.tensor([0.0, 1.0, 1.0]), torch.zeros(3), torch.tensor([1.0, 2.0, 0.0]),
+                   torch.tensor([0.0, 1.0, 2.0])]}
+
+    def closures(sequences):
+        iterators = {task: iter(values) for task, values in sequences.items()}
+        return {task: (lambda task=task: (next(iterators[task]) * model.theta).sum()) for task in sequences}
+
+    result = task_interference(model, closures(draws), parameters="theta", num_batches=3)
+    assert result.redrawn == {"a": 0, "b": 1}
+    clean = {"a": draws["a"], "b": [draws["b"][0], draws["b"][2], draws["b"][3]]}
+    expected = task_interference(model, closures(clean), parameters="theta", num_batches=3)
+    assert expected.redrawn == {"a": 0, "b": 0}
+    assert torch.allclose(result.matrix, expected.matrix, atol=1e-12)
+
+
 def test_bad_arguments():
     model = LinearTasks(2)
     closures = {"t": lambda: model.theta.sum()}

@@ -367,3 +367,19 @@ def test_a_notebook_value_the_notebook_does_not_declare_is_refused(monkeypatch):
     with pytest.raises(reproduce.RunSetupError, match=r"notebook_parameters for 06_x name \['npoc'\]"):
         reproduce.notebook_parameters("quick", "06_x", {"nproc": 1}, {})
     assert reproduce.notebook_parameters("quick", "07_y", {"nproc": 1}, {}) == {}
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_note_says_what_the_cpu_trains_in(monkeypatch, native):
+    """The runner's line on precision follows ``native_bf16``: bf16 autocast where the CPU multiplies bf16
+    natively, float32 (and about twice the recorded times) elsewhere; nothing on a GPU or for a fixed precision."""
+    from uniperceiver_v2.engine import runtime
+
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    note = reproduce.precision_note(reproduce.PROFILES["quick"])
+    assert note.startswith("cpu: ")
+    assert ("bfloat16 autocast" in note) == native
+    assert ("float32" in note and "twice" in note) == (not native)
+    assert reproduce.precision_note({**reproduce.PROFILES["quick"], "device": "cuda"}) is None
+    assert reproduce.precision_note(reproduce.PROFILES["paper"]) is None      # r50: run.precision is not "auto"

@@ -184,6 +184,18 @@ def test_run_training_without_echo_prints_nothing_and_summarises_the_launch(tmp_
     assert launch.log.read_text().count("first line") == 2   # appended, one log for every launch
 
 
+def test_run_training_status_line_shows_the_bar_then_gives_way_to_the_summary(tmp_path, monkeypatch):
+    """In a notebook the progress bar is one line updated in place; when the run ends it is emptied, so a finished
+    cell shows the launch's summary, not a stale bar of one rank's last batch above it."""
+    from uniperceiver_v2.walkthrough import runs
+
+    shown: list[str] = []
+    monkeypatch.setattr(runs, "_status_line", lambda: shown.append)
+    child = CHILD.replace("sys.exit(3)", "sys.exit(0)")
+    walkthrough.run_training([sys.executable, "-c", child], tmp_path / "train", progress_interval=1000.0, echo=False)
+    assert shown == ["train: 1/10 [00:00<00:00]", "train: 10/10 [00:00<00:00]", ""]
+
+
 # ----------------------------------------------------------------------------------------------------- run status
 def test_training_status_and_require_checkpoint(tmp_path):
     run_dir = tmp_path / "runs" / "quick"

@@ -404,22 +404,32 @@ def show_captions(images: Sequence[Any], captions_pred: Sequence[str] | None = N
     for name, values in (("captions_pred", captions_pred), ("captions_gt", captions_gt)):
         if values is not None and len(values) != n:
             raise ValueError(f"{name}: expected {n} entries (one per image), got {len(values)}")
+    titles = [None if captions_pred is None else textwrap.fill(captions_pred[i], width) for i in range(n)]
+    labels = []
+    for i in range(n):
+        if captions_gt is None:
+            labels.append(None)
+            continue
+        refs = [captions_gt[i]] if isinstance(captions_gt[i], str) else list(captions_gt[i])
+        # A dash in front of each reference keeps several wrapped references apart.
+        labels.append("\n".join(textwrap.fill(r, width, initial_indent="- ", subsequent_indent="  ") for r in refs)
+                      if len(refs) > 1 else textwrap.fill(refs[0], width))
+    # Each panel is as wide as a line of ``width`` characters (so the image is not squeezed by its captions) and
+    # as tall as the image plus the most lines of text any panel has.
+    panel = max(2.6, width * fontsize / 100)
+    lines = max((text.count("\n") + 1 for text in titles + labels if text), default=0)
     rows, cols = _grid_shape(n, ncols)
-    fig, axes = _figure(rows, cols, figsize=(2.6 * cols, 3.4 * rows))
+    fig, axes = _figure(rows, cols, figsize=(panel * cols, (panel + 1.35 * lines * fontsize / 72 + 0.2) * rows))
     for i, ax in enumerate(axes.flat):
         if i >= n:
             ax.set_axis_off()
             continue
         ax.imshow(to_display_image(images[i], mean, std))
         _hide_frame(ax)
-        if captions_pred is not None:
-            ax.set_title(textwrap.fill(captions_pred[i], width), fontsize=fontsize + 1, fontweight="bold")
-        if captions_gt is not None:
-            refs = [captions_gt[i]] if isinstance(captions_gt[i], str) else list(captions_gt[i])
-            # A dash in front of each reference keeps several wrapped references apart.
-            text = "\n".join(textwrap.fill(r, width, initial_indent="- ", subsequent_indent="  ") for r in refs) \
-                if len(refs) > 1 else textwrap.fill(refs[0], width)
-            ax.set_xlabel(text, fontsize=fontsize, color="dimgray")
+        if titles[i] is not None:
+            ax.set_title(titles[i], fontsize=fontsize + 1, fontweight="bold")
+        if labels[i] is not None:
+            ax.set_xlabel(labels[i], fontsize=fontsize, color="dimgray")
     return fig
 
 

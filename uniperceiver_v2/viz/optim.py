@@ -19,6 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter
 
 from .base import set_log_scale, task_color, to_numpy
@@ -105,7 +106,15 @@ def plot_task_sequence(unmixed_tasks: Sequence[str], mixed_slots: Sequence[Seque
     bars.set_yticks(positions, list(task_names), fontsize=8)
     bars.invert_yaxis()
     bars.set_xlabel("fraction drawn" + ("" if drawn == len(unmixed) else f" (all {len(unmixed)} iterations)"))
-    bars.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    for label, color in zip(bars.get_yticklabels(), colors):   # the task names double as the strips' colour key
+        label.set_color(color)
+    bars.set_xlim(0, 1.15 * max(unmixed_freq.max(), mixed_freq.max(), *(sampling_ratios[n] for n in task_names)))
+    # Grey stand-ins in the legend: a swatch in the first task's colour would read as that task.
+    handles = [Patch(facecolor="0.55", label="unmixed (iterations)"),
+               Patch(facecolor="0.55", alpha=0.45, hatch="//", label="mixed (slots)"),
+               Line2D([], [], marker="|", linestyle="none", markersize=10, color="black", label=ratios_label)]
+    bars.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False,
+                handlelength=1.2, columnspacing=0.8)
     bars.grid(axis="x", alpha=0.3)
     if title:
         fig.suptitle(title)

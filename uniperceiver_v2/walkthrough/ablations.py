@@ -43,7 +43,7 @@ from typing import Any
 
 from ..config import Config, ConfigError, apply_overrides, get_preset
 from .paper_results import ABLATION_COLUMNS, PaperTable, metric_value, ours_vs_paper, paper_table
-from .pipeline import read_json_record
+from .pipeline import project_path, read_json_record
 
 __all__ = [
     "ABLATION_BASE",
@@ -877,6 +877,7 @@ def run_interference(checkpoint: str | os.PathLike, num_batches: int, split: str
             record["matrix"] = [[round(v, 4) if math.isfinite(v) else None for v in row]
                                 for row in measured.matrix.tolist()]
             record["undefined"] = [name for k, name in enumerate(names) if record["matrix"][k][k] is None]
+            record["redrawn"] = {task: count for task, count in measured.redrawn.items() if count}
         return record
     finally:
         torch.set_num_threads(previous_threads)
@@ -1092,7 +1093,7 @@ class _Scheduler:
                     except RuntimeError as error:
                         failed[entry.job.key] = name
                         failures[name] = str(error)
-                        self.say(f"{name}: FAILED, see {entry.job.log_path}" if not self.in_process
+                        self.say(f"{name}: FAILED, see {_shown_path(entry.job.log_path)}" if not self.in_process
                                  else f"{name}: FAILED: {error}")
                         continue
                     results[name] = record
@@ -1108,7 +1109,7 @@ class _Scheduler:
         return ordered
 
     def _launch(self, job: _Job, slots: list[int]) -> Any:
-        self.say(_describe(job) + ("" if self.in_process else f"; log {job.log_path}"))
+        self.say(_describe(job) + ("" if self.in_process else f"; log {_shown_path(job.log_path)}"))
         self.progress.start(job, slots[0])
         if self.in_process:
             return self._train_here(job)
@@ -1296,8 +1297,10 @@ class TableReport:
                       if paper is not None and ours in self.ours}
         paper = {ours_label.get(label, label): values for label, values in table.paper.rows.items()}
         paper_reference = ours_label.get(table.paper_reference, table.paper_reference)
+        what = ("gap to the reference row, in points" if self.ours
+                else "the paper's gaps only (not run in this profile), in points")
         return plot_ablation([m.header for m in ABLATION_COLUMNS], self.ours, paper, self.reference,
-                             paper_reference, title=f"{self.title}: gap to the reference row, in points")
+                             paper_reference, title=f"{self.title}: {what}")
 
     def band_figure(self, noise: NoiseBand | None = None):
         """Our value of every row, one panel per column: the reference row's value with the noise band shaded
@@ -1504,15 +1507,18 @@ def _gap_rows(report: TableReport, widths: Sequence[float]) -> list[list]:
         paper_label = table.paper_rows.get(label)
         paper_values = table.paper.rows[paper_label] if paper_label is not None else (None,) * len(values)
         for index, metric in enumerate(ABLATION_COLUMNS):
+            # Both compared as shown, to 0.01 point: a gap equal to the band (a row at seed 0 that ties the
+            # baseline at seed 1) must not fall outside it by a rounding of one of the two.
             ours_gap = (None if values[index] is None or base[index] is None
                         else round(values[index] - base[index], 2) + 0.0)
+            band = round(widths[index], 2)
             paper_gap = (None if paper_values[index] is None or paper_base[index] is None
                          else round(paper_values[index] - paper_base[index], 6) + 0.0)
             mark = verdict = None
             if ours_gap is not None and paper_gap is not None:
-                mark = _mark(paper_gap, ours_gap, widths[index])
+                mark = _mark(paper_gap, ours_gap, band)
                 verdict = "paper flat" if abs(paper_gap) < PAPER_FLAT else mark
-            rows.append([report.key, label, metric.header, paper_gap, ours_gap, widths[index], mark, verdict])
+            rows.append([report.key, label, metric.header, paper_gap, ours_gap, band, mark, verdict])
     return rows
 
 
@@ -1553,6 +1559,15 @@ def tally_table(directions: Mapping[str, Sequence]) -> dict[str, list]:
         counts = tally(directions, key)
         rows.append([key or "all", *(counts[mark] for mark in MARKS), counts["paper flat"], counts["agreement"]])
     return {"columns": columns, "rows": rows}
+
+
+def _shown_path(path: Path) -> Path:
+    """``path`` relative to the checkout when it lies inside it (shorter in a notebook's output, and the same on
+    every machine), else as it is."""
+    try:
+        return Path(path).resolve().relative_to(project_path(".").resolve())
+    except ValueError:
+        return Path(path)
 
 
 def runs_table(results: Mapping[str, Mapping[str, Any]]) -> dict[str, list]:
@@ -1684,6 +1699,10 @@ def interference_table(results: Mapping[str, Mapping[str, Any]]) -> dict[str, li
         if large:
             notes.append(f"column(s) {', '.join(large)} beyond +-{LARGE_INTERFERENCE:g}: those tasks' own steps barely "
                          f"lower their loss on other batches, so I is a ratio of small numbers there")
+        redrawn = measured.get("redrawn") or {}
+        if redrawn:
+            notes.append("redrawn for a zero gradient: " + ", ".join(f"{task} {count} batch{'es' if count > 1 else ''}"
+                                                                     for task, count in redrawn.items()))
         note = "; ".join(notes)
         if not pairs:
             rows.append([name, measured["num_batches"], None, None, None, note])

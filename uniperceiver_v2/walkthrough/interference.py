@@ -26,7 +26,8 @@ selected parameters, independent of N.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,13 +43,16 @@ class TaskInterference:
         task_names: the K tasks, in the order of the matrix rows and columns.
         matrix: (K, K) float64, matrix[i, j] = I(task_names[i] -> task_names[j]); the diagonal is 1.
         parameter_names: the parameters the gradients were taken on.
-        num_batches: batches drawn per task.
+        num_batches: batches used per task.
+        redrawn: per task, how many batches gave an exactly zero gradient on the selected parameters and were
+            replaced by a fresh one (e.g. a detection batch whose images hold nothing the loss acts on).
     """
 
     task_names: list[str]
     matrix: torch.Tensor
     parameter_names: list[str]
     num_batches: int
+    redrawn: dict[str, int] = field(default_factory=dict)
 
     def __getitem__(self, pair: tuple[str, str]) -> float:
         """I(source -> target) for task names, e.g. result["captioning", "classification"]."""
@@ -99,8 +103,9 @@ def task_interference(
         TaskInterference with matrix[i, j] = I(i -> j).
 
     Raises:
-        ValueError: if a task's gradient on the selected parameters is zero (the task does not use them, so
-            its direction d_i is undefined), or, with ``undefined="raise"``, its denominator is not positive.
+        ValueError: if a task's gradient on the selected parameters is zero in ``num_batches`` batches (the task
+            does not use them, so its direction d_i is undefined; a single zero batch is redrawn), or, with
+            ``undefined="raise"``, its denominator is not positive.
     """
     if undefined not in ("raise", "nan"):
         raise ValueError(f"task_interference: undefined must be 'raise' or 'nan', got {undefined!r}")
@@ -118,26 +123,22 @@ def task_interference(
     sum_direction = torch.zeros_like(sum_grad)
     sum_norm = torch.zeros(len(task_names), dtype=torch.float64, device=device)
 
+    redrawn = dict.fromkeys(task_names, 0)
     for batch in range(num_batches):
         for k, task in enumerate(task_names):
-            loss = task_losses[task]()
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise ValueError(f"task {task!r}: the loss closure must return a scalar tensor")
-            if not loss.requires_grad:
-                raise ValueError(f"task {task!r}: the loss does not require grad (computed under torch.no_grad?)")
-            grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
-            flat = torch.cat(
-                [
-                    (g if g is not None else torch.zeros_like(p)).reshape(-1).to(device=device, dtype=torch.float64)
-                    for g, p in zip(grads, params)
-                ]
-            )  # (P,)
-            norm = torch.linalg.vector_norm(flat)
-            if norm == 0:
-                raise ValueError(
-                    f"task {task!r}: zero gradient on the selected parameters (batch {batch}); "
-                    "a task that does not use these parameters has no interference direction"
-                )
+            # A batch with an exactly zero gradient has no direction d: it is replaced by a fresh one, at most
+            # num_batches times per task in all; a task whose gradient stays zero does not use these parameters.
+            while True:
+                flat = _flat_gradient(task, task_losses[task](), params, device)  # (P,)
+                norm = torch.linalg.vector_norm(flat)
+                if norm > 0:
+                    break
+                redrawn[task] += 1
+                if redrawn[task] >= num_batches:
+                    raise ValueError(
+                        f"task {task!r}: zero gradient on the selected parameters in {redrawn[task]} batches "
+                        f"(the last at batch {batch}); a task that does not use these parameters has no "
+                        "interference direction")
             sum_grad[k] += flat
             sum_direction[k] += flat / norm
             sum_norm[k] += norm
@@ -159,4 +160,16 @@ def task_interference(
     matrix = cross / self_change.unsqueeze(0)
     matrix.diagonal().fill_(1.0)
     matrix[:, ~defined] = float("nan")
-    return TaskInterference(task_names=task_names, matrix=matrix.cpu(), parameter_names=names, num_batches=n)
+    return TaskInterference(task_names=task_names, matrix=matrix.cpu(), parameter_names=names, num_batches=n,
+                            redrawn=redrawn)
+
+
+def _flat_gradient(task: str, loss: Any, params: Sequence[nn.Parameter], device: torch.device) -> torch.Tensor:
+    """(P,) float64: the gradient of one batch's scalar ``loss`` on ``params``, zeros for an unused parameter."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError(f"task {task!r}: the loss closure must return a scalar tensor")
+    if not loss.requires_grad:
+        raise ValueError(f"task {task!r}: the loss does not require grad (computed under torch.no_grad?)")
+    grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).to(device=device, dtype=torch.float64)
+                      for g, p in zip(grads, params)])

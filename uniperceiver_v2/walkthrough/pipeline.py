@@ -836,6 +836,9 @@ def reproduce(profile: str, notebook_dir: str | os.PathLike = "notebooks", out: 
         raise RunSetupError(str(exc)) from exc
     if plan.uses_data:
         prepare_data(profile, plan.parameters)
+    note = precision_note(plan.parameters)
+    if note and summary:       # once, from the command the user typed (the parallel runner's workers stay quiet)
+        print(note, flush=True)
     if jobs > 1:
         return run_plan_parallel(plan, jobs, force, command, notebook_dir)
     return run_plan(plan, kernel_name, force, command, summary)
@@ -1185,6 +1188,29 @@ def check_data(parameters: Mapping[str, Any]) -> None:
         if suite not in SUITES:
             raise RunSetupError(f"data_profile: no synthetic suite {suite!r}; expected one of {sorted(SUITES)}, "
                                 "or None for real data under data_root")
+
+
+def precision_note(parameters: Mapping[str, Any]) -> str | None:
+    """One line on the precision the profile's training will use on this machine's CPU, or None on a GPU or for a
+    preset with a fixed ``run.precision``. The times this project records for the CPU profiles were measured under
+    bfloat16 autocast on a CPU that multiplies bf16 natively (AVX-512 BF16); without it ``run.precision=auto``
+    trains in float32 and every notebook that trains takes about twice as long (docs/benchmarks.md, "Without
+    native bf16")."""
+    import torch
+
+    from uniperceiver_v2.config import get_preset
+    from uniperceiver_v2.engine.runtime import native_bf16
+
+    if get_preset(parameters["preset"]).run.precision != "auto":
+        return None
+    if parameters["device"] == "cuda" or (parameters["device"] == "auto" and torch.cuda.is_available()):
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    if native_bf16(torch.device("cpu")):
+        return f"cpu: {capability} with native bf16: training runs under bfloat16 autocast (run.precision=auto)"
+    return (f"cpu: {capability}, no native bf16 (AVX-512 BF16 or AMX): training runs in float32 "
+            "(run.precision=auto) and takes about twice the times in README.md, which were measured with bf16 "
+            "(docs/benchmarks.md, \"Without native bf16\")")
 
 
 def prepare_data(profile: str, parameters: Mapping[str, Any] | None = None) -> None:
