@@ -42,6 +42,7 @@ def first_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("reproduce")
     notebooks = root / "notebooks"
     shutil.copytree(FIXTURES, notebooks)
+    (notebooks / "README.md").write_text("# the series\n")
     out = root / "runs"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -65,6 +66,8 @@ def test_failure_names_notebook_cell_and_error_and_exits_nonzero(first_run):
 
 
 def test_completed_notebooks_are_kept_with_their_results(first_run):
+    # the executed copies keep the series' index beside them: every notebook's footer links to README.md
+    assert (first_run["profile_dir"] / "notebooks" / "README.md").read_text() == "# the series\n"
     results = first_run["profile_dir"] / "results"
     assert sorted(p.name for p in results.glob("*.json")) == ["00_parameters.json", "01_numpy_results.json"]
     state = json.loads((first_run["profile_dir"] / "state.json").read_text())["notebooks"]

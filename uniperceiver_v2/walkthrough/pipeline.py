@@ -50,6 +50,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -695,6 +696,9 @@ def run_notebook(source: Path, executed: Path, parameters: dict[str, Any], param
     from nbclient.exceptions import DeadKernelError
 
     executed.parent.mkdir(parents=True, exist_ok=True)
+    series_index = source.parent / "README.md"   # each notebook's footer links to it: keep it beside the copies
+    if series_index.is_file():
+        shutil.copyfile(series_index, executed.parent / series_index.name)
     try:
         papermill.execute_notebook(
             str(source), str(executed), parameters=parameters, kernel_name=kernel_name, cwd=str(source.parent),
