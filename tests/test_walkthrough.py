@@ -680,6 +680,10 @@ def test_distinct_detections_keep_one_box_per_proposal():
     suppressed = dict(detections, scores=torch.tensor([0.9, 0.8, 0.7, 0.0, 0.0]))
     assert walkthrough.distinct_detections(suppressed, 10)["scores"].tolist() == pytest.approx([0.9, 0.7])
     assert walkthrough.distinct_detections(detections, 0)["boxes"].shape == (0, 4)
+    # with overlap, a box overlapping a kept one is left out (IoU 9/23 = 0.39 between boxes 0 and 2, and 2 and 4)
+    assert walkthrough.distinct_detections(detections, 10, overlap=0.3)["scores"].tolist() == pytest.approx([0.9, 0.5])
+    assert walkthrough.distinct_detections(detections, 10, overlap=0.4)["scores"].tolist() == pytest.approx(
+        [0.9, 0.7, 0.5])
 
 
 def test_detection_verdicts_tell_right_misnamed_and_off_detections():

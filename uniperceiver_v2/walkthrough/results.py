@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torchvision.ops import box_iou
 
 from .. import api
 
@@ -101,7 +102,7 @@ def metrics_table(results: Mapping[str, Mapping[str, Any]], split: str,
 # --------------------------------------------------------------------------------------------------------------
 # Qualitative examples
 # --------------------------------------------------------------------------------------------------------------
-def distinct_detections(detections: Mapping[str, Any], count: int) -> dict[str, Any]:
+def distinct_detections(detections: Mapping[str, Any], count: int, overlap: float | None = None) -> dict[str, Any]:
     """The ``count`` best detections of *different* proposals, each with its best class.
 
     ``api.detect`` ranks (proposal, class) pairs, so one proposal can appear several times with different classes
@@ -113,6 +114,9 @@ def distinct_detections(detections: Mapping[str, Any], count: int) -> dict[str, 
         detections: one image's result of ``api.detect``: ``boxes`` (K, 4), ``scores`` (K,) sorted best first,
             ``labels`` (K,), optional ``masks`` (K, H, W) and ``names`` (K strings).
         count: how many to keep.
+        overlap: also leave out a proposal whose box overlaps a kept one with IoU >= ``overlap`` (whatever the two
+            names): one box per object in a figure, where several proposals on one object stack their captions.
+            None: proposals are told apart by their box only.
 
     Returns:
         the same keys, restricted to the kept detections, in score order.
@@ -127,9 +131,12 @@ def distinct_detections(detections: Mapping[str, Any], count: int) -> dict[str, 
         if float(scores[index]) <= 0.0:              # suppressed (nms_threshold): every later pair scores 0 too
             break
         key = tuple(boxes[index].tolist())
-        if key not in seen:
-            seen.add(key)
-            keep.append(index)
+        if key in seen:
+            continue
+        if overlap is not None and keep and float(box_iou(boxes[index:index + 1], boxes[keep]).max()) >= overlap:
+            continue
+        seen.add(key)
+        keep.append(index)
     rows = torch.tensor(keep, dtype=torch.long)
     return {key: [value[i] for i in keep] if isinstance(value, list) else value[rows]
             for key, value in detections.items()}
