@@ -1688,14 +1688,12 @@ def interference_table(results: Mapping[str, Mapping[str, Any]]) -> dict[str, li
         if "matrix" not in measured:
             rows.append([name, measured["num_batches"], None, None, None, f"not measured: {measured.get('error')}"])
             continue
-        tasks, matrix = measured["tasks"], measured["matrix"]
-        pairs = [(matrix[i][j], f"{tasks[i]} -> {tasks[j]}") for i in range(len(tasks)) for j in range(len(tasks))
-                 if i != j and matrix[i][j] is not None]
+        values = _pair_values(measured)
+        pairs = [(value, f"{source} -> {target}") for (source, target), value in values.items()]
         undefined = measured.get("undefined") or []
         notes = [f"column(s) {', '.join(undefined)} undefined: those tasks' own gradients disagree across batches"
                  ] if undefined else []
-        large = sorted({tasks[j] for i in range(len(tasks)) for j in range(len(tasks))
-                        if i != j and matrix[i][j] is not None and abs(matrix[i][j]) > LARGE_INTERFERENCE})
+        large = sorted({target for (_, target), value in values.items() if abs(value) > LARGE_INTERFERENCE})
         if large:
             notes.append(f"column(s) {', '.join(large)} beyond +-{LARGE_INTERFERENCE:g}: those tasks' own steps barely "
                          f"lower their loss on other batches, so I is a ratio of small numbers there")

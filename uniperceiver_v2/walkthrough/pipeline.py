@@ -1203,14 +1203,14 @@ def precision_note(parameters: Mapping[str, Any]) -> str | None:
     import torch
 
     from uniperceiver_v2.config import get_preset
-    from uniperceiver_v2.engine.runtime import native_bf16
+    from uniperceiver_v2.engine.runtime import resolve_precision
 
     if get_preset(parameters["preset"]).run.precision != "auto":
         return None
     if parameters["device"] == "cuda" or (parameters["device"] == "auto" and torch.cuda.is_available()):
         return None
     capability = torch.backends.cpu.get_cpu_capability()
-    if native_bf16(torch.device("cpu")):
+    if resolve_precision("auto", torch.device("cpu")) == "bf16":
         return f"cpu: {capability} with native bf16: training runs under bfloat16 autocast (run.precision=auto)"
     return (f"cpu: {capability}, no native bf16 (AVX-512 BF16 or AMX): training runs in float32 "
             "(run.precision=auto) and takes about twice the times in README.md, which were measured with bf16 "
