@@ -1125,16 +1125,13 @@ def test_interference_is_measured_on_runs_of_several_tasks_and_shared(tmp_path, 
 def test_interference_settings_and_summaries():
     with pytest.raises(ValueError, match="interference_batches"):
         A.AblationSettings(run_dir="/tmp", interference_batches=1)
-    assert A.mean_interference({"matrix": [[1.0, 0.2, -0.4], [0.0, 1.0, 0.6], [0.3, 0.5, 1.0]]}) == pytest.approx(
-        (0.2 - 0.4 + 0.0 + 0.6 + 0.3 + 0.5) / 6)
-    assert A.mean_interference({"error": "no gradient", "num_batches": 2}) is None
     table = A.interference_table({"r": {"shared_with": None, "interference": {"error": "zero gradient",
                                                                               "num_batches": 2}}})
     assert table["rows"] == [["r", 2, None, None, None, "not measured: zero gradient"]]
-    # a task whose own gradients disagree across batches: its column is None, left out of the mean and the pairs
+    # a task whose own gradients disagree across batches: its column is None, left out of the pairs
     measured = {"tasks": ["a", "b", "c"], "matrix": [[1.0, None, 0.5], [0.2, None, -0.1], [0.4, None, 1.0]],
                 "undefined": ["b"], "num_batches": 16}
-    assert A.mean_interference(measured) == pytest.approx((0.5 + 0.2 - 0.1 + 0.4) / 4)
+    assert A._pair_values(measured) == {("a", "c"): 0.5, ("b", "a"): 0.2, ("b", "c"): -0.1, ("c", "a"): 0.4}
     (row,) = A.interference_table({"r": {"shared_with": None, "interference": measured}})["rows"]
     assert row[3] == "b -> c (-0.10)" and row[4] == "a -> c (+0.50)" and "column(s) b undefined" in row[5]
     # every pair helps: the lowest I is positive, and the column does not call it negative

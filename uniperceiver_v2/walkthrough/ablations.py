@@ -75,7 +75,6 @@ __all__ = [
     "interference_figure",
     "interference_table",
     "load_result",
-    "mean_interference",
     "noise_band",
     "noise_runs",
     "plan_runs",
@@ -1598,17 +1597,6 @@ def full_model_result(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any
 # --------------------------------------------------------------------------------------------------------------
 # Task interference of the trained runs
 # --------------------------------------------------------------------------------------------------------------
-def mean_interference(measured: Mapping[str, Any]) -> float | None:
-    """The mean of I(i -> j) over the ordered pairs i != j of one run's :func:`run_interference` record (None when
-    it holds no matrix): > 0, the tasks on average help each other on the measured parameters; < 0, they hurt.
-    Pairs whose target task is undefined (None) are left out."""
-    matrix = measured.get("matrix")
-    if not matrix or len(matrix) < 2:
-        return None
-    values = [value for i, row in enumerate(matrix) for j, value in enumerate(row) if i != j and value is not None]
-    return sum(values) / len(values) if values else None
-
-
 def _pair_values(measured: Mapping[str, Any]) -> dict[tuple[str, str], float]:
     """I(i -> j) of one run's record by task names, for the ordered pairs i != j that are defined."""
     tasks, matrix = measured.get("tasks") or [], measured.get("matrix") or []
