@@ -521,6 +521,10 @@ def test_a_zero_paper_gap_has_no_direction():
     assert A._mark(0.0, 2.0, 0.5) == "opposite" and A._mark(0.0, 0.3, 0.5) == "within noise"
     assert A._mark(-1.2, -0.6, 0.5) == "same" and A._mark(-1.2, 0.6, 0.5) == "opposite"
     assert A._mark(1.2, 0.5, 0.5) == "within noise"       # the band's edge is inside
+    # the verdict: the mark, except where the paper's gap is under PAPER_FLAT
+    assert A.cell_verdict(A.PAPER_FLAT / 2, 3.0, 0.5) == "paper flat"
+    assert A.cell_verdict(-A.PAPER_FLAT, -3.0, 0.5) == "same"
+    assert A.cell_verdict(1.2, 0.5, 0.5) == "within noise" and A.cell_verdict(1.2, -0.6, 0.5) == "opposite"
 
 
 def test_band_figure_draws_the_band_and_colours_bars_by_verdict():

@@ -593,6 +593,9 @@ def test_config_of_command_and_the_task_mixture():
     cfg.run.grad_accum = 3                              # three micro-batches per process and step
     three = next(row for row in walkthrough.task_mixture_table(cfg, 50, nproc=2)["rows"] if row[0] == "detection")
     assert three[3:5] == [4, 24]
+    header = walkthrough.task_mixture_table(cfg, 50, nproc=2)["columns"][4]
+    assert header == "batch of a step (2 processes x 3 micro-batch(es))"
+    assert walkthrough.task_mixture_table(cfg, 50)["columns"][4] == "batch of a step (3 micro-batch(es))"
     with pytest.raises(ValueError, match="uniperceiver_v2.train"):
         walkthrough.config_of_command(["python", "-c", "pass"])
     cfg.run.sampling = "mixed"

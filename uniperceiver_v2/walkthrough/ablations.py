@@ -69,6 +69,7 @@ __all__ = [
     "NoiseBand",
     "TableReport",
     "build_config",
+    "cell_verdict",
     "full_model_result",
     "gap_agreement",
     "gap_directions",
@@ -1469,6 +1470,13 @@ def _mark(paper_gap: float, ours_gap: float, band: float) -> str:
     return "same" if paper_gap != 0 and (ours_gap > 0) == (paper_gap > 0) else "opposite"
 
 
+def cell_verdict(paper_gap: float, ours_gap: float, band: float, flat: float = PAPER_FLAT) -> str:
+    """The verdict (:data:`VERDICTS`) of one cell of :func:`gap_directions`: "paper flat" where the paper's gap is
+    under ``flat`` points, else the mark of our gap against the band (``_mark``): "within noise", "same" or
+    "opposite"."""
+    return "paper flat" if abs(paper_gap) < flat else _mark(paper_gap, ours_gap, band)
+
+
 def gap_directions(*reports: TableReport, noise: NoiseBand | None = None) -> dict[str, list]:
     """Every cell of our tables (each row we ran but the reference, each column) against the paper's: the paper's
     gap to its reference row, ours to our reference row, the noise band of the column, the mark and the verdict.
@@ -1516,7 +1524,7 @@ def _gap_rows(report: TableReport, widths: Sequence[float]) -> list[list]:
             mark = verdict = None
             if ours_gap is not None and paper_gap is not None:
                 mark = _mark(paper_gap, ours_gap, band)
-                verdict = "paper flat" if abs(paper_gap) < PAPER_FLAT else mark
+                verdict = cell_verdict(paper_gap, ours_gap, band)
             rows.append([report.key, label, metric.header, paper_gap, ours_gap, band, mark, verdict])
     return rows
 

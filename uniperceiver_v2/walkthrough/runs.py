@@ -312,7 +312,9 @@ def task_mixture_table(cfg, iterations: int, nproc: int = 1) -> dict[str, list]:
         expected = sampler.expected_iterations(name, iterations)
         rows.append([name, round(share, 4), task.loss_weight, task.batch_size, task.batch_size * per_step,
                      round(expected, 1), round(expected * task.batch_size * per_step)])
-    return {"columns": ["task", "s_k", "w_k", "batch / process", f"batch of a step ({per_step} micro-batch(es))",
+    step = (f"{nproc} processes x {cfg.run.grad_accum} micro-batch(es)" if nproc > 1
+            else f"{cfg.run.grad_accum} micro-batch(es)")
+    return {"columns": ["task", "s_k", "w_k", "batch / process", f"batch of a step ({step})",
                         "expected iterations", "expected samples"],
             "rows": rows}
 
