@@ -563,6 +563,12 @@ def test_band_figure_draws_the_band_and_colours_bars_by_verdict():
                                verdicts={("row", 0): "opposite"}).axes
     (marker,) = [line for line in ax.get_lines() if line.get_marker() == "s"]
     assert list(marker.get_ydata()) == [0.0] and marker.get_color() == VERDICT_COLORS["opposite"]
+    # ... and so does one that only rounds to 0 (a BLEU of 1e-11 %), with the paper's tick at 0 drawn over the axis
+    (ax,) = plot_ablation_band(["B@4"], {"ref": (0.5,), "row": (1.2e-11,)}, "ref", [0.5],
+                               verdicts={("row", 0): "within noise"}, paper_gaps={("row", 0): -0.5}).axes
+    (marker,) = [line for line in ax.get_lines() if line.get_marker() == "s"]
+    assert marker.get_color() == VERDICT_COLORS["within noise"]
+    assert any(list(line.get_ydata()) == [0.0, 0.0] and not line.get_clip_on() for line in ax.get_lines())
 
 
 def test_saved_report_round_trip_full_model_and_runs_table(tmp_path, fake_trainer):

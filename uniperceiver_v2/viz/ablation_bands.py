@@ -96,14 +96,15 @@ def plot_ablation_band(columns: Sequence[str], ours: Mapping[str, Sequence[Value
                 used.add(verdict)
                 color = VERDICT_COLORS.get(verdict, VERDICT_COLORS[None])
             ax.bar(position, value, width=0.7, color=color, edgecolor="black", linewidth=0.4)
-            if value == 0:      # a bar of no height: its verdict colour as a marker on the axis
+            if round(value, 1) == 0:    # a bar of no visible height (labelled 0.0): its verdict colour as a marker
                 ax.plot(position, 0.0, marker="s", markersize=7, color=color, markeredgecolor="black",
                         markeredgewidth=0.4, clip_on=False, zorder=3)
             label_bar(ax, position, value, f"{value:.1f}")
             drawn.append(value)
             gap = paper_gaps.get((label, index))
             if base is not None and gap is not None and label != reference:
-                ax.plot([position - 0.3, position + 0.3], [base + gap] * 2, color=PAPER_MARKER_COLOR, linewidth=1.4)
+                ax.plot([position - 0.3, position + 0.3], [base + gap] * 2, color=PAPER_MARKER_COLOR, linewidth=1.4,
+                        clip_on=False, zorder=4)     # above the axis line when the tick sits at 0
                 drawn.append(base + gap)
         finish_bar_axes(ax, labels, drawn)
         ax.set_title(column, fontsize=9)
