@@ -1072,6 +1072,9 @@ def test_task_trends_show_a_level_loss_with_a_vanishing_gradient():
 def test_longest_gaps_count_the_iterations_without_each_task():
     drawn = ["a", "b", "b", "c", "b", "a", "b"]
     assert walkthrough.longest_gaps(drawn, ["a", "b", "c", "d"]) == {"a": 4, "b": 1, "c": 3, "d": 7}
+    # a task that joins at iteration 3 has no gap before it: "c" is drawn at once, "d" misses the 4 after its start
+    assert walkthrough.longest_gaps(drawn, ["a", "c", "d"], start_iterations={"c": 3, "d": 3}) == {"a": 4, "c": 3,
+                                                                                                    "d": 4}
 
 
 def test_random_first_rank_median_closed_form_and_simulation():

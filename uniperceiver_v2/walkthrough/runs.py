@@ -652,13 +652,15 @@ def lr_records(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return sorted(out.values(), key=lambda r: (r["group"], r["iteration"]))
 
 
-def longest_gaps(tasks: Sequence[str], task_names: Sequence[str]) -> dict[str, int]:
+def longest_gaps(tasks: Sequence[str], task_names: Sequence[str],
+                 start_iterations: Mapping[str, int] | None = None) -> dict[str, int]:
     """task -> the longest run of consecutive iterations in ``tasks`` (the task of each iteration) that did not
-    draw it; a task never drawn has the whole length."""
+    draw it, counted from the iteration the task joins (``start_iterations``, default 0: the iterations before
+    it are not gaps of the sampling); a task never drawn has the whole length after its start."""
     gaps = {}
     for name in task_names:
         longest = current = 0
-        for task in tasks:
+        for task in tasks[(start_iterations or {}).get(name, 0):]:
             current = 0 if task == name else current + 1
             longest = max(longest, current)
         gaps[name] = longest
