@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torchvision.ops import box_iou
 
 from .. import api
+from ..modeling.box_ops import box_iou
 
 # --------------------------------------------------------------------------------------------------------------
 # Evaluation results
@@ -145,8 +145,6 @@ def distinct_detections(detections: Mapping[str, Any], count: int, overlap: floa
 def overlapping_detections(boxes: Any, threshold: float = 0.5) -> int:
     """How many of the (N, 4) xyxy ``boxes`` overlap at least one *other* of them with IoU > ``threshold``: the
     duplicates a detector without NMS keeps (two boxes on one object count as two)."""
-    from ..modeling.box_ops import box_iou
-
     boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     if boxes.shape[0] < 2:
         return 0
@@ -167,7 +165,6 @@ def detection_verdicts(found: Mapping[str, Any], sample: Any, min_iou: float = 0
         ``{"verdicts": K strings, "right", "misnamed", "off": their counts, "objects": N, "found": how many objects
         have a right detection}``.
     """
-    from ..modeling.box_ops import box_iou
 
     boxes = torch.as_tensor(found["boxes"], dtype=torch.float32).reshape(-1, 4).cpu()
     labels = torch.as_tensor(found["labels"], dtype=torch.long).reshape(-1).cpu()
