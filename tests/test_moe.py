@@ -292,6 +292,31 @@ def test_missing_condition_is_named():
         gate(torch.randn(B, T, D), TokenConditions(attributes=torch.zeros(B, T + 1, 8)))
 
 
+def test_context_routing_reads_the_other_tokens_and_token_routing_does_not():
+    """MoE eq. (6): c = concat(x, AttnPool(sample)). Changing one token of a sample moves the other tokens' context
+    logits but leaves their token-routing logits alone (notebook 04 compares the two routings' L_bal)."""
+    torch.manual_seed(0)
+    x = torch.randn(B, T, D)
+    changed = x.clone()
+    changed[0, -1] += 3.0                                     # one token of sample 0
+    gates = {routing: ConditionalGate(D, moe_cfg(routing, noise_std=0.0)).eval() for routing in ("token", "context")}
+    logits = {}
+    for routing, gate in gates.items():
+        captured: list[torch.Tensor] = []
+        handle = gate.proj.register_forward_hook(
+            lambda module, inputs, output, captured=captured: captured.append(output.detach()))
+        decisions = [gate(inputs, TokenConditions()) for inputs in (x, changed)]
+        handle.remove()
+        logits[routing] = [c.reshape(B, T, E) for c in captured]
+        assert torch.isfinite(decisions[0].aux_loss)
+    token_before, token_after = logits["token"]
+    context_before, context_after = logits["context"]
+    assert torch.equal(token_before[0, :-1], token_after[0, :-1])            # a token's own features only
+    assert not torch.allclose(context_before[0, :-1], context_after[0, :-1])  # the pooled sample moved
+    assert torch.equal(context_before[1:], context_after[1:])                 # other samples: untouched
+    assert gates["context"].proj.weight.shape == (E, 2 * D)
+
+
 def test_gate_parameters_are_named_gate():
     modules = torch.nn.ModuleDict({"gate": ConditionalGate(D, moe_cfg("context")), "fc": MoELinear(E, D, D)})
     names = [n for n, _ in modules.named_parameters()]

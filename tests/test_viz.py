@@ -216,6 +216,26 @@ def test_draw_detections_fit_captions_uses_the_room_under_crowded_boxes():
     assert [t.get_position()[1] for t in ax.texts] == [40, 40, 80, 80]   # two at the top edge, two at the bottom
 
 
+def test_draw_detections_fit_captions_stacks_the_captions_of_many_boxes_on_one_small_object():
+    # Eight boxes on one small object (as a detector's best boxes on a ring): the seven places around the box hold
+    # a few captions; the others stack in a column above and under it, apart, each with a leader line to its box.
+    picture = torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(2))
+    boxes = np.array([[56, 50, 72, 66]] * 8, dtype=np.float64)
+    names = [f"digit number {i}" for i in range(8)]
+    fig = viz.draw_detections(picture, boxes, labels=list(range(8)), scores=[0.1] * 8, class_names=names,
+                              fit_captions=True)
+    fig.draw_without_rendering()
+    ax = fig.axes[0]
+    frame = ax.get_window_extent()
+    extents = [t.get_window_extent() for t in ax.texts]
+    assert len(extents) == 8
+    assert all(viz.images._area(a, b) < 1.0 for i, a in enumerate(extents) for b in extents[i + 1:])
+    assert all(e.x0 >= frame.x0 - 1.0 and e.x1 <= frame.x1 + 1.0 and e.y0 >= frame.y0 - 1.0
+               and e.y1 <= frame.y1 + 1.0 for e in extents)
+    assert ax.lines, "the stacked captions are joined to their box"
+    assert ax.get_xlim() == (-0.5, 127.5) and ax.get_ylim() == (127.5, -0.5)   # leader lines leave the view alone
+
+
 def test_draw_proposals_labels_its_colour_bar(image):
     boxes, _ = _scene()
     fig = viz.draw_proposals(image, boxes, torch.rand(4), score_label="σ(objectness)")

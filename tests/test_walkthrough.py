@@ -185,15 +185,17 @@ def test_run_training_without_echo_prints_nothing_and_summarises_the_launch(tmp_
 
 
 def test_run_training_status_line_shows_the_bar_then_gives_way_to_the_summary(tmp_path, monkeypatch):
-    """In a notebook the progress bar is one line updated in place; when the run ends it is emptied, so a finished
-    cell shows the launch's summary, not a stale bar of one rank's last batch above it."""
+    """In a notebook the progress bar is one line updated in place; when the run ends the launch's summary replaces
+    it, so a finished cell shows how the run ended, not a stale bar of one rank's last batch (nor an empty output)."""
     from uniperceiver_v2.walkthrough import runs
 
     shown: list[str] = []
     monkeypatch.setattr(runs, "_status_line", lambda: shown.append)
     child = CHILD.replace("sys.exit(3)", "sys.exit(0)")
-    walkthrough.run_training([sys.executable, "-c", child], tmp_path / "train", progress_interval=1000.0, echo=False)
-    assert shown == ["train: 1/10 [00:00<00:00]", "train: 10/10 [00:00<00:00]", ""]
+    launch = walkthrough.run_training([sys.executable, "-c", child], tmp_path / "train", progress_interval=1000.0,
+                                      echo=False)
+    assert shown == ["train: 1/10 [00:00<00:00]", "train: 10/10 [00:00<00:00]", launch.summary()]
+    assert shown[-1].startswith("last line\n4 lines")
 
 
 # ----------------------------------------------------------------------------------------------------- run status
@@ -777,7 +779,7 @@ def test_ceiling_table_puts_the_model_next_to_the_oracle_and_the_references():
                "captioning_grammar_caption": {"BLEU-4": 0.4, "CIDEr": 1.3}}
     table = walkthrough.ceiling_table(results, ceiling)
     rows = {(row[0], row[3]): row for row in table["rows"]}
-    assert table["columns"][:3] == ["metric", "model", "ceiling"]
+    assert table["columns"] == ["metric", "model", "reference", "reference is", "chance"]
     assert rows[("retrieval R@1 image->text", table["rows"][0][3])][1:3] == [25.0, 70.0]
     assert [row[1:3] for row in table["rows"] if row[0] == "captioning CIDEr"] == [[50.0, 90.0], [50.0, 130.0]]
     assert table["rows"][1][4] == 0.2                                    # chance of text->image R@1, x100
@@ -1108,3 +1110,14 @@ def test_json_records_of_runs_name_the_file_and_the_remedy(tmp_path):
     (tmp_path / "result.json").write_text(json.dumps({"key": "abc"}))
     with pytest.raises(ValueError, match=r"result\.json: missing key\(s\) 'metrics'; delete it to rerun"):
         ablations.load_result(tmp_path)
+
+
+def test_markdown_table_keeps_the_integer_digits_that_four_significant_figures_would_round():
+    # The task-mixture table's expected iterations (1079.5) times the batch (32) are its expected samples (34544):
+    # "1080" would not multiply out; small numbers keep four significant figures.
+    from uniperceiver_v2.walkthrough.pipeline import markdown_table
+
+    table = markdown_table(["iterations", "samples", "share", "ratio"], [[1079.5, 34544.0, 0.13, 1.0488]])
+    assert table.splitlines()[-1] == "| 1079.5 | 34544 | 0.13 | 1.049 |"
+    assert markdown_table(["x"], [[float("nan")], [2632.54], [None]]).splitlines()[2:] == \
+        ["| nan |", "| 2632.5 |", "| - |"]

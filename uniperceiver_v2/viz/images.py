@@ -152,7 +152,8 @@ def _fit_caption(ax: Axes, text: Any, box: tuple[float, float, float, float], pl
     right end), inside the box over its bottom edge (left end), that lies whole inside the image and off the
     ``placed`` extents. When none does, the place inside the image that overlaps the placed captions
     least, a caption that would cross the image's left or right border being pushed back inside it (see
-    ``draw_detections(fit_captions=True)``). Returns its final display-space extent."""
+    ``draw_detections(fit_captions=True)``). Before that last resort, crowded captions stack in a column above or
+    under the box, each joined to its box by a leader line. Returns its final display-space extent."""
     frame = ax.get_window_extent()
     margin = 2.0 * ax.figure.dpi / 72      # display pixels: the caption's bbox pad (1 pt) and a glyph's overhang
     frame = Bbox.from_extents(frame.x0 + margin, frame.y0, frame.x1 - margin, frame.y1)     # at the side borders
@@ -193,7 +194,28 @@ def _fit_caption(ax: Axes, text: Any, box: tuple[float, float, float, float], pl
             cost = (not inside, overlap)
             if best_cost is None or cost < best_cost:
                 best, best_cost = (x, y, ha, va), cost
+    # Third round, for crowded objects (several boxes on one small object): a column of places 1.3 caption heights
+    # apart (room for their frames) above the box and under it, nearest first, each joined to its box by a line.
+    bottom_edge, top_edge = ax.get_ylim()                  # the y axis points down: ylim is (bottom, top)
+    step = 1.3 * place(x0, y0, "left", "bottom").height * (bottom_edge - top_edge) / max(frame.height, 1.0)
+    anchor_x = min(max(x0, left_edge), right_edge)
+    for k in range(1, 9):
+        for y, va, corner in ((y0 - k * step, "bottom", y0), (y1 + k * step, "top", y1)):
+            bounds = place(anchor_x, y, "left", va)
+            if bounds.x1 > frame.x1 + 0.5:                  # pushed back inside the right border
+                bounds = place(right_edge, y, "right", va)
+            inside = (bounds.x0 >= frame.x0 - 0.5 and bounds.x1 <= frame.x1 + 0.5
+                      and bounds.y0 >= frame.y0 - 0.5 and bounds.y1 <= frame.y1 + 0.5)
+            if inside and not any(_area(bounds, o) > 0 for o in placed):
+                ax.plot([text.get_position()[0], x0], [y, corner], color=text.get_bbox_patch().get_facecolor(),
+                        linewidth=0.8, alpha=0.9, solid_capstyle="butt")
+                return bounds
     return place(*best)
+
+
+def _area(a: Bbox, b: Bbox) -> float:
+    """Overlap of two display-space extents, in square pixels."""
+    return max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
 
 
 def _detection_caption(i: int, labels: np.ndarray | None, scores: np.ndarray | None,

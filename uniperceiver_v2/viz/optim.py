@@ -77,7 +77,7 @@ def plot_task_sequence(unmixed_tasks: Sequence[str], mixed_slots: Sequence[Seque
     drawn = len(unmixed) if shown is None else min(shown, len(unmixed))
     first = "" if drawn == len(unmixed) else f" (the first {drawn} of {len(unmixed)} iterations)"
 
-    fig = Figure(figsize=(13.0, 3.6), layout="constrained")
+    fig = Figure(figsize=(13.0, 3.9), layout="constrained")
     grid = fig.add_gridspec(2, 2, width_ratios=[3.2, 1.0], height_ratios=[1.0, max(1.0, slots / 2)])
     cmap = ListedColormap([task_color(name) for name in task_names])
     top, bottom = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, 0])
@@ -87,7 +87,7 @@ def plot_task_sequence(unmixed_tasks: Sequence[str], mixed_slots: Sequence[Seque
     top.set_title("unmixed: one task per iteration, the whole global batch" + first, fontsize=9, loc="left")
     bottom.imshow(mixed[:, :drawn], cmap=cmap, vmin=-0.5, vmax=len(task_names) - 0.5, aspect="auto",
                   interpolation="nearest")
-    bottom.set_yticks(range(slots), [f"slot {s}" for s in range(slots)], fontsize=7)
+    bottom.set_yticks(range(slots), [f"slot {s}" for s in range(slots)], fontsize=8)
     bottom.set_title(f"mixed: {slots} slots (per-GPU batches) per iteration, each with its own task", fontsize=9,
                      loc="left")
     bottom.set_xlabel("iteration")
@@ -103,7 +103,7 @@ def plot_task_sequence(unmixed_tasks: Sequence[str], mixed_slots: Sequence[Seque
               label="mixed (slots)")
     bars.scatter([sampling_ratios[name] for name in task_names], positions, marker="|", s=300, color="black",
                  zorder=3, label=ratios_label)
-    bars.set_yticks(positions, list(task_names), fontsize=8)
+    bars.set_yticks(positions, list(task_names), fontsize=9)
     bars.invert_yaxis()
     bars.set_xlabel("fraction drawn" + ("" if drawn == len(unmixed) else f" (all {len(unmixed)} iterations)"))
     for label, color in zip(bars.get_yticklabels(), colors):   # the task names double as the strips' colour key
@@ -113,7 +113,7 @@ def plot_task_sequence(unmixed_tasks: Sequence[str], mixed_slots: Sequence[Seque
     handles = [Patch(facecolor="0.55", label="unmixed (iterations)"),
                Patch(facecolor="0.55", alpha=0.45, hatch="//", label="mixed (slots)"),
                Line2D([], [], marker="|", linestyle="none", markersize=10, color="black", label=ratios_label)]
-    bars.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False,
+    bars.legend(handles=handles, fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False,
                 handlelength=1.2, columnspacing=0.8)
     bars.grid(axis="x", alpha=0.3)
     if title:
@@ -144,11 +144,11 @@ def plot_sampling_weights(names: Sequence[str], weights: Mapping[str, Sequence[f
         offset = (index - (len(weights) - 1) / 2) * width
         drawn = ax.bar(positions + offset, to_numpy(values), width=width * 0.95, label=label,
                        color=_VARIANT_COLORS(index))
-        ax.bar_label(drawn, fmt="%.3f", fontsize=6, rotation=90, padding=2)
-    ax.set_xticks(positions, list(names), fontsize=8, rotation=20, ha="right")
+        ax.bar_label(drawn, fmt="%.3f", fontsize=8, rotation=90, padding=2)
+    ax.set_xticks(positions, list(names), fontsize=9, rotation=20, ha="right")
     ax.set_ylabel("sampling weight $s_k$")
-    ax.margins(y=0.25)
-    ax.legend(fontsize=7)
+    ax.margins(y=0.3)
+    ax.legend(fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)

@@ -137,7 +137,7 @@ def plot_cost_matrices(costs: Mapping[str, Any], assignment: tuple[Any, Any] | N
                                                     * len(matrices)))
     for ax, (name, matrix) in zip(axes[:, 0], matrices.items()):
         shown = ax.imshow(matrix, cmap="viridis_r", aspect="auto", interpolation="nearest")
-        fig.colorbar(shown, ax=ax, pad=0.01, fraction=0.03).set_label(f"cost: {name}", fontsize=7)
+        fig.colorbar(shown, ax=ax, pad=0.01, fraction=0.03).set_label(f"cost: {name}", fontsize=9)
         ax.scatter(matrix.argmin(axis=1), np.arange(num_gt), s=12, color="white", edgecolors="black",
                    linewidths=0.5, label="cheapest prediction")
         if assignment is not None:
@@ -145,13 +145,13 @@ def plot_cost_matrices(costs: Mapping[str, Any], assignment: tuple[Any, Any] | N
             pred_index = to_numpy(assignment[1]).astype(np.int64)
             ax.scatter(pred_index, gt_index, marker="s", s=70, facecolors="none", edgecolors="red",
                        linewidths=1.5, label="Hungarian assignment")
-        ax.set_yticks(range(num_gt), [f"GT {k}" for k in range(num_gt)], fontsize=7)
-        ax.set_ylabel(name, fontsize=8)
-        ax.tick_params(axis="x", labelsize=7)
+        ax.set_yticks(range(num_gt), [f"GT {k}" for k in range(num_gt)], fontsize=9)
+        ax.set_ylabel(name, fontsize=9)
+        ax.tick_params(axis="x", labelsize=9)
     axes[-1, 0].set_xlabel("prediction (decoder query)")
-    axes[0, 0].legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=7, frameon=False)
+    axes[0, 0].legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=9, frameon=False)
     if title:
-        axes[0, 0].set_title(title, loc="left", fontsize=9)
+        axes[0, 0].set_title(title, loc="left", fontsize=10)
     return fig
 
 

@@ -1101,6 +1101,9 @@ def _format_value(value: Any) -> str:
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, float):
+        if math.isfinite(value) and abs(value) >= 1000:
+            # four significant digits would round 1079.5 to "1080": keep every integer digit and one decimal
+            return f"{value:.1f}".removesuffix(".0")
         return f"{value:.4g}"
     if isinstance(value, (list, dict)):
         return json.dumps(value)

@@ -568,9 +568,9 @@ class TrainingLaunch:
 
 
 def _status_line() -> Callable[[str], None]:
-    """A function showing each line in place of the previous one: one output line in Jupyter (``display(...,
-    display_id=True)`` then ``update``), emptied when called with ``""`` so that a finished run leaves no stale
-    progress bar above its summary; nothing outside an IPython kernel."""
+    """A function showing each line in place of the previous one: one output in Jupyter (``display(...,
+    display_id=True)`` then ``update``), so that a finished run's summary replaces its last progress bar; nothing
+    outside an IPython kernel."""
     try:
         from IPython import get_ipython
         from IPython.display import display
@@ -593,8 +593,8 @@ def run_training(command: Sequence[str], output_dir: str | os.PathLike, progress
     Args:
         echo: True shows every line of the trainer's output as it arrives (a terminal, or following a long run).
             False keeps the notebook short: the output goes to the log only, and a Jupyter kernel shows one line
-            that each new state of the progress bar replaces while the run lasts; the returned launch's
-            :meth:`TrainingLaunch.summary` says how it ended and where the whole output is.
+            that each new state of the progress bar replaces while the run lasts and the launch's
+            :meth:`TrainingLaunch.summary` (how it ended and where the whole output is) replaces when it ends.
 
     Raises:
         TrainingFailed: the trainer exited with a non-zero code (its message holds the last lines of output).
@@ -616,11 +616,12 @@ def run_training(command: Sequence[str], output_dir: str | os.PathLike, progress
     started = time.monotonic()
     returncode, tail = stream_command(command, log_file=log, cwd=project_path("."),
                                       progress_interval=progress_interval, emit=emit)
-    if status is not None:
-        status("")                       # the bar's last state (one rank's last batch) gives way to the summary
     if returncode != 0:
         raise TrainingFailed(command, returncode, tail, log)
-    return TrainingLaunch(log=log, seconds=time.monotonic() - started, lines=counted[0], last_line=counted[1])
+    launch = TrainingLaunch(log=log, seconds=time.monotonic() - started, lines=counted[0], last_line=counted[1])
+    if status is not None:
+        status(launch.summary())         # the bar's last state (one rank's last batch) gives way to the summary
+    return launch
 
 
 # --------------------------------------------------------------------------------------------------------------
