@@ -199,6 +199,18 @@ def test_comparison_tables_and_curves(problem):
     best = comparison.best_table()
     assert best["columns"][:2] == ["variant", "lr"]
     assert [row[1] for row in best["rows"]] == [comparison.best_learning_rates()[n] for n in names]
+    # Each variant at its own best lr: the means of the best table, and gaps between them.
+    means = comparison.best_means()
+    for name, row in zip(names, best["rows"]):
+        lr = comparison.best_learning_rates()[name]
+        finals = [run.final_losses["captioning"] for run in comparison.runs[name][lr]]
+        assert means[name]["captioning"] == pytest.approx(np.mean(finals))
+        assert means[name] == pytest.approx(best["mean"][name])
+    gaps = comparison.best_gaps(names[1], names[0])
+    assert list(gaps) == problem.task_names
+    assert all(gaps[task] == pytest.approx(means[names[1]][task] / means[names[0]][task] - 1.0) for task in gaps)
+    with pytest.raises(KeyError, match="no variant"):
+        comparison.best_gaps("adam", names[0])
 
     lrs, mean, low, high = comparison.lr_curves()[names[1]]["detection"]
     assert list(lrs) == [1e-3, 3e-3]

@@ -314,10 +314,10 @@ def test_plot_attention_mask_shows_the_mask_and_its_segments():
     np.testing.assert_array_equal(ax.get_images()[0].get_array(), mask.numpy())
     assert len(ax.lines) == 2 * 2   # one horizontal and one vertical line per inner boundary
     assert [t.get_text() for t in ax.get_xticklabels()] == ["<SPE>", "image", "words"]
-    assert ax.get_title() == "attention mask (dark = may attend)"
+    assert ax.get_title() == "attention mask (grey = may attend)"
     titled = viz.plot_attention_mask(mask, title="causal").axes[0].get_title()
-    assert titled == "causal\n(dark = may attend)"                    # a custom title keeps the colour key
-    keyed = "self-attention (dark = may attend)"
+    assert titled == "causal\n(grey = may attend)"                    # a custom title keeps the colour key
+    keyed = "self-attention (grey = may attend)"
     assert viz.plot_attention_mask(mask, title=keyed).axes[0].get_title() == keyed   # not said twice
     with pytest.raises(ValueError, match="'words'"):
         viz.plot_attention_mask(mask, [("words", 5, 11)])

@@ -187,8 +187,7 @@ def _fit_caption(ax: Axes, text: Any, box: tuple[float, float, float, float], pl
                 bounds = place(x, y, ha, va)
             inside = (bounds.x0 >= frame.x0 - 0.5 and bounds.x1 <= frame.x1 + 0.5
                       and bounds.y0 >= frame.y0 - 0.5 and bounds.y1 <= frame.y1 + 0.5)
-            overlap = sum(max(0.0, min(bounds.x1, o.x1) - max(bounds.x0, o.x0))
-                          * max(0.0, min(bounds.y1, o.y1) - max(bounds.y0, o.y0)) for o in placed)
+            overlap = sum(_area(bounds, o) for o in placed)
             if inside and overlap == 0:
                 return bounds
             cost = (not inside, overlap)

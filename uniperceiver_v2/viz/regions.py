@@ -149,7 +149,9 @@ def plot_cost_matrices(costs: Mapping[str, Any], assignment: tuple[Any, Any] | N
         ax.set_ylabel(name, fontsize=9)
         ax.tick_params(axis="x", labelsize=9)
     axes[-1, 0].set_xlabel("prediction (decoder query)")
-    axes[0, 0].legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=9, frameon=False)
+    # the key under the panels: above them it would share the title's line
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=9, frameon=False)
     if title:
         axes[0, 0].set_title(title, loc="left", fontsize=10)
     return fig

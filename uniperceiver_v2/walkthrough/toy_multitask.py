@@ -726,6 +726,22 @@ class Comparison:
                 raise KeyError(f"Comparison.gaps: no variant {name!r}; variants: {list(table['mean'])}")
         return {task: table["mean"][variant][task] / table["mean"][reference][task] - 1.0 for task in self.task_names}
 
+    def best_means(self) -> dict[str, dict[str, float]]:
+        """variant -> task -> mean over seeds of the final held-out loss, each variant at its own best learning rate
+        (``best_learning_rates``): the fair comparison when one shared lr suits some variants better than others."""
+        best = self.best_learning_rates()
+        return {variant: {task: float(np.mean([run.final_losses[task] for run in self.runs[variant][lr]]))
+                          for task in self.task_names}
+                for variant, lr in best.items()}
+
+    def best_gaps(self, variant: str, reference: str) -> dict[str, float]:
+        """Like ``gaps``, with ``variant`` and ``reference`` each at its own best learning rate."""
+        means = self.best_means()
+        for name in (variant, reference):
+            if name not in means:
+                raise KeyError(f"Comparison.best_gaps: no variant {name!r}; variants: {list(means)}")
+        return {task: means[variant][task] / means[reference][task] - 1.0 for task in self.task_names}
+
     def lr_curves(self) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]]:
         """variant -> task -> (lrs (L,), mean (L,), min (L,), max (L,)) of the final held-out loss over seeds."""
         curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]] = {}
