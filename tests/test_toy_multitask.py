@@ -201,7 +201,7 @@ def test_comparison_tables_and_curves(problem):
     assert [row[1] for row in best["rows"]] == [comparison.best_learning_rates()[n] for n in names]
     # Each variant at its own best lr: the means of the best table, and gaps between them.
     means = comparison.best_means()
-    for name, row in zip(names, best["rows"]):
+    for name in names:
         lr = comparison.best_learning_rates()[name]
         finals = [run.final_losses["captioning"] for run in comparison.runs[name][lr]]
         assert means[name]["captioning"] == pytest.approx(np.mean(finals))

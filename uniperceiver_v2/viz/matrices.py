@@ -22,8 +22,8 @@ def plot_attention_mask(mask: Any, segment_labels: Sequence[tuple[str, int, int]
     """An attention mask with its segments marked (e.g. [<SPE>, image, words, <SPE> x T] for captioning).
 
     Args:
-        mask: (T, T) bool, ``mask[i, j] = True`` where query token i may attend to key token j (grey cells; masked pairs are white).
-            PyTorch's boolean ``attn_mask`` means the opposite (True = blocked): pass ``~attn_mask``.
+        mask: (T, T) bool, ``mask[i, j] = True`` where query token i may attend to key token j (grey cells; masked
+            pairs are white). PyTorch's boolean ``attn_mask`` means the opposite (True = blocked): pass ``~attn_mask``.
         segment_labels: ``(name, start, end)`` per segment, ``end`` exclusive, in token positions.
         title: the axes' title; the colour key "(grey = may attend)" is added on a second line unless the title
             already says "may attend".
