@@ -446,6 +446,9 @@ def test_captions_retrieval_tables_and_statistics(image):
     lines = fig.axes[1].texts
     assert len(lines) == 2
     assert to_rgb(lines[0].get_color()) == to_rgb("forestgreen") and to_rgb(lines[1].get_color()) == to_rgb("firebrick")
+    assert [t.get_text()[:4] for t in lines] == ["1. \u2713", "2. \u2717"]            # a ranking: numbered
+    unordered = viz.show_retrieval(image, ["wrong", "right one"], [False, True], top=2, numbered=False).axes[1].texts
+    assert [t.get_text()[:3] for t in unordered] == ["\u2022 \u2717", "\u2022 \u2713"]   # a set in no order: bullets
 
     fig = viz.results_table_figure([["ours", 12.345, None], ["paper", 49.9, 76.9]], ["model", "det", "cls"])
     cells = fig.axes[0].tables[0].get_celld()

@@ -456,7 +456,8 @@ def show_captions(images: Sequence[Any], captions_pred: Sequence[str] | None = N
 
 def show_retrieval(query_image: Any, texts_ranked: Sequence[str], correct: Sequence[bool],
                    scores: Sequence[float] | None = None, top: int = 5, width: int = 80, title: str | None = None,
-                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Figure:
+                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                   numbered: bool = True) -> Figure:
     """Image-to-text retrieval for one query: the image, and its ``top`` ranked texts marked right / wrong.
 
     Args:
@@ -465,6 +466,7 @@ def show_retrieval(query_image: Any, texts_ranked: Sequence[str], correct: Seque
         scores: the similarity of each ranked text, shown next to it.
         width: characters per text before it is shortened.
         title: heading of the text panel; default "top k texts".
+        numbered: number the texts by rank (a ranking); False lists them with bullets (a set in no order).
     """
     n = len(texts_ranked)
     if top < 1:
@@ -485,7 +487,8 @@ def show_retrieval(query_image: Any, texts_ranked: Sequence[str], correct: Seque
         mark = "\u2713" if correct[rank] else "\u2717"
         score = f" ({float(scores[rank]):.3f})" if scores is not None else ""
         line = textwrap.shorten(str(texts_ranked[rank]), width=width, placeholder="...")
-        text_ax.text(0.0, 1.0 - (rank + 0.5) / max(top, 1), f"{rank + 1}. {mark} {line}{score}",
+        bullet = f"{rank + 1}." if numbered else "\u2022"
+        text_ax.text(0.0, 1.0 - (rank + 0.5) / max(top, 1), f"{bullet} {mark} {line}{score}",
                      transform=text_ax.transAxes, va="center", ha="left", fontsize=9,
                      color="forestgreen" if correct[rank] else "firebrick")
     return fig
