@@ -1026,16 +1026,20 @@ def test_describe_fig3_reads_each_combinations_heaviest_expert():
     assert "the image tokens of all 2 task shapes share their heaviest expert in layer 0;" in text
     assert "non-causal text" not in text                                           # one task shape only
     assert text.endswith("taken by no non-causal combination in layer 0.")
-    assert "not counted" not in text                                               # no layer leans on one expert
+    assert "(not counted: layer 1, where" in text              # layer 1: three of the four rows lean on E0
     shared = ExpertUsage(codes, ["a", "b", "c", "d"], usage[1:], torch.ones(4))      # layer 1 alone: c shares E0
     assert describe_fig3(shared, "x").endswith("has the same heaviest expert as a causal one.")
     # a layer where every combination leans on E3: the image tokens share it, but so does everything else
     uniform = torch.cat([usage, one_hot[[3, 3, 3, 3]][None]])                        # (L=3, R=4, E=4)
     text = describe_fig3(ExpertUsage(codes, ["a", "b", "c", "d"], uniform, torch.ones(4)), "these gates")
     assert "heaviest experts are 3, 2, 1 distinct ones (of 4) in layers 0, 1, 2 " in text
-    assert ("*one modality across tasks* (not counted: layer 2, where every combination leans on the same expert, "
-            "so sharing there is not specific to a modality): the image tokens of all 2 task shapes share their "
-            "heaviest expert in layer 0;") in text
+    assert ("*one modality across tasks* (not counted: layers 1, 2, where one expert is the heaviest of most "
+            "combinations, so sharing it is not specific to a modality): the image tokens of all 2 task shapes share "
+            "their heaviest expert in layer 0;") in text
+    # most combinations (3 of 4) on E3, the causal text alone elsewhere: the image tokens' sharing of E3 says nothing
+    mostly = torch.stack([one_hot[[3, 3, 0, 3]], one_hot[[0, 0, 1, 2]]])
+    text = describe_fig3(ExpertUsage(codes, ["a", "b", "c", "d"], mostly, torch.ones(4)), "these gates")
+    assert "(not counted: layer 0, where one expert" in text and "share their heaviest expert in layer 1;" in text
 
 # ----------------------------------------------------------------------------------------------------- notebook 05
 def test_gaps_between_toy_variants_and_their_sentence():

@@ -275,9 +275,9 @@ def describe_fig3(usage: ExpertUsage, name: str) -> str:
     do different kinds of token take different experts, do the tokens of one modality share experts across task
     shapes (bits 0-3), and do the causal tokens (bit 6) take experts of their own?
 
-    A modality's tokens sharing their heaviest expert counts only in a layer where the combinations' heaviest
-    experts are not all one: where every combination leans on the same expert, the sharing says nothing about
-    the modality (such layers are named apart)."""
+    A modality's tokens sharing their heaviest expert counts only in a layer where no single expert is the heaviest
+    of more than half of the combinations: where most combinations lean on the same expert, the sharing says nothing
+    about the modality (such layers are named apart)."""
     bits = torch.stack([attribute_bits(int(code)) for code in usage.keys]).bool()          # (R, 8)
     top = usage.usage.argmax(dim=-1)                                                       # (L, R)
     layers, rows, experts = usage.usage.shape
@@ -288,18 +288,19 @@ def describe_fig3(usage: ExpertUsage, name: str) -> str:
              f"{', '.join(map(str, distinct))} distinct ones (of {experts}) in layers "
              f"{', '.join(map(str, range(layers)))} (1 would mean that every combination leans on the same expert);"]
     shared = []
-    uniform = [layer for layer in range(layers) if distinct[layer] == 1]       # one heaviest expert for every row
+    # layers where one expert is the heaviest of more than half of the rows: sharing it is not modality-specific
+    uniform = [layer for layer in range(layers) if int(torch.bincount(top[layer]).max()) > rows / 2]
     for kind, where in (("image", bits[:, 4]), ("non-causal text", bits[:, 5] & ~bits[:, 6])):
         shapes = {tuple(row[:4].tolist()) for row in bits[where]}
         if len(shapes) < 2:
             continue
         same = [layer for layer in range(layers)
-                if len(set(top[layer, where].tolist())) == 1 and distinct[layer] > 1]
+                if len(set(top[layer, where].tolist())) == 1 and layer not in uniform]
         shared.append(f"the {kind} tokens of all {len(shapes)} task shapes share their heaviest expert "
                       f"{_layers_text(same)}")
     if shared:
         excluded = (f" (not counted: layer{'s' if len(uniform) > 1 else ''} {', '.join(map(str, uniform))}, where "
-                    "every combination leans on the same expert, so sharing there is not specific to a modality)"
+                    "one expert is the heaviest of most combinations, so sharing it is not specific to a modality)"
                     if uniform else "")
         lines.append(f"* *one modality across tasks*{excluded}: " + "; ".join(shared) + ";")
     causal = bits[:, 6]
