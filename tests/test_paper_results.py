@@ -190,6 +190,9 @@ def test_evaluation_scope_says_what_our_columns_measure():
     scope = dict(zip([m.header for m in P.MAIN_COLUMNS], P.evaluation_scope(metrics, num_classes=14)))
     assert scope["IN-1k Acc"] == "synthetic: 14 classes, 700 images"
     assert scope["COCO Det. mAP"] == "synthetic scenes" and scope["COCO Seg. mAP"] is None   # no segm_AP
+    counted = {**metrics, "detection": {"bbox_AP": 0.1, "segm_AP": 0.1, "num_images": 500}}
+    scope_counted = dict(zip([m.header for m in P.MAIN_COLUMNS], P.evaluation_scope(counted, num_classes=14)))
+    assert scope_counted["COCO Det. mAP"] == scope_counted["COCO Seg. mAP"] == "synthetic: 500 scenes"
     assert scope["COCO Caption CIDEr"] == "synthetic: 500 images"
     assert scope["COCO TR R@1"] == "synthetic: 2500 candidate texts"
     assert scope["COCO IR R@1"] == "synthetic: 500 candidate images"

@@ -169,6 +169,8 @@ def test_evaluate_wires_every_task_to_its_metrics(synthetic_root):
     for prefix in ("bbox_", "segm_", "novel_bbox_", "novel_segm_"):
         assert 0 <= results["detection"][prefix + "AP"] <= 1, prefix
     assert 0 <= results["detection"]["agnostic_bbox_AP"] <= results["detection"]["agnostic_bbox_AP50"] <= 1
+    scenes = build_task_dataset(cfg, "detection", "val", train=False)
+    assert results["detection"]["num_images"] == len(scenes.image_ids)          # the scenes the AP is over
     assert results["captioning"]["num_images"] == 20 and results["captioning"]["CIDEr"] >= 0
     assert 0 <= results["mlm"]["accuracy"] <= 1 and results["mlm"]["num_masked"] > 0
     assert not model.training

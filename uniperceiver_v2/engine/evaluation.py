@@ -131,6 +131,7 @@ def _detection(model, cfg: Config, split: str) -> dict[str, float]:
         # only the images the reader kept: one it skipped (data.on_invalid=skip) would count as all misses
         kept = list(dataset.image_ids)
         results.update(_coco_metrics(dataset.ann_file, records, iou_types, "", img_ids=kept))
+        results["num_images"] = len(kept)
         # Localisation alone (categories ignored, each box once with its best name's score): tells wrong boxes
         # from right boxes with wrong names.
         from ..metrics.coco import one_record_per_box

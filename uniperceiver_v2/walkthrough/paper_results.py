@@ -409,7 +409,8 @@ def evaluation_scope(metrics: Mapping[str, Any] | None, num_classes: int | None 
             key, noun = ("num_texts", "texts") if metric.key.startswith("i2t") else ("num_images", "images")
             counts += [f"{task[key]} candidate {noun}"] if task.get(key) else []
         elif metric.task == "detection":
-            scope.append("synthetic scenes")      # evaluate() records no image count for detection
+            # evaluate() records the scenes' count since 2026-12-07; older results have none
+            scope.append(f"synthetic: {task['num_images']} scenes" if task.get("num_images") else "synthetic scenes")
             continue
         scope.append("synthetic" + (": " + ", ".join(counts) if counts else ""))
     return scope
