@@ -925,6 +925,17 @@ def test_a_short_gate_training_fits_the_stand_in_on_a_copy_of_the_decoder(tmp_pa
         train_gates(decoder, record(decoder, captioning_inputs()).calls)
 
 
+def test_near_one_hot_counts_the_rows_whose_gate_weight_sits_on_one_expert():
+    from uniperceiver_v2.walkthrough.gates_training import near_one_hot
+    from uniperceiver_v2.walkthrough.gating import ExpertUsage
+
+    usage = torch.tensor([[[0.5, 0.5, 0.0], [0.97, 0.03, 0.0]],            # layer 0: one of two rows one-hot
+                          [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])             # layer 1: both
+    assert near_one_hot(ExpertUsage([1, 2], ["a", "b"], usage, torch.ones(2))) == pytest.approx([0.5, 1.0])
+    assert near_one_hot(ExpertUsage([1, 2], ["a", "b"], usage, torch.ones(2)), threshold=0.99) == \
+        pytest.approx([0.0, 1.0])
+
+
 def test_gate_difference_is_zero_for_shared_gates_and_one_for_disjoint_experts():
     from uniperceiver_v2.walkthrough.gates_training import gate_difference
     from uniperceiver_v2.walkthrough.gating import ExpertUsage

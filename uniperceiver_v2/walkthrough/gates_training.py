@@ -146,6 +146,13 @@ def gate_difference(usage: ExpertUsage) -> list[float]:
     return (distance.sum((1, 2)) / (rows * (rows - 1))).tolist()
 
 
+def near_one_hot(usage: ExpertUsage, threshold: float = 0.95) -> list[float]:
+    """Per layer, the share of the rows of ``usage`` that put at least ``threshold`` of their gate weight on one
+    expert: where it is high, top-k routing acts as top-1 (the softmax over the k chosen logits has saturated)."""
+    heaviest = usage.usage.to(torch.float64).max(dim=-1).values                        # (L, R)
+    return (heaviest >= threshold).to(torch.float64).mean(dim=1).tolist()
+
+
 @dataclass
 class CollapsedLayer:
     """A layer found by :func:`collapsed_layers` or :func:`shared_expert_layers`.
