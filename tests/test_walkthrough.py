@@ -340,6 +340,10 @@ def test_mask_one_word_hides_a_single_token_word():
         # what api.fill_mask checks: the mask survives tokenisation as one mask token
         assert tok(masked.replace("<mask>", tok.mask_token))["input_ids"].count(tok.mask_token_id) == 1
     assert walkthrough.mask_one_word("xylophones 123", tok, rng) is None
+    hidden = {walkthrough.mask_one_word("a red circle above the hexagon.", tok, rng, skip={"a", "the", "red"})[1]
+              for _ in range(20)}
+    assert hidden <= {"circle", "above", "hexagon"} and len(hidden) > 1          # skipped words are never hidden
+    assert walkthrough.mask_one_word("The a", tok, rng, skip={"a", "the"}) is None  # compared in lower case
 
 
 def test_retrieval_examples_rank_consistently():
@@ -398,6 +402,7 @@ def test_retrieval_and_fill_mask_examples_on_a_model(model):
         assert masked.count("<mask>") == 1 and masked.replace("<mask>", word) in CAPTIONS
         best = predictions.split(" (")[0]
         assert hit == (best == word) and len(predictions.split(", ")) == 2
+        assert word not in walkthrough.results.FUNCTION_WORDS            # a content word, not a guess from position
 
 
 # A tiny novel-category set: three categories (one novel), two scenes of squares.

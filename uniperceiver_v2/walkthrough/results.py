@@ -348,11 +348,16 @@ def representation_similarity(model=None, images: Sequence[Any] | None = None, t
     return out
 
 
-def mask_one_word(sentence: str, tokenizer, rng: random.Random, mask: str = "<mask>") -> tuple[str, str] | None:
+# Words a fill-in example does not hide: a masked sentence-initial "a" or "the" is guessed from position alone
+FUNCTION_WORDS = frozenset({"a", "an", "the", "of", "and", "with", "in", "on", "at", "to", "by", "is", "are"})
+
+
+def mask_one_word(sentence: str, tokenizer, rng: random.Random, mask: str = "<mask>",
+                  skip: frozenset[str] | set[str] = frozenset()) -> tuple[str, str] | None:
     """Hide one word of ``sentence`` behind ``mask`` for ``api.fill_mask``.
 
     Only a word that the tokenizer keeps as a single token can be hidden (``fill_mask`` predicts one token per
-    mask); among those one is drawn with ``rng``.
+    mask), and none of ``skip`` (compared in lower case); among those one is drawn with ``rng``.
 
     Returns:
         (the sentence with the word replaced by ``mask``, the word as the tokenizer writes it), or None when no
@@ -362,7 +367,7 @@ def mask_one_word(sentence: str, tokenizer, rng: random.Random, mask: str = "<ma
     candidates = []
     for index, word in enumerate(words):
         core = word.strip(".,;:!?\"'")
-        if not core.isalpha():
+        if not core.isalpha() or core.lower() in skip:
             continue
         tokens = tokenizer.tokenize(core)
         if len(tokens) == 1 and tokens[0] != tokenizer.unk_token:
@@ -376,7 +381,8 @@ def mask_one_word(sentence: str, tokenizer, rng: random.Random, mask: str = "<ma
 
 def fill_mask_examples(model, sentences: Sequence[str], count: int, seed: int = 0, top_k: int = 5
                        ) -> dict[str, list]:
-    """Masked language modelling on ``count`` sentences, one hidden word each (:func:`mask_one_word`).
+    """Masked language modelling on ``count`` sentences, one hidden content word each (:func:`mask_one_word`
+    without :data:`FUNCTION_WORDS`).
 
     Returns:
         ``{"columns": ["masked sentence", "hidden word", "top-k predictions", "hit@1"], "rows": [...]}``; the
@@ -389,14 +395,14 @@ def fill_mask_examples(model, sentences: Sequence[str], count: int, seed: int = 
     rng.shuffle(order)
     masked, truths = [], []
     for index in order:
-        hidden = mask_one_word(sentences[index], model.text_encoder.tokenizer, rng, MASK)
+        hidden = mask_one_word(sentences[index], model.text_encoder.tokenizer, rng, MASK, skip=FUNCTION_WORDS)
         if hidden is not None:
             masked.append(hidden[0])
             truths.append(hidden[1])
         if len(masked) == count:
             break
     if not masked:
-        raise ValueError("fill_mask_examples: no sentence has a word the tokenizer keeps as one token")
+        raise ValueError("fill_mask_examples: no sentence has a content word the tokenizer keeps as one token")
     predictions = api.fill_mask(model, masked, top_k=top_k)
     rows = []
     for text, truth, prediction in zip(masked, truths, predictions):
