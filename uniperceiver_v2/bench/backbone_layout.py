@@ -21,6 +21,7 @@ Printed: the median seconds of each and its ratio to ``plain``, then the share o
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -72,14 +73,10 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, dict[str, float]]
         if variant == "plain":
             modules[variant] = (plain, images)
         elif variant == "channels_last":
-            copy = build_backbone_from_config(cfg.image_encoder)
-            copy.load_state_dict(plain.state_dict())
-            modules[variant] = (copy.to(memory_format=torch.channels_last),
+            modules[variant] = (copy.deepcopy(plain).to(memory_format=torch.channels_last),
                                 images.contiguous(memory_format=torch.channels_last))
         else:
-            copy = build_backbone_from_config(cfg.image_encoder)
-            copy.load_state_dict(plain.state_dict())
-            modules[variant] = (torch.compile(copy), images)
+            modules[variant] = (torch.compile(copy.deepcopy(plain)), images)
     with torch.no_grad():                       # the variants compute the same function: same features
         reference = plain(images)
         for variant, (module, inputs) in modules.items():

@@ -185,8 +185,7 @@ def _fit_caption(ax: Axes, text: Any, box: tuple[float, float, float, float], pl
                 else:
                     continue
                 bounds = place(x, y, ha, va)
-            inside = (bounds.x0 >= frame.x0 - 0.5 and bounds.x1 <= frame.x1 + 0.5
-                      and bounds.y0 >= frame.y0 - 0.5 and bounds.y1 <= frame.y1 + 0.5)
+            inside = _inside(bounds, frame)
             overlap = sum(_area(bounds, o) for o in placed)
             if inside and overlap == 0:
                 return bounds
@@ -203,13 +202,17 @@ def _fit_caption(ax: Axes, text: Any, box: tuple[float, float, float, float], pl
             bounds = place(anchor_x, y, "left", va)
             if bounds.x1 > frame.x1 + 0.5:                  # pushed back inside the right border
                 bounds = place(right_edge, y, "right", va)
-            inside = (bounds.x0 >= frame.x0 - 0.5 and bounds.x1 <= frame.x1 + 0.5
-                      and bounds.y0 >= frame.y0 - 0.5 and bounds.y1 <= frame.y1 + 0.5)
-            if inside and not any(_area(bounds, o) > 0 for o in placed):
+            if _inside(bounds, frame) and not any(_area(bounds, o) > 0 for o in placed):
                 ax.plot([text.get_position()[0], x0], [y, corner], color=text.get_bbox_patch().get_facecolor(),
                         linewidth=0.8, alpha=0.9, solid_capstyle="butt")
                 return bounds
     return place(*best)
+
+
+def _inside(bounds: Bbox, frame: Bbox) -> bool:
+    """Whether a display-space extent lies whole inside ``frame`` (half a pixel of tolerance)."""
+    return (bounds.x0 >= frame.x0 - 0.5 and bounds.x1 <= frame.x1 + 0.5
+            and bounds.y0 >= frame.y0 - 0.5 and bounds.y1 <= frame.y1 + 0.5)
 
 
 def _area(a: Bbox, b: Bbox) -> float:

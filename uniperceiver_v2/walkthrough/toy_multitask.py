@@ -729,10 +729,7 @@ class Comparison:
     def best_means(self) -> dict[str, dict[str, float]]:
         """variant -> task -> mean over seeds of the final held-out loss, each variant at its own best learning rate
         (``best_learning_rates``): the fair comparison when one shared lr suits some variants better than others."""
-        best = self.best_learning_rates()
-        return {variant: {task: float(np.mean([run.final_losses[task] for run in self.runs[variant][lr]]))
-                          for task in self.task_names}
-                for variant, lr in best.items()}
+        return self.best_table()["mean"]
 
     def best_gaps(self, variant: str, reference: str) -> dict[str, float]:
         """Like ``gaps``, with ``variant`` and ``reference`` each at its own best learning rate."""
