@@ -188,8 +188,9 @@ def plot_token_probabilities(tokens: Sequence[str], probabilities: Sequence[floa
         other = np.asarray([float(p) for _, p in alternatives])
         ax.scatter(x, other, color="tab:orange", s=18, zorder=3, label="best other token")
         for i, (token, probability) in enumerate(alternatives):
+            # a white backing keeps the name readable where it runs over a (dark blue) bar
             ax.text(i, float(probability), f" {token}", rotation=90, ha="center", va="bottom", fontsize=fontsize,
-                    color="tab:orange")
+                    color="tab:orange", bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 0.8})
     ax.set_xticks(x, list(tokens), rotation=45, ha="right", fontsize=fontsize + 1)
     ax.set_ylim(0.0, 1.25)                       # room above 1 for the rotated names and the legend ...
     ax.set_yticks([0.0, 0.25, 0.5, 0.75, 1.0])   # ... but a probability's axis stops at 1

@@ -441,6 +441,7 @@ def ceiling_table(results: Mapping[str, Mapping[str, Any]], ceiling: Mapping[str
     if "mlm_context_counts" in ceiling:
         reference = ceiling["mlm_context_counts"]
         rows.append(["MLM accuracy", _percent(results.get("mlm", {}).get("accuracy")), _percent(reference["accuracy"]),
-                     f"two tokens of context either side, counted ({reference.get('corpus_split', 'val')} corpus)",
+                     "the token the training corpus holds most often between the same two neighbours either side "
+                     f"(`bench.ceiling.mlm_context_counts`; {reference.get('corpus_split', 'val')} corpus)",
                      None])
     return {"columns": ["metric", "model", "reference", "reference is", "chance"], "rows": rows}
