@@ -507,7 +507,7 @@ def test_gap_directions_marks_every_cell_and_tally_scores_them():
     assert A.gap_agreement(directions) == {"same": 3, "opposite": 1, "within noise": 2, "paper flat": 3}
     assert A.tally(directions, "tab3")["agreement"] is None
     by_table = A.tally_table(directions)
-    assert by_table["rows"] == [["tab2", 3, 1, 2, 3, 0.5], ["all", 3, 1, 2, 3, 0.5]]
+    assert by_table["rows"] == [["tab2", 3, 1, 2, 3, 50.0]]           # one table: no "all" line repeating it
 
     # Without a band every column's is the floor: Regional's +1.5 R@1 is then outside it and agrees.
     floor_only = A.gap_directions(A.table_report("tab2", results))
@@ -535,8 +535,9 @@ def test_band_figure_draws_the_band_and_colours_bars_by_verdict():
     results = _tab2_results()
     band = A.noise_band(results)
     fig = A.table_report("tab2", results).band_figure(band)
-    assert len(fig.axes) == len(ABLATION_COLUMNS)
-    det, cls = fig.axes[:2]
+    shown = [ax for ax in fig.axes if ax.axison]          # five panels in rows of three, the sixth cell hidden
+    assert len(shown) == len(ABLATION_COLUMNS) and len(fig.axes) == 6
+    det, cls = shown[:2]
 
     def bars(ax):
         return [p for p in ax.patches if p.get_width() == pytest.approx(0.7)]
@@ -1151,7 +1152,7 @@ def test_interference_settings_and_summaries():
     # a batch with a zero gradient was replaced: the note says which task's and how many
     redrawn = {**helping, "redrawn": {"b": 1}}
     (row,) = A.interference_table({"r": {"shared_with": None, "interference": redrawn}})["rows"]
-    assert row[5] == "redrawn for a zero gradient: b 1 batch"
+    assert row[5] == "batches redrawn because their gradient on the shared parameters was exactly zero: b 1 batch"
     figure = A.interference_figure({"r": {"interference": measured}}, ["r"])
     assert [text.get_text() for text in figure.axes[0].texts].count("n/a") == 3
     # a column of ratios of small numbers: the median ignores it, the note names it, the colours saturate
@@ -1279,3 +1280,25 @@ def test_a_gap_that_ties_the_band_is_within_noise():
     row = {(r[1], r[2]): r for r in directions["rows"]}[("Regional", ABLATION_COLUMNS[1].header)]
     assert row[4] == -1.43 and row[5] == 1.43 and band.widths[1] == pytest.approx(high - low, abs=1e-6)
     assert row[6] == "within noise"
+
+
+def test_the_noise_band_is_at_least_one_query_where_the_metric_counts_queries():
+    results = _tab2_results()
+    for result in results.values():                   # 70 classification images, 20 retrieval images, 100 texts
+        if "classification" in result["metrics"]:
+            result["metrics"]["classification"]["num_images"] = 70
+        result["metrics"]["retrieval"].update(num_images=20, num_texts=100)
+    band = A.noise_band(results)
+    assert band.steps == pytest.approx((None, 100 / 70, 5.0, 1.0, None))   # AP and BLEU count no queries
+    # spreads 1.0 / 0.2 / 2.0 / 0 / - : one image of 70 (1.43) and one of 20 (5.0) widen the band, 1 text of 100
+    # (1.0) too; detection keeps its spread, captioning the floor
+    assert band.widths == pytest.approx((1.0, 100 / 70, 5.0, 1.0, A.NOISE_FLOOR))
+    assert A.NoiseBand.from_results(json.loads(json.dumps(band.as_results()))) == band
+    assert [row[0] for row in band.table()["rows"]][-2] == "one query (100 / queries evaluated)"
+    # Global's I2T gap of +3.0 (under one retrieval image of 20) was "opposite" against the band of 2.0: no longer
+    directions = A.gap_directions(A.table_report("tab2", results), noise=band)
+    i2t = {row[1]: row for row in directions["rows"] if row[2] == "COCO I2T R@1"}
+    assert i2t["Global"][3:6] == [-5.0, 3.0, 5.0] and i2t["Global"][-2] == "within noise"
+    assert A.metric_step({"classification": {"top1": 0.5}}, A.ABLATION_COLUMNS[1]) is None   # no count recorded
+    with pytest.raises(ValueError, match="steps"):
+        A.NoiseBand.from_results({**band.as_results(), "steps": [1.0]})

@@ -319,3 +319,21 @@ def test_matching_cost_terms_add_up_and_the_assignment_is_optimal():
     chosen = costs["total"][pred_index, gt_index].sum().item()
     assert chosen == pytest.approx(best, abs=1e-4)
     assert sorted(gt_index.tolist()) == [0, 1, 2]
+
+
+def test_objectness_inside_boxes_splits_each_level_at_the_boxes():
+    from uniperceiver_v2.walkthrough.rpn import objectness_inside_boxes
+
+    # a 64 x 64 image, one box over its top-left 32 x 32 quarter; two levels of 4 x 4 and 2 x 2 cells
+    fine = torch.zeros(4, 4)
+    fine[:2, :2] = 1.0                                  # the four cells whose centres lie in the box
+    fine[3, 3] = 0.6
+    coarse = torch.tensor([[0.8, 0.2], [0.2, 0.2]])
+    box = torch.tensor([[0.0, 0.0, 32.0, 32.0]])
+    (fine_in, fine_out), (coarse_in, coarse_out) = objectness_inside_boxes([fine, coarse], box, (64, 64))
+    assert fine_in == pytest.approx(1.0) and fine_out == pytest.approx(0.6 / 12)
+    assert coarse_in == pytest.approx(0.8) and coarse_out == pytest.approx(0.2)
+    # a box over the whole image leaves nothing outside; no box leaves nothing inside
+    whole = torch.tensor([[0.0, 0.0, 64.0, 64.0]])
+    assert objectness_inside_boxes([coarse], whole, (64, 64)) == [(pytest.approx(0.35), None)]
+    assert objectness_inside_boxes([coarse], torch.zeros(0, 4), (64, 64)) == [(None, pytest.approx(0.35))]

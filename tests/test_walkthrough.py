@@ -325,7 +325,8 @@ def test_metrics_table_scales_skips_and_blanks():
                     ["detection", "test", "bbox_AP", 12.34], ["detection", "test", "bbox_AP50", None],
                     ["detection", "test", "segm_AP", None], ["detection", "test", "segm_AP50", 20.0],
                     ["detection", "test", "agnostic_bbox_AP", 25.0], ["detection", "test", "agnostic_bbox_AP50", None],
-                    ["detection", "test", "novel_calibrated_bbox_AP50", 50.0],   # optional: shown when present
+                    ["detection", "novel scenes", "novel_calibrated_bbox_AP50", 50.0],   # optional: shown when present,
+                    # measured on the novel-category scenes whatever the split
                     ["mlm", "test", "skipped", "no corpus for split test"]]
 
 
@@ -656,7 +657,7 @@ def test_category_exposure_counts_each_category_in_every_training_source(tmp_pat
     (tmp_path / "text" / "corpus_train.txt").write_text(
         "Two hexagons and a circle.\nA square.\nA hexagonal tile.\nA Hexagon on stripes.\n")
     table = walkthrough.category_exposure(cfg)
-    assert table["rows"] == [["circle", False, 1, 2, 1], ["square", False, 1, 0, 1], ["hexagon", True, 0, 3, 2]]
+    assert table["rows"] == [["circle", "no", 1, 2, 1], ["square", "no", 1, 0, 1], ["hexagon", "yes", 0, 3, 2]]
 
 
 def test_novel_category_names(tmp_path):
@@ -1056,6 +1057,10 @@ def test_describe_fig3_reads_each_combinations_heaviest_expert():
     mostly = torch.stack([one_hot[[3, 3, 0, 3]], one_hot[[0, 0, 1, 2]]])
     text = describe_fig3(ExpertUsage(codes, ["a", "b", "c", "d"], mostly, torch.ones(4)), "these gates")
     assert "(not counted: layer 0, where one expert" in text and "share their heaviest expert in layer 1;" in text
+    # every layer leans on one expert: the modality question cannot be asked (not answered "in no layer")
+    everywhere = torch.stack([one_hot[[3, 3, 0, 3]], one_hot[[1, 1, 1, 2]]])
+    text = describe_fig3(ExpertUsage(codes, ["a", "b", "c", "d"], everywhere, torch.ones(4)), "these gates")
+    assert "*one modality across tasks*: cannot be asked of these gates" in text and "in no layer" not in text
 
 # ----------------------------------------------------------------------------------------------------- notebook 05
 def test_gaps_between_toy_variants_and_their_sentence():

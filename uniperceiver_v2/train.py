@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         result = trainer.train()
     if get_rank() == 0 and result.interrupted_by is None:
         losses = ", ".join(f"{task} {loss:.4f}" for task, loss in sorted(result.final_losses.items()))
-        print(f"finished {result.iteration} iterations in {trainer.elapsed:.1f} s; last losses: {losses}")
+        print(f"finished {result.iteration} iterations in {trainer.elapsed:.1f} s; "
+              f"each task's last logged loss: {losses}")
     destroy_distributed()
     return 128 + result.interrupted_by if result.interrupted_by is not None else 0
 

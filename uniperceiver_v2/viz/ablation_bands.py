@@ -72,9 +72,15 @@ def plot_ablation_band(columns: Sequence[str], ours: Mapping[str, Sequence[Value
     paper_gaps = dict(paper_gaps or {})
     labels = list(ours)
     x = np.arange(len(labels))
-    fig, axes = _figure(1, len(columns), figsize=(max(3.0 * len(columns), 6.0), 3.8))
+    # at most three panels a row: five in one row shrink every label below legibility at a notebook's width
+    ncols = min(3, len(columns))
+    nrows = math.ceil(len(columns) / ncols)
+    fig, axes = _figure(nrows, ncols, figsize=(max(3.6 * ncols, 6.0), 3.6 * nrows + 0.4))
+    panels = list(axes.flat)
+    for ax in panels[len(columns):]:
+        ax.set_axis_off()
     used: set[str | None] = set()
-    for index, (ax, column) in enumerate(zip(axes[0], columns)):
+    for index, (ax, column) in enumerate(zip(panels, columns)):
         drawn = [0.0]
         base = ours[reference][index] if reference is not None else None
         if base is not None:
@@ -87,7 +93,7 @@ def plot_ablation_band(columns: Sequence[str], ours: Mapping[str, Sequence[Value
         for position, label in zip(x, labels):
             value = ours[label][index]
             if value is None or math.isnan(value):
-                ax.text(position, 0.0, "n/a", ha="center", va="bottom", fontsize=7, color="gray", rotation=90)
+                ax.text(position, 0.0, "n/a", ha="center", va="bottom", fontsize=8, color="black")
                 continue
             if label == reference:
                 color = REFERENCE_COLOR
@@ -108,7 +114,7 @@ def plot_ablation_band(columns: Sequence[str], ours: Mapping[str, Sequence[Value
                 drawn.append(base + gap)
         finish_bar_axes(ax, labels, drawn)
         ax.set_title(column, fontsize=9)
-        if index == 0:
+        if index % ncols == 0:
             ax.set_ylabel("ours [%]")
     handles = [Patch(color=VERDICT_COLORS[v], label=_LEGEND[v]) for v in VERDICT_COLORS if v in used]
     if reference is not None:

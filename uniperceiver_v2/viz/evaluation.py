@@ -222,7 +222,7 @@ def plot_calibration(penalties: Sequence[float], fold_ap50: Sequence[Sequence[fl
         ax.axhline(pooled_ap50, color="black", linestyle="--", linewidth=1,
                    label=f"both halves, each at its gamma: {pooled_ap50:.3f}")
     ax.set_xticks(positions, [f"{g:g}" for g in penalties])
-    ax.set_xlabel("gamma subtracted from the seen names' logits")
+    ax.set_xlabel("gamma subtracted from the seen names' logits (the candidates, evenly spaced: not to scale)")
     ax.set_ylabel("novel box AP50")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

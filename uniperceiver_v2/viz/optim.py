@@ -269,7 +269,7 @@ def plot_task_curves(curves: Mapping[str, Mapping[str, tuple[Any, Any, Any, Any]
                     label=label)
             ax.fill_between(x, low, high, color=color, alpha=0.15, linewidth=0)
     for ax, task in zip(axes, task_names):
-        ax.set_title(task, fontsize=9, color=task_color(task))
+        ax.set_title(task, fontsize=9)      # black: the line colours are the variants', not the tasks'
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if logx:

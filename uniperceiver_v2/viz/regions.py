@@ -106,8 +106,9 @@ def draw_denoising_boxes(image: Any, gt_boxes: Any, positive_boxes: Any, negativ
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
     handles = [Patch(facecolor="none", edgecolor="white", linewidth=2, label="ground truth"),
-               Patch(facecolor="none", edgecolor="grey", label="positive (objectness 1)"),
-               Patch(facecolor="none", edgecolor="grey", linestyle="--", label="negative (objectness 0)")]
+               Patch(facecolor="none", edgecolor="grey", label="positive (objectness 1; colour: its object)"),
+               Patch(facecolor="none", edgecolor="grey", linestyle="--",
+                     label="negative (objectness 0; colour: its object)")]
     if legend:
         ax.legend(handles=handles, loc="lower left", fontsize=8, framealpha=0.8)
     if title:

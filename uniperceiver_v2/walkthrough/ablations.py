@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError, apply_overrides, get_preset
-from .paper_results import ABLATION_COLUMNS, PaperTable, metric_value, ours_vs_paper, paper_table
-from .pipeline import project_path, read_json_record
+from .paper_results import ABLATION_COLUMNS, Metric, PaperTable, metric_value, ours_vs_paper, paper_table
+from .pipeline import read_json_record, shown_path
 
 __all__ = [
     "ABLATION_BASE",
@@ -57,6 +57,7 @@ __all__ = [
     "NOTABLE_GAP",
     "PAPER_FLAT",
     "PROFILE_PLANS",
+    "QUERY_COUNTS",
     "QUICK_ITERATIONS",
     "QUICK_SCALE",
     "TABLES",
@@ -76,6 +77,7 @@ __all__ = [
     "interference_figure",
     "interference_table",
     "load_result",
+    "metric_step",
     "noise_band",
     "noise_runs",
     "plan_runs",
@@ -1093,7 +1095,7 @@ class _Scheduler:
                     except RuntimeError as error:
                         failed[entry.job.key] = name
                         failures[name] = str(error)
-                        self.say(f"{name}: FAILED, see {_shown_path(entry.job.log_path)}" if not self.in_process
+                        self.say(f"{name}: FAILED, see {shown_path(entry.job.log_path)}" if not self.in_process
                                  else f"{name}: FAILED: {error}")
                         continue
                     results[name] = record
@@ -1109,7 +1111,7 @@ class _Scheduler:
         return ordered
 
     def _launch(self, job: _Job, slots: list[int]) -> Any:
-        self.say(_describe(job) + ("" if self.in_process else f"; log {_shown_path(job.log_path)}"))
+        self.say(_describe(job) + ("" if self.in_process else f"; log {shown_path(job.log_path)}"))
         self.progress.start(job, slots[0])
         if self.in_process:
             return self._train_here(job)
@@ -1358,7 +1360,7 @@ def table_report(key: str, results: Mapping[str, Mapping[str, Any]], rows: Seque
                      f"other runs on {study_nproc}")
     grad_accum = math.ceil(table.slots_per_iteration / nproc)
     if not ours:
-        notes.append(f"not run in this profile (only the paper's numbers); tables=[{key!r}] runs it")
+        notes.append("not run in this profile (only the paper's numbers); " + f'tables=["{key}"] runs it')
     elif grad_accum > 1:
         notes.append(f"every row runs {grad_accum} batches per iteration (run.grad_accum={grad_accum}) so that "
                      f"'mixed' has slots to mix tasks in, and 1/{grad_accum} of the iterations of the other tables")
@@ -1399,16 +1401,24 @@ class NoiseBand:
     :data:`NOISE_FLOOR` points, is the paper's own threshold for a notable gap. Without two seeds for a column
     (no noise runs, or the metric missing) the band is the floor alone.
 
+    Why a step: a top-1 or R@1 over N queries moves in steps of 100 / N points (one query right or wrong), which on
+    a small validation split can exceed both the floor and a lucky spread; a gap of one query is never a finding.
+    :attr:`steps` holds that step per column (None where the metric is no count of queries, as AP and BLEU are not),
+    and the band is at least one step.
+
     It is measured on the baseline and applied to every table: the other rows' runs have their own noise, which
     this takes to be of the same size.
 
     Attributes:
         values: seed -> the baseline's value per column of :data:`ABLATION_COLUMNS` (paper units).
         floor: the band's minimum, in points.
+        steps: per column of :data:`ABLATION_COLUMNS`, one query's worth in points (:func:`metric_step`) or None;
+            empty: no steps known.
     """
 
     values: Mapping[int, tuple[float | None, ...]] = field(default_factory=dict)
     floor: float = NOISE_FLOOR
+    steps: tuple[float | None, ...] = ()
 
     @property
     def spread(self) -> tuple[float | None, ...]:
@@ -1421,8 +1431,9 @@ class NoiseBand:
 
     @property
     def widths(self) -> tuple[float, ...]:
-        """Per column: the band's half-width in points, ``max(floor, spread)``."""
-        return tuple(self.floor if spread is None else max(self.floor, spread) for spread in self.spread)
+        """Per column: the band's half-width in points, ``max(floor, spread, step)``."""
+        steps = self.steps or (None,) * len(ABLATION_COLUMNS)
+        return tuple(max(self.floor, spread or 0.0, step or 0.0) for spread, step in zip(self.spread, steps))
 
     def table(self) -> dict[str, list]:
         """The baseline at each seed, the spread and the band, one column per metric (``save_results`` format)."""
@@ -1430,14 +1441,18 @@ class NoiseBand:
         rows = [[f"baseline, seed {seed}", *(None if v is None else round(v, 2) for v in values)]
                 for seed, values in self.values.items()]
         rows.append(["spread over the seeds", *(None if v is None else round(v, 3) for v in self.spread)])
-        rows.append([f"noise band (at least {self.floor:g})", *(round(v, 3) for v in self.widths)])
+        if any(step is not None for step in self.steps):
+            rows.append(["one query (100 / queries evaluated)", *(None if v is None else round(v, 3)
+                                                                   for v in self.steps)])
+        rows.append([f"noise band (at least {self.floor:g}{' and one query' if any(self.steps) else ''})",
+                     *(round(v, 3) for v in self.widths)])
         return {"columns": ["", *headers], "rows": rows}
 
     def as_results(self) -> dict[str, Any]:
         """What a notebook saves (:meth:`from_results` rebuilds the band from it)."""
         return {"columns": [m.header for m in ABLATION_COLUMNS], "floor": self.floor,
                 "seeds": {str(seed): list(values) for seed, values in self.values.items()},
-                "spread": list(self.spread), "widths": list(self.widths)}
+                "spread": list(self.spread), "steps": list(self.steps), "widths": list(self.widths)}
 
     @classmethod
     def from_results(cls, saved: Mapping[str, Any] | None) -> NoiseBand:
@@ -1447,19 +1462,44 @@ class NoiseBand:
         headers = [m.header for m in ABLATION_COLUMNS]
         if list(saved.get("columns", [])) != headers:
             raise ValueError(f"saved noise band: columns {saved.get('columns')} are not {headers}")
+        steps = tuple(saved.get("steps") or ())
+        if steps and len(steps) != len(headers):
+            raise ValueError(f"saved noise band: {len(steps)} steps for {len(headers)} columns")
         return cls({int(seed): tuple(values) for seed, values in saved.get("seeds", {}).items()},
-                   float(saved.get("floor", NOISE_FLOOR)))
+                   float(saved.get("floor", NOISE_FLOOR)), steps)
+
+
+# Per ablation metric that counts queries: where ``evaluate()`` records how many queries it counted.
+QUERY_COUNTS = {("classification", "top1"): "num_images", ("retrieval", "i2t_R@1"): "num_images",
+                ("retrieval", "t2i_R@1"): "num_texts"}
+
+
+def metric_step(metrics: Mapping[str, Any] | None, metric: Metric) -> float | None:
+    """One query's worth of ``metric`` in points, ``100 / N`` for a top-1 or R@1 over N queries (the count
+    ``evaluate()`` records, :data:`QUERY_COUNTS`); None for a metric that is no count of queries, or no count."""
+    count_key = QUERY_COUNTS.get((metric.task, metric.key))
+    task = (metrics or {}).get(metric.task)
+    if count_key is None or not isinstance(task, Mapping):
+        return None
+    count = task.get(count_key)
+    return 100.0 / count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
 
 
 def noise_band(results: Mapping[str, Mapping[str, Any]], floor: float = NOISE_FLOOR) -> NoiseBand:
     """The :class:`NoiseBand` of the baseline's runs among ``results`` (every run of row :data:`BASELINE`, each with
-    its ``seed``; see :func:`noise_runs`). Fewer than two seeds give a band of ``floor`` alone."""
+    its ``seed``; see :func:`noise_runs`). Fewer than two seeds give a band of ``floor`` alone; where the baseline's
+    evaluation counted its queries (top-1, R@1), the band is at least one query's worth (:func:`metric_step`)."""
     key, row = BASELINE
     values: dict[int, tuple[float | None, ...]] = {}
+    steps: list[float | None] = [None] * len(ABLATION_COLUMNS)
     for result in results.values():
         if result.get("table") == key and result.get("row") == row and result.get("seed") is not None:
             values[int(result["seed"])] = tuple(metric_value(result["metrics"], m) for m in ABLATION_COLUMNS)
-    return NoiseBand(dict(sorted(values.items())), floor)
+            for index, metric in enumerate(ABLATION_COLUMNS):
+                step = metric_step(result["metrics"], metric)
+                if step is not None:
+                    steps[index] = max(step, steps[index] or 0.0)
+    return NoiseBand(dict(sorted(values.items())), floor, tuple(steps) if any(steps) else ())
 
 
 def _mark(paper_gap: float, ours_gap: float, band: float) -> str:
@@ -1558,23 +1598,16 @@ def tally(directions: Mapping[str, Sequence], table: str | None = None) -> dict[
 
 
 def tally_table(directions: Mapping[str, Sequence]) -> dict[str, list]:
-    """:func:`tally` per table and over all of them, one line each (``save_results`` format)."""
+    """:func:`tally` per table and, with several tables, over all of them, one line each (``save_results`` format;
+    the agreement in percent)."""
     keys = list(dict.fromkeys(row[0] for row in directions["rows"]))
-    columns = ["table", *MARKS, "paper flat", "agreement"]
+    columns = ["table", *MARKS, "paper flat", "agreement [%]"]
     rows = []
-    for key in [*keys, None]:
+    for key in [*keys, None] if len(keys) > 1 else keys:        # "all" only when it adds up several tables
         counts = tally(directions, key)
-        rows.append([key or "all", *(counts[mark] for mark in MARKS), counts["paper flat"], counts["agreement"]])
+        agreement = None if counts["agreement"] is None else round(100 * counts["agreement"], 1)
+        rows.append([key or "all", *(counts[mark] for mark in MARKS), counts["paper flat"], agreement])
     return {"columns": columns, "rows": rows}
-
-
-def _shown_path(path: Path) -> Path:
-    """``path`` relative to the checkout when it lies inside it (shorter in a notebook's output, and the same on
-    every machine), else as it is."""
-    try:
-        return Path(path).resolve().relative_to(project_path(".").resolve())
-    except ValueError:
-        return Path(path)
 
 
 def runs_table(results: Mapping[str, Mapping[str, Any]]) -> dict[str, list]:
@@ -1695,8 +1728,9 @@ def interference_table(results: Mapping[str, Mapping[str, Any]]) -> dict[str, li
                          f"lower their loss on other batches, so I is a ratio of small numbers there")
         redrawn = measured.get("redrawn") or {}
         if redrawn:
-            notes.append("redrawn for a zero gradient: " + ", ".join(f"{task} {count} batch{'es' if count > 1 else ''}"
-                                                                     for task, count in redrawn.items()))
+            notes.append("batches redrawn because their gradient on the shared parameters was exactly zero: "
+                         + ", ".join(f"{task} {count} batch{'es' if count > 1 else ''}"
+                                     for task, count in redrawn.items()))
         note = "; ".join(notes)
         if not pairs:
             rows.append([name, measured["num_batches"], None, None, None, note])

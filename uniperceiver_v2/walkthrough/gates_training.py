@@ -305,7 +305,11 @@ def describe_fig3(usage: ExpertUsage, name: str) -> str:
                 if len(set(top[layer, where].tolist())) == 1 and layer not in uniform]
         shared.append(f"the {kind} tokens of all {len(shapes)} task shapes share their heaviest expert "
                       f"{_layers_text(same)}")
-    if shared:
+    if shared and len(uniform) == layers:
+        lines.append("* *one modality across tasks*: cannot be asked of these gates: in every layer one expert is the "
+                     "heaviest of most combinations, so a modality's tokens sharing it would say nothing about the "
+                     "modality;")
+    elif shared:
         excluded = (f" (not counted: layer{'s' if len(uniform) > 1 else ''} {', '.join(map(str, uniform))}, where "
                     "one expert is the heaviest of most combinations, so sharing it is not specific to a modality)"
                     if uniform else "")

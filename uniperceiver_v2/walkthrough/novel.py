@@ -68,7 +68,7 @@ def category_exposure(cfg) -> dict[str, list]:
             for name, pattern in patterns.items():
                 if pattern.search(sentence):
                     sentences[name] = sentences.get(name, 0) + 1
-    rows = [[c.name, c.novel, boxes.get(c.name, 0), images.get(c.name, 0), sentences.get(c.name, 0)]
+    rows = [[c.name, "yes" if c.novel else "no", boxes.get(c.name, 0), images.get(c.name, 0), sentences.get(c.name, 0)]
             for c in categories]
     return {"columns": ["category", "novel", "detection boxes", "classification images", "corpus sentences"],
             "rows": rows}

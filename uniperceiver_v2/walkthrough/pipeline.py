@@ -66,6 +66,18 @@ KERNEL_NAME = "uniperceiver-v2"
 NOTEBOOK_PATTERN = re.compile(r"^(\d{2})_[a-z0-9]+(?:_[a-z0-9]+)*\.ipynb$")
 PARAMETERS_TAG = "parameters"
 
+# What a profile's trained model should reach, per (task, metric of evaluate()), as fractions: notebook 07 reads its
+# run against them. The quick profile's aims (README, the profiles' table); the small profile's goals of the hour
+# (README, the "goal" row of the small suite's table; MLM on the validation corpus, the novel AP50 on the
+# novel-category scenes, the rest on the test split).
+PROFILE_AIMS: dict[str, dict[tuple[str, str], float]] = {
+    "quick": {("classification", "top1"): 0.80, ("detection", "bbox_AP50"): 0.30},
+    "small": {("classification", "top1"): 0.97, ("detection", "bbox_AP"): 0.35, ("detection", "bbox_AP50"): 0.60,
+              ("detection", "segm_AP"): 0.30, ("detection", "novel_bbox_AP50"): 0.20,
+              ("captioning", "BLEU-4"): 0.30, ("captioning", "CIDEr"): 1.00, ("retrieval", "i2t_R@1"): 0.35,
+              ("retrieval", "t2i_R@1"): 0.25, ("mlm", "accuracy"): 0.65},
+}
+
 # One dict per profile. Relative paths are resolved against the directory the command runs in.
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -229,6 +241,15 @@ def read_json_record(path: str | os.PathLike, required: Sequence[str], remedy: s
     if missing:
         raise ValueError(f"{path}: missing key(s) {', '.join(repr(key) for key in missing)}; {remedy}")
     return data
+
+
+def shown_path(path: str | os.PathLike) -> Path:
+    """``path`` relative to the checkout when it lies inside it (shorter in a notebook's output, and the same on
+    every machine), else as it is."""
+    try:
+        return Path(path).resolve().relative_to(project_path(".").resolve())
+    except ValueError:
+        return Path(path)
 
 
 def project_path(path: str | os.PathLike) -> Path:

@@ -31,6 +31,8 @@ HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
 OPTIONAL_METRICS: dict[str, tuple[str, ...]] = {
     "detection": ("novel_bbox_AP50", "novel_calibrated_bbox_AP50"),
 }
+# The split column of those optional metrics: they are measured on the novel-category scenes, whatever the split.
+OPTIONAL_METRIC_SPLIT = "novel scenes"
 
 
 def _percent(value: float | None) -> float | None:
@@ -74,7 +76,8 @@ def metrics_table(results: Mapping[str, Mapping[str, Any]], split: str,
     """``evaluate``'s results as a table with one row per (task, metric), values x100 as the paper reports them.
 
     With the default ``metrics``, the :data:`OPTIONAL_METRICS` a task's results hold follow its headline rows (the
-    novel-category box AP50, plain and calibrated). A task reported as ``{"skipped": reason}`` gets one row with the
+    novel-category box AP50, plain and calibrated, whose split column says :data:`OPTIONAL_METRIC_SPLIT`: they are
+    measured on the novel-category scenes). A task reported as ``{"skipped": reason}`` gets one row with the
     reason; a metric that is None or NaN (COCO's
     "no ground truth in this setting") is shown as None. With ``chance`` (:func:`chance_levels`) a column gives
     each metric's random-ranking level where it has one.
@@ -92,7 +95,7 @@ def metrics_table(results: Mapping[str, Mapping[str, Any]], split: str,
         optional = [name for name in OPTIONAL_METRICS.get(task, ()) if name in values] if metrics is HEADLINE_METRICS \
             else []
         for name in [*metrics.get(task, ()), *optional]:
-            row = [task, split, name, _percent(values.get(name))]
+            row = [task, OPTIONAL_METRIC_SPLIT if name in optional else split, name, _percent(values.get(name))]
             if chance is not None:
                 row.append(_percent(chance.get((task, name))))
             rows.append(row)

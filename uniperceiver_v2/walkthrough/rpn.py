@@ -61,6 +61,7 @@ __all__ = [
     "fusion_gradient_norms",
     "loss_table",
     "matching_costs",
+    "objectness_inside_boxes",
     "position_levels",
     "predict_proposals",
     "proposal_recall",
@@ -117,6 +118,34 @@ def anchor_size_deviation(boxes: torch.Tensor, num_levels: int, levels: torch.Te
     if levels.numel() and (levels.min() < 0 or levels.max() >= num_levels):
         raise ValueError(f"levels: expected values in [0, {num_levels}), got {levels.min()}..{levels.max()}")
     return deviation.gather(-1, levels[..., None])[..., 0]
+
+
+def objectness_inside_boxes(maps: Sequence[torch.Tensor], boxes: torch.Tensor,
+                            image_size: Sequence[int]) -> list[tuple[float | None, float | None]]:
+    """Per level map, the mean value at the positions whose cell centre lies inside any of ``boxes`` and at the
+    others: whether a level's objectness is brighter on the objects than around them.
+
+    Args:
+        maps: per level an (H_l, W_l) map (e.g. sigma(objectness)) covering the whole (padded) image.
+        boxes: (K, 4) x1 y1 x2 y2 in the image's pixels.
+        image_size: (height, width) of the image the maps cover.
+
+    Returns:
+        per level (mean inside, mean outside); None where no cell centre falls on that side.
+    """
+    height, width = (float(v) for v in image_size)
+    boxes = boxes.reshape(-1, 4).float()
+    out: list[tuple[float | None, float | None]] = []
+    for level in maps:
+        rows, cols = level.shape[-2:]
+        ys = (torch.arange(rows, dtype=torch.float32) + 0.5) * height / rows
+        xs = (torch.arange(cols, dtype=torch.float32) + 0.5) * width / cols
+        y, x = torch.meshgrid(ys, xs, indexing="ij")                                      # (H_l, W_l) each
+        inside = ((x[..., None] >= boxes[:, 0]) & (x[..., None] <= boxes[:, 2])
+                  & (y[..., None] >= boxes[:, 1]) & (y[..., None] <= boxes[:, 3])).any(-1)
+        values = level.reshape(rows, cols).float()
+        out.append(tuple(float(values[side].mean()) if side.any() else None for side in (inside, ~inside)))
+    return out
 
 
 def position_levels(positions: torch.Tensor, spatial_shapes: torch.Tensor) -> torch.Tensor:

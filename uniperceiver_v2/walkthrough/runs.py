@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .pipeline import project_path, read_json_record
+from .pipeline import project_path, read_json_record, shown_path
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -553,7 +553,8 @@ class TrainingLaunch:
         seconds: wall-clock time of this launch.
         lines: lines of output this launch showed or, when not echoed, would have shown (progress redraws
             thinned as :class:`ProgressFilter` does).
-        last_line: the last of them: the trainer's closing line ("finished N iterations in S s; last losses: ...").
+        last_line: the last of them: the trainer's closing line ("finished N iterations in S s; each task's last
+            logged loss: ...").
     """
 
     log: Path
@@ -564,7 +565,7 @@ class TrainingLaunch:
     def summary(self) -> str:
         """Two lines for a notebook: how the launch ended, and where its whole output is."""
         return (f"{self.last_line}\n{self.lines} lines of trainer output in {self.seconds:.0f} s of wall-clock time "
-                f"(this launch), all of them in {self.log}")
+                f"(this launch), all of them in {shown_path(self.log)}")
 
 
 def _status_line() -> Callable[[str], None]:
