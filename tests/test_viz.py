@@ -594,3 +594,13 @@ def test_plot_calibration_marks_each_halfs_gamma_and_the_pooled_value():
         viz.plot_calibration([0.0, 2.0], [[0.1]], [0.0])
     with pytest.raises(ValueError, match="chosen"):
         viz.plot_calibration([0.0], [[0.1], [0.2]], [0.0])
+
+
+def test_draw_detections_puts_a_tag_before_each_caption():
+    image = torch.zeros(3, 32, 32)
+    boxes = torch.tensor([[2.0, 2.0, 12.0, 12.0], [16.0, 16.0, 30.0, 30.0]])
+    fig = viz.draw_detections(image, boxes, torch.tensor([0, 1]), torch.tensor([0.9, 0.4]),
+                              class_names=["circle", "square"], tags=["✓", "✗"])
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == ["✓ circle 0.90", "✗ square 0.40"]
+    with pytest.raises(ValueError, match="tags"):
+        viz.draw_detections(image, boxes, tags=["✓"])

@@ -75,7 +75,7 @@ def test_expert_load_marks_what_each_capacity_drops():
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     # the uniform line coincides with factor 1.0's C: drawn last, on top, and its label says so
     assert labels == ["factor 1.0 (C = 16)", "factor 2.0 (C = 32)", "uniform (16), on the line of factor 1.0",
-                      "hatched: dropped at that capacity"]
+                      "hatched: dropped at the capacity of its colour"]
     no_overflow = viz_decoder.plot_expert_load(counts, {"factor 2.0": 32}).axes[0]
     assert not any(t.get_text().startswith("hatched") for t in no_overflow.get_legend().get_texts())
     uniform_line = [line for line in ax.get_lines() if line.get_label().startswith("uniform")][0]

@@ -136,7 +136,7 @@ def plot_expert_load(assignments: Any, capacities: Mapping[str, float] | None = 
     handles, labels = ax.get_legend_handles_labels()
     if any((counts > capacity).any() for capacity in (capacities or {}).values()):
         handles.append(Patch(facecolor="none", edgecolor="grey", hatch="///"))
-        labels.append("hatched: dropped at that capacity")
+        labels.append("hatched: dropped at the capacity of its colour")
     ax.legend(handles, labels, fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)
     if title:
         ax.set_title(title, fontsize=9)

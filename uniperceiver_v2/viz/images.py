@@ -62,7 +62,7 @@ def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any
                     class_names: Sequence[str] | None = None, score_threshold: float = 0.0,
                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                     title: str | None = None, legend: bool = False, fit_captions: bool = False,
-                    mask_style: str = "fill", ax: Axes | None = None) -> Figure:
+                    mask_style: str = "fill", tags: Sequence[str] | None = None, ax: Axes | None = None) -> Figure:
     """Boxes with "class score" captions and semi-transparent instance masks, one stable colour per class.
 
     Ground truth and predictions are drawn the same way; leave ``scores=None`` for ground truth.
@@ -82,6 +82,7 @@ def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any
             image's border.
         mask_style: "fill" (default) tints each mask with its class colour; "outline" draws only its contour, so
             the object keeps its own colour (for figures whose reader compares colours, e.g. with captions).
+        tags: (N,) a short mark put before each instance's caption (e.g. a verdict: "✓", "✗"), or None.
     """
     if mask_style not in ("fill", "outline"):
         raise ValueError(f"mask_style: expected 'fill' or 'outline', got {mask_style!r}")
@@ -92,6 +93,8 @@ def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any
     labels_np = None if labels is None else _as_vector(labels, n, "labels").astype(np.int64)
     scores_np = None if scores is None else _as_vector(scores, n, "scores").astype(np.float64)
     keep = np.ones(n, dtype=bool) if scores_np is None else scores_np >= score_threshold
+    if tags is not None and len(tags) != n:
+        raise ValueError(f"tags: expected {n} (one per box), got {len(tags)}")
 
     fig, ax = _image_axes(ax, picture)
     colors = [class_color(labels_np[i]) if labels_np is not None else class_color(i) for i in range(n)]
@@ -128,6 +131,8 @@ def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any
         x0, y0, x1, y1 = boxes[i]
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colors[i], linewidth=1.5))
         caption = _detection_caption(i, labels_np, scores_np, class_names)
+        if tags is not None and tags[i]:
+            caption = f"{tags[i]} {caption}".strip()
         if caption:
             text = ax.text(x0, y0, caption, fontsize=7, color="white", va="bottom", ha="left", clip_on=True,
                            bbox=dict(facecolor=colors[i], alpha=0.8, pad=1.0, edgecolor="none"))
