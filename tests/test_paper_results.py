@@ -188,14 +188,15 @@ def test_evaluation_scope_says_what_our_columns_measure():
                "captioning": {"BLEU-4": 0.1, "CIDEr": 0.2, "num_images": 500},
                "retrieval": {"i2t_R@1": 0.1, "t2i_R@1": 0.1, "num_images": 500, "num_texts": 2500}}
     scope = dict(zip([m.header for m in P.MAIN_COLUMNS], P.evaluation_scope(metrics, num_classes=14)))
-    assert scope["IN-1k Acc"] == "synthetic: 14 classes, 700 images"
+    assert scope["IN-1k Acc"] == "synthetic: 14 classes, 700 images, chance 7.1"
     assert scope["COCO Det. mAP"] == "synthetic scenes" and scope["COCO Seg. mAP"] is None   # no segm_AP
     counted = {**metrics, "detection": {"bbox_AP": 0.1, "segm_AP": 0.1, "num_images": 500}}
     scope_counted = dict(zip([m.header for m in P.MAIN_COLUMNS], P.evaluation_scope(counted, num_classes=14)))
     assert scope_counted["COCO Det. mAP"] == scope_counted["COCO Seg. mAP"] == "synthetic: 500 scenes"
     assert scope["COCO Caption CIDEr"] == "synthetic: 500 images"
-    assert scope["COCO TR R@1"] == "synthetic: 2500 candidate texts"
-    assert scope["COCO IR R@1"] == "synthetic: 500 candidate images"
+    # R@1 by chance: an image's 5 captions among 2500 texts, a caption's 1 image among 500: 0.2 either way
+    assert scope["COCO TR R@1"] == "synthetic: 2500 candidate texts, chance 0.2"
+    assert scope["COCO IR R@1"] == "synthetic: 500 candidate images, chance 0.2"
     assert P.evaluation_scope({"classification": {"top1": 0.5}})[0] == "synthetic"
     assert P.evaluation_scope(None) == [None] * len(P.MAIN_COLUMNS)
 

@@ -746,7 +746,7 @@ def test_representation_similarity_reuses_the_representations_of_retrieval_examp
         walkthrough.representation_similarity(model, images)
 
 
-def test_shell_command_puts_each_override_on_its_own_line():
+def test_shell_command_puts_each_override_on_its_own_line(tmp_path):
     import shlex
 
     command = ["python", "-m", "uniperceiver_v2.train", "--config", "tiny", "--resume", "data.root=/a b",
@@ -755,6 +755,12 @@ def test_shell_command_puts_each_override_on_its_own_line():
     assert text.splitlines() == ["python -m uniperceiver_v2.train --config tiny --resume \\",
                                  "    'data.root=/a b' \\", "    run.iterations=5"]
     assert shlex.split(text.replace("\\\n", " ")) == command
+    # from the checkout: its paths relative to it, the running interpreter as "python", other paths as they are
+    root = tmp_path / "checkout"
+    command = [sys.executable, "-m", "uniperceiver_v2.train", f"data.root={root.resolve()}/data/synthetic",
+               "run.output_dir=/elsewhere/train"]
+    assert walkthrough.shell_command(command, root=root).splitlines() == [
+        "python -m uniperceiver_v2.train \\", "    data.root=data/synthetic \\", "    run.output_dir=/elsewhere/train"]
 
 
 def test_an_interrupt_is_forwarded_once_and_re_raised(tmp_path):

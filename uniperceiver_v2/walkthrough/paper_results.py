@@ -386,7 +386,9 @@ def scale_table(ours: Mapping[str, Any]) -> dict[str, list]:
 def evaluation_scope(metrics: Mapping[str, Any] | None, num_classes: int | None = None) -> list[str | None]:
     """What each of :data:`MAIN_COLUMNS` measures in one of our ``evaluate()`` results, where the paper's header
     (ImageNet-1k, COCO) would suggest otherwise: "synthetic", with the number of classes, images or candidates the
-    result records (``num_images``, ``num_texts``); None where the result has no value for the column.
+    result records (``num_images``, ``num_texts``) and, for top-1 and R@1, the chance level they give (x100: one in
+    the classes; one in the images for both retrieval directions, whose texts are the images' captions, equally
+    many per image); None where the result has no value for the column.
 
     Args:
         metrics: ``evaluate()``'s result (task -> metrics).
@@ -402,12 +404,14 @@ def evaluation_scope(metrics: Mapping[str, Any] | None, num_classes: int | None 
         if metric.task == "classification":
             counts += [f"{num_classes} classes"] if num_classes else []
             counts += [f"{task['num_images']} images"] if task.get("num_images") else []
+            counts += [f"chance {100 / num_classes:.2g}"] if num_classes else []
         elif metric.task == "captioning" and task.get("num_images"):
             counts.append(f"{task['num_images']} images")
         elif metric.task == "retrieval":
             # image-to-text (TR) ranks every text for an image; text-to-image (IR) every image for a text
             key, noun = ("num_texts", "texts") if metric.key.startswith("i2t") else ("num_images", "images")
             counts += [f"{task[key]} candidate {noun}"] if task.get(key) else []
+            counts += [f"chance {100 / task['num_images']:.2g}"] if task.get("num_images") else []
         elif metric.task == "detection":
             # evaluate() records the scenes' count since 2026-12-07; older results have none
             scope.append(f"synthetic: {task['num_images']} scenes" if task.get("num_images") else "synthetic scenes")

@@ -262,13 +262,20 @@ def split_batch_overrides(preset: str, nproc: int, overrides: Sequence[str] = ()
     return split
 
 
-def shell_command(command: Sequence[str]) -> str:
-    """``command`` as one shell command, quoted, with each ``key.sub=value`` override on its own line."""
+def shell_command(command: Sequence[str], root: str | os.PathLike | None = None) -> str:
+    """``command`` as one shell command, quoted, with each ``key.sub=value`` override on its own line.
+
+    With ``root`` (the checkout), the command as typed there: paths inside ``root`` relative to it, and the
+    interpreter, when it is ``sys.executable``, as ``python`` (the same on every machine, in a notebook's output)."""
+    prefix = None if root is None else str(Path(root).resolve()) + os.sep
     lines = [[]]
-    for argument in command:
+    for index, argument in enumerate(command):
+        argument = str(argument)
+        if prefix is not None:
+            argument = "python" if index == 0 and argument == sys.executable else argument.replace(prefix, "")
         if "=" in argument and not argument.startswith("-"):
             lines.append([])
-        lines[-1].append(shlex.quote(str(argument)))
+        lines[-1].append(shlex.quote(argument))
     return " \\\n    ".join(" ".join(line) for line in lines)
 
 
