@@ -1441,10 +1441,11 @@ class NoiseBand:
         rows = [[f"baseline, seed {seed}", *(None if v is None else round(v, 2) for v in values)]
                 for seed, values in self.values.items()]
         rows.append(["spread over the seeds", *(None if v is None else round(v, 3) for v in self.spread)])
-        if any(step is not None for step in self.steps):
+        counted = any(step is not None for step in self.steps)
+        if counted:
             rows.append(["one query (100 / queries evaluated)", *(None if v is None else round(v, 3)
                                                                    for v in self.steps)])
-        rows.append([f"noise band (at least {self.floor:g}{' and one query' if any(self.steps) else ''})",
+        rows.append([f"noise band (at least {self.floor:g}{' and one query' if counted else ''})",
                      *(round(v, 3) for v in self.widths)])
         return {"columns": ["", *headers], "rows": rows}
 
