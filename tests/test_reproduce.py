@@ -202,6 +202,27 @@ def test_profile_parameters_resolve_paths_and_apply_gpus(tmp_path):
     assert set(reproduce.PROFILES) >= {"smoke", "quick", "small", "paper"} and all(k == keys[0] for k in keys)
 
 
+def test_paths_inside_the_checkout_reach_notebooks_relative_and_resolve_back_to_the_same_folder(tmp_path,
+                                                                                                   monkeypatch):
+    checkout = tmp_path / "checkout"
+    (checkout / "uniperceiver_v2").mkdir(parents=True)
+    (checkout / "uniperceiver_v2" / "__init__.py").write_text("")
+    (checkout / "notebooks").mkdir()
+    elsewhere = tmp_path / "elsewhere" / "runs"
+    parameters = {"run_dir": str(checkout / "runs" / "quick"), "data_root": str(checkout / "data" / "synthetic"),
+                  "ablation_data_root": str(elsewhere), "results_path": None, "iterations": 7}
+    given = reproduce.checkout_relative(parameters, checkout / "notebooks")
+    assert given == {"run_dir": "runs/quick", "data_root": "data/synthetic", "ablation_data_root": str(elsewhere),
+                     "results_path": None, "iterations": 7}
+    assert parameters["run_dir"] == str(checkout / "runs" / "quick")      # the runner's own copy is untouched
+    monkeypatch.chdir(checkout / "notebooks")                              # where papermill starts the kernel
+    for key in ("run_dir", "data_root", "ablation_data_root"):
+        assert reproduce.project_path(given[key]) == Path(parameters[key])
+    # outside a checkout nothing can resolve a relative path the same way: every path stays as it was
+    (tmp_path / "loose").mkdir()
+    assert reproduce.checkout_relative(parameters, tmp_path / "loose") == parameters
+
+
 def test_kernel_starts_this_interpreter_or_is_refused(monkeypatch):
     from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 

@@ -710,6 +710,34 @@ def kernel_threads(threads: int | None) -> Iterator[None]:
         os.environ.pop("OMP_NUM_THREADS", None)
 
 
+def checkout_root(folder: Path) -> Path | None:
+    """The checkout :func:`project_path` finds from ``folder``: the nearest folder, ``folder`` or above, that holds
+    the ``uniperceiver_v2`` package; None outside a checkout."""
+    folder = folder.resolve()
+    for candidate in (folder, *folder.parents):
+        if (candidate / "uniperceiver_v2" / "__init__.py").is_file():
+            return candidate
+    return None
+
+
+def checkout_relative(parameters: Mapping[str, Any], notebook_dir: Path) -> dict[str, Any]:
+    """``parameters`` as a notebook in ``notebook_dir`` is given them: each path of :data:`PATH_PARAMETERS` that
+    lies inside the checkout is written relative to it (``runs/quick``, not ``/home/.../runs/quick``), so the
+    injected parameters cell reads the same on every machine. The notebooks resolve such a path with
+    :func:`project_path`, which finds the same checkout; a path outside it stays absolute."""
+    root = checkout_root(notebook_dir)
+    shown = dict(parameters)
+    for key in PATH_PARAMETERS:
+        value = shown.get(key)
+        if root is None or not isinstance(value, str) or not Path(value).is_absolute():
+            continue
+        try:
+            shown[key] = Path(value).resolve().relative_to(root).as_posix()
+        except ValueError:
+            pass                                          # outside the checkout: kept as it is
+    return shown
+
+
 def run_notebook(source: Path, executed: Path, parameters: dict[str, Any], parameters_index: int,
                  kernel_name: str) -> None:
     """Execute one notebook with papermill; raise :class:`NotebookFailed` naming the failing cell."""
@@ -717,6 +745,7 @@ def run_notebook(source: Path, executed: Path, parameters: dict[str, Any], param
     from nbclient.exceptions import DeadKernelError
 
     executed.parent.mkdir(parents=True, exist_ok=True)
+    parameters = checkout_relative(parameters, source.parent)
     series_index = source.parent / "README.md"   # each notebook's footer links to it: keep it beside the copies
     if series_index.is_file():
         shutil.copyfile(series_index, executed.parent / series_index.name)
