@@ -604,3 +604,21 @@ def test_draw_detections_puts_a_tag_before_each_caption():
     assert sorted(t.get_text() for t in fig.axes[0].texts) == ["✓ circle 0.90", "✗ square 0.40"]
     with pytest.raises(ValueError, match="tags"):
         viz.draw_detections(image, boxes, tags=["✓"])
+
+
+def test_draw_detections_key_numbers_the_boxes_and_lists_their_captions_under_the_image():
+    image = torch.zeros(3, 32, 32)
+    boxes = torch.tensor([[2.0, 2.0, 12.0, 12.0], [3.0, 3.0, 13.0, 13.0], [16.0, 16.0, 30.0, 30.0]])
+    fig = viz.draw_detections(image, boxes, torch.tensor([0, 1, 1]), torch.tensor([0.9, 0.4, 0.2]),
+                              class_names=["circle", "square"], score_threshold=0.3, tags=["✓", "✗", "○"],
+                              captions="key", fit_captions=True)
+    ax = fig.axes[0]
+    assert sorted(t.get_text() for t in ax.texts) == ["1", "2"]                 # the third is under the threshold
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["1  ✓ circle 0.90", "2  ✗ square 0.40"]
+    box_colours = [to_rgb(p.get_edgecolor()) for p in ax.patches if isinstance(p, Rectangle) and not p.get_fill()]
+    assert [to_rgb(h.get_facecolor()) for h in legend.legend_handles] == box_colours   # each entry in its box's colour
+    with pytest.raises(ValueError, match="captions: expected 'box' or 'key'"):
+        viz.draw_detections(image, boxes, captions="list")
+    with pytest.raises(ValueError, match="cannot share it with legend=True"):
+        viz.draw_detections(image, boxes, torch.tensor([0, 1, 1]), captions="key", legend=True)

@@ -82,3 +82,24 @@ def test_expert_load_marks_what_each_capacity_drops():
     assert uniform_line.get_zorder() > max(line.get_zorder() for line in ax.get_lines() if line is not uniform_line)
     with pytest.raises(ValueError, match="one count per expert"):
         viz_decoder.plot_expert_load([])
+
+
+def test_expert_loads_draw_every_layer_on_one_scale_with_one_legend():
+    counts = torch.tensor([[10, 30, 20, 4], [16, 16, 16, 16]])
+    fig = viz_decoder.plot_expert_loads(counts, {"factor 1.0": 16, "factor 2.0": 32}, titles=["layer 0", "layer 1"])
+    first, second = fig.axes
+    assert [ax.get_title() for ax in fig.axes] == ["layer 0", "layer 1"]
+    assert first.get_ylim() == second.get_ylim()                                 # one y scale
+    assert first.get_legend() is None and second.get_legend() is None and len(fig.legends) == 1
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["factor 1.0 (C = 16)", "factor 2.0 (C = 32)", "uniform (16), on the line of factor 1.0",
+                      "hatched: dropped at the capacity of its colour"]          # layer 0 drops, so the hatch is named
+    hatched = [p for p in second.patches if p.get_hatch()]
+    assert hatched == []                                                         # layer 1 sits at C = 16: no drop
+    calm = viz_decoder.plot_expert_loads(counts[1:], {"factor 1.0": 16})
+    assert [t.get_text() for t in calm.legends[0].get_texts()] == ["factor 1.0 (C = 16)",
+                                                                    "uniform (16), on the line of factor 1.0"]
+    with pytest.raises(ValueError, match="titles: expected 2"):
+        viz_decoder.plot_expert_loads(counts, titles=["x"])
+    with pytest.raises(ValueError, match=r"\(layers, experts\)"):
+        viz_decoder.plot_expert_loads(counts[0])

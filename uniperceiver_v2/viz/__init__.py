@@ -29,7 +29,7 @@ Conventions (every module):
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .base import TASK_COLORS, class_color, set_log_scale, subplots, task_color, to_display_image, to_numpy
 from .curves import plateau_values, plot_curves
-from .decoder import plot_attribute_bits, plot_expert_load, plot_expert_usage
+from .decoder import plot_attribute_bits, plot_expert_load, plot_expert_loads, plot_expert_usage
 from .evaluation import (
     plot_calibration,
     plot_ranked_texts,
@@ -59,7 +59,8 @@ __all__ = [
     "draw_denoising_boxes", "draw_detections", "draw_proposals", "draw_sampling_points", "grouped_bars",
     "image_grid", "plot_ablation", "plot_attention_mask", "plot_attribute_bits", "plot_bars", "plot_calibration",
     "plot_cost_matrices",
-    "plateau_values", "plot_curves", "plot_expert_load", "plot_expert_usage", "plot_gate_heatmap", "plot_grad_norms",
+    "plateau_values", "plot_curves", "plot_expert_load", "plot_expert_loads", "plot_expert_usage",
+    "plot_gate_heatmap", "plot_grad_norms",
     "plot_instance_statistics", "plot_interference", "plot_level_maps", "plot_metrics_vs_paper",
     "plot_ranked_texts", "plot_sampling_weights", "plot_similarity_matrix", "plot_task_curves",
     "plot_task_sequence", "plot_token_layout", "plot_token_probabilities", "plot_topk_predictions",

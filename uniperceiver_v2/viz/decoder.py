@@ -17,7 +17,7 @@ from matplotlib.patches import Patch
 
 from .base import _figure, _single_axes, class_color, to_numpy
 
-__all__ = ["plot_attribute_bits", "plot_expert_load", "plot_expert_usage"]
+__all__ = ["plot_attribute_bits", "plot_expert_load", "plot_expert_loads", "plot_expert_usage"]
 
 
 def plot_attribute_bits(bits: Any, row_labels: Sequence[str], bit_names: Sequence[str], title: str | None = None,
@@ -102,28 +102,18 @@ def plot_expert_usage(usage: Any, row_labels: Sequence[str], layer_titles: Seque
     return fig
 
 
-def plot_expert_load(assignments: Any, capacities: Mapping[str, float] | None = None, title: str | None = None,
-                     ax: Axes | None = None) -> Figure:
-    """Top-k assignments received by each expert (bars) against expert capacities (dashed lines): the hatched part
-    of a bar above a line is what that capacity drops.
-
-    Args:
-        assignments: (experts,) counts, e.g. a row of ``gating.expert_assignments``.
-        capacities: label -> capacity C in assignments, e.g. {"capacity factor 1.0": 67, ...}.
-    """
-    counts = to_numpy(assignments).astype(np.float64).reshape(-1)
-    if counts.size == 0:
-        raise ValueError("assignments: expected one count per expert")
+def _expert_load_panel(ax: Axes, counts: np.ndarray, capacities: Mapping[str, float]) -> tuple[list, list[str]]:
+    """Draw one layer's loads on ``ax``; returns the legend's handles and labels (the hatch entry only when a bar
+    goes over a capacity)."""
     experts = counts.size
-    fig, ax = _single_axes(ax, figsize=(1.5 + 0.45 * experts, 3.0))
     x = np.arange(experts)
     uniform = counts.sum() / experts
     ax.bar(x, counts, color="tab:blue", width=0.7)
     # Capacity factor 1.0 gives C = ceil(k N / E), the uniform load itself: the uniform line is drawn last, on top,
     # and says which capacity lines it covers, so neither hides the other.
-    covered = [label for label, capacity in (capacities or {}).items() if abs(capacity - uniform) < 1.0]
+    covered = [label for label, capacity in capacities.items() if abs(capacity - uniform) < 1.0]
     uniform_label = f"uniform ({uniform:.0f})" + (f", on the line of {', '.join(covered)}" if covered else "")
-    for i, (label, capacity) in enumerate((capacities or {}).items()):
+    for i, (label, capacity) in enumerate(capacities.items()):
         color = class_color(i + 1)
         ax.axhline(capacity, color=color, linewidth=1.2, linestyle="--", label=f"{label} (C = {capacity:.0f})")
         over = counts > capacity
@@ -134,10 +124,65 @@ def plot_expert_load(assignments: Any, capacities: Mapping[str, float] | None = 
     ax.set_xlabel("expert")
     ax.set_ylabel("assignments")
     handles, labels = ax.get_legend_handles_labels()
-    if any((counts > capacity).any() for capacity in (capacities or {}).values()):
+    if any((counts > capacity).any() for capacity in capacities.values()):
         handles.append(Patch(facecolor="none", edgecolor="grey", hatch="///"))
-        labels.append("hatched: dropped at the capacity of its colour")
+        labels.append(_DROPPED_LABEL)
+    return handles, labels
+
+
+_DROPPED_LABEL = "hatched: dropped at the capacity of its colour"
+
+
+def _expert_counts(assignments: Any) -> np.ndarray:
+    counts = to_numpy(assignments).astype(np.float64)
+    if counts.size == 0:
+        raise ValueError("assignments: expected one count per expert")
+    return counts
+
+
+def plot_expert_load(assignments: Any, capacities: Mapping[str, float] | None = None, title: str | None = None,
+                     ax: Axes | None = None) -> Figure:
+    """Top-k assignments received by each expert (bars) against expert capacities (dashed lines): the hatched part
+    of a bar above a line is what that capacity drops.
+
+    Args:
+        assignments: (experts,) counts, e.g. a row of ``gating.expert_assignments``.
+        capacities: label -> capacity C in assignments, e.g. {"capacity factor 1.0": 67, ...}.
+    """
+    counts = _expert_counts(assignments).reshape(-1)
+    fig, ax = _single_axes(ax, figsize=(1.5 + 0.45 * counts.size, 3.0))
+    handles, labels = _expert_load_panel(ax, counts, capacities or {})
     ax.legend(handles, labels, fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)
     if title:
         ax.set_title(title, fontsize=9)
+    return fig
+
+
+def plot_expert_loads(assignments: Any, capacities: Mapping[str, float] | None = None,
+                      titles: Sequence[str] | None = None, panel_size: tuple[float, float] = (3.6, 3.0)) -> Figure:
+    """:func:`plot_expert_load` for every layer side by side, on one y scale, with one legend under the panels
+    (the lines mean the same in each; the hatch entry appears when any layer drops an assignment).
+
+    Args:
+        assignments: (layers, experts) counts, e.g. ``gating.expert_assignments``.
+        titles: one per layer (default "layer i").
+    """
+    counts = _expert_counts(assignments)
+    if counts.ndim != 2:
+        raise ValueError(f"assignments: expected (layers, experts) counts, got shape {counts.shape}")
+    layers = counts.shape[0]
+    titles = list(titles) if titles is not None else [f"layer {i}" for i in range(layers)]
+    if len(titles) != layers:
+        raise ValueError(f"titles: expected {layers}, one per layer, got {len(titles)}")
+    fig, axes = _figure(1, layers, figsize=(panel_size[0] * layers, panel_size[1]), sharey=True)
+    legend: dict[str, Any] = {}
+    for ax, row, title in zip(axes.flat, counts, titles):
+        for handle, label in zip(*_expert_load_panel(ax, row, capacities or {})):
+            legend.setdefault(label, handle)
+        ax.set_title(title, fontsize=9)
+    for ax in list(axes.flat)[1:]:
+        ax.set_ylabel("")
+    # every panel has the same lines, so the hatch entry, appended after a panel's lines, comes last
+    fig.legend(list(legend.values()), list(legend), fontsize=8, frameon=False, loc="outside lower center",
+               ncol=min(2, len(legend)))
     return fig

@@ -62,7 +62,8 @@ def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any
                     class_names: Sequence[str] | None = None, score_threshold: float = 0.0,
                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                     title: str | None = None, legend: bool = False, fit_captions: bool = False,
-                    mask_style: str = "fill", tags: Sequence[str] | None = None, ax: Axes | None = None) -> Figure:
+                    mask_style: str = "fill", tags: Sequence[str] | None = None, captions: str = "box",
+                    ax: Axes | None = None) -> Figure:
     """Boxes with "class score" captions and semi-transparent instance masks, one stable colour per class.
 
     Ground truth and predictions are drawn the same way; leave ``scores=None`` for ground truth.
@@ -83,9 +84,16 @@ def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any
         mask_style: "fill" (default) tints each mask with its class colour; "outline" draws only its contour, so
             the object keeps its own colour (for figures whose reader compares colours, e.g. with captions).
         tags: (N,) a short mark put before each instance's caption (e.g. a verdict: "✓", "✗"), or None.
+        captions: "box" (default) writes each caption at its box; "key" writes only a number at the box and lists
+            "number caption" under the image, in the box's colour: for crowded panels, where several boxes share one
+            small object and their captions would cover it.
     """
     if mask_style not in ("fill", "outline"):
         raise ValueError(f"mask_style: expected 'fill' or 'outline', got {mask_style!r}")
+    if captions not in ("box", "key"):
+        raise ValueError(f"captions: expected 'box' or 'key', got {captions!r}")
+    if captions == "key" and legend:
+        raise ValueError("captions='key' lists the captions under the image: it cannot share it with legend=True")
     picture = to_display_image(image, mean, std)
     height, width = picture.shape[:2]
     boxes = _as_boxes(boxes_xyxy, "boxes_xyxy")
@@ -123,6 +131,7 @@ def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)
     placed = []                        # display-space extents of the captions drawn so far (fit_captions)
+    key: list[tuple[Any, str]] = []    # (colour, "number caption") of each numbered box (captions="key")
     if fit_captions and title:
         ax.set_title(title)            # the title takes its room before the captions are measured
     if fit_captions:
@@ -133,11 +142,18 @@ def draw_detections(image: Any, boxes_xyxy: Any, labels: Any = None, scores: Any
         caption = _detection_caption(i, labels_np, scores_np, class_names)
         if tags is not None and tags[i]:
             caption = f"{tags[i]} {caption}".strip()
+        if caption and captions == "key":
+            key.append((colors[i], f"{len(key) + 1}  {caption}"))
+            caption = str(len(key))
         if caption:
             text = ax.text(x0, y0, caption, fontsize=7, color="white", va="bottom", ha="left", clip_on=True,
                            bbox=dict(facecolor=colors[i], alpha=0.8, pad=1.0, edgecolor="none"))
             if fit_captions:
                 placed.append(_fit_caption(ax, text, (x0, y0, x1, y1), placed))
+    if key:
+        ax.legend([Rectangle((0, 0), 1, 1, facecolor=color, edgecolor="none") for color, _ in key],
+                  [entry for _, entry in key], loc="upper center", bbox_to_anchor=(0.5, -0.01), fontsize=7,
+                  frameon=False, handlelength=1.0)
     if legend:
         if labels_np is None:
             raise ValueError("legend: needs labels (one class per instance)")

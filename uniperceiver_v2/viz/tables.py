@@ -36,7 +36,7 @@ def _check_rows(name: str, rows: Mapping[str, Sequence[Value]], n: int) -> None:
 
 
 def grouped_bars(ax: Axes, categories: Sequence[str], series: Mapping[str, Sequence[Value]],
-                 colors: Mapping[str, str] | None = None, value_format: str = "{:.1f}") -> None:
+                 colors: Mapping[str, str] | None = None, value_format: str = "{:.1f}") -> dict[str, Any]:
     """Bars grouped by category, one bar per series; None leaves a gap marked "n/a", NaN a gap without mark.
 
     Args:
@@ -45,13 +45,18 @@ def grouped_bars(ax: Axes, categories: Sequence[str], series: Mapping[str, Seque
         series: label -> one value per category.
         colors: label -> colour (default: matplotlib's cycle).
         value_format: how each bar's value is printed above (or below) it.
+
+    Returns:
+        label -> the x position of each of its bars, one per category, and the bar width under ``"width"``.
     """
     _check_rows("series", series, len(categories))
     width = 0.8 / max(len(series), 1)
     x = np.arange(len(categories))
     drawn_values = [0.0]
+    positions: dict[str, Any] = {"width": width * 0.95}
     for index, (label, values) in enumerate(series.items()):
         offsets = x - 0.4 + width * (index + 0.5)
+        positions[label] = offsets
         color = (colors or {}).get(label)
         drawn = False
         for position, value in zip(offsets, values):
@@ -69,6 +74,7 @@ def grouped_bars(ax: Axes, categories: Sequence[str], series: Mapping[str, Seque
                 text = text[1:]
             label_bar(ax, position, value, text)
     finish_bar_axes(ax, categories, drawn_values)
+    return positions
 
 
 def label_bar(ax, position: float, value: float, text: str) -> None:
@@ -153,7 +159,8 @@ def plot_ablation(columns: Sequence[str], ours: Mapping[str, Sequence[Value]],
 
 
 def plot_metrics_vs_paper(columns: Sequence[str], series: Mapping[str, Sequence[Value]],
-                          title: str | None = None) -> Figure:
+                          title: str | None = None,
+                          chance: Mapping[str, Sequence[float | None]] | None = None) -> Figure:
     """Our final metrics and the paper's on one axis: one group of bars per metric, one bar per model.
 
     Args:
@@ -161,6 +168,9 @@ def plot_metrics_vs_paper(columns: Sequence[str], series: Mapping[str, Sequence[
         series: model label -> one value per metric (paper units; None = not measured). Labels starting with
             "(paper)" (as ``paper_results.main_results_table`` writes them) are drawn in greys, ours in colour.
         title: the figure title.
+        chance: label -> the chance level of each metric for that series (``paper_results.chance_levels``; None
+            where there is none), drawn as a black bar across its bar: our tasks are far smaller than the paper's,
+            so a bar is read against its own chance level, not against the paper's bars.
     """
     if not series:
         raise ValueError("plot_metrics_vs_paper: no series to draw")
@@ -170,7 +180,19 @@ def plot_metrics_vs_paper(columns: Sequence[str], series: Mapping[str, Sequence[
     colors = {**{label: f"C{index}" for index, label in enumerate(ours)}, **dict(zip(paper, greys))}
     fig, axes = _figure(figsize=(max(6.0, 1.3 * len(columns) + 2.0), 3.8))
     ax = axes[0, 0]
-    grouped_bars(ax, list(columns), series, colors=colors)
+    positions = grouped_bars(ax, list(columns), series, colors=colors)
+    marked = False
+    for label, levels in (chance or {}).items():
+        if label not in series:
+            raise ValueError(f"chance: {label!r} is not one of the series {list(series)}")
+        _check_rows("chance", {label: levels}, len(columns))
+        for position, level, value in zip(positions[label], levels, series[label]):
+            if level is None or value is None:
+                continue
+            half = positions["width"] / 2
+            ax.plot([position - half, position + half], [level, level], color="black", linewidth=2.0,
+                    solid_capstyle="butt", zorder=3, label=None if marked else "chance level of our bar")
+            marked = True
     ax.set_ylabel("value (percent; CIDEr x100)")
     ax.legend(fontsize=7)
     if title:

@@ -49,6 +49,7 @@ __all__ = [
     "TAB3_PRINTED_GAPS",
     "TAB6_INCONSISTENT_GAINS",
     "TAB6_PRINTED_GAINS",
+    "chance_levels",
     "encoder_initialisation",
     "evaluation_scope",
     "find_eval_metrics",
@@ -395,7 +396,8 @@ def evaluation_scope(metrics: Mapping[str, Any] | None, num_classes: int | None 
         num_classes: the classification candidates (class names), if known.
     """
     scope: list[str | None] = []
-    for metric in MAIN_COLUMNS:
+    chance = chance_levels(metrics, num_classes)
+    for metric, level in zip(MAIN_COLUMNS, chance):
         task = (metrics or {}).get(metric.task)
         if metric_value(metrics, metric) is None or not isinstance(task, Mapping):
             scope.append(None)
@@ -404,20 +406,39 @@ def evaluation_scope(metrics: Mapping[str, Any] | None, num_classes: int | None 
         if metric.task == "classification":
             counts += [f"{num_classes} classes"] if num_classes else []
             counts += [f"{task['num_images']} images"] if task.get("num_images") else []
-            counts += [f"chance {100 / num_classes:.2g}"] if num_classes else []
+            counts += [f"chance {level:.2g}"] if level is not None else []
         elif metric.task == "captioning" and task.get("num_images"):
             counts.append(f"{task['num_images']} images")
         elif metric.task == "retrieval":
             # image-to-text (TR) ranks every text for an image; text-to-image (IR) every image for a text
             key, noun = ("num_texts", "texts") if metric.key.startswith("i2t") else ("num_images", "images")
             counts += [f"{task[key]} candidate {noun}"] if task.get(key) else []
-            counts += [f"chance {100 / task['num_images']:.2g}"] if task.get("num_images") else []
+            counts += [f"chance {level:.2g}"] if level is not None else []
         elif metric.task == "detection":
             # evaluate() records the scenes' count since 2026-12-07; older results have none
             scope.append(f"synthetic: {task['num_images']} scenes" if task.get("num_images") else "synthetic scenes")
             continue
         scope.append("synthetic" + (": " + ", ".join(counts) if counts else ""))
     return scope
+
+
+def chance_levels(metrics: Mapping[str, Any] | None, num_classes: int | None = None) -> list[float | None]:
+    """The chance level (x100) of each of :data:`MAIN_COLUMNS` in one of our ``evaluate()`` results: one in the
+    ``num_classes`` classes for top-1, one in the images for both retrieval directions' R@1 (each image has equally
+    many captions, so a random ranking puts a right text first as often as a right image); None for the other
+    columns (AP and caption scores have no single chance level) and where the result lacks the column or its
+    counts."""
+    levels: list[float | None] = []
+    for metric in MAIN_COLUMNS:
+        task = (metrics or {}).get(metric.task)
+        level = None
+        if metric_value(metrics, metric) is not None and isinstance(task, Mapping):
+            if metric.task == "classification" and num_classes:
+                level = 100 / num_classes
+            elif metric.task == "retrieval" and metric.key.endswith("R@1") and task.get("num_images"):
+                level = 100 / task["num_images"]
+        levels.append(level)
+    return levels
 
 
 def encoder_initialisation(config: Mapping[str, Any]) -> str:
