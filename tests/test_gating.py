@@ -176,6 +176,21 @@ def test_attribute_usage_equals_each_gates_decision_for_the_combination():
                 torch.testing.assert_close(usage.usage[layer, row].double(), expected, atol=1e-6, rtol=0)
 
 
+def test_attribute_usage_lists_a_task_shapes_inputs_before_its_targets_whichever_was_recorded_first():
+    g = torch.Generator().manual_seed(2)
+    modality = segment_ids([("spe", 1), ("image", 5)]).expand(2, -1)
+    classification_images = dict(x=torch.randn(2, 6, WIDTH, generator=g), attn_mask=None,
+                                 key_padding_mask=torch.zeros(2, 6, dtype=torch.bool),
+                                 attributes=task_token_attributes("classification", modality, is_input=True),
+                                 modality_ids=modality, task_id=torch.full((2,), TASK_IDS["classification"]))
+    recorder = record(make_decoder(), classification_target_inputs(), classification_images, captioning_inputs())
+    usage = gating.expert_usage(recorder.calls, by="attribute", num_experts=EXPERTS)
+    sides = [label.split(" · ")[:2] for label in usage.labels]
+    assert sides == [["I→T", "input"], ["I→T", "input"], ["I→T", "target"], ["I→T", "target"]] + [
+        ["I+T→T", "input"]] * 4                              # the targets were recorded first; the shapes keep order
+    assert usage.tokens.tolist()[:4] == [2, 10, 3, 9]          # <SPE> and image inputs, then <SPE> and words
+
+
 def test_task_usage_is_the_per_token_mean_of_the_gate_vectors():
     decoder = make_decoder(routing="token")        # every token its own decision, some dropped by capacity
     recorder = record(decoder, captioning_inputs(), classification_target_inputs())

@@ -64,6 +64,10 @@ def test_expert_usage_panels_share_one_scale():
         viz_decoder.plot_expert_usage(usage, ["a", "b"], layer_titles=["x"])
 
 
+def uniform_line_width(ax):
+    return [line for line in ax.get_lines() if line.get_label().startswith("uniform")][0].get_linewidth()
+
+
 def test_expert_load_marks_what_each_capacity_drops():
     counts = torch.tensor([10, 30, 20, 4])
     fig = viz_decoder.plot_expert_load(counts, {"factor 1.0": 16, "factor 2.0": 32}, title="layer 0")
@@ -76,6 +80,10 @@ def test_expert_load_marks_what_each_capacity_drops():
     # the uniform line coincides with factor 1.0's C: drawn last, on top, and its label says so
     assert labels == ["factor 1.0 (C = 16)", "factor 2.0 (C = 32)", "uniform (16), on the line of factor 1.0",
                       "hatched: dropped at the capacity of its colour"]
+    covered_line = [line for line in ax.get_lines() if line.get_label() == "factor 1.0 (C = 16)"][0]
+    assert covered_line.get_linewidth() > uniform_line_width(ax)       # wider than the dotted line drawn over it
+    odd = viz_decoder.plot_expert_load(torch.tensor([10, 31, 20, 4]), {"factor 1.0": 17}).axes[0]
+    assert odd.get_legend().get_texts()[1].get_text() == "uniform (16.2), on the line of factor 1.0"
     no_overflow = viz_decoder.plot_expert_load(counts, {"factor 2.0": 32}).axes[0]
     assert not any(t.get_text().startswith("hatched") for t in no_overflow.get_legend().get_texts())
     uniform_line = [line for line in ax.get_lines() if line.get_label().startswith("uniform")][0]

@@ -24,7 +24,7 @@ def test_plot_level_maps_one_panel_per_level_at_native_resolution():
                                       colorbar_label="norm")
     assert isinstance(fig, Figure)
     panels = [ax for ax in fig.axes if ax.get_title()]
-    assert [ax.get_title() for ax in panels] == ["image", "s4", "s8", "s16"]
+    assert [ax.get_title() for ax in panels] == ["image 32 x 48", "s4", "s8", "s16"]   # the image's size, h x w
     # Each level panel: the image, then the map covering exactly the image extent, unsmoothed.
     for ax, level in zip(panels[1:], maps):
         shown = ax.get_images()[-1]

@@ -937,6 +937,17 @@ def test_a_short_gate_training_fits_the_stand_in_on_a_copy_of_the_decoder(tmp_pa
         train_gates(decoder, record(decoder, captioning_inputs()).calls)
 
 
+def test_describe_one_hot_names_only_the_layers_where_top_k_acts_as_top_1():
+    from uniperceiver_v2.walkthrough.gates_training import describe_one_hot
+
+    text = describe_one_hot([0.61, 0.78, 0.22], top_k=2)
+    assert text.startswith("top-2 routing acts almost as top-1 in layers 0, 1 (61 %, 78 %)")
+    assert text.endswith("; in layer 2 (22 %) most combinations still mix their 2 experts.")
+    assert describe_one_hot([0.9, 0.7], top_k=2).endswith("has saturated).")         # every layer: no second clause
+    assert describe_one_hot([0.5, 0.2], top_k=2) is None                           # half is not "almost top-1"
+    assert describe_one_hot([1.0, 1.0], top_k=1) is None                           # top-1: one-hot by construction
+
+
 def test_near_one_hot_counts_the_rows_whose_gate_weight_sits_on_one_expert():
     from uniperceiver_v2.walkthrough.gates_training import near_one_hot
     from uniperceiver_v2.walkthrough.gating import ExpertUsage
@@ -1067,6 +1078,11 @@ def test_describe_fig3_reads_each_combinations_heaviest_expert():
     everywhere = torch.stack([one_hot[[3, 3, 0, 3]], one_hot[[1, 1, 1, 2]]])
     text = describe_fig3(ExpertUsage(codes, ["a", "b", "c", "d"], everywhere, torch.ones(4)), "these gates")
     assert "*one modality across tasks*: cannot be asked of these gates" in text and "in no layer" not in text
+    # layer 1 uniform, layer 0 counted and the image tokens apart there: said of layer 0, not of "no layer"
+    apart = torch.stack([one_hot[[0, 1, 2, 3]], one_hot[[1, 1, 1, 2]]])
+    text = describe_fig3(ExpertUsage(codes, ["a", "b", "c", "d"], apart, torch.ones(4)), "these gates")
+    assert "do not share their heaviest expert in layer 0, the only layer counted;" in text
+    assert "in no layer" not in text
 
 # ----------------------------------------------------------------------------------------------------- notebook 05
 def test_gaps_between_toy_variants_and_their_sentence():

@@ -112,10 +112,13 @@ def _expert_load_panel(ax: Axes, counts: np.ndarray, capacities: Mapping[str, fl
     # Capacity factor 1.0 gives C = ceil(k N / E), the uniform load itself: the uniform line is drawn last, on top,
     # and says which capacity lines it covers, so neither hides the other.
     covered = [label for label, capacity in capacities.items() if abs(capacity - uniform) < 1.0]
-    uniform_label = f"uniform ({uniform:.0f})" + (f", on the line of {', '.join(covered)}" if covered else "")
+    uniform_label = f"uniform ({uniform:.1f}".rstrip("0").rstrip(".") + ")" + (
+        f", on the line of {', '.join(covered)}" if covered else "")
     for i, (label, capacity) in enumerate(capacities.items()):
         color = class_color(i + 1)
-        ax.axhline(capacity, color=color, linewidth=1.2, linestyle="--", label=f"{label} (C = {capacity:.0f})")
+        # a capacity line under the uniform one is drawn wider, so that its colour shows on both sides of it
+        ax.axhline(capacity, color=color, linewidth=3.2 if label in covered else 1.2, linestyle="--",
+                   label=f"{label} (C = {capacity:.0f})")
         over = counts > capacity
         ax.bar(x[over], counts[over] - capacity, bottom=capacity, color="none", edgecolor=color, hatch="///",
                width=0.7)

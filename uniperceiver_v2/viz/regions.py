@@ -60,8 +60,8 @@ def plot_level_maps(image: Any, maps: Sequence[Any], titles: Sequence[str] | Non
     for ax in flat:
         ax.set_axis_off()
     flat[0].imshow(picture)
-    flat[0].set_title("image", fontsize=9)
     h, w = picture.shape[:2]
+    flat[0].set_title(f"image {h} x {w}", fontsize=9)
     low = min(a.min() for a in arrays) if shared_scale else None
     high = max(a.max() for a in arrays) if shared_scale else None
     shown = None

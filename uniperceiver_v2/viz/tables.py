@@ -181,18 +181,24 @@ def plot_metrics_vs_paper(columns: Sequence[str], series: Mapping[str, Sequence[
     fig, axes = _figure(figsize=(max(6.0, 1.3 * len(columns) + 2.0), 3.8))
     ax = axes[0, 0]
     positions = grouped_bars(ax, list(columns), series, colors=colors)
-    marked = False
+    marks = []                                          # the chance lines, and each column's levels for the legend
+    levels_of: dict[str, list[str]] = {}
     for label, levels in (chance or {}).items():
         if label not in series:
             raise ValueError(f"chance: {label!r} is not one of the series {list(series)}")
         _check_rows("chance", {label: levels}, len(columns))
-        for position, level, value in zip(positions[label], levels, series[label]):
+        for column, position, level, value in zip(columns, positions[label], levels, series[label]):
             if level is None or value is None:
                 continue
             half = positions["width"] / 2
-            ax.plot([position - half, position + half], [level, level], color="black", linewidth=2.0,
-                    solid_capstyle="butt", zorder=3, label=None if marked else "chance level of our bar")
-            marked = True
+            marks += ax.plot([position - half, position + half], [level, level], color="black", linewidth=2.0,
+                             solid_capstyle="butt", zorder=3)
+            shown = levels_of.setdefault(column, [])
+            if f"{level:.2g}" not in shown:
+                shown.append(f"{level:.2g}")
+    if marks:    # the legend gives the levels: one of 0.2 % sits on the axis of a 0-100 scale
+        marks[0].set_label("chance level of our bar: " + "; ".join(f"{column} {' / '.join(values)}"
+                                                                    for column, values in levels_of.items()))
     ax.set_ylabel("value (percent; CIDEr x100)")
     ax.legend(fontsize=7)
     if title:

@@ -35,7 +35,8 @@ from .gating import DecoderCall, ExpertUsage, attribute_bits, replay
 from .runs import training_dir, training_status
 
 __all__ = ["NEGLIGIBLE_WEIGHT", "CollapsedLayer", "GateTraining", "RunModel", "collapsed_layers", "describe_collapsed",
-           "describe_fig3", "gate_difference", "model_of_run", "replayed_calls", "shared_expert_layers", "train_gates"]
+           "describe_fig3", "describe_one_hot", "gate_difference", "model_of_run", "near_one_hot", "replayed_calls",
+           "shared_expert_layers", "train_gates"]
 
 
 @dataclass
@@ -151,6 +152,24 @@ def near_one_hot(usage: ExpertUsage, threshold: float = 0.95) -> list[float]:
     expert: where it is high, top-k routing acts as top-1 (the softmax over the k chosen logits has saturated)."""
     heaviest = usage.usage.to(torch.float64).max(dim=-1).values                        # (L, R)
     return (heaviest >= threshold).to(torch.float64).mean(dim=1).tolist()
+
+
+def describe_one_hot(shares: Sequence[float], top_k: int) -> str | None:
+    """A sentence on the layers where top-k routing acts as top-1, from :func:`near_one_hot`'s per-layer shares: the
+    layers where more than half of the rows put at least 0.95 of their weight on one expert, and what the other
+    layers do; None when no layer does (or ``top_k`` is 1, where every row is one-hot by construction)."""
+    hard = [layer for layer, share in enumerate(shares) if share > 0.5]
+    if top_k < 2 or not hard:
+        return None
+
+    def listed(layers: Sequence[int]) -> str:
+        return (f"layer{'s' if len(layers) > 1 else ''} " + ", ".join(str(layer) for layer in layers) + " ("
+                + ", ".join(f"{100 * shares[layer]:.0f} %" for layer in layers) + ")")
+
+    soft = [layer for layer in range(len(shares)) if layer not in hard]
+    return (f"top-{top_k} routing acts almost as top-1 in {listed(hard)}: that share of the combinations puts at least "
+            "0.95 of its gate weight on one expert (the softmax over the chosen experts' logits has saturated)"
+            + (f"; in {listed(soft)} most combinations still mix their {top_k} experts." if soft else "."))
 
 
 @dataclass
@@ -303,8 +322,12 @@ def describe_fig3(usage: ExpertUsage, name: str) -> str:
             continue
         same = [layer for layer in range(layers)
                 if len(set(top[layer, where].tolist())) == 1 and layer not in uniform]
-        shared.append(f"the {kind} tokens of all {len(shapes)} task shapes share their heaviest expert "
-                      f"{_layers_text(same)}")
+        counted = [layer for layer in range(layers) if layer not in uniform]
+        verdict = (f"share their heaviest expert {_layers_text(same)}" if same or not uniform else
+                   f"do not share their heaviest expert in layer {counted[0]}, the only layer counted"
+                   if len(counted) == 1 else
+                   f"do not share their heaviest expert in any counted layer ({', '.join(map(str, counted))})")
+        shared.append(f"the {kind} tokens of all {len(shapes)} task shapes {verdict}")
     if shared and len(uniform) == layers:
         lines.append("* *one modality across tasks*: cannot be asked of these gates: in every layer one expert is the "
                      "heaviest of most combinations, so a modality's tokens sharing it would say nothing about the "

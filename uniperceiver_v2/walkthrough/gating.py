@@ -474,7 +474,8 @@ def expert_usage(calls: Sequence[DecoderCall], by: str = "attribute", sublayer: 
         num_experts: E (default: 1 + the highest expert index recorded).
 
     Returns:
-        ``ExpertUsage`` with rows in order of first appearance.
+        ``ExpertUsage`` with rows in order of first appearance; by attribute, grouped by task shape (bits 0-3, in
+        order of first appearance) with the inputs' rows (bit 7) first.
     """
     if by not in ("attribute", "task"):
         raise ValueError(f"by={by!r}: expected 'attribute' or 'task'")
@@ -491,6 +492,14 @@ def expert_usage(calls: Sequence[DecoderCall], by: str = "attribute", sublayer: 
     for keys in keys_of_calls:
         for key, _ in _first_appearance(keys):
             order.setdefault(key, len(order))
+    if by == "attribute":
+        # each task shape (bits 0-3) in order of first appearance, its input tokens (bit 7) before its targets,
+        # whichever side a task's calls happened to record first
+        shape_rank: dict[int, int] = {}
+        for key in order:
+            shape_rank.setdefault(key & 0b1111, len(shape_rank))
+        ranked = sorted(order, key=lambda key: (shape_rank[key & 0b1111], not key >> 7 & 1, order[key]))
+        order = {key: row for row, key in enumerate(ranked)}
     row_of = torch.full((2 ** NUM_ATTRIBUTES,), -1, dtype=torch.long)      # key -> row (keys are < 256)
     row_of[list(order)] = torch.arange(len(order))
     sums = torch.zeros(layers, len(order), experts, dtype=torch.float64)
