@@ -99,12 +99,12 @@ def test_metrics_vs_paper_marks_each_of_our_bars_chance_level_across_that_bar():
     xs, ys = marks[0].get_xdata(), marks[0].get_ydata()
     assert list(ys) == [7.1, 7.1]
     assert xs[0] == pytest.approx(bar.get_x()) and xs[1] == pytest.approx(bar.get_x() + bar.get_width())
-    assert "chance level of our bar: cls 7.1" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "chance level of our bar: cls 7.1" in [t.get_text() for t in fig.legends[0].get_texts()]
     two = {"ours": [10.0, 3.0], "ours, val": [8.0, 5.0]}
     legend = viz_tables.plot_metrics_vs_paper(["cls", "R@1"], two, chance={"ours": [7.1, 0.2], "ours, val": [7.1, 5.0]})
-    assert legend.axes[0].get_legend().get_texts()[0].get_text() == "chance level of our bar: cls 7.1; R@1 0.2 / 5"
-    without = viz_tables.plot_metrics_vs_paper(["cls", "det", "seg"], series).axes[0]
-    assert not any(t.get_text().startswith("chance") for t in without.get_legend().get_texts())
+    assert legend.legends[0].get_texts()[0].get_text() == "chance level of our bar: cls 7.1; R@1 0.2 / 5"
+    without = viz_tables.plot_metrics_vs_paper(["cls", "det", "seg"], series)
+    assert not any(t.get_text().startswith("chance") for t in without.legends[0].get_texts())
     with pytest.raises(ValueError, match="chance: 'theirs' is not one of the series"):
         viz_tables.plot_metrics_vs_paper(["cls", "det", "seg"], series, chance={"theirs": [1.0, None, None]})
     with pytest.raises(ValueError, match="expected 3 values"):

@@ -225,5 +225,5 @@ def plot_calibration(penalties: Sequence[float], fold_ap50: Sequence[Sequence[fl
     ax.set_xlabel("gamma subtracted from the seen names' logits (the candidates, evenly spaced: not to scale)")
     ax.set_ylabel("novel box AP50")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)  # under the axes
     return fig

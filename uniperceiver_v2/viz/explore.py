@@ -368,7 +368,7 @@ class DetectionView:
         fig, axes = subplots(2 if proposals else 1, ncols=2, panel_size=(4.8, 4.2))
         count = len(top["boxes"])
         draw_detections(picture, top["boxes"], top["labels"], top["scores"], masks=top.get("masks"),
-                        class_names=names, captions="key", fit_captions=True, ax=axes[0],
+                        class_names=names, captions="key", fit_captions=True, mask_style="outline", ax=axes[0],
                         title=f"{count} detection(s) with score \u2265 {threshold:.2f}")
         if proposals:
             objectness = self.proposals(image)

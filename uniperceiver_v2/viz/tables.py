@@ -178,7 +178,7 @@ def plot_metrics_vs_paper(columns: Sequence[str], series: Mapping[str, Sequence[
     ours = [label for label in series if label not in paper]
     greys = [str(level) for level in np.linspace(0.35, 0.75, max(len(paper), 1))]
     colors = {**{label: f"C{index}" for index, label in enumerate(ours)}, **dict(zip(paper, greys))}
-    fig, axes = _figure(figsize=(max(6.0, 1.3 * len(columns) + 2.0), 3.8))
+    fig, axes = _figure(figsize=(max(6.0, 1.3 * len(columns) + 2.0), 3.8 + 0.16 * (len(series) + 1)))
     ax = axes[0, 0]
     positions = grouped_bars(ax, list(columns), series, colors=colors)
     marks = []                                          # the chance lines, and each column's levels for the legend
@@ -200,7 +200,8 @@ def plot_metrics_vs_paper(columns: Sequence[str], series: Mapping[str, Sequence[
         marks[0].set_label("chance level of our bar: " + "; ".join(f"{column} {' / '.join(values)}"
                                                                     for column, values in levels_of.items()))
     ax.set_ylabel("value (percent; CIDEr x100)")
-    ax.legend(fontsize=7)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncols=2)   # under the axes: off the bars
     if title:
         ax.set_title(title, fontsize=10)
     return fig
