@@ -168,7 +168,7 @@ def plot_metrics_vs_paper(columns: Sequence[str], series: Mapping[str, Sequence[
         series: model label -> one value per metric (paper units; None = not measured). Labels starting with
             "(paper)" (as ``paper_results.main_results_table`` writes them) are drawn in greys, ours in colour.
         title: the figure title.
-        chance: label -> the chance level of each metric for that series (``paper_results.chance_levels``; None
+        chance: label -> the chance level of each metric for that series (``paper_results.main_column_chance``; None
             where there is none), drawn as a black bar across its bar: our tasks are far smaller than the paper's,
             so a bar is read against its own chance level, not against the paper's bars.
     """

@@ -49,10 +49,10 @@ __all__ = [
     "TAB3_PRINTED_GAPS",
     "TAB6_INCONSISTENT_GAINS",
     "TAB6_PRINTED_GAINS",
-    "chance_levels",
     "encoder_initialisation",
     "evaluation_scope",
     "find_eval_metrics",
+    "main_column_chance",
     "main_results_table",
     "metric_value",
     "ours_vs_paper",
@@ -396,7 +396,7 @@ def evaluation_scope(metrics: Mapping[str, Any] | None, num_classes: int | None 
         num_classes: the classification candidates (class names), if known.
     """
     scope: list[str | None] = []
-    chance = chance_levels(metrics, num_classes)
+    chance = main_column_chance(metrics, num_classes)
     for metric, level in zip(MAIN_COLUMNS, chance):
         task = (metrics or {}).get(metric.task)
         if metric_value(metrics, metric) is None or not isinstance(task, Mapping):
@@ -422,23 +422,16 @@ def evaluation_scope(metrics: Mapping[str, Any] | None, num_classes: int | None 
     return scope
 
 
-def chance_levels(metrics: Mapping[str, Any] | None, num_classes: int | None = None) -> list[float | None]:
-    """The chance level (x100) of each of :data:`MAIN_COLUMNS` in one of our ``evaluate()`` results: one in the
-    ``num_classes`` classes for top-1, one in the images for both retrieval directions' R@1 (each image has equally
-    many captions, so a random ranking puts a right text first as often as a right image); None for the other
-    columns (AP and caption scores have no single chance level) and where the result lacks the column or its
-    counts."""
-    levels: list[float | None] = []
-    for metric in MAIN_COLUMNS:
-        task = (metrics or {}).get(metric.task)
-        level = None
-        if metric_value(metrics, metric) is not None and isinstance(task, Mapping):
-            if metric.task == "classification" and num_classes:
-                level = 100 / num_classes
-            elif metric.task == "retrieval" and metric.key.endswith("R@1") and task.get("num_images"):
-                level = 100 / task["num_images"]
-        levels.append(level)
-    return levels
+def main_column_chance(metrics: Mapping[str, Any] | None, num_classes: int | None = None) -> list[float | None]:
+    """The chance level (x100) of each of :data:`MAIN_COLUMNS` in one of our ``evaluate()`` results, from the closed
+    forms of ``walkthrough.results.chance_levels``: top-1 over ``num_classes`` classes and R@1 in both directions
+    (1 / images either way: each image has equally many captions); None for the other columns (AP and caption
+    scores have no such baseline) and where the result lacks the column or its counts."""
+    from .results import chance_levels  # the closed forms live there, beside notebook 07's chance column
+
+    closed = chance_levels(metrics or {}, num_classes=num_classes)
+    return [None if metric_value(metrics, metric) is None or (metric.task, metric.key) not in closed
+            else 100 * closed[(metric.task, metric.key)] for metric in MAIN_COLUMNS]
 
 
 def encoder_initialisation(config: Mapping[str, Any]) -> str:

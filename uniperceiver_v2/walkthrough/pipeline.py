@@ -262,11 +262,16 @@ def project_path(path: str | os.PathLike) -> Path:
     path = Path(path).expanduser()
     if path.is_absolute():
         return path
-    cwd = Path.cwd()
-    for folder in (cwd, *cwd.parents):
-        if (folder / "uniperceiver_v2" / "__init__.py").is_file():
-            return folder / path
-    return cwd / path
+    return (checkout_root(Path.cwd()) or Path.cwd()) / path
+
+
+def checkout_root(folder: Path) -> Path | None:
+    """The checkout seen from ``folder``: the nearest folder, ``folder`` or above, that holds the
+    ``uniperceiver_v2`` package; None outside a checkout."""
+    for candidate in (folder, *folder.parents):
+        if (candidate / "uniperceiver_v2" / "__init__.py").is_file():
+            return candidate
+    return None
 
 
 def _to_json(value: Any, where: str) -> Any:
@@ -710,22 +715,12 @@ def kernel_threads(threads: int | None) -> Iterator[None]:
         os.environ.pop("OMP_NUM_THREADS", None)
 
 
-def checkout_root(folder: Path) -> Path | None:
-    """The checkout :func:`project_path` finds from ``folder``: the nearest folder, ``folder`` or above, that holds
-    the ``uniperceiver_v2`` package; None outside a checkout."""
-    folder = folder.resolve()
-    for candidate in (folder, *folder.parents):
-        if (candidate / "uniperceiver_v2" / "__init__.py").is_file():
-            return candidate
-    return None
-
-
 def checkout_relative(parameters: Mapping[str, Any], notebook_dir: Path) -> dict[str, Any]:
     """``parameters`` as a notebook in ``notebook_dir`` is given them: each path of :data:`PATH_PARAMETERS` that
     lies inside the checkout is written relative to it (``runs/quick``, not ``/home/.../runs/quick``), so the
     injected parameters cell reads the same on every machine. The notebooks resolve such a path with
     :func:`project_path`, which finds the same checkout; a path outside it stays absolute."""
-    root = checkout_root(notebook_dir)
+    root = checkout_root(notebook_dir.resolve())
     shown = dict(parameters)
     for key in PATH_PARAMETERS:
         value = shown.get(key)
