@@ -117,6 +117,47 @@ def test_detection_captions_stay_whole_inside_the_image(model, images):
                    for e in extents), name
 
 
+def test_ground_truth_panel_draws_the_annotated_objects_of_split_images(quick_suite_model, tmp_path):
+    """``split_ground_truth`` reads each listed image's objects from its annotation file (checked against the
+    file's own records, read here with plain json), and the explorer draws them beside the detections; an image file
+    the annotation file does not list is an error naming it."""
+    model, cfg = quick_suite_model
+    truth = explore.split_ground_truth(cfg, ["val", "novel"], limit=2)
+    assert list(truth) == list(explore.split_images(cfg, ["val", "novel"], limit=2))
+    for name, objects in truth.items():
+        split, file_name = name.split("/")
+        annotations = json.loads(cfg.data.path(cfg.data.novel_annotations if split == "novel" else
+                                               cfg.data.detection_annotations, split).read_text())
+        image_id = next(image["id"] for image in annotations["images"] if image["file_name"] == file_name)
+        names = {category["id"]: category["name"] for category in annotations["categories"]}
+        records = [a for a in annotations["annotations"] if a["image_id"] == image_id and not a.get("iscrowd")]
+        assert objects["names"] == [names[a["category_id"]] for a in records]
+        expected = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in records)])
+        assert torch.allclose(objects["boxes"], expected.reshape(-1, 4), atol=1e-4)
+
+    name = next(iter(truth))
+    figure = explore.detections(model, {name: explore.split_images(cfg, ["val"], limit=1)[name]}, ["circle"],
+                                boxes=4, ground_truth=truth, interactive=False)
+    image_axes = [ax for ax in figure.axes if ax.images]
+    assert len(image_axes) == 2 and image_axes[1].get_title().startswith(f"ground truth: {len(truth[name]['names'])}")
+    assert rectangles(image_axes[1]) == len(truth[name]["names"])
+    key = {text.get_text().split("  ", 1)[1] for text in image_axes[1].get_legend().get_texts()}   # "1  circle"
+    assert key == set(truth[name]["names"])
+
+    folder = tmp_path / "scenes" / "val"                          # one scene more than its annotation file lists
+    folder.mkdir(parents=True)
+    (tmp_path / "annotations").mkdir()
+    source = cfg.data.path(cfg.data.detection_annotations, "val")
+    (tmp_path / "annotations" / source.name).write_bytes(source.read_bytes())
+    for path in explore.split_images(cfg, ["val"], limit=1).values():
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "0_unlisted.png").write_bytes(png(np.zeros((8, 8, 3), np.uint8), "RGB"))
+    other = cfg.copy()
+    other.data.root = str(tmp_path)
+    with pytest.raises(ValueError, match="0_unlisted.png: not listed in .*instances_val.json"):
+        explore.split_ground_truth(other, ["val"])
+
+
 def test_detections_report_bad_input_and_take_uploads_of_any_size_and_mode(model, images):
     explorer = explore.detections(model, images, ["circle"])
     explorer.controls["classes"].value = " ,  , "

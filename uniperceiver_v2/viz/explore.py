@@ -13,6 +13,9 @@ status line and the figure (a PNG). With ``interactive=False`` it returns the fi
 values instead: a notebook executed headless (papermill, the runner's default) keeps one static figure per explorer
 and needs no widget front end.
 
+``detections`` can draw an image's annotated objects beside its detections (``split_ground_truth`` reads them for
+the images ``split_images`` lists).
+
 Predictions come from ``uniperceiver_v2.api`` (the gate analysis from ``walkthrough.gating``) and are cached per
 input (image and class names, image and beam width, sentence, task), so a control that only changes what is drawn
 (threshold, boxes, top k, layer, smoothing) costs a redraw and no inference. Bad input (no class name, a file
@@ -42,6 +45,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from .. import api
+from ..data import CocoInstances
 from ..engine.logging import read_metrics
 from ..engine.runtime import evaluation_mode
 from ..modeling.attributes import attribute_codes
@@ -59,7 +63,7 @@ from .matrices import plot_gate_heatmap
 from .regions import plot_bars
 
 __all__ = ["Explorer", "ImageChoices", "captions", "curves", "detections", "gating", "parse_class_names",
-           "retrieval", "split_images"]
+           "retrieval", "split_ground_truth", "split_images"]
 
 Drawing = tuple[Figure, str]            # a figure and a one-line summary of what it shows
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -225,6 +229,33 @@ def split_images(cfg, splits: Sequence[str], limit: int | None = None, kind: str
     return found
 
 
+def split_ground_truth(cfg, splits: Sequence[str], limit: int | None = None) -> dict[str, dict[str, Any]]:
+    """The annotated objects of the detection images ``split_images(cfg, splits, limit)`` lists, by the same names:
+    ``{"boxes": (N, 4) xyxy in the file's pixels, "names": N category names}`` (crowd regions left out, as in
+    training), for the ground-truth panel of ``detections``.
+
+    Raises:
+        ValueError: an image file of the split that its annotation file does not list (named with both files).
+    """
+    found: dict[str, dict[str, Any]] = {}
+    images = split_images(cfg, splits, limit)
+    for split in splits:
+        novel = split == "novel"
+        folder = cfg.data.path(cfg.data.novel_images if novel else cfg.data.detection_images, split)
+        annotations = cfg.data.path(cfg.data.novel_annotations if novel else cfg.data.detection_annotations, split)
+        dataset = CocoInstances(folder, annotations, with_masks=False)
+        index = {file.path: i for i, file in enumerate(dataset.image_files())}
+        for name, path in images.items():
+            if not name.startswith(f"{split}/"):
+                continue
+            if path not in index:
+                raise ValueError(f"{path}: not listed in {annotations} (or listed without any usable object "
+                                 "record), so it has no ground truth to draw")
+            sample = dataset[index[path]]
+            found[name] = {"boxes": sample.boxes, "names": [dataset.class_names[int(k)] for k in sample.labels]}
+    return found
+
+
 def decode_image(content: bytes, name: str, max_side: int | None = UPLOAD_MAX_SIDE) -> torch.Tensor:
     """An image file's bytes as a (3, H, W) float image in [0, 1], its longer side shrunk to at most ``max_side``
     (None: kept).
@@ -334,8 +365,9 @@ class DetectionView:
     threshold, the number of boxes and the proposals toggle only redraw.
     """
 
-    def __init__(self, model, images: ImageChoices):
+    def __init__(self, model, images: ImageChoices, ground_truth: Mapping[str, Mapping[str, Any]] | None = None):
         self.model, self.images = model, images
+        self.ground_truth = dict(ground_truth or {})
         self._detections = _Cache()
         self._proposals = _Cache()
 
@@ -365,14 +397,21 @@ class DetectionView:
         above = {key: [v for v, k in zip(value, keep) if k] if isinstance(value, list) else value[torch.tensor(keep)]
                  for key, value in found.items()}
         top = distinct_detections(above, boxes)
-        fig, axes = subplots(2 if proposals else 1, ncols=2, panel_size=(4.8, 4.2))
+        truth = self.ground_truth.get(image)
+        panels = 1 + (truth is not None) + bool(proposals)
+        fig, axes = subplots(panels, ncols=panels, panel_size=(4.8, 4.2))
         count = len(top["boxes"])
         draw_detections(picture, top["boxes"], top["labels"], top["scores"], masks=top.get("masks"),
                         class_names=names, captions="key", fit_captions=True, mask_style="outline", ax=axes[0],
                         title=f"{count} detection(s) with score \u2265 {threshold:.2f}")
+        if truth is not None:                   # a name typed above keeps its colour; the others follow it
+            shown = names + [name for name in dict.fromkeys(truth["names"]) if name not in names]
+            draw_detections(picture, truth["boxes"], torch.tensor([shown.index(n) for n in truth["names"]]),
+                            class_names=shown, captions="key", fit_captions=True, ax=axes[1],
+                            title=f"ground truth: {len(truth['names'])} annotated object(s)")
         if proposals:
             objectness = self.proposals(image)
-            draw_proposals(picture, objectness["boxes"], objectness["objectness"], top=boxes, ax=axes[1],
+            draw_proposals(picture, objectness["boxes"], objectness["objectness"], top=boxes, ax=axes[-1],
                            title=f"class-agnostic: top {boxes} proposals by \u03c3(objectness)")
         best = float(found["scores"].max()) if len(found["scores"]) else 0.0
         summary = (f"{image}: {count} detection(s) \u2265 {threshold:.2f} over {len(names)} class name(s) "
@@ -382,6 +421,7 @@ class DetectionView:
 
 def detections(model, images: Mapping[str, Any] | Sequence[Any], class_names: Sequence[str], *,
                threshold: float = 0.0, boxes: int = 10, proposals: bool = False,
+               ground_truth: Mapping[str, Mapping[str, Any]] | None = None,
                interactive: bool = True) -> Explorer | Figure:
     """Open-vocabulary detection: choose an image (or upload one), type class names, move the score threshold.
 
@@ -391,10 +431,12 @@ def detections(model, images: Mapping[str, Any] | Sequence[Any], class_names: Se
         class_names: the initial class names (the text box holds them comma-separated; any name can be typed).
         threshold: initial score threshold; boxes: at most this many boxes (one per proposal, its best class);
         proposals: start with the class-agnostic proposals shown next to the detections.
+        ground_truth: image name -> ``{"boxes", "names"}`` (``split_ground_truth``): those images get a panel of
+            their annotated objects beside the detections; None: none.
         interactive: False returns the figure of the initial values (for a notebook run headless).
     """
     choices = ImageChoices(images)
-    view = DetectionView(model, choices)
+    view = DetectionView(model, choices, ground_truth)
     values = {"image": choices.names[0], "classes": ", ".join(str(name) for name in class_names),
               "threshold": float(threshold), "boxes": int(boxes), "proposals": bool(proposals)}
     if not interactive:
