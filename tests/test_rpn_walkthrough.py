@@ -296,6 +296,18 @@ def test_fusion_gradients_skip_box_mask_and_objectness_parts():
         pytest.approx(expected, rel=1e-6)
 
 
+def test_a_loss_on_the_global_tokens_reaches_only_the_backbone_and_the_pools():
+    """v2 eq. (1): the global tokens pool the backbone's features; no part of the proposal network is on their path."""
+    encoder = micro_encoder().eval()
+    norms = fusion_gradient_norms(encoder, torch.randn(1, 3, 64, 64), tokens="global")
+    assert norms["backbone"] > 0.0 and norms["global_representations"] > 0.0
+    assert {name for name, norm in norms.items() if norm == 0.0} == \
+        {name for name in norms if name.startswith("region_proposals.")}
+    assert all(p.grad is None for p in encoder.parameters())
+    with pytest.raises(ValueError, match="tokens='all'"):
+        fusion_gradient_norms(encoder, torch.randn(1, 3, 64, 64), tokens="all")
+
+
 def test_matching_cost_terms_add_up_and_the_assignment_is_optimal():
     encoder = micro_encoder().eval()
     raw = [rectangles(64, 64, [[4, 4, 30, 30], [34, 10, 60, 40], [8, 40, 24, 60]])]

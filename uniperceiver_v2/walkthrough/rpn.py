@@ -556,22 +556,29 @@ def denoising_mask_segments(denoising: DenoisingQueries, num_matching: int) -> l
 # --------------------------------------------------------------------------------------------------------------
 # v2 eq. (2): what the detach does
 # --------------------------------------------------------------------------------------------------------------
-def fusion_gradient_norms(encoder: ImageEncoder, images: torch.Tensor,
-                          padding_mask: torch.Tensor | None = None) -> dict[str, float]:
-    """Gradient norm reaching each part of the image encoder from a loss on the regional tokens alone.
+def fusion_gradient_norms(encoder: ImageEncoder, images: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                          tokens: str = "regional") -> dict[str, float]:
+    """Gradient norm reaching each part of the image encoder from a loss on the regional tokens alone (or on the
+    global ones: ``tokens="global"``).
 
     q^proposal = q^sem + B(box.detach()) + M(mask.detach())   (v2 eq. (2) / (9)). A stand-in for the unified decoder's
     loss, mean(q^proposal ** 2), is back-propagated and the L2 norm of the gradient of every part is returned.
     Parts that produce only the box, the mask or the (non-differentiable) top-k choice get exactly zero: the
     unified decoder trains the proposal network only through q^sem, while the boxes and masks are trained by the
-    proposal losses alone. Gradients are cleared before and after.
+    proposal losses alone. With ``tokens="global"`` the loss is mean(g ** 2) over the global tokens (v2 eq. (1)).
+    Gradients are cleared before and after.
 
     Returns:
         ``{"backbone": norm, "global_representations": norm, "region_proposals.<child>": norm, ...}`` with the
         proposal network's direct children (input_proj, encoder, decoder, box_head, mask_head, fusion, ...).
     """
+    if tokens not in ("regional", "global"):
+        raise ValueError(f"fusion_gradient_norms: tokens={tokens!r}, expected 'regional' or 'global'")
     if encoder.region_proposals is None:
         raise ValueError("fusion_gradient_norms: the encoder was built with image_encoder.use_regional=false")
+    if tokens == "global" and encoder.global_representations is None:
+        raise ValueError("fusion_gradient_norms: tokens='global', but the encoder was built with "
+                         "image_encoder.use_global=false")
     parts: dict[str, nn.Module | nn.Parameter] = {"backbone": encoder.backbone}
     if encoder.global_representations is not None:
         parts["global_representations"] = encoder.global_representations
@@ -582,7 +589,8 @@ def fusion_gradient_norms(encoder: ImageEncoder, images: torch.Tensor,
 
     encoder.zero_grad(set_to_none=True)
     out = encoder(images, padding_mask)
-    out.tokens[:, out.num_global:].square().mean().backward()
+    chosen = out.tokens[:, out.num_global:] if tokens == "regional" else out.tokens[:, :out.num_global]
+    chosen.square().mean().backward()
     norms = {}
     for name, part in parts.items():
         parameters = [part] if isinstance(part, nn.Parameter) else list(part.parameters())
