@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .base import _figure
+from .base import _figure, subplots
 
 __all__ = ["grouped_bars", "plot_ablation", "plot_metrics_vs_paper", "results_table_figure"]
 
@@ -133,8 +133,10 @@ def plot_ablation(columns: Sequence[str], ours: Mapping[str, Sequence[Value]],
 
     ours_values, paper_values = relative(ours, ours_reference), relative(paper, paper_reference)
     categories = list(ours_values) + [label for label in paper_values if label not in ours_values]
-    fig, axes = _figure(1, len(columns), figsize=(max(4.0 * len(columns), 6.0), 4.0))
-    for index, (ax, column) in enumerate(zip(axes[0], columns)):
+    # at most three panels a row: five in one row shrink every label below legibility at a notebook's width
+    ncols = min(3, len(columns))
+    fig, axes = subplots(len(columns), ncols=ncols, panel_size=(max(4.0, 6.0 / ncols), 3.8))
+    for index, (ax, column) in enumerate(zip(axes, columns)):
         series = {}
         if ours_values:
             series["ours"] = [ours_values[c][index] if c in ours_values else None for c in categories]
@@ -150,8 +152,9 @@ def plot_ablation(columns: Sequence[str], ours: Mapping[str, Sequence[Value]],
             ax.annotate("reference", (categories.index(reference), 0.0), fontsize=7, ha="center",
                         va="top" if below else "bottom", xytext=(0, -2 if below else 2), textcoords="offset points",
                         color="dimgray")
-        if index == 0:
+        if index % ncols == 0:
             ax.set_ylabel("gap to the reference row [points]" if gaps else "value [%]")
+        if index == 0:
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
