@@ -249,8 +249,7 @@ def split_ground_truth(cfg, splits: Sequence[str], limit: int | None = None) -> 
             if not name.startswith(f"{split}/"):
                 continue
             if path not in index:
-                raise ValueError(f"{path}: not listed in {annotations} (or listed without any usable object "
-                                 "record), so it has no ground truth to draw")
+                raise ValueError(f"{path}: not listed in {annotations}, so it has no ground truth to draw")
             sample = dataset[index[path]]
             found[name] = {"boxes": sample.boxes, "names": [dataset.class_names[int(k)] for k in sample.labels]}
     return found
@@ -406,7 +405,7 @@ class DetectionView:
                         title=f"{count} detection(s) with score \u2265 {threshold:.2f}")
         if truth is not None:                   # a name typed above keeps its colour; the others follow it
             shown = names + [name for name in dict.fromkeys(truth["names"]) if name not in names]
-            draw_detections(picture, truth["boxes"], torch.tensor([shown.index(n) for n in truth["names"]]),
+            draw_detections(picture, truth["boxes"], torch.tensor([shown.index(n) for n in truth["names"]], dtype=torch.long),
                             class_names=shown, captions="key", fit_captions=True, ax=axes[1],
                             title=f"ground truth: {len(truth['names'])} annotated object(s)")
         if proposals:
