@@ -68,8 +68,10 @@ def test_grad_norms_colour_each_iteration_by_its_task():
     fig = plot_grad_norms(runs, TASKS)
     unmixed_ax, mixed_ax = fig.axes
     points = unmixed_ax.collections[0]
-    np.testing.assert_allclose(points.get_offsets(), [[0, 1.0], [1, 10.0], [2, 2.0]])
-    np.testing.assert_allclose(points.get_facecolors()[1][:3], task_color("c"))
+    # every iteration once, the rare task "c" drawn last (on top of the frequent "a")
+    np.testing.assert_allclose(points.get_offsets(), [[0, 1.0], [2, 2.0], [1, 10.0]])
+    np.testing.assert_allclose(points.get_facecolors()[2][:3], task_color("c"))
+    np.testing.assert_allclose(points.get_facecolors()[0][:3], task_color("a"))
     assert len(mixed_ax.collections[0].get_offsets()) == 4
     assert unmixed_ax.get_yscale() == "log"
     with pytest.raises(ValueError, match="3 step tasks but 2"):

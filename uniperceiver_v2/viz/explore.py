@@ -405,9 +405,9 @@ class DetectionView:
                         title=f"{count} detection(s) with score \u2265 {threshold:.2f}")
         if truth is not None:                   # a name typed above keeps its colour; the others follow it
             shown = names + [name for name in dict.fromkeys(truth["names"]) if name not in names]
-            draw_detections(picture, truth["boxes"], torch.tensor([shown.index(n) for n in truth["names"]], dtype=torch.long),
-                            class_names=shown, captions="key", fit_captions=True, ax=axes[1],
-                            title=f"ground truth: {len(truth['names'])} annotated object(s)")
+            labels = torch.tensor([shown.index(name) for name in truth["names"]], dtype=torch.long)
+            draw_detections(picture, truth["boxes"], labels, class_names=shown, captions="key", fit_captions=True,
+                            ax=axes[1], title=f"ground truth: {len(truth['names'])} annotated object(s)")
         if proposals:
             objectness = self.proposals(image)
             draw_proposals(picture, objectness["boxes"], objectness["objectness"], top=boxes, ax=axes[-1],

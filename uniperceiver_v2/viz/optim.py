@@ -157,7 +157,8 @@ def plot_sampling_weights(names: Sequence[str], weights: Mapping[str, Sequence[f
 
 def plot_grad_norms(runs: Mapping[str, tuple[Sequence[str], Sequence[float]]], task_names: Sequence[str],
                     title: str | None = None) -> Figure:
-    """Raw global gradient norm of every iteration, one panel per run, each point coloured by its task.
+    """Raw global gradient norm of every iteration, one panel per run, each point coloured by its task; the rarer
+    a task in a run, the later its points are drawn, so a rarely sampled task is not hidden under the others.
 
     Args:
         runs: run label -> (step_tasks (T,), grad_norms (T,)); a step task "mixed" (an iteration holding
@@ -178,8 +179,10 @@ def plot_grad_norms(runs: Mapping[str, tuple[Sequence[str], Sequence[float]]], t
             ax.scatter(iterations[is_mixed], norms[is_mixed], s=4, color=_MIXED_COLOR)
         if (~is_mixed).any():
             indices = _task_indices([t for t, m in zip(tasks, is_mixed) if not m], task_names, f"runs[{label!r}]")
-            ax.scatter(iterations[~is_mixed], norms[~is_mixed], s=4,
-                       c=[task_color(task_names[i]) for i in indices])
+            # the most frequent task first, the rarest last: a rare task's few points stay on top, visible
+            order = np.argsort(-np.bincount(indices, minlength=len(task_names))[indices], kind="stable")
+            ax.scatter(iterations[~is_mixed][order], norms[~is_mixed][order], s=4,
+                       c=[task_color(task_names[i]) for i in indices[order]])
         set_log_scale(ax, "y")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("iteration")
