@@ -317,8 +317,12 @@ def test_runner_clears_a_stale_folder_and_resumes_an_interrupted_one(tmp_path, f
     marker = folder / "checkpoints" / "iter_1" / "weights"
     marker.write_text("kept")
     lines.clear()
-    A.run_ablation(run, longer, log=lines.append)
+    resumed = A.run_ablation(run, longer, log=lines.append)
     assert lines[0].startswith("tab2/regional: resuming") and marker.read_text() == "kept"
+    # its wall time covers this start alone, and the table of runs says so
+    assert result["resumed_from"] is None and resumed["resumed_from"] == 1            # checkpoints/iter_1
+    wall = A.runs_table({run.name: resumed})["rows"][0][3]
+    assert wall == f"{resumed['wall_seconds']} (resumed at iteration {resumed['resumed_from']})"
 
 
 def test_runner_refuses_a_run_without_evaluation(tmp_path, monkeypatch):
@@ -603,7 +607,7 @@ def test_figure_labels_a_paper_row_with_ours_only_where_ours_ran():
     paper = A.TABLES["tab5"].paper
     nothing = A.table_report("tab5", {}, ())
     assert nothing.ours == {} and _tick_labels(nothing.figure()) == list(paper.rows)
-    assert "not run in this profile" in nothing.figure()._suptitle.get_text()
+    assert "not run in this study" in nothing.figure()._suptitle.get_text()
     headers = [metric.header for metric in ABLATION_COLUMNS]
     partial = A.TableReport.from_results("tab5", {
         "columns": headers, "reference": "pre-trained text encoder",

@@ -732,6 +732,7 @@ class _Job:
     folder: Path
     argv: list[str]
     nproc: int = 1       # its processes (run_nproc)
+    resumed_from: int | None = None   # the checkpoint's iteration it continues from (None: from the start)
 
     @property
     def log_path(self) -> Path:
@@ -783,7 +784,8 @@ def _start(run: AblationRun, cfg: Config, key: str, settings: AblationSettings) 
     nproc = run_nproc(run, settings)
     _write_json(folder / PLAN_FILE, {"key": key, "preset": settings.preset, "nproc": nproc,
                                      "overrides": overrides})
-    return _Job(run, cfg, key, folder, ["--config", settings.preset, *overrides], nproc)
+    return _Job(run, cfg, key, folder, ["--config", settings.preset, *overrides], nproc,
+                _checkpoint_iteration(folder))
 
 
 def _describe(job: _Job) -> str:
@@ -801,7 +803,8 @@ def _finish(job: _Job, settings: AblationSettings, keep_checkpoints: bool, wall_
     losses, seconds = _final_losses(job.folder)
     record = _base_record(job.run, job.cfg, job.key, settings)
     record.update(metrics=json.loads(eval_path.read_text())["results"], final_losses=losses, train_seconds=seconds,
-                  wall_seconds=round(wall_seconds, 2), finished=_now(), shared_with=None)
+                  wall_seconds=round(wall_seconds, 2), resumed_from=job.resumed_from, finished=_now(),
+                  shared_with=None)
     if settings.interference_batches and len(job.cfg.tasks.names()) >= 2:
         record["interference"] = run_interference(job.folder / "checkpoints", settings.interference_batches,
                                                   threads=settings.threads)
@@ -1300,7 +1303,7 @@ class TableReport:
         paper = {ours_label.get(label, label): values for label, values in table.paper.rows.items()}
         paper_reference = ours_label.get(table.paper_reference, table.paper_reference)
         what = ("gap to the reference row, in points" if self.ours
-                else "the paper's gaps only (not run in this profile), in points")
+                else "the paper's gaps only (not run in this study), in points")
         return plot_ablation([m.header for m in ABLATION_COLUMNS], self.ours, paper, self.reference,
                              paper_reference, title=f"{self.title}: {what}")
 
@@ -1360,7 +1363,7 @@ def table_report(key: str, results: Mapping[str, Mapping[str, Any]], rows: Seque
                      f"other runs on {study_nproc}")
     grad_accum = math.ceil(table.slots_per_iteration / nproc)
     if not ours:
-        notes.append("not run in this profile (only the paper's numbers); " + f'tables=["{key}"] runs it')
+        notes.append("not run in this study (only the paper's numbers); " + f'tables=["{key}"] runs the whole table')
     elif grad_accum > 1:
         notes.append(f"every row runs {grad_accum} batches per iteration (run.grad_accum={grad_accum}) so that "
                      f"'mixed' has slots to mix tasks in, and 1/{grad_accum} of the iterations of the other tables")
@@ -1613,8 +1616,13 @@ def tally_table(directions: Mapping[str, Sequence]) -> dict[str, list]:
 
 def runs_table(results: Mapping[str, Mapping[str, Any]]) -> dict[str, list]:
     """One line per run: iterations x batches per iteration, training and wall seconds, the run it shares, and
-    the last logged loss of each task."""
-    rows = [[name, f"{r['iterations']} x {r['grad_accum']}", r["train_seconds"], r["wall_seconds"], r["shared_with"],
+    the last logged loss of each task. Training seconds add up over every start of a run; wall seconds are those of
+    its last start, so a run resumed from a checkpoint says from which iteration."""
+    def wall(r: Mapping[str, Any]) -> Any:
+        resumed = r.get("resumed_from")
+        return r["wall_seconds"] if resumed is None else f"{r['wall_seconds']} (resumed at iteration {resumed})"
+
+    rows = [[name, f"{r['iterations']} x {r['grad_accum']}", r["train_seconds"], wall(r), r["shared_with"],
              ", ".join(f"{task} {loss:.3g}" for task, loss in sorted(r["final_losses"].items()))]
             for name, r in results.items()]
     return {"columns": ["run", "iterations x batches", "train [s]", "wall [s]", "shared with", "last losses"],
