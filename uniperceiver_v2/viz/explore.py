@@ -238,16 +238,13 @@ def split_ground_truth(cfg, splits: Sequence[str], limit: int | None = None) -> 
         ValueError: an image file of the split that its annotation file does not list (named with both files).
     """
     found: dict[str, dict[str, Any]] = {}
-    images = split_images(cfg, splits, limit)
     for split in splits:
         novel = split == "novel"
         folder = cfg.data.path(cfg.data.novel_images if novel else cfg.data.detection_images, split)
         annotations = cfg.data.path(cfg.data.novel_annotations if novel else cfg.data.detection_annotations, split)
         dataset = CocoInstances(folder, annotations, with_masks=False)
         index = {file.path: i for i, file in enumerate(dataset.image_files())}
-        for name, path in images.items():
-            if not name.startswith(f"{split}/"):
-                continue
+        for name, path in split_images(cfg, [split], limit).items():
             if path not in index:
                 raise ValueError(f"{path}: not listed in {annotations}, so it has no ground truth to draw")
             sample = dataset[index[path]]

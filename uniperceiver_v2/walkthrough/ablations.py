@@ -789,7 +789,7 @@ def _start(run: AblationRun, cfg: Config, key: str, settings: AblationSettings) 
 
 
 def _describe(job: _Job) -> str:
-    start = _checkpoint_iteration(job.folder)
+    start = job.resumed_from
     what = f"resuming from iteration {start} of" if start is not None else "training"
     return (f"{job.run.name}: {what} {job.cfg.run.iterations} iterations x {job.cfg.run.grad_accum} batch(es), "
             f"{job.nproc} process(es), then evaluating {', '.join(job.cfg.tasks.names())}")
