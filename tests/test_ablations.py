@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -292,6 +293,12 @@ def test_runner_shares_identical_trainings(tmp_path, fake_trainer):
     assert shared["shared_with"] == "tab2/global_regional"
     assert shared["metrics"] == results["tab2/global_regional"]["metrics"]
     assert A.load_result(settings.root / "tab3" / "all_tasks_w_moe")["shared_with"] == "tab2/global_regional"
+    # the shared wall time is the twin's, so is the mark of the twin's resumed last start
+    source = settings.root / "tab2" / "global_regional" / A.RESULT_FILE
+    source.write_text(json.dumps({**json.loads(source.read_text()), "resumed_from": 3}))
+    shutil.rmtree(settings.root / "tab3" / "all_tasks_w_moe")
+    again = A.run_ablation(_run("tab3/all_tasks_w_moe"), settings, log=None)
+    assert again["resumed_from"] == 3 and "(resumed at iteration 3)" in A.runs_table({"r": again})["rows"][0][3]
     # Tab. 4's rows train on two processes (torchrun, here the fake): gathering acts, so both rows train.
     fake_trainer.calls.clear()
     results = A.run_ablations([_run("tab4/unmixed"), _run("tab4/unmixed_gather")], settings, log=None)
@@ -574,6 +581,17 @@ def test_band_figure_draws_the_band_and_colours_bars_by_verdict():
     (marker,) = [line for line in ax.get_lines() if line.get_marker() == "s"]
     assert marker.get_color() == VERDICT_COLORS["within noise"]
     assert any(list(line.get_ydata()) == [0.0, 0.0] and not line.get_clip_on() for line in ax.get_lines())
+    # values far above 0 (top-1 of 92-97): the axis starts a round step below them and the title says so; each
+    # value is written at its bar's foot, away from the band and the paper's tick near the top
+    (ax,) = plot_ablation_band(["top-1"], {"ref": (95.7,), "row": (91.7,)}, "ref", [1.9],
+                               paper_gaps={("row", 0): -1.0}).axes
+    bottom = ax.get_ylim()[0]
+    assert 80 <= bottom < 91.7 - 1.9 and bottom == int(bottom) and ax.get_title() == f"top-1 (axis from {bottom:g})"
+    assert sorted((t.get_text(), t.xy[1]) for t in ax.texts) == [("91.7", bottom), ("95.7", bottom)]
+    # values near 0 keep the axis at 0; a bar too short to hold its value has it written above
+    (ax,) = plot_ablation_band(["AP"], {"ref": (25.5,), "row": (1.0,)}, "ref", [3.5]).axes
+    assert ax.get_ylim()[0] == 0 and ax.get_title() == "AP"
+    assert dict((t.get_text(), t.xy[1]) for t in ax.texts) == {"25.5": 0.0, "1.0": 1.0}
 
 
 def test_saved_report_round_trip_full_model_and_runs_table(tmp_path, fake_trainer):

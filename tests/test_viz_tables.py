@@ -103,6 +103,9 @@ def test_metrics_vs_paper_marks_each_of_our_bars_chance_level_across_that_bar():
     two = {"ours": [10.0, 3.0], "ours, val": [8.0, 5.0]}
     legend = viz_tables.plot_metrics_vs_paper(["cls", "R@1"], two, chance={"ours": [7.1, 0.2], "ours, val": [7.1, 5.0]})
     assert legend.legends[0].get_texts()[0].get_text() == "chance level of our bar: cls 7.1; R@1 0.2 / 5"
+    # R@1's 0.2 sits on the axis at this scale: a triangle points at it; 7.1 and 5 are visible as lines alone
+    pointers = [line for line in legend.axes[0].get_lines() if line.get_marker() == "v"]
+    assert [list(line.get_ydata()) for line in pointers] == [[0.2]] and not pointers[0].get_clip_on()
     without = viz_tables.plot_metrics_vs_paper(["cls", "det", "seg"], series)
     assert not any(t.get_text().startswith("chance") for t in without.legends[0].get_texts())
     with pytest.raises(ValueError, match="chance: 'theirs' is not one of the series"):

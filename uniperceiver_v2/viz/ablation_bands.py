@@ -45,6 +45,19 @@ _LEGEND = {
 }
 
 
+def _axis_bottom(drawn: Sequence[float]) -> float:
+    """Where a panel's value axis starts: 0, unless everything drawn lies far above it (e.g. top-1 between 92 and
+    97), where bars from 0 would leave the gaps and the band a few pixels tall; the axis then starts a round step
+    below the lowest value, and the panel says so."""
+    if not drawn or min(drawn) <= 0:
+        return 0.0
+    low, high = min(drawn), max(drawn)
+    if low < 0.75 * high:
+        return 0.0
+    step = 10.0 ** math.floor(math.log10(max(high - low, 1e-9)))     # a round number below the lowest value
+    return max(0.0, math.floor((low - 1.5 * (high - low) - 1e-9) / step) * step)
+
+
 def plot_ablation_band(columns: Sequence[str], ours: Mapping[str, Sequence[Value]], reference: str | None,
                        widths: Sequence[float], verdicts: Mapping[tuple[str, int], str | None] | None = None,
                        paper_gaps: Mapping[tuple[str, int], Value] | None = None, title: str | None = None) -> Figure:
@@ -60,6 +73,10 @@ def plot_ablation_band(columns: Sequence[str], ours: Mapping[str, Sequence[Value
         paper_gaps: (row, column index) -> the paper's gap of that row to its reference; drawn as a black tick
             at ``reference value + gap`` (where the row would be if our gap were the paper's).
         title: the figure title.
+
+    A value is written inside its bar at the foot (the band and the tick sit near the top), or above a bar too
+    short to hold it. A panel whose values all lie far above 0 starts its axis above 0 and says where
+    (:func:`_axis_bottom`).
     """
     if len(widths) != len(columns):
         raise ValueError(f"plot_ablation_band: {len(widths)} band widths for {len(columns)} columns")
@@ -81,7 +98,7 @@ def plot_ablation_band(columns: Sequence[str], ours: Mapping[str, Sequence[Value
         ax.set_axis_off()
     used: set[str | None] = set()
     for index, (ax, column) in enumerate(zip(panels, columns)):
-        drawn = [0.0]
+        drawn = []
         base = ours[reference][index] if reference is not None else None
         if base is not None:
             width = float(widths[index])
@@ -90,10 +107,11 @@ def plot_ablation_band(columns: Sequence[str], ours: Mapping[str, Sequence[Value
             ax.axhspan(low, base + width, color=BAND_COLOR, alpha=0.35, linewidth=0)
             ax.axhline(base, color=REFERENCE_COLOR, linewidth=0.8, linestyle="--")
             drawn += [low, base + width]
+        bars = []                                   # (position, value) of every bar, labelled once the axis is set
         for position, label in zip(x, labels):
             value = ours[label][index]
             if value is None or math.isnan(value):
-                ax.text(position, 0.0, "n/a", ha="center", va="bottom", fontsize=8, color="black")
+                bars.append((position, None))
                 continue
             if label == reference:
                 color = REFERENCE_COLOR
@@ -105,15 +123,29 @@ def plot_ablation_band(columns: Sequence[str], ours: Mapping[str, Sequence[Value
             if round(value, 1) == 0:    # a bar of no visible height (labelled 0.0): its verdict colour as a marker
                 ax.plot(position, 0.0, marker="s", markersize=7, color=color, markeredgecolor="black",
                         markeredgewidth=0.4, clip_on=False, zorder=3)
-            label_bar(ax, position, value, f"{value:.1f}")
+            bars.append((position, value))
             drawn.append(value)
             gap = paper_gaps.get((label, index))
             if base is not None and gap is not None and label != reference:
                 ax.plot([position - 0.3, position + 0.3], [base + gap] * 2, color=PAPER_MARKER_COLOR, linewidth=1.4,
                         clip_on=False, zorder=4)     # above the axis line when the tick sits at 0
                 drawn.append(base + gap)
-        finish_bar_axes(ax, labels, drawn)
-        ax.set_title(column, fontsize=9)
+        bottom = _axis_bottom(drawn)
+        finish_bar_axes(ax, labels, [bottom, *drawn])
+        if bottom > 0:
+            ax.set_ylim(bottom=bottom)
+        top = ax.get_ylim()[1]
+        for position, value in bars:
+            if value is None:
+                ax.text(position, bottom, "n/a", ha="center", va="bottom", fontsize=8, color="black")
+            elif value - bottom >= 0.15 * (top - bottom):
+                # inside the bar at its foot: the band, the reference line and the paper's tick sit near its top
+                ax.annotate(f"{value:.1f}", (position, bottom), ha="center", va="bottom", fontsize=7.5,
+                            xytext=(0, 3), textcoords="offset points",
+                            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.8, "linewidth": 0})
+            else:
+                label_bar(ax, position, value, f"{value:.1f}")
+        ax.set_title(column + (f" (axis from {bottom:g})" if bottom > 0 else ""), fontsize=9)
         if index % ncols == 0:
             ax.set_ylabel("ours [%]")
     handles = [Patch(color=VERDICT_COLORS[v], label=_LEGEND[v]) for v in VERDICT_COLORS if v in used]

@@ -768,7 +768,7 @@ def _reuse(run: AblationRun, cfg: Config, key: str, settings: AblationSettings,
     say(f"{run.name}: same training as {source['run']}, result shared")
     record = _base_record(run, cfg, key, settings)
     record.update({k: source[k] for k in ("metrics", "final_losses", "train_seconds", "wall_seconds")},
-                  finished=_now(), shared_with=source["run"])
+                  resumed_from=source.get("resumed_from"), finished=_now(), shared_with=source["run"])
     if "interference" in source:
         record["interference"] = source["interference"]
     folder.mkdir(parents=True, exist_ok=True)
