@@ -575,6 +575,10 @@ def test_band_figure_draws_the_band_and_colours_bars_by_verdict():
                                verdicts={("row", 0): "opposite"}).axes
     (marker,) = [line for line in ax.get_lines() if line.get_marker() == "s"]
     assert list(marker.get_ydata()) == [0.0] and marker.get_color() == VERDICT_COLORS["opposite"]
+    (zero,) = [t for t in ax.texts if t.get_text() == "0.0"]
+    assert zero.xy[1] == 0.0 and zero.xyann[1] >= 5          # written above the square, not over it
+    legend = [t.get_text() for t in ax.figure.legends[0].get_texts()]
+    assert "our reference value" in legend and "a bar of height 0 (its colour: its verdict)" in legend
     # ... and so does one that only rounds to 0 (a BLEU of 1e-11 %), with the paper's tick at 0 drawn over the axis
     (ax,) = plot_ablation_band(["B@4"], {"ref": (0.5,), "row": (1.2e-11,)}, "ref", [0.5],
                                verdicts={("row", 0): "within noise"}, paper_gaps={("row", 0): -0.5}).axes

@@ -414,6 +414,11 @@ def test_the_figures_added_for_the_explorers_check_their_inputs():
     assert [t.get_text() for t in figure.axes[0].get_legend().get_texts()] == ["d"]   # only the drawn classes
     with pytest.raises(ValueError, match="probabilities: expected 2"):
         viz.plot_token_probabilities(["a", "b"], [0.5])
+    # the best other tokens' names stand above their dots (which stay on top), punctuation quoted to be seen
+    ax = viz.plot_token_probabilities([",", "cat"], [0.9, 0.2], [(".", 0.05), ("dog", 0.3)]).axes[0]
+    assert [tick.get_text() for tick in ax.get_xticklabels()] == ["','", "cat"]
+    assert [(t.get_text(), t.xy[1]) for t in ax.texts] == [("'.'", 0.05), ("dog", 0.3)]
+    assert all(t.xyann[1] > 0 and t.get_zorder() < ax.collections[0].get_zorder() for t in ax.texts)
     with pytest.raises(ValueError, match="highlight"):
         viz.plot_ranked_texts(["one", "two"], highlight=2)
     figure = viz.plot_ranked_texts(["x" * 100], [1.0], width=20)

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from .base import _figure
@@ -143,6 +144,9 @@ def plot_ablation_band(columns: Sequence[str], ours: Mapping[str, Sequence[Value
                 ax.annotate(f"{value:.1f}", (position, bottom), ha="center", va="bottom", fontsize=7.5,
                             xytext=(0, 3), textcoords="offset points",
                             bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.8, "linewidth": 0})
+            elif round(value, 1) == 0:              # above the square marker that stands for the bar
+                ax.annotate(f"{value:.1f}", (position, value), ha="center", va="bottom", fontsize=7.5,
+                            xytext=(0, 5), textcoords="offset points")
             else:
                 label_bar(ax, position, value, f"{value:.1f}")
         ax.set_title(column + (f" (axis from {bottom:g})" if bottom > 0 else ""), fontsize=9)
@@ -151,8 +155,13 @@ def plot_ablation_band(columns: Sequence[str], ours: Mapping[str, Sequence[Value
     handles = [Patch(color=VERDICT_COLORS[v], label=_LEGEND[v]) for v in VERDICT_COLORS if v in used]
     if reference is not None:
         handles += [Patch(color=REFERENCE_COLOR, label=f"reference: {reference}"),
+                    Line2D([], [], color=REFERENCE_COLOR, linewidth=0.8, linestyle="--",
+                           label="our reference value"),
                     Patch(color=BAND_COLOR, alpha=0.35, label="noise band around the reference"),
-                    Patch(color=PAPER_MARKER_COLOR, label="reference + the paper's gap")]
+                    Line2D([], [], color=PAPER_MARKER_COLOR, linewidth=1.4, label="reference + the paper's gap")]
+    if any(round(v, 1) == 0 for values in ours.values() for v in values if v is not None and not math.isnan(v)):
+        handles.append(Line2D([], [], marker="s", markersize=6, color="white", markeredgecolor="black",
+                              linestyle="none", label="a bar of height 0 (its colour: its verdict)"))
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(handles)), fontsize=7)
     if title:
