@@ -98,6 +98,7 @@ def plot_ablation_band(columns: Sequence[str], ours: Mapping[str, Sequence[Value
     for ax in panels[len(columns):]:
         ax.set_axis_off()
     used: set[str | None] = set()
+    zero_bars = False
     for index, (ax, column) in enumerate(zip(panels, columns)):
         drawn = []
         base = ours[reference][index] if reference is not None else None
@@ -122,6 +123,7 @@ def plot_ablation_band(columns: Sequence[str], ours: Mapping[str, Sequence[Value
                 color = VERDICT_COLORS.get(verdict, VERDICT_COLORS[None])
             ax.bar(position, value, width=0.7, color=color, edgecolor="black", linewidth=0.4)
             if round(value, 1) == 0:    # a bar of no visible height (labelled 0.0): its verdict colour as a marker
+                zero_bars = True
                 ax.plot(position, 0.0, marker="s", markersize=7, color=color, markeredgecolor="black",
                         markeredgewidth=0.4, clip_on=False, zorder=3)
             bars.append((position, value))
@@ -159,7 +161,7 @@ def plot_ablation_band(columns: Sequence[str], ours: Mapping[str, Sequence[Value
                            label="our reference value"),
                     Patch(color=BAND_COLOR, alpha=0.35, label="noise band around the reference"),
                     Line2D([], [], color=PAPER_MARKER_COLOR, linewidth=1.4, label="reference + the paper's gap")]
-    if any(round(v, 1) == 0 for values in ours.values() for v in values if v is not None and not math.isnan(v)):
+    if zero_bars:
         handles.append(Line2D([], [], marker="s", markersize=6, color="white", markeredgecolor="black",
                               linestyle="none", label="a bar of height 0 (its colour: its verdict)"))
     if handles:

@@ -186,7 +186,6 @@ def plot_metrics_vs_paper(columns: Sequence[str], series: Mapping[str, Sequence[
     ax = axes[0, 0]
     positions = grouped_bars(ax, list(columns), series, colors=colors)
     marks = []                                          # the chance lines, and each column's levels for the legend
-    low_marks = []                                      # (position, level) of every chance line
     levels_of: dict[str, list[str]] = {}
     for label, levels in (chance or {}).items():
         if label not in series:
@@ -198,15 +197,15 @@ def plot_metrics_vs_paper(columns: Sequence[str], series: Mapping[str, Sequence[
             half = positions["width"] / 2
             marks += ax.plot([position - half, position + half], [level, level], color="black", linewidth=2.0,
                              solid_capstyle="butt", zorder=3)
-            low_marks.append((position, level))
             shown = levels_of.setdefault(column, [])
             if f"{level:.2g}" not in shown:
                 shown.append(f"{level:.2g}")
     top = ax.get_ylim()[1]
-    for position, level in low_marks:
+    for mark in marks:
+        level = mark.get_ydata()[0]
         if level < 0.03 * top:   # a line at 0.2 % of a 0-100 scale hides in the axis: a triangle above points at it
-            ax.plot(position, level, marker="v", markersize=5, color="black", linestyle="none", clip_on=False,
-                    zorder=4, transform=ax.transData + ScaledTranslation(0, 4 / 72, fig.dpi_scale_trans))
+            ax.plot(np.mean(mark.get_xdata()), level, marker="v", markersize=5, color="black", linestyle="none",
+                    clip_on=False, zorder=4, transform=ax.transData + ScaledTranslation(0, 4 / 72, fig.dpi_scale_trans))
     if marks:    # the legend gives the levels
         marks[0].set_label("chance level of our bar: " + "; ".join(f"{column} {' / '.join(values)}"
                                                                     for column, values in levels_of.items()))
