@@ -417,6 +417,9 @@ def test_the_figures_added_for_the_explorers_check_their_inputs():
     # the best other tokens' names stand above their dots (which stay on top), punctuation quoted to be seen
     ax = viz.plot_token_probabilities([",", "cat"], [0.9, 0.2], [(".", 0.05), ("dog", 0.3)]).axes[0]
     assert [tick.get_text() for tick in ax.get_xticklabels()] == ["','", "cat"]
+    from uniperceiver_v2.viz.base import quoted_token  # the fill-mask table quotes them the same way
+
+    assert [quoted_token(t) for t in (",", "...", "cat", "n't", "")] == ["','", "'...'", "cat", "n't", ""]
     assert [(t.get_text(), t.xy[1]) for t in ax.texts] == [("'.'", 0.05), ("dog", 0.3)]
     assert all(t.xyann[1] > 0 and t.get_zorder() < ax.collections[0].get_zorder() for t in ax.texts)
     with pytest.raises(ValueError, match="highlight"):

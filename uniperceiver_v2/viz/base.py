@@ -149,6 +149,12 @@ def task_color(task: str) -> tuple[float, float, float]:
     return _OTHER_TASK_COLORS[zlib.crc32(name.encode("utf-8")) % len(_OTHER_TASK_COLORS)]
 
 
+def quoted_token(token: str) -> str:
+    """A token as a label or in a list: punctuation quoted (a bare "." is a speck at a figure's font size, a bare ","
+    reads as the list's own separator)."""
+    return f"'{token}'" if token and not any(ch.isalnum() for ch in token) else token
+
+
 def _plain_number(value: float, _position: Any = None) -> str:
     """A tick label as a plain number: "0.001", "0.5", "60", "2000" (``%g`` switches to "1e+05" from 10^5)."""
     return f"{value:g}"

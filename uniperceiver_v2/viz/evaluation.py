@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .base import _single_axes, to_display_image
+from .base import _single_axes, quoted_token, to_display_image
 
 __all__ = ["plot_calibration", "plot_ranked_texts", "plot_token_probabilities", "plot_topk_predictions",
            "show_text_retrieval"]
@@ -162,11 +162,6 @@ def plot_ranked_texts(texts: Sequence[str], scores: Sequence[float] | None = Non
     return fig
 
 
-def _visible_token(token: str) -> str:
-    """A token as a label: punctuation quoted (a bare "." or "," is a speck at a figure's font size)."""
-    return f"'{token}'" if token and not any(ch.isalnum() for ch in token) else token
-
-
 def plot_token_probabilities(tokens: Sequence[str], probabilities: Sequence[float],
                              alternatives: Sequence[tuple[str, float]] | None = None, title: str | None = None,
                              ax: Axes | None = None, fontsize: float = 7) -> Figure:
@@ -196,10 +191,10 @@ def plot_token_probabilities(tokens: Sequence[str], probabilities: Sequence[floa
         for i, (token, probability) in enumerate(alternatives):
             # a few points above its dot (the dot stays visible against the bar); a white backing keeps the name
             # readable where it runs over a (dark blue) bar
-            ax.annotate(_visible_token(token), (i, float(probability)), xytext=(0, 5), textcoords="offset points",
+            ax.annotate(quoted_token(token), (i, float(probability)), xytext=(0, 5), textcoords="offset points",
                         rotation=90, ha="center", va="bottom", fontsize=fontsize, color="tab:orange", zorder=3,
                         bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 0.8})
-    ax.set_xticks(x, [_visible_token(token) for token in tokens], rotation=45, ha="right", fontsize=fontsize + 1)
+    ax.set_xticks(x, [quoted_token(token) for token in tokens], rotation=45, ha="right", fontsize=fontsize + 1)
     ax.set_ylim(0.0, 1.25)                       # room above 1 for the rotated names and the legend ...
     ax.set_yticks([0.0, 0.25, 0.5, 0.75, 1.0])   # ... but a probability's axis stops at 1
     ax.set_ylabel("probability")

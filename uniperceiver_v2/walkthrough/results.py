@@ -13,6 +13,7 @@ import torch
 
 from .. import api
 from ..modeling.box_ops import box_iou
+from ..viz.base import quoted_token
 
 # --------------------------------------------------------------------------------------------------------------
 # Evaluation results
@@ -410,7 +411,7 @@ def fill_mask_examples(model, sentences: Sequence[str], count: int, seed: int = 
     rows = []
     for text, truth, prediction in zip(masked, truths, predictions):
         candidates = prediction["candidates"][0]
-        rows.append([text, truth, ", ".join(f"{c['token']} ({c['score']:.2f})" for c in candidates),
+        rows.append([text, truth, ", ".join(f"{quoted_token(c['token'])} ({c['score']:.2f})" for c in candidates),
                      candidates[0]["token"] == truth])
     return {"columns": ["masked sentence", "hidden word", f"top-{top_k} predictions", "hit@1"], "rows": rows}
 
