@@ -330,6 +330,12 @@ def test_runner_clears_a_stale_folder_and_resumes_an_interrupted_one(tmp_path, f
     assert result["resumed_from"] is None and resumed["resumed_from"] == 1            # checkpoints/iter_1
     wall = A.runs_table({run.name: resumed})["rows"][0][3]
     assert wall == f"{resumed['wall_seconds']} (resumed at iteration {resumed['resumed_from']})"
+    # a result written before results recorded it: the trainer's run_info.json of the folder says where it resumed
+    legacy = {k: v for k, v in resumed.items() if k != "resumed_from"}
+    (folder / A.RESULT_FILE).write_text(json.dumps(legacy))
+    assert "resumed_from" not in A.load_result(folder)                    # no run_info.json (the fake trainer)
+    (folder / "run_info.json").write_text(json.dumps({"attempt": 2, "resumed_from_iteration": 7}))
+    assert A.load_result(folder)["resumed_from"] == 7
 
 
 def test_runner_refuses_a_run_without_evaluation(tmp_path, monkeypatch):

@@ -529,8 +529,19 @@ def run_key(cfg: Config, nproc: int) -> str:
 # The runner
 # --------------------------------------------------------------------------------------------------------------
 def load_result(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``result.json`` of a run folder, or None if the run has not finished."""
-    return read_json_record(Path(folder) / RESULT_FILE, ("key", "metrics"), "delete it to rerun this ablation run")
+    """The ``result.json`` of a run folder, or None if the run has not finished.
+
+    A result written before results recorded ``resumed_from`` gets it from the trainer's ``run_info.json`` of the
+    same folder (``resumed_from_iteration`` of its last start), so that the table of runs can still say that its
+    wall time covers the last start only; without a readable ``run_info.json`` the field stays absent."""
+    result = read_json_record(Path(folder) / RESULT_FILE, ("key", "metrics"), "delete it to rerun this ablation run")
+    if result is not None and "resumed_from" not in result and result.get("shared_with") is None:
+        try:
+            info = json.loads((Path(folder) / "run_info.json").read_text(encoding="utf-8"))
+            result["resumed_from"] = info["resumed_from_iteration"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return result
 
 
 def _write_json(path: Path, data: Any) -> None:
