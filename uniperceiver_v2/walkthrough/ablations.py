@@ -533,12 +533,13 @@ def load_result(folder: str | os.PathLike) -> dict[str, Any] | None:
 
     A result written before results recorded ``resumed_from`` gets it from the trainer's ``run_info.json`` of the
     same folder (``resumed_from_iteration`` of its last start), so that the table of runs can still say that its
-    wall time covers the last start only; without a ``run_info.json`` holding ``resumed_from_iteration`` the field
-    stays absent (one that is not valid JSON is an error naming the file)."""
+    wall time covers the last start only; without a ``run_info.json`` the field stays absent (one that is not valid
+    JSON or lacks ``resumed_from_iteration``, which the trainer always writes, is an error naming the file)."""
     result = read_json_record(Path(folder) / RESULT_FILE, ("key", "metrics"), "delete it to rerun this ablation run")
     if result is not None and "resumed_from" not in result and result.get("shared_with") is None:
-        info = read_json_record(Path(folder) / "run_info.json", (), "delete the run folder to rerun this ablation run")
-        if isinstance(info, dict) and "resumed_from_iteration" in info:
+        info = read_json_record(Path(folder) / "run_info.json", ("resumed_from_iteration",),
+                                "delete the run folder to rerun this ablation run")
+        if info is not None:
             result["resumed_from"] = info["resumed_from_iteration"]
     return result
 
