@@ -1,9 +1,11 @@
 """Masked language modelling: the masking draw, no leak of the masked word, loss and accuracy."""
 
+import pytest
 import torch
 from helpers import CAPTIONS, overfit, single_thread, tiny_model  # noqa: F401
 
 from uniperceiver_v2.modeling.attributes import MODALITY_IDS
+from uniperceiver_v2.modeling.unified_decoder import TOKEN_TYPES
 from uniperceiver_v2.tasks.mlm import MaskedLanguageModelingTask, choose_masked_positions, sentence_draws
 
 
@@ -24,8 +26,10 @@ def test_masking_draw_rate_special_tokens_and_at_least_one_word():
     assert one.tolist() == [[False, True, False]]
 
 
-def test_masked_positions_see_spe_and_not_the_hidden_word():
+@pytest.mark.parametrize("masked_input", ["spe", "encoder"])
+def test_masked_positions_see_spe_and_not_the_hidden_word(masked_input):
     model = tiny_model().eval()
+    model.config.tasks.mlm.masked_input = masked_input
     task = MaskedLanguageModelingTask(model.config.tasks.mlm)
     tokens = model.tokenize(CAPTIONS[:2])
     input_ids, attention_mask = tokens["input_ids"], tokens["attention_mask"]
@@ -58,6 +62,40 @@ def test_mlm_uses_spe_modality_at_masked_positions(monkeypatch):
     modality = seen["modality_ids"][0]
     assert modality[0] == MODALITY_IDS["spe"] and modality[3] == MODALITY_IDS["spe"]     # leading and masked
     assert (modality[1:3] == MODALITY_IDS["text"]).all() and (modality[4:] == MODALITY_IDS["text"]).all()
+
+
+@pytest.mark.parametrize("masked_input", ["spe", "encoder"])
+def test_decoder_input_at_a_masked_word(monkeypatch, masked_input):
+    """What the decoder reads at a masked word, rebuilt from the embeddings' parts: <SPE> + type + the word's position,
+    plus, with ``masked_input="encoder"``, the projected text-encoder feature of the mask token in its sentence."""
+    model = tiny_model().eval()
+    model.config.tasks.mlm.masked_input = masked_input
+    task = MaskedLanguageModelingTask(model.config.tasks.mlm)
+    seen = {}
+    original = model.decoder.forward
+
+    def spy(x, **kwargs):
+        seen["x"] = x
+        return original(x, **kwargs)
+
+    monkeypatch.setattr(model.decoder, "forward", spy)
+    tokens = model.tokenize(CAPTIONS[:1])
+    input_ids, attention_mask = tokens["input_ids"], tokens["attention_mask"]
+    masked = torch.zeros_like(input_ids, dtype=torch.bool)
+    masked[0, 2] = True
+    with torch.no_grad():
+        task.masked_representations(model, input_ids, attention_mask, masked)
+        decoder = model.decoder
+        expected = (decoder.spe_token + decoder.type_embed.weight[TOKEN_TYPES["spe"]]
+                    + decoder.pos_embed.weight[2])
+        features = model.encode_text_tokens(input_ids.masked_fill(masked, model.text_encoder.mask_token_id),
+                                            attention_mask)
+        if masked_input == "encoder":
+            expected = expected + decoder.text_norm(decoder.text_proj(features[0, 2]))
+        unmasked = decoder.embed_text(features)[0, 3]
+    x = seen["x"][0, 1:]                                             # after the leading <SPE>
+    torch.testing.assert_close(x[2], expected)
+    torch.testing.assert_close(x[3], unmasked)                       # the other words: f_text as usual
 
 
 def test_loss_is_finite_and_decreases_with_a_fixed_mask():

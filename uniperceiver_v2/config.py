@@ -235,10 +235,20 @@ class CaptioningTaskConfig(TaskConfig):
     beam_size: int = 3
 
 
+# What the decoder reads at a masked word (tasks.mlm.masked_input)
+MLM_MASKED_INPUTS = ("spe", "encoder")
+
+
 @dataclass
 class MLMTaskConfig(TaskConfig):
     label_smoothing: float = 0.0
     mask_prob: float = 0.15                    # "15 % of words replaced by <SPE>"
+    # What the decoder reads at a masked word: "spe" = the <SPE> embedding alone (v1 Sec. 3.2, where the word
+    # embedding is what is replaced); "encoder" = <SPE> added to the text encoder's output at that position, i.e.
+    # f_text of the sentence with the mask token there (v2 puts a language model before the decoder: its
+    # contextual guess at the hidden word is kept instead of thrown away; with the frozen MiniLM it learned more
+    # slowly: docs/benchmarks.md, "The language model's output at the masked word")
+    masked_input: str = "spe"
 
 
 @dataclass
@@ -687,6 +697,8 @@ def validate(cfg: Config) -> None:
     _require(any(cfg.tasks.get(n).sampling_weight > 0 and cfg.tasks.get(n).start_iteration == 0 for n in enabled),
              "tasks", "no enabled task with a sampling weight > 0 starts at iteration 0 (tasks.<name>.start_iteration)")
     _require(0.0 < cfg.tasks.mlm.mask_prob < 1.0, "tasks.mlm.mask_prob", "must be in (0, 1)")
+    _require(cfg.tasks.mlm.masked_input in MLM_MASKED_INPUTS, "tasks.mlm.masked_input",
+             f"must be one of {MLM_MASKED_INPUTS}, got {cfg.tasks.mlm.masked_input!r}")
     _require(cfg.tasks.captioning.max_length >= 1, "tasks.captioning.max_length", "must be >= 1")
     _require(cfg.tasks.captioning.beam_size >= 1, "tasks.captioning.beam_size", "must be >= 1")
     _require(cfg.tasks.detection.max_detections >= 1, "tasks.detection.max_detections", "must be >= 1")

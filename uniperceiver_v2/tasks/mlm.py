@@ -7,7 +7,9 @@ least one per sentence). At a chosen position
   trace of the hidden word (f_text is bidirectional);
 * the decoder sees ``<SPE>`` instead of that token's feature -- "each word that needs to be predicted in x is
   replaced by a <SPE> token, whose feature at the encoder output is used to match the words in the vocabulary"
-  (v1 Sec. 3.2) -- with the position embedding of the word it replaces.
+  (v1 Sec. 3.2) -- with the position embedding of the word it replaces (``tasks.mlm.masked_input="spe"``); or
+  ``<SPE>`` added to the text encoder's feature of the mask token there (``"encoder"``): v1 has no language model
+  before its shared encoder, v2 has one, and its contextual guess at the hidden word is then kept.
 
 Unlike BERT there is no 80 / 10 / 10 split (keep or randomise some chosen tokens): the decoder always sees
 ``<SPE>`` at the positions it predicts, at training and at inference alike, so the mismatch that split addresses
@@ -122,6 +124,9 @@ class MaskedLanguageModelingTask(Task):
         text = text_segment(decoder, features, attention_mask)
         positions = torch.arange(length, device=input_ids.device)
         spe_in_place = decoder.spe(batch, length, positions)                                # (B, L, d)
+        if self.config.masked_input == "encoder":
+            # <SPE> (with its type and the word's position) added to the projected f_text of the mask token
+            spe_in_place = spe_in_place + decoder.text_norm(decoder.text_proj(features))
         words = Segment(
             embeddings=torch.where(masked[..., None], spe_in_place, text.embeddings),
             padding=text.padding,
