@@ -135,6 +135,7 @@ def test_all_tasks_disabled_is_an_error():
     ("optim.decay_at=[0.9, 0.5]", "optim.decay_at", "must be increasing"),
     ("data.on_invalid=ignore", "data.on_invalid", "'ignore' not in ('error', 'skip')"),
     ("data.preflight=sometimes", "data.preflight", "expected true/false"),
+    ("text_encoder.output_layer=0", "text_encoder.output_layer", "must be >= 1"),
     ("tasks.mlm.masked_input=mask", "tasks.mlm.masked_input", "must be one of ('spe', 'encoder'), got 'mask'"),
 ])
 def test_values_that_would_fail_after_model_loading_are_refused_by_load_config(override, key, message):

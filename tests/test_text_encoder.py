@@ -138,3 +138,42 @@ def test_frozen_layers_freeze_the_embeddings_and_bottom_layers_only(small):
 def test_frozen_layers_beyond_the_depth_name_the_key(small):
     with pytest.raises(ValueError, match=r"text_encoder.frozen_layers=3: .* has 2 layers"):
         TextEncoder.from_hf_config(small.model.config, small.tokenizer, TextEncoderConfig(frozen_layers=3))
+
+
+def test_output_layer_is_the_hidden_state_of_a_model_cut_after_that_layer(small):
+    """text_encoder.output_layer=1 of 2: f_text equals the last hidden state of the same model with its second layer
+    removed by hand, and the first layer's hidden state of the whole model; output_layer=2 (the last) equals the
+    default."""
+    batch = small.tokenize(["a cat on a mat", "two red squares"])
+    hf_config = small.model.config
+    first = TextEncoder.from_hf_config(hf_config, small.tokenizer, TextEncoderConfig(max_length=16, output_layer=1))
+    last = TextEncoder.from_hf_config(hf_config, small.tokenizer, TextEncoderConfig(max_length=16, output_layer=2))
+    cut = TextEncoder.from_hf_config(hf_config, small.tokenizer, TextEncoderConfig(max_length=16))
+    for encoder in (last, cut):
+        encoder.model.load_state_dict(small.model.state_dict())
+        encoder.eval()
+    result = first.model.load_state_dict(small.model.state_dict(), strict=False)
+    assert not result.missing_keys and all(k.startswith("encoder.layer.1.") for k in result.unexpected_keys)
+    first.eval()
+    cut.model.encoder.layer = cut.model.encoder.layer[:1]
+    with torch.no_grad():
+        torch.testing.assert_close(first(**batch), cut(**batch), rtol=0, atol=0)
+        hidden = small.model(**batch, output_hidden_states=True).hidden_states       # embeddings, layer 1, layer 2
+        torch.testing.assert_close(first(**batch), hidden[1], rtol=0, atol=0)
+        torch.testing.assert_close(last(**batch), small(**batch), rtol=0, atol=0)
+        assert not torch.allclose(first(**batch), small(**batch))
+    # the layer above the output layer is not run: it is gone, from the module and its state dict
+    assert len(first.model.encoder.layer) == 1 and len(last.model.encoder.layer) == 2
+    assert not any(name.startswith("model.encoder.layer.1.") for name in first.state_dict())
+
+
+def test_output_layer_below_the_frozen_layers_names_both_keys(small):
+    with pytest.raises(ValueError, match=r"text_encoder.frozen_layers=2 .* text_encoder.output_layer=1"):
+        TextEncoder.from_hf_config(small.model.config, small.tokenizer,
+                                   TextEncoderConfig(output_layer=1, frozen_layers=2))
+
+
+@pytest.mark.parametrize("layer", [0, 3])
+def test_output_layer_outside_the_model_names_the_key(small, layer):
+    with pytest.raises(ValueError, match=rf"text_encoder.output_layer={layer}: .* has layers 1..2"):
+        TextEncoder.from_hf_config(small.model.config, small.tokenizer, TextEncoderConfig(output_layer=layer))

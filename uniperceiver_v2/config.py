@@ -134,6 +134,10 @@ class TextEncoderConfig:
     # with freeze: keep the features of fixed candidate targets (class names, vocabulary words), which a frozen
     # encoder always computes the same, instead of encoding them again at every step
     cache_targets: bool = True
+    # which layer's hidden states are f_text: None = the last (the paper's); k = the k-th Transformer layer (1-based),
+    # the layers above it removed. MiniLM's layer 3: MLM and captioning learn much faster, the image tasks a little
+    # slower (docs/benchmarks.md, "Which of MiniLM's layers the decoder reads")
+    output_layer: int | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -654,6 +658,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.text_encoder.max_length >= 4, "text_encoder.max_length", "must be >= 4")
     _require(cfg.text_encoder.lr_mult >= 0, "text_encoder.lr_mult", "must be >= 0")
     _require(cfg.text_encoder.frozen_layers >= 0, "text_encoder.frozen_layers", "must be >= 0")
+    _require(cfg.text_encoder.output_layer is None or cfg.text_encoder.output_layer >= 1,
+             "text_encoder.output_layer", "must be >= 1 (the first Transformer layer) or null (the last)")
     if cfg.text_encoder.tuned_by is not None:
         tasks = cfg.tasks.names(enabled_only=False)
         unknown = sorted(set(cfg.text_encoder.tuned_by) - set(tasks))

@@ -108,6 +108,15 @@ class TextEncoder(nn.Module):
         for module in self._frozen_modules:
             module.requires_grad_(False)
             module.eval()
+        depth = self.model.config.num_hidden_layers
+        if cfg.output_layer is not None:
+            if not 1 <= cfg.output_layer <= depth:
+                raise ValueError(f"text_encoder.output_layer={cfg.output_layer}: {cfg.name} has layers 1..{depth}")
+            if cfg.frozen_layers > cfg.output_layer:
+                raise ValueError(f"text_encoder.frozen_layers={cfg.frozen_layers} freezes layers above "
+                                 f"text_encoder.output_layer={cfg.output_layer}, which are removed")
+            # The layers above the output layer cannot change f_text: they are removed, not run
+            del self._layer_list()[cfg.output_layer:]
         self.tuning = True    # False: this step does not tune the encoder (``tuned``, text_encoder.tuned_by)
         self._target_features: dict[tuple, torch.Tensor] = {}
         self.register_load_state_dict_post_hook(lambda module, _: module.weights_changed())
@@ -173,14 +182,26 @@ class TextEncoder(nn.Module):
         if num_layers > depth:
             raise ValueError(f"text_encoder.frozen_layers={num_layers}: {self.cfg.name} has {depth} layers "
                              f"(text_encoder.freeze=true freezes all of it)")
-        layers = [m for m in self.model.modules() if isinstance(m, nn.ModuleList) and len(m) == depth]
         word_embeddings = self.model.get_input_embeddings()
         owner = next((m for m in self.model.modules() if m is not self.model and word_embeddings in m.children()),
                      None)
-        if not layers or owner is None:
-            raise ValueError(f"text_encoder.frozen_layers: {type(self.model).__name__} has no list of {depth} "
-                             f"layers or no embedding module to freeze")
-        return [owner, *layers[0][:num_layers]]
+        if owner is None:
+            raise ValueError(f"text_encoder.frozen_layers: {type(self.model).__name__} has no embedding module to "
+                             f"freeze")
+        return [owner, *self._layer_list("text_encoder.frozen_layers")[:num_layers]]
+
+    def _layer_list(self, key: str = "text_encoder.output_layer") -> nn.ModuleList:
+        """The model's ``nn.ModuleList`` of ``config.num_hidden_layers`` Transformer blocks, in the order they run
+        (``encoder.layer`` in BERT and RoBERTa).
+
+        Raises:
+            ValueError: naming ``key``, when the model has no such list.
+        """
+        depth = self.model.config.num_hidden_layers
+        layers = [m for m in self.model.modules() if isinstance(m, nn.ModuleList) and len(m) == depth]
+        if not layers:
+            raise ValueError(f"{key}: {type(self.model).__name__} has no list of {depth} layers")
+        return layers[0]
 
     def train(self, mode: bool = True) -> TextEncoder:
         super().train(mode)
@@ -245,7 +266,8 @@ class TextEncoder(nn.Module):
         return {"input_ids": batch["input_ids"].long(), "attention_mask": batch["attention_mask"].long()}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """v2 eq. (4). input_ids, attention_mask: (B, L) long. Returns (B, L, hidden_size) last hidden states."""
+        """v2 eq. (4). input_ids, attention_mask: (B, L) long. Returns (B, L, hidden_size): the last layer's hidden
+        states, or those of layer ``text_encoder.output_layer`` (1 = the first Transformer layer)."""
         with contextlib.nullcontext() if self.tuning else torch.no_grad():
             return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
