@@ -108,8 +108,8 @@ class TextEncoder(nn.Module):
         for module in self._frozen_modules:
             module.requires_grad_(False)
             module.eval()
-        depth = self.model.config.num_hidden_layers
         if cfg.output_layer is not None:
+            depth = self.model.config.num_hidden_layers
             if not 1 <= cfg.output_layer <= depth:
                 raise ValueError(f"text_encoder.output_layer={cfg.output_layer}: {cfg.name} has layers 1..{depth}")
             if cfg.frozen_layers > cfg.output_layer:
