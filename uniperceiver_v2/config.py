@@ -135,8 +135,8 @@ class TextEncoderConfig:
     # encoder always computes the same, instead of encoding them again at every step
     cache_targets: bool = True
     # which layer's hidden states are f_text: None = the last (the paper's); k = the k-th Transformer layer (1-based),
-    # the layers above it removed. MiniLM's layer 3: MLM and captioning learn much faster, the image tasks a little
-    # slower (docs/benchmarks.md, "Which of MiniLM's layers the decoder reads")
+    # the layers above it removed. MiniLM's layer 3: MLM and captioning learn much faster, the image tasks within the
+    # seeds' spread, novel AP50 a little lower (docs/benchmarks.md, "Which of MiniLM's layers the decoder reads")
     output_layer: int | None = None
 
 
