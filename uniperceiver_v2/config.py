@@ -135,8 +135,9 @@ class TextEncoderConfig:
     # encoder always computes the same, instead of encoding them again at every step
     cache_targets: bool = True
     # which layer's hidden states are f_text: None = the last (the paper's); k = the k-th Transformer layer (1-based),
-    # the layers above it removed. MiniLM's layer 3: MLM and captioning learn much faster, the image tasks within the
-    # seeds' spread, novel AP50 a little lower (docs/benchmarks.md, "Which of MiniLM's layers the decoder reads")
+    # the layers above it removed. MiniLM's layer 3: MLM learns much faster; run to the hour's 14200 iterations
+    # retrieval and captioning end far below the last layer's (docs/benchmarks.md, "Which of MiniLM's layers the
+    # decoder reads" and "MiniLM's third layer at the record's length")
     output_layer: int | None = None
 
 
